@@ -1,1 +1,152 @@
+//! The user <-> kernel ABI of `/dev/kdbt`, declared once.
+//!
+//! Both the kernel-side Rust (loader/module/rust) and the `kdbt` CLI use these definitions;
+//! the C glue never interprets an ioctl argument: it forwards `(cmd, arg)` to Rust, so the
+//! structures below are the only declaration of the ABI.
+//!
+//! Rules: every structure is `#[repr(C)]`, made only of fixed-width integers with explicit
+//! padding, starts with its own size so either side can refuse a mismatch, and user
+//! pointers travel as `u64`.
 #![no_std]
+#![forbid(unsafe_code)]
+
+/// Bumped on every incompatible change of an ioctl structure or number.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the misc device (under /dev).
+pub const DEVICE_NAME: &str = "kdbt";
+/// Path of the device node that devtmpfs/udev creates.
+pub const DEVICE_PATH: &str = "/dev/kdbt";
+/// Name of the kernel module.
+pub const MODULE_NAME: &str = "kdbt";
+
+/// ioctl "type" byte of kdbt.
+pub const IOC_MAGIC: u8 = b'k';
+
+const IOC_NRBITS: u32 = 8;
+const IOC_TYPEBITS: u32 = 8;
+const IOC_SIZEBITS: u32 = 14;
+const IOC_NRSHIFT: u32 = 0;
+const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
+const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
+const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+/// Linux `_IOC(dir, type, nr, size)` for x86-64.
+pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
+    (dir << IOC_DIRSHIFT)
+        | ((ty as u32) << IOC_TYPESHIFT)
+        | ((nr as u32) << IOC_NRSHIFT)
+        | (((size as u32) & ((1 << IOC_SIZEBITS) - 1)) << IOC_SIZESHIFT)
+}
+
+/// `_IOR`: the kernel writes the structure.
+pub const fn ior(nr: u8, size: usize) -> u32 {
+    ioc(IOC_READ, IOC_MAGIC, nr, size)
+}
+
+/// `_IOWR`: user passes the structure in, the kernel updates it.
+pub const fn iowr(nr: u8, size: usize) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, IOC_MAGIC, nr, size)
+}
+
+/// Answer of [`IOC_VERSION`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// `size_of::<VersionInfo>()` as the kernel knows it.
+    pub size: u32,
+    /// [`ABI_VERSION`] of the module.
+    pub abi_version: u32,
+    /// CPUs online when asked.
+    pub cpus_online: u32,
+    /// `nr_cpu_ids`: CPU numbers range over `0..cpu_ids`.
+    pub cpu_ids: u32,
+    /// Module version string, NUL-padded (crate version of the kernel-side Rust).
+    pub module_version: [u8; 32],
+}
+
+/// Argument of [`IOC_CAPS`]: the caller supplies a buffer for `capacity` entries of
+/// `entry_size` bytes each (one `vmx::caps::RawCaps` per online CPU); the kernel fills
+/// `count` entries and sets `count`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapsQuery {
+    /// `size_of::<CapsQuery>()`.
+    pub size: u32,
+    /// Size of one entry as the caller knows it; must equal the kernel's.
+    pub entry_size: u32,
+    /// User pointer to the entries buffer.
+    pub buf: u64,
+    /// Entries the buffer can hold.
+    pub capacity: u32,
+    /// Entries written (out).
+    pub count: u32,
+}
+
+/// Returns [`VersionInfo`].
+pub const IOC_VERSION: u32 = ior(0x00, core::mem::size_of::<VersionInfo>());
+/// Reads the VT-x capability MSRs on every online CPU; see [`CapsQuery`].
+pub const IOC_CAPS: u32 = iowr(0x01, core::mem::size_of::<CapsQuery>());
+
+/// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
+pub mod errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const ENOMEM: i32 = 12;
+    pub const EFAULT: i32 = 14;
+    pub const EBUSY: i32 = 16;
+    pub const EINVAL: i32 = 22;
+    pub const ENOSPC: i32 = 28;
+    pub const ENOTTY: i32 = 25;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const EALREADY: i32 = 114;
+}
+
+/// Copies `s` into a NUL-padded fixed buffer (truncating), for `VersionInfo::module_version`.
+pub const fn fixed_str<const N: usize>(s: &str) -> [u8; N] {
+    let b = s.as_bytes();
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < b.len() && i + 1 < N {
+        out[i] = b[i];
+        i += 1;
+    }
+    out
+}
+
+/// Reads a NUL-padded fixed buffer back as text (up to the first NUL, lossy on bad UTF-8).
+pub fn fixed_str_read(buf: &[u8]) -> &str {
+    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+    match core::str::from_utf8(&buf[..end]) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&buf[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_linux_encoding() {
+        // _IOR('k', 0, 48-byte struct) = 0x8030_6b00 (dir=2, size=48, type='k', nr=0).
+        assert_eq!(core::mem::size_of::<VersionInfo>(), 48);
+        assert_eq!(IOC_VERSION, 0x8030_6b00);
+        // _IOWR('k', 1, 24-byte struct) = 0xc018_6b01.
+        assert_eq!(core::mem::size_of::<CapsQuery>(), 24);
+        assert_eq!(IOC_CAPS, 0xc018_6b01);
+    }
+
+    #[test]
+    fn fixed_strings_round_trip_and_truncate() {
+        let b: [u8; 8] = fixed_str("0.1.0");
+        assert_eq!(fixed_str_read(&b), "0.1.0");
+        let t: [u8; 4] = fixed_str("abcdef");
+        assert_eq!(fixed_str_read(&t), "abc");
+        assert_eq!(fixed_str_read(&[0xff, b'a', 0]), "");
+        assert_eq!(fixed_str_read(&[b'o', b'k', 0xff]), "ok");
+    }
+}

@@ -1,0 +1,53 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * The interface between kdbt's C glue and its Rust staticlib: the only place it is declared.
+ * The Rust side mirrors it in rust/src/ffi.rs; `cargo test -p xtask` checks that both
+ * list the same functions with the same number of parameters.
+ *
+ * Direction "glue -> rust": entry points the Rust staticlib exports (kdbt_rs_*).
+ * Direction "rust -> glue": services the glue offers to Rust (kdbt_glue_*). They are
+ * thin wrappers over kernel APIs, so the Rust side never depends on kernel structure
+ * layouts or on macros/inline functions that differ between kernel versions.
+ */
+#ifndef KDBT_GLUE_H
+#define KDBT_GLUE_H
+
+#include <linux/types.h>
+
+/* glue -> rust */
+int kdbt_rs_init(void);
+void kdbt_rs_exit(void);
+long kdbt_rs_ioctl(unsigned int cmd, unsigned long arg);
+
+/* rust -> glue: logging. level: 0 err, 1 warn, 2 info, 3 debug. */
+void kdbt_glue_log(int level, const char *msg, size_t len);
+/* Ends the kernel on a Rust panic (a bug in kdbt; never reached on bad input). */
+void kdbt_glue_panic(const char *msg, size_t len);
+
+/* memory: kmalloc(GFP_KERNEL); may sleep, process context only. */
+void *kdbt_glue_alloc(size_t size);
+void kdbt_glue_free(void *ptr);
+/* 2^order zeroed, physically contiguous pages; may sleep. */
+void *kdbt_glue_alloc_pages(unsigned int order);
+void kdbt_glue_free_pages(void *ptr, unsigned int order);
+u64 kdbt_glue_virt_to_phys(const void *ptr);
+
+/* user memory: return the number of bytes NOT copied (0 on success). */
+unsigned long kdbt_glue_copy_to_user(u64 to, const void *from, unsigned long n);
+unsigned long kdbt_glue_copy_from_user(void *to, u64 from, unsigned long n);
+
+/* CPUs */
+unsigned int kdbt_glue_nr_cpu_ids(void);
+unsigned int kdbt_glue_num_online_cpus(void);
+bool kdbt_glue_cpu_online(unsigned int cpu);
+unsigned int kdbt_glue_this_cpu(void);
+/* Runs fn(arg) on `cpu` with interrupts off and waits; 0 or -errno (offline CPU). */
+int kdbt_glue_run_on_cpu(unsigned int cpu, void (*fn)(void *), void *arg);
+/* Holds/releases the CPU hotplug lock around a per-CPU loop. */
+void kdbt_glue_cpus_read_lock(void);
+void kdbt_glue_cpus_read_unlock(void);
+
+/* MSRs: 0 and *val on success, nonzero if the read faulted (#GP). */
+int kdbt_glue_rdmsr_safe(u32 msr, u64 *val);
+
+#endif

@@ -1,0 +1,33 @@
+#![allow(dead_code)] // mirrors the whole header; some services serve the hypervisor (issue 3)
+//! Rust's view of `kdbt_glue.h` — the glue services (`kdbt_glue_*`). The entry points
+//! (`kdbt_rs_*`) are defined in `lib.rs`. Keep in step with the header: `cargo test -p xtask`
+//! compares the two.
+use core::ffi::{c_int, c_uint, c_ulong, c_void};
+
+extern "C" {
+    pub fn kdbt_glue_log(level: c_int, msg: *const u8, len: usize);
+    pub fn kdbt_glue_panic(msg: *const u8, len: usize) -> !;
+
+    pub fn kdbt_glue_alloc(size: usize) -> *mut c_void;
+    pub fn kdbt_glue_free(ptr: *mut c_void);
+    pub fn kdbt_glue_alloc_pages(order: c_uint) -> *mut c_void;
+    pub fn kdbt_glue_free_pages(ptr: *mut c_void, order: c_uint);
+    pub fn kdbt_glue_virt_to_phys(ptr: *const c_void) -> u64;
+
+    pub fn kdbt_glue_copy_to_user(to: u64, from: *const c_void, n: c_ulong) -> c_ulong;
+    pub fn kdbt_glue_copy_from_user(to: *mut c_void, from: u64, n: c_ulong) -> c_ulong;
+
+    pub fn kdbt_glue_nr_cpu_ids() -> c_uint;
+    pub fn kdbt_glue_num_online_cpus() -> c_uint;
+    pub fn kdbt_glue_cpu_online(cpu: c_uint) -> bool;
+    pub fn kdbt_glue_this_cpu() -> c_uint;
+    pub fn kdbt_glue_run_on_cpu(
+        cpu: c_uint,
+        func: unsafe extern "C" fn(*mut c_void),
+        arg: *mut c_void,
+    ) -> c_int;
+    pub fn kdbt_glue_cpus_read_lock();
+    pub fn kdbt_glue_cpus_read_unlock();
+
+    pub fn kdbt_glue_rdmsr_safe(msr: u32, val: *mut u64) -> c_int;
+}

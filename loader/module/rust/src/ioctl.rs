@@ -1,0 +1,98 @@
+//! `/dev/kdbt` ioctls. Each handler validates the user's structure (size fields, buffer
+//! capacity) before acting and copies through the glue's checked user-copy helpers.
+use alloc::vec::Vec;
+use core::mem::size_of;
+
+use kdbt_abi::{errno, CapsQuery, VersionInfo, IOC_CAPS, IOC_VERSION};
+use vmx::caps::RawCaps;
+
+use crate::{ffi, hw};
+
+type Result<T> = core::result::Result<T, i32>;
+
+pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
+    match cmd {
+        IOC_VERSION => version(arg),
+        IOC_CAPS => caps(arg),
+        _ => Err(errno::ENOTTY),
+    }
+}
+
+/// Plain-old-data types that may be copied to/from user space byte for byte.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, contain only integers/arrays of integers, and have
+/// no padding bytes left uninitialized in values built by kdbt (all are built from zeroed
+/// or fully-initialized fields).
+unsafe trait Pod: Copy {}
+// SAFETY: #[repr(C)] structs of u32/u64/[u8; N] with no implicit padding (checked by the
+// size assertions in kdbt-abi's tests and vmx's RawCaps tests).
+unsafe impl Pod for VersionInfo {}
+// SAFETY: as above.
+unsafe impl Pod for CapsQuery {}
+// SAFETY: as above.
+unsafe impl Pod for RawCaps {}
+
+fn copy_to_user<T: Pod>(to: u64, v: &[T]) -> Result<()> {
+    let n = core::mem::size_of_val(v) as core::ffi::c_ulong;
+    // SAFETY: `v` is valid for reads of `n` bytes (Pod: no uninitialized bytes); the glue
+    // checks the user range with copy_to_user.
+    let left = unsafe { ffi::kdbt_glue_copy_to_user(to, v.as_ptr().cast(), n) };
+    if left == 0 { Ok(()) } else { Err(errno::EFAULT) }
+}
+
+fn copy_from_user<T: Pod + Default>(from: u64) -> Result<T> {
+    let mut v = T::default();
+    // SAFETY: `v` is valid for writes of size_of::<T>() bytes and any byte pattern is a
+    // valid T (Pod); the glue checks the user range with copy_from_user.
+    let left = unsafe {
+        ffi::kdbt_glue_copy_from_user(
+            (&mut v as *mut T).cast(),
+            from,
+            size_of::<T>() as core::ffi::c_ulong,
+        )
+    };
+    if left == 0 { Ok(v) } else { Err(errno::EFAULT) }
+}
+
+fn version(arg: u64) -> Result<i64> {
+    let info = VersionInfo {
+        size: size_of::<VersionInfo>() as u32,
+        abi_version: kdbt_abi::ABI_VERSION,
+        cpus_online: hw::online_cpus(),
+        cpu_ids: hw::cpu_ids(),
+        module_version: kdbt_abi::fixed_str(env!("CARGO_PKG_VERSION")),
+    };
+    copy_to_user(arg, core::slice::from_ref(&info))?;
+    Ok(0)
+}
+
+/// Reads the VT-x capability MSRs on every online CPU (each read on its own CPU, with
+/// rdmsr_safe) and returns them raw; decoding is `vmx::caps`' job, in user space.
+fn caps(arg: u64) -> Result<i64> {
+    let mut q: CapsQuery = copy_from_user(arg)?;
+    if q.size as usize != size_of::<CapsQuery>() || q.entry_size as usize != size_of::<RawCaps>()
+    {
+        return Err(errno::EINVAL);
+    }
+    let mut out: Vec<RawCaps> = Vec::new();
+    {
+        let _hotplug = hw::CpusReadGuard::lock();
+        let online = hw::online_cpus();
+        if q.capacity < online {
+            q.count = online;
+            copy_to_user(arg, core::slice::from_ref(&q))?;
+            return Err(errno::ENOSPC);
+        }
+        out.try_reserve_exact(online as usize).map_err(|_| errno::ENOMEM)?;
+        for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
+            let mut raw = RawCaps::default();
+            hw::run_on_cpu(cpu, || raw = RawCaps::read(&hw::KernelHw, cpu))?;
+            out.push(raw);
+        }
+    }
+    copy_to_user(q.buf, &out)?;
+    q.count = out.len() as u32;
+    copy_to_user(arg, core::slice::from_ref(&q))?;
+    Ok(0)
+}

@@ -1,0 +1,42 @@
+//! The global allocator: kmalloc/kfree through the glue (GFP_KERNEL, process context).
+//!
+//! Alignment: kmalloc returns 8-byte aligned memory, and memory naturally aligned to the
+//! size when the size is a power of two (Documentation/core-api/memory-allocation.rst).
+//! So a request with alignment above 8 is served as a power-of-two size >= the alignment.
+//! Alignments above one page are refused (null), which `alloc` reports as OOM; nothing in
+//! kdbt asks for that (page-aligned hardware structures come from `alloc_pages`).
+use core::alloc::{GlobalAlloc, Layout};
+
+use crate::ffi;
+
+pub struct KernelAllocator;
+
+const KMALLOC_MIN_ALIGN: usize = 8;
+const PAGE_SIZE: usize = 4096;
+
+fn kmalloc_size(layout: Layout) -> Option<usize> {
+    if layout.align() <= KMALLOC_MIN_ALIGN {
+        Some(layout.size().max(1))
+    } else if layout.align() <= PAGE_SIZE {
+        layout.size().max(layout.align()).checked_next_power_of_two()
+    } else {
+        None
+    }
+}
+
+// SAFETY: kmalloc/kfree are thread-safe; sizes and alignments are honoured as explained in
+// the module comment, and dealloc only ever receives pointers from alloc.
+unsafe impl GlobalAlloc for KernelAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match kmalloc_size(layout) {
+            // SAFETY: plain kmalloc call; a null return is passed on as allocation failure.
+            Some(size) => unsafe { ffi::kdbt_glue_alloc(size) as *mut u8 },
+            None => core::ptr::null_mut(),
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: `ptr` came from kdbt_glue_alloc (the GlobalAlloc contract).
+        unsafe { ffi::kdbt_glue_free(ptr as *mut core::ffi::c_void) }
+    }
+}
