@@ -18,10 +18,30 @@
 #include <linux/cpu.h>
 #include <linux/cpumask.h>
 #include <linux/uaccess.h>
+#include <linux/cpuhotplug.h>
+#include <linux/reboot.h>
+#include <linux/moduleparam.h>
 #include <asm/msr.h>
 #include <asm/io.h>
+#include <asm/desc.h>
+
+#include <linux/objtool.h>
 
 #include "kdbt_glue.h"
+
+/*
+ * Root-mode entry code of the Rust side (VM-exit stub, host IDT stubs): it switches
+ * stacks and ends in VMRESUME/IRETQ, so objtool must not validate it (as for the
+ * kernel's own entry code). Objtool sees the Rust object only when it runs on the linked
+ * module (Kbuild's "delay-objtool": IBT or Clang LTO kernels); otherwise it checks
+ * objects one by one and never sees these symbols defined.
+ */
+#if defined(CONFIG_X86_KERNEL_IBT) || defined(CONFIG_LTO_CLANG)
+extern void kdbt_vmexit_entry(void);
+extern void kdbt_idt_stubs(void);
+STACK_FRAME_NON_STANDARD(kdbt_vmexit_entry);
+STACK_FRAME_NON_STANDARD(kdbt_idt_stubs);
+#endif
 
 /* ---- rust -> glue services ---- */
 
@@ -67,6 +87,34 @@ void kdbt_glue_free_pages(void *ptr, unsigned int order)
 u64 kdbt_glue_virt_to_phys(const void *ptr)
 {
 	return virt_to_phys((void *)ptr);
+}
+
+void *kdbt_glue_phys_to_virt(u64 phys)
+{
+	return phys_to_virt(phys);
+}
+
+u64 kdbt_glue_gdt_rw(unsigned int cpu)
+{
+	return (u64)(uintptr_t)get_cpu_gdt_rw(cpu);
+}
+
+static char *fake_missing = "";
+module_param(fake_missing, charp, 0444);
+MODULE_PARM_DESC(fake_missing,
+		 "testing: comma-separated VT-x features to pretend are missing (vmx,ept,vpid,msr_bitmap,load_efer,secondary)");
+
+const char *kdbt_glue_param_fake_missing(void)
+{
+	return fake_missing;
+}
+
+void kdbt_glue_guest_fatal(void)
+{
+	static char msg[512];
+	size_t n = kdbt_rs_fatal_message(msg, sizeof(msg));
+
+	panic("kdbt: fatal VM exit: %.*s\n", (int)n, msg);
 }
 
 unsigned long kdbt_glue_copy_to_user(u64 to, const void *from, unsigned long n)
@@ -152,24 +200,69 @@ static struct miscdevice kdbt_misc = {
 	.mode = 0600,
 };
 
+/* ---- CPU hotplug and reboot ---- */
+
+static int kdbt_hp_state = -1;
+
+static int kdbt_cpu_online(unsigned int cpu)
+{
+	return kdbt_rs_cpu_online(cpu);
+}
+
+static int kdbt_cpu_offline(unsigned int cpu)
+{
+	return kdbt_rs_cpu_offline(cpu);
+}
+
+static int kdbt_reboot(struct notifier_block *nb, unsigned long action, void *data)
+{
+	kdbt_rs_shutdown();
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kdbt_reboot_nb = {
+	.notifier_call = kdbt_reboot,
+};
+
 static int __init kdbt_init(void)
 {
 	int ret = kdbt_rs_init();
 
 	if (ret)
 		return ret;
+	/* Registered for the module's lifetime; the callbacks do nothing unless loaded. */
+	ret = cpuhp_setup_state_nocalls(CPUHP_AP_ONLINE_DYN, "kdbt:online",
+					kdbt_cpu_online, kdbt_cpu_offline);
+	if (ret < 0) {
+		pr_err("cannot register CPU hotplug callbacks: %d\n", ret);
+		goto out_rs;
+	}
+	kdbt_hp_state = ret;
+	ret = register_reboot_notifier(&kdbt_reboot_nb);
+	if (ret)
+		goto out_hp;
 	ret = misc_register(&kdbt_misc);
 	if (ret) {
 		pr_err("cannot register /dev/kdbt: %d\n", ret);
-		kdbt_rs_exit();
-		return ret;
+		goto out_reboot;
 	}
 	return 0;
+
+out_reboot:
+	unregister_reboot_notifier(&kdbt_reboot_nb);
+out_hp:
+	cpuhp_remove_state_nocalls(kdbt_hp_state);
+out_rs:
+	kdbt_rs_exit();
+	return ret;
 }
 
 static void __exit kdbt_exit(void)
 {
 	misc_deregister(&kdbt_misc);
+	unregister_reboot_notifier(&kdbt_reboot_nb);
+	cpuhp_remove_state_nocalls(kdbt_hp_state);
+	/* Devirtualizes every CPU if the hypervisor is still loaded. */
 	kdbt_rs_exit();
 }
 

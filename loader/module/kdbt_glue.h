@@ -18,6 +18,13 @@
 int kdbt_rs_init(void);
 void kdbt_rs_exit(void);
 long kdbt_rs_ioctl(unsigned int cmd, unsigned long arg);
+/* CPU hotplug (on the CPU concerned, hotplug lock held): 0 or -errno. */
+int kdbt_rs_cpu_online(unsigned int cpu);
+int kdbt_rs_cpu_offline(unsigned int cpu);
+/* Reboot/halt/power-off: devirtualize everything. */
+void kdbt_rs_shutdown(void);
+/* Text of the last fatal VM exit, for the guest's panic message; returns its length. */
+size_t kdbt_rs_fatal_message(char *buf, size_t len);
 
 /* rust -> glue: logging. level: 0 err, 1 warn, 2 info, 3 debug. */
 void kdbt_glue_log(int level, const char *msg, size_t len);
@@ -31,6 +38,7 @@ void kdbt_glue_free(void *ptr);
 void *kdbt_glue_alloc_pages(unsigned int order);
 void kdbt_glue_free_pages(void *ptr, unsigned int order);
 u64 kdbt_glue_virt_to_phys(const void *ptr);
+void *kdbt_glue_phys_to_virt(u64 phys);
 
 /* user memory: return the number of bytes NOT copied (0 on success). */
 unsigned long kdbt_glue_copy_to_user(u64 to, const void *from, unsigned long n);
@@ -46,6 +54,13 @@ int kdbt_glue_run_on_cpu(unsigned int cpu, void (*fn)(void *), void *arg);
 /* Holds/releases the CPU hotplug lock around a per-CPU loop. */
 void kdbt_glue_cpus_read_lock(void);
 void kdbt_glue_cpus_read_unlock(void);
+
+/* Writable (direct-map) alias of `cpu`'s GDT (the GDT the CPU uses is mapped read-only). */
+u64 kdbt_glue_gdt_rw(unsigned int cpu);
+/* The `fake_missing` module parameter: features to pretend are missing (testing). */
+const char *kdbt_glue_param_fake_missing(void);
+/* Entered by a CPU the hypervisor redirected after a fatal VM exit: panics cleanly. */
+void kdbt_glue_guest_fatal(void);
 
 /* MSRs: 0 and *val on success, nonzero if the read faulted (#GP). */
 int kdbt_glue_rdmsr_safe(u32 msr, u64 *val);

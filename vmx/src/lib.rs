@@ -1,1 +1,8 @@
+//! VT-x logic of kdbt, independent of the kernel: capability decoding, VM-exit handling,
+//! the hypercall ABI, segment descriptors. `no_std`; hardware access goes through small
+//! traits so everything is unit-tested on the host.
 #![no_std]
+
+pub mod exit;
+pub mod hypercall;
+pub mod segment;

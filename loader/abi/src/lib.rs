@@ -85,10 +85,74 @@ pub struct CapsQuery {
     pub count: u32,
 }
 
+/// Argument of [`IOC_LOAD`] and [`IOC_UNLOAD`]: on failure the kernel writes the reason
+/// (NUL-terminated text) into `message`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// `size_of::<Command>()`.
+    pub size: u32,
+    /// Reserved, 0.
+    pub flags: u32,
+    /// Why the command failed (out), NUL-padded.
+    pub message: [u8; 480],
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command { size: core::mem::size_of::<Command>() as u32, flags: 0, message: [0; 480] }
+    }
+}
+
+/// Number of per-reason exit counters in [`CpuStatus`] (basic exit reasons 0..79; larger
+/// reasons are counted in the last slot).
+pub const EXIT_REASONS: usize = 80;
+
+/// One CPU's hypervisor state, returned by [`IOC_STATUS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuStatus {
+    pub cpu: u32,
+    /// 1 if the CPU runs in VMX non-root operation under kdbt.
+    pub virtualized: u32,
+    /// TSC cycles from VMXON to the first guest instruction.
+    pub launch_cycles: u64,
+    /// All VM exits since launch.
+    pub exits_total: u64,
+    /// VM exits by basic exit reason.
+    pub exits: [u64; EXIT_REASONS],
+}
+
+impl Default for CpuStatus {
+    fn default() -> Self {
+        CpuStatus { cpu: 0, virtualized: 0, launch_cycles: 0, exits_total: 0, exits: [0; EXIT_REASONS] }
+    }
+}
+
+/// Argument of [`IOC_STATUS`]: like [`CapsQuery`], with `loaded` (out) telling whether the
+/// hypervisor is loaded; `count` entries of [`CpuStatus`], one per virtualized CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatusQuery {
+    pub size: u32,
+    pub entry_size: u32,
+    pub buf: u64,
+    pub capacity: u32,
+    pub count: u32,
+    pub loaded: u32,
+    pub _pad: u32,
+}
+
 /// Returns [`VersionInfo`].
 pub const IOC_VERSION: u32 = ior(0x00, core::mem::size_of::<VersionInfo>());
 /// Reads the VT-x capability MSRs on every online CPU; see [`CapsQuery`].
 pub const IOC_CAPS: u32 = iowr(0x01, core::mem::size_of::<CapsQuery>());
+/// Late-launches the hypervisor on every online CPU; see [`Command`].
+pub const IOC_LOAD: u32 = iowr(0x02, core::mem::size_of::<Command>());
+/// Devirtualizes every CPU; see [`Command`].
+pub const IOC_UNLOAD: u32 = iowr(0x03, core::mem::size_of::<Command>());
+/// Per-CPU hypervisor state; see [`StatusQuery`].
+pub const IOC_STATUS: u32 = iowr(0x04, core::mem::size_of::<StatusQuery>());
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {
@@ -138,6 +202,11 @@ mod tests {
         // _IOWR('k', 1, 24-byte struct) = 0xc018_6b01.
         assert_eq!(core::mem::size_of::<CapsQuery>(), 24);
         assert_eq!(IOC_CAPS, 0xc018_6b01);
+        assert_eq!(core::mem::size_of::<Command>(), 488);
+        assert_eq!(core::mem::size_of::<CpuStatus>(), 24 + 8 * EXIT_REASONS);
+        assert_eq!(core::mem::size_of::<StatusQuery>(), 32);
+        assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
+        assert_ne!(IOC_LOAD, IOC_UNLOAD);
     }
 
     #[test]

@@ -13,6 +13,7 @@ extern "C" {
     pub fn kdbt_glue_alloc_pages(order: c_uint) -> *mut c_void;
     pub fn kdbt_glue_free_pages(ptr: *mut c_void, order: c_uint);
     pub fn kdbt_glue_virt_to_phys(ptr: *const c_void) -> u64;
+    pub fn kdbt_glue_phys_to_virt(phys: u64) -> *mut c_void;
 
     pub fn kdbt_glue_copy_to_user(to: u64, from: *const c_void, n: c_ulong) -> c_ulong;
     pub fn kdbt_glue_copy_from_user(to: *mut c_void, from: u64, n: c_ulong) -> c_ulong;
@@ -28,6 +29,10 @@ extern "C" {
     ) -> c_int;
     pub fn kdbt_glue_cpus_read_lock();
     pub fn kdbt_glue_cpus_read_unlock();
+
+    pub fn kdbt_glue_gdt_rw(cpu: c_uint) -> u64;
+    pub fn kdbt_glue_param_fake_missing() -> *const u8;
+    pub fn kdbt_glue_guest_fatal();
 
     pub fn kdbt_glue_rdmsr_safe(msr: u32, val: *mut u64) -> c_int;
 }

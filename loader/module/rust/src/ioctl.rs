@@ -3,10 +3,13 @@
 use alloc::vec::Vec;
 use core::mem::size_of;
 
-use kdbt_abi::{errno, CapsQuery, VersionInfo, IOC_CAPS, IOC_VERSION};
+use kdbt_abi::{
+    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_LOAD,
+    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+};
 use vmx::caps::RawCaps;
 
-use crate::{ffi, hw};
+use crate::{ffi, hv, hw};
 
 type Result<T> = core::result::Result<T, i32>;
 
@@ -14,6 +17,9 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
     match cmd {
         IOC_VERSION => version(arg),
         IOC_CAPS => caps(arg),
+        IOC_LOAD => command(arg, hv::load, errno::EALREADY, hv::is_loaded),
+        IOC_UNLOAD => command(arg, hv::unload, errno::ENOENT, || !hv::is_loaded()),
+        IOC_STATUS => status(arg),
         _ => Err(errno::ENOTTY),
     }
 }
@@ -32,6 +38,12 @@ unsafe impl Pod for VersionInfo {}
 unsafe impl Pod for CapsQuery {}
 // SAFETY: as above.
 unsafe impl Pod for RawCaps {}
+// SAFETY: as above.
+unsafe impl Pod for Command {}
+// SAFETY: as above.
+unsafe impl Pod for StatusQuery {}
+// SAFETY: as above.
+unsafe impl Pod for CpuStatus {}
 
 fn copy_to_user<T: Pod>(to: u64, v: &[T]) -> Result<()> {
     let n = core::mem::size_of_val(v) as core::ffi::c_ulong;
@@ -90,6 +102,57 @@ fn caps(arg: u64) -> Result<i64> {
             hw::run_on_cpu(cpu, || raw = RawCaps::read(&hw::KernelHw, cpu))?;
             out.push(raw);
         }
+    }
+    copy_to_user(q.buf, &out)?;
+    q.count = out.len() as u32;
+    copy_to_user(arg, core::slice::from_ref(&q))?;
+    Ok(0)
+}
+
+/// Load or unload: run `f`; on failure copy its message back to the caller. `busy_errno`
+/// is returned when `busy()` says the command makes no sense now (already loaded / not
+/// loaded), so the CLI can tell that apart from a failure.
+fn command(
+    arg: u64,
+    f: fn() -> core::result::Result<(), alloc::string::String>,
+    busy_errno: i32,
+    busy: fn() -> bool,
+) -> Result<i64> {
+    let mut c: Command = copy_from_user(arg)?;
+    if c.size as usize != size_of::<Command>() {
+        return Err(errno::EINVAL);
+    }
+    let already = busy();
+    let r = if already { Err(alloc::string::String::new()) } else { f() };
+    match r {
+        Ok(()) => Ok(0),
+        Err(msg) => {
+            c.message = [0; 480];
+            let n = msg.len().min(c.message.len() - 1);
+            c.message[..n].copy_from_slice(&msg.as_bytes()[..n]);
+            copy_to_user(arg, core::slice::from_ref(&c))?;
+            Err(if already { busy_errno } else { errno::EIO })
+        }
+    }
+}
+
+fn status(arg: u64) -> Result<i64> {
+    let mut q: StatusQuery = copy_from_user(arg)?;
+    if q.size as usize != size_of::<StatusQuery>() || q.entry_size as usize != size_of::<CpuStatus>() {
+        return Err(errno::EINVAL);
+    }
+    let mut out: Vec<CpuStatus> = Vec::new();
+    let loaded = hv::status(|cpu, virt, cycles, ctx| {
+        let mut s = CpuStatus { cpu, virtualized: virt as u32, launch_cycles: cycles, exits_total: ctx.total, ..Default::default() };
+        let n = s.exits.len().min(ctx.counts.len());
+        s.exits[..n].copy_from_slice(&ctx.counts[..n]);
+        out.push(s);
+    });
+    q.loaded = loaded as u32;
+    if out.len() > q.capacity as usize {
+        q.count = out.len() as u32;
+        copy_to_user(arg, core::slice::from_ref(&q))?;
+        return Err(errno::ENOSPC);
     }
     copy_to_user(q.buf, &out)?;
     q.count = out.len() as u32;

@@ -53,6 +53,7 @@ pub fn log(level: i32, args: fmt::Arguments<'_>) {
 macro_rules! kinfo {
     ($($t:tt)*) => { $crate::klog::log($crate::klog::INFO, format_args!($($t)*)) };
 }
+#[allow(unused_macros)]
 macro_rules! kwarn {
     ($($t:tt)*) => { $crate::klog::log($crate::klog::WARN, format_args!($($t)*)) };
 }

@@ -8,12 +8,13 @@
 
 extern crate alloc;
 
+#[macro_use]
+mod klog;
 mod ffi;
+mod hv;
 mod hw;
 mod ioctl;
 mod kalloc;
-#[macro_use]
-mod klog;
 
 use core::ffi::c_int;
 
@@ -32,10 +33,58 @@ pub extern "C" fn kdbt_rs_init() -> c_int {
     0
 }
 
-/// Module exit, after `/dev/kdbt` is gone.
+/// Module exit, after `/dev/kdbt` is gone: devirtualizes every CPU if still loaded.
 #[no_mangle]
 pub extern "C" fn kdbt_rs_exit() {
+    if hv::is_loaded() {
+        if let Err(e) = hv::unload() {
+            kerr!("module exit: {}", e);
+        }
+    }
     kinfo!("unloaded");
+}
+
+/// CPU hotplug: `cpu` came online (runs on it). 0 or -errno.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_cpu_online(cpu: u32) -> c_int {
+    match hv::cpu_online(cpu) {
+        Ok(()) => 0,
+        Err(_) => -(kdbt_abi::errno::EIO),
+    }
+}
+
+/// CPU hotplug: `cpu` is going offline (runs on it). Devirtualizes it first.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_cpu_offline(cpu: u32) -> c_int {
+    match hv::cpu_offline(cpu) {
+        Ok(()) => 0,
+        Err(_) => -(kdbt_abi::errno::EIO),
+    }
+}
+
+/// Reboot, halt or power-off: leave every CPU as it was.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_shutdown() {
+    if hv::is_loaded() {
+        if let Err(e) = hv::unload() {
+            kerr!("reboot: {}", e);
+        }
+    }
+}
+
+/// Text of the last fatal VM exit on this CPU, for the guest's panic message.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_fatal_message(buf: *mut u8, len: usize) -> usize {
+    if buf.is_null() || len == 0 {
+        return 0;
+    }
+    let mut out = klog::FixedBuf::<512>::new();
+    hv::fatal_message(&mut out);
+    let s = out.as_bytes();
+    let n = s.len().min(len);
+    // SAFETY: the glue passes a writable buffer of `len` bytes; we copy at most that.
+    unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), buf, n) };
+    n
 }
 
 /// ioctl on `/dev/kdbt`, serialized by the glue's mutex, process context. `arg` is a user

@@ -1,0 +1,366 @@
+//! Late launch of one CPU: VMXON, program the VMCS with the CPU's current state as the
+//! guest state, VMLAUNCH, and continue — now as a guest — right after the launch point.
+//! Runs on the CPU being launched, in IPI context (interrupts off), with every page it
+//! needs already allocated and zeroed.
+use core::arch::asm;
+use core::sync::atomic::Ordering;
+
+use vmx::segment;
+use x86::vmx::vmcs::{control, guest, host};
+
+use super::percpu::{PerCpu, GDT_CS, GDT_SS, GDT_TR};
+use super::root::{vmread, vmwrite, LAUNCH_ENTRY_FAILED};
+use super::{entry, Controls};
+
+const CR4_VMXE: u64 = 1 << 13;
+const MSR_FEATURE_CONTROL: u32 = 0x3a;
+const FC_LOCKED: u64 = 1 << 0;
+const FC_VMXON_OUTSIDE_SMX: u64 = 1 << 2;
+
+/// Why a CPU could not be launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaunchError {
+    VmxeAlreadySet,
+    FeatureControlLocked,
+    VmxonFailed,
+    VmclearOrVmptrldFailed,
+    /// VMLAUNCH failed with VMfailValid: VM-instruction error number.
+    VmlaunchFailed(u32),
+    VmlaunchFailInvalid,
+    /// VMLAUNCH passed its checks but the VM entry failed: exit reason.
+    EntryFailed(u32),
+}
+
+impl core::fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::VmxeAlreadySet => write!(f, "CR4.VMXE is already set: another hypervisor or KVM holds VMX"),
+            Self::FeatureControlLocked => write!(f, "IA32_FEATURE_CONTROL is locked with VMXON outside SMX disabled (enable VT-x in the firmware)"),
+            Self::VmxonFailed => write!(f, "VMXON failed"),
+            Self::VmclearOrVmptrldFailed => write!(f, "VMCLEAR/VMPTRLD failed"),
+            Self::VmlaunchFailed(e) => write!(f, "VMLAUNCH failed: VM-instruction error {e} ({})", vm_instruction_error(*e)),
+            Self::VmlaunchFailInvalid => write!(f, "VMLAUNCH failed: no current VMCS"),
+            Self::EntryFailed(r) => write!(f, "VM entry failed: exit reason {r} ({})", vmx::exit::reason_name(*r)),
+        }
+    }
+}
+
+fn vm_instruction_error(e: u32) -> &'static str {
+    match e {
+        7 => "invalid control fields",
+        8 => "invalid host-state fields",
+        26 => "VM entry with events blocked by MOV SS",
+        _ => "see SDM Vol. 3C, 31.4",
+    }
+}
+
+fn read_cr0() -> u64 {
+    let v;
+    // SAFETY: reading CR0 at CPL 0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+fn read_cr3() -> u64 {
+    let v;
+    // SAFETY: as above.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+pub fn read_cr4() -> u64 {
+    let v;
+    // SAFETY: as above.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+fn write_cr4(v: u64) {
+    // SAFETY: only called to set or clear CR4.VMXE (and fixed bits) around VMXON, with
+    // interrupts off on this CPU.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack)) };
+}
+fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: kdbt only reads architectural MSRs that exist on every VMX-capable CPU
+    // (the load path checked CPUID.1:ECX.VMX before getting here).
+    unsafe { x86::msr::rdmsr(msr) }
+}
+
+#[repr(C, packed)]
+#[derive(Default)]
+struct Dtr {
+    limit: u16,
+    base: u64,
+}
+
+fn sgdt() -> Dtr {
+    let mut d = Dtr::default();
+    // SAFETY: SGDT stores 10 bytes into `d`.
+    unsafe { asm!("sgdt [{}]", in(reg) &mut d, options(nostack)) };
+    d
+}
+fn sidt() -> Dtr {
+    let mut d = Dtr::default();
+    // SAFETY: SIDT stores 10 bytes into `d`.
+    unsafe { asm!("sidt [{}]", in(reg) &mut d, options(nostack)) };
+    d
+}
+
+/// LAR on a selector: access rights, or None if the selector is null/invalid (ZF clear).
+fn lar(sel: u16) -> Option<u32> {
+    let v: u32;
+    let ok: u8;
+    // SAFETY: LAR only reads the descriptor table; a bad selector clears ZF, no fault.
+    unsafe { asm!("lar {0:e}, {1:e}", "setz {2}", out(reg) v, in(reg) sel as u32, out(reg_byte) ok, options(nostack)) };
+    (ok != 0).then_some(v)
+}
+
+fn lsl(sel: u16) -> u32 {
+    let v: u32;
+    let ok: u8;
+    // SAFETY: LSL only reads the descriptor table; a bad selector clears ZF, no fault.
+    unsafe { asm!("lsl {0:e}, {1:e}", "setz {2}", out(reg) v, in(reg) sel as u32, out(reg_byte) ok, options(nostack)) };
+    if ok != 0 { v } else { 0 }
+}
+
+fn selectors() -> [u16; 8] {
+    let (mut cs, mut ss, mut ds, mut es, mut fs, mut gs, mut tr, mut ldtr): (u16, u16, u16, u16, u16, u16, u16, u16);
+    // SAFETY: reading segment selectors, TR and LDTR has no side effects.
+    unsafe {
+        asm!("mov {0:x}, cs", "mov {1:x}, ss", "mov {2:x}, ds", "mov {3:x}, es",
+             out(reg) cs, out(reg) ss, out(reg) ds, out(reg) es, options(nomem, nostack, preserves_flags));
+        asm!("mov {0:x}, fs", "mov {1:x}, gs", "str {2:x}", "sldt {3:x}",
+             out(reg) fs, out(reg) gs, out(reg) tr, out(reg) ldtr, options(nomem, nostack, preserves_flags));
+    }
+    [es, cs, ss, ds, fs, gs, ldtr, tr]
+}
+
+/// Base of a system descriptor (TSS/LDT) at `sel` in the GDT at `gdt`.
+fn system_base(gdt: u64, sel: u16) -> u64 {
+    if sel & !7 == 0 {
+        return 0;
+    }
+    let p = (gdt + (sel & !7) as u64) as *const u64;
+    // SAFETY: `sel` is the TR/LDTR this CPU has loaded, so its 16-byte descriptor lies
+    // inside the live GDT, which is mapped (readable) for the kernel.
+    let (lo, hi) = unsafe { (p.read_volatile(), p.add(1).read_volatile()) };
+    segment::system_descriptor_base(lo, hi)
+}
+
+/// Launches this CPU. On success we return in VMX non-root operation.
+pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
+    let cr4 = read_cr4();
+    if cr4 & CR4_VMXE != 0 {
+        return Err(LaunchError::VmxeAlreadySet);
+    }
+    let fc = rdmsr(MSR_FEATURE_CONTROL);
+    if fc & FC_LOCKED == 0 {
+        // Firmware left it unlocked: enable VMXON outside SMX and lock, as firmware should.
+        // SAFETY: writing the architectural FEATURE_CONTROL bits while unlocked.
+        unsafe { x86::msr::wrmsr(MSR_FEATURE_CONTROL, fc | FC_LOCKED | FC_VMXON_OUTSIDE_SMX) };
+    } else if fc & FC_VMXON_OUTSIDE_SMX == 0 {
+        return Err(LaunchError::FeatureControlLocked);
+    }
+
+    let t0 = tsc();
+    let cr0 = (read_cr0() | c.cr0_fixed0) & c.cr0_fixed1;
+    let cr4v = (cr4 | CR4_VMXE | c.cr4_fixed0) & c.cr4_fixed1;
+    write_cr4(cr4v);
+    let rev = c.revision & 0x7fff_ffff;
+    pc.vmxon[..4].copy_from_slice(&rev.to_le_bytes());
+    pc.vmcs[..4].copy_from_slice(&rev.to_le_bytes());
+    let vmxon_pa = pc.phys_of(pc.vmxon.as_ptr());
+    let vmcs_pa = pc.phys_of(pc.vmcs.as_ptr());
+
+    // SAFETY: VMXON with a page-aligned, revision-tagged region of this CPU, CR4.VMXE set
+    // and the fixed CR bits respected.
+    if unsafe { x86::bits64::vmx::vmxon(vmxon_pa) }.is_err() {
+        write_cr4(cr4);
+        return Err(LaunchError::VmxonFailed);
+    }
+    // SAFETY: the VMCS region is this CPU's, page aligned and revision-tagged.
+    let ok = unsafe { x86::bits64::vmx::vmclear(vmcs_pa).is_ok() && x86::bits64::vmx::vmptrld(vmcs_pa).is_ok() };
+    if !ok {
+        vmx_off(cr4);
+        return Err(LaunchError::VmclearOrVmptrldFailed);
+    }
+
+    program(pc, c, cr0, cr4v);
+    pc.ctl.launching = true;
+    pc.ctl.virtualized.store(true, Ordering::Release);
+    let rc = vmlaunch_here();
+    pc.ctl.launching = false;
+    match rc {
+        0 => {
+            pc.ctl.launch_cycles.store(tsc() - t0, Ordering::Relaxed);
+            Ok(())
+        }
+        r if r & LAUNCH_ENTRY_FAILED == LAUNCH_ENTRY_FAILED => {
+            // The exit handler already left VMX operation and restored our state.
+            pc.ctl.virtualized.store(false, Ordering::Release);
+            Err(LaunchError::EntryFailed(r as u32))
+        }
+        r => {
+            pc.ctl.virtualized.store(false, Ordering::Release);
+            let err = if r == 2 {
+                LaunchError::VmlaunchFailed(vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR) as u32)
+            } else {
+                LaunchError::VmlaunchFailInvalid
+            };
+            vmx_off(cr4);
+            Err(err)
+        }
+    }
+}
+
+fn vmx_off(cr4: u64) {
+    // SAFETY: we are in VMX root operation on this CPU (VMXON succeeded) and leave it.
+    let _ = unsafe { x86::bits64::vmx::vmxoff() };
+    write_cr4(cr4);
+}
+
+pub fn tsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// VMLAUNCH with guest RSP/RIP set so that the guest continues right here. Returns 0 when
+/// running as a guest; 1 for VMfailInvalid, 2 for VMfailValid; or the value the exit
+/// handler put in RAX when the entry failed after its checks.
+#[inline(never)]
+fn vmlaunch_here() -> u64 {
+    let rc: u64;
+    // SAFETY: the current VMCS is fully programmed. VM entry keeps every general-purpose
+    // register, so at label 2 (the guest RIP) all registers and the stack (guest RSP) are
+    // exactly as at VMLAUNCH; RAX is 0 unless the exit handler reported an entry failure.
+    unsafe {
+        asm!(
+            "mov {f}, 0x681C",
+            "vmwrite {f}, rsp",
+            "lea {v}, [rip + 2f]",
+            "mov {f}, 0x681E",
+            "vmwrite {f}, {v}",
+            "xor eax, eax",
+            "vmlaunch",
+            "mov eax, 2",
+            "jnc 2f",
+            "mov eax, 1",
+            "2:",
+            f = out(reg) _,
+            v = out(reg) _,
+            out("rax") rc,
+        );
+    }
+    rc
+}
+
+/// Writes every VMCS field: controls, host state (kdbt's own GDT/TSS/IDT/stack), guest
+/// state (this CPU as it is now).
+fn program(pc: &mut PerCpu, c: &Controls, cr0: u64, cr4: u64) {
+    let w = vmwrite;
+    // --- controls
+    w(control::PINBASED_EXEC_CONTROLS, c.pin as u64);
+    w(control::PRIMARY_PROCBASED_EXEC_CONTROLS, c.proc as u64);
+    w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, c.proc2 as u64);
+    w(control::VMEXIT_CONTROLS, c.exit as u64);
+    w(control::VMENTRY_CONTROLS, c.entry as u64);
+    w(control::EXCEPTION_BITMAP, 0);
+    w(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+    w(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+    w(control::CR3_TARGET_COUNT, 0);
+    w(control::VMEXIT_MSR_STORE_COUNT, 0);
+    w(control::VMEXIT_MSR_LOAD_COUNT, 0);
+    w(control::VMENTRY_MSR_LOAD_COUNT, 0);
+    w(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    w(control::MSR_BITMAPS_ADDR_FULL, pc.phys_of(pc.msr_bitmap.as_ptr()));
+    // CR0: the fixed bits are host-owned, so the guest can't clear them behind our back;
+    // CR4: VMXE is host-owned and reads as 0 (Linux's own CR4 shadow never has it).
+    let cr0_mask = c.cr0_fixed0 & !c.cr0_unrestricted_free;
+    w(control::CR0_GUEST_HOST_MASK, cr0_mask);
+    w(control::CR0_READ_SHADOW, cr0 & cr0_mask);
+    let cr4_mask = c.cr4_fixed0 | CR4_VMXE;
+    w(control::CR4_GUEST_HOST_MASK, cr4_mask);
+    w(control::CR4_READ_SHADOW, (cr4 & !CR4_VMXE) & cr4_mask);
+    if c.vpid != 0 {
+        w(control::VPID, c.vpid_base as u64 + pc.ctl.cpu as u64);
+    }
+    if c.eptp != 0 {
+        w(control::EPTP_FULL, c.eptp);
+    }
+
+    // --- host state
+    let cr3 = c.host_cr3;
+    w(host::CR0, cr0);
+    w(host::CR3, cr3);
+    w(host::CR4, cr4);
+    w(host::CS_SELECTOR, GDT_CS as u64);
+    w(host::SS_SELECTOR, GDT_SS as u64);
+    w(host::DS_SELECTOR, 0);
+    w(host::ES_SELECTOR, 0);
+    w(host::FS_SELECTOR, 0);
+    w(host::GS_SELECTOR, 0);
+    w(host::TR_SELECTOR, GDT_TR as u64);
+    w(host::FS_BASE, 0);
+    w(host::GS_BASE, 0);
+    w(host::TR_BASE, &pc.ctl.tss as *const _ as u64);
+    w(host::GDTR_BASE, pc.ctl.gdt.as_ptr() as u64);
+    w(host::IDTR_BASE, pc.idt.as_ptr() as u64);
+    w(host::IA32_SYSENTER_CS, 0);
+    w(host::IA32_SYSENTER_ESP, 0);
+    w(host::IA32_SYSENTER_EIP, 0);
+    w(host::IA32_EFER_FULL, rdmsr(x86::msr::IA32_EFER));
+    w(host::IA32_PAT_FULL, rdmsr(x86::msr::IA32_PAT));
+    w(host::RSP, pc.host_rsp());
+    w(host::RIP, entry::vmexit_entry());
+
+    // --- guest state: this CPU, now
+    let gdt = sgdt();
+    let idt = sidt();
+    let sels = selectors();
+    let fields = [
+        (guest::ES_SELECTOR, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS, guest::ES_BASE),
+        (guest::CS_SELECTOR, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS, guest::CS_BASE),
+        (guest::SS_SELECTOR, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS, guest::SS_BASE),
+        (guest::DS_SELECTOR, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS, guest::DS_BASE),
+        (guest::FS_SELECTOR, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS, guest::FS_BASE),
+        (guest::GS_SELECTOR, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS, guest::GS_BASE),
+        (guest::LDTR_SELECTOR, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS, guest::LDTR_BASE),
+        (guest::TR_SELECTOR, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS, guest::TR_BASE),
+    ];
+    let gdt_base = gdt.base;
+    for (i, &(fsel, flim, far, fbase)) in fields.iter().enumerate() {
+        let sel = sels[i];
+        w(fsel, sel as u64);
+        w(flim, lsl(sel) as u64);
+        w(far, segment::access_rights(sel, lar(sel)) as u64);
+        let base = match i {
+            4 => rdmsr(x86::msr::IA32_FS_BASE),
+            5 => rdmsr(x86::msr::IA32_GS_BASE),
+            6 | 7 => system_base(gdt_base, sel),
+            _ => 0,
+        };
+        w(fbase, base);
+    }
+    w(guest::GDTR_BASE, gdt_base);
+    w(guest::GDTR_LIMIT, gdt.limit as u64);
+    w(guest::IDTR_BASE, idt.base);
+    w(guest::IDTR_LIMIT, idt.limit as u64);
+    w(guest::CR0, cr0);
+    w(guest::CR3, read_cr3());
+    w(guest::CR4, cr4);
+    let dr7: u64;
+    // SAFETY: reading DR7 at CPL 0 has no side effects.
+    unsafe { asm!("mov {}, dr7", out(reg) dr7, options(nomem, nostack, preserves_flags)) };
+    w(guest::DR7, dr7);
+    let rflags: u64;
+    // SAFETY: PUSHF/POP on our own stack.
+    unsafe { asm!("pushfq", "pop {}", out(reg) rflags, options(nomem, preserves_flags)) };
+    w(guest::RFLAGS, rflags);
+    w(guest::IA32_DEBUGCTL_FULL, rdmsr(x86::msr::IA32_DEBUGCTL));
+    w(guest::IA32_SYSENTER_CS, rdmsr(x86::msr::IA32_SYSENTER_CS));
+    w(guest::IA32_SYSENTER_ESP, rdmsr(x86::msr::IA32_SYSENTER_ESP));
+    w(guest::IA32_SYSENTER_EIP, rdmsr(x86::msr::IA32_SYSENTER_EIP));
+    w(guest::IA32_EFER_FULL, rdmsr(x86::msr::IA32_EFER));
+    w(guest::IA32_PAT_FULL, rdmsr(x86::msr::IA32_PAT));
+    w(guest::LINK_PTR_FULL, u64::MAX);
+    w(guest::ACTIVITY_STATE, 0);
+    w(guest::INTERRUPTIBILITY_STATE, 0);
+    w(guest::PENDING_DBG_EXCEPTIONS, 0);
+}

@@ -1,0 +1,146 @@
+//! The per-CPU area of the hypervisor: one naturally aligned 64 KB block (an order-4 page
+//! allocation) holding everything root mode touches, allocated and zeroed in process
+//! context before the CPU is launched.
+//!
+//! Because the block is 64 KB aligned and root mode always runs on the host stack or the
+//! IST stack inside it, root-mode code finds its `PerCpu` as `rsp & !0xffff` — no %gs, no
+//! kernel per-CPU data, so an NMI arriving at any point of a VM exit or of devirtualization
+//! finds the right block.
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+
+use vmx::exit::{Diag, ExitCtx, Fatal};
+
+pub const PERCPU_ORDER: u32 = 4;
+pub const PERCPU_SIZE: usize = 4096 << PERCPU_ORDER;
+pub const PAGE: usize = 4096;
+
+pub const GDT_CS: u16 = 0x08;
+pub const GDT_SS: u16 = 0x10;
+pub const GDT_TR: u16 = 0x18;
+
+/// 64-bit TSS (SDM Vol. 3A, 8.7).
+#[repr(C, packed(4))]
+pub struct Tss {
+    _r0: u32,
+    pub rsp: [u64; 3],
+    _r1: u64,
+    pub ist: [u64; 7],
+    _r2: u64,
+    _r3: u16,
+    pub iopb: u16,
+}
+
+/// What the guest had when it executed the devirtualize hypercall, restored by the
+/// devirtualize path; plus the writable alias of the guest GDT (see `devirt`).
+#[repr(C)]
+#[derive(Default)]
+pub struct GuestTables {
+    /// Writable (direct-map) alias of this CPU's GDT, for clearing the TSS busy bit.
+    pub gdt_rw: u64,
+}
+
+/// The control page: host GDT and TSS, per-CPU hypervisor state and counters.
+#[repr(C)]
+pub struct Control {
+    pub gdt: [u64; 8],
+    pub tss: Tss,
+    /// Set by the root-mode NMI handler; the NMI is re-injected at the next VM entry.
+    pub nmi_pending: AtomicU8,
+    /// This CPU is in VMX non-root operation under kdbt.
+    pub virtualized: AtomicBool,
+    /// Set while VMLAUNCH is in flight: an entry failure then unwinds to the launcher.
+    pub launching: bool,
+    pub cpu: u32,
+    /// Physical address of this block (VMXON region and VMCS at offsets 0 and 4096).
+    pub phys: u64,
+    pub tables: GuestTables,
+    /// TSC cycles the launch took (VMXON to first guest instruction).
+    pub launch_cycles: AtomicU64,
+    pub exits: ExitCtx,
+    /// The last fatal exit, for the diagnostic the guest prints when it panics.
+    pub fatal: Option<(Fatal, Diag)>,
+}
+
+/// The whole block. Field offsets are fixed by the layout below; the assembly only
+/// relies on the block's alignment and size.
+#[repr(C, align(4096))]
+pub struct PerCpu {
+    pub vmxon: [u8; PAGE],
+    pub vmcs: [u8; PAGE],
+    pub msr_bitmap: [u8; PAGE],
+    /// Host IDT: 256 16-byte gates.
+    pub idt: [[u64; 2]; 256],
+    pub ctl: Control,
+    _pad: [u8; PAGE - core::mem::size_of::<Control>()],
+    /// IST stack for #DF, #MC (host IDT) — fatal paths only.
+    pub ist_stack: [u8; 2 * PAGE],
+    /// Host stack for VM exits; its top [`IRET_RESERVE`] bytes hold the iret frame of the
+    /// devirtualize path.
+    pub host_stack: [u8; PERCPU_SIZE - 7 * PAGE],
+}
+
+/// Bytes kept free at the top of the host stack for the devirtualize iret frame
+/// (RIP, CS, RFLAGS, RSP, SS).
+pub const IRET_RESERVE: usize = 5 * 8;
+
+const _: () = assert!(core::mem::size_of::<Control>() <= PAGE);
+const _: () = assert!(core::mem::size_of::<PerCpu>() == PERCPU_SIZE);
+const _: () = assert!(core::mem::size_of::<Tss>() == 104);
+const _: () = assert!(core::mem::offset_of!(PerCpu, vmcs) == PAGE);
+
+impl PerCpu {
+    /// The top of the host stack, minus the iret reserve: the VMCS host RSP.
+    pub fn host_rsp(&self) -> u64 {
+        let top = self.host_stack.as_ptr() as u64 + self.host_stack.len() as u64;
+        top - IRET_RESERVE as u64
+    }
+
+    pub fn iret_frame(&mut self) -> &mut [u64; 5] {
+        let len = self.host_stack.len();
+        let tail = &mut self.host_stack[len - IRET_RESERVE..];
+        // SAFETY: `tail` is 40 bytes inside this block, 8-aligned (the block is page
+        // aligned and the stack length is a multiple of 8), and borrowed mutably.
+        unsafe { &mut *(tail.as_mut_ptr() as *mut [u64; 5]) }
+    }
+
+    pub fn phys_of(&self, field: *const u8) -> u64 {
+        self.ctl.phys + (field as u64 - self as *const _ as u64)
+    }
+
+    /// Builds the host GDT, TSS and the part of the IDT that does not depend on stub
+    /// addresses. `stubs[v]` is the entry point of vector `v`.
+    pub fn init_tables(&mut self, stubs: &[u64; 256]) {
+        let ist_top = self.ist_stack.as_ptr() as u64 + self.ist_stack.len() as u64;
+        self.ctl.tss.ist = [0; 7];
+        self.ctl.tss.ist[0] = ist_top;
+        self.ctl.tss.iopb = core::mem::size_of::<Tss>() as u16;
+        let tss = &self.ctl.tss as *const Tss as u64;
+        self.ctl.gdt = [0; 8];
+        self.ctl.gdt[1] = 0x00af_9b00_0000_ffff; // 64-bit code, DPL 0
+        self.ctl.gdt[2] = 0x00cf_9300_0000_ffff; // data, DPL 0
+        // 64-bit TSS, busy (VM exits load TR as busy), limit 103.
+        self.ctl.gdt[3] = 103
+            | ((tss & 0xff_ffff) << 16)
+            | (0xb << 40)
+            | (1 << 47)
+            | (((tss >> 24) & 0xff) << 56);
+        self.ctl.gdt[4] = tss >> 32;
+        for (v, gate) in self.idt.iter_mut().enumerate() {
+            let off = stubs[v];
+            // #DF and #MC run on the IST stack; everything else (incl. NMI) on the
+            // current stack, which in root mode is always the host stack.
+            let ist = if v == 8 || v == 18 { 1u64 } else { 0 };
+            gate[0] = (off & 0xffff)
+                | ((GDT_CS as u64) << 16)
+                | (ist << 32)
+                | (0x8e << 40)
+                | (((off >> 16) & 0xffff) << 48);
+            gate[1] = off >> 32;
+        }
+    }
+}
+
+/// The `PerCpu` whose host or IST stack `rsp` lies in.
+pub fn from_rsp(rsp: u64) -> *mut PerCpu {
+    (rsp & !(PERCPU_SIZE as u64 - 1)) as *mut PerCpu
+}

@@ -1,0 +1,241 @@
+//! VMX root mode: the VM-exit handler and the devirtualize path.
+use core::arch::asm;
+use core::sync::atomic::Ordering;
+
+use vmx::exit::{self, Action, ExitHw, Fatal, GuestRegs};
+use x86::vmx::vmcs::{control, guest};
+
+use super::entry;
+use super::percpu::{self, PerCpu};
+
+/// VMREAD of the current VMCS; 0 if the field does not exist (never for the fields kdbt
+/// reads, which the launch path wrote).
+pub fn vmread(field: u32) -> u64 {
+    // SAFETY: root mode with a current VMCS (we are in its exit handler or launching it).
+    unsafe { x86::bits64::vmx::vmread(field) }.unwrap_or(0)
+}
+
+pub fn vmwrite(field: u32, value: u64) {
+    // SAFETY: as for vmread; kdbt writes only fields that exist on every VMX CPU or that it
+    // checked the capability for.
+    let _ = unsafe { x86::bits64::vmx::vmwrite(field, value) };
+}
+
+/// The hardware of the exit handler in root mode.
+pub struct RootHw;
+
+impl ExitHw for RootHw {
+    fn vmread(&self, field: u32) -> u64 {
+        vmread(field)
+    }
+    fn vmwrite(&mut self, field: u32, value: u64) {
+        vmwrite(field, value)
+    }
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+    fn xsetbv(&mut self, xcr: u32, value: u64) -> bool {
+        // The exit handler only reaches here for XCR0 values the guest chose; XSETBV with
+        // an invalid value would #GP in root mode, so validate the architectural rules
+        // first (SDM XSETBV: XCR0 only, bit 0 set, AVX needs SSE, supported bits only).
+        let supported = {
+            let r = core::arch::x86_64::__cpuid_count(0xd, 0);
+            ((r.edx as u64) << 32) | r.eax as u64
+        };
+        if xcr != 0 || value & 1 == 0 || value & !supported != 0 || (value & 4 != 0 && value & 2 == 0) {
+            return false;
+        }
+        // SAFETY: CR4.OSXSAVE is set (the guest executed XSETBV without #UD) and the value
+        // passed the checks above; root mode and the guest share XCR0 anyway.
+        unsafe { asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
+        true
+    }
+    fn wbinvd(&mut self) {
+        // SAFETY: WBINVD at CPL 0 only writes back and invalidates caches.
+        unsafe { asm!("wbinvd", options(nostack)) };
+    }
+    fn rdmsr_safe(&mut self, msr: u32) -> Option<u64> {
+        entry::rdmsr_safe(msr)
+    }
+    fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool {
+        entry::wrmsr_safe(msr, value)
+    }
+}
+
+/// Result code the launcher sees when the first VM entry failed after VMLAUNCH passed its
+/// checks (exit reason in the low bits).
+pub const LAUNCH_ENTRY_FAILED: u64 = 0xdead_0000_0000_0000;
+
+/// Called by the VM-exit stub with the guest's registers on the host stack. Returns 0 to
+/// VMRESUME, 1 when this CPU has left VMX operation and the iret frame is ready.
+#[no_mangle]
+extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
+    // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
+    // allocated while the CPU is virtualized; only this CPU touches it in root mode.
+    let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
+    let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits);
+    match action {
+        Action::Resume => {
+            inject_pending_nmi(pc);
+            0
+        }
+        Action::Devirtualize => {
+            devirtualize(pc);
+            1
+        }
+        Action::Fatal(kind, diag) if pc.ctl.launching => {
+            // The first entry failed (e.g. invalid guest state): return to the launcher,
+            // which reports the reason and cleans up.
+            let _ = kind;
+            regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
+            devirtualize(pc);
+            1
+        }
+        Action::Fatal(kind, diag) => {
+            pc.ctl.fatal = Some((kind, diag));
+            super::serial::line(format_args!(
+                "kdbt: cpu{}: fatal VM exit {:?} ({}): qualification {:#x} guest RIP {:#x} RSP {:#x} CR3 {:#x} GPA {:#x} GVA {:#x}",
+                pc.ctl.cpu,
+                kind,
+                exit::reason_name(diag.reason),
+                diag.qualification,
+                diag.guest_rip,
+                diag.guest_rsp,
+                diag.guest_cr3,
+                diag.guest_physical,
+                diag.guest_linear
+            ));
+            guest_panic(pc, kind)
+        }
+    }
+}
+
+/// An NMI that arrived in root mode is delivered to the guest at the next entry if the
+/// guest can take it now (no NMI blocking, no other event being injected); otherwise it
+/// stays pending until a later exit. kdbt does not enable NMI exiting (guest NMIs go
+/// straight to the guest), so this only concerns NMIs that hit during an exit.
+fn inject_pending_nmi(pc: &mut PerCpu) {
+    if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let intr = vmread(guest::INTERRUPTIBILITY_STATE);
+    let entry = vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD);
+    // Blocking by STI (bit 0), MOV SS (bit 1) or NMI (bit 3), or an event already queued.
+    if intr & 0b1011 != 0 || entry & (1 << 31) != 0 {
+        return;
+    }
+    pc.ctl.nmi_pending.store(0, Ordering::Relaxed);
+    vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (1 << 31) | (2 << 8) | 2);
+}
+
+/// Makes the guest call `kdbt_glue_guest_fatal` (which panics with kdbt's diagnostic),
+/// with the faulting RIP as its return address so the backtrace shows where it happened.
+/// Only possible when the guest was in the kernel; otherwise the CPU halts.
+fn guest_panic(pc: &mut PerCpu, kind: Fatal) -> u64 {
+    if exit::guest_cpl(&RootHw) != 0 {
+        super::serial::fatal(format_args!(
+            "kdbt: cpu{}: fatal {:?} at CPL 3; halting this CPU",
+            pc.ctl.cpu, kind
+        ));
+    }
+    extern "C" {
+        fn kdbt_glue_guest_fatal();
+    }
+    let rip = vmread(guest::RIP);
+    // Below the interrupted frame, 16-byte aligned, then the return address.
+    let rsp = ((vmread(guest::RSP) - 512) & !0xf) - 8;
+    // SAFETY: the guest was at CPL 0 on a kernel stack, which the host page tables map
+    // (they share the kernel half); 512 bytes below its RSP is unused stack.
+    unsafe { (rsp as *mut u64).write(rip) };
+    vmwrite(guest::RSP, rsp);
+    vmwrite(guest::RIP, kdbt_glue_guest_fatal as *const () as u64);
+    vmwrite(guest::RFLAGS, vmread(guest::RFLAGS) & !(1 << 9) & !(1 << 8));
+    vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    0
+}
+
+/// Leaves VMX operation on this CPU and restores the guest's state so that the stub's
+/// IRETQ continues it natively, right after its VMCALL (or at the launch point).
+///
+/// Order matters: VMXOFF and CR4.VMXE first; then the guest's GDT through its writable
+/// alias so that LTR can mark the TSS busy (the GDT the guest uses is mapped read-only);
+/// then TR, the guest's read-only GDT with its real limit, the IDT with its real limit;
+/// data segments, FS/GS bases and the MSRs the VM exit replaced; CR3 last. NMIs: until
+/// LIDT the host IDT records them (found through RSP, which stays on the host stack);
+/// after it the kernel's own handler runs.
+fn devirtualize(pc: &mut PerCpu) {
+    let g = |f| vmread(f);
+    let rip = g(guest::RIP);
+    let rsp = g(guest::RSP);
+    let rflags = g(guest::RFLAGS);
+    let cr0 = g(guest::CR0);
+    let cr3 = g(guest::CR3);
+    let cr4 = g(guest::CR4) & !(1 << 13);
+    let cs = g(guest::CS_SELECTOR);
+    let ss = g(guest::SS_SELECTOR);
+    let ds = g(guest::DS_SELECTOR) as u16;
+    let es = g(guest::ES_SELECTOR) as u16;
+    let fs = g(guest::FS_SELECTOR) as u16;
+    let gs = g(guest::GS_SELECTOR) as u16;
+    let tr = g(guest::TR_SELECTOR) as u16;
+    let fs_base = g(guest::FS_BASE);
+    let gs_base = g(guest::GS_BASE);
+    let gdt_base = g(guest::GDTR_BASE);
+    let gdt_limit = g(guest::GDTR_LIMIT) as u16;
+    let idt_base = g(guest::IDTR_BASE);
+    let idt_limit = g(guest::IDTR_LIMIT) as u16;
+    let debugctl = g(guest::IA32_DEBUGCTL_FULL);
+    let sysenter = [g(guest::IA32_SYSENTER_CS), g(guest::IA32_SYSENTER_ESP), g(guest::IA32_SYSENTER_EIP)];
+    let pat = g(guest::IA32_PAT_FULL);
+    let efer = g(guest::IA32_EFER_FULL);
+    let dr7 = g(guest::DR7);
+    let gdt_rw = pc.ctl.tables.gdt_rw;
+
+    #[repr(C, packed)]
+    struct Dtr {
+        limit: u16,
+        base: u64,
+    }
+    let rw_gdt = Dtr { limit: gdt_limit, base: gdt_rw };
+    let ro_gdt = Dtr { limit: gdt_limit, base: gdt_base };
+    let idt = Dtr { limit: idt_limit, base: idt_base };
+
+    // SAFETY: this is the architectural sequence for leaving VMX operation on this CPU
+    // with the guest's (the kernel's) own state, every value read from the VMCS the CPU
+    // saved at this exit; the TSS descriptor write goes through the kernel's writable
+    // alias of its own GDT (`gdt_page`), recorded at launch.
+    unsafe {
+        let _ = x86::bits64::vmx::vmxoff();
+        pc.ctl.virtualized.store(false, Ordering::Release);
+        asm!("mov cr4, {}", in(reg) cr4, options(nostack));
+        asm!("mov cr0, {}", in(reg) cr0, options(nostack));
+        // TSS descriptor: mark available so LTR accepts it (LTR marks it busy again).
+        let desc = (gdt_rw + (tr & !7) as u64) as *mut u64;
+        desc.write_volatile(vmx::segment::tss_mark_available(desc.read_volatile()));
+        asm!("lgdt [{}]", in(reg) &rw_gdt, options(nostack));
+        asm!("ltr {0:x}", in(reg) tr, options(nostack));
+        asm!("lgdt [{}]", in(reg) &ro_gdt, options(nostack));
+        asm!("lidt [{}]", in(reg) &idt, options(nostack));
+        asm!("mov ds, {0:x}", "mov es, {1:x}", in(reg) ds, in(reg) es, options(nostack));
+        // Loading FS/GS selectors clobbers the bases: selectors first, then the MSRs.
+        asm!("mov fs, {0:x}", "mov gs, {1:x}", in(reg) fs, in(reg) gs, options(nostack));
+        wrmsr(x86::msr::IA32_FS_BASE, fs_base);
+        wrmsr(x86::msr::IA32_GS_BASE, gs_base);
+        wrmsr(x86::msr::IA32_SYSENTER_CS, sysenter[0]);
+        wrmsr(x86::msr::IA32_SYSENTER_ESP, sysenter[1]);
+        wrmsr(x86::msr::IA32_SYSENTER_EIP, sysenter[2]);
+        wrmsr(x86::msr::IA32_DEBUGCTL, debugctl);
+        wrmsr(x86::msr::IA32_PAT, pat);
+        wrmsr(x86::msr::IA32_EFER, efer);
+        asm!("mov dr7, {}", in(reg) dr7, options(nostack));
+        asm!("mov cr3, {}", in(reg) cr3, options(nostack));
+    }
+    *pc.iret_frame() = [rip, cs, rflags, rsp, ss];
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: only called by `devirtualize` with architectural MSRs and the values the
+    // CPU itself saved for them.
+    unsafe { x86::msr::wrmsr(msr, v) }
+}

@@ -1,0 +1,640 @@
+//! VM-exit handling: what the hypervisor does for each exit reason, written against the
+//! [`ExitHw`] trait so that every path is unit-tested on the host with a fake VMCS.
+//!
+//! The kernel side's assembly stub saves the guest's general-purpose registers into a
+//! [`GuestRegs`] on the host stack and calls its handler, which calls [`handle`] and acts on
+//! the returned [`Action`]. Nothing here may fault, allocate or call the kernel: it runs in
+//! VMX root mode with interrupts off.
+use x86::vmx::vmcs::{guest, ro, control};
+
+use crate::hypercall::{self, Call, Decoded};
+
+/// Guest general-purpose registers in the order the exit stub pushes them (RSP is in the
+/// VMCS). `#[repr(C)]`: the assembly depends on this layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rbx: u64,
+    pub rbp: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+impl GuestRegs {
+    /// General-purpose register by its encoding (0 = RAX … 15 = R15); RSP (4) is `None`
+    /// because it lives in the VMCS.
+    fn gpr(&mut self, n: u8) -> Option<&mut u64> {
+        Some(match n & 15 {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            4 => return None,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            _ => &mut self.r15,
+        })
+    }
+}
+
+/// What the exit handler needs from the hardware (VMX root mode).
+pub trait ExitHw {
+    fn vmread(&self, field: u32) -> u64;
+    fn vmwrite(&mut self, field: u32, value: u64);
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// XSETBV; false if it faulted (#GP).
+    fn xsetbv(&mut self, xcr: u32, value: u64) -> bool;
+    fn wbinvd(&mut self);
+    /// RDMSR/WRMSR with a fault fixup; None/false if the access faulted.
+    fn rdmsr_safe(&mut self, msr: u32) -> Option<u64>;
+    fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool;
+}
+
+/// Basic exit reasons (SDM Vol. 3C, Appendix C) that kdbt names in its statistics.
+pub mod reason {
+    pub const EXCEPTION_NMI: u32 = 0;
+    pub const EXTERNAL_INTERRUPT: u32 = 1;
+    pub const TRIPLE_FAULT: u32 = 2;
+    pub const INIT: u32 = 3;
+    pub const SIPI: u32 = 4;
+    pub const CPUID: u32 = 10;
+    pub const GETSEC: u32 = 11;
+    pub const HLT: u32 = 12;
+    pub const INVD: u32 = 13;
+    pub const VMCALL: u32 = 18;
+    pub const VMCLEAR: u32 = 19;
+    pub const VMXON: u32 = 27;
+    pub const CR_ACCESS: u32 = 28;
+    pub const RDMSR: u32 = 31;
+    pub const WRMSR: u32 = 32;
+    pub const ENTRY_FAIL_GUEST_STATE: u32 = 33;
+    pub const ENTRY_FAIL_MSR_LOAD: u32 = 34;
+    pub const MTF: u32 = 37;
+    pub const ENTRY_FAIL_MCE: u32 = 41;
+    pub const EPT_VIOLATION: u32 = 48;
+    pub const EPT_MISCONFIG: u32 = 49;
+    pub const INVEPT: u32 = 50;
+    pub const INVVPID: u32 = 53;
+    pub const XSETBV: u32 = 55;
+    pub const VMFUNC: u32 = 59;
+    /// Size of per-reason counter arrays.
+    pub const COUNT: usize = 80;
+}
+
+/// Human name of a basic exit reason.
+pub fn reason_name(r: u32) -> &'static str {
+    match r {
+        0 => "exception/NMI",
+        1 => "external interrupt",
+        2 => "triple fault",
+        3 => "INIT",
+        4 => "SIPI",
+        7 => "interrupt window",
+        8 => "NMI window",
+        9 => "task switch",
+        10 => "CPUID",
+        11 => "GETSEC",
+        12 => "HLT",
+        13 => "INVD",
+        14 => "INVLPG",
+        15 => "RDPMC",
+        16 => "RDTSC",
+        18 => "VMCALL",
+        19 => "VMCLEAR",
+        20 => "VMLAUNCH",
+        21 => "VMPTRLD",
+        22 => "VMPTRST",
+        23 => "VMREAD",
+        24 => "VMRESUME",
+        25 => "VMWRITE",
+        26 => "VMXOFF",
+        27 => "VMXON",
+        28 => "CR access",
+        29 => "DR access",
+        30 => "I/O",
+        31 => "RDMSR",
+        32 => "WRMSR",
+        33 => "entry failure (guest state)",
+        34 => "entry failure (MSR load)",
+        36 => "MWAIT",
+        37 => "monitor trap flag",
+        39 => "MONITOR",
+        40 => "PAUSE",
+        41 => "entry failure (machine check)",
+        43 => "TPR below threshold",
+        44 => "APIC access",
+        46 => "GDTR/IDTR access",
+        47 => "LDTR/TR access",
+        48 => "EPT violation",
+        49 => "EPT misconfiguration",
+        50 => "INVEPT",
+        51 => "RDTSCP",
+        52 => "preemption timer",
+        53 => "INVVPID",
+        54 => "WBINVD",
+        55 => "XSETBV",
+        57 => "RDRAND",
+        58 => "INVPCID",
+        59 => "VMFUNC",
+        61 => "RDSEED",
+        63 => "XSAVES",
+        64 => "XRSTORS",
+        _ => "other",
+    }
+}
+
+/// Why the hypervisor cannot continue the guest normally; carried to a diagnostic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fatal {
+    /// The guest triple-faulted (it would have reset natively).
+    TripleFault,
+    /// EPT violation on an access the EPT should allow, or where kdbt has no handler.
+    EptViolation,
+    EptMisconfig,
+    /// An exit reason kdbt never enables or cannot handle.
+    Unexpected,
+}
+
+/// A diagnostic snapshot of a fatal exit, formatted later outside root mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Diag {
+    pub reason: u32,
+    pub qualification: u64,
+    pub guest_rip: u64,
+    pub guest_rsp: u64,
+    pub guest_cr3: u64,
+    pub guest_physical: u64,
+    pub guest_linear: u64,
+}
+
+/// What the exit stub does after [`handle`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// VMRESUME.
+    Resume,
+    /// Leave VMX operation on this CPU and continue the guest natively (RIP already past
+    /// the VMCALL, RAX = OK).
+    Devirtualize,
+    /// Cannot continue: the caller records `Diag` and makes the guest panic cleanly.
+    Fatal(Fatal, Diag),
+}
+
+/// Per-CPU facts and counters the handler reads and updates.
+#[derive(Clone, Debug)]
+pub struct ExitCtx {
+    /// kdbt's index of this CPU (reported in CPUID 0x40000001 ECX).
+    pub cpu: u32,
+    /// STATE_* bits for CPUID 0x40000001 EBX.
+    pub state: u32,
+    /// Exits by basic reason (index >= COUNT counted in the last slot).
+    pub counts: [u64; reason::COUNT],
+    pub total: u64,
+}
+
+impl ExitCtx {
+    pub fn new(cpu: u32, state: u32) -> Self {
+        ExitCtx { cpu, state, counts: [0; reason::COUNT], total: 0 }
+    }
+}
+
+const CR4_VMXE: u64 = 1 << 13;
+const RFLAGS_RF: u64 = 1 << 16;
+
+/// VM-entry interruption types.
+const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
+const INTR_VALID: u32 = 1 << 31;
+const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
+
+pub const VECTOR_UD: u8 = 6;
+pub const VECTOR_GP: u8 = 13;
+
+/// Queues a hardware exception for delivery at the next VM entry. The instruction that
+/// caused the exit is not skipped (faults report the faulting instruction).
+pub fn inject_exception(hw: &mut impl ExitHw, vector: u8, error_code: Option<u32>) {
+    let mut info = INTR_VALID | INTR_TYPE_HW_EXCEPTION | vector as u32;
+    if let Some(code) = error_code {
+        info |= INTR_DELIVER_ERROR_CODE;
+        hw.vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
+    }
+    hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, info as u64);
+}
+
+/// Skips the instruction that caused the exit and clears RF and STI/MOV-SS blocking, as
+/// the instruction's native completion would.
+pub fn advance_rip(hw: &mut impl ExitHw) {
+    let len = hw.vmread(ro::VMEXIT_INSTRUCTION_LEN);
+    let rip = hw.vmread(guest::RIP);
+    hw.vmwrite(guest::RIP, rip.wrapping_add(len));
+    let rflags = hw.vmread(guest::RFLAGS);
+    if rflags & RFLAGS_RF != 0 {
+        hw.vmwrite(guest::RFLAGS, rflags & !RFLAGS_RF);
+    }
+    let intr = hw.vmread(guest::INTERRUPTIBILITY_STATE);
+    if intr & 0x3 != 0 {
+        hw.vmwrite(guest::INTERRUPTIBILITY_STATE, intr & !0x3);
+    }
+}
+
+/// Current privilege level of the guest: SS.DPL (SDM 5.5; equals CS.RPL in 64-bit mode).
+pub fn guest_cpl(hw: &impl ExitHw) -> u8 {
+    ((hw.vmread(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
+}
+
+fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
+    Diag {
+        reason,
+        qualification: hw.vmread(ro::EXIT_QUALIFICATION),
+        guest_rip: hw.vmread(guest::RIP),
+        guest_rsp: hw.vmread(guest::RSP),
+        guest_cr3: hw.vmread(guest::CR3),
+        guest_physical: hw.vmread(ro::GUEST_PHYSICAL_ADDR_FULL),
+        guest_linear: hw.vmread(ro::GUEST_LINEAR_ADDR),
+    }
+}
+
+/// Handles one VM exit.
+pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Action {
+    let full = hw.vmread(ro::EXIT_REASON) as u32;
+    let basic = full & 0xffff;
+    ctx.total += 1;
+    ctx.counts[(basic as usize).min(reason::COUNT - 1)] += 1;
+
+    // Bit 31: VM-entry failure (the guest never ran).
+    if full & (1 << 31) != 0 {
+        return Action::Fatal(Fatal::Unexpected, diag(hw, basic));
+    }
+    match basic {
+        reason::CPUID => {
+            cpuid(hw, regs, ctx);
+            advance_rip(hw);
+            Action::Resume
+        }
+        reason::VMCALL => vmcall(hw, regs, ctx),
+        reason::CR_ACCESS => cr_access(hw, regs),
+        reason::XSETBV => {
+            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            if guest_cpl(hw) != 0 || !hw.xsetbv(regs.rcx as u32, value) {
+                inject_exception(hw, VECTOR_GP, Some(0));
+            } else {
+                advance_rip(hw);
+            }
+            Action::Resume
+        }
+        reason::INVD => {
+            // INVD would drop dirty lines of the hypervisor too; WBINVD is the safe superset.
+            hw.wbinvd();
+            advance_rip(hw);
+            Action::Resume
+        }
+        reason::RDMSR => {
+            match hw.rdmsr_safe(regs.rcx as u32) {
+                Some(v) => {
+                    regs.rax = v & 0xffff_ffff;
+                    regs.rdx = v >> 32;
+                    advance_rip(hw);
+                }
+                None => inject_exception(hw, VECTOR_GP, Some(0)),
+            }
+            Action::Resume
+        }
+        reason::WRMSR => {
+            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            if hw.wrmsr_safe(regs.rcx as u32, value) {
+                advance_rip(hw);
+            } else {
+                inject_exception(hw, VECTOR_GP, Some(0));
+            }
+            Action::Resume
+        }
+        // VMX instructions in the guest: kdbt offers no nested VMX; #UD as on a CPU without
+        // VMX (the guest sees CR4.VMXE clear).
+        reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID | reason::VMFUNC => {
+            inject_exception(hw, VECTOR_UD, None);
+            Action::Resume
+        }
+        reason::TRIPLE_FAULT => Action::Fatal(Fatal::TripleFault, diag(hw, basic)),
+        reason::EPT_VIOLATION => Action::Fatal(Fatal::EptViolation, diag(hw, basic)),
+        reason::EPT_MISCONFIG => Action::Fatal(Fatal::EptMisconfig, diag(hw, basic)),
+        _ => Action::Fatal(Fatal::Unexpected, diag(hw, basic)),
+    }
+}
+
+fn cpuid(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) {
+    let leaf = regs.rax as u32;
+    let sub = regs.rcx as u32;
+    let r = match leaf {
+        hypercall::CPUID_SIGNATURE_LEAF => [
+            hypercall::CPUID_INFO_LEAF,
+            hypercall::SIGNATURE_WORD,
+            hypercall::SIGNATURE_WORD,
+            hypercall::SIGNATURE_WORD,
+        ],
+        hypercall::CPUID_INFO_LEAF => [hypercall::VERSION, ctx.state, ctx.cpu, 0],
+        _ => hw.cpuid(leaf, sub),
+    };
+    regs.rax = r[0] as u64;
+    regs.rbx = r[1] as u64;
+    regs.rcx = r[2] as u64;
+    regs.rdx = r[3] as u64;
+}
+
+fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) -> Action {
+    if guest_cpl(hw) != 0 {
+        inject_exception(hw, VECTOR_UD, None);
+        return Action::Resume;
+    }
+    let call = match hypercall::decode(regs.rax) {
+        Decoded::Foreign => {
+            inject_exception(hw, VECTOR_UD, None);
+            return Action::Resume;
+        }
+        Decoded::Unknown(_) => {
+            regs.rax = hypercall::ERR_UNKNOWN_CALL;
+            advance_rip(hw);
+            return Action::Resume;
+        }
+        Decoded::Call(c) => c,
+    };
+    advance_rip(hw);
+    match call {
+        Call::Ping => {
+            regs.rax = hypercall::MAGIC | hypercall::VERSION as u64;
+            regs.rbx = !regs.rbx;
+            Action::Resume
+        }
+        Call::ExitCount => {
+            regs.rax = ctx.total;
+            Action::Resume
+        }
+        Call::Devirtualize => {
+            regs.rax = hypercall::OK;
+            Action::Devirtualize
+        }
+        Call::EptSetPerms | Call::EptInvalidate => {
+            regs.rax = hypercall::ERR_UNSUPPORTED;
+            Action::Resume
+        }
+    }
+}
+
+/// MOV to CR0/CR4 that touched a host-owned bit (the guest/host masks). The guest's view
+/// (read shadow) takes the written value; the real register keeps the bits VMX operation
+/// requires (CR4.VMXE, the CR0 fixed bits). MOV from CR, CLTS and LMSW never exit with
+/// kdbt's masks; if one does, it is emulated the same way.
+fn cr_access(hw: &mut impl ExitHw, regs: &mut GuestRegs) -> Action {
+    let q = hw.vmread(ro::EXIT_QUALIFICATION);
+    let cr = (q & 0xf) as u8;
+    let access = (q >> 4) & 3;
+    let reg = ((q >> 8) & 0xf) as u8;
+    if access != 0 || (cr != 0 && cr != 4) {
+        return Action::Fatal(Fatal::Unexpected, diag(hw, reason::CR_ACCESS));
+    }
+    let value = if reg == 4 { hw.vmread(guest::RSP) } else { regs.gpr(reg).map_or(0, |r| *r) };
+    let (real, shadow, mask) = if cr == 4 {
+        (guest::CR4, control::CR4_READ_SHADOW, control::CR4_GUEST_HOST_MASK)
+    } else {
+        (guest::CR0, control::CR0_READ_SHADOW, control::CR0_GUEST_HOST_MASK)
+    };
+    let mask_v = hw.vmread(mask);
+    let old_real = hw.vmread(real);
+    hw.vmwrite(shadow, value & mask_v);
+    // Host-owned bits keep their real values; the rest is the guest's.
+    let new_real = (value & !mask_v) | (old_real & mask_v);
+    debug_assert!(cr != 4 || new_real & CR4_VMXE != 0 || old_real & CR4_VMXE == 0);
+    hw.vmwrite(real, new_real);
+    advance_rip(hw);
+    Action::Resume
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::BTreeMap;
+    use std::vec::Vec;
+
+    use super::*;
+
+    /// A fake VMCS and CPU: fields in a map, CPUID from a fixed table.
+    #[derive(Default)]
+    struct Fake {
+        f: BTreeMap<u32, u64>,
+        xcr0: u64,
+        msrs: BTreeMap<u32, u64>,
+        wbinvd: u32,
+    }
+
+    impl ExitHw for Fake {
+        fn vmread(&self, field: u32) -> u64 {
+            self.f.get(&field).copied().unwrap_or(0)
+        }
+        fn vmwrite(&mut self, field: u32, value: u64) {
+            self.f.insert(field, value);
+        }
+        fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
+            [leaf, sub, 0x1111, 0x2222]
+        }
+        fn xsetbv(&mut self, xcr: u32, value: u64) -> bool {
+            if xcr != 0 || value & 1 == 0 {
+                return false;
+            }
+            self.xcr0 = value;
+            true
+        }
+        fn wbinvd(&mut self) {
+            self.wbinvd += 1;
+        }
+        fn rdmsr_safe(&mut self, msr: u32) -> Option<u64> {
+            self.msrs.get(&msr).copied()
+        }
+        fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool {
+            if !self.msrs.contains_key(&msr) {
+                return false;
+            }
+            self.msrs.insert(msr, value);
+            true
+        }
+    }
+
+    fn exit(reason: u32, len: u64, cpl: u8) -> Fake {
+        let mut f = Fake::default();
+        f.vmwrite(ro::EXIT_REASON, reason as u64);
+        f.vmwrite(ro::VMEXIT_INSTRUCTION_LEN, len);
+        f.vmwrite(guest::RIP, 0xffff_ffff_8100_0000);
+        f.vmwrite(guest::SS_ACCESS_RIGHTS, 0xc093 | ((cpl as u64) << 5));
+        f
+    }
+
+    fn injected(f: &Fake) -> Option<(u8, Option<u32>)> {
+        let info = f.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
+        (info & INTR_VALID != 0).then(|| {
+            let code = (info & INTR_DELIVER_ERROR_CODE != 0)
+                .then(|| f.vmread(control::VMENTRY_EXCEPTION_ERR_CODE) as u32);
+            (info as u8, code)
+        })
+    }
+
+    #[test]
+    fn cpuid_signature_and_passthrough() {
+        let mut ctx = ExitCtx::new(1, hypercall::STATE_VIRTUALIZED);
+        let mut f = exit(reason::CPUID, 2, 0);
+        let mut r = GuestRegs { rax: 0x4000_0000, ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(r.rbx as u32, hypercall::SIGNATURE_WORD);
+        assert_eq!(r.rax as u32, hypercall::CPUID_INFO_LEAF);
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002);
+
+        let mut f = exit(reason::CPUID, 2, 3);
+        let mut r = GuestRegs { rax: 0x4000_0001, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!((r.rax, r.rbx, r.rcx), (1, 1, 1));
+
+        let mut f = exit(reason::CPUID, 2, 0);
+        let mut r = GuestRegs { rax: 7, rcx: 1, rbx: 99, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!((r.rax, r.rbx, r.rcx, r.rdx), (7, 1, 0x1111, 0x2222));
+        assert_eq!(ctx.counts[reason::CPUID as usize], 3);
+        assert_eq!(ctx.total, 3);
+    }
+
+    #[test]
+    fn vmcall_only_at_cpl0_and_with_magic() {
+        let mut ctx = ExitCtx::new(0, 0);
+        // User space: #UD, RIP unchanged.
+        let mut f = exit(reason::VMCALL, 3, 3);
+        let mut r = GuestRegs { rax: Call::Devirtualize.rax(), ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(injected(&f), Some((VECTOR_UD, None)));
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000);
+        // Kernel without the magic: #UD too.
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: 3, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!(injected(&f), Some((VECTOR_UD, None)));
+        // Ping.
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: Call::Ping.rax(), rbx: 0x55, ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(r.rax, hypercall::MAGIC | 1);
+        assert_eq!(r.rbx, !0x55);
+        assert_eq!(injected(&f), None);
+        // Unknown function: error code, instruction completed.
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: hypercall::MAGIC | 0x77, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!(r.rax, hypercall::ERR_UNKNOWN_CALL);
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003);
+        // Devirtualize.
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: Call::Devirtualize.rax(), ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Devirtualize);
+        assert_eq!(r.rax, hypercall::OK);
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003);
+    }
+
+    #[test]
+    fn cr4_write_keeps_vmxe_and_updates_shadow() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let mut f = exit(reason::CR_ACCESS, 3, 0);
+        f.vmwrite(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+        f.vmwrite(guest::CR4, 0x3506f0 | CR4_VMXE);
+        // mov cr4, rbx (reg 3) setting VMXE from the guest's view (e.g. KVM loading).
+        f.vmwrite(ro::EXIT_QUALIFICATION, 4 | (3 << 8));
+        let mut r = GuestRegs { rbx: 0x3506f0 | CR4_VMXE | 0x80, ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(f.vmread(control::CR4_READ_SHADOW), CR4_VMXE);
+        assert_eq!(f.vmread(guest::CR4), 0x3506f0 | 0x80 | CR4_VMXE);
+        // And clearing it again from the guest's view leaves the real bit set.
+        let mut f2 = exit(reason::CR_ACCESS, 3, 0);
+        f2.vmwrite(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+        f2.vmwrite(guest::CR4, 0x3506f0 | CR4_VMXE);
+        f2.vmwrite(ro::EXIT_QUALIFICATION, 4 | (3 << 8));
+        let mut r = GuestRegs { rbx: 0x3506f0, ..Default::default() };
+        handle(&mut f2, &mut r, &mut ctx);
+        assert_eq!(f2.vmread(control::CR4_READ_SHADOW), 0);
+        assert_eq!(f2.vmread(guest::CR4), 0x3506f0 | CR4_VMXE);
+    }
+
+    #[test]
+    fn msr_and_xsetbv_faults_are_reflected_as_gp() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let mut f = exit(reason::RDMSR, 2, 0);
+        f.msrs.insert(0x4000_0100, 0x1234_5678_9abc_def0);
+        let mut r = GuestRegs { rcx: 0x4000_0100, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!((r.rax, r.rdx), (0x9abc_def0, 0x1234_5678));
+        let mut r = GuestRegs { rcx: 0x4000_0200, ..Default::default() };
+        let mut f = exit(reason::RDMSR, 2, 0);
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!(injected(&f), Some((VECTOR_GP, Some(0))));
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000);
+
+        let mut f = exit(reason::XSETBV, 3, 0);
+        let mut r = GuestRegs { rcx: 0, rax: 7, rdx: 0, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!(f.xcr0, 7);
+        let mut f = exit(reason::XSETBV, 3, 0);
+        let mut r = GuestRegs { rcx: 0, rax: 6, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!(injected(&f), Some((VECTOR_GP, Some(0))));
+    }
+
+    #[test]
+    fn vmx_instructions_raise_ud_and_fatal_exits_carry_diagnostics() {
+        let mut ctx = ExitCtx::new(0, 0);
+        for reason in [19u32, 20, 21, 22, 23, 24, 25, 26, 27, 50, 53, 59] {
+            let mut f = exit(reason, 3, 0);
+            assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Resume);
+            assert_eq!(injected(&f), Some((VECTOR_UD, None)), "reason {reason}");
+        }
+        let mut f = exit(reason::EPT_VIOLATION, 0, 0);
+        f.vmwrite(ro::GUEST_PHYSICAL_ADDR_FULL, 0xfee0_0000);
+        f.vmwrite(ro::EXIT_QUALIFICATION, 0x182);
+        match handle(&mut f, &mut GuestRegs::default(), &mut ctx) {
+            Action::Fatal(Fatal::EptViolation, d) => {
+                assert_eq!(d.guest_physical, 0xfee0_0000);
+                assert_eq!(d.qualification, 0x182);
+                assert_eq!(d.guest_rip, 0xffff_ffff_8100_0000);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut f = exit(reason::TRIPLE_FAULT, 0, 0);
+        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::TripleFault, _)));
+        // Entry failure flag.
+        let mut f = exit(reason::ENTRY_FAIL_GUEST_STATE | 1 << 31, 0, 0);
+        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::Unexpected, _)));
+        // Out-of-range reasons are counted in the last slot, never indexed past the end.
+        let mut f = exit(0xffff, 0, 0);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
+        assert_eq!(ctx.counts[reason::COUNT - 1], 1);
+        let names: Vec<_> = (0..70).map(reason_name).collect();
+        assert_eq!(names[48], "EPT violation");
+    }
+
+    #[test]
+    fn invd_becomes_wbinvd() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let mut f = exit(reason::INVD, 2, 0);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
+        assert_eq!(f.wbinvd, 1);
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002);
+    }
+}
