@@ -5,7 +5,10 @@ use std::mem::size_of;
 use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
-use kdbt_abi::{CapsQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_VERSION};
+use kdbt_abi::{
+    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_LOAD,
+    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+};
 use vmx::caps::RawCaps;
 
 pub struct Device {
@@ -77,6 +80,65 @@ impl Device {
                     capacity = q.count;
                 }
                 Err(e) => return Err(e).context("KDBT_IOC_CAPS failed"),
+            }
+        }
+    }
+}
+
+/// Outcome of a load/unload ioctl that the caller may want to treat specially.
+pub enum CommandError {
+    /// Already loaded (load) / not loaded (unload).
+    WrongState,
+    /// The module refused or failed, with its reason.
+    Failed(String),
+}
+
+impl Device {
+    fn command(&self, cmd: u32) -> Result<std::result::Result<(), CommandError>> {
+        let mut c = Command::default();
+        match self.ioctl(cmd, &mut c) {
+            Ok(()) => Ok(Ok(())),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EALREADY) | Some(libc::ENOENT)) => {
+                Ok(Err(CommandError::WrongState))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                Ok(Err(CommandError::Failed(kdbt_abi::fixed_str_read(&c.message).to_string())))
+            }
+            Err(e) => Err(e).context("ioctl on /dev/kdbt failed"),
+        }
+    }
+
+    /// Launches the hypervisor on every online CPU.
+    pub fn load(&self) -> Result<std::result::Result<(), CommandError>> {
+        self.command(IOC_LOAD)
+    }
+
+    /// Devirtualizes every CPU.
+    pub fn unload(&self) -> Result<std::result::Result<(), CommandError>> {
+        self.command(IOC_UNLOAD)
+    }
+
+    /// Whether the hypervisor is loaded, and each virtualized CPU's state.
+    pub fn status(&self) -> Result<(bool, Vec<CpuStatus>)> {
+        let mut capacity = self.version()?.cpu_ids.max(1);
+        loop {
+            let mut buf = vec![CpuStatus::default(); capacity as usize];
+            let mut q = StatusQuery {
+                size: size_of::<StatusQuery>() as u32,
+                entry_size: size_of::<CpuStatus>() as u32,
+                buf: buf.as_mut_ptr() as u64,
+                capacity,
+                ..Default::default()
+            };
+            match self.ioctl(IOC_STATUS, &mut q) {
+                Ok(()) => {
+                    buf.truncate(q.count.min(capacity) as usize);
+                    return Ok((q.loaded != 0, buf));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && q.count > capacity => {
+                    capacity = q.count;
+                }
+                Err(e) => return Err(e).context("KDBT_IOC_STATUS failed"),
             }
         }
     }

@@ -6,6 +6,12 @@ use clap::{Parser, Subcommand};
 use vmx::caps::{RawCaps, VmxCaps};
 
 mod device;
+mod module;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use device::{CommandError, Device};
 
 #[derive(Parser)]
 #[command(name = "kdbt", version, about = "kdbt: VT-x late launch and kernel dynamic binary translation")]
@@ -22,6 +28,28 @@ enum Cmd {
         #[arg(long, conflicts_with = "json")]
         summary: bool,
         /// JSON: per CPU, the raw MSR values and the decoded summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Launch the hypervisor beneath the running kernel on every CPU (inserts the module
+    /// first if needed).
+    Load {
+        /// kdbt.ko to insert (default: beside this binary, then /lib/modules/$(uname -r)).
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// Module parameter NAME=VALUE, for a module this command inserts (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+    },
+    /// Devirtualize every CPU, then remove the module.
+    Unload {
+        /// Leave the module inserted.
+        #[arg(long)]
+        keep_module: bool,
+    },
+    /// Per CPU: virtualized or not, launch time, VM exits by reason.
+    Status {
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -43,6 +71,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Caps { summary, json } => caps(summary, json),
+        Cmd::Load { module, params } => load(module, &params),
+        Cmd::Unload { keep_module } => unload(keep_module),
+        Cmd::Status { json } => status(json),
         Cmd::Version => {
             let v = device::Device::open()?.version()?;
             println!("kdbt CLI {} (ABI {})", env!("CARGO_PKG_VERSION"), kdbt_abi::ABI_VERSION);
@@ -98,4 +129,112 @@ fn caps_json(raw: &RawCaps) -> serde_json::Value {
         }
     }
     serde_json::json!({ "summary": summary, "msrs": msrs })
+}
+
+fn load(module: Option<PathBuf>, params: &[String]) -> Result<()> {
+    let inserted_here = if module::is_inserted() {
+        if !params.is_empty() {
+            bail!("the kdbt module is already inserted; --param only applies when `kdbt load` inserts it (run `kdbt unload` first)");
+        }
+        false
+    } else {
+        let path = match module {
+            Some(p) => p,
+            None => module::default_path().context(
+                "kdbt.ko not found beside this binary nor under /lib/modules/$(uname -r); pass --module PATH",
+            )?,
+        };
+        module::insert(&path, &params.join(" "))?;
+        true
+    };
+    let err = match Device::open().and_then(|d| d.load()) {
+        Ok(Ok(())) => {
+            let (_, cpus) = Device::open()?.status()?;
+            let n = cpus.iter().filter(|c| c.virtualized != 0).count();
+            println!("kdbt: loaded: {n} CPUs virtualized");
+            return Ok(());
+        }
+        Ok(Err(CommandError::WrongState)) => anyhow::anyhow!("kdbt is already loaded (see `kdbt status`)"),
+        Ok(Err(CommandError::Failed(msg))) => anyhow::anyhow!("load refused: {msg}"),
+        Err(e) => e,
+    };
+    // Leave the machine as we found it.
+    if inserted_here {
+        let _ = module::remove();
+    }
+    Err(err)
+}
+
+fn unload(keep_module: bool) -> Result<()> {
+    if !module::is_inserted() {
+        bail!("kdbt is not loaded (the module is not inserted)");
+    }
+    match Device::open()?.unload()? {
+        Ok(()) => println!("kdbt: all CPUs devirtualized"),
+        Err(CommandError::WrongState) => {
+            if keep_module {
+                bail!("kdbt is not loaded (no CPU is virtualized)");
+            }
+            println!("kdbt: no CPU was virtualized");
+        }
+        Err(CommandError::Failed(msg)) => bail!("unload failed: {msg}"),
+    }
+    if !keep_module {
+        module::remove()?;
+        println!("kdbt: module removed");
+    }
+    Ok(())
+}
+
+fn status(json: bool) -> Result<()> {
+    if !module::is_inserted() {
+        if json {
+            println!("{}", serde_json::json!({ "module": false, "loaded": false, "cpus": [] }));
+        } else {
+            println!("kdbt: module not inserted");
+        }
+        return Ok(());
+    }
+    let (loaded, cpus) = Device::open()?.status()?;
+    if json {
+        let cpus: Vec<_> = cpus
+            .iter()
+            .map(|c| {
+                let exits: serde_json::Map<String, serde_json::Value> = c
+                    .exits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n != 0)
+                    .map(|(r, n)| (vmx::exit::reason_name(r as u32).to_string(), (*n).into()))
+                    .collect();
+                serde_json::json!({
+                    "cpu": c.cpu,
+                    "virtualized": c.virtualized != 0,
+                    "launch_cycles": c.launch_cycles,
+                    "exits_total": c.exits_total,
+                    "exits": exits,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "module": true, "loaded": loaded, "cpus": cpus }))?);
+        return Ok(());
+    }
+    if !loaded {
+        println!("kdbt: module inserted, hypervisor not loaded");
+        return Ok(());
+    }
+    println!("kdbt: loaded on {} CPUs", cpus.len());
+    for c in &cpus {
+        println!(
+            "cpu{}: {} (launch {} cycles), {} VM exits",
+            c.cpu,
+            if c.virtualized != 0 { "virtualized" } else { "NOT virtualized" },
+            c.launch_cycles,
+            c.exits_total
+        );
+        for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
+            println!("    {:>10}  {}", n, vmx::exit::reason_name(r as u32));
+        }
+    }
+    Ok(())
 }
