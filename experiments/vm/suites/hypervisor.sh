@@ -1,0 +1,80 @@
+# Suite "hypervisor": late launch on every CPU, identical workload output, 20 load/unload
+# cycles, CPU hotplug while loaded, and the refusal paths. Sourced by /init, which provides
+# plan/pass/fail/info/check and $NCPUS, $EXPECT_VMX.
+
+plan 15
+
+cpus_list() { seq 0 $((NCPUS - 1)); }
+
+# Signature on every online CPU, each checked by a program pinned with taskset.
+sig_all() {
+    want=$1
+    for c in $(cpus_list); do
+        taskset -c "$c" cpuid-sig --expect "$want" >/tmp/sig.$c 2>&1 || { cat /tmp/sig.$c; return 1; }
+    done
+}
+
+work() { workload --n 100 --dir /tmp; }
+
+dmesg_mark=$(dmesg | wc -l)
+work > /tmp/w.before
+
+check load kdbt load
+check signature_all_cpus sig_all kdbt
+virt=$(kdbt status --json | grep -c '"virtualized": true')
+if [ "$virt" = "$NCPUS" ]; then pass status_all_virtualized cpus="$virt"; else fail status_all_virtualized cpus="$virt"; kdbt status; fi
+
+work > /tmp/w.loaded
+check workload_identical_loaded cmp /tmp/w.before /tmp/w.loaded
+
+# Refusals while loaded.
+out=$(kdbt load 2>&1); rc=$?
+if [ $rc -ne 0 ] && echo "$out" | grep -q "already loaded"; then pass refuse_second_load; else fail refuse_second_load rc=$rc; info "$out"; fi
+vmcall-user >/dev/null 2>&1; rc=$?
+if [ $rc -eq 132 ]; then pass user_vmcall_sigill; else fail user_vmcall_sigill rc=$rc; fi
+
+# CPU hotplug while loaded (needs a second CPU).
+if [ "$NCPUS" -ge 2 ]; then
+    hp() {
+        echo 0 > /sys/devices/system/cpu/cpu1/online || return 1
+        work > /tmp/w.off && cmp /tmp/w.before /tmp/w.off || return 1
+        echo 1 > /sys/devices/system/cpu/cpu1/online || return 1
+        taskset -c 1 cpuid-sig --expect kdbt || return 1
+        work > /tmp/w.on && cmp /tmp/w.before /tmp/w.on
+    }
+    check hotplug_cpu1 hp
+else
+    pass hotplug_cpu1 skipped_single_cpu=1
+fi
+
+check unload kdbt unload
+check signature_gone sig_all none
+
+# 20 load/unload cycles with the workload in between.
+cycles() {
+    i=0
+    while [ $i -lt 20 ]; do
+        kdbt load >/dev/null || { echo "load $i failed"; return 1; }
+        work > /tmp/w.c || return 1
+        cmp /tmp/w.before /tmp/w.c || return 1
+        kdbt unload >/dev/null || { echo "unload $i failed"; return 1; }
+        i=$((i + 1))
+    done
+}
+check cycles_20 cycles
+check signature_gone_after_cycles sig_all none
+work > /tmp/w.after
+check workload_identical_after cmp /tmp/w.before /tmp/w.after
+
+# Refusals while not loaded.
+out=$(kdbt unload 2>&1); rc=$?
+if [ $rc -ne 0 ] && echo "$out" | grep -q "not loaded"; then pass refuse_unload_not_loaded; else fail refuse_unload_not_loaded rc=$rc; info "$out"; fi
+out=$(kdbt load --param fake_missing=ept 2>&1); rc=$?
+if [ $rc -ne 0 ] && echo "$out" | grep -q "EPT" && sig_all none && [ ! -e /sys/module/kdbt ]; then
+    pass refuse_missing_feature
+else
+    fail refuse_missing_feature rc=$rc; info "$out"
+fi
+
+bad=$(dmesg | tail -n +"$((dmesg_mark + 1))" | grep -E 'WARNING|Oops|BUG|general protection|Call Trace' | head -3)
+if [ -z "$bad" ]; then pass dmesg_clean; else fail dmesg_clean; info "$bad"; fi
