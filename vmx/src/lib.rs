@@ -3,6 +3,7 @@
 //! traits so everything is unit-tested on the host.
 #![no_std]
 
+pub mod caps;
 pub mod exit;
 pub mod hypercall;
 pub mod segment;
