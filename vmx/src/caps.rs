@@ -1029,4 +1029,6 @@ impl fmt::Display for VmxCaps {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod profiles;
+#[cfg(test)]
+pub(crate) mod tests;

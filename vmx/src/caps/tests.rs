@@ -218,13 +218,15 @@ fn check_total(r: &RawCaps) {
 
 #[test]
 fn garbage_inputs_do_not_panic() {
-    let mut ones = RawCaps::default();
-    ones.cpu = u32::MAX;
-    ones.cpuid1_ecx = u32::MAX;
-    ones.vendor = [u32::MAX; 3];
-    ones.cr4 = u64::MAX;
-    ones.msr_valid = u32::MAX;
-    ones.msrs = [u64::MAX; MSR_COUNT];
+    let ones = RawCaps {
+        cpu: u32::MAX,
+        cpuid1_ecx: u32::MAX,
+        vendor: [u32::MAX; 3],
+        cr4: u64::MAX,
+        msr_valid: u32::MAX,
+        msrs: [u64::MAX; MSR_COUNT],
+        ..RawCaps::default()
+    };
     check_total(&ones);
     let c = VmxCaps::decode(&ones);
     assert_eq!(c.proc.state(1), CtlState::MustBe1);
@@ -247,12 +249,14 @@ fn garbage_inputs_do_not_panic() {
         x
     };
     for _ in 0..2000 {
-        let mut r = RawCaps::default();
-        r.cpu = next() as u32;
-        r.cpuid1_ecx = next() as u32;
-        r.vendor = [next() as u32, next() as u32, next() as u32];
-        r.cr4 = next();
-        r.msr_valid = next() as u32;
+        let mut r = RawCaps {
+            cpu: next() as u32,
+            cpuid1_ecx: next() as u32,
+            vendor: [next() as u32, next() as u32, next() as u32],
+            cr4: next(),
+            msr_valid: next() as u32,
+            ..RawCaps::default()
+        };
         for m in r.msrs.iter_mut() {
             *m = next();
         }
@@ -268,4 +272,67 @@ fn garbage_inputs_do_not_panic() {
             }
         }
     }
+}
+
+pub(crate) fn profile_raw(p: &super::profiles::Profile) -> RawCaps {
+    RawCaps::read(&FakeHw { vendor: p.vendor, cpuid1_ecx: p.cpuid1_ecx, cr4: p.cr4, msrs: p.msrs }, 0)
+}
+
+#[test]
+fn known_profiles_decode_as_documented() {
+    for p in super::profiles::PROFILES {
+        let c = VmxCaps::decode(&profile_raw(p));
+        assert_eq!(&*c.summary(), p.summary, "{}", p.name);
+        assert_eq!(c.ept_vpid.pages_1g, p.pages_1g, "{}", p.name);
+        assert_eq!(c.ept_vpid.ad_bits, p.ept_ad, "{}", p.name);
+        assert_eq!(c.preemption_timer(), p.preemption_timer, "{}", p.name);
+        let b = c.basic.expect(p.name);
+        assert_eq!(b.true_ctls, p.true_ctls, "{}", p.name);
+        assert_eq!(b.revision_id, p.revision_id, "{}", p.name);
+        // Internal consistency every real CPU satisfies: must-be-1 bits may be 1.
+        for kind in CtlKind::ALL {
+            let k = c.ctl(kind);
+            assert_eq!(k.allowed0 & !k.allowed1, 0, "{}: {}", p.name, kind.name());
+        }
+        assert!(c.cr4_fixed.must_be_1() & CR4_VMXE != 0, "{}", p.name);
+        let _ = format!("{c}");
+    }
+}
+
+#[test]
+fn bochs_27_skylake_x_details() {
+    let c = VmxCaps::decode(&profile_raw(&super::profiles::BOCHS_27_SKYLAKE_X));
+    let b = c.basic.unwrap();
+    assert_eq!((b.vmcs_size, b.mem_type, b.ins_outs_info, b.no_err_code_required), (4096, BasicMemType::Wb, true, false));
+    // TRUE controls: CR3 exiting and debug-control save/load may be cleared.
+    assert_eq!(c.proc.state(PrimaryControls::CR3_LOAD_EXITING.bits() as u64), CtlState::Either);
+    assert_eq!(c.exit.state(ExitControls::SAVE_DEBUG_CONTROLS.bits() as u64), CtlState::Either);
+    assert_eq!(c.entry.state(EntryControls::LOAD_DEBUG_CONTROLS.bits() as u64), CtlState::Either);
+    assert_eq!(c.proc.state(PrimaryControls::MONITOR_TRAP_FLAG.bits() as u64), CtlState::MustBe0);
+    assert_eq!(c.pin.state(PinbasedControls::POSTED_INTERRUPTS.bits() as u64), CtlState::MustBe0);
+    assert_eq!(c.proc2.state(SecondaryControls::MODE_BASED_EPT.bits() as u64), CtlState::MustBe0);
+    for f in [
+        SecondaryControls::ENABLE_RDTSCP,
+        SecondaryControls::ENABLE_INVPCID,
+        SecondaryControls::ENABLE_XSAVES_XRSTORS,
+        SecondaryControls::ENABLE_PML,
+        SecondaryControls::VMCS_SHADOWING,
+        SecondaryControls::USE_TSC_SCALING,
+    ] {
+        assert_eq!(c.proc2.state(f.bits() as u64), CtlState::Either, "{f:?}");
+    }
+    let e = c.ept_vpid;
+    assert!(e.execute_only && e.pwl4 && !e.pwl5 && e.memtype_uc && e.memtype_wb && e.pages_2m);
+    assert!(e.invept && e.invept_single_context && e.invept_all_context && !e.advanced_exit_info);
+    assert!(e.invvpid && e.invvpid_individual_addr && e.invvpid_all_context && e.invvpid_single_context_retaining_globals);
+    let m = c.misc.unwrap();
+    assert_eq!((m.preemption_timer_rate, m.cr3_targets, m.max_msr_list), (0, 4, 512));
+    assert!(m.store_lma && m.activity_hlt && m.vmwrite_any_field && m.inject_zero_len);
+    assert_eq!(c.vmcs_max_index, Some(0x1a));
+    // Linux's usual CR4 there is accepted by the fixed bits once VMXE is set.
+    assert!(c.cr4_fixed.accepts(0x0036_06f0 | CR4_VMXE));
+    assert!(!c.cr4_fixed.accepts(0x0036_06f0));
+    // The EPT/VPID value FACTS.md quotes (Bochs master: bit 22 = advanced EPT exit info,
+    // set there with MBE) differs from 2.7's only in bit 22.
+    assert_eq!(0x0000_0f01_0673_4141u64 ^ e.raw, 1 << 22);
 }
