@@ -122,7 +122,7 @@ fn caps_json(raw: &RawCaps) -> serde_json::Value {
         );
     }
     let mut summary = serde_json::Map::new();
-    for kv in caps.summary().split_whitespace() {
+    for kv in caps.summary().to_string().split_whitespace() {
         if let Some((k, v)) = kv.split_once('=') {
             let v = v.parse::<u64>().map(serde_json::Value::from).unwrap_or_else(|_| v.into());
             summary.insert(k.to_string(), v);
