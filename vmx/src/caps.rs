@@ -807,6 +807,12 @@ impl fmt::Debug for Summary {
 /// Displays a CPUID vendor string.
 pub struct VendorStr([u8; 12]);
 
+impl VendorStr {
+    pub fn new(bytes: [u8; 12]) -> VendorStr {
+        VendorStr(bytes)
+    }
+}
+
 impl fmt::Display for VendorStr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for &c in self.0.iter() {

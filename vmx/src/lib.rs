@@ -4,6 +4,8 @@
 #![no_std]
 
 pub mod caps;
+pub mod controls;
+pub mod preflight;
 pub mod exit;
 pub mod hypercall;
 pub mod segment;

@@ -282,7 +282,7 @@ pub(crate) fn profile_raw(p: &super::profiles::Profile) -> RawCaps {
 fn known_profiles_decode_as_documented() {
     for p in super::profiles::PROFILES {
         let c = VmxCaps::decode(&profile_raw(p));
-        assert_eq!(&*c.summary(), p.summary, "{}", p.name);
+        assert_eq!(&*c.summary(), p.summary, "{} ({})", p.name, p.source);
         assert_eq!(c.ept_vpid.pages_1g, p.pages_1g, "{}", p.name);
         assert_eq!(c.ept_vpid.ad_bits, p.ept_ad, "{}", p.name);
         assert_eq!(c.preemption_timer(), p.preemption_timer, "{}", p.name);
