@@ -4,6 +4,9 @@
 
 plan 15
 
+# Where `kdbt load` finds the module in the test image.
+export KDBT_MODULE=/lib/modules/kdbt.ko
+
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
 # Signature on every online CPU, each checked by a program pinned with taskset.

@@ -34,7 +34,8 @@ enum Cmd {
     /// Launch the hypervisor beneath the running kernel on every CPU (inserts the module
     /// first if needed).
     Load {
-        /// kdbt.ko to insert (default: beside this binary, then /lib/modules/$(uname -r)).
+        /// kdbt.ko to insert (default: $KDBT_MODULE, beside this binary, then
+        /// /lib/modules/$(uname -r)/{updates,extra}).
         #[arg(long)]
         module: Option<PathBuf>,
         /// Module parameter NAME=VALUE, for a module this command inserts (repeatable).
@@ -141,7 +142,7 @@ fn load(module: Option<PathBuf>, params: &[String]) -> Result<()> {
         let path = match module {
             Some(p) => p,
             None => module::default_path().context(
-                "kdbt.ko not found beside this binary nor under /lib/modules/$(uname -r); pass --module PATH",
+                "kdbt.ko not found ($KDBT_MODULE, beside this binary, /lib/modules/$(uname -r)); pass --module PATH",
             )?,
         };
         module::insert(&path, &params.join(" "))?;

@@ -12,11 +12,14 @@ pub fn is_inserted() -> bool {
     Path::new("/sys/module").join(MODULE_NAME).exists()
 }
 
-/// Where to find kdbt.ko when the user names none: beside this binary, then the kernel's
-/// module tree (`make modules_install` puts out-of-tree modules under `updates/` or
-/// `extra/`).
+/// Where to find kdbt.ko when the user names none: `$KDBT_MODULE`, beside this binary,
+/// then the kernel's module tree (`make modules_install` puts out-of-tree modules under
+/// `updates/` or `extra/`).
 pub fn default_path() -> Option<PathBuf> {
     let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("KDBT_MODULE") {
+        candidates.push(PathBuf::from(p));
+    }
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             candidates.push(dir.join("kdbt.ko"));
