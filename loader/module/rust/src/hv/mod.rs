@@ -20,6 +20,9 @@ mod root;
 mod serial;
 
 use percpu::{PerCpu, PERCPU_ORDER};
+use vmx::caps::{CtlKind, RawCaps, VmxCaps};
+use vmx::controls::adjust_kind;
+use vmx::preflight::{preflight, Features, Request};
 
 /// VMX controls and fixed bits chosen for a CPU (identical on all CPUs of a machine; each
 /// CPU computes its own and they are checked for equality).
@@ -43,130 +46,79 @@ pub struct Controls {
     pub host_cr3: u64,
 }
 
-// Control bits (SDM Vol. 3C, 25.6 and 25.7).
-const PROC_CR3_LOAD_EXITING: u32 = 1 << 15;
-const PROC_CR3_STORE_EXITING: u32 = 1 << 16;
-const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
-const PROC_SECONDARY: u32 = 1 << 31;
-const PROC2_EPT: u32 = 1 << 1;
-const PROC2_RDTSCP: u32 = 1 << 3;
-const PROC2_VPID: u32 = 1 << 5;
-const PROC2_INVPCID: u32 = 1 << 12;
-const PROC2_XSAVES: u32 = 1 << 20;
-const PROC2_USER_WAIT_PAUSE: u32 = 1 << 26;
-const EXIT_SAVE_DEBUG: u32 = 1 << 2;
-const EXIT_HOST_64: u32 = 1 << 9;
-const EXIT_SAVE_PAT: u32 = 1 << 18;
-const EXIT_LOAD_PAT: u32 = 1 << 19;
-const EXIT_SAVE_EFER: u32 = 1 << 20;
-const EXIT_LOAD_EFER: u32 = 1 << 21;
-const ENTRY_LOAD_DEBUG: u32 = 1 << 2;
-const ENTRY_IA32E: u32 = 1 << 9;
-const ENTRY_LOAD_PAT: u32 = 1 << 14;
-const ENTRY_LOAD_EFER: u32 = 1 << 15;
+/// What kdbt needs of every CPU. Optional features Linux may use natively (RDTSCP,
+/// INVPCID, XSAVES, user wait/pause) and VPID are enabled when present, so no guest
+/// instruction faults that would not fault natively.
+pub const REQUIRED: Features = Features::VMX
+    .union(Features::MSR_BITMAPS)
+    .union(Features::SECONDARY_CONTROLS)
+    .union(Features::HOST_64BIT)
+    .union(Features::GUEST_64BIT)
+    .union(Features::EFER_SWITCH)
+    .union(Features::PAT_SWITCH)
+    .union(Features::DEBUG_CONTROLS)
+    .union(Features::EPT)
+    .union(Features::EPT_PWL4)
+    .union(Features::EPT_WB)
+    .union(Features::INVEPT_ALL);
 
-/// Names a user can pass in the `fake_missing` module parameter to pretend a feature is
-/// absent (for testing the refusal path): a comma-separated list.
-pub const FAKEABLE: &[&str] = &["vmx", "ept", "vpid", "msr_bitmap", "load_efer", "secondary"];
+/// Parses the `fake_missing` module parameter: comma-separated [`Features`] names, any
+/// case (e.g. `ept,vpid`).
+fn parse_mask(fake: &str) -> Result<Features, String> {
+    let mut mask = Features::empty();
+    for name in fake.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let upper: String = name.chars().map(|c| c.to_ascii_uppercase()).collect();
+        match Features::from_name(&upper) {
+            Some(f) => mask |= f,
+            None => return Err(alloc::format!("fake_missing: unknown feature '{name}'")),
+        }
+    }
+    Ok(mask)
+}
 
-/// Reads the VMX capability MSRs of this CPU and picks the controls kdbt needs, or lists
-/// the missing features by name. `fake` lists features to treat as missing.
-pub fn choose_controls(rd: &dyn Fn(u32) -> Option<u64>, vmx_in_cpuid: bool, fake: &str) -> Result<Controls, String> {
-    let faked = |n: &str| fake.split(',').any(|f| f.trim() == n);
-    if let Some(bad) = fake.split(',').map(str::trim).find(|f| !f.is_empty() && !FAKEABLE.contains(f)) {
-        return Err(alloc::format!("fake_missing: unknown feature '{bad}' (known: {})", FAKEABLE.join(",")));
-    }
-    let mut missing: Vec<&str> = Vec::new();
-    if !vmx_in_cpuid || faked("vmx") {
-        return Err(String::from("VMX (CPUID.1:ECX.VMX is clear: this CPU has no VT-x)"));
-    }
-    let basic = rd(0x480).unwrap_or(0);
-    let true_ctls = basic & (1 << 55) != 0;
-    let pair = |plain: u32, truev: u32| -> (u32, u32) {
-        let v = rd(if true_ctls { truev } else { plain }).unwrap_or(0);
-        (v as u32, (v >> 32) as u32)
+/// Picks the VMCS controls for a CPU that passed preflight with `avail` features.
+pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, String> {
+    use x86::vmx::vmcs::control::{
+        EntryControls as En, ExitControls as Ex, PrimaryControls as P, SecondaryControls as S,
     };
-    let (pin0, pin1) = pair(0x481, 0x48d);
-    let (proc0, mut proc1) = pair(0x482, 0x48e);
-    let (exit0, mut exit1) = pair(0x483, 0x48f);
-    let (entry0, mut entry1) = pair(0x484, 0x490);
-    if faked("msr_bitmap") {
-        proc1 &= !PROC_USE_MSR_BITMAPS;
+    let err = |e: vmx::controls::MissingBits| alloc::format!("{e}");
+    let proc = adjust_kind(CtlKind::Proc, &caps.proc, (P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS).bits() as u64).map_err(err)?;
+    if proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
+        return Err(String::from("this CPU forces CR3-load/store exiting (no TRUE controls); kdbt needs them off"));
     }
-    if faked("secondary") {
-        proc1 &= !PROC_SECONDARY;
-    }
-    if faked("load_efer") {
-        exit1 &= !EXIT_LOAD_EFER;
-        entry1 &= !ENTRY_LOAD_EFER;
-    }
-    let proc2v = if proc1 & PROC_SECONDARY != 0 { rd(0x48b).unwrap_or(0) } else { 0 };
-    let (proc2_0, mut proc2_1) = (proc2v as u32, (proc2v >> 32) as u32);
-    let ept_cap = if proc2_1 & (PROC2_EPT | PROC2_VPID) != 0 { rd(0x48c).unwrap_or(0) } else { 0 };
-    if faked("ept") {
-        proc2_1 &= !PROC2_EPT;
-    }
-    if faked("vpid") {
-        proc2_1 &= !PROC2_VPID;
-    }
-
-    let mut need = |have1: u32, bits: &[(u32, &'static str)]| {
-        for &(b, name) in bits {
-            if have1 & b == 0 {
-                missing.push(name);
-            }
-        }
-    };
-    need(proc1, &[(PROC_USE_MSR_BITMAPS, "MSR bitmaps"), (PROC_SECONDARY, "secondary controls")]);
-    need(proc2_1, &[(PROC2_EPT, "EPT")]);
-    need(exit1, &[
-        (EXIT_HOST_64, "64-bit host"),
-        (EXIT_SAVE_EFER, "save EFER on exit"),
-        (EXIT_LOAD_EFER, "load EFER on exit"),
-        (EXIT_SAVE_PAT, "save PAT on exit"),
-        (EXIT_LOAD_PAT, "load PAT on exit"),
-    ]);
-    need(entry1, &[(ENTRY_IA32E, "IA-32e mode guest"), (ENTRY_LOAD_EFER, "load EFER on entry"), (ENTRY_LOAD_PAT, "load PAT on entry")]);
-    if proc0 & (PROC_CR3_LOAD_EXITING | PROC_CR3_STORE_EXITING) != 0 {
-        missing.push("CR3-load/store exiting clearable (TRUE controls)");
-    }
-    if proc2_1 & PROC2_EPT != 0 {
-        if ept_cap & (1 << 6) == 0 {
-            missing.push("EPT 4-level page walk");
-        }
-        if ept_cap & (1 << 14) == 0 {
-            missing.push("EPT write-back memory type");
-        }
-        if ept_cap & (1 << 20) == 0 || ept_cap & (1 << 26) == 0 {
-            missing.push("INVEPT all-context");
+    let mut want2 = S::empty();
+    for (f, c) in [
+        (Features::RDTSCP, S::ENABLE_RDTSCP),
+        (Features::INVPCID, S::ENABLE_INVPCID),
+        (Features::XSAVES, S::ENABLE_XSAVES_XRSTORS),
+    ] {
+        if avail.contains(f) {
+            want2 |= c;
         }
     }
-    if !missing.is_empty() {
-        let mut s = String::from("missing VT-x features: ");
-        for (i, m) in missing.iter().enumerate() {
-            let _ = write!(s, "{}{}", if i > 0 { ", " } else { "" }, m);
-        }
-        return Err(s);
+    if caps.proc2.may_set(S::ENABLE_USER_WAIT_PAUSE.bits() as u64) {
+        want2 |= S::ENABLE_USER_WAIT_PAUSE;
     }
-    // Optional features Linux may use natively: enable whenever allowed, so no guest
-    // instruction faults that would not fault natively.
-    let vpid_ok = proc2_1 & PROC2_VPID != 0 && ept_cap & (1 << 32) != 0 && ept_cap & (1 << 42) != 0;
-    let want2 = PROC2_RDTSCP | PROC2_INVPCID | PROC2_XSAVES | PROC2_USER_WAIT_PAUSE | if vpid_ok { PROC2_VPID } else { 0 };
-    let adjust = |want: u32, a0: u32, a1: u32| (want | a0) & a1;
+    let vpid = avail.contains(Features::VPID | Features::INVVPID_ALL);
+    if vpid {
+        want2 |= S::ENABLE_VPID;
+    }
+    let exit = Ex::HOST_ADDRESS_SPACE_SIZE | Ex::SAVE_DEBUG_CONTROLS | Ex::SAVE_IA32_PAT | Ex::LOAD_IA32_PAT | Ex::SAVE_IA32_EFER | Ex::LOAD_IA32_EFER;
+    let entry = En::LOAD_DEBUG_CONTROLS | En::IA32E_MODE_GUEST | En::LOAD_IA32_PAT | En::LOAD_IA32_EFER;
     Ok(Controls {
-        revision: basic as u32 & 0x7fff_ffff,
-        pin: adjust(0, pin0, pin1),
-        proc: adjust(PROC_USE_MSR_BITMAPS | PROC_SECONDARY, proc0, proc1) & !(PROC_CR3_LOAD_EXITING | PROC_CR3_STORE_EXITING),
-        // EPT is switched on once the identity map exists (see `load`).
-        proc2: adjust(want2 & proc2_1, proc2_0, proc2_1),
-        exit: adjust(EXIT_SAVE_DEBUG | EXIT_HOST_64 | EXIT_SAVE_PAT | EXIT_LOAD_PAT | EXIT_SAVE_EFER | EXIT_LOAD_EFER, exit0, exit1),
-        entry: adjust(ENTRY_LOAD_DEBUG | ENTRY_IA32E | ENTRY_LOAD_PAT | ENTRY_LOAD_EFER, entry0, entry1),
-        cr0_fixed0: rd(0x486).unwrap_or(0),
-        cr0_fixed1: rd(0x487).unwrap_or(u64::MAX),
-        cr4_fixed0: rd(0x488).unwrap_or(0),
-        cr4_fixed1: rd(0x489).unwrap_or(u64::MAX),
+        revision: caps.basic.map_or(0, |b| b.revision_id),
+        pin: adjust_kind(CtlKind::Pin, &caps.pin, 0).map_err(err)? as u32,
+        proc: proc as u32,
+        // EPT is switched on in `load`, once the identity map exists.
+        proc2: adjust_kind(CtlKind::Proc2, &caps.proc2, want2.bits() as u64).map_err(err)? as u32,
+        exit: adjust_kind(CtlKind::Exit, &caps.exit, exit.bits() as u64).map_err(err)? as u32,
+        entry: adjust_kind(CtlKind::Entry, &caps.entry, entry.bits() as u64).map_err(err)? as u32,
+        cr0_fixed0: caps.cr0_fixed.fixed0,
+        cr0_fixed1: if caps.cr0_fixed.present { caps.cr0_fixed.fixed1 } else { u64::MAX },
+        cr4_fixed0: caps.cr4_fixed.fixed0,
+        cr4_fixed1: if caps.cr4_fixed.present { caps.cr4_fixed.fixed1 } else { u64::MAX },
         cr0_unrestricted_free: 0,
-        vpid: vpid_ok as u32,
+        vpid: vpid as u32,
         vpid_base: 1,
         eptp: 0,
         host_cr3: 0,
@@ -253,26 +205,21 @@ fn fake_missing() -> String {
     s
 }
 
-fn vmx_in_cpuid() -> bool {
-    core::arch::x86_64::__cpuid(1).ecx & (1 << 5) != 0
-}
-
-/// Per-CPU preflight: controls this CPU would use, or why it can't be launched.
-fn preflight_this_cpu(fake: &str) -> Result<Controls, String> {
-    if launch::read_cr4() & (1 << 13) != 0 {
-        return Err(String::from("CR4.VMXE is already set: another hypervisor or KVM holds VMX (unload kvm_intel first)"));
-    }
-    let vmx = vmx_in_cpuid();
-    // Guest (normal kernel) context: the glue's rdmsr_safe, covered by the kernel's
-    // exception table.
-    let rd = |msr: u32| if vmx { vmx::caps::VmxHw::rdmsr_safe(&hw::KernelHw, msr) } else { None };
-    if vmx {
-        let fc = rd(0x3a).unwrap_or(0);
-        if fc & 1 != 0 && fc & 4 == 0 {
-            return Err(String::from("IA32_FEATURE_CONTROL is locked with VMXON outside SMX disabled: enable VT-x in the firmware setup"));
+/// Preflight of one CPU from its raw capabilities (read on that CPU, including its CR4):
+/// its controls, or every reason it can't be launched. Process context (allocates).
+fn preflight_cpu(raw: &RawCaps, mask: Features) -> Result<Controls, String> {
+    let caps = VmxCaps::decode(raw);
+    let req = Request { required: REQUIRED, mask };
+    match preflight(&caps, raw.cr4 & vmx::caps::CR4_VMXE != 0, &req) {
+        Ok(cleared) => choose_controls(&caps, cleared.available),
+        Err(refusals) => {
+            let mut s = String::new();
+            for (i, r) in refusals.iter().enumerate() {
+                let _ = write!(s, "{}{r}", if i > 0 { "; " } else { "" });
+            }
+            Err(s)
         }
     }
-    choose_controls(&rd, vmx, fake)
 }
 
 /// Launches `cpu` (process context; the CPU must be online). On failure the block is freed.
@@ -346,15 +293,17 @@ pub fn load() -> Result<(), String> {
         return Err(String::from("kdbt is already loaded"));
     }
     let _hp = hw::CpusReadGuard::lock();
-    let fake = fake_missing();
+    let mask = parse_mask(&fake_missing())?;
     // Preflight on every CPU before touching anything.
     let mut chosen: Option<Controls> = None;
     let mut errors = String::new();
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
-        let mut r: Result<Controls, String> = Err(String::new());
-        if let Err(e) = hw::run_on_cpu(cpu, || r = preflight_this_cpu(&fake)) {
-            r = Err(alloc::format!("cannot run on it (error {e})"));
-        }
+        // Only the reads run on the CPU (IPI context: no allocation, no sleeping).
+        let mut raw = RawCaps::default();
+        let r = match hw::run_on_cpu(cpu, || raw = RawCaps::read(&hw::KernelHw, cpu)) {
+            Ok(()) => preflight_cpu(&raw, mask),
+            Err(e) => Err(alloc::format!("cannot run on it (error {e})")),
+        };
         match r {
             Ok(c) if chosen.is_none_or(|x| x == c) => chosen = Some(c),
             Ok(_) => { let _ = write!(errors, "cpu{cpu}: VT-x capabilities differ from cpu0's; "); }
