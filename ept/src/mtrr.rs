@@ -168,6 +168,34 @@ impl Mtrrs {
         }
     }
 
+    /// Reads the MTRR MSRs with `rdmsr` (a fault-safe RDMSR, `None` on #GP) and decodes
+    /// them. Without a readable IA32_MTRRCAP/IA32_MTRR_DEF_TYPE the result says "MTRRs
+    /// disabled": everything UC. `phys_bits` = CPUID.80000008H:EAX[7:0].
+    pub fn read(mut rdmsr: impl FnMut(u32) -> Option<u64>, phys_bits: u8) -> Mtrrs {
+        let (cap, def) = match (rdmsr(msr::IA32_MTRRCAP), rdmsr(msr::IA32_MTRR_DEF_TYPE)) {
+            (Some(c), Some(d)) => (c, d),
+            _ => (0, 0),
+        };
+        let mut fixed = [0u64; 11];
+        if cap & (1 << 8) != 0 {
+            for (f, &m) in fixed.iter_mut().zip(FIXED_MSRS.iter()) {
+                // An unreadable fixed MSR counts as UC (0) for its ranges.
+                *f = rdmsr(m).unwrap_or(0);
+            }
+        }
+        let n = ((cap & 0xff) as usize).min(MAX_VAR);
+        let mut var = [(0u64, 0u64); MAX_VAR];
+        for (i, v) in var.iter_mut().enumerate().take(n) {
+            let (b, m) = var_msrs(i as u32);
+            // An unreadable pair is treated as an invalid (unused) range.
+            *v = match (rdmsr(b), rdmsr(m)) {
+                (Some(b), Some(m)) => (b, m),
+                _ => (0, 0),
+            };
+        }
+        Mtrrs::from_raw(cap, def, &fixed, &var[..n], phys_bits)
+    }
+
     /// Valid variable ranges as (base, mask, type).
     pub fn variable(&self) -> &[(u64, u64, MemType)] {
         &self.var[..self.nvar]

@@ -304,3 +304,29 @@ fn garbage_is_total() {
     assert_eq!(ones.type_of(0), MemType::Uc);
     let _ = ones.type_of_range(0, u64::MAX);
 }
+
+#[test]
+fn read_through_rdmsr() {
+    let raw = uc_default_wb_vars();
+    let rd = |m: u32| -> Option<u64> {
+        match m {
+            0xfe => Some(raw.cap),
+            0x2ff => Some(raw.def),
+            _ => {
+                if let Some(i) = FIXED_MSRS.iter().position(|&f| f == m) {
+                    return Some(raw.fixed[i]);
+                }
+                if (0x200..0x200 + 2 * raw.var.len() as u32).contains(&m) {
+                    let i = ((m - 0x200) / 2) as usize;
+                    return Some(if m % 2 == 0 { raw.var[i].0 } else { raw.var[i].1 });
+                }
+                None
+            }
+        }
+    };
+    // VCNT is 10 but only 5 pairs exist: the missing ones fault and are ignored.
+    assert_eq!(Mtrrs::read(rd, 36), raw.mtrrs());
+    let m = Mtrrs::read(|_| None, 36);
+    assert!(!m.enabled);
+    assert_eq!(m.type_of_range(0, 1 << 36), Some(MemType::Uc));
+}

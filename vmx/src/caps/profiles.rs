@@ -71,9 +71,15 @@ pub struct Profile {
 /// * EPT_VPID_CAP (0x48c, cpu/vmcs.cc init_ept_vpid_capabilities): 0x06114141 | 1<<17 (1G
 ///   pages) | 1<<21 (A/D) | 0xf01<<32 (VPID) = 0x00000f01_06334141.
 /// * VMFUNC (0x491): EPTP switching = 0x1.
-/// * PROCBASED_CTLS3 (0x492): not implemented in 2.7 (unknown MSR). Listed as faulting; with
-///   Bochs' default `ignore_bad_msrs` it may read as 0 instead: same decoding either way,
-///   since "activate tertiary controls" (primary bit 17) may not be set.
+/// * PROCBASED_CTLS3 (0x492): unknown to 2.7. With the default `cpu: ignore_bad_msrs=1`
+///   (cpu/msr.cc handle_unknown_rdmsr, config.cc default 1) RDMSR of an unknown MSR returns
+///   0 without #GP, so it is listed as 0. (With ignore_bad_msrs=0 it faults; the decoding
+///   is the same, since "activate tertiary controls", primary bit 17, may not be set.)
+///
+/// Build assumptions checked against Debian's `/usr/bin/bochs-bin` (2.7, "Built from SVN
+/// snapshot on August 1, 2021"): it has the `BX_CPU_C::MONITOR`/`MWAIT` symbols
+/// (MONITOR/MWAIT compiled in) and the model's "compile with --enable-vmx=2" warning string
+/// is absent (VMX level 2).
 pub const BOCHS_27_SKYLAKE_X: Profile = Profile {
     name: "Bochs 2.7 corei7_skylake_x (derived from source)",
     source: "bochs-emu/Bochs REL_2_7_FINAL cpu/vmx.h, cpu/vmcs.cc, cpu/cpudb/intel/corei7_skylake-x.cc",
@@ -100,6 +106,7 @@ pub const BOCHS_27_SKYLAKE_X: Profile = Profile {
         (0x48f, 0x007f_ffff_0003_6dfb),
         (0x490, 0x0000_ffff_0000_11fb),
         (0x491, 0x1),
+        (0x492, 0x0),
     ],
     summary: "cpu=0 vmx=1 ept=1 ept_xo=1 vpid=1 ug=1 mtf=0 vmfunc_eptp=1 ve=1 fc_locked=1 fc_outside_smx=1",
     pages_1g: true,

@@ -335,4 +335,10 @@ fn bochs_27_skylake_x_details() {
     // The EPT/VPID value FACTS.md quotes (Bochs master: bit 22 = advanced EPT exit info,
     // set there with MBE) differs from 2.7's only in bit 22.
     assert_eq!(0x0000_0f01_0673_4141u64 ^ e.raw, 1 << 22);
+    // With ignore_bad_msrs=0, IA32_VMX_PROCBASED_CTLS3 faults instead of reading 0: the
+    // decoding is the same.
+    let mut r = profile_raw(&super::profiles::BOCHS_27_SKYLAKE_X);
+    assert_eq!(r.get(idx::PROCBASED3), Some(0));
+    r.msr_valid &= !(1 << idx::PROCBASED3);
+    assert_eq!(VmxCaps::decode(&r), c);
 }
