@@ -873,8 +873,8 @@ impl fmt::Display for VmxCaps {
         writeln!(f, "  CPUID.1:ECX.VMX: yes (SMX: {})", yn(self.smx))?;
         writeln!(
             f,
-            "  CR4.VMXE now: {}{}",
-            self.cr4 & CR4_VMXE != 0,
+            "  CR4.VMXE when read: {}{}",
+            yn(self.cr4 & CR4_VMXE != 0),
             if self.cr4 & CR4_VMXE != 0 { " (another hypervisor or KVM holds VMX)" } else { "" }
         )?;
         match self.feature_control {
@@ -920,6 +920,9 @@ impl fmt::Display for VmxCaps {
                     yn(b.no_err_code_required)
                 )?;
             }
+        }
+        if let Some(n) = self.vmcs_max_index {
+            writeln!(f, "  IA32_VMX_VMCS_ENUM: highest VMCS field index {n:#x}")?;
         }
         writeln!(f, "  features:")?;
         let e = &self.ept_vpid;
