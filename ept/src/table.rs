@@ -74,6 +74,15 @@ pub struct EptCaps {
     pub ad_bits: bool,
 }
 
+impl EptCaps {
+    /// From the raw IA32_VMX_EPT_VPID_CAP value (bit 0 execute-only, 14 WB, 16 2 MiB,
+    /// 17 1 GiB, 21 A/D). The caller must also know that "enable EPT" may be set at all.
+    pub fn from_ept_vpid_cap(raw: u64) -> EptCaps {
+        let b = |n: u32| raw & (1 << n) != 0;
+        EptCaps { execute_only: b(0), wb_allowed: b(14), pages_2m: b(16), pages_1g: b(17), ad_bits: b(21) }
+    }
+}
+
 /// Page sizes of a leaf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageSize {
@@ -406,6 +415,29 @@ impl<A: FrameAllocator> Ept<A> {
         let new = make_leaf(e & ADDR_MASK, perms, entry_type(e), false) | (e & IPAT);
         self.alloc.write_entry(table, i, new);
         Ok(true)
+    }
+
+    /// [`Ept::set_perms_4k`] for every 4 KiB page overlapping `[gpa, gpa + len)`. Stops at
+    /// the first error; pages already changed stay changed, and the error comes with
+    /// whether an INVEPT is needed for them.
+    pub fn set_perms_range(&mut self, gpa: u64, len: u64, perms: Perms) -> Result<bool, (EptError, bool)> {
+        check_perms(perms, &self.caps).map_err(|e| (e, false))?;
+        let Some(end) = gpa.checked_add(len) else {
+            return Err((EptError::NotMapped, false));
+        };
+        if end > self.limit {
+            return Err((EptError::NotMapped, false));
+        }
+        let mut invept = false;
+        let mut p = gpa & !(PAGE_SIZE - 1);
+        while p < end {
+            match self.set_perms_4k(p, perms) {
+                Ok(changed) => invept |= changed,
+                Err(e) => return Err((e, invept)),
+            }
+            p += PAGE_SIZE;
+        }
+        Ok(invept)
     }
 
     /// Frees every paging structure and returns the allocator. Only after the map is no

@@ -318,7 +318,7 @@ fn read_through_rdmsr() {
                 }
                 if (0x200..0x200 + 2 * raw.var.len() as u32).contains(&m) {
                     let i = ((m - 0x200) / 2) as usize;
-                    return Some(if m % 2 == 0 { raw.var[i].0 } else { raw.var[i].1 });
+                    return Some(if m.is_multiple_of(2) { raw.var[i].0 } else { raw.var[i].1 });
                 }
                 None
             }

@@ -334,3 +334,42 @@ fn no_large_page_across_boundaries_random_layouts() {
         check_whole_space(&ept, &raw, ALL);
     }
 }
+
+#[test]
+fn caps_from_msr() {
+    // Bochs 2.7 corei7_skylake_x IA32_VMX_EPT_VPID_CAP (see vmx's profiles).
+    assert_eq!(EptCaps::from_ept_vpid_cap(0x0000_0f01_0633_4141), ALL);
+    assert_eq!(EptCaps::from_ept_vpid_cap(0), EptCaps::default());
+}
+
+#[test]
+fn range_permissions() {
+    let raw = wb_default_uc_hole();
+    let mut ept = build(&raw, 4 * GIB, ALL);
+    let start = GIB + 2 * MIB - 3 * 4096 + 5;
+    assert_eq!(ept.set_perms_range(start, 5 * 4096, Perms::R), Ok(true));
+    for k in 0..6u64 {
+        let a = (start & !0xfff) + k * 4096;
+        assert_eq!(ept.perms_of(a), Some(Perms::R), "{a:#x}");
+    }
+    assert_eq!(ept.perms_of((start & !0xfff) - 4096), Some(Perms::RWX));
+    assert_eq!(ept.perms_of((start & !0xfff) + 6 * 4096), Some(Perms::RWX));
+    assert_eq!(ept.set_perms_range(start, 5 * 4096, Perms::R), Ok(false));
+    assert_eq!(ept.set_perms_range(4 * GIB - 4096, 8192, Perms::R), Err((EptError::NotMapped, false)));
+    assert_eq!(ept.set_perms_range(u64::MAX - 10, 100, Perms::R), Err((EptError::NotMapped, false)));
+    assert_eq!(ept.set_perms_range(0, 4096, Perms::W), Err((EptError::InvalidPerms(Perms::W), false)));
+    // No frames left: pages in already-split 2 MiB regions still change.
+    ept.alloc.budget = Some(0);
+    assert_eq!(ept.set_perms_range(GIB + 2 * MIB - 4096, 4096, Perms::RWX), Ok(true));
+    // Allocation failure midway: the first page (split region) changed, so INVEPT is
+    // needed; the second (an unsplit 2 MiB page) did not.
+    assert_eq!(ept.set_perms_range(GIB + 4 * MIB - 4096, 2 * 4096, Perms::R), Err((EptError::OutOfMemory, true)));
+    assert_eq!(ept.perms_of(GIB + 4 * MIB - 4096), Some(Perms::R));
+    assert_eq!(ept.translate(GIB + 4 * MIB).unwrap().page_size, PageSize::Size2M);
+    check_whole_space_except(
+        &ept,
+        &raw,
+        &[GIB + 2 * MIB - 3 * 4096, GIB + 2 * MIB - 2 * 4096, GIB + 2 * MIB, GIB + 2 * MIB + 4096, GIB + 2 * MIB + 2 * 4096, GIB + 4 * MIB - 4096],
+    );
+    assert_eq!(ept.perms_of(GIB + 2 * MIB - 4096), Some(Perms::RWX));
+}
