@@ -125,7 +125,7 @@ fn combine(acc: Option<MemType>, t: MemType) -> Option<MemType> {
 impl Mtrrs {
     /// Decodes raw values. `cap` = IA32_MTRRCAP, `def_type` = IA32_MTRR_DEF_TYPE,
     /// `fixed` = the [`FIXED_MSRS`] values, `var` = (PHYSBASEn, PHYSMASKn) pairs (only the
-    /// first MTRRCAP.VCNT are used), `phys_bits` = CPUID.80000008H:EAX[7:0]. Total: reserved
+    /// first MTRRCAP.VCNT are used), `phys_bits` = CPUID.80000008H:EAX\[7:0\]. Total: reserved
     /// type encodings count as UC, invalid ranges (V clear) are ignored.
     pub fn from_raw(cap: u64, def_type: u64, fixed: &[u64; 11], var: &[(u64, u64)], phys_bits: u8) -> Mtrrs {
         let phys_bits = phys_bits.clamp(32, 52);
@@ -170,7 +170,7 @@ impl Mtrrs {
 
     /// Reads the MTRR MSRs with `rdmsr` (a fault-safe RDMSR, `None` on #GP) and decodes
     /// them. Without a readable IA32_MTRRCAP/IA32_MTRR_DEF_TYPE the result says "MTRRs
-    /// disabled": everything UC. `phys_bits` = CPUID.80000008H:EAX[7:0].
+    /// disabled": everything UC. `phys_bits` = CPUID.80000008H:EAX\[7:0\].
     pub fn read(mut rdmsr: impl FnMut(u32) -> Option<u64>, phys_bits: u8) -> Mtrrs {
         let (cap, def) = match (rdmsr(msr::IA32_MTRRCAP), rdmsr(msr::IA32_MTRR_DEF_TYPE)) {
             (Some(c), Some(d)) => (c, d),

@@ -239,7 +239,7 @@ pub struct FeatureControl {
     pub vmxon_outside_smx: bool,
 }
 
-/// Memory type of the VMCS/VMXON regions (IA32_VMX_BASIC[53:50]).
+/// Memory type of the VMCS/VMXON regions (IA32_VMX_BASIC\[53:50\]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BasicMemType {
     Uc,

@@ -48,7 +48,7 @@ impl fmt::Display for MissingBits {
 /// Adjusts a 32-bit control field: returns `desired | allowed0` (the must-be-1 bits set)
 /// when every desired bit is allowed to be 1 (set in `allowed1`); otherwise the desired
 /// bits that may not be 1. `allowed0`/`allowed1` are the low/high halves of the capability
-/// MSR (the TRUE_ one when IA32_VMX_BASIC[55] is set).
+/// MSR (the TRUE_ one when IA32_VMX_BASIC\[55\] is set).
 ///
 /// A bit that is required (allowed0) but not allowed (allowed1) is a contradictory report:
 /// it is refused as well, since no value could satisfy the CPU.
