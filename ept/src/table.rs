@@ -124,6 +124,9 @@ pub enum EptError {
     InvalidPerms(Perms),
     /// Execute-only requested but the CPU does not support it.
     ExecuteOnlyUnsupported,
+    /// The frame allocator returned an address that is not 4 KiB-aligned or not below
+    /// 2^52 (it was given back).
+    BadFrame(u64),
     /// A paging-structure entry has a form this code never writes.
     Corrupt { level: u8, entry: u64 },
 }
@@ -136,6 +139,7 @@ impl fmt::Display for EptError {
             EptError::NotMapped => f.write_str("guest-physical address not mapped"),
             EptError::InvalidPerms(p) => write!(f, "invalid EPT permissions {p} (write requires read)"),
             EptError::ExecuteOnlyUnsupported => f.write_str("execute-only EPT pages are not supported by this CPU"),
+            EptError::BadFrame(pa) => write!(f, "frame allocator returned an unusable address {pa:#x}"),
             EptError::Corrupt { level, entry } => write!(f, "unexpected EPT entry {entry:#x} at level {level}"),
         }
     }
@@ -226,8 +230,9 @@ impl<A: FrameAllocator> Ept<A> {
             _ => return Err((EptError::BadLimit, alloc)),
         };
         let mut alloc = alloc;
-        let Some(pml4) = alloc.alloc_zeroed() else {
-            return Err((EptError::OutOfMemory, alloc));
+        let pml4 = match take_frame(&mut alloc) {
+            Ok(pa) => pa,
+            Err(e) => return Err((e, alloc)),
         };
         let mut ept = Ept { alloc, pml4, caps, limit, stats: Stats { tables: 1, ..Stats::default() } };
         match ept.fill(mtrrs) {
@@ -240,7 +245,7 @@ impl<A: FrameAllocator> Ept<A> {
     }
 
     fn new_table(&mut self) -> Result<u64, EptError> {
-        let t = self.alloc.alloc_zeroed().ok_or(EptError::OutOfMemory)?;
+        let t = take_frame(&mut self.alloc)?;
         self.stats.tables += 1;
         Ok(t)
     }
@@ -458,6 +463,17 @@ impl<A: FrameAllocator> Ept<A> {
         }
         self.alloc.free(table);
     }
+}
+
+/// A frame from the allocator, refused (and given back) unless 4 KiB-aligned and within
+/// the 52-bit physical-address range an EPT entry can hold.
+fn take_frame(alloc: &mut impl FrameAllocator) -> Result<u64, EptError> {
+    let pa = alloc.alloc_zeroed().ok_or(EptError::OutOfMemory)?;
+    if pa & !ADDR_MASK != 0 {
+        alloc.free(pa);
+        return Err(EptError::BadFrame(pa));
+    }
+    Ok(pa)
 }
 
 #[inline]

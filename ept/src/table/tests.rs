@@ -373,3 +373,33 @@ fn range_permissions() {
     );
     assert_eq!(ept.perms_of(GIB + 2 * MIB - 4096), Some(Perms::RWX));
 }
+
+/// An allocator that hands out misaligned frames.
+struct Misaligned(FakeMem);
+
+impl FrameAllocator for Misaligned {
+    fn alloc_zeroed(&mut self) -> Option<u64> {
+        let pa = self.0.alloc_zeroed()?;
+        // Re-key the frame at a misaligned address.
+        let f = self.0.frames.remove(&pa).unwrap();
+        self.0.frames.insert(pa + 8, f);
+        Some(pa + 8)
+    }
+    fn free(&mut self, pa: u64) {
+        self.0.free(pa)
+    }
+    fn read_entry(&self, pa: u64, index: usize) -> u64 {
+        self.0.read_entry(pa, index)
+    }
+    fn write_entry(&mut self, pa: u64, index: usize, value: u64) {
+        self.0.write_entry(pa, index, value)
+    }
+}
+
+#[test]
+fn unusable_frames_are_refused_and_returned() {
+    let m = wb_default_uc_hole().mtrrs();
+    let (e, a) = Ept::build_identity(GIB, &m, ALL, Misaligned(FakeMem::new())).err().unwrap();
+    assert!(matches!(e, EptError::BadFrame(pa) if pa & 0xfff == 8), "{e:?}");
+    assert_eq!(a.0.live(), 0);
+}
