@@ -1,1 +1,404 @@
-fn main() {}
+//! kdbt's task runner: the one-command VT-x test bench (Bochs, QEMU TCG), host tests and
+//! benchmarks. `cargo xtask --help`.
+
+mod deps;
+mod emu;
+mod image;
+mod kernel;
+mod results;
+mod util;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use emu::Emulator;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+use util::{note, step, tail_lines, workspace_root, Timer};
+
+/// Cargo feature of the `dbt` crate that enables the host-side benchmark binary.
+const DBT_BENCH_FEATURES: &str = "host";
+/// Lines of serial.log / emulator log shown on failure.
+const TAIL: usize = 40;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "kdbt task runner: VT-x test bench, tests, benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct VmArgs {
+    /// Scenario suite (experiments/vm/suites/<NAME>.sh).
+    #[arg(long, default_value = "smoke")]
+    suite: String,
+    /// Guest kernel: small | debian-6.12 | debian-6.1 | linux-image-* package | vmlinuz path.
+    #[arg(long, default_value = "small")]
+    kernel: String,
+    /// Kernel build/headers directory (required when --kernel is a path).
+    #[arg(long)]
+    kdir: Option<PathBuf>,
+    /// Bochs CPU model (must have VT-x for the VMX paths).
+    #[arg(long, default_value = "corei7_skylake_x")]
+    cpu_model: String,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    cpus: u32,
+    /// Guest memory in MB.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=8192))]
+    mem: u32,
+    /// Emulator: bochs (VT-x) or qemu (TCG, no VMX).
+    #[arg(long, value_enum, default_value = "bochs")]
+    emulator: Emulator,
+    /// Wall-clock timeout in seconds [default: depends on kernel, emulator and CPUs].
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Make the guest report one deliberately failing check (also: KDBT_VM_INJECT_FAIL=1).
+    #[arg(long)]
+    inject_fail: bool,
+    /// Extra kernel command-line words.
+    #[arg(long, default_value = "")]
+    append: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot one guest and run a scenario suite.
+    Vm(VmArgs),
+    /// Host unit tests + the smoke suite in Bochs (small, debian-6.12) and QEMU TCG.
+    Test {
+        /// Skip `cargo test --workspace`.
+        #[arg(long)]
+        no_unit: bool,
+        /// Also run smoke on the Debian 6.1 series.
+        #[arg(long)]
+        with_61: bool,
+        /// Make every guest report one deliberately failing check.
+        #[arg(long)]
+        inject_fail: bool,
+    },
+    /// Boot the bench and show `kdbt caps`.
+    Demo {
+        #[arg(long, default_value = "small")]
+        kernel: String,
+        #[arg(long, value_enum, default_value = "bochs")]
+        emulator: Emulator,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
+    /// Benchmarks.
+    Bench {
+        #[arg(value_enum)]
+        what: BenchKind,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchKind {
+    Dbt,
+    Hypervisor,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    emu::install_interrupt_handler();
+    match real_main(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<bool> {
+    match cli.cmd {
+        Cmd::Vm(a) => {
+            let mut ctx = Ctx::default();
+            let r = vm_run(&mut ctx, &a, false)?;
+            println!("\n{}", r.table);
+            Ok(r.passed)
+        }
+        Cmd::Test { no_unit, with_61, inject_fail } => test(no_unit, with_61, inject_fail),
+        Cmd::Demo { kernel, emulator, cpus } => {
+            let a = VmArgs {
+                suite: "demo".into(),
+                kernel,
+                kdir: None,
+                cpu_model: "corei7_skylake_x".into(),
+                cpus,
+                mem: 512,
+                emulator,
+                timeout: None,
+                inject_fail: false,
+                append: String::new(),
+            };
+            let mut ctx = Ctx::default();
+            let r = vm_run(&mut ctx, &a, true)?;
+            println!("\n{}", r.table);
+            Ok(r.passed)
+        }
+        Cmd::Bench { what: BenchKind::Dbt } => {
+            step(format!("cargo run --release -p dbt --features {DBT_BENCH_FEATURES} --bin dbt-bench"));
+            let st = Command::new(cargo())
+                .current_dir(workspace_root())
+                .args(["run", "--release", "-p", "dbt", "--features", DBT_BENCH_FEATURES, "--bin", "dbt-bench"])
+                .status()
+                .context("cannot run cargo")?;
+            Ok(st.success())
+        }
+        Cmd::Bench { what: BenchKind::Hypervisor } => {
+            eprintln!("cargo xtask bench hypervisor: not implemented yet");
+            Ok(false)
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// State shared by the runs of one xtask invocation.
+#[derive(Default)]
+struct Ctx {
+    guest_bins: Option<Vec<PathBuf>>,
+}
+
+struct RunReport {
+    table: String,
+    passed: bool,
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
+        .collect()
+}
+
+fn default_timeout(spec: &kernel::Spec, emulator: Emulator, cpus: u32) -> u64 {
+    let per_cpu = match (emulator, spec) {
+        (Emulator::Qemu, kernel::Spec::Small) => 60,
+        (Emulator::Qemu, _) => 120,
+        (Emulator::Bochs, kernel::Spec::Small) => 120,
+        (Emulator::Bochs, _) => 400,
+    };
+    per_cpu * u64::from(cpus.max(1)) + 60
+}
+
+/// The exact kernel command line of a run.
+fn cmdline(emulator: Emulator, cpus: u32, suite: &str, inject_fail: bool, append: &str) -> String {
+    let mut s = format!(
+        "console=ttyS0,115200 printk.devkmsg=on panic=-1 kdbt.expect_vmx={} kdbt.cpus={cpus} kdbt.suite={suite}",
+        u8::from(emulator.has_vmx())
+    );
+    if inject_fail {
+        s.push_str(" kdbt.inject_fail=1");
+    }
+    if !append.trim().is_empty() {
+        s.push(' ');
+        s.push_str(append.trim());
+    }
+    s
+}
+
+fn inject_from_env() -> bool {
+    std::env::var("KDBT_VM_INJECT_FAIL").map(|v| !v.is_empty() && v != "0").unwrap_or(false)
+}
+
+fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
+    let total = Timer::start();
+    let spec = kernel::parse_spec(&a.kernel)?;
+    // Validate the suite before any long step.
+    image::init_script(&a.suite)?;
+
+    let mut pkgs: Vec<&str> = deps::BASE.to_vec();
+    pkgs.extend(match a.emulator {
+        Emulator::Bochs => deps::BOCHS,
+        Emulator::Qemu => deps::QEMU,
+    });
+    if spec == kernel::Spec::Small {
+        pkgs.extend(deps::SMALL_KERNEL);
+    }
+    deps::ensure(&pkgs)?;
+
+    let run_name = format!(
+        "{}-{}-{}-{}cpu",
+        sanitize(&a.suite),
+        sanitize(a.kernel.rsplit('/').next().unwrap_or(&a.kernel)),
+        a.emulator.name(),
+        a.cpus
+    );
+    let dir = workspace_root().join("target/vm").join(&run_name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    step(format!("run {run_name} (logs in {})", dir.display()));
+
+    let k = kernel::resolve(&spec, &a.kernel, a.kdir.as_deref())?;
+    note(format!("kernel {} ({}), built against {}", k.release, k.vmlinuz.display(), k.kdir.display()));
+
+    let bins = match &ctx.guest_bins {
+        Some(b) => b.clone(),
+        None => {
+            let b = image::build_guest_bins(&dir.join("guest-build.json"))?;
+            ctx.guest_bins = Some(b.clone());
+            b
+        }
+    };
+    let ko = dir.join("kdbt.ko");
+    let _ = std::fs::remove_file(&ko);
+    let mlog = dir.join("module-build.log");
+    let _ = std::fs::remove_file(&mlog);
+    image::build_module(&k, &dir, &ko, &mlog)?;
+
+    let inject = a.inject_fail || inject_from_env();
+    let initrd = image::build_initramfs(&image::InitrdSpec { suite: &a.suite, ko: &ko, bins: &bins }, &dir)?;
+    let cmd = cmdline(a.emulator, a.cpus, &a.suite, inject, &a.append);
+    note(format!("cmdline: {cmd}"));
+    let iso = image::build_iso(&k.vmlinuz, &initrd, &cmd, &dir)?;
+    let timeout = a.timeout.unwrap_or_else(|| default_timeout(&spec, a.emulator, a.cpus));
+    let b = emu::boot(&emu::Machine {
+        emulator: a.emulator,
+        cpu_model: &a.cpu_model,
+        cpus: a.cpus,
+        mem_mb: a.mem,
+        timeout: Duration::from_secs(timeout),
+        iso: &iso,
+        dir: &dir,
+    })?;
+    let o = results::parse(&b.serial);
+    let mut problems = o.problems(b.timed_out);
+    if let Some(e) = &b.exited_early {
+        problems.push(e.clone());
+    }
+    let info = results::RunInfo {
+        suite: a.suite.clone(),
+        kernel: format!("{} ({})", k.label, k.release),
+        emulator: if a.emulator == Emulator::Bochs {
+            format!("bochs {}", a.cpu_model)
+        } else {
+            "qemu tcg".into()
+        },
+        cpus: a.cpus,
+        boot_secs: b.boot_secs,
+        wall_secs: b.wall_secs,
+        dir: dir.display().to_string(),
+    };
+    let table = results::table(&info, &o, &problems);
+    let passed = problems.is_empty();
+    if show_info || !passed {
+        println!("\n--- guest output (KDBT-INFO) ---");
+        for i in &o.infos {
+            println!("  {i}");
+        }
+    }
+    if !passed {
+        print_tails(&dir, a.emulator);
+    }
+    note(format!("run {run_name} took {:.0} s in all", total.secs()));
+    Ok(RunReport { table, passed })
+}
+
+fn print_tails(dir: &Path, emulator: Emulator) {
+    for name in ["serial.log", emulator.log_name()] {
+        let p = dir.join(name);
+        println!("\n--- last {TAIL} lines of {} ---", p.display());
+        match tail_lines(&p, TAIL) {
+            Ok(t) => println!("{t}"),
+            Err(e) => println!("({e:#})"),
+        }
+    }
+}
+
+fn test(no_unit: bool, with_61: bool, inject_fail: bool) -> Result<bool> {
+    let t = Timer::start();
+    let mut summary: Vec<(String, bool)> = Vec::new();
+    let mut tables = Vec::new();
+    if !no_unit {
+        step("host unit tests: cargo test --workspace");
+        let st = Command::new(cargo())
+            .current_dir(workspace_root())
+            .args(["test", "--workspace"])
+            .status()
+            .context("cannot run cargo test")?;
+        summary.push(("cargo test --workspace".into(), st.success()));
+    }
+    let base = VmArgs {
+        suite: "smoke".into(),
+        kernel: "small".into(),
+        kdir: None,
+        cpu_model: "corei7_skylake_x".into(),
+        cpus: 2,
+        mem: 512,
+        emulator: Emulator::Bochs,
+        timeout: None,
+        inject_fail,
+        append: String::new(),
+    };
+    let mut runs = vec![
+        base.clone(),
+        VmArgs { kernel: "debian-6.12".into(), ..base.clone() },
+        VmArgs { emulator: Emulator::Qemu, ..base.clone() },
+        VmArgs { emulator: Emulator::Qemu, kernel: "debian-6.12".into(), ..base.clone() },
+    ];
+    if with_61 {
+        runs.push(VmArgs { kernel: "debian-6.1".into(), ..base.clone() });
+    }
+    let mut ctx = Ctx::default();
+    for a in &runs {
+        let label = format!("smoke {} {} {}cpu", a.kernel, a.emulator.name(), a.cpus);
+        if emu::interrupted() {
+            bail!("interrupted");
+        }
+        match vm_run(&mut ctx, a, false) {
+            Ok(r) => {
+                tables.push(r.table);
+                summary.push((label, r.passed));
+            }
+            Err(e) => {
+                eprintln!("error in {label}: {e:#}");
+                tables.push(format!("{label}: ERROR {e:#}\n"));
+                summary.push((label, false));
+            }
+        }
+    }
+    println!("\n===== summary =====");
+    for tb in &tables {
+        println!("{tb}");
+    }
+    let ok = summary.iter().all(|(_, p)| *p);
+    for (l, p) in &summary {
+        println!("{}  {l}", if *p { "PASS" } else { "FAIL" });
+    }
+    println!("{} in {:.0} s", if ok { "ALL PASSED" } else { "FAILED" }, t.secs());
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_tells_the_guest_what_to_expect() {
+        let c = cmdline(Emulator::Bochs, 2, "smoke", false, "");
+        assert!(c.contains("console=ttyS0,115200") && c.contains("printk.devkmsg=on"));
+        assert!(c.contains("kdbt.expect_vmx=1") && c.contains("kdbt.cpus=2"));
+        assert!(!c.contains("inject"));
+        let q = cmdline(Emulator::Qemu, 1, "smoke", true, "x=1");
+        assert!(q.contains("kdbt.expect_vmx=0") && q.contains("kdbt.inject_fail=1"));
+    }
+
+    #[test]
+    fn cli_parses() {
+        let c = Cli::try_parse_from([
+            "xtask", "vm", "--suite", "smoke", "--kernel", "linux-image-6.1.0-56-amd64", "--cpus", "1",
+            "--emulator", "qemu", "--timeout", "30", "--mem", "1024", "--cpu-model", "corei3_cnl",
+        ])
+        .unwrap();
+        let Cmd::Vm(a) = c.cmd else { panic!("not vm") };
+        assert_eq!((a.cpus, a.mem, a.timeout), (1, 1024, Some(30)));
+        assert_eq!(a.emulator, Emulator::Qemu);
+        assert!(Cli::try_parse_from(["xtask", "vm", "--cpus", "0"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "vm", "--emulator", "kvm"]).is_err());
+    }
+}

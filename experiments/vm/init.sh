@@ -1,0 +1,95 @@
+#!/bin/sh
+# /init of the kdbt test initramfs (busybox sh). `cargo xtask vm` puts the suite
+# (experiments/vm/suites/<suite>.sh) at /suite.sh; it is sourced in a subshell, so even a
+# syntax error or an `exit` there still ends with KDBT-DONE (and a plan mismatch).
+#
+# Result protocol, written to /dev/kmsg (kernel cmdline printk.devkmsg=on) so each line
+# reaches the serial console whole:
+#   KDBT-BOOT                            /init started
+#   KDBT-PLAN <n>                        the suite will report <n> checks
+#   KDBT-RESULT <name> PASS|FAIL [k=v]   one line per check, figures as key=value
+#   KDBT-INFO <text>                     free-form context
+#   KDBT-DONE                            the suite finished; the bench stops the emulator
+#
+# Kernel cmdline: kdbt.expect_vmx=0|1 kdbt.cpus=N kdbt.suite=NAME [kdbt.inject_fail=1].
+# Suites get $EXPECT_VMX, $NCPUS, $SUITE and the helpers plan/pass/fail/info/check.
+
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+[ -e /dev/kmsg ] || mknod /dev/kmsg c 1 11
+
+emit() {
+    # Lines longer than the kernel's record limit would be refused: cut them.
+    printf '<5>%s\n' "$(printf '%s' "$*" | cut -c1-480)" > /dev/kmsg 2>/dev/null || echo "$*"
+}
+emit KDBT-BOOT
+
+EXPECT_VMX=0; NCPUS=1; SUITE=unknown; INJECT_FAIL=0
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        kdbt.expect_vmx=*) EXPECT_VMX=${arg#*=} ;;
+        kdbt.cpus=*) NCPUS=${arg#*=} ;;
+        kdbt.suite=*) SUITE=${arg#*=} ;;
+        kdbt.inject_fail=*) INJECT_FAIL=${arg#*=} ;;
+    esac
+done
+export EXPECT_VMX NCPUS SUITE INJECT_FAIL
+
+plan() {
+    n=$1
+    [ "$INJECT_FAIL" = 1 ] && n=$((n + 1))
+    emit "KDBT-PLAN $n"
+}
+pass() { n=$1; shift; emit "KDBT-RESULT $n PASS $*"; }
+fail() { n=$1; shift; emit "KDBT-RESULT $n FAIL $*"; }
+info() {
+    printf '%s\n' "$*" | while IFS= read -r l; do emit "KDBT-INFO $l"; done
+}
+# check NAME CMD...: PASS if CMD exits 0; else FAIL rc=N and its output as INFO lines.
+check() {
+    name=$1; shift
+    out=$("$@" 2>&1); rc=$?
+    if [ $rc -eq 0 ]; then pass "$name"; else fail "$name" rc=$rc; info "$out"; fi
+    return $rc
+}
+# Kernel log lines that mean trouble (our own KDBT- lines are excluded).
+BAD_DMESG='WARNING|Oops|BUG|general protection|Call Trace|Kernel panic|refcount_t|UBSAN|KASAN|segfault'
+# dmesg_mark: remember how long the kernel log is now (done once before the suite).
+# dmesg_clean NAME: no bad lines after the mark. Boot-time warnings before it belong to
+# the emulated platform; they are shown as INFO and counted as boot_warnings=N.
+# dmesg goes to a file, not a pipe (a pipe came back empty on 6.1).
+dmesg_mark() {
+    dmesg > /tmp/dmesg.mark 2>&1
+    DMESG_MARK=$(wc -l < /tmp/dmesg.mark)
+}
+dmesg_clean() {
+    dmesg > /tmp/dmesg.all 2>&1
+    boot=$(head -n "${DMESG_MARK:-0}" /tmp/dmesg.all | grep -v 'KDBT-' | grep -cE "$BAD_DMESG")
+    tail -n +"$(( ${DMESG_MARK:-0} + 1 ))" /tmp/dmesg.all | grep -v 'KDBT-' | grep -E "$BAD_DMESG" > /tmp/dmesg.bad
+    if [ -s /tmp/dmesg.bad ]; then
+        fail "$1" bad_lines="$(wc -l < /tmp/dmesg.bad)" boot_warnings="$boot"; info "$(head -20 /tmp/dmesg.bad)"
+    else
+        pass "$1" new_lines="$(( $(wc -l < /tmp/dmesg.all) - ${DMESG_MARK:-0} ))" boot_warnings="$boot"
+    fi
+}
+
+info "suite=$SUITE kernel=$(uname -r) cpus_expected=$NCPUS expect_vmx=$EXPECT_VMX"
+
+dmesg_mark
+boot_bad=$(grep -v 'KDBT-' /tmp/dmesg.mark | grep -E "$BAD_DMESG" | head -5)
+[ -n "$boot_bad" ] && info "boot-time kernel warnings (before the suite): $boot_bad"
+
+( . /suite.sh )
+rc=$?
+[ $rc -eq 0 ] || info "suite script exited with status $rc"
+if [ "$INJECT_FAIL" = 1 ]; then
+    fail injected_failure reason=KDBT_VM_INJECT_FAIL
+fi
+emit KDBT-DONE
+sync
+poweroff -f
+# If power-off is not possible the bench stops the emulator after KDBT-DONE.
+while :; do sleep 3600; done

@@ -1,0 +1,241 @@
+//! The guest's result protocol (see experiments/vm/init.sh), read from the serial log:
+//! `KDBT-BOOT`, `KDBT-PLAN n`, `KDBT-RESULT name PASS|FAIL [k=v ...]`, `KDBT-INFO text`,
+//! `KDBT-DONE`. Console lines carry a `[   1.234567] ` timestamp prefix (and maybe CRs),
+//! which the parser skips.
+
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub pass: bool,
+    /// `key=value` figures (and any other words) after PASS/FAIL, as printed.
+    pub figures: String,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub booted: bool,
+    pub plan: Option<usize>,
+    pub checks: Vec<Check>,
+    pub infos: Vec<String>,
+    pub done: bool,
+    /// The first kernel panic / oops line seen, if any.
+    pub panic: Option<String>,
+    /// Protocol lines that did not parse.
+    pub garbled: Vec<String>,
+}
+
+/// The part of a console line from `KDBT-` on, if any.
+fn protocol_part(line: &str) -> Option<&str> {
+    line.find("KDBT-").map(|i| line[i..].trim_end())
+}
+
+pub fn parse(serial: &str) -> Outcome {
+    let mut o = Outcome::default();
+    for raw in serial.split('\n') {
+        let line = raw.trim_end_matches(['\r', '\0']);
+        if o.panic.is_none() && (line.contains("Kernel panic - not syncing") || line.contains("Oops:") && !line.contains("KDBT-")) {
+            o.panic = Some(line.trim().to_string());
+        }
+        let Some(p) = protocol_part(line) else { continue };
+        let mut words = p.split_whitespace();
+        let tag = words.next().unwrap_or("");
+        match tag {
+            "KDBT-BOOT" => o.booted = true,
+            "KDBT-DONE" => o.done = true,
+            "KDBT-PLAN" => match words.next().and_then(|n| n.parse().ok()) {
+                Some(n) => o.plan = Some(n),
+                None => o.garbled.push(p.to_string()),
+            },
+            "KDBT-INFO" => o.infos.push(p["KDBT-INFO".len()..].trim().to_string()),
+            "KDBT-RESULT" => {
+                let name = words.next();
+                let verdict = words.next();
+                match (name, verdict) {
+                    (Some(name), Some(v @ ("PASS" | "FAIL"))) => o.checks.push(Check {
+                        name: name.to_string(),
+                        pass: v == "PASS",
+                        figures: words.collect::<Vec<_>>().join(" "),
+                    }),
+                    _ => o.garbled.push(p.to_string()),
+                }
+            }
+            _ => {}
+        }
+    }
+    o
+}
+
+impl Outcome {
+    /// Everything wrong with this run; empty means it passed.
+    pub fn problems(&self, timed_out: bool) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(p) = &self.panic {
+            v.push(format!("kernel panic/oops: {p}"));
+        }
+        if !self.booted {
+            v.push("the guest never reached /init (no KDBT-BOOT)".to_string());
+        }
+        if timed_out && !self.done {
+            v.push("timeout: KDBT-DONE never came".to_string());
+        } else if !self.done {
+            v.push("the guest stopped before KDBT-DONE".to_string());
+        }
+        for c in self.checks.iter().filter(|c| !c.pass) {
+            v.push(format!("check {} FAILED {}", c.name, c.figures).trim_end().to_string());
+        }
+        match self.plan {
+            None if self.booted => v.push("the suite printed no KDBT-PLAN".to_string()),
+            Some(n) if self.checks.len() < n => v.push(format!(
+                "{} of {} planned checks never reported",
+                n - self.checks.len(),
+                n
+            )),
+            _ => {}
+        }
+        if self.booted && self.checks.is_empty() {
+            v.push("no check reported".to_string());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &self.checks {
+            if !seen.insert(&c.name) {
+                v.push(format!("check {} reported twice", c.name));
+            }
+        }
+        for g in &self.garbled {
+            v.push(format!("garbled protocol line: {g}"));
+        }
+        v
+    }
+}
+
+/// One run's header for tables.
+pub struct RunInfo {
+    pub suite: String,
+    pub kernel: String,
+    pub emulator: String,
+    pub cpus: u32,
+    pub boot_secs: Option<f64>,
+    pub wall_secs: f64,
+    pub dir: String,
+}
+
+pub fn table(info: &RunInfo, o: &Outcome, problems: &[String]) -> String {
+    let mut s = String::new();
+    let verdict = if problems.is_empty() { "PASS" } else { "FAIL" };
+    let boot = info.boot_secs.map(|b| format!("{b:.1} s")).unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        s,
+        "suite {} | kernel {} | {} | cpus {} | /init after {} | wall {:.1} s | {}",
+        info.suite, info.kernel, info.emulator, info.cpus, boot, info.wall_secs, verdict
+    );
+    let w = o.checks.iter().map(|c| c.name.len()).max().unwrap_or(0).max(5);
+    for c in &o.checks {
+        let _ = writeln!(
+            s,
+            "  {}  {:<w$}  {}",
+            if c.pass { "PASS" } else { "FAIL" },
+            c.name,
+            c.figures
+        );
+    }
+    if let Some(n) = o.plan {
+        let _ = writeln!(s, "  ({} of {} planned checks reported)", o.checks.len(), n);
+    }
+    for p in problems {
+        let _ = writeln!(s, "  !! {p}");
+    }
+    let _ = writeln!(s, "  logs: {}", info.dir);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+[    0.000000] Linux version 6.12.117\r
+[    1.100000] KDBT-BOOT\r
+[    1.200000] KDBT-INFO suite=smoke kernel=6.12.117\r
+[    1.300000] KDBT-PLAN 2\r
+[    1.400000] KDBT-RESULT cpus_online PASS online=2 expected=2\r
+[    1.500000] KDBT-RESULT insmod PASS \r
+[    1.600000] KDBT-DONE\r
+";
+
+    #[test]
+    fn all_pass() {
+        let o = parse(GOOD);
+        assert!(o.booted && o.done);
+        assert_eq!(o.plan, Some(2));
+        assert_eq!(o.checks.len(), 2);
+        assert_eq!(o.checks[0].figures, "online=2 expected=2");
+        assert_eq!(o.checks[1].figures, "");
+        assert_eq!(o.infos, vec!["suite=smoke kernel=6.12.117".to_string()]);
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
+    }
+
+    #[test]
+    fn a_failing_check_fails_the_run() {
+        let s = GOOD.replace("insmod PASS", "insmod FAIL rc=1");
+        let o = parse(&s);
+        let p = o.problems(false);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("insmod FAILED rc=1"));
+    }
+
+    #[test]
+    fn a_missing_check_fails_the_run() {
+        let s: String = GOOD.lines().filter(|l| !l.contains("insmod")).map(|l| format!("{l}\n")).collect();
+        let p = parse(&s).problems(false);
+        assert_eq!(p, vec!["1 of 2 planned checks never reported".to_string()]);
+    }
+
+    #[test]
+    fn timeout_without_done_fails() {
+        let s: String = GOOD.lines().filter(|l| !l.contains("DONE")).map(|l| format!("{l}\n")).collect();
+        let o = parse(&s);
+        assert!(!o.done);
+        let p = o.problems(true);
+        assert_eq!(p, vec!["timeout: KDBT-DONE never came".to_string()]);
+        assert_eq!(o.problems(false), vec!["the guest stopped before KDBT-DONE".to_string()]);
+    }
+
+    #[test]
+    fn no_boot_and_panic() {
+        let o = parse("[ 2.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n");
+        let p = o.problems(false);
+        assert!(p.iter().any(|x| x.starts_with("kernel panic")));
+        assert!(p.iter().any(|x| x.contains("never reached /init")));
+        assert!(parse("").problems(true).iter().any(|x| x.contains("timeout")));
+    }
+
+    #[test]
+    fn garbled_and_duplicate_lines_fail() {
+        let s = GOOD.replace("KDBT-DONE", "KDBT-RESULT insmod PASS\n[ 2] KDBT-RESULT oops MAYBE\n[ 3] KDBT-DONE");
+        let p = parse(&s).problems(false);
+        assert!(p.iter().any(|x| x == "check insmod reported twice"), "{p:?}");
+        assert!(p.iter().any(|x| x.contains("garbled")), "{p:?}");
+    }
+
+    #[test]
+    fn table_shows_checks_and_problems() {
+        let s = GOOD.replace("insmod PASS", "insmod FAIL rc=1");
+        let o = parse(&s);
+        let p = o.problems(false);
+        let info = RunInfo {
+            suite: "smoke".into(),
+            kernel: "small".into(),
+            emulator: "bochs".into(),
+            cpus: 2,
+            boot_secs: Some(3.0),
+            wall_secs: 5.0,
+            dir: "target/vm/x".into(),
+        };
+        let t = table(&info, &o, &p);
+        assert!(t.contains("FAIL  insmod"));
+        assert!(t.contains("PASS  cpus_online"));
+        assert!(t.lines().next().unwrap().ends_with("FAIL"));
+    }
+}

@@ -1,0 +1,161 @@
+//! Small helpers: paths, the cache root, running commands with context, progress output.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+pub fn workspace_root() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().unwrap_or(dir).to_path_buf()
+}
+
+/// The one place that decides where downloaded and built artifacts are cached:
+/// `$KDBT_CACHE`, else `~/.cache/kdbt`.
+pub fn cache_root() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KDBT_CACHE") {
+        if !p.is_empty() {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    let home = std::env::var_os("HOME").context("neither KDBT_CACHE nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("kdbt"))
+}
+
+/// Prints a progress line (stderr, so summaries on stdout stay clean).
+pub fn step(msg: impl AsRef<str>) {
+    eprintln!("==> {}", msg.as_ref());
+}
+
+/// Prints a progress sub-line.
+pub fn note(msg: impl AsRef<str>) {
+    eprintln!("    {}", msg.as_ref());
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd`, inheriting stdout/stderr; errors if it cannot start or exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let d = describe(cmd);
+    let st = cmd.status().with_context(|| format!("cannot start `{d}`"))?;
+    if !st.success() {
+        bail!("`{d}` failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with its output sent to `log` (appended); prints a heartbeat with the log's
+/// last line every 30 s; on failure the error quotes the log's tail.
+pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let d = describe(cmd);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let f2 = f.try_clone()?;
+    let t = Timer::start();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f))
+        .stderr(Stdio::from(f2))
+        .spawn()
+        .with_context(|| format!("cannot start `{d}`"))?;
+    let mut next_beat = 30.0;
+    let st = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if t.secs() >= next_beat {
+            next_beat += 30.0;
+            let last = tail_lines(log, 1).unwrap_or_default();
+            note(format!("... {:.0} s: {}", t.secs(), last.trim()));
+        }
+    };
+    if !st.success() {
+        let tail = tail_lines(log, 30).unwrap_or_default();
+        bail!("`{d}` failed ({st}); last lines of {}:\n{tail}", log.display());
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout; errors on non-zero exit (quoting stderr).
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let d = describe(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{d}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{d}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Last `n` lines of a (possibly binary, possibly missing) text file.
+pub fn tail_lines(path: &Path, n: usize) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    Ok(lines[start..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// 64-bit FNV-1a: a stable, dependency-free hash for cache keys.
+pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.iter().chain(b"\0".iter()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A stopwatch that reports seconds.
+pub struct Timer(Instant);
+
+impl Timer {
+    pub fn start() -> Self {
+        Timer(Instant::now())
+    }
+    pub fn secs(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
+/// Number of host CPUs for `make -j`.
+pub fn nproc() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_is_stable_and_separates_parts() {
+        assert_eq!(fnv1a64(&[b"a"]), fnv1a64(&[b"a"]));
+        assert_ne!(fnv1a64(&[b"ab", b"c"]), fnv1a64(&[b"a", b"bc"]));
+    }
+}
