@@ -183,6 +183,13 @@ pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
     }
 
     program(pc, c, cr0, cr4v);
+    // Nothing cached for this EPTP/VPID may survive from an earlier load.
+    if c.eptp != 0 {
+        invept_all();
+    }
+    if c.vpid != 0 {
+        invvpid_all();
+    }
     pc.ctl.launching = true;
     pc.ctl.virtualized.store(true, Ordering::Release);
     let rc = vmlaunch_here();
@@ -208,6 +215,20 @@ pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
             Err(err)
         }
     }
+}
+
+/// INVEPT, all-context type (checked available by preflight: Features::INVEPT_ALL).
+fn invept_all() {
+    let desc = [0u64; 2];
+    // SAFETY: VMX root operation; type 2 (all-context) with a valid descriptor.
+    unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
+}
+
+/// INVVPID, all-context type (only used when preflight found Features::INVVPID_ALL).
+fn invvpid_all() {
+    let desc = [0u64; 2];
+    // SAFETY: VMX root operation; type 2 (all-context) with a valid descriptor.
+    unsafe { asm!("invvpid {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
 }
 
 fn vmx_off(cr4: u64) {

@@ -14,6 +14,7 @@ use spin::Mutex;
 use crate::{ffi, hw};
 
 mod entry;
+mod ept;
 pub mod launch;
 pub mod percpu;
 mod root;
@@ -44,6 +45,8 @@ pub struct Controls {
     pub vpid_base: u16,
     pub eptp: u64,
     pub host_cr3: u64,
+    /// EPT capabilities (for building the map once, and for the CPUID state leaf).
+    pub ept: ::ept::EptCaps,
 }
 
 /// What kdbt needs of every CPU. Optional features Linux may use natively (RDTSCP,
@@ -122,6 +125,7 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
         vpid_base: 1,
         eptp: 0,
         host_cr3: 0,
+        ept: ::ept::EptCaps::from_ept_vpid_cap(caps.ept_vpid.raw),
     })
 }
 
@@ -135,6 +139,8 @@ unsafe impl Send for Cpu {}
 
 struct State {
     controls: Controls,
+    /// The identity map all CPUs share.
+    ept: Option<::ept::Ept<ept::KernelFrames>>,
     /// Host page tables: a PML4 page sharing the kernel half of the kernel's.
     host_pml4: *mut u64,
     cpus: Vec<Option<Cpu>>,
@@ -229,6 +235,14 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
     // SAFETY: the glue returns per_cpu(gdt_page, cpu), a direct-map address.
     unsafe { (*pc).ctl.tables.gdt_rw = ffi::kdbt_glue_gdt_rw(cpu) };
     let controls = st.controls;
+    {
+        use vmx::hypercall::{STATE_EPT, STATE_VIRTUALIZED, STATE_VPID};
+        let state = STATE_VIRTUALIZED
+            | if controls.eptp != 0 { STATE_EPT } else { 0 }
+            | if controls.vpid != 0 { STATE_VPID } else { 0 };
+        // SAFETY: the block is exclusively ours until the CPU is launched.
+        unsafe { (*pc).ctl.exits.state = state };
+    }
     let mut result: Result<(), launch::LaunchError> = Ok(());
     let pc_addr = pc as usize;
     let rc = hw::run_on_cpu(cpu, || {
@@ -316,9 +330,23 @@ pub fn load() -> Result<(), String> {
         return Err(msg);
     }
     let Some(mut controls) = chosen else { return Err(String::from("no CPU online")) };
-    let (pml4, pml4_pa) = host_page_tables()?;
+    let map = ept::build(controls.ept)?;
+    controls.eptp = map.eptp(false);
+    controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
+    let stats = map.stats();
+    let (pml4, pml4_pa) = match host_page_tables() {
+        Ok(v) => v,
+        Err(e) => {
+            map.destroy();
+            return Err(e);
+        }
+    };
     controls.host_cr3 = pml4_pa;
-    let mut st = State { controls, host_pml4: pml4, cpus: Vec::new(), loaded_at_tsc: launch::tsc() };
+    kinfo!(
+        "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
+        map.limit() >> 30, stats.tables, stats.pages_1g, stats.pages_2m, stats.pages_4k
+    );
+    let mut st = State { controls, ept: Some(map), host_pml4: pml4, cpus: Vec::new(), loaded_at_tsc: launch::tsc() };
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
         if let Err(e) = launch_cpu(&mut st, cpu) {
             // Roll back: nothing half-done survives.
@@ -328,7 +356,7 @@ pub fn load() -> Result<(), String> {
                     let _ = write!(rollback, "; rollback: {e2}");
                 }
             }
-            free_host_tables(&st);
+            free_host_tables(&mut st);
             kwarn!("load failed: {}{}", e, rollback);
             return Err(alloc::format!("{e}{rollback}"));
         }
@@ -338,9 +366,13 @@ pub fn load() -> Result<(), String> {
     Ok(())
 }
 
-fn free_host_tables(st: &State) {
+/// Frees what all CPUs shared (host page tables, EPT) once none is virtualized.
+fn free_host_tables(st: &mut State) {
     // SAFETY: the page came from kdbt_glue_alloc_pages(0) and no CPU uses it any more.
     unsafe { ffi::kdbt_glue_free_pages(st.host_pml4.cast(), 0) };
+    if let Some(map) = st.ept.take() {
+        map.destroy();
+    }
 }
 
 /// Devirtualize every CPU and free everything.
