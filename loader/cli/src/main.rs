@@ -51,8 +51,11 @@ enum Cmd {
     /// Per CPU: virtualized or not, launch time, VM exits by reason.
     Status {
         /// Machine-readable output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "summary")]
         json: bool,
+        /// One line per CPU of key=value pairs (exit reasons as snake_case keys).
+        #[arg(long)]
+        summary: bool,
     },
     /// Show the versions of the CLI and of the loaded module.
     Version,
@@ -74,7 +77,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Caps { summary, json } => caps(summary, json),
         Cmd::Load { module, params } => load(module, &params),
         Cmd::Unload { keep_module } => unload(keep_module),
-        Cmd::Status { json } => status(json),
+        Cmd::Status { json, summary } => status(json, summary),
         Cmd::Version => {
             let v = device::Device::open()?.version()?;
             println!("kdbt CLI {} (ABI {})", env!("CARGO_PKG_VERSION"), kdbt_abi::ABI_VERSION);
@@ -187,8 +190,23 @@ fn unload(keep_module: bool) -> Result<()> {
     Ok(())
 }
 
-fn status(json: bool) -> Result<()> {
+/// `CR access` -> `cr_access`, `GDTR/IDTR access` -> `gdtr_idtr_access`.
+fn reason_key(r: u32) -> String {
+    vmx::exit::reason_name(r)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect::<String>()
+        .split('_')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+fn status(json: bool, summary: bool) -> Result<()> {
     if !module::is_inserted() {
+        if summary {
+            return Ok(());
+        }
         if json {
             println!("{}", serde_json::json!({ "module": false, "loaded": false, "cpus": [] }));
         } else {
@@ -218,6 +236,19 @@ fn status(json: bool) -> Result<()> {
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "module": true, "loaded": loaded, "cpus": cpus }))?);
+        return Ok(());
+    }
+    if summary {
+        for c in &cpus {
+            let mut line = format!(
+                "cpu={} virtualized={} launch_cycles={} exits={}",
+                c.cpu, c.virtualized, c.launch_cycles, c.exits_total
+            );
+            for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
+                line.push_str(&format!(" {}={n}", reason_key(r as u32)));
+            }
+            println!("{line}");
+        }
         return Ok(());
     }
     if !loaded {
