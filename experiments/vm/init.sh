@@ -22,8 +22,9 @@ mount -t tmpfs tmpfs /tmp
 [ -e /dev/kmsg ] || mknod /dev/kmsg c 1 11
 
 emit() {
-    # Lines longer than the kernel's record limit would be refused: cut them.
-    printf '<5>%s\n' "$(printf '%s' "$*" | cut -c1-480)" > /dev/kmsg 2>/dev/null || echo "$*"
+    # One write per line (printf is a shell builtin: no fork, which is slow in Bochs);
+    # %.480s keeps lines under the kernel's record limit.
+    printf '<5>%.480s\n' "$*" > /dev/kmsg 2>/dev/null || echo "$*"
 }
 emit KDBT-BOOT
 
@@ -38,22 +39,27 @@ for arg in $(cat /proc/cmdline); do
 done
 export EXPECT_VMX NCPUS SUITE INJECT_FAIL
 
+# Helpers keep their variables local so suites may use any names.
 plan() {
-    n=$1
-    [ "$INJECT_FAIL" = 1 ] && n=$((n + 1))
-    emit "KDBT-PLAN $n"
+    local _kn=$1
+    [ "$INJECT_FAIL" = 1 ] && _kn=$((_kn + 1))
+    emit "KDBT-PLAN $_kn"
 }
-pass() { n=$1; shift; emit "KDBT-RESULT $n PASS $*"; }
-fail() { n=$1; shift; emit "KDBT-RESULT $n FAIL $*"; }
+pass() { local _kn=$1; shift; emit "KDBT-RESULT $_kn PASS $*"; }
+fail() { local _kn=$1; shift; emit "KDBT-RESULT $_kn FAIL $*"; }
 info() {
-    printf '%s\n' "$*" | while IFS= read -r l; do emit "KDBT-INFO $l"; done
+    local _kl
+    while IFS= read -r _kl; do emit "KDBT-INFO $_kl"; done <<EOF_INFO
+$*
+EOF_INFO
 }
 # check NAME CMD...: PASS if CMD exits 0; else FAIL rc=N and its output as INFO lines.
 check() {
-    name=$1; shift
-    out=$("$@" 2>&1); rc=$?
-    if [ $rc -eq 0 ]; then pass "$name"; else fail "$name" rc=$rc; info "$out"; fi
-    return $rc
+    local _kname=$1 _kout _krc
+    shift
+    _kout=$("$@" 2>&1); _krc=$?
+    if [ $_krc -eq 0 ]; then pass "$_kname"; else fail "$_kname" rc=$_krc; info "$_kout"; fi
+    return $_krc
 }
 # Kernel log lines that mean trouble (our own KDBT- lines are excluded).
 BAD_DMESG='WARNING|Oops|BUG|general protection|Call Trace|Kernel panic|refcount_t|UBSAN|KASAN|segfault'
@@ -66,6 +72,7 @@ dmesg_mark() {
     DMESG_MARK=$(wc -l < /tmp/dmesg.mark)
 }
 dmesg_clean() {
+    local boot
     dmesg > /tmp/dmesg.all 2>&1
     boot=$(head -n "${DMESG_MARK:-0}" /tmp/dmesg.all | grep -v 'KDBT-' | grep -cE "$BAD_DMESG")
     tail -n +"$(( ${DMESG_MARK:-0} + 1 ))" /tmp/dmesg.all | grep -v 'KDBT-' | grep -E "$BAD_DMESG" > /tmp/dmesg.bad

@@ -5,8 +5,16 @@ use crate::util::{note, step};
 use anyhow::{bail, Result};
 use std::process::{Command, Stdio};
 
-/// Always needed: initramfs and ISO tooling.
-pub const BASE: &[&str] = &["busybox-static", "cpio", "xorriso", "isolinux", "syslinux-common"];
+/// Always needed: initramfs and ISO tooling, and gcc/make/binutils for kdbt.ko.
+pub const BASE: &[&str] = &[
+    "busybox-static",
+    "cpio",
+    "gzip",
+    "xorriso",
+    "isolinux",
+    "syslinux-common",
+    "build-essential",
+];
 /// Bochs with VT-x emulation and its ROMs and text display.
 pub const BOCHS: &[&str] = &["bochs", "bochsbios", "vgabios", "bochs-term"];
 /// QEMU for TCG runs.

@@ -282,6 +282,7 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
         cpus: a.cpus,
         boot_secs: b.boot_secs,
         wall_secs: b.wall_secs,
+        total_secs: total.secs(),
         dir: dir.display().to_string(),
     };
     let table = results::table(&info, &o, &problems);

@@ -118,6 +118,8 @@ pub struct RunInfo {
     pub cpus: u32,
     pub boot_secs: Option<f64>,
     pub wall_secs: f64,
+    /// The whole run, builds included.
+    pub total_secs: f64,
     pub dir: String,
 }
 
@@ -127,8 +129,8 @@ pub fn table(info: &RunInfo, o: &Outcome, problems: &[String]) -> String {
     let boot = info.boot_secs.map(|b| format!("{b:.1} s")).unwrap_or_else(|| "-".into());
     let _ = writeln!(
         s,
-        "suite {} | kernel {} | {} | cpus {} | /init after {} | wall {:.1} s | {}",
-        info.suite, info.kernel, info.emulator, info.cpus, boot, info.wall_secs, verdict
+        "suite {} | kernel {} | {} | cpus {} | /init after {} | emulator wall {:.1} s | run {:.0} s | {}",
+        info.suite, info.kernel, info.emulator, info.cpus, boot, info.wall_secs, info.total_secs, verdict
     );
     let w = o.checks.iter().map(|c| c.name.len()).max().unwrap_or(0).max(5);
     for c in &o.checks {
@@ -231,6 +233,7 @@ mod tests {
             cpus: 2,
             boot_secs: Some(3.0),
             wall_secs: 5.0,
+            total_secs: 9.0,
             dir: "target/vm/x".into(),
         };
         let t = table(&info, &o, &p);
