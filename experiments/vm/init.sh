@@ -40,11 +40,7 @@ done
 export EXPECT_VMX NCPUS SUITE INJECT_FAIL
 
 # Helpers keep their variables local so suites may use any names.
-plan() {
-    local _kn=$1
-    [ "$INJECT_FAIL" = 1 ] && _kn=$((_kn + 1))
-    emit "KDBT-PLAN $_kn"
-}
+plan() { emit "KDBT-PLAN $1"; }
 pass() { local _kn=$1; shift; emit "KDBT-RESULT $_kn PASS $*"; }
 fail() { local _kn=$1; shift; emit "KDBT-RESULT $_kn FAIL $*"; }
 info() {
@@ -93,6 +89,7 @@ boot_bad=$(grep -v 'KDBT-' /tmp/dmesg.mark | grep -E "$BAD_DMESG" | head -5)
 rc=$?
 [ $rc -eq 0 ] || info "suite script exited with status $rc"
 if [ "$INJECT_FAIL" = 1 ]; then
+    plan 1
     fail injected_failure reason=KDBT_VM_INJECT_FAIL
 fi
 emit KDBT-DONE

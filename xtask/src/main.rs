@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct VmArgs {
-    /// Scenario suite (experiments/vm/suites/<NAME>.sh).
+    /// Scenario suite(s): experiments/vm/suites/<NAME>.sh; a comma list runs several in one boot.
     #[arg(long, default_value = "smoke")]
     suite: String,
     /// Guest kernel: small | debian-6.12 | debian-6.1 | linux-image-* package | vmlinuz path.
@@ -66,7 +66,8 @@ struct VmArgs {
 enum Cmd {
     /// Boot one guest and run a scenario suite.
     Vm(VmArgs),
-    /// Host unit tests + the smoke suite in Bochs (small, debian-6.12) and QEMU TCG.
+    /// Host unit tests + the smoke and hypervisor suites in Bochs (small, debian-6.12) and
+    /// QEMU TCG (small, debian-6.12), one boot per kernel and emulator.
     Test {
         /// Skip `cargo test --workspace`.
         #[arg(long)]
@@ -87,10 +88,17 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         cpus: u32,
     },
-    /// Benchmarks.
+    /// Benchmarks: `dbt` on this machine; `hypervisor` in a Bochs guest (RDTSC ticks per
+    /// operation with kdbt unloaded and loaded, and the VM exits of the loaded run).
     Bench {
         #[arg(value_enum)]
         what: BenchKind,
+        /// Guest kernel for `hypervisor`.
+        #[arg(long, default_value = "debian-6.12")]
+        kernel: String,
+        /// Guest CPUs for `hypervisor`.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
     },
 }
 
@@ -140,7 +148,7 @@ fn real_main(cli: Cli) -> Result<bool> {
             println!("\n{}", r.table);
             Ok(r.passed)
         }
-        Cmd::Bench { what: BenchKind::Dbt } => {
+        Cmd::Bench { what: BenchKind::Dbt, .. } => {
             step(format!("cargo run --release -p dbt --features {DBT_BENCH_FEATURES} --bin dbt-bench"));
             let st = Command::new(cargo())
                 .current_dir(workspace_root())
@@ -149,11 +157,62 @@ fn real_main(cli: Cli) -> Result<bool> {
                 .context("cannot run cargo")?;
             Ok(st.success())
         }
-        Cmd::Bench { what: BenchKind::Hypervisor } => {
-            eprintln!("cargo xtask bench hypervisor: not implemented yet");
-            Ok(false)
-        }
+        Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus } => bench_hypervisor(kernel, cpus),
     }
+}
+
+/// `key=value` figure of a check.
+fn figure<'a>(c: &'a results::Check, key: &str) -> Option<&'a str> {
+    c.figures.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
+    let a = VmArgs {
+        suite: "bench-hypervisor".into(),
+        kernel,
+        kdir: None,
+        cpu_model: "corei7_skylake_x".into(),
+        cpus,
+        mem: 512,
+        emulator: Emulator::Bochs,
+        timeout: None,
+        inject_fail: false,
+        append: String::new(),
+    };
+    let r = vm_run(&mut Ctx::default(), &a, false)?;
+    if !r.passed {
+        println!("\n{}", r.table);
+        return Ok(false);
+    }
+    println!("\nkdbt hypervisor microbenchmarks ({} guest, {} CPUs, Bochs {}): RDTSC ticks per operation", a.kernel, a.cpus, a.cpu_model);
+    println!("(in Bochs RDTSC advances with executed instructions: ratios are instruction-cost ratios)\n");
+    println!("{:<12} {:>14} {:>14} {:>10}", "benchmark", "unloaded", "kdbt loaded", "ratio");
+    for c in r.checks.iter().filter(|c| c.name.starts_with("bench_") && c.name != "bench_exits") {
+        let (u, l) = (figure(c, "unloaded"), figure(c, "loaded"));
+        let ratio = match (u.and_then(|v| v.parse::<f64>().ok()), l.and_then(|v| v.parse::<f64>().ok())) {
+            (Some(u), Some(l)) if u > 0.0 => format!("{:.3}x", l / u),
+            _ => "n/a".into(),
+        };
+        println!("{:<12} {:>14} {:>14} {:>10}", &c.name["bench_".len()..], u.unwrap_or("?"), l.unwrap_or("?"), ratio);
+    }
+    if let Some(e) = r.checks.iter().find(|c| c.name == "bench_exits") {
+        let mut exits: Vec<(&str, &str)> = e
+            .figures
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| *k != "exits" && *k != "steady_getppid_exits")
+            .collect();
+        exits.sort();
+        println!("\nVM exits during the loaded run (all CPUs): {} in all", figure(e, "exits").unwrap_or("?"));
+        for (k, v) in exits {
+            println!("  {v:>10}  {k}");
+        }
+        println!(
+            "VM exits during a steady getppid loop after it: {}",
+            figure(e, "steady_getppid_exits").unwrap_or("?")
+        );
+    }
+    Ok(true)
 }
 
 fn cargo() -> String {
@@ -169,6 +228,7 @@ struct Ctx {
 struct RunReport {
     table: String,
     passed: bool,
+    checks: Vec<results::Check>,
 }
 
 fn sanitize(s: &str) -> String {
@@ -297,7 +357,7 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
         print_tails(&dir, a.emulator);
     }
     note(format!("run {run_name} took {:.0} s in all", total.secs()));
-    Ok(RunReport { table, passed })
+    Ok(RunReport { table, passed, checks: o.checks })
 }
 
 fn print_tails(dir: &Path, emulator: Emulator) {
@@ -324,8 +384,9 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool) -> Result<bool> {
             .context("cannot run cargo test")?;
         summary.push(("cargo test --workspace".into(), st.success()));
     }
+    // Both suites in one boot per kernel: Debian kernels take minutes to boot in Bochs.
     let base = VmArgs {
-        suite: "smoke".into(),
+        suite: "smoke,hypervisor".into(),
         kernel: "small".into(),
         kdir: None,
         cpu_model: "corei7_skylake_x".into(),
@@ -347,7 +408,7 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool) -> Result<bool> {
     }
     let mut ctx = Ctx::default();
     for a in &runs {
-        let label = format!("smoke {} {} {}cpu", a.kernel, a.emulator.name(), a.cpus);
+        let label = format!("{} {} {} {}cpu", a.suite, a.kernel, a.emulator.name(), a.cpus);
         if emu::interrupted() {
             bail!("interrupted");
         }

@@ -44,8 +44,9 @@ pub fn parse(serial: &str) -> Outcome {
         match tag {
             "KDBT-BOOT" => o.booted = true,
             "KDBT-DONE" => o.done = true,
-            "KDBT-PLAN" => match words.next().and_then(|n| n.parse().ok()) {
-                Some(n) => o.plan = Some(n),
+            "KDBT-PLAN" => match words.next().and_then(|n| n.parse::<usize>().ok()) {
+                // Several suites in one boot each announce their plan: they add up.
+                Some(n) => o.plan = Some(o.plan.unwrap_or(0) + n),
                 None => o.garbled.push(p.to_string()),
             },
             "KDBT-INFO" => o.infos.push(p["KDBT-INFO".len()..].trim().to_string()),
@@ -185,6 +186,21 @@ mod tests {
         let p = o.problems(false);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("insmod FAILED rc=1"));
+    }
+
+    #[test]
+    fn plans_of_several_suites_in_one_boot_add_up() {
+        let two = GOOD.replace(
+            "[    1.600000] KDBT-DONE\r\n",
+            "[    1.610000] KDBT-PLAN 1\r\n[    1.620000] KDBT-RESULT load PASS \r\n[    1.630000] KDBT-DONE\r\n",
+        );
+        let o = parse(&two);
+        assert_eq!(o.plan, Some(3));
+        assert_eq!(o.checks.len(), 3);
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
+        // The second suite's check missing: reported against the summed plan.
+        let short: String = two.lines().filter(|l| !l.contains("load PASS")).map(|l| format!("{l}\n")).collect();
+        assert_eq!(parse(&short).problems(false), vec!["1 of 3 planned checks never reported".to_string()]);
     }
 
     #[test]
