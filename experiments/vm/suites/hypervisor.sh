@@ -15,7 +15,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
         fail refuse_no_vtx rc=$rc
     fi
     info "$out"
-    dmesg_clean dmesg_clean
+    dmesg_clean hv_dmesg_clean
     exit 0
 fi
 
@@ -92,4 +92,4 @@ else
     fail refuse_missing_feature rc=$rc; info "$out"
 fi
 
-dmesg_clean dmesg_clean
+dmesg_clean hv_dmesg_clean
