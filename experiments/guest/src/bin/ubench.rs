@@ -1,34 +1,37 @@
 //! Microbenchmarks in RDTSC ticks per operation: getppid, fork+exit(+wait), exec of a
 //! static binary, and a page fault (first touch of an anonymous page).
-//! Usage: ubench [--iters N] [--exec PATH] [--only NAME]. Prints one line per benchmark:
-//! `ubench name=<bench> ops=<n> ticks_per_op=<t>`.
+//! Usage: ubench [--iters N] [--reps R] [--exec PATH] [--only NAME]. Each benchmark runs R
+//! times (default 5); it prints the fastest repetition and the slowest, one line each:
+//! `ubench name=<bench> ops=<n> ticks_per_op=<min> max_ticks_per_op=<max> reps=<R>`.
 use kdbt_guest::rdtsc;
 
 fn main() {
     let mut iters: u64 = 2000;
     let mut exec_path = String::from("/bin/true");
     let mut only: Option<String> = None;
+    let mut reps: u32 = 5;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--iters", Some(v)) => iters = v.parse().unwrap_or_else(|_| die("--iters takes a number")),
             ("--exec", Some(v)) => exec_path = v.clone(),
+            ("--reps", Some(v)) => reps = v.parse().ok().filter(|&r| r > 0).unwrap_or_else(|| die("--reps takes a number > 0")),
             ("--only", Some(v)) if ["getppid", "fork_exit", "exec", "page_fault"].contains(&v.as_str()) => {
                 only = Some(v.clone())
             }
-            _ => die("usage: ubench [--iters N] [--exec PATH] [--only getppid|fork_exit|exec|page_fault]"),
+            _ => die("usage: ubench [--iters N] [--reps R] [--exec PATH] [--only getppid|fork_exit|exec|page_fault]"),
         }
     }
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     if run("getppid") {
-        report("getppid", iters * 10, || {
+        report(reps, "getppid", iters * 10, || {
             // SAFETY: getppid has no side effects.
             unsafe { libc::getppid() };
         });
     }
     if run("fork_exit") {
-        report("fork_exit", iters / 10, || {
+        report(reps, "fork_exit", iters / 10, || {
             // SAFETY: the child only calls _exit; the parent reaps it.
             unsafe {
                 let pid = libc::fork();
@@ -41,7 +44,7 @@ fn main() {
     }
     let path = std::ffi::CString::new(exec_path).unwrap_or_else(|_| die("bad --exec path"));
     if run("exec") {
-        report("exec", iters / 20, || {
+        report(reps, "exec", iters / 20, || {
             // SAFETY: the child execs a static binary with an empty argv/envp or exits 127.
             unsafe {
                 let pid = libc::fork();
@@ -58,7 +61,7 @@ fn main() {
     if !run("page_fault") {
         return;
     }
-    let pages = iters as usize;
+    let pages = iters as usize * reps as usize;
     // SAFETY: a private anonymous mapping of `pages` pages, unmapped below.
     let mem = unsafe {
         libc::mmap(
@@ -74,7 +77,7 @@ fn main() {
         die("mmap failed");
     }
     let mut page = 0usize;
-    report("page_fault", pages as u64, || {
+    report(reps, "page_fault", iters, || {
         // SAFETY: `page` < `pages`, so the write is inside the mapping.
         unsafe { (mem as *mut u8).add(page * 4096).write_volatile(1) };
         page += 1;
@@ -83,14 +86,19 @@ fn main() {
     unsafe { libc::munmap(mem, pages * 4096) };
 }
 
-fn report(name: &str, ops: u64, mut f: impl FnMut()) {
+fn report(reps: u32, name: &str, ops: u64, mut f: impl FnMut()) {
     let ops = ops.max(1);
-    let t0 = rdtsc();
-    for _ in 0..ops {
-        f();
+    let (mut min, mut max) = (u64::MAX, 0);
+    for _ in 0..reps {
+        let t0 = rdtsc();
+        for _ in 0..ops {
+            f();
+        }
+        let per_op = (rdtsc() - t0) / ops;
+        min = min.min(per_op);
+        max = max.max(per_op);
     }
-    let t = rdtsc() - t0;
-    println!("ubench name={name} ops={ops} ticks_per_op={}", t / ops);
+    println!("ubench name={name} ops={ops} ticks_per_op={min} max_ticks_per_op={max} reps={reps}");
 }
 
 fn die(msg: &str) -> ! {
