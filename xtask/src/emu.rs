@@ -79,6 +79,28 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// Runs `cmd` in its own process group; on timeout or Ctrl-C kills the whole group and
+/// returns None.
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let t = Timer::start();
+    let mut child = cmd.process_group(0).spawn().context("cannot start command")?;
+    let pid = child.id() as i32;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if interrupted() || t.secs() > limit.as_secs_f64() {
+            if !interrupted() {
+                note(format!("timed out after {} s: killing it", limit.as_secs()));
+            }
+            signal_group(pid, libc::SIGKILL);
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn find_file(cands: &[&str]) -> Option<PathBuf> {
     cands.iter().map(PathBuf::from).find(|p| p.is_file())
 }

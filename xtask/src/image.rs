@@ -125,8 +125,11 @@ fn busybox() -> Result<PathBuf> {
     bail!("no busybox binary: install busybox-static")
 }
 
-/// The /init script (experiments/vm/init.sh) and the suite script, checked to exist.
-pub fn init_script(suite: &str) -> Result<(String, String, Vec<(String, String)>)> {
+/// (/init text, /suite.sh wrapper text, [(suite name, suite text)]).
+pub type InitScripts = (String, String, Vec<(String, String)>);
+
+/// The /init script (experiments/vm/init.sh) and the suite scripts, checked to exist.
+pub fn init_script(suite: &str) -> Result<InitScripts> {
     let vm = workspace_root().join("experiments/vm");
     let init = std::fs::read_to_string(vm.join("init.sh")).context("cannot read experiments/vm/init.sh")?;
     // Several suites (`smoke,hypervisor`) run one after the other in one boot, each in its
@@ -146,7 +149,8 @@ pub fn init_script(suite: &str) -> Result<(String, String, Vec<(String, String)>
             known.sort();
             format!("no suite `{name}` ({}); known suites: {}", suite_path.display(), known.join(", "))
         })?;
-        wrapper.push_str(&format!("( . /suites/{name}.sh )\n"));
+        // Each suite's dmesg_clean looks only at what happened since that suite began.
+        wrapper.push_str(&format!("( dmesg_mark; . /suites/{name}.sh )\n"));
         bodies.push((name.to_string(), body));
     }
     if bodies.is_empty() {
