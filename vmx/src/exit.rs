@@ -67,6 +67,8 @@ pub trait ExitHw {
     /// RDMSR/WRMSR with a fault fixup; None/false if the access faulted.
     fn rdmsr_safe(&mut self, msr: u32) -> Option<u64>;
     fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool;
+    /// INVEPT all-context: drops every EPT-derived translation this CPU caches.
+    fn invept_all(&mut self);
 }
 
 /// Basic exit reasons (SDM Vol. 3C, Appendix C) that kdbt names in its statistics.
@@ -208,11 +210,13 @@ pub struct ExitCtx {
     /// Exits by basic reason (index >= COUNT counted in the last slot).
     pub counts: [u64; reason::COUNT],
     pub total: u64,
+    /// EptInvalidate hypercalls served.
+    pub inveptions: u64,
 }
 
 impl ExitCtx {
     pub fn new(cpu: u32, state: u32) -> Self {
-        ExitCtx { cpu, state, counts: [0; reason::COUNT], total: 0 }
+        ExitCtx { cpu, state, counts: [0; reason::COUNT], total: 0, inveptions: 0 }
     }
 }
 
@@ -357,7 +361,7 @@ fn cpuid(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) {
     regs.rdx = r[3] as u64;
 }
 
-fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) -> Action {
+fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Action {
     if guest_cpl(hw) != 0 {
         inject_exception(hw, VECTOR_UD, None);
         return Action::Resume;
@@ -389,7 +393,17 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) -> Action {
             regs.rax = hypercall::OK;
             Action::Devirtualize
         }
-        Call::EptSetPerms | Call::EptInvalidate => {
+        Call::EptInvalidate => {
+            // The caller changed EPT entries (in memory it owns) and now wants every
+            // cached translation of this CPU gone; it issues this on each CPU.
+            hw.invept_all();
+            ctx.inveptions += 1;
+            regs.rax = hypercall::OK;
+            Action::Resume
+        }
+        Call::EptSetPerms => {
+            // Permission changes are made by the kernel side on the shared tables, then
+            // EptInvalidate on every CPU; this number stays reserved.
             regs.rax = hypercall::ERR_UNSUPPORTED;
             Action::Resume
         }
@@ -440,6 +454,7 @@ mod tests {
         xcr0: u64,
         msrs: BTreeMap<u32, u64>,
         wbinvd: u32,
+        invept: u32,
     }
 
     impl ExitHw for Fake {
@@ -461,6 +476,9 @@ mod tests {
         }
         fn wbinvd(&mut self) {
             self.wbinvd += 1;
+        }
+        fn invept_all(&mut self) {
+            self.invept += 1;
         }
         fn rdmsr_safe(&mut self, msr: u32) -> Option<u64> {
             self.msrs.get(&msr).copied()
@@ -627,6 +645,24 @@ mod tests {
         assert_eq!(ctx.counts[reason::COUNT - 1], 1);
         let names: Vec<_> = (0..70).map(reason_name).collect();
         assert_eq!(names[48], "EPT violation");
+    }
+
+    #[test]
+    fn ept_invalidate_runs_invept_at_cpl0_only() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: Call::EptInvalidate.rax(), ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!((f.invept, r.rax, ctx.inveptions), (1, hypercall::OK, 1));
+        let mut f = exit(reason::VMCALL, 3, 3);
+        let mut r = GuestRegs { rax: Call::EptInvalidate.rax(), ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!((f.invept, ctx.inveptions), (0, 1));
+        assert_eq!(injected(&f), Some((VECTOR_UD, None)));
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: Call::EptSetPerms.rax(), ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx);
+        assert_eq!(r.rax, hypercall::ERR_UNSUPPORTED);
     }
 
     #[test]

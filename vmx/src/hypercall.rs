@@ -42,9 +42,10 @@ pub enum Call {
     ExitCount = 2,
     /// Leaves VMX operation on this CPU and returns to the caller natively (RAX = OK).
     Devirtualize = 3,
-    /// Reserved for the DBT: set EPT permissions of a 4 KB page (RBX = GPA, RCX = perms).
+    /// Reserved: set EPT permissions of a 4 KB page from root mode. (kdbt changes the shared
+    /// tables from the kernel side and then calls [`Call::EptInvalidate`] on every CPU.)
     EptSetPerms = 0x10,
-    /// Reserved for the DBT: INVEPT (single context) on this CPU.
+    /// INVEPT all-context on this CPU, after a change of the EPT tables.
     EptInvalidate = 0x11,
 }
 

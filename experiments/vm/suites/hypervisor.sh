@@ -19,7 +19,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 15
+plan 16
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -48,6 +48,12 @@ out=$(kdbt load 2>&1); rc=$?
 if [ $rc -ne 0 ] && echo "$out" | grep -q "already loaded"; then pass refuse_second_load; else fail refuse_second_load rc=$rc; info "$out"; fi
 vmcall-user >/dev/null 2>&1; rc=$?
 if [ $rc -eq 132 ]; then pass user_vmcall_sigill; else fail user_vmcall_sigill rc=$rc; fi
+
+# Per-4 KB EPT permission changes, each followed by INVEPT on every CPU.
+out=$(kdbt ept-check 2>&1); rc=$?
+info "$out"
+inv=$(echo "$out" | grep -o 'cpu[0-9]*_invept=[0-9]*' | tr '\n' ' ')
+if [ $rc -eq 0 ] && [ "$(echo "$inv" | wc -w)" = "$NCPUS" ]; then pass ept_perms_all_cpus $inv; else fail ept_perms_all_cpus rc=$rc; fi
 
 # CPU hotplug while loaded (needs a second CPU).
 if [ "$NCPUS" -ge 2 ]; then

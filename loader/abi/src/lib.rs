@@ -153,6 +153,9 @@ pub const IOC_LOAD: u32 = iowr(0x02, core::mem::size_of::<Command>());
 pub const IOC_UNLOAD: u32 = iowr(0x03, core::mem::size_of::<Command>());
 /// Per-CPU hypervisor state; see [`StatusQuery`].
 pub const IOC_STATUS: u32 = iowr(0x04, core::mem::size_of::<StatusQuery>());
+/// Exercises per-4 KB EPT permission changes (with INVEPT on every CPU) on a scratch page;
+/// the report (or the failure) comes back in [`Command::message`].
+pub const IOC_EPT_CHECK: u32 = iowr(0x05, core::mem::size_of::<Command>());
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {

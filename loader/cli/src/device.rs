@@ -6,8 +6,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
 use kdbt_abi::{
-    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_LOAD,
-    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS,
+    IOC_EPT_CHECK, IOC_LOAD, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -116,6 +116,19 @@ impl Device {
     /// Devirtualizes every CPU.
     pub fn unload(&self) -> Result<std::result::Result<(), CommandError>> {
         self.command(IOC_UNLOAD)
+    }
+
+    /// Runs the module's EPT permission check; its report.
+    pub fn ept_check(&self) -> Result<String> {
+        let mut c = Command::default();
+        let r = self.ioctl(IOC_EPT_CHECK, &mut c);
+        let text = kdbt_abi::fixed_str_read(&c.message).to_string();
+        match r {
+            Ok(()) => Ok(text),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => bail!("kdbt is not loaded"),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => bail!("EPT check failed: {text}"),
+            Err(e) => Err(e).context("KDBT_IOC_EPT_CHECK failed"),
+        }
     }
 
     /// Whether the hypervisor is loaded, and each virtualized CPU's state.

@@ -57,6 +57,9 @@ enum Cmd {
         #[arg(long)]
         summary: bool,
     },
+    /// Check per-page EPT permission changes on a scratch page (none, R, RW, RX, X-only,
+    /// RWX), each followed by INVEPT on every CPU.
+    EptCheck,
     /// Show the versions of the CLI and of the loaded module.
     Version,
 }
@@ -78,6 +81,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Load { module, params } => load(module, &params),
         Cmd::Unload { keep_module } => unload(keep_module),
         Cmd::Status { json, summary } => status(json, summary),
+        Cmd::EptCheck => {
+            println!("kdbt: EPT check passed: {}", Device::open()?.ept_check()?);
+            Ok(())
+        }
         Cmd::Version => {
             let v = device::Device::open()?.version()?;
             println!("kdbt CLI {} (ABI {})", env!("CARGO_PKG_VERSION"), kdbt_abi::ABI_VERSION);

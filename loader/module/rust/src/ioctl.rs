@@ -4,8 +4,8 @@ use alloc::vec::Vec;
 use core::mem::size_of;
 
 use kdbt_abi::{
-    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_LOAD,
-    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK,
+    IOC_LOAD, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -20,6 +20,7 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_LOAD => command(arg, hv::load, errno::EALREADY, hv::is_loaded),
         IOC_UNLOAD => command(arg, hv::unload, errno::ENOENT, || !hv::is_loaded()),
         IOC_STATUS => status(arg),
+        IOC_EPT_CHECK => ept_check(arg),
         _ => Err(errno::ENOTTY),
     }
 }
@@ -158,4 +159,20 @@ fn status(arg: u64) -> Result<i64> {
     q.count = out.len() as u32;
     copy_to_user(arg, core::slice::from_ref(&q))?;
     Ok(0)
+}
+
+fn ept_check(arg: u64) -> Result<i64> {
+    let mut c: Command = copy_from_user(arg)?;
+    if c.size as usize != size_of::<Command>() {
+        return Err(errno::EINVAL);
+    }
+    let (r, text) = match hv::ept_check() {
+        Ok(report) => (Ok(0), report),
+        Err(e) => (Err(if hv::is_loaded() { errno::EIO } else { errno::ENOENT }), e),
+    };
+    c.message = [0; 480];
+    let n = text.len().min(c.message.len() - 1);
+    c.message[..n].copy_from_slice(&text.as_bytes()[..n]);
+    copy_to_user(arg, core::slice::from_ref(&c))?;
+    r
 }

@@ -476,3 +476,97 @@ pub fn fatal_message(out: &mut impl Write) {
         }
     }
 }
+
+/// Changes the EPT permissions of the 4 KB page at `gpa` on every CPU: the shared tables
+/// are updated (splitting a large page if needed), then every virtualized CPU executes
+/// INVEPT through the hypercall before this returns. Returns the previous permissions.
+pub fn set_page_perms(gpa: u64, perms: ::ept::Perms) -> Result<::ept::Perms, String> {
+    let mut guard = STATE.lock();
+    let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
+    let map = st.ept.as_mut().ok_or_else(|| String::from("no EPT"))?;
+    let old = map.perms_of(gpa).ok_or_else(|| alloc::format!("{gpa:#x} is outside the EPT map"))?;
+    let flush = map.set_perms_4k(gpa, perms).map_err(|e| alloc::format!("{e}"))?;
+    if flush {
+        let _hp = hw::CpusReadGuard::lock();
+        for cpu in (0..st.cpus.len() as u32).filter(|&c| st.cpus[c as usize].is_some()) {
+            let mut rax = 0;
+            hw::run_on_cpu(cpu, || rax = hypercall(vmx::hypercall::Call::EptInvalidate, 0))
+                .map_err(|e| alloc::format!("cpu{cpu}: cannot run INVEPT (error {e})"))?;
+            if rax != vmx::hypercall::OK {
+                return Err(alloc::format!("cpu{cpu}: INVEPT hypercall returned {rax:#x}"));
+            }
+        }
+    }
+    Ok(old)
+}
+
+/// INVEPT hypercalls each virtualized CPU has served, by CPU.
+fn inveptions() -> Vec<(u32, u64)> {
+    let guard = STATE.lock();
+    let Some(st) = guard.as_ref() else { return Vec::new() };
+    st.cpus
+        .iter()
+        .enumerate()
+        .filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc)))
+        // SAFETY: the block stays allocated while in `cpus`; a stale count is harmless.
+        .map(|(cpu, pc)| (cpu, unsafe { core::ptr::read_volatile(&(*pc).ctl.exits.inveptions) }))
+        .collect()
+}
+
+/// Exercises per-page permission changes on a scratch page kdbt owns: every permission
+/// kind the CPU supports (none, R, RW, RX, X-only, RWX), each checked by a software walk of
+/// the shared tables and by one INVEPT per CPU; the page is read while readable. Returns a
+/// one-line report.
+pub fn ept_check() -> Result<String, String> {
+    use ::ept::Perms;
+    // SAFETY: one zeroed page; process context.
+    let page = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *mut u64;
+    if page.is_null() {
+        return Err(String::from("out of memory"));
+    }
+    // SAFETY: our page.
+    let gpa = unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) };
+    // SAFETY: our page, mapped RWX by EPT until we change it.
+    unsafe { page.write_volatile(0x6b64_6274) };
+    let xo = STATE.lock().as_ref().is_some_and(|st| st.controls.ept.execute_only);
+    let mut kinds = alloc::vec![Perms::NONE, Perms::R, Perms::RW, Perms::RX];
+    if xo {
+        kinds.push(Perms::X);
+    }
+    kinds.push(Perms::RWX);
+    let before = inveptions();
+    let mut report = String::new();
+    let mut result = Ok(());
+    for &p in &kinds {
+        if let Err(e) = set_page_perms(gpa, p) {
+            result = Err(alloc::format!("set {p} on {gpa:#x}: {e}"));
+            break;
+        }
+        let now = STATE.lock().as_ref().and_then(|st| st.ept.as_ref()?.perms_of(gpa));
+        if now != Some(p) {
+            result = Err(alloc::format!("{gpa:#x}: set {p}, the tables say {now:?}"));
+            break;
+        }
+        if p.contains(Perms::R) {
+            // SAFETY: our page, readable under the permissions just installed.
+            let v = unsafe { page.read_volatile() };
+            if v != 0x6b64_6274 {
+                result = Err(alloc::format!("{gpa:#x} reads {v:#x} under {p}"));
+                break;
+            }
+        }
+        let _ = write!(report, "{p} ");
+    }
+    // Whatever happened, give the page back its identity-map rights before freeing it.
+    let restore = set_page_perms(gpa, Perms::RWX);
+    let after = inveptions();
+    // SAFETY: our page; RWX again (or the module is not loaded any more).
+    unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+    result?;
+    restore?;
+    let mut counts = String::new();
+    for ((cpu, b), (_, a)) in before.iter().zip(after.iter()) {
+        let _ = write!(counts, " cpu{cpu}_invept={}", a - b);
+    }
+    Ok(alloc::format!("page={gpa:#x} perms=[{}]{counts}", report.trim_end()))
+}

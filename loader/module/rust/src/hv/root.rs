@@ -61,6 +61,11 @@ impl ExitHw for RootHw {
     fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool {
         entry::wrmsr_safe(msr, value)
     }
+    fn invept_all(&mut self) {
+        let desc = [0u64; 2];
+        // SAFETY: VMX root operation; all-context INVEPT, which preflight required.
+        unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
+    }
 }
 
 /// Result code the launcher sees when the first VM entry failed after VMLAUNCH passed its
