@@ -159,6 +159,33 @@ pub fn init_script(suite: &str) -> Result<InitScripts> {
     Ok((init, wrapper, bodies))
 }
 
+/// Checks /init and the suites with `sh -n` (busybox sh if present, as in the guest) so a
+/// syntax error fails before any long step.
+pub fn syntax_check(scripts: &InitScripts) -> Result<()> {
+    let (init, wrapper, bodies) = scripts;
+    let mut all = vec![("init.sh".to_string(), init.clone()), ("suite wrapper".to_string(), wrapper.clone())];
+    all.extend(bodies.iter().map(|(n, b)| (format!("suites/{n}.sh"), b.clone())));
+    let shell: Vec<&str> = if Path::new("/bin/busybox").is_file() { vec!["/bin/busybox", "sh"] } else { vec!["sh"] };
+    for (name, text) in all {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("kdbt-xtask-{}-{seq}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let f = dir.join("script.sh");
+        std::fs::write(&f, &text)?;
+        let out = Command::new(shell[0]).args(&shell[1..]).arg("-n").arg(&f).output();
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = out.context("cannot run sh -n")?;
+        if !out.status.success() {
+            bail!(
+                "{name} has a shell syntax error: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Builds `initrd.gz` (newc cpio, gzip) in `run_dir`.
 pub fn build_initramfs(spec: &InitrdSpec, run_dir: &Path) -> Result<PathBuf> {
     step("building the initramfs");
@@ -268,4 +295,33 @@ pub fn build_iso(vmlinuz: &Path, initrd: &Path, cmdline: &str, run_dir: &Path) -
     .context("xorriso failed")?;
     let _ = std::fs::remove_dir_all(&iso_root);
     Ok(iso)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_products_are_not_copied() {
+        for f in ["kdbt.o", "kdbt.ko", "kdbt.mod", "kdbt.mod.c", "kdbt_rust.o_shipped", ".kdbt.o.cmd", "Module.symvers", "modules.order"] {
+            assert!(is_build_product(f), "{f}");
+        }
+        for f in ["Makefile", "Kbuild", "kdbt_glue.c", "kdbt_glue.h"] {
+            assert!(!is_build_product(f), "{f}");
+        }
+    }
+
+    #[test]
+    fn repo_scripts_parse_and_unknown_suites_are_named() {
+        let s = init_script("smoke").unwrap();
+        assert!(s.1.contains("/suites/smoke.sh"));
+        syntax_check(&s).unwrap();
+        let all = init_script("smoke,hypervisor,demo").unwrap();
+        assert_eq!(all.2.len(), 3);
+        syntax_check(&all).unwrap();
+        let e = format!("{:#}", init_script("nope").unwrap_err());
+        assert!(e.contains("no suite `nope`") && e.contains("smoke"), "{e}");
+        let bad = (s.0.clone(), s.1.clone(), vec![("bad".to_string(), "if then fi (".to_string())]);
+        assert!(syntax_check(&bad).is_err());
+    }
 }

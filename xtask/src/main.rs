@@ -283,8 +283,8 @@ fn inject_from_env() -> bool {
 fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
     let total = Timer::start();
     let spec = kernel::parse_spec(&a.kernel)?;
-    // Validate the suite before any long step.
-    image::init_script(&a.suite)?;
+    // Validate the suites before any long step.
+    image::syntax_check(&image::init_script(&a.suite)?)?;
 
     let mut pkgs: Vec<&str> = deps::BASE.to_vec();
     pkgs.extend(match a.emulator {
