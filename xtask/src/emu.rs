@@ -325,7 +325,14 @@ pub fn boot(m: &Machine) -> Result<Boot> {
         bail!("interrupted; emulator stopped");
     }
     let serial = read_lossy(&serial_path);
-    let exited_early = exited.filter(|_| !results::parse(&serial).done);
+    let mut exited_early = exited.filter(|_| !results::parse(&serial).done);
+    if let Some(e) = exited_early.as_mut() {
+        // Bochs logs signals it receives; we had sent none while it ran.
+        let log = read_lossy(&m.dir.join(m.emulator.log_name()));
+        if let Some(l) = log.lines().rev().find(|l| l.contains("] sig ") && l.contains("caught")) {
+            e.push_str(&format!(": it was killed from outside this run ({})", l.trim()));
+        }
+    }
     Ok(Boot {
         serial,
         exited_early,

@@ -102,7 +102,7 @@ pub fn resolve(spec: &Spec, label: &str, kdir: Option<&Path>) -> Result<Kernel> 
                 format!("apt knows no linux-image-{series}.*-amd64 package (is this Debian 12 with bookworm-security/backports?)")
             })?;
             note(format!("{label} = {pkg}"));
-            debian(label, &pkg)
+            debian(&format!("{label} = {pkg}"), &pkg)
         }
         Spec::Package(pkg) => debian(label, pkg),
         Spec::Path(p) => {
