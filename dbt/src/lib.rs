@@ -1,1 +1,23 @@
+//! kdbt dynamic binary translator engine (see README.md).
 #![no_std]
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod asm;
+pub mod client;
+pub mod engine;
+pub mod scratch;
+
+#[cfg(feature = "host")]
+pub mod host;
+
+pub use client::{BbCov, BlockInfo, Client, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
+pub use engine::{Config, Engine, Env, Stats, StopKind};
+pub use scratch::{GuestCtx, Scratch};
+#[cfg(feature = "host")]
+pub mod corpus;
+#[cfg(feature = "host")]
+pub mod host_alloc;

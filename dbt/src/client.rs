@@ -1,0 +1,223 @@
+//! Client (instrumentation) API and the shipped tools.
+//!
+//! A client is called once per translated block with the block's decoded
+//! guest instructions and asks for [`Snippet`]s to be inserted before or
+//! after guest instructions. A snippet names the general purpose registers it
+//! clobbers and whether it clobbers the arithmetic flags; the engine spills
+//! and restores exactly those (registers to per-CPU spill slots, flags with
+//! `lahf`/`seto` only when the flags liveness analysis says they are live).
+//! Snippet code may address the client's per-CPU slots with [`client_slot`].
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use iced_x86::{
+    Code, Instruction, InstructionInfoFactory, MemoryOperand, OpAccess, Register,
+};
+
+use crate::scratch::OFF_CLIENT;
+
+/// Where a snippet goes. `After` is only honoured for instructions that are
+/// not control transfers (after a branch there is no single "after").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Where {
+    Before(usize),
+    After(usize),
+}
+
+/// Inserted code.
+#[derive(Clone, Debug, Default)]
+pub struct Snippet {
+    pub code: Vec<Instruction>,
+    /// 64-bit GPRs the code overwrites (not rsp).
+    pub clobbers: Vec<Register>,
+    pub clobbers_flags: bool,
+}
+
+/// Insertions requested for one block.
+#[derive(Default)]
+pub struct Inserts {
+    pub(crate) list: Vec<(Where, Snippet)>,
+}
+
+impl Inserts {
+    pub fn insert(&mut self, at: Where, s: Snippet) {
+        self.list.push((at, s));
+    }
+}
+
+/// Information about the block being translated.
+pub struct BlockInfo<'a> {
+    /// Guest address of the first instruction.
+    pub start: u64,
+    /// Guest instructions that will execute when the block runs (a stop
+    /// instruction such as `int3`/`ud2`/invalid bytes is not included).
+    pub insns: &'a [Instruction],
+}
+
+/// The instrumentation interface.
+pub trait Client {
+    fn instrument(&mut self, block: &BlockInfo<'_>, out: &mut Inserts);
+}
+
+/// `gs:[client slot i]` as a memory operand (i < 16).
+pub fn client_slot(i: usize) -> MemoryOperand {
+    MemoryOperand::new(
+        Register::None,
+        Register::None,
+        1,
+        OFF_CLIENT + 8 * (i as i64 & 15),
+        4,
+        false,
+        Register::GS,
+    )
+}
+
+/// `null`: no instrumentation.
+pub struct NullClient;
+impl Client for NullClient {
+    fn instrument(&mut self, _b: &BlockInfo<'_>, _o: &mut Inserts) {}
+}
+
+/// `inscount`: exact count of executed guest instructions in client slot 0
+/// (one `add` per block; a block always runs to its end or is left by its
+/// last instruction).
+pub struct InsCount;
+pub const INSCOUNT_SLOT: usize = 0;
+impl Client for InsCount {
+    fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
+        if b.insns.is_empty() {
+            return;
+        }
+        let n = b.insns.len() as i32;
+        if let Ok(i) = Instruction::with2(Code::Add_rm64_imm32, client_slot(INSCOUNT_SLOT), n) {
+            o.insert(
+                Where::Before(0),
+                Snippet { code: alloc::vec![i], clobbers: Vec::new(), clobbers_flags: true },
+            );
+        }
+    }
+}
+
+/// `bbcov`: every executed block with its hit count.
+#[derive(Default)]
+pub struct BbCov {
+    counters: BTreeMap<u64, Box<UnsafeCell<u64>>>,
+}
+
+impl BbCov {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// (block start, hits) for every block that executed at least once.
+    pub fn hits(&self) -> Vec<(u64, u64)> {
+        self.counters
+            .iter()
+            // SAFETY: reading a counter the translated code increments; the
+            // caller reads results only when no translated code runs.
+            .map(|(k, v)| (*k, unsafe { *v.get() }))
+            .filter(|(_, n)| *n != 0)
+            .collect()
+    }
+}
+
+impl Client for BbCov {
+    fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
+        let c = self.counters.entry(b.start).or_insert_with(|| Box::new(UnsafeCell::new(0)));
+        let addr = c.get() as u64;
+        let (Ok(a), Ok(i)) = (
+            Instruction::with2(Code::Mov_r64_imm64, Register::RAX, addr),
+            Instruction::with2(Code::Add_rm64_imm8, MemoryOperand::with_base(Register::RAX), 1i32),
+        ) else {
+            return;
+        };
+        o.insert(
+            Where::Before(0),
+            Snippet { code: alloc::vec![a, i], clobbers: alloc::vec![Register::RAX], clobbers_flags: true },
+        );
+    }
+}
+
+/// `memtrace`: (address, size, write) of every memory operand into a ring.
+///
+/// Per-CPU state: client slot 1 = total number of records ever written,
+/// slot 2 = ring base address. The ring has `1 << ring_bits` 16-byte entries:
+/// `[effective address, size | (is_write << 32)]`. The effective address is
+/// the operand's offset (an `fs:`/`gs:` segment base is not added) and, for a
+/// `rep` string instruction, the address of the first element.
+pub struct MemTrace {
+    pub ring_bits: u32,
+    info: InstructionInfoFactory,
+}
+
+pub const MEMTRACE_COUNT_SLOT: usize = 1;
+pub const MEMTRACE_BASE_SLOT: usize = 2;
+
+impl MemTrace {
+    pub fn new(ring_bits: u32) -> Self {
+        Self { ring_bits: ring_bits.min(24), info: InstructionInfoFactory::new() }
+    }
+
+    fn record(&self, mem: &iced_x86::UsedMemory, write: bool) -> Option<Snippet> {
+        if mem.index() != Register::None && !mem.index().is_gpr() {
+            return None; // VSIB (gathers/scatters): no single address
+        }
+        let base = mem.base();
+        let m = MemoryOperand::new(
+            base,
+            mem.index(),
+            mem.scale().max(1),
+            mem.displacement() as i64,
+            if base == Register::RIP { 8 } else if mem.displacement() == 0 { 0 } else { 4 },
+            false,
+            Register::None,
+        );
+        let size = mem.memory_size().size() as u64;
+        let info = (size | ((write as u64) << 32)) as i64;
+        let mask = (1u32 << self.ring_bits) - 1;
+        let mut code = Vec::new();
+        let lea = if base.is_gpr32() || mem.index().is_gpr32() {
+            Instruction::with2(Code::Lea_r32_m, Register::EAX, m).ok()?
+        } else {
+            Instruction::with2(Code::Lea_r64_m, Register::RAX, m).ok()?
+        };
+        code.push(lea);
+        code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, client_slot(MEMTRACE_COUNT_SLOT)).ok()?);
+        code.push(Instruction::with2(Code::Add_rm64_imm8, client_slot(MEMTRACE_COUNT_SLOT), 1i32).ok()?);
+        code.push(Instruction::with2(Code::And_rm32_imm32, Register::ECX, mask).ok()?);
+        code.push(Instruction::with2(Code::Shl_rm32_imm8, Register::ECX, 4u32).ok()?);
+        code.push(Instruction::with2(Code::Add_r64_rm64, Register::RCX, client_slot(MEMTRACE_BASE_SLOT)).ok()?);
+        code.push(Instruction::with2(Code::Mov_rm64_r64, MemoryOperand::with_base(Register::RCX), Register::RAX).ok()?);
+        code.push(
+            Instruction::with2(
+                Code::Mov_rm64_imm32,
+                MemoryOperand::with_base_displ(Register::RCX, 8),
+                info as i32,
+            )
+            .ok()?,
+        );
+        Some(Snippet { code, clobbers: alloc::vec![Register::RAX, Register::RCX], clobbers_flags: true })
+    }
+}
+
+impl Client for MemTrace {
+    fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
+        for (idx, ins) in b.insns.iter().enumerate() {
+            if ins.code() == Code::Lea_r64_m || ins.code() == Code::Lea_r32_m || ins.mnemonic() == iced_x86::Mnemonic::Nop {
+                continue;
+            }
+            let mems: Vec<iced_x86::UsedMemory> = self.info.info(ins).used_memory().to_vec();
+            for m in mems.iter() {
+                let write = match m.access() {
+                    OpAccess::Read | OpAccess::CondRead => false,
+                    OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => true,
+                    _ => continue,
+                };
+                if let Some(s) = self.record(m, write) {
+                    o.insert(Where::Before(idx), s);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1100 @@
+//! Translator, code cache, linking, dispatcher logic, invalidation.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, MemoryOperand, Mnemonic,
+    OpKind, Register, RflagsBits,
+};
+
+use crate::client::{BlockInfo, Client, Inserts, Snippet, Where};
+use crate::scratch::*;
+
+/// What the environment supplies.
+pub trait Env {
+    /// `size` bytes of writable+executable memory whose every byte is within
+    /// ±(2 GiB − 16 MiB) of `near`, or None.
+    fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64>;
+    /// Copy guest code at `pc` into `buf`; return how many bytes are readable.
+    fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize;
+}
+
+/// Why translated execution stopped and control went back to the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum StopKind {
+    /// Control reached the environment's sentinel address.
+    Sentinel = 1,
+    /// Undecodable bytes at `exit_pc`.
+    Invalid = 2,
+    /// `int3` (or `int1`/`into`) at `exit_pc`.
+    Breakpoint = 3,
+    /// `ud0`/`ud1`/`ud2` at `exit_pc`.
+    Undefined = 4,
+    /// An instruction the translator does not handle (far transfers,
+    /// `iret`, `sysret`, transactional memory, ...) at `exit_pc`.
+    Unsupported = 5,
+    /// The block at `exit_pc` could not be placed (no code memory, RIP-relative
+    /// operand out of reach).
+    NoSpace = 6,
+}
+
+impl StopKind {
+    pub fn from_u64(v: u64) -> Option<StopKind> {
+        Some(match v {
+            1 => StopKind::Sentinel,
+            2 => StopKind::Invalid,
+            3 => StopKind::Breakpoint,
+            4 => StopKind::Undefined,
+            5 => StopKind::Unsupported,
+            6 => StopKind::NoSpace,
+            _ => return None,
+        })
+    }
+}
+
+/// Exit argument for an inline-lookup miss.
+pub const EXIT_IND: u64 = 1;
+
+/// An exit of a fragment: its stub passes this record's address.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExitRecord {
+    /// Guest target.
+    pub target: u64,
+    /// Address of the 4-byte-aligned rel32 of the branch to patch (0: none).
+    pub patch_at: u64,
+    /// Exit stub address (what `patch_at` points at when unlinked).
+    pub stub: u64,
+    /// 0 = direct branch; otherwise a `StopKind`.
+    pub stop: u64,
+    /// Guest start of the fragment owning this exit.
+    pub owner: u64,
+    /// Guest start of the fragment it is linked to, or `u64::MAX`.
+    pub linked: u64,
+}
+
+/// Engine statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub blocks: u64,
+    pub guest_insns: u64,
+    pub hot_bytes: u64,
+    pub stub_bytes: u64,
+    pub links: u64,
+    pub unlinks: u64,
+    pub lookups: u64,
+    pub misses: u64,
+    pub invalidations: u64,
+    pub invalidated_blocks: u64,
+    pub flushes: u64,
+    pub resets: u64,
+    pub dispatches: u64,
+}
+
+struct Region {
+    base: u64,
+    hot_size: u64,
+    stub_size: u64,
+    hot_used: u64,
+    stub_used: u64,
+    hot_free: Vec<(u64, u64)>,
+    stub_free: Vec<(u64, u64)>,
+}
+
+impl Region {
+    fn alloc(free: &mut Vec<(u64, u64)>, used: &mut u64, start: u64, size: u64, len: u64) -> Option<u64> {
+        if let Some(i) = free.iter().position(|&(_, l)| l >= len) {
+            let (a, l) = free[i];
+            if l == len {
+                free.swap_remove(i);
+            } else {
+                free[i] = (a + len, l - len);
+            }
+            return Some(a);
+        }
+        if *used + len > size {
+            return None;
+        }
+        let a = start + *used;
+        *used += len;
+        Some(a)
+    }
+}
+
+struct Fragment {
+    start: u64,
+    end: u64,
+    entry: u64,
+    hot_len: u64,
+    stub_addr: u64,
+    stub_len: u64,
+    region: usize,
+    exits: Vec<Box<ExitRecord>>,
+    /// Exit records of other fragments linked to this one.
+    incoming: Vec<*mut ExitRecord>,
+}
+
+/// Engine configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub hot_size: u64,
+    pub stub_size: u64,
+    /// Capacity limit on total hot bytes; exceeding it resets the cache.
+    pub max_hot_bytes: u64,
+    pub max_block_insns: usize,
+    /// Link direct branches (off: every direct exit goes to the dispatcher).
+    pub link: bool,
+    /// Use the inline lookup table for indirect branches.
+    pub inline_lookup: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hot_size: 8 << 20,
+            stub_size: 4 << 20,
+            max_hot_bytes: 64 << 20,
+            max_block_insns: 64,
+            link: true,
+            inline_lookup: true,
+        }
+    }
+}
+
+/// The DBT engine (one per system; per-CPU state lives in `Scratch`).
+pub struct Engine {
+    pub cfg: Config,
+    env: Box<dyn Env>,
+    client: Option<Box<dyn Client>>,
+    regions: Vec<Region>,
+    frags: BTreeMap<u64, Fragment>,
+    /// Per-CPU blocks whose lookup tables must be kept coherent.
+    cpus: Vec<*mut Scratch>,
+    /// Space of invalidated fragments waiting for every CPU to pass a
+    /// quiescent point: (region, hot addr, hot len, stub addr, stub len).
+    pending: Vec<(usize, u64, u64, u64, u64)>,
+    /// Guest address at which a run returns to the environment.
+    pub stop_pc: u64,
+    pub stats: Stats,
+    /// Last dispatcher exits (debugging aid).
+    pub trace: [u64; 8],
+    /// Code of the last instruction iced refused to encode (debugging aid).
+    pub trace_bad: core::cell::Cell<u64>,
+    generation: u64,
+    hot_total: u64,
+}
+
+// SAFETY: the raw pointers (per-CPU blocks, exit records) are only used under
+// the engine's owner discipline (a single lock around the engine in the
+// kernel); they point at memory owned by the environment / the engine.
+unsafe impl Send for Engine {}
+
+const MAX_BLOCK_BYTES: usize = 64 * 1024;
+
+/// Result of decoding one block.
+struct Block {
+    insns: Vec<Instruction>,
+    term: Term,
+    end: u64,
+}
+
+enum Term {
+    /// Fall through to `next` (block length limit).
+    Fall(u64),
+    /// Last instruction is a control transfer (index into insns).
+    Cti,
+    /// Stop at pc with kind; the stop instruction is not in `insns`.
+    Stop(StopKind, u64),
+}
+
+fn classify_stop(i: &Instruction) -> Option<StopKind> {
+    match i.mnemonic() {
+        Mnemonic::Int3 | Mnemonic::Int1 | Mnemonic::Into => return Some(StopKind::Breakpoint),
+        Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2 => return Some(StopKind::Undefined),
+        Mnemonic::Syscall | Mnemonic::Int | Mnemonic::Sysenter | Mnemonic::Cpuid => return None,
+        _ => {}
+    }
+    match i.flow_control() {
+        FlowControl::Exception => Some(StopKind::Undefined),
+        FlowControl::XbeginXabortXend => Some(StopKind::Unsupported),
+        FlowControl::Interrupt => None,
+        FlowControl::Return => match i.code() {
+            Code::Retnq | Code::Retnq_imm16 => None,
+            _ => Some(StopKind::Unsupported),
+        },
+        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call => {
+            if i.op0_kind() == OpKind::NearBranch64 {
+                None
+            } else {
+                Some(StopKind::Unsupported)
+            }
+        }
+        FlowControl::IndirectBranch | FlowControl::IndirectCall => {
+            match i.code() {
+                Code::Jmp_rm64 | Code::Call_rm64 => None,
+                _ => Some(StopKind::Unsupported),
+            }
+        }
+        FlowControl::Next => None,
+    }
+}
+
+fn is_cti(i: &Instruction) -> bool {
+    // syscall/sysenter/int n return to the next instruction: copied as is.
+    if matches!(i.mnemonic(), Mnemonic::Syscall | Mnemonic::Sysenter | Mnemonic::Int | Mnemonic::Cpuid) {
+        return false;
+    }
+    !matches!(i.flow_control(), FlowControl::Next | FlowControl::Interrupt)
+}
+
+const ARITH: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
+
+/// Backward flags liveness over a block: `live[i]` = arithmetic flags live
+/// before instruction i. Everything is assumed live after the block.
+pub fn flags_liveness(insns: &[Instruction]) -> Vec<u32> {
+    let mut live = alloc::vec![0u32; insns.len() + 1];
+    let mut cur = ARITH;
+    live[insns.len()] = cur;
+    for (k, i) in insns.iter().enumerate().rev() {
+        let written = i.rflags_modified() & ARITH;
+        let read = i.rflags_read() & ARITH;
+        cur = (cur & !written) | read;
+        // Instructions that may fault/trap or transfer control keep
+        // everything conservative only through `read`; a conditional write
+        // (e.g. shifts by cl, which may leave flags unchanged) counts as read.
+        if matches!(i.mnemonic(), Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror | Mnemonic::Rcl | Mnemonic::Rcr | Mnemonic::Shld | Mnemonic::Shrd)
+            && i.op_count() >= 2
+            && i.op_kind(i.op_count() - 1) != OpKind::Immediate8
+        {
+            cur |= written;
+        }
+        if i.mnemonic() == Mnemonic::Int3 || i.flow_control() == FlowControl::Interrupt {
+            cur = ARITH;
+        }
+        live[k] = cur;
+    }
+    live
+}
+
+fn gs(off: i64) -> MemoryOperand {
+    MemoryOperand::new(Register::None, Register::None, 1, off, 4, false, Register::GS)
+}
+
+fn gs_idx(off: i64, idx: Register) -> MemoryOperand {
+    MemoryOperand::new(Register::None, idx, 8, off, 4, false, Register::GS)
+}
+
+/// Code emitter for one fragment's hot part.
+struct Emit {
+    base: u64,
+    buf: Vec<u8>,
+    enc: Encoder,
+    err: bool,
+    bad: u64,
+}
+
+impl Emit {
+    fn new(base: u64) -> Self {
+        Emit { base, buf: Vec::with_capacity(256), enc: Encoder::new(64), err: false, bad: 0 }
+    }
+    fn pc(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+    fn ins(&mut self, i: Result<Instruction, iced_x86::IcedError>) {
+        match i {
+            Ok(i) => {
+                let pc = self.pc();
+                match self.enc.encode(&i, pc) {
+                    Ok(_) => {
+                        let b = self.enc.take_buffer();
+                        self.buf.extend_from_slice(&b);
+                    }
+                    Err(_) => {
+                        self.err = true;
+                        self.bad = i.code() as u32 as u64;
+                    }
+                }
+            }
+            Err(_) => self.err = true,
+        }
+    }
+    fn raw(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    /// Pad with nops so that a field at offset `field` of the next
+    /// instruction starts 4-byte aligned.
+    fn align_field(&mut self, field: u64) {
+        while (self.pc() + field) % 4 != 0 {
+            self.buf.push(0x90);
+        }
+    }
+}
+
+/// A branch to patch once the stubs are placed: (offset of rel32 in the hot
+/// buffer, exit index).
+type Fixup = (usize, usize);
+
+impl Engine {
+    pub fn new(env: Box<dyn Env>, client: Option<Box<dyn Client>>, cfg: Config) -> Engine {
+        Engine {
+            cfg,
+            env,
+            client,
+            regions: Vec::new(),
+            frags: BTreeMap::new(),
+            cpus: Vec::new(),
+            pending: Vec::new(),
+            stop_pc: 0,
+            stats: Stats::default(),
+            trace: [0; 8],
+            trace_bad: core::cell::Cell::new(0),
+            generation: 0,
+            hot_total: 0,
+        }
+    }
+
+    /// Register a per-CPU block (its lookup table is kept coherent with
+    /// invalidations) and fill in its engine fields.
+    ///
+    /// # Safety
+    /// `s` must stay valid (and registered) as long as the engine lives.
+    pub unsafe fn attach_cpu(&mut self, s: *mut Scratch, dstack_top: u64) {
+        // SAFETY: the caller guarantees `s` is a valid, exclusively ours block.
+        let sc = unsafe { &mut *s };
+        sc.init();
+        sc.dispatch_entry = crate::asm::dbt_dispatch_entry as *const () as usize as u64;
+        sc.rust_dispatch = dbt_rust_dispatch as *const () as usize as u64;
+        sc.dstack_top = dstack_top & !15;
+        sc.engine = self as *mut Engine as u64;
+        self.cpus.push(s);
+    }
+
+    /// Client access (e.g. to read bbcov results).
+    pub fn client_mut(&mut self) -> Option<&mut (dyn Client + 'static)> {
+        self.client.as_deref_mut()
+    }
+
+    pub fn fragment_count(&self) -> usize {
+        self.frags.len()
+    }
+
+    /// Code-cache entry of the fragment for `pc`, if translated.
+    pub fn lookup(&self, pc: u64) -> Option<u64> {
+        self.frags.get(&pc).map(|f| f.entry)
+    }
+
+    /// (entry, hot length) of each fragment: used by the fuzz target and
+    /// tests to decode emitted code back.
+    pub fn fragments(&self) -> Vec<(u64, u64, u64, u64)> {
+        self.frags.values().map(|f| (f.entry, f.hot_len, f.stub_addr, f.stub_len)).collect()
+    }
+
+    fn region_for(&mut self, pc: u64) -> Option<usize> {
+        const REACH: u64 = (1 << 31) - (32 << 20);
+        let near = |r: &Region| {
+            let lo = r.base;
+            let hi = r.base + r.hot_size + r.stub_size;
+            pc.abs_diff(lo) < REACH && pc.abs_diff(hi) < REACH
+        };
+        if let Some(i) = self.regions.iter().position(|r| near(r)) {
+            return Some(i);
+        }
+        let size = self.cfg.hot_size + self.cfg.stub_size;
+        let base = self.env.alloc_code(pc, size as usize)?;
+        let r = Region {
+            base,
+            hot_size: self.cfg.hot_size,
+            stub_size: self.cfg.stub_size,
+            hot_used: 0,
+            stub_used: 0,
+            hot_free: Vec::new(),
+            stub_free: Vec::new(),
+        };
+        if !near(&r) {
+            return None;
+        }
+        self.regions.push(r);
+        Some(self.regions.len() - 1)
+    }
+
+    fn decode_block(&self, pc: u64) -> Block {
+        let mut insns = Vec::new();
+        let mut cur = pc;
+        let mut buf = [0u8; 16];
+        loop {
+            if insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES {
+                return Block { insns, term: Term::Fall(cur), end: cur };
+            }
+            let n = self.env.read_code(cur, &mut buf[..15]).min(15);
+            let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);
+            let i = d.decode();
+            if i.is_invalid() {
+                return Block { insns, term: Term::Stop(StopKind::Invalid, cur), end: cur + 1 };
+            }
+            if let Some(k) = classify_stop(&i) {
+                return Block { insns, term: Term::Stop(k, cur), end: i.next_ip() };
+            }
+            let cti = is_cti(&i);
+            cur = i.next_ip();
+            insns.push(i);
+            if cti {
+                return Block { insns, term: Term::Cti, end: cur };
+            }
+        }
+    }
+
+    fn emit_snippet(e: &mut Emit, s: &Snippet, flags_live: u32) {
+        let mut regs: Vec<Register> = Vec::new();
+        for r in s.clobbers.iter() {
+            let r = r.full_register();
+            if r.is_gpr64() && r != Register::RSP && !regs.contains(&r) && regs.len() < 12 {
+                regs.push(r);
+            }
+        }
+        let save_flags = s.clobbers_flags && flags_live != 0;
+        for (k, r) in regs.iter().enumerate() {
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SPILL + 8 * k as i64), *r));
+        }
+        let rax_slot = match regs.iter().position(|r| *r == Register::RAX) {
+            Some(k) => OFF_SPILL + 8 * k as i64,
+            None => OFF_SPILL + 8 * 15,
+        };
+        if save_flags {
+            if !regs.contains(&Register::RAX) {
+                e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(rax_slot), Register::RAX));
+            }
+            e.ins(Ok(Instruction::with(Code::Lahf)));
+            e.ins(Instruction::with1(Code::Seto_rm8, Register::AL));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SPILL + 8 * 14), Register::RAX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(rax_slot)));
+        }
+        for i in s.code.iter() {
+            e.ins(Ok(*i));
+        }
+        if save_flags {
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(OFF_SPILL + 8 * 14)));
+            // al = 1 iff OF was set: al + 0x7f overflows exactly then.
+            e.ins(Instruction::with2(Code::Add_rm8_imm8, Register::AL, 0x7fu32));
+            e.ins(Ok(Instruction::with(Code::Sahf)));
+        }
+        for (k, r) in regs.iter().enumerate() {
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, *r, gs(OFF_SPILL + 8 * k as i64)));
+        }
+        if save_flags && !regs.contains(&Register::RAX) {
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(rax_slot)));
+        }
+    }
+
+    /// Patchable `jmp rel32` (hand-emitted E9 so the rel32 is 4-byte aligned
+    /// and can be retargeted with one atomic store).
+    fn patch_jmp(e: &mut Emit, fix: &mut Vec<Fixup>, exit: usize) {
+        e.align_field(1);
+        e.raw(&[0xE9]);
+        fix.push((e.buf.len(), exit));
+        e.raw(&[0, 0, 0, 0]);
+    }
+
+    /// Patchable `jcc rel32` (0F 8x rel32, rel32 aligned).
+    fn patch_jcc(e: &mut Emit, fix: &mut Vec<Fixup>, cc: u8, exit: usize) {
+        e.align_field(2);
+        e.raw(&[0x0F, 0x80 | (cc & 15)]);
+        fix.push((e.buf.len(), exit));
+        e.raw(&[0, 0, 0, 0]);
+    }
+
+    /// Push a 64-bit native return address without a scratch register.
+    fn push_ret(e: &mut Emit, ret: u64) {
+        e.ins(Instruction::with1(Code::Pushq_imm32, ret as u32 as i32));
+        if (ret as i64) != (ret as u32 as i32 as i64) {
+            e.ins(Instruction::with2(
+                Code::Mov_rm32_imm32,
+                MemoryOperand::with_base_displ(Register::RSP, 4),
+                (ret >> 32) as u32,
+            ));
+        }
+    }
+
+    /// Inline lookup: guest target in rcx, guest rcx in gs:[SAVE_RCX].
+    /// Flags-neutral (movzx/not/lea/xchg/jrcxz only).
+    fn emit_lookup(e: &mut Emit, inline: bool) {
+        if inline {
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RDX), Register::RDX));
+            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::EDX, Register::CX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs_idx(OFF_TAGS, Register::RDX)));
+            e.ins(Instruction::with1(Code::Not_rm64, Register::RDX));
+            e.ins(Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RDX,
+                MemoryOperand::new(Register::RCX, Register::RDX, 1, 1, 1, false, Register::None),
+            ));
+            e.ins(Instruction::with2(Code::Xchg_rm64_r64, Register::RCX, Register::RDX));
+            // Miss path is position independent: encode it aside for its length.
+            let mut m = Emit::new(0);
+            m.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RDX));
+            m.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+            m.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
+            m.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            m.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
+            m.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
+            if m.err || m.buf.len() > 127 {
+                e.err = true;
+                return;
+            }
+            e.raw(&[0xE3, m.buf.len() as u8]); // jrcxz hit
+            let mb = core::mem::take(&mut m.buf);
+            e.raw(&mb);
+            // hit:
+            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::DX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs_idx(OFF_FRAGS, Register::RCX)));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_TGT), Register::RCX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
+            e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_TGT)));
+        } else {
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RCX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            e.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
+            e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
+        }
+    }
+
+    /// Copy a non-control-transfer instruction: original bytes unless it is
+    /// RIP-relative (then re-encoded by iced for its new address).
+    fn copy_insn(&self, e: &mut Emit, i: &Instruction) {
+        if i.is_ip_rel_memory_operand() {
+            e.ins(Ok(*i));
+        } else {
+            let mut b = [0u8; 16];
+            let n = self.env.read_code(i.ip(), &mut b[..i.len()]);
+            if n < i.len() {
+                e.err = true;
+                return;
+            }
+            e.raw(&b[..i.len()]);
+        }
+    }
+
+    /// Translate the block at `pc`, place it, return its entry.
+    fn translate(&mut self, pc: u64) -> Result<u64, StopKind> {
+        let blk = self.decode_block(pc);
+        if self.hot_total > self.cfg.max_hot_bytes {
+            self.reset();
+        }
+        let ri = self.region_for(pc).ok_or(StopKind::NoSpace)?;
+        // Instrumentation.
+        let mut ins = Inserts::default();
+        if let Some(c) = self.client.as_mut() {
+            c.instrument(&BlockInfo { start: pc, insns: &blk.insns }, &mut ins);
+        }
+        let live = flags_liveness(&blk.insns);
+        // Emit at a provisional base to learn the size, then at the real one
+        // (sizes do not depend on the address except RIP-relative encodings,
+        // which keep their size; padding is recomputed).
+        let mut attempt = 0;
+        let mut hot_guess = 0u64;
+        loop {
+            attempt += 1;
+            let hot_len_try = hot_guess + 16;
+            let hot = {
+                let r = &mut self.regions[ri];
+                Region::alloc(&mut r.hot_free, &mut r.hot_used, r.base, r.hot_size, hot_len_try)
+            };
+            let Some(hot) = hot else {
+                if attempt > 3 {
+                    return Err(StopKind::NoSpace);
+                }
+                self.reset();
+                return self.translate(pc);
+            };
+            let (buf, fixups, exits) = self.emit_block(pc, &blk, &ins, &live, hot)?;
+            if (buf.len() as u64) > hot_len_try {
+                // too small: give it back and retry with the real size
+                self.regions[ri].hot_free.push((hot, hot_len_try));
+                hot_guess = buf.len() as u64;
+                if attempt > 4 {
+                    return Err(StopKind::NoSpace);
+                }
+                continue;
+            }
+            return self.place(pc, blk.end, ri, hot, hot_len_try, buf, fixups, exits, blk.insns.len());
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn emit_block(
+        &self,
+        pc: u64,
+        blk: &Block,
+        ins: &Inserts,
+        live: &[u32],
+        hot: u64,
+    ) -> Result<(Vec<u8>, Vec<Fixup>, Vec<ExitRecord>), StopKind> {
+        let mut e = Emit::new(hot);
+        let mut fix: Vec<Fixup> = Vec::new();
+        let mut exits: Vec<ExitRecord> = Vec::new();
+        let mut new_exit = |target: u64, stop: u64| {
+            exits.push(ExitRecord { target, patch_at: 0, stub: 0, stop, owner: pc, linked: u64::MAX });
+            exits.len() - 1
+        };
+        let n = blk.insns.len();
+        let body_end = if matches!(blk.term, Term::Cti) { n - 1 } else { n };
+        let before = |e: &mut Emit, k: usize| {
+            for (w, s) in ins.list.iter() {
+                if *w == Where::Before(k) {
+                    Self::emit_snippet(e, s, live[k]);
+                }
+            }
+        };
+        let after = |e: &mut Emit, k: usize| {
+            for (w, s) in ins.list.iter() {
+                if *w == Where::After(k) {
+                    Self::emit_snippet(e, s, live[k + 1]);
+                }
+            }
+        };
+        for k in 0..body_end {
+            before(&mut e, k);
+            self.copy_insn(&mut e, &blk.insns[k]);
+            after(&mut e, k);
+        }
+        match blk.term {
+            Term::Fall(next) => {
+                let x = new_exit(next, 0);
+                Self::patch_jmp(&mut e, &mut fix, x);
+            }
+            Term::Stop(kind, at) => {
+                let x = new_exit(at, kind as u64);
+                Self::patch_jmp(&mut e, &mut fix, x);
+            }
+            Term::Cti => {
+                let k = n - 1;
+                before(&mut e, k);
+                let i = &blk.insns[k];
+                let next = i.next_ip();
+                match i.flow_control() {
+                    FlowControl::UnconditionalBranch => {
+                        let x = new_exit(i.near_branch_target(), 0);
+                        Self::patch_jmp(&mut e, &mut fix, x);
+                    }
+                    FlowControl::ConditionalBranch => {
+                        let t = i.near_branch_target();
+                        match i.mnemonic() {
+                            Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jrcxz | Mnemonic::Jecxz => {
+                                // op rel8 -> L_taken; jmp fall; L_taken: jmp taken
+                                let mut probe = *i;
+                                probe.set_near_branch64(0);
+                                let len = i.len() as u64; // same form re-encoded
+                                let op_pc = e.pc();
+                                let mut pad1 = 0;
+                                while (op_pc + len + pad1 + 1) % 4 != 0 {
+                                    pad1 += 1;
+                                }
+                                let l_taken = op_pc + len + pad1 + 5;
+                                let mut j = *i;
+                                j.set_near_branch64(l_taken);
+                                let before_len = e.buf.len();
+                                e.ins(Ok(j));
+                                if e.buf.len() - before_len != len as usize {
+                                    e.err = true;
+                                }
+                                let xf = new_exit(next, 0);
+                                Self::patch_jmp(&mut e, &mut fix, xf);
+                                let xt = new_exit(t, 0);
+                                Self::patch_jmp(&mut e, &mut fix, xt);
+                            }
+                            _ => {
+                                let cc = (i.condition_code() as u8).wrapping_sub(1);
+                                let xt = new_exit(t, 0);
+                                Self::patch_jcc(&mut e, &mut fix, cc, xt);
+                                let xf = new_exit(next, 0);
+                                Self::patch_jmp(&mut e, &mut fix, xf);
+                            }
+                        }
+                    }
+                    FlowControl::Call => {
+                        Self::push_ret(&mut e, next);
+                        let x = new_exit(i.near_branch_target(), 0);
+                        Self::patch_jmp(&mut e, &mut fix, x);
+                    }
+                    FlowControl::IndirectBranch | FlowControl::IndirectCall => {
+                        // rcx <- operand (evaluated with the guest's registers)
+                        e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
+                        if i.op0_kind() == OpKind::Register {
+                            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, i.op0_register()));
+                        } else {
+                            let m = MemoryOperand::new(
+                                i.memory_base(),
+                                i.memory_index(),
+                                i.memory_index_scale(),
+                                i.memory_displacement64() as i64,
+                                i.memory_displ_size(),
+                                false,
+                                i.segment_prefix(),
+                            );
+                            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, m));
+                        }
+                        if i.flow_control() == FlowControl::IndirectCall {
+                            Self::push_ret(&mut e, next);
+                        }
+                        Self::emit_lookup(&mut e, self.cfg.inline_lookup);
+                    }
+                    FlowControl::Return => {
+                        e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
+                        e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, MemoryOperand::with_base(Register::RSP)));
+                        let pop = 8 + if i.code() == Code::Retnq_imm16 { i.immediate16() as i64 } else { 0 };
+                        e.ins(Instruction::with2(
+                            Code::Lea_r64_m,
+                            Register::RSP,
+                            MemoryOperand::with_base_displ(Register::RSP, pop),
+                        ));
+                        Self::emit_lookup(&mut e, self.cfg.inline_lookup);
+                    }
+                    _ => return Err(StopKind::Unsupported),
+                }
+            }
+        }
+        if e.err {
+            self.trace_bad.set(e.bad);
+            return Err(StopKind::NoSpace);
+        }
+        Ok((e.buf, fix, exits))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &mut self,
+        pc: u64,
+        end: u64,
+        ri: usize,
+        hot: u64,
+        hot_len: u64,
+        mut buf: Vec<u8>,
+        fixups: Vec<Fixup>,
+        exits: Vec<ExitRecord>,
+        ninsns: usize,
+    ) -> Result<u64, StopKind> {
+        // Exit stubs (cold area): mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]
+        let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
+        let mut stub_code = Vec::new();
+        let stub_len_each = {
+            let mut t = Emit::new(0);
+            t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, u64::MAX));
+            t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
+            t.buf.len() as u64
+        };
+        let stub_total = stub_len_each * recs.len() as u64;
+        let stub = {
+            let r = &mut self.regions[ri];
+            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, stub_total.max(1))
+        };
+        let Some(stub) = stub else {
+            self.regions[ri].hot_free.push((hot, hot_len));
+            self.reset();
+            return self.translate(pc);
+        };
+        for (k, rec) in recs.iter_mut().enumerate() {
+            let addr = stub + k as u64 * stub_len_each;
+            rec.stub = addr;
+            let mut t = Emit::new(addr);
+            t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, &**rec as *const ExitRecord as u64));
+            t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
+            stub_code.extend_from_slice(&t.buf);
+        }
+        for (off, x) in fixups.iter() {
+            let at = hot + *off as u64;
+            let rel = recs[*x].stub.wrapping_sub(at + 4) as i64;
+            if rel != rel as i32 as i64 {
+                return Err(StopKind::NoSpace);
+            }
+            buf[*off..*off + 4].copy_from_slice(&(rel as i32).to_le_bytes());
+            if recs[*x].stop == 0 && self.cfg.link {
+                recs[*x].patch_at = at;
+            }
+        }
+        // SAFETY: [hot, hot+buf.len()) and [stub, stub+stub_code.len()) were
+        // allocated from this engine's region (owned, writable, executable)
+        // and nothing executes them yet.
+        unsafe {
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), hot as *mut u8, buf.len());
+            core::ptr::copy_nonoverlapping(stub_code.as_ptr(), stub as *mut u8, stub_code.len());
+        }
+        self.stats.blocks += 1;
+        self.stats.guest_insns += ninsns as u64;
+        self.stats.hot_bytes += buf.len() as u64;
+        self.stats.stub_bytes += stub_code.len() as u64;
+        self.hot_total += hot_len;
+        let f = Fragment {
+            start: pc,
+            end,
+            entry: hot,
+            hot_len,
+            stub_addr: stub,
+            stub_len: stub_total.max(1),
+            region: ri,
+            exits: recs,
+            incoming: Vec::new(),
+        };
+        // Eagerly link exits whose targets already exist.
+        self.frags.insert(pc, f);
+        if self.cfg.link {
+            let targets: Vec<(usize, u64)> = self.frags[&pc]
+                .exits
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.patch_at != 0)
+                .map(|(k, r)| (k, r.target))
+                .collect();
+            for (k, t) in targets {
+                if self.frags.contains_key(&t) {
+                    let rp = &mut *self.frags.get_mut(&pc).map(|f| &mut f.exits[k]).ok_or(StopKind::NoSpace)?
+                        as &mut ExitRecord as *mut ExitRecord;
+                    self.link(rp);
+                }
+            }
+        }
+        Ok(hot)
+    }
+
+    /// Retarget a rel32 atomically.
+    fn write_rel32(at: u64, dest: u64) -> bool {
+        let rel = dest.wrapping_sub(at + 4) as i64;
+        if rel != rel as i32 as i64 || at % 4 != 0 {
+            return false;
+        }
+        // SAFETY: `at` is the 4-byte-aligned rel32 field of a branch inside
+        // a live fragment (placed by `place`); a single aligned 32-bit store
+        // is atomic, so a CPU executing the branch sees the old or the new
+        // target, both valid code.
+        unsafe { (*(at as *const AtomicU32)).store(rel as i32 as u32, Ordering::Release) };
+        true
+    }
+
+    /// Link an exit record to its target fragment (which must exist).
+    fn link(&mut self, rec: *mut ExitRecord) {
+        // SAFETY: `rec` points into a live fragment's boxed exit records.
+        let r = unsafe { &mut *rec };
+        if r.patch_at == 0 || r.linked != u64::MAX {
+            return;
+        }
+        let Some(tf) = self.frags.get(&r.target) else { return };
+        let mut dest = tf.entry;
+        if !Self::write_rel32(r.patch_at, dest) {
+            // Target out of rel32 reach (another region): a far trampoline
+            // `jmp [rip+0]; dq entry` in the source region's stub area.
+            let Some(of) = self.frags.get(&r.owner) else { return };
+            let ri = of.region;
+            let rg = &mut self.regions[ri];
+            let Some(t) = Region::alloc(&mut rg.stub_free, &mut rg.stub_used, rg.base + rg.hot_size, rg.stub_size, 16)
+            else {
+                return;
+            };
+            let mut e = Emit::new(t);
+            e.ins(Instruction::with1(Code::Jmp_rm64, MemoryOperand::with_base_displ(Register::RIP, (t + 6) as i64)));
+            e.raw(&dest.to_le_bytes());
+            if e.err || e.buf.len() > 16 {
+                return;
+            }
+            // SAFETY: freshly allocated 16 bytes of our stub area.
+            unsafe { core::ptr::copy_nonoverlapping(e.buf.as_ptr(), t as *mut u8, e.buf.len()) };
+            dest = t;
+            if !Self::write_rel32(r.patch_at, dest) {
+                return;
+            }
+        }
+        r.linked = r.target;
+        if let Some(tf) = self.frags.get_mut(&r.target) {
+            tf.incoming.push(rec);
+        }
+        self.stats.links += 1;
+    }
+
+    /// Look up or translate `pc`.
+    pub fn fragment_for(&mut self, pc: u64) -> Result<u64, StopKind> {
+        if let Some(f) = self.frags.get(&pc) {
+            return Ok(f.entry);
+        }
+        self.translate(pc)
+    }
+
+    /// The dispatcher proper (called from the asm entry with the guest
+    /// context saved in `s`). Returns the code-cache address to continue at,
+    /// or 0 to return to the environment (reason in `s.exit_reason`).
+    pub fn dispatch(&mut self, s: &mut Scratch) -> u64 {
+        self.stats.dispatches += 1;
+        self.trace[(self.stats.dispatches % 8) as usize] = if s.exit_arg == EXIT_IND { s.ind_target | (1 << 63) } else {
+            // SAFETY: see below.
+            unsafe { (*(s.exit_arg as *const ExitRecord)).owner } };
+        let arg = s.exit_arg;
+        let (target, rec) = if arg == EXIT_IND {
+            self.stats.lookups += 1;
+            self.stats.misses += 1;
+            (s.ind_target, None)
+        } else {
+            let rp = arg as *mut ExitRecord;
+            // SAFETY: a stub only ever passes the address of its own live,
+            // boxed exit record.
+            let r = unsafe { &*rp };
+            if r.stop != 0 {
+                s.exit_reason = r.stop;
+                s.exit_pc = r.target;
+                s.ctx.rip = r.target;
+                return 0;
+            }
+            (r.target, Some(rp))
+        };
+        if target == self.stop_pc {
+            s.exit_reason = StopKind::Sentinel as u64;
+            s.exit_pc = target;
+            s.ctx.rip = target;
+            return 0;
+        }
+        let gen = self.generation;
+        match self.fragment_for(target) {
+            Ok(entry) => {
+                if let Some(rp) = rec {
+                    if gen == self.generation && self.cfg.link {
+                        self.link(rp);
+                    }
+                }
+                if arg == EXIT_IND && self.cfg.inline_lookup {
+                    let h = (target & 0xffff) as usize;
+                    s.ibl_tags[h] = target;
+                    s.ibl_frags[h] = entry;
+                }
+                entry
+            }
+            Err(k) => {
+                s.exit_reason = k as u64;
+                s.exit_pc = target;
+                s.ctx.rip = target;
+                0
+            }
+        }
+    }
+
+    fn clear_ibl_entry(&mut self, tag: u64) {
+        let h = (tag & 0xffff) as usize;
+        for &c in self.cpus.iter() {
+            // SAFETY: registered per-CPU blocks stay valid (attach_cpu
+            // contract). Writing the tag first (aligned 8-byte store) makes
+            // the entry miss before anything else changes.
+            unsafe {
+                if (*c).ibl_tags[h] == tag {
+                    core::ptr::write_volatile(&mut (*c).ibl_tags[h], IBL_EMPTY);
+                }
+            }
+        }
+    }
+
+    /// Invalidate every fragment whose guest bytes overlap [lo, hi).
+    /// Returns how many fragments were removed. Their space is reclaimed by
+    /// [`Engine::reclaim`] (see README: every CPU must have passed a
+    /// quiescent point in between).
+    pub fn invalidate(&mut self, lo: u64, hi: u64) -> usize {
+        self.stats.invalidations += 1;
+        let from = lo.saturating_sub(MAX_BLOCK_BYTES as u64 + 16);
+        let victims: Vec<u64> = self
+            .frags
+            .range(from..hi)
+            .filter(|(_, f)| f.start < hi && f.end > lo)
+            .map(|(k, _)| *k)
+            .collect();
+        for v in victims.iter() {
+            self.remove_fragment(*v);
+        }
+        self.stats.invalidated_blocks += victims.len() as u64;
+        victims.len()
+    }
+
+    fn remove_fragment(&mut self, start: u64) {
+        let Some(f) = self.frags.remove(&start) else { return };
+        // 1. Unlink incoming branches: point them back at their own stubs.
+        for &rp in f.incoming.iter() {
+            // SAFETY: incoming records belong to live fragments (a fragment
+            // removes its records from targets' lists when it dies).
+            let r = unsafe { &mut *rp };
+            if r.linked == start {
+                Self::write_rel32(r.patch_at, r.stub);
+                r.linked = u64::MAX;
+                self.stats.unlinks += 1;
+            }
+        }
+        // 2. Our own outgoing links: drop us from the targets' lists.
+        for r in f.exits.iter() {
+            if r.linked != u64::MAX {
+                if let Some(t) = self.frags.get_mut(&r.linked) {
+                    let p = &**r as *const ExitRecord as *mut ExitRecord;
+                    t.incoming.retain(|x| *x != p);
+                }
+            }
+        }
+        // 3. Lookup entries.
+        self.clear_ibl_entry(start);
+        // 4. Space: deferred.
+        self.hot_total = self.hot_total.saturating_sub(f.hot_len);
+        self.pending.push((f.region, f.entry, f.hot_len, f.stub_addr, f.stub_len));
+        // The exit records are dropped with `f`: stubs of this fragment must
+        // not run any more, which holds once no CPU executes the fragment
+        // (quiescence), since nothing links to it any longer.
+        core::mem::forget(f.exits);
+    }
+
+    /// Return space of invalidated fragments to the allocator. Call only
+    /// when every CPU has passed through the dispatcher (or is outside the
+    /// code cache) since the invalidations.
+    pub fn reclaim(&mut self) {
+        for (ri, h, hl, s, sl) in self.pending.drain(..) {
+            if let Some(r) = self.regions.get_mut(ri) {
+                r.hot_free.push((h, hl));
+                r.stub_free.push((s, sl));
+            }
+        }
+    }
+
+    /// Drop everything (all fragments, links, lookup entries, space).
+    /// Requires every CPU to be outside the code cache.
+    pub fn flush(&mut self) {
+        self.stats.flushes += 1;
+        self.frags.clear();
+        self.pending.clear();
+        for r in self.regions.iter_mut() {
+            r.hot_used = 0;
+            r.stub_used = 0;
+            r.hot_free.clear();
+            r.stub_free.clear();
+        }
+        for &c in self.cpus.iter() {
+            // SAFETY: registered per-CPU blocks stay valid.
+            unsafe { (*c).clear_ibl() };
+        }
+        self.hot_total = 0;
+        self.generation += 1;
+    }
+
+    /// Capacity reset (called from the dispatcher when the cache is full).
+    fn reset(&mut self) {
+        self.stats.resets += 1;
+        self.flush();
+    }
+}
+
+/// Rust side of the dispatcher entry.
+///
+/// # Safety
+/// Called only by `dbt_dispatch_entry` with the per-CPU block whose `engine`
+/// field points at the live engine.
+pub unsafe extern "C" fn dbt_rust_dispatch(s: *mut Scratch) -> u64 {
+    // SAFETY: see function contract; the dispatcher runs on its own stack with
+    // the guest context saved, and the engine is not otherwise borrowed while
+    // translated code runs.
+    let s = unsafe { &mut *s };
+    // SAFETY: as above.
+    let e = unsafe { &mut *(s.engine as *mut Engine) };
+    e.dispatch(s)
+}

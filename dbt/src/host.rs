@@ -1,0 +1,324 @@
+//! Host (Linux user-space) environment and run harness: mmap'd code memory
+//! near the guest code, `%gs` pointed at a per-thread `Scratch` with
+//! `arch_prctl`, native-vs-translated runs, and a ptrace single-step
+//! instruction counter used as the exact reference for `inscount`.
+
+use std::alloc::{alloc_zeroed, Layout};
+use std::boxed::Box;
+use std::vec::Vec;
+
+use crate::asm;
+use crate::client::{Client, INSCOUNT_SLOT};
+use crate::engine::{Config, Engine, Env, StopKind};
+use crate::scratch::{GuestCtx, Scratch};
+
+/// Host environment: code memory from mmap, placed close to the guest code.
+pub struct HostEnv;
+
+impl Env for HostEnv {
+    fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64> {
+        let size = (size + 0xfff) & !0xfff;
+        // Try below and above `near` in 64 MiB steps.
+        for k in 1..24u64 {
+            for dir in [0u64, 1] {
+                let off = k * (64 << 20);
+                let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
+                let Some(hint) = hint else { continue };
+                let hint = hint & !0xfff;
+                if hint < 0x10000 || hint > 0x7fff_0000_0000 {
+                    continue;
+                }
+                // SAFETY: MAP_FIXED_NOREPLACE never replaces existing mappings;
+                // we only use the result if the kernel placed it at `hint`.
+                let p = unsafe {
+                    libc::mmap(
+                        hint as *mut libc::c_void,
+                        size,
+                        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                        -1,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    continue;
+                }
+                if p as u64 != hint {
+                    // SAFETY: unmapping the mapping we just got.
+                    unsafe { libc::munmap(p, size) };
+                    continue;
+                }
+                return Some(p as u64);
+            }
+        }
+        None
+    }
+
+    fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
+        // Read up to the end of the page, and the next page only if it is
+        // mapped (mincore-free check: process_vm_readv never faults).
+        let iov_local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let iov_remote = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: process_vm_readv on our own pid copies what is readable
+        // and reports failures instead of faulting.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &iov_local, 1, &iov_remote, 1, 0) };
+        if n > 0 {
+            return n as usize;
+        }
+        // Partial (crossing into an unmapped page): read up to the page end.
+        let till_page = (0x1000 - (pc & 0xfff)) as usize;
+        if till_page < buf.len() {
+            let l = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: till_page };
+            let r = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: till_page };
+            // SAFETY: as above.
+            let n = unsafe { libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0) };
+            if n > 0 {
+                return n as usize;
+            }
+        }
+        0
+    }
+}
+
+/// Result of one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    pub rax: u64,
+    pub rdx: u64,
+    /// Callee-saved registers after the run: rbx, rbp, r12, r13, r14, r15.
+    pub callee_saved: [u64; 6],
+    pub stop: StopKind,
+    pub stop_pc: u64,
+}
+
+/// Values placed in callee-saved registers at entry; checked at exit.
+pub const CALLEE_SEED: [u64; 6] = [
+    0x1111_2222_3333_4444,
+    0x5555_6666_7777_8888,
+    0x0123_4567_89ab_cdef,
+    0xfedc_ba98_7654_3210,
+    0x0f0f_0f0f_f0f0_f0f0,
+    0x7a7a_5b5b_3c3c_1d1d,
+];
+
+fn callee_of(c: &GuestCtx) -> [u64; 6] {
+    [
+        c.gpr[GuestCtx::RBX],
+        c.gpr[GuestCtx::RBP],
+        c.gpr[GuestCtx::R12],
+        c.gpr[GuestCtx::R13],
+        c.gpr[GuestCtx::R14],
+        c.gpr[GuestCtx::R15],
+    ]
+}
+
+fn seed_ctx(args: &[u64]) -> GuestCtx {
+    let mut c = GuestCtx::default();
+    let regs = [GuestCtx::RDI, GuestCtx::RSI, GuestCtx::RDX, GuestCtx::RCX, GuestCtx::R8, GuestCtx::R9];
+    for (k, a) in args.iter().take(6).enumerate() {
+        c.gpr[regs[k]] = *a;
+    }
+    c.gpr[GuestCtx::RBX] = CALLEE_SEED[0];
+    c.gpr[GuestCtx::RBP] = CALLEE_SEED[1];
+    c.gpr[GuestCtx::R12] = CALLEE_SEED[2];
+    c.gpr[GuestCtx::R13] = CALLEE_SEED[3];
+    c.gpr[GuestCtx::R14] = CALLEE_SEED[4];
+    c.gpr[GuestCtx::R15] = CALLEE_SEED[5];
+    c.rflags = 0x202;
+    c
+}
+
+/// Run `f(args...)` natively (through the same entry convention).
+pub fn run_native(f: u64, args: &[u64]) -> RunResult {
+    let mut c = seed_ctx(args);
+    // SAFETY: `f` is a function with the C ABI taking up to six integer
+    // arguments; dbt_native_call preserves the host's callee-saved state.
+    unsafe { asm::dbt_native_call(&mut c, f) };
+    RunResult {
+        rax: c.gpr[GuestCtx::RAX],
+        rdx: c.gpr[GuestCtx::RDX],
+        callee_saved: callee_of(&c),
+        stop: StopKind::Sentinel,
+        stop_pc: 0,
+    }
+}
+
+/// Owns an engine, a per-thread `Scratch` (installed as the thread's `%gs`
+/// base), the dispatcher stack and a guest stack.
+pub struct Harness {
+    pub engine: Box<Engine>,
+    scratch: *mut Scratch,
+    _dstack: Vec<u8>,
+    gstack: Vec<u8>,
+}
+
+const ARCH_SET_GS: i32 = 0x1001;
+
+impl Harness {
+    pub fn new(client: Option<Box<dyn Client>>) -> Harness {
+        Self::with_config(client, Config::default())
+    }
+
+    pub fn with_config(client: Option<Box<dyn Client>>, cfg: Config) -> Harness {
+        crate::host_alloc::with_dbt_alloc(|| Self::with_config_inner(client, cfg))
+    }
+
+    fn with_config_inner(client: Option<Box<dyn Client>>, cfg: Config) -> Harness {
+        let layout = Layout::new::<Scratch>();
+        // SAFETY: non-zero-sized layout; all-zero bytes are a valid Scratch
+        // (plain integers and arrays).
+        let scratch = unsafe { alloc_zeroed(layout) } as *mut Scratch;
+        assert!(!scratch.is_null(), "out of memory for the per-CPU block");
+        let dstack = std::vec![0u8; 1 << 20];
+        let gstack = std::vec![0u8; 16 << 20];
+        let mut engine = Box::new(Engine::new(Box::new(HostEnv), client, cfg));
+        engine.stop_pc = asm::dbt_sentinel as *const () as u64;
+        let top = dstack.as_ptr() as u64 + dstack.len() as u64;
+        // SAFETY: the block lives as long as the harness, which owns the engine.
+        unsafe { engine.attach_cpu(scratch, top) };
+        // SAFETY: `scratch` is valid; xsave needs OSXSAVE (checked) and the
+        // area is 64-byte aligned inside the block.
+        unsafe {
+            (*scratch).save_xstate = xsave_supported() as u64;
+            (*scratch).rust_dispatch = host_dispatch as *const () as u64;
+        }
+        Harness { engine, scratch, _dstack: dstack, gstack }
+    }
+
+    fn install_gs(&self) {
+        // SAFETY: sets this thread's user %gs base; nothing else in a Rust
+        // program on x86-64 Linux uses %gs (TLS is %fs).
+        let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, self.scratch as u64) };
+        assert_eq!(r, 0, "arch_prctl(ARCH_SET_GS) failed");
+    }
+
+    pub fn scratch(&mut self) -> &mut Scratch {
+        // SAFETY: owned by the harness, not used by translated code while we
+        // hold &mut self outside of `run`.
+        unsafe { &mut *self.scratch }
+    }
+
+    /// Run `f(args...)` under the DBT from its entry until it returns to the
+    /// sentinel (or stops).
+    pub fn run(&mut self, f: u64, args: &[u64]) -> RunResult {
+        self.install_gs();
+        let mut c = seed_ctx(args);
+        let top = (self.gstack.as_ptr() as u64 + self.gstack.len() as u64) & !15;
+        let rsp = top - 8;
+        let sentinel = self.engine.stop_pc;
+        // SAFETY: rsp is inside our guest stack.
+        unsafe { *(rsp as *mut u64) = sentinel };
+        c.gpr[GuestCtx::RSP] = rsp;
+        c.rip = f;
+        let entry = match crate::host_alloc::with_dbt_alloc(|| self.engine.fragment_for(f)) {
+            Ok(e) => e,
+            Err(k) => {
+                return RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
+            }
+        };
+        {
+            let s = self.scratch();
+            s.ctx = c;
+            s.tgt = entry;
+            s.exit_reason = 0;
+        }
+        // SAFETY: %gs points at our block, whose context and target were just
+        // set; dbt_enter returns when the dispatcher gives control back.
+        unsafe { asm::dbt_enter() };
+        let s = self.scratch();
+        let c = s.ctx;
+        RunResult {
+            rax: c.gpr[GuestCtx::RAX],
+            rdx: c.gpr[GuestCtx::RDX],
+            callee_saved: callee_of(&c),
+            stop: StopKind::from_u64(s.exit_reason).unwrap_or(StopKind::Unsupported),
+            stop_pc: s.exit_pc,
+        }
+    }
+
+    /// inscount client slot (valid with the `InsCount` client).
+    pub fn inscount(&mut self) -> u64 {
+        self.scratch().client[INSCOUNT_SLOT]
+    }
+}
+
+/// Host dispatcher: the engine's dispatcher with arena allocation (see
+/// `host_alloc`).
+unsafe extern "C" fn host_dispatch(s: *mut Scratch) -> u64 {
+    // SAFETY: same contract as dbt_rust_dispatch (called by the asm entry).
+    crate::host_alloc::with_dbt_alloc(|| unsafe { crate::engine::dbt_rust_dispatch(s) })
+}
+
+fn xsave_supported() -> bool {
+    let c = core::arch::x86_64::__cpuid(1);
+    (c.ecx & (1 << 27)) != 0
+}
+
+/// Count the instructions `f(args...)` executes natively by single-stepping
+/// a forked child with ptrace (a `rep`-prefixed string instruction counts
+/// once, however many iterations it runs).
+pub fn ptrace_count(f: u64, args: &[u64]) -> Option<u64> {
+    let ret_addr = asm::dbt_native_ret as *const () as u64;
+    // SAFETY: fork in the caller's process; the child only calls the
+    // function and _exit (no return into the test harness).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return None;
+    }
+    if pid == 0 {
+        // SAFETY: child side: PTRACE_TRACEME, stop, run, exit.
+        unsafe {
+            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+            libc::raise(libc::SIGSTOP);
+            let mut c = seed_ctx(args);
+            asm::dbt_native_call(&mut c, f);
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let mut counting = false;
+    let mut count = 0u64;
+    let mut prev_rip = 0u64;
+    let mut prev_rep = false;
+    let mut buf = [0u8; 16];
+    loop {
+        // SAFETY: ptrace on our stopped, traced child.
+        let mut regs: libc::user_regs_struct = unsafe { core::mem::zeroed() };
+        unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as *mut libc::c_void) };
+        let rip = regs.rip;
+        if !counting && rip == f {
+            counting = true;
+        }
+        if counting {
+            if rip == ret_addr {
+                break;
+            }
+            // A rep string instruction traps once per iteration.
+            if !(rip == prev_rip && prev_rep) {
+                count += 1;
+            }
+            // The child is a fork of us: its code is at the same addresses.
+            let n = HostEnv.read_code(rip, &mut buf[..15]);
+            let mut d = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
+            let i = d.decode();
+            prev_rep = i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix();
+            prev_rep = prev_rep && i.is_string_instruction();
+            prev_rip = rip;
+        }
+        // SAFETY: as above.
+        unsafe { libc::ptrace(libc::PTRACE_SINGLESTEP, pid, 0, 0) };
+        // SAFETY: as above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return None;
+        }
+    }
+    // SAFETY: kill and reap our child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &mut status, 0);
+    }
+    Some(count)
+}
