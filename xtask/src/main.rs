@@ -361,8 +361,13 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
     let table = results::table(&info, &o, &problems);
     let passed = problems.is_empty();
     if show_info || !passed {
-        println!("\n--- guest output (KDBT-INFO) ---");
-        for i in &o.infos {
+        // On failure only the last INFO lines: the checks and log tails follow.
+        let skip = if show_info { 0 } else { o.infos.len().saturating_sub(TAIL) };
+        println!(
+            "\n--- guest output (KDBT-INFO{}) ---",
+            if skip > 0 { format!(", last {TAIL} of {}", o.infos.len()) } else { String::new() }
+        );
+        for i in &o.infos[skip..] {
             println!("  {i}");
         }
     }
