@@ -143,7 +143,7 @@ impl Client for BbCov {
 ///
 /// Per-CPU state: client slot 1 = total number of records ever written,
 /// slot 2 = ring base address. The ring has `1 << ring_bits` 16-byte entries:
-/// `[effective address, size | (is_write << 32)]`. The effective address is
+/// `[effective address, size | (is_write << 16)]`. The effective address is
 /// the operand's offset (an `fs:`/`gs:` segment base is not added) and, for a
 /// `rep` string instruction, the address of the first element.
 pub struct MemTrace {
@@ -174,7 +174,7 @@ impl MemTrace {
             Register::None,
         );
         let size = mem.memory_size().size() as u64;
-        let info = (size | ((write as u64) << 32)) as i64;
+        let info = (size | ((write as u64) << 16)) as i64;
         let mask = (1u32 << self.ring_bits) - 1;
         let mut code = Vec::new();
         let lea = if base.is_gpr32() || mem.index().is_gpr32() {
@@ -182,6 +182,12 @@ impl MemTrace {
         } else {
             Instruction::with2(Code::Lea_r64_m, Register::RAX, m).ok()?
         };
+        // Operands lea cannot express (e.g. 64-bit absolute displacements) are
+        // skipped rather than failing the block.
+        let probe_at = if base == Register::RIP { mem.displacement() } else { 0 };
+        if iced_x86::Encoder::new(64).encode(&lea, probe_at).is_err() {
+            return None;
+        }
         code.push(lea);
         code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, client_slot(MEMTRACE_COUNT_SLOT)).ok()?);
         code.push(Instruction::with2(Code::Add_rm64_imm8, client_slot(MEMTRACE_COUNT_SLOT), 1i32).ok()?);

@@ -236,6 +236,14 @@ impl Harness {
         }
     }
 
+    /// bbcov results (valid with the `BbCov` client).
+    pub fn bbcov_hits(&mut self) -> Vec<(u64, u64)> {
+        let Some(c) = self.engine.client_mut() else { return Vec::new() };
+        let p = c as *mut dyn Client as *mut crate::client::BbCov;
+        // SAFETY: callers only use this with a harness built with BbCov.
+        unsafe { (*p).hits() }
+    }
+
     /// inscount client slot (valid with the `InsCount` client).
     pub fn inscount(&mut self) -> u64 {
         self.scratch().client[INSCOUNT_SLOT]
