@@ -1,0 +1,203 @@
+//! Invalidation, flush, capacity reset, statistics, and randomized
+//! differential tests (generated code run natively and translated).
+use dbt::corpus::{cases, BUF_LEN};
+use dbt::engine::Env;
+use dbt::host::{run_native, Harness, HostEnv};
+use dbt::{Config, NullClient, StopKind};
+use iced_x86::code_asm::*;
+
+fn code_page() -> *mut u8 {
+    let near = code_page as *const () as u64;
+    HostEnv.alloc_code(near, 1 << 16).expect("code memory") as *mut u8
+}
+
+#[test]
+fn invalidation_unlinks_and_retranslates() {
+    let p = code_page();
+    let a = p as u64;
+    let b = a + 64;
+    // A: call B; add eax, 1; ret      B: mov eax, imm32; ret
+    let rel = (b as i64 - (a as i64 + 5)) as i32;
+    let mut code_a = vec![0xE8];
+    code_a.extend_from_slice(&rel.to_le_bytes());
+    code_a.extend_from_slice(&[0x83, 0xC0, 0x01, 0xC3]);
+    // SAFETY: p is our RWX page.
+    unsafe {
+        core::ptr::copy_nonoverlapping(code_a.as_ptr(), p, code_a.len());
+        core::ptr::copy_nonoverlapping([0xB8, 10, 0, 0, 0, 0xC3].as_ptr(), p.add(64), 6);
+    }
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    assert_eq!(h.run(a, &[]).rax, 11);
+    assert_eq!(h.run(a, &[]).rax, 11);
+    let links_before = h.engine.stats.links;
+    assert!(links_before >= 1);
+    // Modify B without telling the engine: the stale translation still runs.
+    // SAFETY: our page.
+    unsafe { *p.add(65) = 20 };
+    assert_eq!(h.run(a, &[]).rax, 11, "cached translation is used until invalidated");
+    let n = h.engine.invalidate(b + 1, b + 2);
+    assert_eq!(n, 1);
+    h.engine.reclaim();
+    let s = h.engine.stats;
+    assert_eq!(s.invalidations, 1);
+    assert_eq!(s.invalidated_blocks, 1);
+    assert!(s.unlinks >= 1, "A's call link into B was undone");
+    assert_eq!(h.run(a, &[]).rax, 21);
+    assert_eq!(run_native(a, &[]).rax, 21);
+    // Invalidate a range nobody covers.
+    assert_eq!(h.engine.invalidate(a + 1000, a + 2000), 0);
+    // Full flush.
+    h.engine.flush();
+    assert_eq!(h.engine.fragment_count(), 0);
+    assert_eq!(h.run(a, &[]).rax, 21);
+    assert_eq!(h.engine.stats.flushes, 1);
+}
+
+#[test]
+fn capacity_limit_resets_and_stays_correct() {
+    let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };
+    let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);
+    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
+        let mut nb = vec![0u8; BUF_LEN];
+        let mut tb = vec![0u8; BUF_LEN];
+        let n = run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
+        let t = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
+        assert_eq!(t.stop, StopKind::Sentinel);
+        assert_eq!(t.rax, n.rax, "{}", c.name);
+        assert!(nb == tb);
+    }
+    assert!(h.engine.stats.resets > 0, "{:?}", h.engine.stats);
+}
+
+#[test]
+fn stops_on_int3_ud2_and_invalid_bytes() {
+    let p = code_page();
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    for (bytes, kind, off) in [
+        (&[0x90u8, 0xCC][..], StopKind::Breakpoint, 1u64),
+        (&[0x31, 0xC0, 0x0F, 0x0B][..], StopKind::Undefined, 2),
+        (&[0x90, 0x90, 0x06][..], StopKind::Invalid, 2), // push es: invalid in 64-bit mode
+    ] {
+        // SAFETY: our page.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+        h.engine.flush();
+        let r = h.run(p as u64, &[]);
+        assert_eq!(r.stop, kind);
+        assert_eq!(r.stop_pc, p as u64 + off);
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A random function `f(out: *mut u64)`: random ALU/flag/cmov/setcc code on
+/// nine registers, optionally with forward branches and a counted loop, then
+/// stores every register and the arithmetic flags to `out`.
+fn gen(rng: &mut Rng, branchy: bool, at: u64) -> Option<Vec<u8>> {
+    let regs = [rax, rcx, rdx, rsi, r8, r9, r10, rbx, rbp];
+    let mut a = CodeAssembler::new(64).ok()?;
+    a.push(rbx).ok()?;
+    a.push(rbp).ok()?;
+    a.mov(r11, rdi).ok()?;
+    for r in regs.iter() {
+        a.mov(*r, rng.next()).ok()?;
+    }
+    let n = 20 + rng.below(40);
+    let mut labels = Vec::new();
+    for k in 0..n {
+        let d = regs[rng.below(9) as usize];
+        let s = regs[rng.below(9) as usize];
+        let imm = rng.next() as i32;
+        match rng.below(16) {
+            0 => a.add(d, s).ok()?,
+            1 => a.sub(d, imm).ok()?,
+            2 => a.xor(d, s).ok()?,
+            3 => a.imul_2(d, s).ok()?,
+            4 => a.shl(d, (rng.below(63) + 1) as u32).ok()?,
+            5 => a.adc(d, s).ok()?,
+            6 => a.sbb(d, imm).ok()?,
+            7 => a.cmp(d, s).ok()?,
+            8 => a.cmovb(d, s).ok()?,
+            9 => a.lea(d, qword_ptr(s + d * 2 + 17)).ok()?,
+            10 => a.rol(d, (rng.below(63) + 1) as u32).ok()?,
+            11 => a.neg(d).ok()?,
+            12 => a.test(d, imm).ok()?,
+            13 => a.bswap(d).ok()?,
+            14 => a.inc(d).ok()?,
+            _ => a.or(d, imm).ok()?,
+        }
+        if branchy && k % 5 == 4 {
+            let mut l = a.create_label();
+            match rng.below(4) {
+                0 => a.jne(l).ok()?,
+                1 => a.jl(l).ok()?,
+                2 => a.jbe(l).ok()?,
+                _ => a.js(l).ok()?,
+            }
+            a.xor(regs[rng.below(9) as usize], imm).ok()?;
+            a.set_label(&mut l).ok()?;
+            a.nop().ok()?;
+            labels.push(());
+        }
+    }
+    if branchy {
+        // counted loop with a data-dependent body
+        let mut top = a.create_label();
+        a.mov(rdi, 5 + rng.below(20)).ok()?;
+        a.set_label(&mut top).ok()?;
+        a.add(rax, rcx).ok()?;
+        a.rol(rdx, 3).ok()?;
+        a.dec(rdi).ok()?;
+        a.jnz(top).ok()?;
+    }
+    a.pushfq().ok()?;
+    a.pop(rdi).ok()?;
+    a.and(rdi, 0x8d5).ok()?;
+    for (k, r) in regs.iter().chain([rdi].iter()).enumerate() {
+        a.mov(qword_ptr(r11 + 8 * k as i32), *r).ok()?;
+    }
+    a.pop(rbp).ok()?;
+    a.pop(rbx).ok()?;
+    a.ret().ok()?;
+    a.assemble(at).ok()
+}
+
+fn differential(branchy: bool, seed: u64) {
+    let p = code_page();
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    let mut rng = Rng(seed);
+    for _ in 0..150 {
+        let code = gen(&mut rng, branchy, p as u64).expect("assemble");
+        assert!(code.len() < 1 << 16);
+        // SAFETY: our page.
+        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), p, code.len()) };
+        h.engine.flush();
+        let mut no = [0u64; 10];
+        let mut to = [0u64; 10];
+        run_native(p as u64, &[no.as_mut_ptr() as u64]);
+        let r = h.run(p as u64, &[to.as_mut_ptr() as u64]);
+        assert_eq!(r.stop, StopKind::Sentinel);
+        assert_eq!(no, to, "register/flags state differs");
+        assert_eq!(r.callee_saved, dbt::host::CALLEE_SEED);
+    }
+}
+
+#[test]
+fn random_straight_line_code_matches_native() {
+    differential(false, 0x1234_5678_9abc_def1);
+}
+
+#[test]
+fn random_branchy_code_matches_native() {
+    differential(true, 0x0fed_cba9_8765_4321);
+}
