@@ -822,6 +822,8 @@ impl Engine {
         // and nothing executes them yet.
         unsafe {
             core::ptr::copy_nonoverlapping(buf.as_ptr(), hot as *mut u8, buf.len());
+            // Slack after the code: int3, never executed.
+            core::ptr::write_bytes((hot + buf.len() as u64) as *mut u8, 0xCC, (hot_len as usize).saturating_sub(buf.len()));
             core::ptr::copy_nonoverlapping(stub_code.as_ptr(), stub as *mut u8, stub_code.len());
         }
         self.stats.blocks += 1;

@@ -1,0 +1,68 @@
+//! Arbitrary bytes as guest code: translation must never panic, and every
+//! emitted fragment (hot code and exit stubs) must decode back to valid
+//! instructions.
+#![no_main]
+use dbt::client::MemTrace;
+use dbt::{Config, Engine, Env, InsCount};
+use libfuzzer_sys::fuzz_target;
+use std::cell::RefCell;
+
+struct FuzzEnv {
+    guest_base: u64,
+    code: std::rc::Rc<Vec<u8>>,
+    cache: std::rc::Rc<RefCell<Vec<u8>>>,
+    used: bool,
+}
+
+impl Env for FuzzEnv {
+    fn alloc_code(&mut self, _near: u64, size: usize) -> Option<u64> {
+        if self.used || size > self.cache.borrow().len() {
+            return None;
+        }
+        self.used = true;
+        Some(self.cache.borrow_mut().as_mut_ptr() as u64)
+    }
+    fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
+        let Some(off) = pc.checked_sub(self.guest_base) else { return 0 };
+        let off = off as usize;
+        if off >= self.code.len() {
+            return 0;
+        }
+        let n = buf.len().min(self.code.len() - off);
+        buf[..n].copy_from_slice(&self.code[off..off + n]);
+        n
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.is_empty() {
+        return;
+    }
+    let cfg = Config { hot_size: 1 << 20, stub_size: 1 << 19, ..Config::default() };
+    let cache = std::rc::Rc::new(RefCell::new(vec![0u8; (cfg.hot_size + cfg.stub_size) as usize]));
+    // Pretend the guest code sits right after the cache (within reach).
+    let guest_base = cache.borrow().as_ptr() as u64 + cfg.hot_size + cfg.stub_size + 4096;
+    let env = FuzzEnv { guest_base, code: std::rc::Rc::new(data.to_vec()), cache: cache.clone(), used: false };
+    let client: Box<dyn dbt::Client> = match data[0] % 3 {
+        0 => Box::new(InsCount),
+        1 => Box::new(MemTrace::new(8)),
+        _ => Box::new(dbt::NullClient),
+    };
+    let mut e = Engine::new(Box::new(env), Some(client), cfg);
+    for start in [0usize, 1, data.len() / 2, data.len().saturating_sub(1)] {
+        let _ = e.fragment_for(guest_base + start as u64);
+    }
+    for (entry, hot_len, stub, stub_len) in e.fragments() {
+        for (a, l) in [(entry, hot_len), (stub, stub_len)] {
+            // SAFETY: fragment memory lies inside `cache`, which we own.
+            let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, l as usize) };
+            let mut d = iced_x86::Decoder::with_ip(64, bytes, a, 0);
+            // Trailing slack after the last emitted instruction is zero-filled
+            // (`add [rax], al`), itself valid; every decoded instruction must be.
+            while d.can_decode() {
+                let i = d.decode();
+                assert!(!i.is_invalid(), "invalid emitted instruction at {:#x}", i.ip());
+            }
+        }
+    }
+});
