@@ -788,9 +788,11 @@ impl Engine {
             t.buf.len() as u64
         };
         let stub_total = stub_len_each * recs.len() as u64;
-        let stub = {
+        let stub = if stub_total == 0 {
+            Some(hot + hot_len) // no exits (ret / indirect only): nothing to place
+        } else {
             let r = &mut self.regions[ri];
-            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, stub_total.max(1))
+            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, stub_total)
         };
         let Some(stub) = stub else {
             self.regions[ri].hot_free.push((hot, hot_len));
@@ -837,7 +839,7 @@ impl Engine {
             entry: hot,
             hot_len,
             stub_addr: stub,
-            stub_len: stub_total.max(1),
+            stub_len: stub_total,
             region: ri,
             exits: recs,
             incoming: Vec::new(),
@@ -1054,7 +1056,9 @@ impl Engine {
         for (ri, h, hl, s, sl) in self.pending.drain(..) {
             if let Some(r) = self.regions.get_mut(ri) {
                 r.hot_free.push((h, hl));
-                r.stub_free.push((s, sl));
+                if sl != 0 {
+                    r.stub_free.push((s, sl));
+                }
             }
         }
     }
