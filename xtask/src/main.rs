@@ -255,7 +255,9 @@ fn default_timeout(spec: &kernel::Spec, emulator: Emulator, cpus: u32) -> u64 {
         (Emulator::Qemu, kernel::Spec::Small) => 60,
         (Emulator::Qemu, _) => 120,
         (Emulator::Bochs, kernel::Spec::Small) => 120,
-        (Emulator::Bochs, _) => 400,
+        // A stock Debian kernel boots in 40-90 s with one CPU, several times that with two,
+        // and slower still when the host is busy.
+        (Emulator::Bochs, _) => 600,
     };
     per_cpu * u64::from(cpus.max(1)) + 60
 }
@@ -303,8 +305,9 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
         a.emulator.name(),
         a.cpus
     );
-    let dir = workspace_root().join("target/vm").join(&run_name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Another xtask may be running the same configuration: each run holds a lock on its
+    // directory, and a busy one is not shared (name-2, name-3, ...).
+    let (dir, _lock) = util::locked_dir(&workspace_root().join("target/vm"), &run_name)?;
     step(format!("run {run_name} (logs in {})", dir.display()));
 
     let k = kernel::resolve(&spec, &a.kernel, a.kdir.as_deref())?;
