@@ -143,6 +143,7 @@ struct Running {
     /// Keeps `script`'s stdin open (an EOF there would end the session).
     _stdin: Option<std::process::ChildStdin>,
     pidfile: Option<PathBuf>,
+    inner: Option<i32>,
 }
 
 fn signal_group(pid: i32, sig: libc::c_int) {
@@ -167,9 +168,13 @@ fn alive(pid: i32) -> bool {
 }
 
 impl Running {
-    fn inner_pid(&self) -> Option<i32> {
-        let p = self.pidfile.as_ref()?;
-        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    /// The pid of bochs itself, read once from the pid file our `script` child wrote.
+    fn inner_pid(&mut self) -> Option<i32> {
+        if self.inner.is_none() {
+            let p = self.pidfile.as_ref()?;
+            self.inner = std::fs::read_to_string(p).ok()?.trim().parse().ok();
+        }
+        self.inner
     }
 
     /// Stops everything we started and reaps it: SIGTERM first (Bochs then flushes
@@ -226,7 +231,7 @@ fn start(m: &Machine) -> Result<Running> {
                 .spawn()
                 .context("cannot start bochs under script (packages bochs, bochs-term, bsdutils)")?;
             let stdin = child.stdin.take();
-            Ok(Running { child, _stdin: stdin, pidfile: Some(pidfile) })
+            Ok(Running { child, _stdin: stdin, pidfile: Some(pidfile), inner: None })
         }
         Emulator::Qemu => {
             let log = std::fs::File::create(dir.join("qemu.log"))?;
@@ -245,7 +250,7 @@ fn start(m: &Machine) -> Result<Running> {
                 .process_group(0)
                 .spawn()
                 .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
-            Ok(Running { child, _stdin: None, pidfile: None })
+            Ok(Running { child, _stdin: None, pidfile: None, inner: None })
         }
     }
 }
@@ -282,6 +287,7 @@ pub fn boot(m: &Machine) -> Result<Boot> {
     let mut exited: Option<String> = None;
     let (timed_out, interrupted) = loop {
         std::thread::sleep(Duration::from_millis(100));
+        let _ = r.inner_pid();
         let serial = read_lossy(&serial_path);
         if serial.len() != last_len {
             last_len = serial.len();

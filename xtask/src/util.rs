@@ -130,6 +130,29 @@ pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// Creates and locks (flock, exclusive, non-blocking) `<parent>/<name>`, or the first of
+/// `<name>-2`, `<name>-3`, ... that no other process holds. The lock lasts as long as
+/// the returned file is open.
+pub fn locked_dir(parent: &Path, name: &str) -> Result<(PathBuf, std::fs::File)> {
+    use std::os::fd::AsRawFd;
+    for i in 1..=16 {
+        let dir = if i == 1 { parent.join(name) } else { parent.join(format!("{name}-{i}")) };
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+            .with_context(|| format!("cannot open {}/.lock", dir.display()))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok((dir, f));
+        }
+    }
+    bail!("all run directories {}/{name}[-N] are busy", parent.display())
+}
+
 /// A stopwatch that reports seconds.
 pub struct Timer(Instant);
 
@@ -152,6 +175,19 @@ pub fn nproc() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_run_dirs_are_not_shared() {
+        let parent = std::env::temp_dir().join(format!("kdbt-lock-test-{}", std::process::id()));
+        let (a, _la) = locked_dir(&parent, "run").unwrap();
+        let (b, lb) = locked_dir(&parent, "run").unwrap();
+        assert_eq!(a, parent.join("run"));
+        assert_eq!(b, parent.join("run-2"));
+        drop(lb);
+        let (c, _lc) = locked_dir(&parent, "run").unwrap();
+        assert_eq!(c, parent.join("run-2"));
+        let _ = std::fs::remove_dir_all(&parent);
+    }
 
     #[test]
     fn fnv_is_stable_and_separates_parts() {
