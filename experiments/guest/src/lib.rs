@@ -41,5 +41,43 @@ pub fn hypervisor_signature() -> (u32, String) {
     for w in [r[1], r[2], r[3]] {
         b.extend_from_slice(&w.to_le_bytes());
     }
-    (r[0], String::from_utf8_lossy(&b).trim_end_matches('\0').to_string())
+    (
+        r[0],
+        String::from_utf8_lossy(&b)
+            .trim_end_matches('\0')
+            .to_string(),
+    )
+}
+
+/// Forks a child that exits at once with `code`; returns the raw wait status.
+pub fn fork_exit_wait(code: i32) -> i32 {
+    // SAFETY: the child only calls _exit; the parent reaps it.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::_exit(code);
+        }
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        st
+    }
+}
+
+/// Forks a child that execs `path` with an empty argv/envp (exit 127 if exec fails);
+/// returns the raw wait status.
+pub fn fork_exec_wait(path: &std::ffi::CStr) -> i32 {
+    // SAFETY: the child execs a program or exits; `path` outlives the call; the parent
+    // reaps the child.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        st
+    }
 }

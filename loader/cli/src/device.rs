@@ -58,30 +58,53 @@ impl Device {
         Ok(v)
     }
 
-    /// Raw VT-x capability MSRs of every online CPU, in CPU order.
-    pub fn caps(&self) -> Result<Vec<RawCaps>> {
+    /// Issues an ioctl that fills a buffer with one entry per CPU, growing the buffer and
+    /// retrying when more CPUs came online between sizing it and the call.
+    fn list<Q: ListQuery, E: Default + Clone>(&self, cmd: u32, name: &str) -> Result<(Q, Vec<E>)> {
         let mut capacity = self.version()?.cpu_ids.max(1);
         loop {
-            let mut buf = vec![RawCaps::default(); capacity as usize];
-            let mut q = CapsQuery {
-                size: size_of::<CapsQuery>() as u32,
-                entry_size: size_of::<RawCaps>() as u32,
-                buf: buf.as_mut_ptr() as u64,
-                capacity,
-                count: 0,
-            };
-            match self.ioctl(IOC_CAPS, &mut q) {
+            let mut buf = vec![E::default(); capacity as usize];
+            let mut q = Q::new(size_of::<E>() as u32, buf.as_mut_ptr() as u64, capacity);
+            match self.ioctl(cmd, &mut q) {
                 Ok(()) => {
-                    buf.truncate(q.count.min(capacity) as usize);
-                    return Ok(buf);
+                    buf.truncate(q.count().min(capacity) as usize);
+                    return Ok((q, buf));
                 }
-                // More CPUs came online between the two calls: grow and retry.
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && q.count > capacity => {
-                    capacity = q.count;
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && q.count() > capacity => {
+                    capacity = q.count();
                 }
-                Err(e) => return Err(e).context("KDBT_IOC_CAPS failed"),
+                Err(e) => return Err(e).with_context(|| format!("{name} failed")),
             }
         }
+    }
+
+    /// Raw VT-x capability MSRs of every online CPU, in CPU order.
+    pub fn caps(&self) -> Result<Vec<RawCaps>> {
+        Ok(self.list::<CapsQuery, RawCaps>(IOC_CAPS, "KDBT_IOC_CAPS")?.1)
+    }
+}
+
+/// The per-CPU list queries of `kdbt_abi` share this header.
+trait ListQuery {
+    fn new(entry_size: u32, buf: u64, capacity: u32) -> Self;
+    fn count(&self) -> u32;
+}
+
+impl ListQuery for CapsQuery {
+    fn new(entry_size: u32, buf: u64, capacity: u32) -> Self {
+        CapsQuery { size: size_of::<Self>() as u32, entry_size, buf, capacity, count: 0 }
+    }
+    fn count(&self) -> u32 {
+        self.count
+    }
+}
+
+impl ListQuery for StatusQuery {
+    fn new(entry_size: u32, buf: u64, capacity: u32) -> Self {
+        StatusQuery { size: size_of::<Self>() as u32, entry_size, buf, capacity, ..Default::default() }
+    }
+    fn count(&self) -> u32 {
+        self.count
     }
 }
 
@@ -133,26 +156,7 @@ impl Device {
 
     /// Whether the hypervisor is loaded, and each virtualized CPU's state.
     pub fn status(&self) -> Result<(bool, Vec<CpuStatus>)> {
-        let mut capacity = self.version()?.cpu_ids.max(1);
-        loop {
-            let mut buf = vec![CpuStatus::default(); capacity as usize];
-            let mut q = StatusQuery {
-                size: size_of::<StatusQuery>() as u32,
-                entry_size: size_of::<CpuStatus>() as u32,
-                buf: buf.as_mut_ptr() as u64,
-                capacity,
-                ..Default::default()
-            };
-            match self.ioctl(IOC_STATUS, &mut q) {
-                Ok(()) => {
-                    buf.truncate(q.count.min(capacity) as usize);
-                    return Ok((q.loaded != 0, buf));
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && q.count > capacity => {
-                    capacity = q.count;
-                }
-                Err(e) => return Err(e).context("KDBT_IOC_STATUS failed"),
-            }
-        }
+        let (q, cpus) = self.list::<StatusQuery, CpuStatus>(IOC_STATUS, "KDBT_IOC_STATUS")?;
+        Ok((q.loaded != 0, cpus))
     }
 }

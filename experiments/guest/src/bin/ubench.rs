@@ -32,30 +32,13 @@ fn main() {
     }
     if run("fork_exit") {
         report(reps, "fork_exit", iters / 10, || {
-            // SAFETY: the child only calls _exit; the parent reaps it.
-            unsafe {
-                let pid = libc::fork();
-                if pid == 0 {
-                    libc::_exit(0);
-                }
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            kdbt_guest::fork_exit_wait(0);
         });
     }
     let path = std::ffi::CString::new(exec_path).unwrap_or_else(|_| die("bad --exec path"));
     if run("exec") {
         report(reps, "exec", iters / 20, || {
-            // SAFETY: the child execs a static binary with an empty argv/envp or exits 127.
-            unsafe {
-                let pid = libc::fork();
-                if pid == 0 {
-                    let argv = [path.as_ptr(), std::ptr::null()];
-                    let envp = [std::ptr::null()];
-                    libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                    libc::_exit(127);
-                }
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            kdbt_guest::fork_exec_wait(&path);
         });
     }
     if !run("page_fault") {

@@ -30,16 +30,7 @@ fn main() {
     // fork+exit: children exit with i % 251; the parent sums what waitpid reports.
     let mut statuses: u64 = 0;
     for i in 0..n {
-        // SAFETY: the child only calls _exit; the parent reaps it.
-        let st = unsafe {
-            let pid = libc::fork();
-            if pid == 0 {
-                libc::_exit((i % 251) as i32);
-            }
-            let mut st = 0;
-            libc::waitpid(pid, &mut st, 0);
-            st
-        };
+        let st = kdbt_guest::fork_exit_wait((i % 251) as i32);
         statuses += libc::WEXITSTATUS(st) as u64;
     }
     println!("fork_exit statuses={statuses}");
@@ -48,36 +39,34 @@ fn main() {
     let path = std::ffi::CString::new(exec.clone()).unwrap_or_else(|_| die("bad --exec"));
     let mut ok = 0;
     for _ in 0..n / 10 {
-        // SAFETY: the child execs a binary with an empty argv/envp, or exits 127.
-        let st = unsafe {
-            let pid = libc::fork();
-            if pid == 0 {
-                let argv = [path.as_ptr(), std::ptr::null()];
-                let envp = [std::ptr::null()];
-                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                libc::_exit(127);
-            }
-            let mut st = 0;
-            libc::waitpid(pid, &mut st, 0);
-            st
-        };
+        let st = kdbt_guest::fork_exec_wait(&path);
         ok += (libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0) as u32;
     }
     println!("exec {exec} ok={ok}/{}", n / 10);
 
     // File: 1 MB of a fixed pattern, fsync, read back, checksum (FNV-1a).
     let file = format!("{dir}/kdbt-workload.bin");
-    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let mut f = std::fs::File::create(&file).unwrap_or_else(|e| die(&format!("{file}: {e}")));
-    f.write_all(&data).unwrap_or_else(|e| die(&format!("write {file}: {e}")));
-    f.sync_all().unwrap_or_else(|e| die(&format!("fsync {file}: {e}")));
+    f.write_all(&data)
+        .unwrap_or_else(|e| die(&format!("write {file}: {e}")));
+    f.sync_all()
+        .unwrap_or_else(|e| die(&format!("fsync {file}: {e}")));
     drop(f);
     let mut back = Vec::new();
     std::fs::File::open(&file)
         .and_then(|mut f| f.read_to_end(&mut back))
         .unwrap_or_else(|e| die(&format!("read {file}: {e}")));
-    let fnv = back.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    println!("file bytes={} equal={} fnv1a={fnv:016x}", back.len(), back == data);
+    let fnv = back.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    println!(
+        "file bytes={} equal={} fnv1a={fnv:016x}",
+        back.len(),
+        back == data
+    );
     let _ = std::fs::remove_file(&file);
 }
 

@@ -20,6 +20,26 @@ use super::percpu::{self, Control, PerCpu};
 /// Byte offset of `nmi_pending` in the per-CPU block (used by the NMI stub).
 const NMI_PENDING_OFF: usize = offset_of!(PerCpu, ctl) + offset_of!(Control, nmi_pending);
 
+// Register save/restore shared by the stubs: the push order makes the saved registers a
+// `GuestRegs` (RAX at the lowest address).
+global_asm!(
+    r#"
+    .macro KDBT_PUSH_GPRS
+    push %r15; push %r14; push %r13; push %r12; push %r11; push %r10; push %r9; push %r8
+    push %rdi; push %rsi; push %rbp; push %rbx; push %rdx; push %rcx; push %rax
+    .endm
+    .macro KDBT_POP_GPRS_BUT_R15
+    pop %rax; pop %rcx; pop %rdx; pop %rbx; pop %rbp; pop %rsi; pop %rdi
+    pop %r8; pop %r9; pop %r10; pop %r11; pop %r12; pop %r13; pop %r14
+    .endm
+    .macro KDBT_POP_GPRS
+    KDBT_POP_GPRS_BUT_R15
+    pop %r15
+    .endm
+"#,
+    options(att_syntax)
+);
+
 // The VM-exit stub. Guest GPRs are pushed so that they form a `GuestRegs` (RAX at the
 // lowest address). Host RSP (VMCS) is 8 mod 16, so after 15 pushes the stack is 16-byte
 // aligned for the call. The handler returns 0 to resume the guest, or 1 after it left VMX
@@ -33,38 +53,11 @@ global_asm!(
     .balign 16
 kdbt_vmexit_entry:
     endbr64
-    push %r15
-    push %r14
-    push %r13
-    push %r12
-    push %r11
-    push %r10
-    push %r9
-    push %r8
-    push %rdi
-    push %rsi
-    push %rbp
-    push %rbx
-    push %rdx
-    push %rcx
-    push %rax
+    KDBT_PUSH_GPRS
     mov %rsp, %rdi
     call kdbt_vmexit_handler
     mov %rax, %r15
-    pop %rax
-    pop %rcx
-    pop %rdx
-    pop %rbx
-    pop %rbp
-    pop %rsi
-    pop %rdi
-    pop %r8
-    pop %r9
-    pop %r10
-    pop %r11
-    pop %r12
-    pop %r13
-    pop %r14
+    KDBT_POP_GPRS_BUT_R15
     test %r15, %r15
     pop %r15
     jnz 2f
@@ -114,41 +107,13 @@ kdbt_idt_common:
     add $16, %rsp
     iretq
 1:
-    push %r15
-    push %r14
-    push %r13
-    push %r12
-    push %r11
-    push %r10
-    push %r9
-    push %r8
-    push %rdi
-    push %rsi
-    push %rbp
-    push %rbx
-    push %rdx
-    push %rcx
-    push %rax
+    KDBT_PUSH_GPRS
     mov %rsp, %rdi
     mov %rsp, %rbx
     and $-16, %rsp
     call kdbt_host_exception
     mov %rbx, %rsp
-    pop %rax
-    pop %rcx
-    pop %rdx
-    pop %rbx
-    pop %rbp
-    pop %rsi
-    pop %rdi
-    pop %r8
-    pop %r9
-    pop %r10
-    pop %r11
-    pop %r12
-    pop %r13
-    pop %r14
-    pop %r15
+    KDBT_POP_GPRS
     add $16, %rsp
     iretq
     .size kdbt_idt_stubs, . - kdbt_idt_stubs
