@@ -11,7 +11,7 @@ fn main() {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
-            ("--cpu", Some(v)) => cpu = v.parse::<usize>().ok().or_else(|| usage()),
+            ("--cpu", Some(v)) => cpu = v.parse::<usize>().ok().or_else(usage),
             ("--expect", Some(v)) if v == "kdbt" || v == "none" => expect = Some(v.clone()),
             _ => {
                 usage();
