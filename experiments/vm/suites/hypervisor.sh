@@ -31,7 +31,10 @@ sig_all() {
     done
 }
 
-work() { workload --n 100 --dir /tmp; }
+# The workload: busybox sha256sum over a generated file, then getppid, fork+exit, fork+exec
+# and a file written, fsynced and read back (experiments/guest/src/bin/workload.rs).
+dd if=/dev/urandom of=/tmp/data bs=64k count=16 2>/dev/null
+work() { sha256sum /tmp/data && workload --n 100 --dir /tmp; }
 # A lighter round for between the 20 load/unload cycles.
 work_light() { workload --n 20 --dir /tmp; }
 
