@@ -136,13 +136,10 @@ fn bochsrc(m: &Machine) -> Result<String> {
     ))
 }
 
-/// A started emulator: the child we spawned plus, for Bochs, the pid of bochs itself
-/// (it runs in its own session under `script`).
+/// A started emulator: the child we spawned; for Bochs also the leader of its own
+/// session (its pid), whose process group the stop path signals.
 struct Running {
     child: Child,
-    /// Keeps `script`'s stdin open (an EOF there would end the session).
-    _stdin: Option<std::process::ChildStdin>,
-    pidfile: Option<PathBuf>,
     inner: Option<i32>,
 }
 
@@ -168,12 +165,8 @@ fn alive(pid: i32) -> bool {
 }
 
 impl Running {
-    /// The pid of bochs itself, read once from the pid file our `script` child wrote.
+    /// The pid of the session leader to signal (Bochs), if any.
     fn inner_pid(&mut self) -> Option<i32> {
-        if self.inner.is_none() {
-            let p = self.pidfile.as_ref()?;
-            self.inner = std::fs::read_to_string(p).ok()?.trim().parse().ok();
-        }
         self.inner
     }
 
@@ -214,24 +207,36 @@ fn start(m: &Machine) -> Result<Running> {
             std::fs::write(dir.join("bochsrc"), bochsrc(m)?)?;
             // The built-in debugger stops at a prompt unless told to continue.
             std::fs::write(dir.join("bochs.rc"), "c\n")?;
-            let pidfile = dir.join("bochs.pid");
-            let _ = std::fs::remove_file(&pidfile);
+            // Bochs' only text display (`term`) wants a terminal. kdbt gives it a pty of
+            // its own and drains the master into bochs.term from a thread, so Bochs can
+            // never block on a full terminal (under `script` with a piped stdin it did,
+            // minutes into long runs).
+            let (master, slave) = open_pty()?;
             let term = std::fs::File::create(dir.join("bochs.term"))?;
-            let mut child = Command::new("script")
-                .current_dir(dir)
-                .env("SHELL", "/bin/sh")
+            let mut cmd = Command::new("bochs");
+            cmd.current_dir(dir)
                 .env("TERM", "xterm")
-                .args(["-q", "-e", "-c"])
-                .arg("echo $$ > bochs.pid; exec bochs -q -f bochsrc -rc bochs.rc")
-                .arg("/dev/null")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::from(term))
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()
-                .context("cannot start bochs under script (packages bochs, bochs-term, bsdutils)")?;
-            let stdin = child.stdin.take();
-            Ok(Running { child, _stdin: stdin, pidfile: Some(pidfile), inner: None })
+                .args(["-q", "-f", "bochsrc", "-rc", "bochs.rc"])
+                .stdin(slave.try_clone()?)
+                .stdout(slave.try_clone()?)
+                .stderr(slave);
+            // SAFETY: setsid and ioctl are async-signal-safe; the child becomes the leader
+            // of a new session (and process group: the stop path signals that group) with
+            // the pty slave, already its stdin, as controlling terminal.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::ioctl(0, libc::TIOCSCTTY as _, 0);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().context("cannot start bochs (packages bochs, bochs-term)")?;
+            std::thread::spawn(move || drain(master, term));
+            let pid = child.id() as i32;
+            Ok(Running { child, inner: Some(pid) })
         }
         Emulator::Qemu => {
             let log = std::fs::File::create(dir.join("qemu.log"))?;
@@ -250,7 +255,33 @@ fn start(m: &Machine) -> Result<Running> {
                 .process_group(0)
                 .spawn()
                 .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
-            Ok(Running { child, _stdin: None, pidfile: None, inner: None })
+            Ok(Running { child, inner: None })
+        }
+    }
+}
+
+/// A pty pair (master, slave) with an 80x25 window.
+fn open_pty() -> Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let mut ws = libc::winsize { ws_row: 25, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two descriptors into the out parameters; name and termios
+    // may be null; `ws` is a valid winsize.
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &mut ws) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("openpty failed");
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    Ok(unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) })
+}
+
+/// Copies the emulator's terminal output to `out` until the slave side is closed.
+fn drain(mut master: std::fs::File, mut out: std::fs::File) {
+    use std::io::Write;
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 || out.write_all(&buf[..n]).is_err() {
+            break;
         }
     }
 }
