@@ -207,10 +207,10 @@ fn start(m: &Machine) -> Result<Running> {
             std::fs::write(dir.join("bochsrc"), bochsrc(m)?)?;
             // The built-in debugger stops at a prompt unless told to continue.
             std::fs::write(dir.join("bochs.rc"), "c\n")?;
-            // Bochs' only text display (`term`) wants a terminal. kdbt gives it a pty of
-            // its own and drains the master into bochs.term from a thread, so Bochs can
-            // never block on a full terminal (under `script` with a piped stdin it did,
-            // minutes into long runs).
+            // Bochs' only text display (`term`) wants a terminal. The bench gives it a pty
+            // of its own and drains the master into bochs.term from a thread. (Under
+            // `script` Bochs inherited the pty master and, minutes into long runs, blocked
+            // writing to it: see open_pty.)
             let (master, slave) = open_pty()?;
             let term = std::fs::File::create(dir.join("bochs.term"))?;
             let mut cmd = Command::new("bochs");
@@ -236,6 +236,7 @@ fn start(m: &Machine) -> Result<Running> {
             let child = cmd.spawn().context("cannot start bochs (packages bochs, bochs-term)")?;
             std::thread::spawn(move || drain(master, term));
             let pid = child.id() as i32;
+            std::thread::spawn(move || drain_own_ptys(pid));
             Ok(Running { child, inner: Some(pid) })
         }
         Emulator::Qemu => {
@@ -271,6 +272,13 @@ fn open_pty() -> Result<(std::fs::File, std::fs::File)> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("openpty failed");
     }
+    // Close-on-exec for both: Bochs gets the slave only as its stdin/stdout/stderr. An
+    // inherited master let Bochs' curses output land in the slave's unread input queue,
+    // and Bochs blocked in write once it filled (minutes into long runs).
+    for fd in [master, slave] {
+        // SAFETY: fcntl on descriptors we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // SAFETY: both descriptors are fresh and owned by nothing else.
     Ok(unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) })
 }
@@ -282,6 +290,39 @@ fn drain(mut master: std::fs::File, mut out: std::fs::File) {
     while let Ok(n) = master.read(&mut buf) {
         if n == 0 || out.write_all(&buf[..n]).is_err() {
             break;
+        }
+    }
+}
+
+/// Bochs' term display also opens a pty of its own (a master whose slave nobody opens)
+/// and keeps writing cursor-visibility sequences into it, about 5 KB a minute. Once the
+/// slave's input queue is full, Bochs blocks in write(2) and the guest stops: long runs
+/// (Debian kernels, 10+ minutes) hung that way. This finds such masters in Bochs' file
+/// table (`tty-index` in /proc/PID/fdinfo) during its first 30 s and drains their slaves.
+fn drain_own_ptys(pid: i32) {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return };
+        for fd in fds.flatten() {
+            let is_ptmx = std::fs::read_link(fd.path()).is_ok_and(|l| l == Path::new("/dev/ptmx"));
+            if !is_ptmx {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
+            let index = info.ok().and_then(|i| {
+                i.lines().find_map(|l| l.strip_prefix("tty-index:").and_then(|v| v.trim().parse::<u32>().ok()))
+            });
+            if let Some(n) = index.filter(|n| seen.insert(*n)) {
+                use std::os::unix::fs::OpenOptionsExt;
+                let slave = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOCTTY)
+                    .open(format!("/dev/pts/{n}"));
+                if let (Ok(slave), Ok(sink)) = (slave, std::fs::OpenOptions::new().write(true).open("/dev/null")) {
+                    std::thread::spawn(move || drain(slave, sink));
+                }
+            }
         }
     }
 }
