@@ -130,6 +130,12 @@ core::arch::global_asm!(
     // dbt_native_call(ctx: *mut GuestCtx, f: u64): call f natively with the
     // argument and callee-saved registers from ctx; store rax, rdx and the
     // callee-saved registers back. `dbt_native_ret` is the return address.
+    // If ctx.rsp (gpr[4]) is non-zero it is a 16-byte aligned stack top T
+    // with 8 writable bytes at T: f runs on that stack, entered with
+    // rsp = T - 8 exactly as a translated run (which puts its sentinel at
+    // T - 8), so code whose path depends on stack addresses (memcpy
+    // alignment paths) executes identically in both. The host rsp is kept
+    // at [rsp] across the call in both cases.
     ".globl dbt_native_call",
     ".globl dbt_native_ret",
     ".p2align 4",
@@ -143,6 +149,16 @@ core::arch::global_asm!(
     "push rdi",
     "mov rax, rsi",
     "mov r11, rdi",
+    "mov r10, [r11+32]",
+    "test r10, r10",
+    "jz 6f",
+    "mov [r10], rsp",
+    "mov rsp, r10",
+    "jmp 7f",
+    "6:",
+    "push rsp",
+    "push qword ptr [rsp]",
+    "7:",
     "mov rbx, [r11+24]",
     "mov rbp, [r11+40]",
     "mov r12, [r11+96]",
@@ -157,6 +173,7 @@ core::arch::global_asm!(
     "mov rdi, [r11+56]",
     "call rax",
     "dbt_native_ret:",
+    "mov rsp, [rsp]",
     "mov r11, [rsp]",
     "mov [r11+0], rax",
     "mov [r11+16], rdx",

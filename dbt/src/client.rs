@@ -12,9 +12,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
-use iced_x86::{
-    Code, Instruction, InstructionInfoFactory, MemoryOperand, OpAccess, Register,
-};
+use iced_x86::{Code, Instruction, InstructionInfoFactory, MemoryOperand, OpAccess, Register};
 
 use crate::scratch::OFF_CLIENT;
 
@@ -94,7 +92,11 @@ impl Client for InsCount {
         if let Ok(i) = Instruction::with2(Code::Add_rm64_imm32, client_slot(INSCOUNT_SLOT), n) {
             o.insert(
                 Where::Before(0),
-                Snippet { code: alloc::vec![i], clobbers: Vec::new(), clobbers_flags: true },
+                Snippet {
+                    code: alloc::vec![i],
+                    clobbers: Vec::new(),
+                    clobbers_flags: true,
+                },
             );
         }
     }
@@ -124,17 +126,28 @@ impl BbCov {
 
 impl Client for BbCov {
     fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
-        let c = self.counters.entry(b.start).or_insert_with(|| Box::new(UnsafeCell::new(0)));
+        let c = self
+            .counters
+            .entry(b.start)
+            .or_insert_with(|| Box::new(UnsafeCell::new(0)));
         let addr = c.get() as u64;
         let (Ok(a), Ok(i)) = (
             Instruction::with2(Code::Mov_r64_imm64, Register::RAX, addr),
-            Instruction::with2(Code::Add_rm64_imm8, MemoryOperand::with_base(Register::RAX), 1i32),
+            Instruction::with2(
+                Code::Add_rm64_imm8,
+                MemoryOperand::with_base(Register::RAX),
+                1i32,
+            ),
         ) else {
             return;
         };
         o.insert(
             Where::Before(0),
-            Snippet { code: alloc::vec![a, i], clobbers: alloc::vec![Register::RAX], clobbers_flags: true },
+            Snippet {
+                code: alloc::vec![a, i],
+                clobbers: alloc::vec![Register::RAX],
+                clobbers_flags: true,
+            },
         );
     }
 }
@@ -156,7 +169,10 @@ pub const MEMTRACE_BASE_SLOT: usize = 2;
 
 impl MemTrace {
     pub fn new(ring_bits: u32) -> Self {
-        Self { ring_bits: ring_bits.min(24), info: InstructionInfoFactory::new() }
+        Self {
+            ring_bits: ring_bits.min(24),
+            info: InstructionInfoFactory::new(),
+        }
     }
 
     fn record(&self, mem: &iced_x86::UsedMemory, write: bool) -> Option<Snippet> {
@@ -169,7 +185,13 @@ impl MemTrace {
             mem.index(),
             mem.scale().max(1),
             mem.displacement() as i64,
-            if base == Register::RIP { 8 } else if mem.displacement() == 0 { 0 } else { 4 },
+            if base == Register::RIP {
+                8
+            } else if mem.displacement() == 0 {
+                0
+            } else {
+                4
+            },
             false,
             Register::None,
         );
@@ -184,17 +206,44 @@ impl MemTrace {
         };
         // Operands lea cannot express (e.g. 64-bit absolute displacements) are
         // skipped rather than failing the block.
-        let probe_at = if base == Register::RIP { mem.displacement() } else { 0 };
+        let probe_at = if base == Register::RIP {
+            mem.displacement()
+        } else {
+            0
+        };
         if iced_x86::Encoder::new(64).encode(&lea, probe_at).is_err() {
             return None;
         }
         code.push(lea);
-        code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, client_slot(MEMTRACE_COUNT_SLOT)).ok()?);
-        code.push(Instruction::with2(Code::Add_rm64_imm8, client_slot(MEMTRACE_COUNT_SLOT), 1i32).ok()?);
+        code.push(
+            Instruction::with2(
+                Code::Mov_r64_rm64,
+                Register::RCX,
+                client_slot(MEMTRACE_COUNT_SLOT),
+            )
+            .ok()?,
+        );
+        code.push(
+            Instruction::with2(Code::Add_rm64_imm8, client_slot(MEMTRACE_COUNT_SLOT), 1i32).ok()?,
+        );
         code.push(Instruction::with2(Code::And_rm32_imm32, Register::ECX, mask).ok()?);
         code.push(Instruction::with2(Code::Shl_rm32_imm8, Register::ECX, 4u32).ok()?);
-        code.push(Instruction::with2(Code::Add_r64_rm64, Register::RCX, client_slot(MEMTRACE_BASE_SLOT)).ok()?);
-        code.push(Instruction::with2(Code::Mov_rm64_r64, MemoryOperand::with_base(Register::RCX), Register::RAX).ok()?);
+        code.push(
+            Instruction::with2(
+                Code::Add_r64_rm64,
+                Register::RCX,
+                client_slot(MEMTRACE_BASE_SLOT),
+            )
+            .ok()?,
+        );
+        code.push(
+            Instruction::with2(
+                Code::Mov_rm64_r64,
+                MemoryOperand::with_base(Register::RCX),
+                Register::RAX,
+            )
+            .ok()?,
+        );
         code.push(
             Instruction::with2(
                 Code::Mov_rm64_imm32,
@@ -203,21 +252,31 @@ impl MemTrace {
             )
             .ok()?,
         );
-        Some(Snippet { code, clobbers: alloc::vec![Register::RAX, Register::RCX], clobbers_flags: true })
+        Some(Snippet {
+            code,
+            clobbers: alloc::vec![Register::RAX, Register::RCX],
+            clobbers_flags: true,
+        })
     }
 }
 
 impl Client for MemTrace {
     fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
         for (idx, ins) in b.insns.iter().enumerate() {
-            if ins.code() == Code::Lea_r64_m || ins.code() == Code::Lea_r32_m || ins.mnemonic() == iced_x86::Mnemonic::Nop {
+            if ins.code() == Code::Lea_r64_m
+                || ins.code() == Code::Lea_r32_m
+                || ins.mnemonic() == iced_x86::Mnemonic::Nop
+            {
                 continue;
             }
             let mems: Vec<iced_x86::UsedMemory> = self.info.info(ins).used_memory().to_vec();
             for m in mems.iter() {
                 let write = match m.access() {
                     OpAccess::Read | OpAccess::CondRead => false,
-                    OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => true,
+                    OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite => true,
                     _ => continue,
                 };
                 if let Some(s) = self.record(m, write) {

@@ -22,7 +22,11 @@ impl Env for HostEnv {
         for k in 1..24u64 {
             for dir in [0u64, 1] {
                 let off = k * (64 << 20);
-                let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
+                let hint = if dir == 0 {
+                    near.checked_sub(off + size as u64)
+                } else {
+                    near.checked_add(off)
+                };
                 let Some(hint) = hint else { continue };
                 let hint = hint & !0xfff;
                 if hint < 0x10000 || hint > 0x7fff_0000_0000 {
@@ -57,8 +61,14 @@ impl Env for HostEnv {
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
         // Read up to the end of the page, and the next page only if it is
         // mapped (mincore-free check: process_vm_readv never faults).
-        let iov_local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-        let iov_remote = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: buf.len() };
+        let iov_local = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let iov_remote = libc::iovec {
+            iov_base: pc as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
         // SAFETY: process_vm_readv on our own pid copies what is readable
         // and reports failures instead of faulting.
         let n = unsafe { libc::process_vm_readv(libc::getpid(), &iov_local, 1, &iov_remote, 1, 0) };
@@ -68,8 +78,14 @@ impl Env for HostEnv {
         // Partial (crossing into an unmapped page): read up to the page end.
         let till_page = (0x1000 - (pc & 0xfff)) as usize;
         if till_page < buf.len() {
-            let l = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: till_page };
-            let r = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: till_page };
+            let l = libc::iovec {
+                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                iov_len: till_page,
+            };
+            let r = libc::iovec {
+                iov_base: pc as *mut libc::c_void,
+                iov_len: till_page,
+            };
             // SAFETY: as above.
             let n = unsafe { libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0) };
             if n > 0 {
@@ -114,7 +130,14 @@ fn callee_of(c: &GuestCtx) -> [u64; 6] {
 
 fn seed_ctx(args: &[u64]) -> GuestCtx {
     let mut c = GuestCtx::default();
-    let regs = [GuestCtx::RDI, GuestCtx::RSI, GuestCtx::RDX, GuestCtx::RCX, GuestCtx::R8, GuestCtx::R9];
+    let regs = [
+        GuestCtx::RDI,
+        GuestCtx::RSI,
+        GuestCtx::RDX,
+        GuestCtx::RCX,
+        GuestCtx::R8,
+        GuestCtx::R9,
+    ];
     for (k, a) in args.iter().take(6).enumerate() {
         c.gpr[regs[k]] = *a;
     }
@@ -128,9 +151,16 @@ fn seed_ctx(args: &[u64]) -> GuestCtx {
     c
 }
 
-/// Run `f(args...)` natively (through the same entry convention).
+/// Run `f(args...)` natively on the caller's stack (through the same entry
+/// convention). To compare with a translated run instruction for instruction,
+/// use [`Harness::run_native`], which runs on the harness's guest stack.
 pub fn run_native(f: u64, args: &[u64]) -> RunResult {
+    run_native_on(f, args, 0)
+}
+
+fn run_native_on(f: u64, args: &[u64], stack_top: u64) -> RunResult {
     let mut c = seed_ctx(args);
+    c.gpr[GuestCtx::RSP] = stack_top;
     // SAFETY: `f` is a function with the C ABI taking up to six integer
     // arguments; dbt_native_call preserves the host's callee-saved state.
     unsafe { asm::dbt_native_call(&mut c, f) };
@@ -182,7 +212,12 @@ impl Harness {
             (*scratch).save_xstate = xsave_supported() as u64;
             (*scratch).rust_dispatch = host_dispatch as *const () as u64;
         }
-        Harness { engine, scratch, _dstack: dstack, gstack }
+        Harness {
+            engine,
+            scratch,
+            _dstack: dstack,
+            gstack,
+        }
     }
 
     fn install_gs(&self) {
@@ -198,13 +233,32 @@ impl Harness {
         unsafe { &mut *self.scratch }
     }
 
+    /// Top of the guest stack: 16-byte aligned, with 16 bytes above it
+    /// inside the stack (`dbt_native_call` keeps the host rsp at the top).
+    /// Translated and native runs both enter the function with
+    /// `rsp = top - 8`.
+    fn stack_top(&self) -> u64 {
+        (self.gstack.as_ptr() as u64 + self.gstack.len() as u64 - 16) & !15
+    }
+
+    /// Run `f(args...)` natively on the same guest stack, at the same
+    /// addresses, as [`Harness::run`]: the reference run for comparisons.
+    pub fn run_native(&mut self, f: u64, args: &[u64]) -> RunResult {
+        run_native_on(f, args, self.stack_top())
+    }
+
+    /// Count the instructions `f(args...)` executes natively on this
+    /// harness's guest stack (see [`ptrace_count`]).
+    pub fn ptrace_count(&mut self, f: u64, args: &[u64]) -> Option<u64> {
+        ptrace_count(f, args, self.stack_top())
+    }
+
     /// Run `f(args...)` under the DBT from its entry until it returns to the
     /// sentinel (or stops).
     pub fn run(&mut self, f: u64, args: &[u64]) -> RunResult {
         self.install_gs();
         let mut c = seed_ctx(args);
-        let top = (self.gstack.as_ptr() as u64 + self.gstack.len() as u64) & !15;
-        let rsp = top - 8;
+        let rsp = self.stack_top() - 8;
         let sentinel = self.engine.stop_pc;
         // SAFETY: rsp is inside our guest stack.
         unsafe { *(rsp as *mut u64) = sentinel };
@@ -213,7 +267,13 @@ impl Harness {
         let entry = match crate::host_alloc::with_dbt_alloc(|| self.engine.fragment_for(f)) {
             Ok(e) => e,
             Err(k) => {
-                return RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
+                return RunResult {
+                    rax: 0,
+                    rdx: 0,
+                    callee_saved: [0; 6],
+                    stop: k,
+                    stop_pc: f,
+                };
             }
         };
         {
@@ -238,7 +298,9 @@ impl Harness {
 
     /// bbcov results (valid with the `BbCov` client).
     pub fn bbcov_hits(&mut self) -> Vec<(u64, u64)> {
-        let Some(c) = self.engine.client_mut() else { return Vec::new() };
+        let Some(c) = self.engine.client_mut() else {
+            return Vec::new();
+        };
         let p = c as *mut dyn Client as *mut crate::client::BbCov;
         // SAFETY: callers only use this with a harness built with BbCov.
         unsafe { (*p).hits() }
@@ -264,8 +326,10 @@ fn xsave_supported() -> bool {
 
 /// Count the instructions `f(args...)` executes natively by single-stepping
 /// a forked child with ptrace (a `rep`-prefixed string instruction counts
-/// once, however many iterations it runs).
-pub fn ptrace_count(f: u64, args: &[u64]) -> Option<u64> {
+/// once, however many iterations it runs). The child runs `f` on the stack
+/// whose top is `stack_top` (0: its own stack); being a fork, it has the
+/// parent's memory, heap state and code at the same addresses.
+fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
     let ret_addr = asm::dbt_native_ret as *const () as u64;
     // SAFETY: fork in the caller's process; the child only calls the
     // function and _exit (no return into the test harness).
@@ -279,6 +343,7 @@ pub fn ptrace_count(f: u64, args: &[u64]) -> Option<u64> {
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             libc::raise(libc::SIGSTOP);
             let mut c = seed_ctx(args);
+            c.gpr[GuestCtx::RSP] = stack_top;
             asm::dbt_native_call(&mut c, f);
             libc::_exit(0);
         }
@@ -294,7 +359,14 @@ pub fn ptrace_count(f: u64, args: &[u64]) -> Option<u64> {
     loop {
         // SAFETY: ptrace on our stopped, traced child.
         let mut regs: libc::user_regs_struct = unsafe { core::mem::zeroed() };
-        unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as *mut libc::c_void) };
+        unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGS,
+                pid,
+                0,
+                &mut regs as *mut _ as *mut libc::c_void,
+            )
+        };
         let rip = regs.rip;
         if !counting && rip == f {
             counting = true;
@@ -309,7 +381,8 @@ pub fn ptrace_count(f: u64, args: &[u64]) -> Option<u64> {
             }
             // The child is a fork of us: its code is at the same addresses.
             let n = HostEnv.read_code(rip, &mut buf[..15]);
-            let mut d = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
+            let mut d =
+                iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
             let i = d.decode();
             prev_rep = i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix();
             prev_rep = prev_rep && i.is_string_instruction();

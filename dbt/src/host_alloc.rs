@@ -66,7 +66,11 @@ fn arena() -> usize {
 }
 
 fn class(layout: &Layout) -> usize {
-    let sz = layout.size().max(layout.align()).max(16).next_power_of_two();
+    let sz = layout
+        .size()
+        .max(layout.align())
+        .max(16)
+        .next_power_of_two();
     sz.trailing_zeros() as usize
 }
 
@@ -107,7 +111,10 @@ unsafe impl GlobalAlloc for HostAlloc {
             if a + sz > base + ARENA_SIZE {
                 return core::ptr::null_mut();
             }
-            if ARENA_NEXT.compare_exchange(cur, a + sz, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if ARENA_NEXT
+                .compare_exchange(cur, a + sz, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 return a as *mut u8;
             }
         }
@@ -139,7 +146,9 @@ unsafe impl GlobalAlloc for HostAlloc {
             // SAFETY: delegated (system block, system mode).
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
-        let Ok(nl) = Layout::from_size_align(new_size, layout.align()) else { return core::ptr::null_mut() };
+        let Ok(nl) = Layout::from_size_align(new_size, layout.align()) else {
+            return core::ptr::null_mut();
+        };
         // SAFETY: valid layout.
         let n = unsafe { self.alloc(nl) };
         if !n.is_null() {

@@ -72,8 +72,8 @@ pub struct Scratch {
     pub save_xstate: u64, // 96
     /// Why the run stopped when the dispatcher returned to the host.
     pub exit_reason: u64, // 104
-    pub exit_pc: u64, // 112
-    pub _pad0: u64, // 120
+    pub exit_pc: u64,  // 112
+    pub _pad0: u64,    // 120
     /// Saved guest context while the dispatcher runs.
     pub ctx: GuestCtx, // 128 .. 272
     pub _pad1: [u64; 2], // 272 .. 288

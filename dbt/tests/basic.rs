@@ -1,5 +1,5 @@
 use dbt::corpus::{cases, BUF_LEN};
-use dbt::host::{run_native, Harness, CALLEE_SEED};
+use dbt::host::{Harness, CALLEE_SEED};
 use dbt::{NullClient, StopKind};
 
 #[test]
@@ -8,12 +8,23 @@ fn corpus_null_client_matches_native() {
     for c in cases() {
         let mut nb = vec![0u8; BUF_LEN];
         let mut tb = vec![0u8; BUF_LEN];
-        let nat = run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
+        let nat = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
         let tr = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(tr.stop, StopKind::Sentinel, "{}: stopped {:?} at {:#x}", c.name, tr.stop, tr.stop_pc);
+        assert_eq!(
+            tr.stop,
+            StopKind::Sentinel,
+            "{}: stopped {:?} at {:#x}",
+            c.name,
+            tr.stop,
+            tr.stop_pc
+        );
         assert_eq!(tr.rax, nat.rax, "{}: return value", c.name);
         assert_eq!(tr.callee_saved, CALLEE_SEED, "{}: callee-saved", c.name);
-        assert_eq!(nat.callee_saved, CALLEE_SEED, "{}: native callee-saved", c.name);
+        assert_eq!(
+            nat.callee_saved, CALLEE_SEED,
+            "{}: native callee-saved",
+            c.name
+        );
         assert!(tb == nb, "{}: memory side effects differ", c.name);
         eprintln!("{}: ok ({:#x})", c.name, tr.rax);
     }

@@ -2,7 +2,7 @@
 //! differential tests (generated code run natively and translated).
 use dbt::corpus::{cases, BUF_LEN};
 use dbt::engine::Env;
-use dbt::host::{run_native, Harness, HostEnv};
+use dbt::host::{Harness, HostEnv};
 use dbt::{Config, NullClient, StopKind};
 use iced_x86::code_asm::*;
 
@@ -34,7 +34,11 @@ fn invalidation_unlinks_and_retranslates() {
     // Modify B without telling the engine: the stale translation still runs.
     // SAFETY: our page.
     unsafe { *p.add(65) = 20 };
-    assert_eq!(h.run(a, &[]).rax, 11, "cached translation is used until invalidated");
+    assert_eq!(
+        h.run(a, &[]).rax,
+        11,
+        "cached translation is used until invalidated"
+    );
     let n = h.engine.invalidate(b + 1, b + 2);
     assert_eq!(n, 1);
     h.engine.reclaim();
@@ -43,7 +47,7 @@ fn invalidation_unlinks_and_retranslates() {
     assert_eq!(s.invalidated_blocks, 1);
     assert!(s.unlinks >= 1, "A's call link into B was undone");
     assert_eq!(h.run(a, &[]).rax, 21);
-    assert_eq!(run_native(a, &[]).rax, 21);
+    assert_eq!(h.run_native(a, &[]).rax, 21);
     // Invalidate a range nobody covers.
     assert_eq!(h.engine.invalidate(a + 1000, a + 2000), 0);
     // Full flush.
@@ -55,12 +59,18 @@ fn invalidation_unlinks_and_retranslates() {
 
 #[test]
 fn capacity_limit_resets_and_stays_correct() {
-    let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };
+    let cfg = Config {
+        max_hot_bytes: 64 << 10,
+        ..Config::default()
+    };
     let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);
-    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
+    for c in cases()
+        .into_iter()
+        .filter(|c| c.name == "regex" || c.name == "miniz_oxide")
+    {
         let mut nb = vec![0u8; BUF_LEN];
         let mut tb = vec![0u8; BUF_LEN];
-        let n = run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
+        let n = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
         let t = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(t.stop, StopKind::Sentinel);
         assert_eq!(t.rax, n.rax, "{}", c.name);
@@ -184,7 +194,7 @@ fn differential(branchy: bool, seed: u64) {
         h.engine.flush();
         let mut no = [0u64; 10];
         let mut to = [0u64; 10];
-        run_native(p as u64, &[no.as_mut_ptr() as u64]);
+        h.run_native(p as u64, &[no.as_mut_ptr() as u64]);
         let r = h.run(p as u64, &[to.as_mut_ptr() as u64]);
         assert_eq!(r.stop, StopKind::Sentinel);
         assert_eq!(no, to, "register/flags state differs");

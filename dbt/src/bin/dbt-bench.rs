@@ -3,7 +3,7 @@
 //! machine. The valgrind and qemu columns re-execute this binary in
 //! `--native-only` mode under those tools.
 use dbt::corpus::{cases, Case, BUF_LEN};
-use dbt::host::{run_native, Harness};
+use dbt::host::Harness;
 use dbt::{InsCount, NullClient, StopKind};
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -17,16 +17,19 @@ fn bench_cases() -> Vec<Case> {
     cases().into_iter().filter(|c| c.bench_n > 1).collect()
 }
 
-fn time_native(c: &Case, buf: &mut [u8]) -> (u64, u64) {
+/// Native run on the harness's guest stack: the same stack addresses as the
+/// translated runs, so alignment-dependent paths (memcpy) are the same.
+fn time_native(h: &mut Harness, c: &Case, buf: &mut [u8]) -> (u64, u64) {
     let t = rdtsc();
-    let r = run_native(c.f as u64, &[buf.as_mut_ptr() as u64, c.bench_n]);
+    let r = h.run_native(c.f as u64, &[buf.as_mut_ptr() as u64, c.bench_n]);
     (rdtsc() - t, r.rax)
 }
 
 fn native_only() {
     let mut buf = vec![0u8; BUF_LEN];
+    let mut h = Harness::new(None);
     for c in bench_cases() {
-        let (t, r) = time_native(&c, &mut buf);
+        let (t, r) = time_native(&mut h, &c, &mut buf);
         println!("RESULT {} {} {:x}", c.name, t, r);
     }
 }
@@ -38,7 +41,16 @@ fn under_tool(cmd: &str, args: &[&str]) -> Result<BTreeMap<String, u64>, String>
     all.push("--native-only".into());
     let out = match Command::new(cmd).args(&all).output() {
         Ok(o) => o,
-        Err(_) => return Err(format!("n/a (install {})", if cmd == "valgrind" { "valgrind" } else { "qemu-user" })),
+        Err(_) => {
+            return Err(format!(
+                "n/a (install {})",
+                if cmd == "valgrind" {
+                    "valgrind"
+                } else {
+                    "qemu-user"
+                }
+            ))
+        }
     };
     if !out.status.success() {
         return Err(format!("failed ({})", out.status));
@@ -70,12 +82,13 @@ fn main() {
     let cs = bench_cases();
     let mut buf = vec![0u8; BUF_LEN];
     let mut nat = Vec::new();
+    let mut hn = Harness::new(None);
     for c in cs.iter() {
         // best of 3
         let mut best = u64::MAX;
         let mut rv = 0;
         for _ in 0..3 {
-            let (t, r) = time_native(c, &mut buf);
+            let (t, r) = time_native(&mut hn, c, &mut buf);
             best = best.min(t);
             rv = r;
         }
@@ -83,7 +96,11 @@ fn main() {
     }
     let mut cols: Vec<Vec<Option<u64>>> = Vec::new();
     for inscount in [false, true] {
-        let mut h = if inscount { Harness::new(Some(Box::new(InsCount))) } else { Harness::new(Some(Box::new(NullClient))) };
+        let mut h = if inscount {
+            Harness::new(Some(Box::new(InsCount)))
+        } else {
+            Harness::new(Some(Box::new(NullClient)))
+        };
         let mut v = Vec::new();
         for (k, c) in cs.iter().enumerate() {
             // first run includes translation; report the best of 3 runs
@@ -101,26 +118,49 @@ fn main() {
             }
             v.push(if ok { Some(best) } else { None });
         }
-        eprintln!("{} stats: {:?}", if inscount { "inscount" } else { "null" }, h.engine.stats);
+        eprintln!(
+            "{} stats: {:?}",
+            if inscount { "inscount" } else { "null" },
+            h.engine.stats
+        );
         cols.push(v);
     }
     let vg = under_tool("valgrind", &["--tool=none", "-q"]);
     let qe = under_tool("qemu-x86_64", &[]);
-    println!("{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}", "workload", "native cyc", "dbt-null", "dbt-insc", "valgrind", "qemu-user");
+    println!(
+        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}",
+        "workload", "native cyc", "dbt-null", "dbt-insc", "valgrind", "qemu-user"
+    );
     let mut gm: Vec<Vec<f64>> = vec![Vec::new(); 4];
     let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}x"));
     for (k, c) in cs.iter().enumerate() {
         let n = nat[k].0 as f64;
         let s0 = cols[0][k].map(|t| t as f64 / n);
         let s1 = cols[1][k].map(|t| t as f64 / n);
-        let s2 = vg.as_ref().ok().and_then(|m| m.get(c.name)).map(|t| *t as f64 / n);
-        let s3 = qe.as_ref().ok().and_then(|m| m.get(c.name)).map(|t| *t as f64 / n);
+        let s2 = vg
+            .as_ref()
+            .ok()
+            .and_then(|m| m.get(c.name))
+            .map(|t| *t as f64 / n);
+        let s3 = qe
+            .as_ref()
+            .ok()
+            .and_then(|m| m.get(c.name))
+            .map(|t| *t as f64 / n);
         for (i, s) in [s0, s1, s2, s3].iter().enumerate() {
             if let Some(s) = s {
                 gm[i].push(*s);
             }
         }
-        println!("{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}", c.name, nat[k].0, fmt(s0), fmt(s1), fmt(s2), fmt(s3));
+        println!(
+            "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}",
+            c.name,
+            nat[k].0,
+            fmt(s0),
+            fmt(s1),
+            fmt(s2),
+            fmt(s3)
+        );
     }
     let g = |i: usize, r: &Result<BTreeMap<String, u64>, String>| match r {
         Err(e) => e.clone(),
