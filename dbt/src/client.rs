@@ -61,15 +61,7 @@ pub trait Client {
 
 /// `gs:[client slot i]` as a memory operand (i < 16).
 pub fn client_slot(i: usize) -> MemoryOperand {
-    MemoryOperand::new(
-        Register::None,
-        Register::None,
-        1,
-        OFF_CLIENT + 8 * (i as i64 & 15),
-        4,
-        false,
-        Register::GS,
-    )
+    MemoryOperand::new(Register::None, Register::None, 1, OFF_CLIENT + 8 * (i as i64 & 15), 4, false, Register::GS)
 }
 
 /// `null`: no instrumentation.
@@ -90,14 +82,7 @@ impl Client for InsCount {
         }
         let n = b.insns.len() as i32;
         if let Ok(i) = Instruction::with2(Code::Add_rm64_imm32, client_slot(INSCOUNT_SLOT), n) {
-            o.insert(
-                Where::Before(0),
-                Snippet {
-                    code: alloc::vec![i],
-                    clobbers: Vec::new(),
-                    clobbers_flags: true,
-                },
-            );
+            o.insert(Where::Before(0), Snippet { code: alloc::vec![i], clobbers: Vec::new(), clobbers_flags: true });
         }
     }
 }
@@ -126,28 +111,17 @@ impl BbCov {
 
 impl Client for BbCov {
     fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
-        let c = self
-            .counters
-            .entry(b.start)
-            .or_insert_with(|| Box::new(UnsafeCell::new(0)));
+        let c = self.counters.entry(b.start).or_insert_with(|| Box::new(UnsafeCell::new(0)));
         let addr = c.get() as u64;
         let (Ok(a), Ok(i)) = (
             Instruction::with2(Code::Mov_r64_imm64, Register::RAX, addr),
-            Instruction::with2(
-                Code::Add_rm64_imm8,
-                MemoryOperand::with_base(Register::RAX),
-                1i32,
-            ),
+            Instruction::with2(Code::Add_rm64_imm8, MemoryOperand::with_base(Register::RAX), 1i32),
         ) else {
             return;
         };
         o.insert(
             Where::Before(0),
-            Snippet {
-                code: alloc::vec![a, i],
-                clobbers: alloc::vec![Register::RAX],
-                clobbers_flags: true,
-            },
+            Snippet { code: alloc::vec![a, i], clobbers: alloc::vec![Register::RAX], clobbers_flags: true },
         );
     }
 }
@@ -169,10 +143,7 @@ pub const MEMTRACE_BASE_SLOT: usize = 2;
 
 impl MemTrace {
     pub fn new(ring_bits: u32) -> Self {
-        Self {
-            ring_bits: ring_bits.min(24),
-            info: InstructionInfoFactory::new(),
-        }
+        Self { ring_bits: ring_bits.min(24), info: InstructionInfoFactory::new() }
     }
 
     fn record(&self, mem: &iced_x86::UsedMemory, write: bool) -> Option<Snippet> {
@@ -206,57 +177,22 @@ impl MemTrace {
         };
         // Operands lea cannot express (e.g. 64-bit absolute displacements) are
         // skipped rather than failing the block.
-        let probe_at = if base == Register::RIP {
-            mem.displacement()
-        } else {
-            0
-        };
+        let probe_at = if base == Register::RIP { mem.displacement() } else { 0 };
         if iced_x86::Encoder::new(64).encode(&lea, probe_at).is_err() {
             return None;
         }
         code.push(lea);
-        code.push(
-            Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RCX,
-                client_slot(MEMTRACE_COUNT_SLOT),
-            )
-            .ok()?,
-        );
-        code.push(
-            Instruction::with2(Code::Add_rm64_imm8, client_slot(MEMTRACE_COUNT_SLOT), 1i32).ok()?,
-        );
+        code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, client_slot(MEMTRACE_COUNT_SLOT)).ok()?);
+        code.push(Instruction::with2(Code::Add_rm64_imm8, client_slot(MEMTRACE_COUNT_SLOT), 1i32).ok()?);
         code.push(Instruction::with2(Code::And_rm32_imm32, Register::ECX, mask).ok()?);
         code.push(Instruction::with2(Code::Shl_rm32_imm8, Register::ECX, 4u32).ok()?);
+        code.push(Instruction::with2(Code::Add_r64_rm64, Register::RCX, client_slot(MEMTRACE_BASE_SLOT)).ok()?);
+        code.push(Instruction::with2(Code::Mov_rm64_r64, MemoryOperand::with_base(Register::RCX), Register::RAX).ok()?);
         code.push(
-            Instruction::with2(
-                Code::Add_r64_rm64,
-                Register::RCX,
-                client_slot(MEMTRACE_BASE_SLOT),
-            )
-            .ok()?,
+            Instruction::with2(Code::Mov_rm64_imm32, MemoryOperand::with_base_displ(Register::RCX, 8), info as i32)
+                .ok()?,
         );
-        code.push(
-            Instruction::with2(
-                Code::Mov_rm64_r64,
-                MemoryOperand::with_base(Register::RCX),
-                Register::RAX,
-            )
-            .ok()?,
-        );
-        code.push(
-            Instruction::with2(
-                Code::Mov_rm64_imm32,
-                MemoryOperand::with_base_displ(Register::RCX, 8),
-                info as i32,
-            )
-            .ok()?,
-        );
-        Some(Snippet {
-            code,
-            clobbers: alloc::vec![Register::RAX, Register::RCX],
-            clobbers_flags: true,
-        })
+        Some(Snippet { code, clobbers: alloc::vec![Register::RAX, Register::RCX], clobbers_flags: true })
     }
 }
 
@@ -273,10 +209,7 @@ impl Client for MemTrace {
             for m in mems.iter() {
                 let write = match m.access() {
                     OpAccess::Read | OpAccess::CondRead => false,
-                    OpAccess::Write
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadWrite
-                    | OpAccess::ReadCondWrite => true,
+                    OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => true,
                     _ => continue,
                 };
                 if let Some(s) = self.record(m, write) {

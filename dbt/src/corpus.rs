@@ -164,11 +164,7 @@ extern "C" fn r_miniz(buf: *mut u8, n: u64) -> u64 {
     let mut s = 0x5151u64;
     for i in 0..n {
         let r = xorshift(&mut s);
-        data.push(if r % 4 == 0 {
-            (r >> 8) as u8
-        } else {
-            b"abcdefgh"[(i % 8) as usize]
-        });
+        data.push(if r % 4 == 0 { (r >> 8) as u8 } else { b"abcdefgh"[(i % 8) as usize] });
     }
     let c = miniz_oxide::deflate::compress_to_vec(&data, 6);
     let d = miniz_oxide::inflate::decompress_to_vec(&c).unwrap_or_default();
@@ -187,17 +183,11 @@ extern "C" fn r_regex(_buf: *mut u8, n: u64) -> u64 {
     let names = ["alice", "bob", "carol", "dave"];
     for i in 0..n {
         text.push_str(names[(i % 4) as usize]);
-        text.push_str(if i % 3 == 0 {
-            "@example.com "
-        } else {
-            " at nowhere; "
-        });
+        text.push_str(if i % 3 == 0 { "@example.com " } else { " at nowhere; " });
     }
     let mut acc = 0u64;
     for c in re.captures_iter(&text) {
-        acc = acc
-            .wrapping_mul(31)
-            .wrapping_add(c.get(1).map_or(0, |m| m.len() as u64));
+        acc = acc.wrapping_mul(31).wrapping_add(c.get(1).map_or(0, |m| m.len() as u64));
     }
     acc
 }
@@ -276,110 +266,25 @@ extern "C" fn k_tailcall(_b: *mut u8, n: u64) -> u64 {
 
 pub fn cases() -> Vec<Case> {
     let mut v = std::vec![
-        Case {
-            name: "loops",
-            f: r_loops,
-            test_n: 40,
-            bench_n: 2_000_000
-        },
-        Case {
-            name: "recursion",
-            f: r_recursion,
-            test_n: 12,
-            bench_n: 30
-        },
-        Case {
-            name: "dyn_dispatch",
-            f: r_dyn,
-            test_n: 20,
-            bench_n: 2_000_000
-        },
-        Case {
-            name: "sha2",
-            f: r_sha2,
-            test_n: 1,
-            bench_n: 20_000
-        },
-        Case {
-            name: "crc32fast",
-            f: r_crc32,
-            test_n: 1,
-            bench_n: 100_000
-        },
-        Case {
-            name: "miniz_oxide",
-            f: r_miniz,
-            test_n: 300,
-            bench_n: 2_000_000
-        },
-        Case {
-            name: "regex",
-            f: r_regex,
-            test_n: 8,
-            bench_n: 200_000
-        },
-        Case {
-            name: "c_switch",
-            f: k_switch,
-            test_n: 200,
-            bench_n: 20_000_000
-        },
-        Case {
-            name: "c_setjmp",
-            f: k_setjmp,
-            test_n: 20,
-            bench_n: 2_000_000
-        },
-        Case {
-            name: "c_varargs",
-            f: k_varargs,
-            test_n: 20,
-            bench_n: 5_000_000
-        },
-        Case {
-            name: "c_qsort",
-            f: k_qsort,
-            test_n: 100,
-            bench_n: 16384
-        },
-        Case {
-            name: "c_repmovs",
-            f: k_repmovs,
-            test_n: 1000,
-            bench_n: 32768
-        },
-        Case {
-            name: "c_fnptr",
-            f: k_fnptr,
-            test_n: 100,
-            bench_n: 20_000_000
-        },
-        Case {
-            name: "c_getpc",
-            f: k_getpc,
-            test_n: 1,
-            bench_n: 1
-        },
-        Case {
-            name: "c_loop",
-            f: k_loop,
-            test_n: 100,
-            bench_n: 100_000_000
-        },
-        Case {
-            name: "c_tailcall",
-            f: k_tailcall,
-            test_n: 100,
-            bench_n: 20_000_000
-        },
+        Case { name: "loops", f: r_loops, test_n: 40, bench_n: 2_000_000 },
+        Case { name: "recursion", f: r_recursion, test_n: 12, bench_n: 30 },
+        Case { name: "dyn_dispatch", f: r_dyn, test_n: 20, bench_n: 2_000_000 },
+        Case { name: "sha2", f: r_sha2, test_n: 1, bench_n: 20_000 },
+        Case { name: "crc32fast", f: r_crc32, test_n: 1, bench_n: 100_000 },
+        Case { name: "miniz_oxide", f: r_miniz, test_n: 300, bench_n: 2_000_000 },
+        Case { name: "regex", f: r_regex, test_n: 8, bench_n: 200_000 },
+        Case { name: "c_switch", f: k_switch, test_n: 200, bench_n: 20_000_000 },
+        Case { name: "c_setjmp", f: k_setjmp, test_n: 20, bench_n: 2_000_000 },
+        Case { name: "c_varargs", f: k_varargs, test_n: 20, bench_n: 5_000_000 },
+        Case { name: "c_qsort", f: k_qsort, test_n: 100, bench_n: 16384 },
+        Case { name: "c_repmovs", f: k_repmovs, test_n: 1000, bench_n: 32768 },
+        Case { name: "c_fnptr", f: k_fnptr, test_n: 100, bench_n: 20_000_000 },
+        Case { name: "c_getpc", f: k_getpc, test_n: 1, bench_n: 1 },
+        Case { name: "c_loop", f: k_loop, test_n: 100, bench_n: 100_000_000 },
+        Case { name: "c_tailcall", f: k_tailcall, test_n: 100, bench_n: 20_000_000 },
     ];
     if std::is_x86_feature_detected!("avx2") {
-        v.push(Case {
-            name: "c_simd_avx2",
-            f: k_simd,
-            test_n: 200,
-            bench_n: 1024,
-        });
+        v.push(Case { name: "c_simd_avx2", f: k_simd, test_n: 200, bench_n: 1024 });
     }
     v
 }

@@ -5,8 +5,8 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 use iced_x86::{
-    Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, MemoryOperand, Mnemonic,
-    OpKind, Register, RflagsBits,
+    Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, MemoryOperand, Mnemonic, OpKind, Register,
+    RflagsBits,
 };
 
 use crate::client::{BlockInfo, Client, Inserts, Snippet, Where};
@@ -105,13 +105,7 @@ struct Region {
 }
 
 impl Region {
-    fn alloc(
-        free: &mut Vec<(u64, u64)>,
-        used: &mut u64,
-        start: u64,
-        size: u64,
-        len: u64,
-    ) -> Option<u64> {
+    fn alloc(free: &mut Vec<(u64, u64)>, used: &mut u64, start: u64, size: u64, len: u64) -> Option<u64> {
         if let Some(i) = free.iter().position(|&(_, l)| l >= len) {
             let (a, l) = free[i];
             if l == len {
@@ -248,21 +242,13 @@ fn classify_stop(i: &Instruction) -> Option<StopKind> {
 
 fn is_cti(i: &Instruction) -> bool {
     // syscall/sysenter/int n return to the next instruction: copied as is.
-    if matches!(
-        i.mnemonic(),
-        Mnemonic::Syscall | Mnemonic::Sysenter | Mnemonic::Int | Mnemonic::Cpuid
-    ) {
+    if matches!(i.mnemonic(), Mnemonic::Syscall | Mnemonic::Sysenter | Mnemonic::Int | Mnemonic::Cpuid) {
         return false;
     }
     !matches!(i.flow_control(), FlowControl::Next | FlowControl::Interrupt)
 }
 
-const ARITH: u32 = RflagsBits::OF
-    | RflagsBits::SF
-    | RflagsBits::ZF
-    | RflagsBits::AF
-    | RflagsBits::CF
-    | RflagsBits::PF;
+const ARITH: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
 
 /// Backward flags liveness over a block: `live[i]` = arithmetic flags live
 /// before instruction i. Everything is assumed live after the block.
@@ -302,15 +288,7 @@ pub fn flags_liveness(insns: &[Instruction]) -> Vec<u32> {
 }
 
 fn gs(off: i64) -> MemoryOperand {
-    MemoryOperand::new(
-        Register::None,
-        Register::None,
-        1,
-        off,
-        4,
-        false,
-        Register::GS,
-    )
+    MemoryOperand::new(Register::None, Register::None, 1, off, 4, false, Register::GS)
 }
 
 fn gs_idx(off: i64, idx: Register) -> MemoryOperand {
@@ -328,13 +306,7 @@ struct Emit {
 
 impl Emit {
     fn new(base: u64) -> Self {
-        Emit {
-            base,
-            buf: Vec::with_capacity(256),
-            enc: Encoder::new(64),
-            err: false,
-            bad: 0,
-        }
+        Emit { base, buf: Vec::with_capacity(256), enc: Encoder::new(64), err: false, bad: 0 }
     }
     fn pc(&self) -> u64 {
         self.base + self.buf.len() as u64
@@ -425,10 +397,7 @@ impl Engine {
     /// (entry, hot length) of each fragment: used by the fuzz target and
     /// tests to decode emitted code back.
     pub fn fragments(&self) -> Vec<(u64, u64, u64, u64)> {
-        self.frags
-            .values()
-            .map(|f| (f.entry, f.hot_len, f.stub_addr, f.stub_len))
-            .collect()
+        self.frags.values().map(|f| (f.entry, f.hot_len, f.stub_addr, f.stub_len)).collect()
     }
 
     fn region_for(&mut self, pc: u64) -> Option<usize> {
@@ -465,38 +434,22 @@ impl Engine {
         let mut buf = [0u8; 16];
         loop {
             if insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES {
-                return Block {
-                    insns,
-                    term: Term::Fall(cur),
-                    end: cur,
-                };
+                return Block { insns, term: Term::Fall(cur), end: cur };
             }
             let n = self.env.read_code(cur, &mut buf[..15]).min(15);
             let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);
             let i = d.decode();
             if i.is_invalid() {
-                return Block {
-                    insns,
-                    term: Term::Stop(StopKind::Invalid, cur),
-                    end: cur + 1,
-                };
+                return Block { insns, term: Term::Stop(StopKind::Invalid, cur), end: cur + 1 };
             }
             if let Some(k) = classify_stop(&i) {
-                return Block {
-                    insns,
-                    term: Term::Stop(k, cur),
-                    end: i.next_ip(),
-                };
+                return Block { insns, term: Term::Stop(k, cur), end: i.next_ip() };
             }
             let cti = is_cti(&i);
             cur = i.next_ip();
             insns.push(i);
             if cti {
-                return Block {
-                    insns,
-                    term: Term::Cti,
-                    end: cur,
-                };
+                return Block { insns, term: Term::Cti, end: cur };
             }
         }
     }
@@ -511,11 +464,7 @@ impl Engine {
         }
         let save_flags = s.clobbers_flags && flags_live != 0;
         for (k, r) in regs.iter().enumerate() {
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SPILL + 8 * k as i64),
-                *r,
-            ));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SPILL + 8 * k as i64), *r));
         }
         let rax_slot = match regs.iter().position(|r| *r == Register::RAX) {
             Some(k) => OFF_SPILL + 8 * k as i64,
@@ -523,55 +472,27 @@ impl Engine {
         };
         if save_flags {
             if !regs.contains(&Register::RAX) {
-                e.ins(Instruction::with2(
-                    Code::Mov_rm64_r64,
-                    gs(rax_slot),
-                    Register::RAX,
-                ));
+                e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(rax_slot), Register::RAX));
             }
             e.ins(Ok(Instruction::with(Code::Lahf)));
             e.ins(Instruction::with1(Code::Seto_rm8, Register::AL));
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SPILL + 8 * 14),
-                Register::RAX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RAX,
-                gs(rax_slot),
-            ));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SPILL + 8 * 14), Register::RAX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(rax_slot)));
         }
         for i in s.code.iter() {
             e.ins(Ok(*i));
         }
         if save_flags {
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RAX,
-                gs(OFF_SPILL + 8 * 14),
-            ));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(OFF_SPILL + 8 * 14)));
             // al = 1 iff OF was set: al + 0x7f overflows exactly then.
-            e.ins(Instruction::with2(
-                Code::Add_rm8_imm8,
-                Register::AL,
-                0x7fu32,
-            ));
+            e.ins(Instruction::with2(Code::Add_rm8_imm8, Register::AL, 0x7fu32));
             e.ins(Ok(Instruction::with(Code::Sahf)));
         }
         for (k, r) in regs.iter().enumerate() {
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                *r,
-                gs(OFF_SPILL + 8 * k as i64),
-            ));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, *r, gs(OFF_SPILL + 8 * k as i64)));
         }
         if save_flags && !regs.contains(&Register::RAX) {
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RAX,
-                gs(rax_slot),
-            ));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(rax_slot)));
         }
     }
 
@@ -608,59 +529,23 @@ impl Engine {
     /// Flags-neutral (movzx/not/lea/xchg/jrcxz only).
     fn emit_lookup(e: &mut Emit, inline: bool) {
         if inline {
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SAVE_RDX),
-                Register::RDX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Movzx_r32_rm16,
-                Register::EDX,
-                Register::CX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RDX,
-                gs_idx(OFF_TAGS, Register::RDX),
-            ));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RDX), Register::RDX));
+            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::EDX, Register::CX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs_idx(OFF_TAGS, Register::RDX)));
             e.ins(Instruction::with1(Code::Not_rm64, Register::RDX));
             e.ins(Instruction::with2(
                 Code::Lea_r64_m,
                 Register::RDX,
                 MemoryOperand::new(Register::RCX, Register::RDX, 1, 1, 1, false, Register::None),
             ));
-            e.ins(Instruction::with2(
-                Code::Xchg_rm64_r64,
-                Register::RCX,
-                Register::RDX,
-            ));
+            e.ins(Instruction::with2(Code::Xchg_rm64_r64, Register::RCX, Register::RDX));
             // Miss path is position independent: encode it aside for its length.
             let mut m = Emit::new(0);
-            m.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_IND_TARGET),
-                Register::RDX,
-            ));
-            m.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RCX,
-                gs(OFF_SAVE_RCX),
-            ));
-            m.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RDX,
-                gs(OFF_SAVE_RDX),
-            ));
-            m.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SAVE_RAX),
-                Register::RAX,
-            ));
-            m.ins(Instruction::with2(
-                Code::Mov_rm64_imm32,
-                Register::RAX,
-                EXIT_IND as i32,
-            ));
+            m.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RDX));
+            m.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+            m.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
+            m.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            m.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
             m.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
             if m.err || m.buf.len() > 127 {
                 e.err = true;
@@ -670,53 +555,17 @@ impl Engine {
             let mb = core::mem::take(&mut m.buf);
             e.raw(&mb);
             // hit:
-            e.ins(Instruction::with2(
-                Code::Movzx_r32_rm16,
-                Register::ECX,
-                Register::DX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RCX,
-                gs_idx(OFF_FRAGS, Register::RCX),
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_TGT),
-                Register::RCX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RCX,
-                gs(OFF_SAVE_RCX),
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RDX,
-                gs(OFF_SAVE_RDX),
-            ));
+            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::DX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs_idx(OFF_FRAGS, Register::RCX)));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_TGT), Register::RCX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
             e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_TGT)));
         } else {
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_IND_TARGET),
-                Register::RCX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_r64_rm64,
-                Register::RCX,
-                gs(OFF_SAVE_RCX),
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SAVE_RAX),
-                Register::RAX,
-            ));
-            e.ins(Instruction::with2(
-                Code::Mov_rm64_imm32,
-                Register::RAX,
-                EXIT_IND as i32,
-            ));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RCX));
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            e.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
             e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
         }
     }
@@ -747,13 +596,7 @@ impl Engine {
         // Instrumentation.
         let mut ins = Inserts::default();
         if let Some(c) = self.client.as_mut() {
-            c.instrument(
-                &BlockInfo {
-                    start: pc,
-                    insns: &blk.insns,
-                },
-                &mut ins,
-            );
+            c.instrument(&BlockInfo { start: pc, insns: &blk.insns }, &mut ins);
         }
         let live = flags_liveness(&blk.insns);
         // Emit at a provisional base to learn the size, then at the real one
@@ -766,13 +609,7 @@ impl Engine {
             let hot_len_try = hot_guess + 16;
             let hot = {
                 let r = &mut self.regions[ri];
-                Region::alloc(
-                    &mut r.hot_free,
-                    &mut r.hot_used,
-                    r.base,
-                    r.hot_size,
-                    hot_len_try,
-                )
+                Region::alloc(&mut r.hot_free, &mut r.hot_used, r.base, r.hot_size, hot_len_try)
             };
             let Some(hot) = hot else {
                 if attempt > 3 {
@@ -791,17 +628,7 @@ impl Engine {
                 }
                 continue;
             }
-            return self.place(
-                pc,
-                blk.end,
-                ri,
-                hot,
-                hot_len_try,
-                buf,
-                fixups,
-                exits,
-                blk.insns.len(),
-            );
+            return self.place(pc, blk.end, ri, hot, hot_len_try, buf, fixups, exits, blk.insns.len());
         }
     }
 
@@ -818,22 +645,11 @@ impl Engine {
         let mut fix: Vec<Fixup> = Vec::new();
         let mut exits: Vec<ExitRecord> = Vec::new();
         let mut new_exit = |target: u64, stop: u64| {
-            exits.push(ExitRecord {
-                target,
-                patch_at: 0,
-                stub: 0,
-                stop,
-                owner: pc,
-                linked: u64::MAX,
-            });
+            exits.push(ExitRecord { target, patch_at: 0, stub: 0, stop, owner: pc, linked: u64::MAX });
             exits.len() - 1
         };
         let n = blk.insns.len();
-        let body_end = if matches!(blk.term, Term::Cti) {
-            n - 1
-        } else {
-            n
-        };
+        let body_end = if matches!(blk.term, Term::Cti) { n - 1 } else { n };
         let before = |e: &mut Emit, k: usize| {
             for (w, s) in ins.list.iter() {
                 if *w == Where::Before(k) {
@@ -875,11 +691,7 @@ impl Engine {
                     FlowControl::ConditionalBranch => {
                         let t = i.near_branch_target();
                         match i.mnemonic() {
-                            Mnemonic::Loop
-                            | Mnemonic::Loope
-                            | Mnemonic::Loopne
-                            | Mnemonic::Jrcxz
-                            | Mnemonic::Jecxz => {
+                            Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jrcxz | Mnemonic::Jecxz => {
                                 // op rel8 -> L_taken; jmp fall; L_taken: jmp taken
                                 let mut probe = *i;
                                 probe.set_near_branch64(0);
@@ -918,17 +730,9 @@ impl Engine {
                     }
                     FlowControl::IndirectBranch | FlowControl::IndirectCall => {
                         // rcx <- operand (evaluated with the guest's registers)
-                        e.ins(Instruction::with2(
-                            Code::Mov_rm64_r64,
-                            gs(OFF_SAVE_RCX),
-                            Register::RCX,
-                        ));
+                        e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
                         if i.op0_kind() == OpKind::Register {
-                            e.ins(Instruction::with2(
-                                Code::Mov_r64_rm64,
-                                Register::RCX,
-                                i.op0_register(),
-                            ));
+                            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, i.op0_register()));
                         } else {
                             let m = MemoryOperand::new(
                                 i.memory_base(),
@@ -947,21 +751,13 @@ impl Engine {
                         Self::emit_lookup(&mut e, self.cfg.inline_lookup);
                     }
                     FlowControl::Return => {
-                        e.ins(Instruction::with2(
-                            Code::Mov_rm64_r64,
-                            gs(OFF_SAVE_RCX),
-                            Register::RCX,
-                        ));
+                        e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
                         e.ins(Instruction::with2(
                             Code::Mov_r64_rm64,
                             Register::RCX,
                             MemoryOperand::with_base(Register::RSP),
                         ));
-                        let pop = 8 + if i.code() == Code::Retnq_imm16 {
-                            i.immediate16() as i64
-                        } else {
-                            0
-                        };
+                        let pop = 8 + if i.code() == Code::Retnq_imm16 { i.immediate16() as i64 } else { 0 };
                         e.ins(Instruction::with2(
                             Code::Lea_r64_m,
                             Register::RSP,
@@ -998,16 +794,8 @@ impl Engine {
         let mut stub_code = Vec::new();
         let stub_len_each = {
             let mut t = Emit::new(0);
-            t.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SAVE_RAX),
-                Register::RAX,
-            ));
-            t.ins(Instruction::with2(
-                Code::Mov_r64_imm64,
-                Register::RAX,
-                u64::MAX,
-            ));
+            t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, u64::MAX));
             t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
             t.buf.len() as u64
         };
@@ -1016,13 +804,7 @@ impl Engine {
             Some(hot + hot_len) // no exits (ret / indirect only): nothing to place
         } else {
             let r = &mut self.regions[ri];
-            Region::alloc(
-                &mut r.stub_free,
-                &mut r.stub_used,
-                r.base + r.hot_size,
-                r.stub_size,
-                stub_total,
-            )
+            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, stub_total)
         };
         let Some(stub) = stub else {
             self.regions[ri].hot_free.push((hot, hot_len));
@@ -1033,16 +815,8 @@ impl Engine {
             let addr = stub + k as u64 * stub_len_each;
             rec.stub = addr;
             let mut t = Emit::new(addr);
-            t.ins(Instruction::with2(
-                Code::Mov_rm64_r64,
-                gs(OFF_SAVE_RAX),
-                Register::RAX,
-            ));
-            t.ins(Instruction::with2(
-                Code::Mov_r64_imm64,
-                Register::RAX,
-                &**rec as *const ExitRecord as u64,
-            ));
+            t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+            t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, &**rec as *const ExitRecord as u64));
             t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
             stub_code.extend_from_slice(&t.buf);
         }
@@ -1098,12 +872,8 @@ impl Engine {
                 .collect();
             for (k, t) in targets {
                 if self.frags.contains_key(&t) {
-                    let rp = &mut *self
-                        .frags
-                        .get_mut(&pc)
-                        .map(|f| &mut f.exits[k])
-                        .ok_or(StopKind::NoSpace)? as &mut ExitRecord
-                        as *mut ExitRecord;
+                    let rp = &mut *self.frags.get_mut(&pc).map(|f| &mut f.exits[k]).ok_or(StopKind::NoSpace)?
+                        as &mut ExitRecord as *mut ExitRecord;
                     self.link(rp);
                 }
             }
@@ -1144,20 +914,12 @@ impl Engine {
             };
             let ri = of.region;
             let rg = &mut self.regions[ri];
-            let Some(t) = Region::alloc(
-                &mut rg.stub_free,
-                &mut rg.stub_used,
-                rg.base + rg.hot_size,
-                rg.stub_size,
-                16,
-            ) else {
+            let Some(t) = Region::alloc(&mut rg.stub_free, &mut rg.stub_used, rg.base + rg.hot_size, rg.stub_size, 16)
+            else {
                 return;
             };
             let mut e = Emit::new(t);
-            e.ins(Instruction::with1(
-                Code::Jmp_rm64,
-                MemoryOperand::with_base_displ(Register::RIP, (t + 6) as i64),
-            ));
+            e.ins(Instruction::with1(Code::Jmp_rm64, MemoryOperand::with_base_displ(Register::RIP, (t + 6) as i64)));
             e.raw(&dest.to_le_bytes());
             if e.err || e.buf.len() > 16 {
                 return;
@@ -1264,12 +1026,8 @@ impl Engine {
     pub fn invalidate(&mut self, lo: u64, hi: u64) -> usize {
         self.stats.invalidations += 1;
         let from = lo.saturating_sub(MAX_BLOCK_BYTES as u64 + 16);
-        let victims: Vec<u64> = self
-            .frags
-            .range(from..hi)
-            .filter(|(_, f)| f.start < hi && f.end > lo)
-            .map(|(k, _)| *k)
-            .collect();
+        let victims: Vec<u64> =
+            self.frags.range(from..hi).filter(|(_, f)| f.start < hi && f.end > lo).map(|(k, _)| *k).collect();
         for v in victims.iter() {
             self.remove_fragment(*v);
         }
@@ -1305,8 +1063,7 @@ impl Engine {
         self.clear_ibl_entry(start);
         // 4. Space: deferred.
         self.hot_total = self.hot_total.saturating_sub(f.hot_len);
-        self.pending
-            .push((f.region, f.entry, f.hot_len, f.stub_addr, f.stub_len));
+        self.pending.push((f.region, f.entry, f.hot_len, f.stub_addr, f.stub_len));
         // The exit records are dropped with `f`: stubs of this fragment must
         // not run any more, which holds once no CPU executes the fragment
         // (quiescence), since nothing links to it any longer.

@@ -22,11 +22,7 @@ impl Env for HostEnv {
         for k in 1..24u64 {
             for dir in [0u64, 1] {
                 let off = k * (64 << 20);
-                let hint = if dir == 0 {
-                    near.checked_sub(off + size as u64)
-                } else {
-                    near.checked_add(off)
-                };
+                let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
                 let Some(hint) = hint else { continue };
                 let hint = hint & !0xfff;
                 if hint < 0x10000 || hint > 0x7fff_0000_0000 {
@@ -61,14 +57,8 @@ impl Env for HostEnv {
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
         // Read up to the end of the page, and the next page only if it is
         // mapped (mincore-free check: process_vm_readv never faults).
-        let iov_local = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        let iov_remote = libc::iovec {
-            iov_base: pc as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
+        let iov_local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let iov_remote = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: buf.len() };
         // SAFETY: process_vm_readv on our own pid copies what is readable
         // and reports failures instead of faulting.
         let n = unsafe { libc::process_vm_readv(libc::getpid(), &iov_local, 1, &iov_remote, 1, 0) };
@@ -78,14 +68,8 @@ impl Env for HostEnv {
         // Partial (crossing into an unmapped page): read up to the page end.
         let till_page = (0x1000 - (pc & 0xfff)) as usize;
         if till_page < buf.len() {
-            let l = libc::iovec {
-                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-                iov_len: till_page,
-            };
-            let r = libc::iovec {
-                iov_base: pc as *mut libc::c_void,
-                iov_len: till_page,
-            };
+            let l = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: till_page };
+            let r = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: till_page };
             // SAFETY: as above.
             let n = unsafe { libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0) };
             if n > 0 {
@@ -130,14 +114,7 @@ fn callee_of(c: &GuestCtx) -> [u64; 6] {
 
 fn seed_ctx(args: &[u64]) -> GuestCtx {
     let mut c = GuestCtx::default();
-    let regs = [
-        GuestCtx::RDI,
-        GuestCtx::RSI,
-        GuestCtx::RDX,
-        GuestCtx::RCX,
-        GuestCtx::R8,
-        GuestCtx::R9,
-    ];
+    let regs = [GuestCtx::RDI, GuestCtx::RSI, GuestCtx::RDX, GuestCtx::RCX, GuestCtx::R8, GuestCtx::R9];
     for (k, a) in args.iter().take(6).enumerate() {
         c.gpr[regs[k]] = *a;
     }
@@ -212,12 +189,7 @@ impl Harness {
             (*scratch).save_xstate = xsave_supported() as u64;
             (*scratch).rust_dispatch = host_dispatch as *const () as u64;
         }
-        Harness {
-            engine,
-            scratch,
-            _dstack: dstack,
-            gstack,
-        }
+        Harness { engine, scratch, _dstack: dstack, gstack }
     }
 
     fn install_gs(&self) {
@@ -267,13 +239,7 @@ impl Harness {
         let entry = match crate::host_alloc::with_dbt_alloc(|| self.engine.fragment_for(f)) {
             Ok(e) => e,
             Err(k) => {
-                return RunResult {
-                    rax: 0,
-                    rdx: 0,
-                    callee_saved: [0; 6],
-                    stop: k,
-                    stop_pc: f,
-                };
+                return RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
             }
         };
         {
@@ -359,14 +325,7 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
     loop {
         // SAFETY: ptrace on our stopped, traced child.
         let mut regs: libc::user_regs_struct = unsafe { core::mem::zeroed() };
-        unsafe {
-            libc::ptrace(
-                libc::PTRACE_GETREGS,
-                pid,
-                0,
-                &mut regs as *mut _ as *mut libc::c_void,
-            )
-        };
+        unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as *mut libc::c_void) };
         let rip = regs.rip;
         if !counting && rip == f {
             counting = true;
@@ -381,8 +340,7 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
             }
             // The child is a fork of us: its code is at the same addresses.
             let n = HostEnv.read_code(rip, &mut buf[..15]);
-            let mut d =
-                iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
+            let mut d = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
             let i = d.decode();
             prev_rep = i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix();
             prev_rep = prev_rep && i.is_string_instruction();

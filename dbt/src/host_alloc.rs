@@ -66,11 +66,7 @@ fn arena() -> usize {
 }
 
 fn class(layout: &Layout) -> usize {
-    let sz = layout
-        .size()
-        .max(layout.align())
-        .max(16)
-        .next_power_of_two();
+    let sz = layout.size().max(layout.align()).max(16).next_power_of_two();
     sz.trailing_zeros() as usize
 }
 
@@ -111,10 +107,7 @@ unsafe impl GlobalAlloc for HostAlloc {
             if a + sz > base + ARENA_SIZE {
                 return core::ptr::null_mut();
             }
-            if ARENA_NEXT
-                .compare_exchange(cur, a + sz, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
+            if ARENA_NEXT.compare_exchange(cur, a + sz, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 return a as *mut u8;
             }
         }

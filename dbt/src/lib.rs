@@ -14,9 +14,7 @@ pub mod scratch;
 #[cfg(feature = "host")]
 pub mod host;
 
-pub use client::{
-    BbCov, BlockInfo, Client, InsCount, Inserts, MemTrace, NullClient, Snippet, Where,
-};
+pub use client::{BbCov, BlockInfo, Client, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
 pub use engine::{Config, Engine, Env, Stats, StopKind};
 pub use scratch::{GuestCtx, Scratch};
 #[cfg(feature = "host")]

@@ -10,21 +10,10 @@ fn corpus_null_client_matches_native() {
         let mut tb = vec![0u8; BUF_LEN];
         let nat = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
         let tr = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(
-            tr.stop,
-            StopKind::Sentinel,
-            "{}: stopped {:?} at {:#x}",
-            c.name,
-            tr.stop,
-            tr.stop_pc
-        );
+        assert_eq!(tr.stop, StopKind::Sentinel, "{}: stopped {:?} at {:#x}", c.name, tr.stop, tr.stop_pc);
         assert_eq!(tr.rax, nat.rax, "{}: return value", c.name);
         assert_eq!(tr.callee_saved, CALLEE_SEED, "{}: callee-saved", c.name);
-        assert_eq!(
-            nat.callee_saved, CALLEE_SEED,
-            "{}: native callee-saved",
-            c.name
-        );
+        assert_eq!(nat.callee_saved, CALLEE_SEED, "{}: native callee-saved", c.name);
         assert!(tb == nb, "{}: memory side effects differ", c.name);
         eprintln!("{}: ok ({:#x})", c.name, tr.rax);
     }

@@ -17,9 +17,7 @@ fn inscount_matches_ptrace_single_step() {
         // Warm up lazily initialised state (CPU feature caches, ...) first.
         h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
         nb.fill(0);
-        let reference = h
-            .ptrace_count(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n])
-            .expect("ptrace");
+        let reference = h.ptrace_count(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]).expect("ptrace");
         h.scratch().client[dbt::client::INSCOUNT_SLOT] = 0;
         let tr = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(tr.stop, StopKind::Sentinel, "{}", c.name);
@@ -51,26 +49,13 @@ extern "C" fn three_blocks(buf: *mut u8, n: u64) -> u64 {
 fn bbcov_counts_block_hits() {
     let mut h = Harness::new(Some(Box::new(BbCov::new())));
     let mut b = vec![0u8; 64];
-    let r = h.run(
-        three_blocks as *const () as u64,
-        &[b.as_mut_ptr() as u64, 30],
-    );
+    let r = h.run(three_blocks as *const () as u64, &[b.as_mut_ptr() as u64, 30]);
     assert_eq!(r.stop, StopKind::Sentinel);
-    assert_eq!(
-        r.rax,
-        h.run_native(
-            three_blocks as *const () as u64,
-            &[b.as_mut_ptr() as u64, 30]
-        )
-        .rax
-    );
+    assert_eq!(r.rax, h.run_native(three_blocks as *const () as u64, &[b.as_mut_ptr() as u64, 30]).rax);
     // Hits of the entry block: exactly one; some block ran 30 times (the
     // loop body) and one 10 times (the i % 3 == 0 arm).
     let hits = h.bbcov_hits();
-    let entry = hits
-        .iter()
-        .find(|(pc, _)| *pc == three_blocks as *const () as u64)
-        .expect("entry block");
+    let entry = hits.iter().find(|(pc, _)| *pc == three_blocks as *const () as u64).expect("entry block");
     assert_eq!(entry.1, 1);
     assert!(hits.iter().any(|(_, n)| *n == 10), "{hits:x?}");
     assert!(hits.iter().any(|(_, n)| *n >= 30), "{hits:x?}");
@@ -85,12 +70,7 @@ fn memtrace_records_every_store() {
     let mut b = vec![0u8; 64];
     let base = b.as_mut_ptr() as u64;
     let r = h.run(three_blocks as *const () as u64, &[base, 30]);
-    assert_eq!(
-        r.stop,
-        StopKind::Sentinel,
-        "bad code {}",
-        h.engine.trace_bad.get()
-    );
+    assert_eq!(r.stop, StopKind::Sentinel, "bad code {}", h.engine.trace_bad.get());
     let total = h.scratch().client[MEMTRACE_COUNT_SLOT] as usize;
     assert!(total < ring.len());
     let writes: Vec<u64> = ring[..total]

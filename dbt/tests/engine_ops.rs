@@ -34,11 +34,7 @@ fn invalidation_unlinks_and_retranslates() {
     // Modify B without telling the engine: the stale translation still runs.
     // SAFETY: our page.
     unsafe { *p.add(65) = 20 };
-    assert_eq!(
-        h.run(a, &[]).rax,
-        11,
-        "cached translation is used until invalidated"
-    );
+    assert_eq!(h.run(a, &[]).rax, 11, "cached translation is used until invalidated");
     let n = h.engine.invalidate(b + 1, b + 2);
     assert_eq!(n, 1);
     h.engine.reclaim();
@@ -59,15 +55,9 @@ fn invalidation_unlinks_and_retranslates() {
 
 #[test]
 fn capacity_limit_resets_and_stays_correct() {
-    let cfg = Config {
-        max_hot_bytes: 64 << 10,
-        ..Config::default()
-    };
+    let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };
     let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);
-    for c in cases()
-        .into_iter()
-        .filter(|c| c.name == "regex" || c.name == "miniz_oxide")
-    {
+    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
         let mut nb = vec![0u8; BUF_LEN];
         let mut tb = vec![0u8; BUF_LEN];
         let n = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);

@@ -85,13 +85,7 @@ pub fn format_violation(
     let q = ViolationQual::decode(qual);
     write!(out, "EPT violation: gpa={gpa:#x} access={} (qual={qual:#x}) had={}", q.access(), q.had())?;
     match current {
-        Some(t) => write!(
-            out,
-            " now={} type={} page={}K",
-            t.perms,
-            t.memtype.name(),
-            t.page_size.bytes() / 1024
-        )?,
+        Some(t) => write!(out, " now={} type={} page={}K", t.perms, t.memtype.name(), t.page_size.bytes() / 1024)?,
         None => write!(out, " now=unmapped")?,
     }
     if q.gla_valid {
@@ -146,7 +140,13 @@ mod tests {
     #[test]
     fn formats_one_line() {
         let mut s = String::new();
-        let t = Translation { hpa: 0x1234_5000, perms: Perms::RX, memtype: MemType::Wb, page_size: PageSize::Size4K, ignore_pat: false };
+        let t = Translation {
+            hpa: 0x1234_5000,
+            perms: Perms::RX,
+            memtype: MemType::Wb,
+            page_size: PageSize::Size4K,
+            ignore_pat: false,
+        };
         format_violation(&mut s, 0x1234_5678, 0xffff_8880_1234_5678, 0b1_1010_1010, Some(t)).unwrap();
         assert_eq!(
             s,
@@ -154,6 +154,9 @@ mod tests {
         );
         let mut s = String::new();
         format_violation(&mut s, 0x10_0000_0000, 0, 0x1 | 1 << 12, None).unwrap();
-        assert_eq!(s, "EPT violation: gpa=0x1000000000 access=read (qual=0x1001) had=--- now=unmapped gla=invalid nmi-unblocking");
+        assert_eq!(
+            s,
+            "EPT violation: gpa=0x1000000000 access=read (qual=0x1001) had=--- now=unmapped gla=invalid nmi-unblocking"
+        );
     }
 }

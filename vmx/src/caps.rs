@@ -7,9 +7,7 @@
 use core::fmt::{self, Write};
 
 use x86::msr;
-use x86::vmx::vmcs::control::{
-    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
-};
+use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls};
 
 /// IA32_VMX_PROCBASED_CTLS3 (not in the `x86` crate).
 pub const IA32_VMX_PROCBASED_CTLS3: u32 = 0x492;
@@ -422,12 +420,7 @@ impl CtlCaps {
     /// From a 32+32 capability MSR (low half: allowed-0, high half: allowed-1).
     fn from_pair(v: Option<u64>, from_true_msr: bool) -> CtlCaps {
         match v {
-            Some(v) => CtlCaps {
-                present: true,
-                from_true_msr,
-                allowed0: v & 0xffff_ffff,
-                allowed1: v >> 32,
-            },
+            Some(v) => CtlCaps { present: true, from_true_msr, allowed0: v & 0xffff_ffff, allowed1: v >> 32 },
             None => CtlCaps::default(),
         }
     }
@@ -830,14 +823,45 @@ fn yn(b: bool) -> &'static str {
     }
 }
 
-static CR0_NAMES: &[(u32, &str)] =
-    &[(0, "PE"), (1, "MP"), (2, "EM"), (3, "TS"), (4, "ET"), (5, "NE"), (16, "WP"), (18, "AM"),
-      (29, "NW"), (30, "CD"), (31, "PG")];
+static CR0_NAMES: &[(u32, &str)] = &[
+    (0, "PE"),
+    (1, "MP"),
+    (2, "EM"),
+    (3, "TS"),
+    (4, "ET"),
+    (5, "NE"),
+    (16, "WP"),
+    (18, "AM"),
+    (29, "NW"),
+    (30, "CD"),
+    (31, "PG"),
+];
 static CR4_NAMES: &[(u32, &str)] = &[
-    (0, "VME"), (1, "PVI"), (2, "TSD"), (3, "DE"), (4, "PSE"), (5, "PAE"), (6, "MCE"), (7, "PGE"),
-    (8, "PCE"), (9, "OSFXSR"), (10, "OSXMMEXCPT"), (11, "UMIP"), (12, "LA57"), (13, "VMXE"),
-    (14, "SMXE"), (16, "FSGSBASE"), (17, "PCIDE"), (18, "OSXSAVE"), (19, "KL"), (20, "SMEP"),
-    (21, "SMAP"), (22, "PKE"), (23, "CET"), (24, "PKS"), (25, "UINTR"),
+    (0, "VME"),
+    (1, "PVI"),
+    (2, "TSD"),
+    (3, "DE"),
+    (4, "PSE"),
+    (5, "PAE"),
+    (6, "MCE"),
+    (7, "PGE"),
+    (8, "PCE"),
+    (9, "OSFXSR"),
+    (10, "OSXMMEXCPT"),
+    (11, "UMIP"),
+    (12, "LA57"),
+    (13, "VMXE"),
+    (14, "SMXE"),
+    (16, "FSGSBASE"),
+    (17, "PCIDE"),
+    (18, "OSXSAVE"),
+    (19, "KL"),
+    (20, "SMEP"),
+    (21, "SMAP"),
+    (22, "PKE"),
+    (23, "CET"),
+    (24, "PKS"),
+    (25, "UINTR"),
 ];
 
 fn write_bits(f: &mut fmt::Formatter<'_>, v: u64, names: &[(u32, &str)]) -> fmt::Result {
@@ -863,11 +887,7 @@ impl fmt::Display for VmxCaps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "cpu {}: vendor {}", self.cpu, self.vendor_str())?;
         if !self.vmx {
-            writeln!(
-                f,
-                "  no VT-x: CPUID.1:ECX.VMX is clear (vendor {})",
-                self.vendor_str()
-            )?;
+            writeln!(f, "  no VT-x: CPUID.1:ECX.VMX is clear (vendor {})", self.vendor_str())?;
             return Ok(());
         }
         writeln!(f, "  CPUID.1:ECX.VMX: yes (SMX: {})", yn(self.smx))?;
@@ -999,9 +1019,7 @@ impl fmt::Display for VmxCaps {
                 )?;
             }
         }
-        for (name, fx, names) in
-            [("CR0", &self.cr0_fixed, CR0_NAMES), ("CR4", &self.cr4_fixed, CR4_NAMES)]
-        {
+        for (name, fx, names) in [("CR0", &self.cr0_fixed, CR0_NAMES), ("CR4", &self.cr4_fixed, CR4_NAMES)] {
             if !fx.present {
                 writeln!(f, "  {name} fixed bits: unreadable")?;
                 continue;

@@ -83,7 +83,7 @@ pub fn adjust_kind(kind: CtlKind, caps: &CtlCaps, desired: u64) -> Result<u64, M
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::caps::{tests::profile_raw, profiles::BOCHS_27_SKYLAKE_X, VmxCaps};
+    use crate::caps::{profiles::BOCHS_27_SKYLAKE_X, tests::profile_raw, VmxCaps};
     use x86::vmx::vmcs::control::{PrimaryControls, SecondaryControls};
 
     extern crate std;
@@ -135,8 +135,8 @@ mod tests {
         let v = adjust_kind(CtlKind::Proc, &c.proc, want).unwrap();
         // TRUE_PROCBASED: CR3 load/store exiting not forced.
         assert_eq!(v, want | 0x0400_6172);
-        let err = adjust_kind(CtlKind::Proc, &c.proc, want | PrimaryControls::MONITOR_TRAP_FLAG.bits() as u64)
-            .unwrap_err();
+        let err =
+            adjust_kind(CtlKind::Proc, &c.proc, want | PrimaryControls::MONITOR_TRAP_FLAG.bits() as u64).unwrap_err();
         assert_eq!(err.bits, PrimaryControls::MONITOR_TRAP_FLAG.bits() as u64);
         assert_eq!(err.names().collect::<Vec<_>>(), ["MONITOR_TRAP_FLAG"]);
         assert!(format!("{err}").contains("MONITOR_TRAP_FLAG (bit 27)"), "{err}");

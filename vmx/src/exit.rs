@@ -5,7 +5,7 @@
 //! [`GuestRegs`] on the host stack and calls its handler, which calls [`handle`] and acts on
 //! the returned [`Action`]. Nothing here may fault, allocate or call the kernel: it runs in
 //! VMX root mode with interrupts off.
-use x86::vmx::vmcs::{guest, ro, control};
+use x86::vmx::vmcs::{control, guest, ro};
 
 use crate::hypercall::{self, Call, Decoded};
 
@@ -504,8 +504,8 @@ mod tests {
     fn injected(f: &Fake) -> Option<(u8, Option<u32>)> {
         let info = f.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
         (info & INTR_VALID != 0).then(|| {
-            let code = (info & INTR_DELIVER_ERROR_CODE != 0)
-                .then(|| f.vmread(control::VMENTRY_EXCEPTION_ERR_CODE) as u32);
+            let code =
+                (info & INTR_DELIVER_ERROR_CODE != 0).then(|| f.vmread(control::VMENTRY_EXCEPTION_ERR_CODE) as u32);
             (info as u8, code)
         })
     }

@@ -5,7 +5,7 @@
 
 pub mod caps;
 pub mod controls;
-pub mod preflight;
 pub mod exit;
 pub mod hypercall;
+pub mod preflight;
 pub mod segment;

@@ -110,13 +110,11 @@ impl VmxCaps {
             (Features::GUEST_64BIT, n(EntryControls::IA32E_MODE_GUEST)),
             (
                 Features::EFER_SWITCH,
-                x(ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER)
-                    && n(EntryControls::LOAD_IA32_EFER),
+                x(ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER) && n(EntryControls::LOAD_IA32_EFER),
             ),
             (
                 Features::PAT_SWITCH,
-                x(ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT)
-                    && n(EntryControls::LOAD_IA32_PAT),
+                x(ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT) && n(EntryControls::LOAD_IA32_PAT),
             ),
             (Features::EPT, ept),
             (Features::EPT_PWL4, ept && e.pwl4),
@@ -138,10 +136,7 @@ impl VmxCaps {
             (Features::RDTSCP, s(SecondaryControls::ENABLE_RDTSCP)),
             (Features::INVPCID, s(SecondaryControls::ENABLE_INVPCID)),
             (Features::XSAVES, s(SecondaryControls::ENABLE_XSAVES_XRSTORS)),
-            (
-                Features::DEBUG_CONTROLS,
-                x(ExitControls::SAVE_DEBUG_CONTROLS) && n(EntryControls::LOAD_DEBUG_CONTROLS),
-            ),
+            (Features::DEBUG_CONTROLS, x(ExitControls::SAVE_DEBUG_CONTROLS) && n(EntryControls::LOAD_DEBUG_CONTROLS)),
         ] {
             f.set(flag, ok);
         }
@@ -171,26 +166,20 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::NoVmx { vendor } => write!(
-                f,
-                "no VT-x: CPUID.1:ECX.VMX is clear (vendor {})",
-                VendorStr::new(*vendor)
-            ),
-            Refusal::VmxAlreadyInUse => f.write_str(
-                "CR4.VMXE is already set: another hypervisor or KVM holds VMX (unload kvm_intel first)",
-            ),
+            Refusal::NoVmx { vendor } => {
+                write!(f, "no VT-x: CPUID.1:ECX.VMX is clear (vendor {})", VendorStr::new(*vendor))
+            }
+            Refusal::VmxAlreadyInUse => {
+                f.write_str("CR4.VMXE is already set: another hypervisor or KVM holds VMX (unload kvm_intel first)")
+            }
             Refusal::FeatureControlLockedOff => f.write_str(
                 "IA32_FEATURE_CONTROL is locked with VMXON outside SMX disabled: enable VT-x in the firmware setup",
             ),
-            Refusal::FeatureControlUnreadable => {
-                f.write_str("IA32_FEATURE_CONTROL cannot be read")
-            }
+            Refusal::FeatureControlUnreadable => f.write_str("IA32_FEATURE_CONTROL cannot be read"),
             Refusal::CapabilityMsrsUnreadable => {
                 f.write_str("VMX capability MSRs (IA32_VMX_BASIC or control MSRs) cannot be read")
             }
-            Refusal::VmcsMemTypeNotWb => {
-                f.write_str("IA32_VMX_BASIC reports a VMCS memory type other than write-back")
-            }
+            Refusal::VmcsMemTypeNotWb => f.write_str("IA32_VMX_BASIC reports a VMCS memory type other than write-back"),
             Refusal::Missing(m) => write!(f, "required VMX features missing: {m}"),
         }
     }
@@ -282,16 +271,12 @@ pub fn preflight(caps: &VmxCaps, cr4_vmxe: bool, req: &Request) -> Result<Cleare
     }
     match caps.feature_control {
         None => refusals.push(Refusal::FeatureControlUnreadable),
-        Some(fc) if fc.locked && !fc.vmxon_outside_smx => {
-            refusals.push(Refusal::FeatureControlLockedOff)
-        }
+        Some(fc) if fc.locked && !fc.vmxon_outside_smx => refusals.push(Refusal::FeatureControlLockedOff),
         Some(fc) => needs_lock = !fc.locked,
     }
     match caps.basic {
         None => refusals.push(Refusal::CapabilityMsrsUnreadable),
-        Some(b) if b.mem_type != crate::caps::BasicMemType::Wb => {
-            refusals.push(Refusal::VmcsMemTypeNotWb)
-        }
+        Some(b) if b.mem_type != crate::caps::BasicMemType::Wb => refusals.push(Refusal::VmcsMemTypeNotWb),
         Some(_) if !(caps.pin.present && caps.proc.present && caps.exit.present && caps.entry.present) => {
             refusals.push(Refusal::CapabilityMsrsUnreadable)
         }

@@ -6,31 +6,15 @@ use anyhow::{bail, Result};
 use std::process::{Command, Stdio};
 
 /// Always needed: initramfs and ISO tooling, and gcc/make/binutils for kdbt.ko.
-pub const BASE: &[&str] = &[
-    "busybox-static",
-    "cpio",
-    "gzip",
-    "xorriso",
-    "isolinux",
-    "syslinux-common",
-    "build-essential",
-];
+pub const BASE: &[&str] =
+    &["busybox-static", "cpio", "gzip", "xorriso", "isolinux", "syslinux-common", "build-essential"];
 /// Bochs with VT-x emulation and its ROMs and text display.
 pub const BOCHS: &[&str] = &["bochs", "bochsbios", "vgabios", "bochs-term"];
 /// QEMU for TCG runs.
 pub const QEMU: &[&str] = &["qemu-system-x86"];
 /// The small kernel: Debian's source and what `make bzImage` needs.
-pub const SMALL_KERNEL: &[&str] = &[
-    "linux-source-6.12",
-    "build-essential",
-    "flex",
-    "bison",
-    "bc",
-    "libelf-dev",
-    "libssl-dev",
-    "lz4",
-    "xz-utils",
-];
+pub const SMALL_KERNEL: &[&str] =
+    &["linux-source-6.12", "build-essential", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "lz4", "xz-utils"];
 
 /// True if dpkg says `pkg` is installed.
 pub fn installed(pkg: &str) -> bool {
@@ -43,11 +27,7 @@ pub fn installed(pkg: &str) -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// An apt-get command, through `sudo -n` when not root.
@@ -80,11 +60,7 @@ pub fn apt_update() -> bool {
 /// Makes sure every package in `pkgs` is installed; installs the missing ones (one
 /// `apt-get update` retry), and fails naming exactly what could not be installed.
 pub fn ensure(pkgs: &[&str]) -> Result<()> {
-    let missing: Vec<String> = pkgs
-        .iter()
-        .filter(|p| !installed(p))
-        .map(|p| p.to_string())
-        .collect();
+    let missing: Vec<String> = pkgs.iter().filter(|p| !installed(p)).map(|p| p.to_string()).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -118,11 +94,7 @@ pub fn apt_names(prefix: &str) -> Vec<String> {
         .stderr(Stdio::null())
         .output()
         .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(|l| l.trim().to_string())
-                .filter(|l| !l.is_empty())
-                .collect()
+            String::from_utf8_lossy(&o.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
         })
         .unwrap_or_default()
 }
@@ -135,8 +107,7 @@ pub fn apt_knows(pkg: &str) -> bool {
         .output()
         .map(|o| {
             let s = String::from_utf8_lossy(&o.stdout);
-            s.lines()
-                .any(|l| l.trim_start().starts_with("Candidate:") && !l.contains("(none)"))
+            s.lines().any(|l| l.trim_start().starts_with("Candidate:") && !l.contains("(none)"))
         })
         .unwrap_or(false)
 }

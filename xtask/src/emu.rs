@@ -6,8 +6,8 @@ use crate::results;
 use crate::util::{note, step, Timer};
 use anyhow::{bail, Context, Result};
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -315,10 +315,8 @@ fn drain_own_ptys(pid: i32) {
             });
             if let Some(n) = index.filter(|n| seen.insert(*n)) {
                 use std::os::unix::fs::OpenOptionsExt;
-                let slave = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOCTTY)
-                    .open(format!("/dev/pts/{n}"));
+                let slave =
+                    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOCTTY).open(format!("/dev/pts/{n}"));
                 if let (Ok(slave), Ok(sink)) = (slave, std::fs::OpenOptions::new().write(true).open("/dev/null")) {
                     std::thread::spawn(move || drain(slave, sink));
                 }
@@ -411,11 +409,5 @@ pub fn boot(m: &Machine) -> Result<Boot> {
             e.push_str(&format!(": it was killed from outside this run ({})", l.trim()));
         }
     }
-    Ok(Boot {
-        serial,
-        exited_early,
-        timed_out,
-        boot_secs,
-        wall_secs: wall,
-    })
+    Ok(Boot { serial, exited_early, timed_out, boot_secs, wall_secs: wall })
 }

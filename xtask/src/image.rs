@@ -46,15 +46,9 @@ pub fn build_module(k: &Kernel, run_dir: &Path, out: &Path, log: &Path) -> Resul
         }
     }
     let kdir = format!("KDIR={}", k.kdir.display());
-    let rust_dir = format!(
-        "RUST_TARGET_DIR={}",
-        workspace_root().join("target/kmod").join(&k.release).display()
-    );
-    run_logged(
-        Command::new("make").arg("-C").arg(&shadow).arg(&kdir).arg(&rust_dir),
-        log,
-    )
-    .context("building kdbt.ko failed")?;
+    let rust_dir = format!("RUST_TARGET_DIR={}", workspace_root().join("target/kmod").join(&k.release).display());
+    run_logged(Command::new("make").arg("-C").arg(&shadow).arg(&kdir).arg(&rust_dir), log)
+        .context("building kdbt.ko failed")?;
     let ko = shadow.join("kdbt.ko");
     std::fs::copy(&ko, out).with_context(|| format!("no {} after make", ko.display()))?;
     note(format!("kdbt.ko built in {:.0} s", t.secs()));
@@ -177,10 +171,7 @@ pub fn syntax_check(scripts: &InitScripts) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         let out = out.context("cannot run sh -n")?;
         if !out.status.success() {
-            bail!(
-                "{name} has a shell syntax error: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("{name} has a shell syntax error: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
     }
     Ok(())
@@ -303,7 +294,16 @@ mod tests {
 
     #[test]
     fn build_products_are_not_copied() {
-        for f in ["kdbt.o", "kdbt.ko", "kdbt.mod", "kdbt.mod.c", "kdbt_rust.o_shipped", ".kdbt.o.cmd", "Module.symvers", "modules.order"] {
+        for f in [
+            "kdbt.o",
+            "kdbt.ko",
+            "kdbt.mod",
+            "kdbt.mod.c",
+            "kdbt_rust.o_shipped",
+            ".kdbt.o.cmd",
+            "Module.symvers",
+            "modules.order",
+        ] {
             assert!(is_build_product(f), "{f}");
         }
         for f in ["Makefile", "Kbuild", "kdbt_glue.c", "kdbt_glue.h"] {

@@ -65,10 +65,7 @@ pub fn parse_spec(s: &str) -> Result<Spec> {
 
 /// Parses the numeric parts of a kernel version-ish string for ordering.
 fn version_key(s: &str) -> Vec<u64> {
-    s.split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse().unwrap_or(0))
-        .collect()
+    s.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0)).collect()
 }
 
 /// Picks the newest plain `linux-image-<series>…-amd64` image package name from `names`.
@@ -81,7 +78,8 @@ pub fn pick_series(series: &str, names: &[String]) -> Option<String> {
         .filter(|n| {
             let mid = &n[prefix.len()..n.len() - "-amd64".len()];
             // Only the plain flavour: digits, '.', '-', '+deb<N>'.
-            mid.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-' || c == '+' || c == 'd' || c == 'e' || c == 'b')
+            mid.chars()
+                .all(|c| c.is_ascii_digit() || c == '.' || c == '-' || c == '+' || c == 'd' || c == 'e' || c == 'b')
                 && mid.starts_with(|c: char| c.is_ascii_digit())
         })
         .max_by(|a, b| version_key(a).cmp(&version_key(b)))
@@ -132,9 +130,7 @@ fn release_of(kdir: &Path) -> Result<String> {
 
 /// A Debian image package: downloaded and unpacked under the cache; headers installed.
 fn debian(label: &str, pkg: &str) -> Result<Kernel> {
-    let suffix = pkg
-        .strip_prefix("linux-image-")
-        .with_context(|| format!("{pkg} is not a linux-image-* package"))?;
+    let suffix = pkg.strip_prefix("linux-image-").with_context(|| format!("{pkg} is not a linux-image-* package"))?;
     let headers = format!("linux-headers-{suffix}");
     if !deps::installed(&headers) && !deps::apt_knows(&headers) {
         deps::apt_update();
@@ -149,11 +145,11 @@ fn debian(label: &str, pkg: &str) -> Result<Kernel> {
     let root = dir.join("root");
     let find_vmlinuz = |root: &Path| -> Option<PathBuf> {
         let boot = root.join("boot");
-        std::fs::read_dir(boot).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-                .unwrap_or(false)
-        })
+        std::fs::read_dir(boot)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("vmlinuz-")).unwrap_or(false))
     };
     if find_vmlinuz(&root).is_none() {
         std::fs::create_dir_all(&dir)?;
@@ -180,7 +176,8 @@ fn debian(label: &str, pkg: &str) -> Result<Kernel> {
                 }
             }
         }
-        let deb = have_deb(&dir).with_context(|| format!("apt-get download left no {pkg}*.deb in {}", dir.display()))?;
+        let deb =
+            have_deb(&dir).with_context(|| format!("apt-get download left no {pkg}*.deb in {}", dir.display()))?;
         let tmp = dir.join("root.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
@@ -188,12 +185,7 @@ fn debian(label: &str, pkg: &str) -> Result<Kernel> {
         std::fs::rename(&tmp, &root)?;
     }
     let vmlinuz = find_vmlinuz(&root).with_context(|| format!("{pkg} has no boot/vmlinuz-*"))?;
-    Ok(Kernel {
-        label: label.to_string(),
-        vmlinuz,
-        release: release_of(&kdir)?,
-        kdir,
-    })
+    Ok(Kernel { label: label.to_string(), vmlinuz, release: release_of(&kdir)?, kdir })
 }
 
 /// Options `small.config` demands as `=y`.
@@ -210,17 +202,13 @@ pub fn wanted_options(fragment: &str) -> Vec<String> {
 /// cached (tree + bzImage) under `<cache>/kernels/small-<hash>/`.
 fn small(label: &str) -> Result<Kernel> {
     let frag_path = workspace_root().join("experiments/vm/small.config");
-    let fragment = std::fs::read_to_string(&frag_path)
-        .with_context(|| format!("cannot read {}", frag_path.display()))?;
+    let fragment =
+        std::fs::read_to_string(&frag_path).with_context(|| format!("cannot read {}", frag_path.display()))?;
     let src_ver = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SMALL_SOURCE_PKG]))
         .context("linux-source-6.12 is not installed")?;
     let gcc = output(Command::new("gcc").arg("-dumpfullversion")).unwrap_or_default();
-    let key = fnv1a64(&[
-        SMALL_RECIPE.as_bytes(),
-        fragment.as_bytes(),
-        src_ver.trim().as_bytes(),
-        gcc.trim().as_bytes(),
-    ]);
+    let key =
+        fnv1a64(&[SMALL_RECIPE.as_bytes(), fragment.as_bytes(), src_ver.trim().as_bytes(), gcc.trim().as_bytes()]);
     let dir = cache_root()?.join("kernels").join(format!("small-{key:016x}"));
     let tree = dir.join("linux");
     let marker = dir.join(".complete");
@@ -231,20 +219,12 @@ fn small(label: &str) -> Result<Kernel> {
         build_small(&dir, &tree, &fragment, &frag_path)?;
         std::fs::write(&marker, format!("source {}\ngcc {}\n", src_ver.trim(), gcc.trim()))?;
     }
-    Ok(Kernel {
-        label: label.to_string(),
-        vmlinuz: bz,
-        release: release_of(&tree)?,
-        kdir: tree,
-    })
+    Ok(Kernel { label: label.to_string(), vmlinuz: bz, release: release_of(&tree)?, kdir: tree })
 }
 
 fn build_small(dir: &Path, tree: &Path, fragment: &str, frag_path: &Path) -> Result<()> {
     let t = Timer::start();
-    step(format!(
-        "building the small kernel from {SMALL_SOURCE} into {} (once; ~6 min on 2 cores)",
-        dir.display()
-    ));
+    step(format!("building the small kernel from {SMALL_SOURCE} into {} (once; ~6 min on 2 cores)", dir.display()));
     if dir.exists() {
         note("removing an incomplete earlier build");
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
@@ -255,10 +235,7 @@ fn build_small(dir: &Path, tree: &Path, fragment: &str, frag_path: &Path) -> Res
     note("unpacking the source");
     let unpack = dir.join("src.tmp");
     std::fs::create_dir_all(&unpack)?;
-    run_logged(
-        Command::new("tar").arg("-xf").arg(SMALL_SOURCE).arg("-C").arg(&unpack),
-        &log,
-    )?;
+    run_logged(Command::new("tar").arg("-xf").arg(SMALL_SOURCE).arg("-C").arg(&unpack), &log)?;
     let top: Vec<PathBuf> = std::fs::read_dir(&unpack)?.flatten().map(|e| e.path()).collect();
     if top.len() != 1 {
         bail!("{SMALL_SOURCE} does not unpack to a single directory");
@@ -274,18 +251,13 @@ fn build_small(dir: &Path, tree: &Path, fragment: &str, frag_path: &Path) -> Res
     };
     run_logged(&mut make(&["tinyconfig"]), &log)?;
     run_logged(
-        Command::new("scripts/kconfig/merge_config.sh")
-            .current_dir(tree)
-            .args(["-m", ".config"])
-            .arg(frag_path),
+        Command::new("scripts/kconfig/merge_config.sh").current_dir(tree).args(["-m", ".config"]).arg(frag_path),
         &log,
     )?;
     run_logged(&mut make(&["olddefconfig"]), &log)?;
     let config = std::fs::read_to_string(tree.join(".config"))?;
-    let missing: Vec<String> = wanted_options(fragment)
-        .into_iter()
-        .filter(|o| !config.lines().any(|l| l.trim() == o))
-        .collect();
+    let missing: Vec<String> =
+        wanted_options(fragment).into_iter().filter(|o| !config.lines().any(|l| l.trim() == o)).collect();
     if !missing.is_empty() {
         bail!(
             "the small kernel config lost options small.config asks for (a dependency is \

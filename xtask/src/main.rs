@@ -189,7 +189,10 @@ fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
         println!("\n{}", r.table);
         return Ok(false);
     }
-    println!("\nkdbt hypervisor microbenchmarks ({} guest, {} CPUs, Bochs {}): RDTSC ticks per operation", a.kernel, a.cpus, a.cpu_model);
+    println!(
+        "\nkdbt hypervisor microbenchmarks ({} guest, {} CPUs, Bochs {}): RDTSC ticks per operation",
+        a.kernel, a.cpus, a.cpu_model
+    );
     println!("(in Bochs RDTSC advances with executed instructions: ratios are instruction-cost ratios;");
     println!(" fastest of 5 repetitions, the slowest in brackets; ratio = loaded / unloaded fastest)\n");
     println!("{:<12} {:>22} {:>22} {:>8}", "benchmark", "unloaded", "kdbt loaded", "ratio");
@@ -245,9 +248,7 @@ struct RunReport {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
-        .collect()
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 fn default_timeout(spec: &kernel::Spec, emulator: Emulator, cpus: u32) -> u64 {
@@ -351,11 +352,7 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
     let info = results::RunInfo {
         suite: a.suite.clone(),
         kernel: format!("{} ({})", k.label, k.release),
-        emulator: if a.emulator == Emulator::Bochs {
-            format!("bochs {}", a.cpu_model)
-        } else {
-            "qemu tcg".into()
-        },
+        emulator: if a.emulator == Emulator::Bochs { format!("bochs {}", a.cpu_model) } else { "qemu tcg".into() },
         cpus: a.cpus,
         boot_secs: b.boot_secs,
         wall_secs: b.wall_secs,
@@ -487,8 +484,22 @@ mod tests {
     #[test]
     fn cli_parses() {
         let c = Cli::try_parse_from([
-            "xtask", "vm", "--suite", "smoke", "--kernel", "linux-image-6.1.0-56-amd64", "--cpus", "1",
-            "--emulator", "qemu", "--timeout", "30", "--mem", "1024", "--cpu-model", "corei3_cnl",
+            "xtask",
+            "vm",
+            "--suite",
+            "smoke",
+            "--kernel",
+            "linux-image-6.1.0-56-amd64",
+            "--cpus",
+            "1",
+            "--emulator",
+            "qemu",
+            "--timeout",
+            "30",
+            "--mem",
+            "1024",
+            "--cpu-model",
+            "corei3_cnl",
         ])
         .unwrap();
         let Cmd::Vm(a) = c.cmd else { panic!("not vm") };

@@ -35,7 +35,9 @@ pub fn parse(serial: &str) -> Outcome {
     let mut o = Outcome::default();
     for raw in serial.split('\n') {
         let line = raw.trim_end_matches(['\r', '\0']);
-        if o.panic.is_none() && (line.contains("Kernel panic - not syncing") || line.contains("Oops:") && !line.contains("KDBT-")) {
+        if o.panic.is_none()
+            && (line.contains("Kernel panic - not syncing") || line.contains("Oops:") && !line.contains("KDBT-"))
+        {
             o.panic = Some(line.trim().to_string());
         }
         let Some(p) = protocol_part(line) else { continue };
@@ -88,11 +90,9 @@ impl Outcome {
         }
         match self.plan {
             None if self.booted => v.push("the suite printed no KDBT-PLAN".to_string()),
-            Some(n) if self.checks.len() < n => v.push(format!(
-                "{} of {} planned checks never reported",
-                n - self.checks.len(),
-                n
-            )),
+            Some(n) if self.checks.len() < n => {
+                v.push(format!("{} of {} planned checks never reported", n - self.checks.len(), n))
+            }
             _ => {}
         }
         if self.booted && self.checks.is_empty() {
@@ -135,13 +135,7 @@ pub fn table(info: &RunInfo, o: &Outcome, problems: &[String]) -> String {
     );
     let w = o.checks.iter().map(|c| c.name.len()).max().unwrap_or(0).max(5);
     for c in &o.checks {
-        let _ = writeln!(
-            s,
-            "  {}  {:<w$}  {}",
-            if c.pass { "PASS" } else { "FAIL" },
-            c.name,
-            c.figures
-        );
+        let _ = writeln!(s, "  {}  {:<w$}  {}", if c.pass { "PASS" } else { "FAIL" }, c.name, c.figures);
     }
     if let Some(n) = o.plan {
         let _ = writeln!(s, "  ({} of {} planned checks reported)", o.checks.len(), n);

@@ -91,16 +91,9 @@ pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
 /// Runs `cmd` and returns its stdout; errors on non-zero exit (quoting stderr).
 pub fn output(cmd: &mut Command) -> Result<String> {
     let d = describe(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{d}`"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{d}`"))?;
     if !out.status.success() {
-        bail!(
-            "`{d}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{d}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -111,11 +104,7 @@ pub fn tail_lines(path: &Path, n: usize) -> Result<String> {
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
-    Ok(lines[start..]
-        .iter()
-        .map(|l| l.trim_end_matches('\r'))
-        .collect::<Vec<_>>()
-        .join("\n"))
+    Ok(lines[start..].iter().map(|l| l.trim_end_matches('\r')).collect::<Vec<_>>().join("\n"))
 }
 
 /// 64-bit FNV-1a: a stable, dependency-free hash for cache keys.
@@ -167,9 +156,7 @@ impl Timer {
 
 /// Number of host CPUs for `make -j`.
 pub fn nproc() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
 #[cfg(test)]

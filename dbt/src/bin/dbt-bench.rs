@@ -41,16 +41,7 @@ fn under_tool(cmd: &str, args: &[&str]) -> Result<BTreeMap<String, u64>, String>
     all.push("--native-only".into());
     let out = match Command::new(cmd).args(&all).output() {
         Ok(o) => o,
-        Err(_) => {
-            return Err(format!(
-                "n/a (install {})",
-                if cmd == "valgrind" {
-                    "valgrind"
-                } else {
-                    "qemu-user"
-                }
-            ))
-        }
+        Err(_) => return Err(format!("n/a (install {})", if cmd == "valgrind" { "valgrind" } else { "qemu-user" })),
     };
     if !out.status.success() {
         return Err(format!("failed ({})", out.status));
@@ -96,11 +87,8 @@ fn main() {
     }
     let mut cols: Vec<Vec<Option<u64>>> = Vec::new();
     for inscount in [false, true] {
-        let mut h = if inscount {
-            Harness::new(Some(Box::new(InsCount)))
-        } else {
-            Harness::new(Some(Box::new(NullClient)))
-        };
+        let mut h =
+            if inscount { Harness::new(Some(Box::new(InsCount))) } else { Harness::new(Some(Box::new(NullClient))) };
         let mut v = Vec::new();
         for (k, c) in cs.iter().enumerate() {
             // first run includes translation; report the best of 3 runs
@@ -118,11 +106,7 @@ fn main() {
             }
             v.push(if ok { Some(best) } else { None });
         }
-        eprintln!(
-            "{} stats: {:?}",
-            if inscount { "inscount" } else { "null" },
-            h.engine.stats
-        );
+        eprintln!("{} stats: {:?}", if inscount { "inscount" } else { "null" }, h.engine.stats);
         cols.push(v);
     }
     let vg = under_tool("valgrind", &["--tool=none", "-q"]);
@@ -137,30 +121,14 @@ fn main() {
         let n = nat[k].0 as f64;
         let s0 = cols[0][k].map(|t| t as f64 / n);
         let s1 = cols[1][k].map(|t| t as f64 / n);
-        let s2 = vg
-            .as_ref()
-            .ok()
-            .and_then(|m| m.get(c.name))
-            .map(|t| *t as f64 / n);
-        let s3 = qe
-            .as_ref()
-            .ok()
-            .and_then(|m| m.get(c.name))
-            .map(|t| *t as f64 / n);
+        let s2 = vg.as_ref().ok().and_then(|m| m.get(c.name)).map(|t| *t as f64 / n);
+        let s3 = qe.as_ref().ok().and_then(|m| m.get(c.name)).map(|t| *t as f64 / n);
         for (i, s) in [s0, s1, s2, s3].iter().enumerate() {
             if let Some(s) = s {
                 gm[i].push(*s);
             }
         }
-        println!(
-            "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}",
-            c.name,
-            nat[k].0,
-            fmt(s0),
-            fmt(s1),
-            fmt(s2),
-            fmt(s3)
-        );
+        println!("{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}", c.name, nat[k].0, fmt(s0), fmt(s1), fmt(s2), fmt(s3));
     }
     let g = |i: usize, r: &Result<BTreeMap<String, u64>, String>| match r {
         Err(e) => e.clone(),

@@ -257,7 +257,13 @@ fn vcnt_and_valid_bit_are_honored() {
 #[test]
 fn non_contiguous_mask() {
     // Matches every other 1 GiB (bit 30 of the address must be 1) within 4 GiB: legal but odd.
-    let raw = Raw { cap: 0x502, def: E | FE | 6, fixed: [rep(6); 11], var: std::vec![(GIB, (GIB | V) & !0xfff | V)], phys_bits: 32 };
+    let raw = Raw {
+        cap: 0x502,
+        def: E | FE | 6,
+        fixed: [rep(6); 11],
+        var: std::vec![(GIB, (GIB | V) & !0xfff | V)],
+        phys_bits: 32,
+    };
     let m = raw.mtrrs();
     for g in 0..4u64 {
         let want = if g % 2 == 1 { MemType::Uc } else { MemType::Wb };
@@ -266,7 +272,8 @@ fn non_contiguous_mask() {
     }
     assert_eq!(m.type_of_range(0, 2 * GIB), None);
     // Low mask bit (4 KiB stride): pages alternate.
-    let raw = Raw { cap: 0x502, def: E | FE | 6, fixed: [rep(6); 11], var: std::vec![(0x1000, 0x1000 | V)], phys_bits: 32 };
+    let raw =
+        Raw { cap: 0x502, def: E | FE | 6, fixed: [rep(6); 11], var: std::vec![(0x1000, 0x1000 | V)], phys_bits: 32 };
     let m = raw.mtrrs();
     assert_eq!(m.type_of(0x200000), MemType::Wb);
     assert_eq!(m.type_of(0x201000), MemType::Uc);

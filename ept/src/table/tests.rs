@@ -329,7 +329,13 @@ fn no_large_page_across_boundaries_random_layouts() {
             let t = [0u64, 1, 4, 5, 6][(next() % 5) as usize];
             var.push((base | t, mask(size, 36)));
         }
-        let raw = Raw { cap: 0x50a, def: (1 << 11) | (1 << 10) | 6, fixed: crate::mtrr::tests::pc_fixed(), var, phys_bits: 36 };
+        let raw = Raw {
+            cap: 0x50a,
+            def: (1 << 11) | (1 << 10) | 6,
+            fixed: crate::mtrr::tests::pc_fixed(),
+            var,
+            phys_bits: 36,
+        };
         let ept = build(&raw, 4 * GIB, ALL);
         check_whole_space(&ept, &raw, ALL);
     }
@@ -369,7 +375,14 @@ fn range_permissions() {
     check_whole_space_except(
         &ept,
         &raw,
-        &[GIB + 2 * MIB - 3 * 4096, GIB + 2 * MIB - 2 * 4096, GIB + 2 * MIB, GIB + 2 * MIB + 4096, GIB + 2 * MIB + 2 * 4096, GIB + 4 * MIB - 4096],
+        &[
+            GIB + 2 * MIB - 3 * 4096,
+            GIB + 2 * MIB - 2 * 4096,
+            GIB + 2 * MIB,
+            GIB + 2 * MIB + 4096,
+            GIB + 2 * MIB + 2 * 4096,
+            GIB + 4 * MIB - 4096,
+        ],
     );
     assert_eq!(ept.perms_of(GIB + 2 * MIB - 4096), Some(Perms::RWX));
 }

@@ -41,12 +41,7 @@ pub fn hypervisor_signature() -> (u32, String) {
     for w in [r[1], r[2], r[3]] {
         b.extend_from_slice(&w.to_le_bytes());
     }
-    (
-        r[0],
-        String::from_utf8_lossy(&b)
-            .trim_end_matches('\0')
-            .to_string(),
-    )
+    (r[0], String::from_utf8_lossy(&b).trim_end_matches('\0').to_string())
 }
 
 /// Forks a child that exits at once with `code`; returns the raw wait status.

@@ -6,8 +6,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
 use kdbt_abi::{
-    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS,
-    IOC_EPT_CHECK, IOC_LOAD, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD,
+    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 

@@ -242,7 +242,10 @@ fn status(json: bool, summary: bool) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "module": true, "loaded": loaded, "cpus": cpus }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "module": true, "loaded": loaded, "cpus": cpus }))?
+        );
         return Ok(());
     }
     if summary {

@@ -46,10 +46,9 @@ pub fn insert(path: &Path, params: &str) -> Result<()> {
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EEXIST) => bail!("the kdbt module is already inserted"),
-            Some(libc::ENOEXEC) => bail!(
-                "{}: invalid module format (built for another kernel? `dmesg` says why)",
-                path.display()
-            ),
+            Some(libc::ENOEXEC) => {
+                bail!("{}: invalid module format (built for another kernel? `dmesg` says why)", path.display())
+            }
             Some(libc::EPERM) => bail!("inserting a module needs root (CAP_SYS_MODULE)"),
             _ => return Err(e).with_context(|| format!("cannot insert {}", path.display())),
         }

@@ -17,7 +17,8 @@ impl VmxHw for FakeHw {
         self.msrs.iter().find(|(m, _)| *m == msr).map(|(_, v)| *v)
     }
     fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
-        let w = |i: usize| u32::from_le_bytes([self.vendor[i], self.vendor[i + 1], self.vendor[i + 2], self.vendor[i + 3]]);
+        let w =
+            |i: usize| u32::from_le_bytes([self.vendor[i], self.vendor[i + 1], self.vendor[i + 2], self.vendor[i + 3]]);
         match leaf {
             0 => [0x16, w(0), w(8), w(4)],
             1 => [0x50654, 0, self.cpuid1_ecx, 0],
@@ -54,10 +55,7 @@ const MODERN: &[(u32, u64)] = &[
 ];
 
 fn modern() -> RawCaps {
-    RawCaps::read(
-        &FakeHw { vendor: b"GenuineIntel", cpuid1_ecx: 0x7ffa_fbff, cr4: 0x3706f0, msrs: MODERN },
-        3,
-    )
+    RawCaps::read(&FakeHw { vendor: b"GenuineIntel", cpuid1_ecx: 0x7ffa_fbff, cr4: 0x3706f0, msrs: MODERN }, 3)
 }
 
 #[test]
@@ -162,7 +160,12 @@ fn non_true_controls_use_plain_msrs() {
 #[test]
 fn no_vmx_amd() {
     let r = RawCaps::read(
-        &FakeHw { vendor: b"AuthenticAMD", cpuid1_ecx: 0x7ed8_320b, cr4: 0x3506f0, msrs: &[(0x3a, 0), (0x480, 0xffff_ffff_ffff_ffff)] },
+        &FakeHw {
+            vendor: b"AuthenticAMD",
+            cpuid1_ecx: 0x7ed8_320b,
+            cr4: 0x3506f0,
+            msrs: &[(0x3a, 0), (0x480, 0xffff_ffff_ffff_ffff)],
+        },
         0,
     );
     // Only IA32_FEATURE_CONTROL is attempted without CPUID.VMX.
@@ -303,7 +306,10 @@ fn known_profiles_decode_as_documented() {
 fn bochs_27_skylake_x_details() {
     let c = VmxCaps::decode(&profile_raw(&super::profiles::BOCHS_27_SKYLAKE_X));
     let b = c.basic.unwrap();
-    assert_eq!((b.vmcs_size, b.mem_type, b.ins_outs_info, b.no_err_code_required), (4096, BasicMemType::Wb, true, false));
+    assert_eq!(
+        (b.vmcs_size, b.mem_type, b.ins_outs_info, b.no_err_code_required),
+        (4096, BasicMemType::Wb, true, false)
+    );
     // TRUE controls: CR3 exiting and debug-control save/load may be cleared.
     assert_eq!(c.proc.state(PrimaryControls::CR3_LOAD_EXITING.bits() as u64), CtlState::Either);
     assert_eq!(c.exit.state(ExitControls::SAVE_DEBUG_CONTROLS.bits() as u64), CtlState::Either);
@@ -324,7 +330,9 @@ fn bochs_27_skylake_x_details() {
     let e = c.ept_vpid;
     assert!(e.execute_only && e.pwl4 && !e.pwl5 && e.memtype_uc && e.memtype_wb && e.pages_2m);
     assert!(e.invept && e.invept_single_context && e.invept_all_context && !e.advanced_exit_info);
-    assert!(e.invvpid && e.invvpid_individual_addr && e.invvpid_all_context && e.invvpid_single_context_retaining_globals);
+    assert!(
+        e.invvpid && e.invvpid_individual_addr && e.invvpid_all_context && e.invvpid_single_context_retaining_globals
+    );
     let m = c.misc.unwrap();
     assert_eq!((m.preemption_timer_rate, m.cr3_targets, m.max_msr_list), (0, 4, 512));
     assert!(m.store_lma && m.activity_hlt && m.vmwrite_any_field && m.inject_zero_len);

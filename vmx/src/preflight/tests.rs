@@ -126,7 +126,9 @@ fn several_reasons_reported_together() {
 fn unreadable_capability_msrs() {
     let mut r = bochs();
     r.msr_valid &= !(1 << idx::BASIC);
-    assert!(preflight(&VmxCaps::decode(&r), false, &req(Features::VMX)).unwrap_err().contains(&Refusal::CapabilityMsrsUnreadable));
+    assert!(preflight(&VmxCaps::decode(&r), false, &req(Features::VMX))
+        .unwrap_err()
+        .contains(&Refusal::CapabilityMsrsUnreadable));
     let mut r = bochs();
     r.msr_valid &= !((1 << idx::ENTRY) | (1 << idx::TRUE_ENTRY));
     let e = preflight(&VmxCaps::decode(&r), false, &req(KDBT)).unwrap_err();
@@ -134,7 +136,9 @@ fn unreadable_capability_msrs() {
     assert!(e.contains(&Refusal::Missing(Features::GUEST_64BIT | Features::EFER_SWITCH)));
     let mut r = bochs();
     r.msrs[idx::BASIC] &= !(0xf << 50);
-    assert!(preflight(&VmxCaps::decode(&r), false, &req(Features::VMX)).unwrap_err().contains(&Refusal::VmcsMemTypeNotWb));
+    assert!(preflight(&VmxCaps::decode(&r), false, &req(Features::VMX))
+        .unwrap_err()
+        .contains(&Refusal::VmcsMemTypeNotWb));
 }
 
 #[test]
@@ -152,7 +156,11 @@ fn garbage_never_panics() {
             *m = next();
         }
         let c = VmxCaps::decode(&r);
-        let res = preflight(&c, next() & 1 != 0, &Request { required: Features::from_bits_retain(next()), mask: Features::from_bits_retain(next()) });
+        let res = preflight(
+            &c,
+            next() & 1 != 0,
+            &Request { required: Features::from_bits_retain(next()), mask: Features::from_bits_retain(next()) },
+        );
         if let Err(e) = res {
             assert!(!e.is_empty());
             let _ = format!("{e}");

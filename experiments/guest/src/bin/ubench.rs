@@ -16,7 +16,9 @@ fn main() {
         match (a.as_str(), it.next()) {
             ("--iters", Some(v)) => iters = v.parse().unwrap_or_else(|_| die("--iters takes a number")),
             ("--exec", Some(v)) => exec_path = v.clone(),
-            ("--reps", Some(v)) => reps = v.parse().ok().filter(|&r| r > 0).unwrap_or_else(|| die("--reps takes a number > 0")),
+            ("--reps", Some(v)) => {
+                reps = v.parse().ok().filter(|&r| r > 0).unwrap_or_else(|| die("--reps takes a number > 0"))
+            }
             ("--only", Some(v)) if ["getppid", "fork_exit", "exec", "page_fault"].contains(&v.as_str()) => {
                 only = Some(v.clone())
             }

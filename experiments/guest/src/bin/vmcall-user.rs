@@ -5,8 +5,8 @@
 fn main() {
     println!("vmcall-user: executing VMCALL at CPL 3");
     let mut rax: u64 = 0x7462_646b_0000_0001; // kdbt magic | Ping
-    // SAFETY: VMCALL either raises #UD (SIGILL, the expected outcome) or, if a hypervisor
-    // answered, returns with RAX (and RBX for ping) changed, which we declare.
+                                              // SAFETY: VMCALL either raises #UD (SIGILL, the expected outcome) or, if a hypervisor
+                                              // answered, returns with RAX (and RBX for ping) changed, which we declare.
     unsafe {
         core::arch::asm!("xchg {b}, rbx", "vmcall", "xchg {b}, rbx", b = inout(reg) 0u64 => _, inout("rax") rax);
     }

@@ -46,27 +46,17 @@ fn main() {
 
     // File: 1 MB of a fixed pattern, fsync, read back, checksum (FNV-1a).
     let file = format!("{dir}/kdbt-workload.bin");
-    let data: Vec<u8> = (0..1u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let mut f = std::fs::File::create(&file).unwrap_or_else(|e| die(&format!("{file}: {e}")));
-    f.write_all(&data)
-        .unwrap_or_else(|e| die(&format!("write {file}: {e}")));
-    f.sync_all()
-        .unwrap_or_else(|e| die(&format!("fsync {file}: {e}")));
+    f.write_all(&data).unwrap_or_else(|e| die(&format!("write {file}: {e}")));
+    f.sync_all().unwrap_or_else(|e| die(&format!("fsync {file}: {e}")));
     drop(f);
     let mut back = Vec::new();
     std::fs::File::open(&file)
         .and_then(|mut f| f.read_to_end(&mut back))
         .unwrap_or_else(|e| die(&format!("read {file}: {e}")));
-    let fnv = back.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    println!(
-        "file bytes={} equal={} fnv1a={fnv:016x}",
-        back.len(),
-        back == data
-    );
+    let fnv = back.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    println!("file bytes={} equal={} fnv1a={fnv:016x}", back.len(), back == data);
     let _ = std::fs::remove_file(&file);
 }
 

@@ -22,11 +22,7 @@ extern "C" {
     pub fn kdbt_glue_num_online_cpus() -> c_uint;
     pub fn kdbt_glue_cpu_online(cpu: c_uint) -> bool;
     pub fn kdbt_glue_this_cpu() -> c_uint;
-    pub fn kdbt_glue_run_on_cpu(
-        cpu: c_uint,
-        func: unsafe extern "C" fn(*mut c_void),
-        arg: *mut c_void,
-    ) -> c_int;
+    pub fn kdbt_glue_run_on_cpu(cpu: c_uint, func: unsafe extern "C" fn(*mut c_void), arg: *mut c_void) -> c_int;
     pub fn kdbt_glue_cpus_read_lock();
     pub fn kdbt_glue_cpus_read_unlock();
 

@@ -32,9 +32,7 @@ pub fn run_on_cpu<F: FnMut() + Send>(cpu: u32, mut f: F) -> Result<(), i32> {
     }
     // SAFETY: the trampoline matches the glue's callback type; `f` outlives the
     // synchronous call.
-    let rc = unsafe {
-        ffi::kdbt_glue_run_on_cpu(cpu, trampoline::<F>, &mut f as *mut F as *mut c_void)
-    };
+    let rc = unsafe { ffi::kdbt_glue_run_on_cpu(cpu, trampoline::<F>, &mut f as *mut F as *mut c_void) };
     if rc == 0 {
         Ok(())
     } else {

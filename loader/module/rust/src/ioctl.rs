@@ -4,8 +4,8 @@ use alloc::vec::Vec;
 use core::mem::size_of;
 
 use kdbt_abi::{
-    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK,
-    IOC_LOAD, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD, IOC_STATUS,
+    IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -51,21 +51,24 @@ fn copy_to_user<T: Pod>(to: u64, v: &[T]) -> Result<()> {
     // SAFETY: `v` is valid for reads of `n` bytes (Pod: no uninitialized bytes); the glue
     // checks the user range with copy_to_user.
     let left = unsafe { ffi::kdbt_glue_copy_to_user(to, v.as_ptr().cast(), n) };
-    if left == 0 { Ok(()) } else { Err(errno::EFAULT) }
+    if left == 0 {
+        Ok(())
+    } else {
+        Err(errno::EFAULT)
+    }
 }
 
 fn copy_from_user<T: Pod + Default>(from: u64) -> Result<T> {
     let mut v = T::default();
     // SAFETY: `v` is valid for writes of size_of::<T>() bytes and any byte pattern is a
     // valid T (Pod); the glue checks the user range with copy_from_user.
-    let left = unsafe {
-        ffi::kdbt_glue_copy_from_user(
-            (&mut v as *mut T).cast(),
-            from,
-            size_of::<T>() as core::ffi::c_ulong,
-        )
-    };
-    if left == 0 { Ok(v) } else { Err(errno::EFAULT) }
+    let left =
+        unsafe { ffi::kdbt_glue_copy_from_user((&mut v as *mut T).cast(), from, size_of::<T>() as core::ffi::c_ulong) };
+    if left == 0 {
+        Ok(v)
+    } else {
+        Err(errno::EFAULT)
+    }
 }
 
 fn version(arg: u64) -> Result<i64> {
@@ -84,8 +87,7 @@ fn version(arg: u64) -> Result<i64> {
 /// rdmsr_safe) and returns them raw; decoding is `vmx::caps`' job, in user space.
 fn caps(arg: u64) -> Result<i64> {
     let mut q: CapsQuery = copy_from_user(arg)?;
-    if q.size as usize != size_of::<CapsQuery>() || q.entry_size as usize != size_of::<RawCaps>()
-    {
+    if q.size as usize != size_of::<CapsQuery>() || q.entry_size as usize != size_of::<RawCaps>() {
         return Err(errno::EINVAL);
     }
     let mut out: Vec<RawCaps> = Vec::new();
@@ -144,7 +146,13 @@ fn status(arg: u64) -> Result<i64> {
     }
     let mut out: Vec<CpuStatus> = Vec::new();
     let loaded = hv::status(|cpu, virt, cycles, ctx| {
-        let mut s = CpuStatus { cpu, virtualized: virt as u32, launch_cycles: cycles, exits_total: ctx.total, ..Default::default() };
+        let mut s = CpuStatus {
+            cpu,
+            virtualized: virt as u32,
+            launch_cycles: cycles,
+            exits_total: ctx.total,
+            ..Default::default()
+        };
         let n = s.exits.len().min(ctx.counts.len());
         s.exits[..n].copy_from_slice(&ctx.counts[..n]);
         out.push(s);

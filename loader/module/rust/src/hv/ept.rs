@@ -54,7 +54,11 @@ pub fn read_mtrrs() -> Mtrrs {
 pub fn map_limit(caps: &EptCaps) -> u64 {
     let bits = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff).clamp(32, 48);
     let all = 1u64 << bits;
-    if caps.pages_1g { all } else { all.min(512 << 30) }
+    if caps.pages_1g {
+        all
+    } else {
+        all.min(512 << 30)
+    }
 }
 
 /// Builds the identity map for this machine.

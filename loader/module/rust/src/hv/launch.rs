@@ -35,10 +35,15 @@ impl core::fmt::Display for LaunchError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::VmxeAlreadySet => write!(f, "CR4.VMXE is already set: another hypervisor or KVM holds VMX"),
-            Self::FeatureControlLocked => write!(f, "IA32_FEATURE_CONTROL is locked with VMXON outside SMX disabled (enable VT-x in the firmware)"),
+            Self::FeatureControlLocked => write!(
+                f,
+                "IA32_FEATURE_CONTROL is locked with VMXON outside SMX disabled (enable VT-x in the firmware)"
+            ),
             Self::VmxonFailed => write!(f, "VMXON failed"),
             Self::VmclearOrVmptrldFailed => write!(f, "VMCLEAR/VMPTRLD failed"),
-            Self::VmlaunchFailed(e) => write!(f, "VMLAUNCH failed: VM-instruction error {e} ({})", vm_instruction_error(*e)),
+            Self::VmlaunchFailed(e) => {
+                write!(f, "VMLAUNCH failed: VM-instruction error {e} ({})", vm_instruction_error(*e))
+            }
             Self::VmlaunchFailInvalid => write!(f, "VMLAUNCH failed: no current VMCS"),
             Self::EntryFailed(r) => write!(f, "VM entry failed: exit reason {r} ({})", vmx::exit::reason_name(*r)),
         }
@@ -117,7 +122,11 @@ fn lsl(sel: u16) -> u32 {
     let ok: u8;
     // SAFETY: LSL only reads the descriptor table; a bad selector clears ZF, no fault.
     unsafe { asm!("lsl {0:e}, {1:e}", "setz {2}", out(reg) v, in(reg) sel as u32, out(reg_byte) ok, options(nostack)) };
-    if ok != 0 { v } else { 0 }
+    if ok != 0 {
+        v
+    } else {
+        0
+    }
 }
 
 fn selectors() -> [u16; 8] {

@@ -85,7 +85,8 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
         EntryControls as En, ExitControls as Ex, PrimaryControls as P, SecondaryControls as S,
     };
     let err = |e: vmx::controls::MissingBits| alloc::format!("{e}");
-    let proc = adjust_kind(CtlKind::Proc, &caps.proc, (P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS).bits() as u64).map_err(err)?;
+    let proc = adjust_kind(CtlKind::Proc, &caps.proc, (P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS).bits() as u64)
+        .map_err(err)?;
     if proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
         return Err(String::from("this CPU forces CR3-load/store exiting (no TRUE controls); kdbt needs them off"));
     }
@@ -106,7 +107,12 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
     if vpid {
         want2 |= S::ENABLE_VPID;
     }
-    let exit = Ex::HOST_ADDRESS_SPACE_SIZE | Ex::SAVE_DEBUG_CONTROLS | Ex::SAVE_IA32_PAT | Ex::LOAD_IA32_PAT | Ex::SAVE_IA32_EFER | Ex::LOAD_IA32_EFER;
+    let exit = Ex::HOST_ADDRESS_SPACE_SIZE
+        | Ex::SAVE_DEBUG_CONTROLS
+        | Ex::SAVE_IA32_PAT
+        | Ex::LOAD_IA32_PAT
+        | Ex::SAVE_IA32_EFER
+        | Ex::LOAD_IA32_EFER;
     let entry = En::LOAD_DEBUG_CONTROLS | En::IA32E_MODE_GUEST | En::LOAD_IA32_PAT | En::LOAD_IA32_EFER;
     Ok(Controls {
         revision: caps.basic.map_or(0, |b| b.revision_id),
@@ -320,8 +326,12 @@ pub fn load() -> Result<(), String> {
         };
         match r {
             Ok(c) if chosen.is_none_or(|x| x == c) => chosen = Some(c),
-            Ok(_) => { let _ = write!(errors, "cpu{cpu}: VT-x capabilities differ from cpu0's; "); }
-            Err(e) => { let _ = write!(errors, "cpu{cpu}: {e}; "); }
+            Ok(_) => {
+                let _ = write!(errors, "cpu{cpu}: VT-x capabilities differ from cpu0's; ");
+            }
+            Err(e) => {
+                let _ = write!(errors, "cpu{cpu}: {e}; ");
+            }
         }
     }
     if !errors.is_empty() {
@@ -344,7 +354,11 @@ pub fn load() -> Result<(), String> {
     controls.host_cr3 = pml4_pa;
     kinfo!(
         "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
-        map.limit() >> 30, stats.tables, stats.pages_1g, stats.pages_2m, stats.pages_4k
+        map.limit() >> 30,
+        stats.tables,
+        stats.pages_1g,
+        stats.pages_2m,
+        stats.pages_4k
     );
     let mut st = State { controls, ept: Some(map), host_pml4: pml4, cpus: Vec::new(), loaded_at_tsc: launch::tsc() };
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {

@@ -118,23 +118,16 @@ impl PerCpu {
         self.ctl.gdt = [0; 8];
         self.ctl.gdt[1] = 0x00af_9b00_0000_ffff; // 64-bit code, DPL 0
         self.ctl.gdt[2] = 0x00cf_9300_0000_ffff; // data, DPL 0
-        // 64-bit TSS, busy (VM exits load TR as busy), limit 103.
-        self.ctl.gdt[3] = 103
-            | ((tss & 0xff_ffff) << 16)
-            | (0xb << 40)
-            | (1 << 47)
-            | (((tss >> 24) & 0xff) << 56);
+                                                 // 64-bit TSS, busy (VM exits load TR as busy), limit 103.
+        self.ctl.gdt[3] = 103 | ((tss & 0xff_ffff) << 16) | (0xb << 40) | (1 << 47) | (((tss >> 24) & 0xff) << 56);
         self.ctl.gdt[4] = tss >> 32;
         for (v, gate) in self.idt.iter_mut().enumerate() {
             let off = stubs[v];
             // #DF and #MC run on the IST stack; everything else (incl. NMI) on the
             // current stack, which in root mode is always the host stack.
             let ist = if v == 8 || v == 18 { 1u64 } else { 0 };
-            gate[0] = (off & 0xffff)
-                | ((GDT_CS as u64) << 16)
-                | (ist << 32)
-                | (0x8e << 40)
-                | (((off >> 16) & 0xffff) << 48);
+            gate[0] =
+                (off & 0xffff) | ((GDT_CS as u64) << 16) | (ist << 32) | (0x8e << 40) | (((off >> 16) & 0xffff) << 48);
             gate[1] = off >> 32;
         }
     }

@@ -48,7 +48,9 @@ impl ExitHw for RootHw {
         }
         // SAFETY: CR4.OSXSAVE is set (the guest executed XSETBV without #UD) and the value
         // passed the checks above; root mode and the guest share XCR0 anyway.
-        unsafe { asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
+        unsafe {
+            asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
+        };
         true
     }
     fn wbinvd(&mut self) {
@@ -139,10 +141,7 @@ fn inject_pending_nmi(pc: &mut PerCpu) {
 /// Only possible when the guest was in the kernel; otherwise the CPU halts.
 fn guest_panic(pc: &mut PerCpu, kind: Fatal) -> u64 {
     if exit::guest_cpl(&RootHw) != 0 {
-        super::serial::fatal(format_args!(
-            "kdbt: cpu{}: fatal {:?} at CPL 3; halting this CPU",
-            pc.ctl.cpu, kind
-        ));
+        super::serial::fatal(format_args!("kdbt: cpu{}: fatal {:?} at CPL 3; halting this CPU", pc.ctl.cpu, kind));
     }
     extern "C" {
         fn kdbt_glue_guest_fatal();
