@@ -380,11 +380,16 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
 }
 
 fn print_tails(dir: &Path, emulator: Emulator) {
-    for name in ["serial.log", emulator.log_name()] {
+    // Bochs' own terminal: where it says why it aborted (glibc, ALSA, its panics).
+    let term: &[(&str, usize)] = match emulator {
+        Emulator::Bochs => &[("bochs.term", 10)],
+        Emulator::Qemu => &[],
+    };
+    for &(name, n) in [("serial.log", TAIL), (emulator.log_name(), TAIL)].iter().chain(term) {
         let p = dir.join(name);
-        println!("\n--- last {TAIL} lines of {} ---", p.display());
-        match tail_lines(&p, TAIL) {
-            Ok(t) => println!("{t}"),
+        println!("\n--- last {n} lines of {} ---", p.display());
+        match tail_lines(&p, n) {
+            Ok(t) => println!("{}", util::strip_terminal_codes(&t)),
             Err(e) => println!("({e:#})"),
         }
     }

@@ -107,6 +107,36 @@ pub fn tail_lines(path: &Path, n: usize) -> Result<String> {
     Ok(lines[start..].iter().map(|l| l.trim_end_matches('\r')).collect::<Vec<_>>().join("\n"))
 }
 
+/// `text` without terminal control sequences (CSI `ESC [ ... final`, charset `ESC ( x`, other `ESC x`)
+/// and control characters other than newline and tab: Bochs' terminal capture as plain text.
+pub fn strip_terminal_codes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut it = text.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '\u{1b}' => match it.next() {
+                Some('[') => {
+                    // Parameters and intermediates, then one final byte in '@'..='~'.
+                    for d in it.by_ref() {
+                        if ('@'..='~').contains(&d) {
+                            break;
+                        }
+                    }
+                }
+                // Character-set designation: ESC ( B and the like take one more byte.
+                Some('(' | ')' | '*' | '+') => {
+                    it.next();
+                }
+                Some(_) | None => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// 64-bit FNV-1a: a stable, dependency-free hash for cache keys.
 pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -162,6 +192,12 @@ pub fn nproc() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_codes_are_stripped() {
+        let raw = "\u{1b}[?25l\u{1b}[1;1Hscreen\r\n*** buffer overflow detected ***: terminated\u{1b}(B\n";
+        assert_eq!(strip_terminal_codes(raw), "screen\n*** buffer overflow detected ***: terminated\n");
+    }
 
     #[test]
     fn busy_run_dirs_are_not_shared() {
