@@ -90,6 +90,20 @@ core::arch::global_asm!(
     "pop rbx",
     "pop rbp",
     "ret",
+    // dbt_ind_miss: inline lookup miss (empty table entry, or the entry's
+    // fragment checked a different guest pc). rcx = guest target; the guest's
+    // rcx and rdx are in gs:[SAVE_RCX] / gs:[SAVE_RDX]; every other register
+    // is the guest's. Leaves through the dispatcher entry with EXIT_IND.
+    // Flags are untouched.
+    ".globl dbt_ind_miss",
+    ".p2align 4",
+    "dbt_ind_miss:",
+    "mov qword ptr gs:[80], rcx",
+    "mov rcx, qword ptr gs:[16]",
+    "mov rdx, qword ptr gs:[24]",
+    "mov qword ptr gs:[8], rax",
+    "mov eax, 1",
+    "jmp qword ptr gs:[40]",
     // dbt_enter(scratch): enter translated code at gs:[TGT] with the guest
     // context from the per-CPU block; returns when the dispatcher decides to
     // leave (exit reason in the block).
@@ -197,6 +211,9 @@ extern "C" {
     /// Dispatcher entry (never called from Rust; its address goes into
     /// `Scratch::dispatch_entry`).
     pub fn dbt_dispatch_entry();
+    /// Inline-lookup miss routine (never called from Rust; its address fills
+    /// empty lookup entries).
+    pub fn dbt_ind_miss();
     /// Enter translated code (see module docs).
     pub fn dbt_enter();
     /// Sentinel return address.

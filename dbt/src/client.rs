@@ -52,6 +52,60 @@ pub struct BlockInfo<'a> {
     /// Guest instructions that will execute when the block runs (a stop
     /// instruction such as `int3`/`ud2`/invalid bytes is not included).
     pub insns: &'a [Instruction],
+    /// Arithmetic flags (`iced_x86::RflagsBits`) live before each
+    /// instruction; `flags_live[insns.len()]` is after the block (everything,
+    /// conservatively). A snippet that clobbers flags costs one instruction
+    /// where this is 0, and a save/restore around it elsewhere.
+    pub flags_live: &'a [u32],
+}
+
+impl BlockInfo<'_> {
+    /// First instruction before which no arithmetic flag is live: where a
+    /// flags-clobbering snippet needs no flags save.
+    pub fn flags_dead_at(&self) -> Option<usize> {
+        self.flags_live[..self.insns.len()].iter().position(|&l| l == 0)
+    }
+}
+
+/// `counter += n` for a 64-bit counter at `mem`, after `setup` (which
+/// clobbers `setup_clobbers`, e.g. loads the counter's address; `mem` must not
+/// use rax). Placed before an instruction where the flags are dead when the
+/// block has one (one `add`), else at the block start as a flags-free
+/// `mov`/`lea`/`mov` through rax.
+fn insert_counter_add(
+    b: &BlockInfo<'_>,
+    o: &mut Inserts,
+    setup: &[Instruction],
+    setup_clobbers: &[Register],
+    mem: MemoryOperand,
+    n: i32,
+) {
+    let mut code: Vec<Instruction> = setup.to_vec();
+    let mut clobbers: Vec<Register> = setup_clobbers.to_vec();
+    let (at, clobbers_flags) = match b.flags_dead_at() {
+        Some(k) => {
+            let Ok(add) = Instruction::with2(Code::Add_rm64_imm32, mem, n) else { return };
+            code.push(add);
+            (k, true)
+        }
+        None => {
+            let (Ok(ld), Ok(lea), Ok(st)) = (
+                Instruction::with2(Code::Mov_r64_rm64, Register::RAX, mem),
+                Instruction::with2(
+                    Code::Lea_r64_m,
+                    Register::RAX,
+                    MemoryOperand::with_base_displ(Register::RAX, n as i64),
+                ),
+                Instruction::with2(Code::Mov_rm64_r64, mem, Register::RAX),
+            ) else {
+                return;
+            };
+            code.extend_from_slice(&[ld, lea, st]);
+            clobbers.push(Register::RAX);
+            (0, false)
+        }
+    };
+    o.insert(Where::Before(at), Snippet { code, clobbers, clobbers_flags });
 }
 
 /// The instrumentation interface.
@@ -71,8 +125,8 @@ impl Client for NullClient {
 }
 
 /// `inscount`: exact count of executed guest instructions in client slot 0
-/// (one `add` per block; a block always runs to its end or is left by its
-/// last instruction).
+/// (one counter update per block, where the flags are dead if anywhere; a
+/// block always runs to its end or is left by its last instruction).
 pub struct InsCount;
 pub const INSCOUNT_SLOT: usize = 0;
 impl Client for InsCount {
@@ -80,10 +134,7 @@ impl Client for InsCount {
         if b.insns.is_empty() {
             return;
         }
-        let n = b.insns.len() as i32;
-        if let Ok(i) = Instruction::with2(Code::Add_rm64_imm32, client_slot(INSCOUNT_SLOT), n) {
-            o.insert(Where::Before(0), Snippet { code: alloc::vec![i], clobbers: Vec::new(), clobbers_flags: true });
-        }
+        insert_counter_add(b, o, &[], &[], client_slot(INSCOUNT_SLOT), b.insns.len() as i32);
     }
 }
 
@@ -113,16 +164,8 @@ impl Client for BbCov {
     fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
         let c = self.counters.entry(b.start).or_insert_with(|| Box::new(UnsafeCell::new(0)));
         let addr = c.get() as u64;
-        let (Ok(a), Ok(i)) = (
-            Instruction::with2(Code::Mov_r64_imm64, Register::RAX, addr),
-            Instruction::with2(Code::Add_rm64_imm8, MemoryOperand::with_base(Register::RAX), 1i32),
-        ) else {
-            return;
-        };
-        o.insert(
-            Where::Before(0),
-            Snippet { code: alloc::vec![a, i], clobbers: alloc::vec![Register::RAX], clobbers_flags: true },
-        );
+        let Ok(a) = Instruction::with2(Code::Mov_r64_imm64, Register::RCX, addr) else { return };
+        insert_counter_add(b, o, &[a], &[Register::RCX], MemoryOperand::with_base(Register::RCX), 1);
     }
 }
 

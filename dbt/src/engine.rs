@@ -55,7 +55,8 @@ impl StopKind {
     }
 }
 
-/// Exit argument for an inline-lookup miss.
+/// Exit argument for an inline-lookup miss (`asm::dbt_ind_miss` loads it as
+/// an immediate).
 pub const EXIT_IND: u64 = 1;
 
 /// An exit of a fragment: its stub passes this record's address.
@@ -127,6 +128,10 @@ impl Region {
 struct Fragment {
     start: u64,
     end: u64,
+    /// Start of the fragment's hot allocation: its indirect entry (the target
+    /// check) when the inline lookup is on, else its body.
+    hot: u64,
+    /// Body entry: what direct branches and the dispatcher jump to.
     entry: u64,
     hot_len: u64,
     stub_addr: u64,
@@ -252,31 +257,22 @@ const ARITH: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits
 
 /// Backward flags liveness over a block: `live[i]` = arithmetic flags live
 /// before instruction i. Everything is assumed live after the block.
+///
+/// An instruction kills only the flags it always writes with a defined value:
+/// flags the SDM calls *undefined* afterwards (AF after logic ops, SF/ZF/AF/PF
+/// after `imul`, OF after multi-bit shifts, ...) may keep their old value on
+/// some CPU, so they stay live through it. Shifts and rotates whose count is
+/// `cl`, or an immediate that masks to 0, may leave every flag unchanged:
+/// they read what they write.
 pub fn flags_liveness(insns: &[Instruction]) -> Vec<u32> {
     let mut live = alloc::vec![0u32; insns.len() + 1];
     let mut cur = ARITH;
     live[insns.len()] = cur;
     for (k, i) in insns.iter().enumerate().rev() {
-        let written = i.rflags_modified() & ARITH;
+        let written = i.rflags_modified() & !i.rflags_undefined() & ARITH;
         let read = i.rflags_read() & ARITH;
         cur = (cur & !written) | read;
-        // Instructions that may fault/trap or transfer control keep
-        // everything conservative only through `read`; a conditional write
-        // (e.g. shifts by cl, which may leave flags unchanged) counts as read.
-        if matches!(
-            i.mnemonic(),
-            Mnemonic::Shl
-                | Mnemonic::Shr
-                | Mnemonic::Sar
-                | Mnemonic::Rol
-                | Mnemonic::Ror
-                | Mnemonic::Rcl
-                | Mnemonic::Rcr
-                | Mnemonic::Shld
-                | Mnemonic::Shrd
-        ) && i.op_count() >= 2
-            && i.op_kind(i.op_count() - 1) != OpKind::Immediate8
-        {
+        if is_shift_or_rotate(i) && shift_may_be_zero(i) {
             cur |= written;
         }
         if i.mnemonic() == Mnemonic::Int3 || i.flow_control() == FlowControl::Interrupt {
@@ -285,6 +281,38 @@ pub fn flags_liveness(insns: &[Instruction]) -> Vec<u32> {
         live[k] = cur;
     }
     live
+}
+
+fn is_shift_or_rotate(i: &Instruction) -> bool {
+    matches!(
+        i.mnemonic(),
+        Mnemonic::Shl
+            | Mnemonic::Sal
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+            | Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shld
+            | Mnemonic::Shrd
+    )
+}
+
+/// Whether a shift/rotate's count may be 0 after masking (then it changes no
+/// flag): a `cl` count, or an immediate that masks to 0. The one-operand
+/// forms (`shl r/m, 1`) always shift.
+fn shift_may_be_zero(i: &Instruction) -> bool {
+    let last = i.op_count().saturating_sub(1);
+    match i.op_kind(last) {
+        OpKind::Register => i.op_register(last) == Register::CL,
+        OpKind::Immediate8 => {
+            let wide = i.op0_kind() == OpKind::Register && i.op0_register().is_gpr64()
+                || i.op0_kind() == OpKind::Memory && i.memory_size().size() == 8;
+            i.immediate8() & if wide { 63 } else { 31 } == 0
+        }
+        _ => false,
+    }
 }
 
 fn gs(off: i64) -> MemoryOperand {
@@ -345,6 +373,15 @@ impl Emit {
 /// buffer, exit index).
 type Fixup = (usize, usize);
 
+/// A fragment's hot code as emitted, before placement.
+struct Emitted {
+    buf: Vec<u8>,
+    fixups: Vec<Fixup>,
+    exits: Vec<ExitRecord>,
+    /// Offset of the body (after the indirect-entry target check).
+    body_off: u64,
+}
+
 impl Engine {
     pub fn new(env: Box<dyn Env>, client: Option<Box<dyn Client>>, cfg: Config) -> Engine {
         Engine {
@@ -397,7 +434,7 @@ impl Engine {
     /// (entry, hot length) of each fragment: used by the fuzz target and
     /// tests to decode emitted code back.
     pub fn fragments(&self) -> Vec<(u64, u64, u64, u64)> {
-        self.frags.values().map(|f| (f.entry, f.hot_len, f.stub_addr, f.stub_len)).collect()
+        self.frags.values().map(|f| (f.hot, f.hot_len, f.stub_addr, f.stub_len)).collect()
     }
 
     fn region_for(&mut self, pc: u64) -> Option<usize> {
@@ -525,42 +562,14 @@ impl Engine {
         }
     }
 
-    /// Inline lookup: guest target in rcx, guest rcx in gs:[SAVE_RCX].
-    /// Flags-neutral (movzx/not/lea/xchg/jrcxz only).
-    fn emit_lookup(e: &mut Emit, inline: bool) {
+    /// Indirect transfer to the guest target in rcx (guest rcx already in
+    /// gs:[SAVE_RCX]). Inline: the guest rdx is in gs:[SAVE_RDX] and edx holds
+    /// the table index (low 16 bits of the target); one memory-indirect jump
+    /// through the per-CPU table lands on a fragment's target check
+    /// ([`Self::emit_target_check`]) or on the miss routine. Flags-neutral.
+    fn emit_ind_jump(e: &mut Emit, inline: bool) {
         if inline {
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RDX), Register::RDX));
-            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::EDX, Register::CX));
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs_idx(OFF_TAGS, Register::RDX)));
-            e.ins(Instruction::with1(Code::Not_rm64, Register::RDX));
-            e.ins(Instruction::with2(
-                Code::Lea_r64_m,
-                Register::RDX,
-                MemoryOperand::new(Register::RCX, Register::RDX, 1, 1, 1, false, Register::None),
-            ));
-            e.ins(Instruction::with2(Code::Xchg_rm64_r64, Register::RCX, Register::RDX));
-            // Miss path is position independent: encode it aside for its length.
-            let mut m = Emit::new(0);
-            m.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RDX));
-            m.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
-            m.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
-            m.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
-            m.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
-            m.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
-            if m.err || m.buf.len() > 127 {
-                e.err = true;
-                return;
-            }
-            e.raw(&[0xE3, m.buf.len() as u8]); // jrcxz hit
-            let mb = core::mem::take(&mut m.buf);
-            e.raw(&mb);
-            // hit:
-            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::DX));
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs_idx(OFF_FRAGS, Register::RCX)));
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_TGT), Register::RCX));
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
-            e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_TGT)));
+            e.ins(Instruction::with1(Code::Jmp_rm64, gs_idx(OFF_IBL, Register::RDX)));
         } else {
             e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RCX));
             e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
@@ -568,6 +577,63 @@ impl Engine {
             e.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
             e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
         }
+    }
+
+    /// Save the guest rdx and put the table index (low 16 bits of the target
+    /// in rcx) in edx, for the inline lookup.
+    fn emit_ind_index(e: &mut Emit, inline: bool) {
+        if inline {
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RDX), Register::RDX));
+            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::EDX, Register::CX));
+        }
+    }
+
+    /// A fragment's indirect entry: it is reached through the lookup table
+    /// with the guest target in rcx and the guest rcx/rdx in gs slots, checks
+    /// that the target is this fragment's guest pc, restores rcx/rdx and
+    /// falls into the body; on a mismatch (another pc with the same low 16
+    /// bits owns the entry) it rebuilds the target in rcx and leaves through
+    /// the miss routine. Flags-neutral (lea/jrcxz/not/mov only).
+    fn emit_target_check(e: &mut Emit, pc: u64) {
+        let neg = (pc as i64).wrapping_neg();
+        let mut miss = Emit::new(0);
+        if neg == neg as i32 as i64 {
+            // Kernel text (top 2 GiB): -pc fits a displacement.
+            e.ins(Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RCX,
+                MemoryOperand::with_base_displ(Register::RCX, neg),
+            ));
+            miss.ins(Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RCX,
+                MemoryOperand::with_base_displ(Register::RCX, pc as i64),
+            ));
+        } else {
+            e.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RDX, neg as u64));
+            e.ins(Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RCX,
+                MemoryOperand::new(Register::RCX, Register::RDX, 1, 0, 0, false, Register::None),
+            ));
+            // rcx - rdx = rcx + !rdx + 1
+            miss.ins(Instruction::with1(Code::Not_rm64, Register::RDX));
+            miss.ins(Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RCX,
+                MemoryOperand::new(Register::RCX, Register::RDX, 1, 1, 1, false, Register::None),
+            ));
+        }
+        miss.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_IND_MISS)));
+        if miss.err || miss.buf.len() > 127 {
+            e.err = true;
+            return;
+        }
+        e.raw(&[0xE3, miss.buf.len() as u8]); // jrcxz ok
+        e.raw(&miss.buf);
+        // ok:
+        e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
+        e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
     }
 
     /// Copy a non-control-transfer instruction: original bytes unless it is
@@ -595,10 +661,10 @@ impl Engine {
         let ri = self.region_for(pc).ok_or(StopKind::NoSpace)?;
         // Instrumentation.
         let mut ins = Inserts::default();
-        if let Some(c) = self.client.as_mut() {
-            c.instrument(&BlockInfo { start: pc, insns: &blk.insns }, &mut ins);
-        }
         let live = flags_liveness(&blk.insns);
+        if let Some(c) = self.client.as_mut() {
+            c.instrument(&BlockInfo { start: pc, insns: &blk.insns, flags_live: &live }, &mut ins);
+        }
         // Emit at a provisional base to learn the size, then at the real one
         // (sizes do not depend on the address except RIP-relative encodings,
         // which keep their size; padding is recomputed).
@@ -618,30 +684,27 @@ impl Engine {
                 self.reset();
                 return self.translate(pc);
             };
-            let (buf, fixups, exits) = self.emit_block(pc, &blk, &ins, &live, hot)?;
-            if (buf.len() as u64) > hot_len_try {
+            let em = self.emit_block(pc, &blk, &ins, &live, hot)?;
+            if (em.buf.len() as u64) > hot_len_try {
                 // too small: give it back and retry with the real size
                 self.regions[ri].hot_free.push((hot, hot_len_try));
-                hot_guess = buf.len() as u64;
+                hot_guess = em.buf.len() as u64;
                 if attempt > 4 {
                     return Err(StopKind::NoSpace);
                 }
                 continue;
             }
-            return self.place(pc, blk.end, ri, hot, hot_len_try, buf, fixups, exits, blk.insns.len());
+            return self.place(pc, blk.end, ri, hot, hot_len_try, em, blk.insns.len());
         }
     }
 
     #[allow(clippy::type_complexity)]
-    fn emit_block(
-        &self,
-        pc: u64,
-        blk: &Block,
-        ins: &Inserts,
-        live: &[u32],
-        hot: u64,
-    ) -> Result<(Vec<u8>, Vec<Fixup>, Vec<ExitRecord>), StopKind> {
+    fn emit_block(&self, pc: u64, blk: &Block, ins: &Inserts, live: &[u32], hot: u64) -> Result<Emitted, StopKind> {
         let mut e = Emit::new(hot);
+        if self.cfg.inline_lookup {
+            Self::emit_target_check(&mut e, pc);
+        }
+        let body_off = e.buf.len() as u64;
         let mut fix: Vec<Fixup> = Vec::new();
         let mut exits: Vec<ExitRecord> = Vec::new();
         let mut new_exit = |target: u64, stop: u64| {
@@ -745,10 +808,11 @@ impl Engine {
                             );
                             e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, m));
                         }
+                        Self::emit_ind_index(&mut e, self.cfg.inline_lookup);
                         if i.flow_control() == FlowControl::IndirectCall {
                             Self::push_ret(&mut e, next);
                         }
-                        Self::emit_lookup(&mut e, self.cfg.inline_lookup);
+                        Self::emit_ind_jump(&mut e, self.cfg.inline_lookup);
                     }
                     FlowControl::Return => {
                         e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
@@ -757,13 +821,14 @@ impl Engine {
                             Register::RCX,
                             MemoryOperand::with_base(Register::RSP),
                         ));
+                        Self::emit_ind_index(&mut e, self.cfg.inline_lookup);
                         let pop = 8 + if i.code() == Code::Retnq_imm16 { i.immediate16() as i64 } else { 0 };
                         e.ins(Instruction::with2(
                             Code::Lea_r64_m,
                             Register::RSP,
                             MemoryOperand::with_base_displ(Register::RSP, pop),
                         ));
-                        Self::emit_lookup(&mut e, self.cfg.inline_lookup);
+                        Self::emit_ind_jump(&mut e, self.cfg.inline_lookup);
                     }
                     _ => return Err(StopKind::Unsupported),
                 }
@@ -773,7 +838,7 @@ impl Engine {
             self.trace_bad.set(e.bad);
             return Err(StopKind::NoSpace);
         }
-        Ok((e.buf, fix, exits))
+        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -784,11 +849,10 @@ impl Engine {
         ri: usize,
         hot: u64,
         hot_len: u64,
-        mut buf: Vec<u8>,
-        fixups: Vec<Fixup>,
-        exits: Vec<ExitRecord>,
+        em: Emitted,
         ninsns: usize,
     ) -> Result<u64, StopKind> {
+        let Emitted { mut buf, fixups, exits, body_off } = em;
         // Exit stubs (cold area): mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
         let mut stub_code = Vec::new();
@@ -852,7 +916,8 @@ impl Engine {
         let f = Fragment {
             start: pc,
             end,
-            entry: hot,
+            hot,
+            entry: hot + body_off,
             hot_len,
             stub_addr: stub,
             stub_len: stub_total,
@@ -878,7 +943,7 @@ impl Engine {
                 }
             }
         }
-        Ok(hot)
+        Ok(hot + body_off)
     }
 
     /// Retarget a rel32 atomically.
@@ -990,9 +1055,9 @@ impl Engine {
                     }
                 }
                 if arg == EXIT_IND && self.cfg.inline_lookup {
-                    let h = (target & 0xffff) as usize;
-                    s.ibl_tags[h] = target;
-                    s.ibl_frags[h] = entry;
+                    if let Some(f) = self.frags.get(&target) {
+                        s.ibl[(target & 0xffff) as usize] = f.hot;
+                    }
                 }
                 entry
             }
@@ -1005,15 +1070,18 @@ impl Engine {
         }
     }
 
-    fn clear_ibl_entry(&mut self, tag: u64) {
-        let h = (tag & 0xffff) as usize;
+    /// Point every CPU's lookup entry for the fragment at guest `pc` with
+    /// indirect entry `hot` back at the miss routine.
+    fn clear_ibl_entry(&mut self, pc: u64, hot: u64) {
+        let h = (pc & 0xffff) as usize;
         for &c in self.cpus.iter() {
             // SAFETY: registered per-CPU blocks stay valid (attach_cpu
-            // contract). Writing the tag first (aligned 8-byte store) makes
-            // the entry miss before anything else changes.
+            // contract). One aligned 8-byte store: a lookup racing with it
+            // jumps either to the old fragment's target check (its space is
+            // not reused before quiescence) or to the miss routine.
             unsafe {
-                if (*c).ibl_tags[h] == tag {
-                    core::ptr::write_volatile(&mut (*c).ibl_tags[h], IBL_EMPTY);
+                if (*c).ibl[h] == hot {
+                    core::ptr::write_volatile(&mut (*c).ibl[h], (*c).ind_miss);
                 }
             }
         }
@@ -1060,10 +1128,10 @@ impl Engine {
             }
         }
         // 3. Lookup entries.
-        self.clear_ibl_entry(start);
+        self.clear_ibl_entry(start, f.hot);
         // 4. Space: deferred.
         self.hot_total = self.hot_total.saturating_sub(f.hot_len);
-        self.pending.push((f.region, f.entry, f.hot_len, f.stub_addr, f.stub_len));
+        self.pending.push((f.region, f.hot, f.hot_len, f.stub_addr, f.stub_len));
         // The exit records are dropped with `f`: stubs of this fragment must
         // not run any more, which holds once no CPU executes the fragment
         // (quiescence), since nothing links to it any longer.
@@ -1124,4 +1192,50 @@ pub unsafe extern "C" fn dbt_rust_dispatch(s: *mut Scratch) -> u64 {
     // SAFETY: as above.
     let e = unsafe { &mut *(s.engine as *mut Engine) };
     e.dispatch(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> Vec<Instruction> {
+        Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).into_iter().collect()
+    }
+
+    const CF: u32 = RflagsBits::CF;
+    const ZF: u32 = RflagsBits::ZF;
+    const AF: u32 = RflagsBits::AF;
+
+    #[test]
+    fn defined_writes_kill_flags() {
+        // add rax, rcx; jz: everything dead before the add, ZF live before jz.
+        let l = flags_liveness(&decode(&[0x48, 0x01, 0xC8, 0x74, 0x00]));
+        assert_eq!(l[0], 0);
+        assert_eq!(l[1], ARITH);
+    }
+
+    #[test]
+    fn undefined_flags_stay_live() {
+        // imul rax, rcx leaves SF/ZF/AF/PF undefined: ZF read by jz stays live.
+        let l = flags_liveness(&decode(&[0x48, 0x0F, 0xAF, 0xC1, 0x74, 0x00]));
+        assert_ne!(l[0] & ZF, 0);
+        assert_eq!(l[0] & CF, 0, "imul defines CF");
+        // xor eax, eax leaves AF undefined: lahf reads it.
+        let l = flags_liveness(&decode(&[0x31, 0xC0, 0x9F]));
+        assert_eq!(l[0], AF);
+    }
+
+    #[test]
+    fn shifts_that_may_not_shift_keep_flags_live() {
+        // shl rax, cl; shl rax, 0; shl rax, 64 (masks to 0): all pass flags through.
+        for bytes in [&[0x48, 0xD3, 0xE0][..], &[0x48, 0xC1, 0xE0, 0x00], &[0x48, 0xC1, 0xE0, 0x40]] {
+            let l = flags_liveness(&decode(bytes));
+            assert_eq!(l[0], ARITH, "{bytes:x?}");
+        }
+        // shl rax, 3 defines CF/SF/ZF/PF (OF and AF undefined): those die.
+        let l = flags_liveness(&decode(&[0x48, 0xC1, 0xE0, 0x03]));
+        assert_eq!(l[0], RflagsBits::OF | AF);
+        // shl eax, 32 masks to 0 for a 32-bit operand.
+        assert_eq!(flags_liveness(&decode(&[0xC1, 0xE0, 0x20]))[0], ARITH);
+    }
 }

@@ -10,8 +10,6 @@
 /// Number of entries of the inline lookup table (indexed by the low 16 bits
 /// of the guest target; extracting those with `movzx` leaves the flags alone).
 pub const IBL_ENTRIES: usize = 1 << 16;
-/// Tag value of an empty lookup entry (no guest code can live there).
-pub const IBL_EMPTY: u64 = u64::MAX;
 
 /// Guest general purpose registers + rip + rflags, iced/hardware order.
 #[repr(C)]
@@ -73,7 +71,10 @@ pub struct Scratch {
     /// Why the run stopped when the dispatcher returned to the host.
     pub exit_reason: u64, // 104
     pub exit_pc: u64,  // 112
-    pub _pad0: u64,    // 120
+    /// Shared inline-lookup miss routine (`asm::dbt_ind_miss`): what empty
+    /// table entries hold, and where a fragment's target check goes when the
+    /// entry belonged to another guest pc.
+    pub ind_miss: u64, // 120
     /// Saved guest context while the dispatcher runs.
     pub ctx: GuestCtx, // 128 .. 272
     pub _pad1: [u64; 2], // 272 .. 288
@@ -85,9 +86,11 @@ pub struct Scratch {
     pub _pad2: [u64; 4], // 544 .. 576
     /// xsave area of the guest's extended state while the dispatcher runs.
     pub xsave: [u8; 4096], // 576 (64-aligned)
-    /// Inline indirect-branch lookup: tags (guest pc) and fragment entries.
-    pub ibl_tags: [u64; IBL_ENTRIES],
-    pub ibl_frags: [u64; IBL_ENTRIES],
+    /// Inline indirect-branch lookup: entry `t & 0xffff` holds the indirect
+    /// entry (target check) of a fragment whose guest pc has those low bits,
+    /// or `ind_miss`. No tags: the fragment's own check compares the guest
+    /// target with its pc (see README "Indirect branches").
+    pub ibl: [u64; IBL_ENTRIES],
 }
 
 pub const OFF_SELF: i64 = 0;
@@ -97,11 +100,11 @@ pub const OFF_SAVE_RDX: i64 = 24;
 pub const OFF_TGT: i64 = 32;
 pub const OFF_DISPATCH: i64 = 40;
 pub const OFF_IND_TARGET: i64 = 80;
+pub const OFF_IND_MISS: i64 = 120;
 pub const OFF_CTX: i64 = 128;
 pub const OFF_SPILL: i64 = 288;
 pub const OFF_CLIENT: i64 = 416;
-pub const OFF_TAGS: i64 = core::mem::offset_of!(Scratch, ibl_tags) as i64;
-pub const OFF_FRAGS: i64 = core::mem::offset_of!(Scratch, ibl_frags) as i64;
+pub const OFF_IBL: i64 = core::mem::offset_of!(Scratch, ibl) as i64;
 
 const _: () = {
     use core::mem::offset_of;
@@ -117,25 +120,26 @@ const _: () = {
     assert!(offset_of!(Scratch, ind_target) == 80);
     assert!(offset_of!(Scratch, rust_dispatch) == 88);
     assert!(offset_of!(Scratch, save_xstate) == 96);
+    assert!(offset_of!(Scratch, ind_miss) == 120);
     assert!(offset_of!(Scratch, ctx) == 128);
     assert!(offset_of!(Scratch, spill) == 288);
     assert!(offset_of!(Scratch, client) == 416);
     assert!(offset_of!(Scratch, xsave) == 576);
     assert!(offset_of!(Scratch, xsave) % 64 == 0);
     // gs:[disp32 + idx*8] must reach the table.
-    assert!(offset_of!(Scratch, ibl_frags) + IBL_ENTRIES * 8 < (1 << 31));
+    assert!(offset_of!(Scratch, ibl) + IBL_ENTRIES * 8 < (1 << 31));
 };
 
 impl Scratch {
     /// Initialise a block in place (all lookup entries empty).
     pub fn init(&mut self) {
         self.self_ptr = self as *mut Scratch as u64;
-        self.ibl_tags.fill(IBL_EMPTY);
-        self.ibl_frags.fill(0);
+        self.ind_miss = crate::asm::dbt_ind_miss as *const () as usize as u64;
+        self.clear_ibl();
     }
 
     /// Drop every inline lookup entry.
     pub fn clear_ibl(&mut self) {
-        self.ibl_tags.fill(IBL_EMPTY);
+        self.ibl.fill(self.ind_miss);
     }
 }

@@ -86,3 +86,33 @@ fn memtrace_records_every_store() {
     // The return address read by `ret` is recorded too (a read of 8 bytes).
     assert!(ring[..total].iter().any(|e| e[1] == 8));
 }
+
+/// A loop block in which some flag is live before every instruction
+/// (`adc` reads CF, `loop` is followed by code that reads it): the inscount
+/// update cannot go where flags are dead, so it takes the flags-free form;
+/// the carry chain and the count must both come out exact.
+#[test]
+fn inscount_where_flags_are_always_live() {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.xor(eax, eax).unwrap();
+    a.mov(ecx, 40).unwrap();
+    a.mov(rdx, 0x7fff_ffff_ffff_fff0u64).unwrap();
+    a.stc().unwrap();
+    a.set_label(&mut top).unwrap();
+    a.adc(rax, rdx).unwrap();
+    a.loop_(top).unwrap();
+    a.adc(rax, 0).unwrap();
+    a.ret().unwrap();
+    let near = inscount_where_flags_are_always_live as *const () as u64;
+    let p = <dbt::host::HostEnv as dbt::Env>::alloc_code(&mut dbt::host::HostEnv, near, 4096).expect("code memory");
+    let code = a.assemble(p).unwrap();
+    // SAFETY: our fresh RWX page.
+    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len()) };
+    let mut h = Harness::new(Some(Box::new(InsCount)));
+    let r = h.run(p, &[]);
+    assert_eq!(r.stop, StopKind::Sentinel);
+    assert_eq!(r.rax, h.run_native(p, &[]).rax);
+    assert_eq!(Some(h.inscount()), h.ptrace_count(p, &[]));
+}

@@ -173,8 +173,14 @@ fn gen(rng: &mut Rng, branchy: bool, at: u64) -> Option<Vec<u8>> {
 }
 
 fn differential(branchy: bool, seed: u64) {
+    differential_with(Harness::new(Some(Box::new(NullClient))), branchy, seed, false);
+}
+
+/// Generated functions run natively and translated; registers and flags must
+/// match, and with `count` the inscount result must equal the single-step
+/// count.
+fn differential_with(mut h: Harness, branchy: bool, seed: u64, count: bool) {
     let p = code_page();
-    let mut h = Harness::new(Some(Box::new(NullClient)));
     let mut rng = Rng(seed);
     for _ in 0..150 {
         let code = gen(&mut rng, branchy, p as u64).expect("assemble");
@@ -189,7 +195,17 @@ fn differential(branchy: bool, seed: u64) {
         assert_eq!(r.stop, StopKind::Sentinel);
         assert_eq!(no, to, "register/flags state differs");
         assert_eq!(r.callee_saved, dbt::host::CALLEE_SEED);
+        if count {
+            let got = h.inscount();
+            h.scratch().client[dbt::client::INSCOUNT_SLOT] = 0;
+            assert_eq!(Some(got), h.ptrace_count(p as u64, &[no.as_mut_ptr() as u64]), "inscount");
+        }
     }
+}
+
+#[test]
+fn random_branchy_code_under_inscount_matches_native_and_single_step() {
+    differential_with(Harness::new(Some(Box::new(dbt::InsCount))), true, 0x5eed_0f_1a65, true);
 }
 
 #[test]
@@ -200,4 +216,87 @@ fn random_straight_line_code_matches_native() {
 #[test]
 fn random_branchy_code_matches_native() {
     differential(true, 0x0fed_cba9_8765_4321);
+}
+
+/// Code for `indirect_targets`: a loop that calls, alternately, `t1` and
+/// `t2` through a register with CF set, and adds CF back after each return
+/// (so the indirect call, the target check and the return lookup must all
+/// leave the flags alone). Returns the code and the expected result.
+fn alternating_calls(base: u64, t1: u64, t2: u64, n: u64) -> (Vec<(u64, Vec<u8>)>, u64) {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.push(rbx).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.mov(rbx, rsi).unwrap();
+    a.mov(r8, t1).unwrap();
+    a.mov(r9, t2).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(rcx, r8).unwrap();
+    a.test(bl, 1).unwrap();
+    a.cmovne(rcx, r9).unwrap();
+    a.stc().unwrap();
+    a.call(rcx).unwrap();
+    a.adc(rax, 0).unwrap();
+    a.dec(rbx).unwrap();
+    a.jne(top).unwrap();
+    a.pop(rbx).unwrap();
+    a.ret().unwrap();
+    let main = a.assemble(base).unwrap();
+    let callee = |add: i32, at: u64| {
+        let mut c = CodeAssembler::new(64).unwrap();
+        c.lea(rax, qword_ptr(rax + add)).unwrap();
+        c.ret().unwrap();
+        c.assemble(at).unwrap()
+    };
+    let expect = n / 2 * 1000 + (n - n / 2) * 2 + n;
+    (vec![(base, main), (t1, callee(2, t1)), (t2, callee(1000, t2))], expect)
+}
+
+/// Indirect calls and returns through the inline lookup: targets whose low
+/// 16 bits collide (they keep evicting each other's table entry, so every
+/// other lookup lands on the wrong fragment's target check and must take its
+/// miss path) and targets that do not; once with code near the harness
+/// (64-bit target check) and once below 2 GiB (the `lea rcx, [rcx - pc]`
+/// check used for kernel addresses).
+#[test]
+fn indirect_targets_collide_and_check_their_pc() {
+    let low = {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping; the result is
+        // checked before use.
+        let p = unsafe {
+            libc::mmap(
+                0x4000_0000 as *mut libc::c_void,
+                0x30000,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as u64, 0x4000_0000, "cannot map test code below 2 GiB");
+        p as *mut u8
+    };
+    let high = HostEnv.alloc_code(code_page as *const () as u64, 0x30000).expect("code memory") as *mut u8;
+    for base in [low, high] {
+        let b = base as u64;
+        for (t2_off, colliding) in [(0x11000u64, true), (0x11040, false)] {
+            let n = 200;
+            let (parts, expect) = alternating_calls(b, b + 0x1000, b + t2_off, n);
+            for (at, code) in parts.iter() {
+                // SAFETY: inside our RWX mapping.
+                unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), (*at) as *mut u8, code.len()) };
+            }
+            let mut h = Harness::new(Some(Box::new(NullClient)));
+            assert_eq!(h.run_native(b, &[0, n]).rax, expect);
+            let r = h.run(b, &[0, n]);
+            assert_eq!(r.stop, StopKind::Sentinel);
+            assert_eq!(r.rax, expect, "base {b:#x} colliding={colliding}");
+            let misses = h.engine.stats.misses;
+            if colliding {
+                assert!(misses >= n, "every alternation misses: {misses}");
+            } else {
+                assert!(misses < 10, "distinct entries stay cached: {misses}");
+            }
+        }
+    }
 }
