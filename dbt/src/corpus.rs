@@ -221,17 +221,25 @@ extern "C" fn k_qsort(buf: *mut u8, n: u64) -> u64 {
 }
 #[inline(never)]
 extern "C" fn k_repmovs(buf: *mut u8, n: u64) -> u64 {
+    // n bytes, in passes of at most BUF_LEN / 2.
+    let passes = (n / (BUF_LEN / 2) as u64).max(1);
     let n = n.min((BUF_LEN / 2) as u64);
     let mut s = 3u64;
     for i in 0..n as usize {
         // SAFETY: i < BUF_LEN/2.
         unsafe { *buf.add(BUF_LEN / 2 + i) = (xorshift(&mut s) % 90) as u8 };
     }
-    // SAFETY: dst = buf[0..n), src = buf[BUF_LEN/2..+n).
-    unsafe { c_repmovs(buf, buf.add(BUF_LEN / 2), n) }
+    let mut acc = 0u64;
+    for _ in 0..passes {
+        // SAFETY: dst = buf[0..n), src = buf[BUF_LEN/2..+n).
+        acc = acc.wrapping_mul(31).wrapping_add(unsafe { c_repmovs(buf, buf.add(BUF_LEN / 2), n) });
+    }
+    acc
 }
 #[inline(never)]
 extern "C" fn k_simd(buf: *mut u8, n: u64) -> u64 {
+    // n elements, in passes of at most 1024.
+    let passes = (n / 1024).max(1);
     let n = n.min(1024) as usize;
     let mut a = [0f32; 1024];
     let mut b = [0f32; 1024];
@@ -239,9 +247,13 @@ extern "C" fn k_simd(buf: *mut u8, n: u64) -> u64 {
         a[i] = i as f32 * 0.5;
         b[i] = (n - i) as f32 * 0.25;
     }
-    // SAFETY: buf holds 1024 f32s; avx2 is required by the corpus (checked
-    // by the callers through is_x86_feature_detected).
-    unsafe { c_simd(a.as_ptr(), b.as_ptr(), buf as *mut f32, n as u64) }
+    let mut acc = 0u64;
+    for _ in 0..passes {
+        // SAFETY: buf holds 1024 f32s; the case exists only where the CPU has
+        // avx2 (`cases`).
+        acc = acc.wrapping_mul(31).wrapping_add(unsafe { c_simd(a.as_ptr(), b.as_ptr(), buf as *mut f32, n as u64) });
+    }
+    acc
 }
 #[inline(never)]
 extern "C" fn k_fnptr(_b: *mut u8, n: u64) -> u64 {
@@ -277,14 +289,14 @@ pub fn cases() -> Vec<Case> {
         Case { name: "c_setjmp", f: k_setjmp, test_n: 20, bench_n: 2_000_000 },
         Case { name: "c_varargs", f: k_varargs, test_n: 20, bench_n: 5_000_000 },
         Case { name: "c_qsort", f: k_qsort, test_n: 100, bench_n: 16384 },
-        Case { name: "c_repmovs", f: k_repmovs, test_n: 1000, bench_n: 32768 },
+        Case { name: "c_repmovs", f: k_repmovs, test_n: 1000, bench_n: 32768 * 2000 },
         Case { name: "c_fnptr", f: k_fnptr, test_n: 100, bench_n: 20_000_000 },
         Case { name: "c_getpc", f: k_getpc, test_n: 1, bench_n: 1 },
         Case { name: "c_loop", f: k_loop, test_n: 100, bench_n: 100_000_000 },
         Case { name: "c_tailcall", f: k_tailcall, test_n: 100, bench_n: 20_000_000 },
     ];
     if std::is_x86_feature_detected!("avx2") {
-        v.push(Case { name: "c_simd_avx2", f: k_simd, test_n: 200, bench_n: 1024 });
+        v.push(Case { name: "c_simd_avx2", f: k_simd, test_n: 200, bench_n: 1024 * 50_000 });
     }
     v
 }

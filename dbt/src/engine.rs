@@ -327,6 +327,10 @@ fn gs_idx(off: i64, idx: Register) -> MemoryOperand {
 struct Emit {
     base: u64,
     buf: Vec<u8>,
+    /// RIP-relative references to 8-byte constants placed after the code by
+    /// `finish`: (offset of the end of the referencing instruction, whose
+    /// last 4 bytes are its disp32; value).
+    consts: Vec<(usize, u64)>,
     enc: Encoder,
     err: bool,
     bad: u64,
@@ -334,7 +338,7 @@ struct Emit {
 
 impl Emit {
     fn new(base: u64) -> Self {
-        Emit { base, buf: Vec::with_capacity(256), enc: Encoder::new(64), err: false, bad: 0 }
+        Emit { base, buf: Vec::with_capacity(256), consts: Vec::new(), enc: Encoder::new(64), err: false, bad: 0 }
     }
     fn pc(&self) -> u64 {
         self.base + self.buf.len() as u64
@@ -360,6 +364,22 @@ impl Emit {
     fn raw(&mut self, b: &[u8]) {
         self.buf.extend_from_slice(b);
     }
+    /// Place the constants (8-byte aligned, after `int3` padding: never
+    /// executed) and point their references at them.
+    fn finish(&mut self) {
+        if self.consts.is_empty() {
+            return;
+        }
+        while (self.pc() % 8) != 0 {
+            self.buf.push(0xCC);
+        }
+        for (end, v) in core::mem::take(&mut self.consts) {
+            let disp = (self.buf.len() - end) as i32;
+            self.buf[end - 4..end].copy_from_slice(&disp.to_le_bytes());
+            self.buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
     /// Pad with nops so that a field at offset `field` of the next
     /// instruction starts 4-byte aligned.
     fn align_field(&mut self, field: u64) {
@@ -550,15 +570,18 @@ impl Engine {
         e.raw(&[0, 0, 0, 0]);
     }
 
-    /// Push a 64-bit native return address without a scratch register.
+    /// Push a 64-bit native return address without a scratch register, as
+    /// one 8-byte store: `push imm32` when it sign-extends from 32 bits
+    /// (kernel text), else `push qword [rip + c]` with the constant after the
+    /// fragment's code. (Two stores, `push imm32` + `mov [rsp+4], hi32`, make
+    /// the matching `ret`'s 8-byte load miss store-to-load forwarding: a
+    /// stall on every short call.)
     fn push_ret(e: &mut Emit, ret: u64) {
-        e.ins(Instruction::with1(Code::Pushq_imm32, ret as u32 as i32));
-        if (ret as i64) != (ret as u32 as i32 as i64) {
-            e.ins(Instruction::with2(
-                Code::Mov_rm32_imm32,
-                MemoryOperand::with_base_displ(Register::RSP, 4),
-                (ret >> 32) as u32,
-            ));
+        if (ret as i64) == (ret as u32 as i32 as i64) {
+            e.ins(Instruction::with1(Code::Pushq_imm32, ret as u32 as i32));
+        } else {
+            e.raw(&[0xFF, 0x35, 0, 0, 0, 0]);
+            e.consts.push((e.buf.len(), ret));
         }
     }
 
@@ -755,18 +778,26 @@ impl Engine {
                         let t = i.near_branch_target();
                         match i.mnemonic() {
                             Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jrcxz | Mnemonic::Jecxz => {
-                                // op rel8 -> L_taken; jmp fall; L_taken: jmp taken
-                                let mut probe = *i;
-                                probe.set_near_branch64(0);
+                                // These exist only with rel8. A loop back to the block's own
+                                // start branches straight to the body when rel8 reaches it:
+                                //   op body; jmp fall
+                                // anything else goes through a local patchable jmp:
+                                //   op L_taken; jmp fall; L_taken: jmp taken
                                 let len = i.len() as u64; // same form re-encoded
                                 let op_pc = e.pc();
-                                let mut pad1 = 0;
-                                while (op_pc + len + pad1 + 1) % 4 != 0 {
-                                    pad1 += 1;
-                                }
-                                let l_taken = op_pc + len + pad1 + 5;
+                                let body = e.base + body_off;
+                                let self_loop = t == pc && body as i64 - (op_pc + len) as i64 >= -128;
+                                let dest = if self_loop {
+                                    body
+                                } else {
+                                    let mut pad1 = 0;
+                                    while (op_pc + len + pad1 + 1) % 4 != 0 {
+                                        pad1 += 1;
+                                    }
+                                    op_pc + len + pad1 + 5
+                                };
                                 let mut j = *i;
-                                j.set_near_branch64(l_taken);
+                                j.set_near_branch64(dest);
                                 let before_len = e.buf.len();
                                 e.ins(Ok(j));
                                 if e.buf.len() - before_len != len as usize {
@@ -774,8 +805,10 @@ impl Engine {
                                 }
                                 let xf = new_exit(next, 0);
                                 Self::patch_jmp(&mut e, &mut fix, xf);
-                                let xt = new_exit(t, 0);
-                                Self::patch_jmp(&mut e, &mut fix, xt);
+                                if !self_loop {
+                                    let xt = new_exit(t, 0);
+                                    Self::patch_jmp(&mut e, &mut fix, xt);
+                                }
                             }
                             _ => {
                                 let cc = (i.condition_code() as u8).wrapping_sub(1);
@@ -834,6 +867,7 @@ impl Engine {
                 }
             }
         }
+        e.finish();
         if e.err {
             self.trace_bad.set(e.bad);
             return Err(StopKind::NoSpace);
