@@ -283,7 +283,7 @@ pub fn cases() -> Vec<Case> {
         Case { name: "dyn_dispatch", f: r_dyn, test_n: 20, bench_n: 2_000_000 },
         Case { name: "sha2", f: r_sha2, test_n: 1, bench_n: 20_000 },
         Case { name: "crc32fast", f: r_crc32, test_n: 1, bench_n: 100_000 },
-        Case { name: "miniz_oxide", f: r_miniz, test_n: 300, bench_n: 2_000_000 },
+        Case { name: "miniz_oxide", f: r_miniz, test_n: 120, bench_n: 2_000_000 },
         Case { name: "regex", f: r_regex, test_n: 8, bench_n: 200_000 },
         Case { name: "c_switch", f: k_switch, test_n: 200, bench_n: 20_000_000 },
         Case { name: "c_setjmp", f: k_setjmp, test_n: 20, bench_n: 2_000_000 },

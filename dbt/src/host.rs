@@ -321,7 +321,12 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
     let mut count = 0u64;
     let mut prev_rip = 0u64;
     let mut prev_rep = false;
-    let mut buf = [0u8; 16];
+    // Whether the instruction at an address is a rep-prefixed string
+    // instruction, decoded once per address (reading the code is a syscall).
+    // A direct-mapped cache on the stack: the tracer must not touch the heap
+    // while the child runs, or the translated run that follows would start
+    // from another heap state than the child did.
+    let mut rep_string = [(u64::MAX, false); 4096];
     loop {
         // SAFETY: ptrace on our stopped, traced child.
         let mut regs: libc::user_regs_struct = unsafe { core::mem::zeroed() };
@@ -338,12 +343,18 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
             if !(rip == prev_rip && prev_rep) {
                 count += 1;
             }
-            // The child is a fork of us: its code is at the same addresses.
-            let n = HostEnv.read_code(rip, &mut buf[..15]);
-            let mut d = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
-            let i = d.decode();
-            prev_rep = i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix();
-            prev_rep = prev_rep && i.is_string_instruction();
+            let slot = &mut rep_string[(rip as usize ^ (rip as usize >> 12)) % 4096];
+            if slot.0 != rip {
+                // The child is a fork of us: its code is at the same addresses.
+                let mut buf = [0u8; 15];
+                let n = HostEnv.read_code(rip, &mut buf);
+                let i = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE).decode();
+                *slot = (
+                    rip,
+                    (i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix()) && i.is_string_instruction(),
+                );
+            }
+            prev_rep = slot.1;
             prev_rip = rip;
         }
         // SAFETY: as above.

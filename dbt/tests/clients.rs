@@ -1,34 +1,7 @@
 //! Client tools checked against exact references.
 use dbt::client::{MEMTRACE_BASE_SLOT, MEMTRACE_COUNT_SLOT};
-use dbt::corpus::{cases, BUF_LEN};
 use dbt::host::Harness;
 use dbt::{BbCov, InsCount, MemTrace, StopKind};
-
-/// inscount equals the ptrace single-step count of the native run, for every
-/// corpus function.
-#[test]
-fn inscount_matches_ptrace_single_step() {
-    let mut h = Harness::new(Some(Box::new(InsCount)));
-    for c in cases() {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        // Same heap state for both: the reference child is forked right
-        // before the translated run (translator allocations use their own arena).
-        // Warm up lazily initialised state (CPU feature caches, ...) first.
-        h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
-        nb.fill(0);
-        let reference = h.ptrace_count(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]).expect("ptrace");
-        h.scratch().client[dbt::client::INSCOUNT_SLOT] = 0;
-        let tr = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(tr.stop, StopKind::Sentinel, "{}", c.name);
-        let n = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(tr.rax, n.rax, "{}", c.name);
-        let got = h.inscount();
-        eprintln!("{}: inscount {} reference {}", c.name, got, reference);
-        assert!(reference > 0);
-        assert_eq!(got, reference, "{}: inscount vs single-step", c.name);
-    }
-}
 
 #[inline(never)]
 extern "C" fn three_blocks(buf: *mut u8, n: u64) -> u64 {
