@@ -164,7 +164,7 @@ extern "C" fn r_miniz(buf: *mut u8, n: u64) -> u64 {
     let mut s = 0x5151u64;
     for i in 0..n {
         let r = xorshift(&mut s);
-        data.push(if r % 4 == 0 { (r >> 8) as u8 } else { b"abcdefgh"[(i % 8) as usize] });
+        data.push(if r.is_multiple_of(4) { (r >> 8) as u8 } else { b"abcdefgh"[(i % 8) as usize] });
     }
     let c = miniz_oxide::deflate::compress_to_vec(&data, 6);
     let d = miniz_oxide::inflate::decompress_to_vec(&c).unwrap_or_default();
@@ -274,6 +274,13 @@ extern "C" fn k_loop(_b: *mut u8, n: u64) -> u64 {
 extern "C" fn k_tailcall(_b: *mut u8, n: u64) -> u64 {
     // SAFETY: plain C function.
     unsafe { c_tailcall(n) }
+}
+
+impl Case {
+    /// Entry address of the case's function.
+    pub fn addr(&self) -> u64 {
+        self.f as usize as u64
+    }
 }
 
 pub fn cases() -> Vec<Case> {

@@ -137,6 +137,8 @@ struct Fragment {
     stub_addr: u64,
     stub_len: u64,
     region: usize,
+    /// Boxed: exit stubs and incoming-link lists hold the records' addresses.
+    #[allow(clippy::vec_box)]
     exits: Vec<Box<ExitRecord>>,
     /// Exit records of other fragments linked to this one.
     incoming: Vec<*mut ExitRecord>,
@@ -370,7 +372,7 @@ impl Emit {
         if self.consts.is_empty() {
             return;
         }
-        while (self.pc() % 8) != 0 {
+        while !self.pc().is_multiple_of(8) {
             self.buf.push(0xCC);
         }
         for (end, v) in core::mem::take(&mut self.consts) {
@@ -383,7 +385,7 @@ impl Emit {
     /// Pad with nops so that a field at offset `field` of the next
     /// instruction starts 4-byte aligned.
     fn align_field(&mut self, field: u64) {
-        while (self.pc() + field) % 4 != 0 {
+        while !(self.pc() + field).is_multiple_of(4) {
             self.buf.push(0x90);
         }
     }
@@ -464,7 +466,7 @@ impl Engine {
             let hi = r.base + r.hot_size + r.stub_size;
             pc.abs_diff(lo) < REACH && pc.abs_diff(hi) < REACH
         };
-        if let Some(i) = self.regions.iter().position(|r| near(r)) {
+        if let Some(i) = self.regions.iter().position(&near) {
             return Some(i);
         }
         let size = self.cfg.hot_size + self.cfg.stub_size;
@@ -791,7 +793,7 @@ impl Engine {
                                     body
                                 } else {
                                     let mut pad1 = 0;
-                                    while (op_pc + len + pad1 + 1) % 4 != 0 {
+                                    while !(op_pc + len + pad1 + 1).is_multiple_of(4) {
                                         pad1 += 1;
                                     }
                                     op_pc + len + pad1 + 5
@@ -983,7 +985,7 @@ impl Engine {
     /// Retarget a rel32 atomically.
     fn write_rel32(at: u64, dest: u64) -> bool {
         let rel = dest.wrapping_sub(at + 4) as i64;
-        if rel != rel as i32 as i64 || at % 4 != 0 {
+        if rel != rel as i32 as i64 || !at.is_multiple_of(4) {
             return false;
         }
         // SAFETY: `at` is the 4-byte-aligned rel32 field of a branch inside

@@ -25,7 +25,7 @@ impl Env for HostEnv {
                 let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
                 let Some(hint) = hint else { continue };
                 let hint = hint & !0xfff;
-                if hint < 0x10000 || hint > 0x7fff_0000_0000 {
+                if !(0x10000..=0x7fff_0000_0000).contains(&hint) {
                     continue;
                 }
                 // SAFETY: MAP_FIXED_NOREPLACE never replaces existing mappings;

@@ -8,8 +8,8 @@ fn corpus_null_client_matches_native() {
     for c in cases() {
         let mut nb = vec![0u8; BUF_LEN];
         let mut tb = vec![0u8; BUF_LEN];
-        let nat = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
-        let tr = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
+        let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
+        let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(tr.stop, StopKind::Sentinel, "{}: stopped {:?} at {:#x}", c.name, tr.stop, tr.stop_pc);
         assert_eq!(tr.rax, nat.rax, "{}: return value", c.name);
         assert_eq!(tr.callee_saved, CALLEE_SEED, "{}: callee-saved", c.name);

@@ -60,8 +60,8 @@ fn capacity_limit_resets_and_stays_correct() {
     for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
         let mut nb = vec![0u8; BUF_LEN];
         let mut tb = vec![0u8; BUF_LEN];
-        let n = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
-        let t = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
+        let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
+        let t = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(t.stop, StopKind::Sentinel);
         assert_eq!(t.rax, n.rax, "{}", c.name);
         assert!(nb == tb);
@@ -205,7 +205,7 @@ fn differential_with(mut h: Harness, branchy: bool, seed: u64, count: bool) {
 
 #[test]
 fn random_branchy_code_under_inscount_matches_native_and_single_step() {
-    differential_with(Harness::new(Some(Box::new(dbt::InsCount))), true, 0x5eed_0f_1a65, true);
+    differential_with(Harness::new(Some(Box::new(dbt::InsCount))), true, 0x005e_ed0f_1a65, true);
 }
 
 #[test]

@@ -18,13 +18,13 @@ fn inscount_matches_ptrace_single_step() {
         // Same heap state for both: the reference child is forked right
         // before the translated run (translator allocations use their own arena).
         // Warm up lazily initialised state (CPU feature caches, ...) first.
-        h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
+        h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
         nb.fill(0);
-        let reference = h.ptrace_count(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]).expect("ptrace");
+        let reference = h.ptrace_count(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]).expect("ptrace");
         h.scratch().client[dbt::client::INSCOUNT_SLOT] = 0;
-        let tr = h.run(c.f as u64, &[tb.as_mut_ptr() as u64, c.test_n]);
+        let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(tr.stop, StopKind::Sentinel, "{}", c.name);
-        let n = h.run_native(c.f as u64, &[nb.as_mut_ptr() as u64, c.test_n]);
+        let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(tr.rax, n.rax, "{}", c.name);
         let got = h.inscount();
         eprintln!("{}: inscount {} reference {}", c.name, got, reference);

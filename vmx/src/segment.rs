@@ -57,6 +57,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::identity_op)] // every base byte written out, the zero one too
     fn tss_descriptor_base_and_busy_bit() {
         // A busy 64-bit TSS at 0xfffffe0000003000, limit 0x4087.
         let lo: u64 = 0x0000_8b00_3000_4087 | (0xfe << 56) | (0x00 << 32);

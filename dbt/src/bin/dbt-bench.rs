@@ -34,7 +34,7 @@ fn bench_cases() -> Vec<Case> {
 fn timed(h: &mut Harness, c: &Case, buf: &mut [u8], translated: bool) -> Option<(u64, u64)> {
     let args = [buf.as_mut_ptr() as u64, c.bench_n];
     let t = rdtsc();
-    let r = if translated { h.run(c.f as u64, &args) } else { h.run_native(c.f as u64, &args) };
+    let r = if translated { h.run(c.addr(), &args) } else { h.run_native(c.addr(), &args) };
     let dt = rdtsc() - t;
     (r.stop == StopKind::Sentinel).then_some((dt, r.rax))
 }
