@@ -286,7 +286,7 @@ impl Case {
 pub fn cases() -> Vec<Case> {
     let mut v = std::vec![
         Case { name: "loops", f: r_loops, test_n: 40, bench_n: 2_000_000 },
-        Case { name: "recursion", f: r_recursion, test_n: 12, bench_n: 30 },
+        Case { name: "recursion", f: r_recursion, test_n: 12, bench_n: 32 },
         Case { name: "dyn_dispatch", f: r_dyn, test_n: 20, bench_n: 2_000_000 },
         Case { name: "sha2", f: r_sha2, test_n: 1, bench_n: 20_000 },
         Case { name: "crc32fast", f: r_crc32, test_n: 1, bench_n: 100_000 },
