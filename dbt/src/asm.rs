@@ -9,11 +9,15 @@
 //! extended state with xsave, calls the Rust dispatcher, and either restores
 //! everything and jumps to the returned code-cache address or, when it
 //! returns 0, goes back to whoever called `dbt_enter`.
+//!
+//! The routines reached by indirect jumps (`dbt_dispatch_entry`,
+//! `dbt_ind_miss`) start with `endbr64`, for kernels with CET IBT.
 
 core::arch::global_asm!(
     ".globl dbt_dispatch_entry",
     ".p2align 4",
     "dbt_dispatch_entry:",
+    "endbr64",
     "mov qword ptr gs:[72], rax",
     "mov rax, qword ptr gs:[0]",
     "mov [rax+136], rcx",
@@ -98,6 +102,7 @@ core::arch::global_asm!(
     ".globl dbt_ind_miss",
     ".p2align 4",
     "dbt_ind_miss:",
+    "endbr64",
     "mov qword ptr gs:[80], rcx",
     "mov rcx, qword ptr gs:[16]",
     "mov rdx, qword ptr gs:[24]",

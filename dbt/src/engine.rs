@@ -156,6 +156,12 @@ pub struct Config {
     pub link: bool,
     /// Use the inline lookup table for indirect branches.
     pub inline_lookup: bool,
+    /// Start both entries of every fragment (the indirect entry and the body,
+    /// which the dispatcher reaches with `jmp gs:[TGT]`) with `endbr64`, as
+    /// kernels with CET indirect branch tracking (`CONFIG_X86_KERNEL_IBT`)
+    /// require of every indirect-jump target. (The hand-written routines in
+    /// `asm.rs` always start with it.)
+    pub ibt: bool,
 }
 
 impl Default for Config {
@@ -167,6 +173,7 @@ impl Default for Config {
             max_block_insns: 64,
             link: true,
             inline_lookup: true,
+            ibt: false,
         }
     }
 }
@@ -459,6 +466,13 @@ impl Engine {
         self.frags.values().map(|f| (f.hot, f.hot_len, f.stub_addr, f.stub_len)).collect()
     }
 
+    /// (indirect entry, body entry) of each fragment: the addresses
+    /// translated code reaches by indirect jumps (through the lookup table and
+    /// from the dispatcher).
+    pub fn entries(&self) -> Vec<(u64, u64)> {
+        self.frags.values().map(|f| (f.hot, f.entry)).collect()
+    }
+
     fn region_for(&mut self, pc: u64) -> Option<usize> {
         const REACH: u64 = (1 << 31) - (32 << 20);
         let near = |r: &Region| {
@@ -726,10 +740,17 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn emit_block(&self, pc: u64, blk: &Block, ins: &Inserts, live: &[u32], hot: u64) -> Result<Emitted, StopKind> {
         let mut e = Emit::new(hot);
+        const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
         if self.cfg.inline_lookup {
+            if self.cfg.ibt {
+                e.raw(&ENDBR64);
+            }
             Self::emit_target_check(&mut e, pc);
         }
         let body_off = e.buf.len() as u64;
+        if self.cfg.ibt {
+            e.raw(&ENDBR64);
+        }
         let mut fix: Vec<Fixup> = Vec::new();
         let mut exits: Vec<ExitRecord> = Vec::new();
         let mut new_exit = |target: u64, stop: u64| {

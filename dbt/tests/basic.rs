@@ -21,3 +21,28 @@ fn corpus_null_client_matches_native() {
     eprintln!("{:?}", s);
     assert!(s.blocks > 100 && s.links > 0 && s.lookups > 0);
 }
+
+/// With `Config::ibt` every fragment entry that translated code reaches by an
+/// indirect jump starts with `endbr64`, and the corpus still runs right.
+#[test]
+fn ibt_entries_start_with_endbr64() {
+    let mut h = Harness::with_config(Some(Box::new(NullClient)), dbt::Config { ibt: true, ..dbt::Config::default() });
+    for c in cases() {
+        let mut nb = vec![0u8; BUF_LEN];
+        let mut tb = vec![0u8; BUF_LEN];
+        let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
+        let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
+        assert_eq!(tr.stop, StopKind::Sentinel, "{}", c.name);
+        assert_eq!(tr.rax, nat.rax, "{}", c.name);
+        assert!(tb == nb, "{}", c.name);
+    }
+    let entries = h.engine.entries();
+    assert!(entries.len() > 100);
+    for (ind, body) in entries {
+        for at in [ind, body] {
+            // SAFETY: entries of live fragments in the harness's code cache.
+            let b = unsafe { core::slice::from_raw_parts(at as *const u8, 4) };
+            assert_eq!(b, [0xF3, 0x0F, 0x1E, 0xFA], "{at:#x}");
+        }
+    }
+}

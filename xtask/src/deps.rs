@@ -12,6 +12,8 @@ pub const BASE: &[&str] =
 pub const BOCHS: &[&str] = &["bochs", "bochsbios", "vgabios", "bochs-term"];
 /// QEMU for TCG runs.
 pub const QEMU: &[&str] = &["qemu-system-x86"];
+/// The DBT benchmark's comparison columns: `valgrind --tool=none` and `qemu-x86_64`.
+pub const DBT_BENCH: &[&str] = &["valgrind", "qemu-user"];
 /// The small kernel: Debian's source and what `make bzImage` needs.
 pub const SMALL_KERNEL: &[&str] =
     &["linux-source-6.12", "build-essential", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "lz4", "xz-utils"];

@@ -154,6 +154,10 @@ fn real_main(cli: Cli) -> Result<bool> {
             Ok(r.passed)
         }
         Cmd::Bench { what: BenchKind::Dbt, .. } => {
+            // The table's valgrind and qemu-user columns; without them it still prints the rest.
+            if let Err(e) = deps::ensure(deps::DBT_BENCH) {
+                note(format!("{e:#}: those columns will say n/a"));
+            }
             step(format!("cargo run --release -p dbt --features {DBT_BENCH_FEATURES} --bin dbt-bench"));
             let st = Command::new(cargo())
                 .current_dir(workspace_root())
