@@ -133,7 +133,10 @@ struct Fragment {
     hot: u64,
     /// Body entry: what direct branches and the dispatcher jump to.
     entry: u64,
+    /// Size of the hot allocation.
     hot_len: u64,
+    /// Bytes of instructions at `hot` (constants and `int3` slack follow).
+    code_len: u64,
     stub_addr: u64,
     stub_len: u64,
     region: usize,
@@ -156,6 +159,10 @@ pub struct Config {
     pub link: bool,
     /// Use the inline lookup table for indirect branches.
     pub inline_lookup: bool,
+    /// Basic blocks per fragment: a fragment continues through up to this
+    /// many - 1 not-taken conditional branches (1: one basic block per
+    /// fragment, every not-taken branch costs a `jmp` to the next fragment).
+    pub max_basic_blocks: usize,
     /// Start both entries of every fragment (the indirect entry and the body,
     /// which the dispatcher reaches with `jmp gs:[TGT]`) with `endbr64`, as
     /// kernels with CET indirect branch tracking (`CONFIG_X86_KERNEL_IBT`)
@@ -173,6 +180,7 @@ impl Default for Config {
             max_block_insns: 64,
             link: true,
             inline_lookup: true,
+            max_basic_blocks: 8,
             ibt: false,
         }
     }
@@ -209,10 +217,30 @@ unsafe impl Send for Engine {}
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
 
 /// Result of decoding one block.
+/// A fragment's guest code: one or more basic blocks at consecutive guest
+/// addresses, each but the last ending in a conditional branch whose
+/// fall-through is the next one (an extended block).
 struct Block {
     insns: Vec<Instruction>,
+    /// Indices of the conditional branches that end a basic block inside the
+    /// fragment (their fall-through path continues inline).
+    inline_jcc: Vec<usize>,
     term: Term,
     end: u64,
+}
+
+impl Block {
+    /// Index ranges of the basic blocks.
+    fn basic_blocks(&self) -> Vec<core::ops::Range<usize>> {
+        let mut v = Vec::with_capacity(self.inline_jcc.len() + 1);
+        let mut a = 0;
+        for &j in self.inline_jcc.iter() {
+            v.push(a..j + 1);
+            a = j + 1;
+        }
+        v.push(a..self.insns.len());
+        v
+    }
 }
 
 enum Term {
@@ -409,6 +437,8 @@ struct Emitted {
     exits: Vec<ExitRecord>,
     /// Offset of the body (after the indirect-entry target check).
     body_off: u64,
+    /// Bytes of instructions at the start of `buf` (constants follow).
+    code_len: u64,
 }
 
 impl Engine {
@@ -460,10 +490,11 @@ impl Engine {
         self.frags.get(&pc).map(|f| f.entry)
     }
 
-    /// (entry, hot length) of each fragment: used by the fuzz target and
-    /// tests to decode emitted code back.
+    /// (indirect entry, code length, exit stubs, stubs length) of each
+    /// fragment: the instructions it emitted, which the fuzz target and tests
+    /// decode back (the hot allocation's constants and slack are left out).
     pub fn fragments(&self) -> Vec<(u64, u64, u64, u64)> {
-        self.frags.values().map(|f| (f.hot, f.hot_len, f.stub_addr, f.stub_len)).collect()
+        self.frags.values().map(|f| (f.hot, f.code_len, f.stub_addr, f.stub_len)).collect()
     }
 
     /// (indirect entry, body entry) of each fragment: the addresses
@@ -503,26 +534,37 @@ impl Engine {
 
     fn decode_block(&self, pc: u64) -> Block {
         let mut insns = Vec::new();
+        let mut inline_jcc = Vec::new();
         let mut cur = pc;
         let mut buf = [0u8; 16];
+        let done = |insns, inline_jcc, term, end| Block { insns, inline_jcc, term, end };
         loop {
             if insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES {
-                return Block { insns, term: Term::Fall(cur), end: cur };
+                return done(insns, inline_jcc, Term::Fall(cur), cur);
             }
             let n = self.env.read_code(cur, &mut buf[..15]).min(15);
             let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);
             let i = d.decode();
             if i.is_invalid() {
-                return Block { insns, term: Term::Stop(StopKind::Invalid, cur), end: cur + 1 };
+                return done(insns, inline_jcc, Term::Stop(StopKind::Invalid, cur), cur + 1);
             }
             if let Some(k) = classify_stop(&i) {
-                return Block { insns, term: Term::Stop(k, cur), end: i.next_ip() };
+                return done(insns, inline_jcc, Term::Stop(k, cur), i.next_ip());
             }
             let cti = is_cti(&i);
             cur = i.next_ip();
             insns.push(i);
             if cti {
-                return Block { insns, term: Term::Cti, end: cur };
+                let jcc_rel32able = i.flow_control() == FlowControl::ConditionalBranch
+                    && !matches!(
+                        i.mnemonic(),
+                        Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jrcxz | Mnemonic::Jecxz
+                    );
+                if jcc_rel32able && inline_jcc.len() + 1 < self.cfg.max_basic_blocks {
+                    inline_jcc.push(insns.len() - 1);
+                    continue;
+                }
+                return done(insns, inline_jcc, Term::Cti, cur);
             }
         }
     }
@@ -698,11 +740,31 @@ impl Engine {
             self.reset();
         }
         let ri = self.region_for(pc).ok_or(StopKind::NoSpace)?;
-        // Instrumentation.
+        // Flags liveness and instrumentation, per basic block (the client sees
+        // basic blocks; its instruction indices are mapped to the fragment's).
         let mut ins = Inserts::default();
-        let live = flags_liveness(&blk.insns);
-        if let Some(c) = self.client.as_mut() {
-            c.instrument(&BlockInfo { start: pc, insns: &blk.insns, flags_live: &live }, &mut ins);
+        let mut live = alloc::vec![ARITH; blk.insns.len() + 1];
+        for r in blk.basic_blocks() {
+            let l = flags_liveness(&blk.insns[r.clone()]);
+            live[r.clone()].copy_from_slice(&l[..r.len()]);
+            if let Some(c) = self.client.as_mut() {
+                // An empty basic block (a stop right at its start) starts where
+                // the previous one ended.
+                let start = match (blk.insns.get(r.start), r.start.checked_sub(1)) {
+                    (Some(i), _) => i.ip(),
+                    (None, Some(p)) => blk.insns[p].next_ip(),
+                    (None, None) => pc,
+                };
+                let mut sub = Inserts::default();
+                c.instrument(&BlockInfo { start, insns: &blk.insns[r.clone()], flags_live: &l }, &mut sub);
+                for (w, s) in sub.list {
+                    match w {
+                        Where::Before(k) if k < r.len() => ins.list.push((Where::Before(r.start + k), s)),
+                        Where::After(k) if k < r.len() => ins.list.push((Where::After(r.start + k), s)),
+                        _ => {}
+                    }
+                }
+            }
         }
         // Emit at a provisional base to learn the size, then at the real one
         // (sizes do not depend on the address except RIP-relative encodings,
@@ -775,7 +837,14 @@ impl Engine {
         };
         for k in 0..body_end {
             before(&mut e, k);
-            self.copy_insn(&mut e, &blk.insns[k]);
+            let i = &blk.insns[k];
+            if blk.inline_jcc.contains(&k) {
+                // Taken: exit (linked later); not taken: the next basic block, inline.
+                let xt = new_exit(i.near_branch_target(), 0);
+                Self::patch_jcc(&mut e, &mut fix, (i.condition_code() as u8).wrapping_sub(1), xt);
+                continue;
+            }
+            self.copy_insn(&mut e, i);
             after(&mut e, k);
         }
         match blk.term {
@@ -890,12 +959,13 @@ impl Engine {
                 }
             }
         }
+        let code_len = e.buf.len() as u64;
         e.finish();
         if e.err {
             self.trace_bad.set(e.bad);
             return Err(StopKind::NoSpace);
         }
-        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off })
+        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -909,7 +979,7 @@ impl Engine {
         em: Emitted,
         ninsns: usize,
     ) -> Result<u64, StopKind> {
-        let Emitted { mut buf, fixups, exits, body_off } = em;
+        let Emitted { mut buf, fixups, exits, body_off, code_len } = em;
         // Exit stubs (cold area): mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
         let mut stub_code = Vec::new();
@@ -976,6 +1046,7 @@ impl Engine {
             hot,
             entry: hot + body_off,
             hot_len,
+            code_len,
             stub_addr: stub,
             stub_len: stub_total,
             region: ri,

@@ -204,6 +204,12 @@ fn differential_with(mut h: Harness, branchy: bool, seed: u64, count: bool) {
 }
 
 #[test]
+fn random_branchy_code_one_basic_block_per_fragment_matches_native() {
+    let cfg = Config { max_basic_blocks: 1, ..Config::default() };
+    differential_with(Harness::with_config(Some(Box::new(NullClient)), cfg), true, 0x0bb1_0c45_1de5_7a11, false);
+}
+
+#[test]
 fn random_branchy_code_under_inscount_matches_native_and_single_step() {
     differential_with(Harness::new(Some(Box::new(dbt::InsCount))), true, 0x005e_ed0f_1a65, true);
 }

@@ -3,6 +3,8 @@
 
 mod deps;
 mod emu;
+#[cfg(test)]
+mod glue_abi;
 mod image;
 mod kernel;
 mod results;

@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    let cfg = Config { hot_size: 1 << 20, stub_size: 1 << 19, ..Config::default() };
+    let cfg = Config { hot_size: 1 << 20, stub_size: 1 << 19, ibt: data[0] & 4 != 0, ..Config::default() };
     let cache = std::rc::Rc::new(RefCell::new(vec![0u8; (cfg.hot_size + cfg.stub_size) as usize]));
     // Pretend the guest code sits right after the cache (within reach).
     let guest_base = cache.borrow().as_ptr() as u64 + cfg.hot_size + cfg.stub_size + 4096;
@@ -52,13 +52,12 @@ fuzz_target!(|data: &[u8]| {
     for start in [0usize, 1, data.len() / 2, data.len().saturating_sub(1)] {
         let _ = e.fragment_for(guest_base + start as u64);
     }
-    for (entry, hot_len, stub, stub_len) in e.fragments() {
-        for (a, l) in [(entry, hot_len), (stub, stub_len)] {
+    for (entry, code_len, stub, stub_len) in e.fragments() {
+        for (a, l) in [(entry, code_len), (stub, stub_len)] {
             // SAFETY: fragment memory lies inside `cache`, which we own.
             let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, l as usize) };
             let mut d = iced_x86::Decoder::with_ip(64, bytes, a, 0);
-            // Trailing slack after the last emitted instruction is zero-filled
-            // (`add [rax], al`), itself valid; every decoded instruction must be.
+            // Exactly the emitted instructions: every one must decode.
             while d.can_decode() {
                 let i = d.decode();
                 assert!(!i.is_invalid(), "invalid emitted instruction at {:#x}", i.ip());
