@@ -24,6 +24,8 @@
 #include <asm/msr.h>
 #include <asm/io.h>
 #include <asm/desc.h>
+#include <asm/apic.h>
+#include <asm/irq_vectors.h>
 
 #include <linux/objtool.h>
 
@@ -102,7 +104,7 @@ u64 kdbt_glue_gdt_rw(unsigned int cpu)
 static char *fake_missing = "";
 module_param(fake_missing, charp, 0444);
 MODULE_PARM_DESC(fake_missing,
-		 "testing: comma-separated VT-x features to pretend are missing (vmx,ept,vpid,msr_bitmap,load_efer,secondary)");
+		 "testing: comma-separated VT-x features to pretend are missing: names of vmx::preflight::Features, any case (e.g. vmx,ept,vpid,msr_bitmaps,efer_switch,secondary_controls)");
 
 const char *kdbt_glue_param_fake_missing(void)
 {
@@ -115,6 +117,12 @@ void kdbt_glue_guest_fatal(void)
 	size_t n = kdbt_rs_fatal_message(msg, sizeof(msg));
 
 	panic("kdbt: fatal VM exit: %.*s\n", (int)n, msg);
+}
+
+void kdbt_glue_self_nmi(void)
+{
+	/* The path the kernel's own NMI backtraces use (works with xAPIC and x2APIC). */
+	apic->send_IPI_mask(cpumask_of(smp_processor_id()), NMI_VECTOR);
 }
 
 unsigned long kdbt_glue_copy_to_user(u64 to, const void *from, unsigned long n)
@@ -253,7 +261,7 @@ out_reboot:
 out_hp:
 	cpuhp_remove_state_nocalls(kdbt_hp_state);
 out_rs:
-	kdbt_rs_exit();
+	kdbt_rs_exit(); /* nothing is loaded yet: cannot fail */
 	return ret;
 }
 
@@ -261,9 +269,13 @@ static void __exit kdbt_exit(void)
 {
 	misc_deregister(&kdbt_misc);
 	unregister_reboot_notifier(&kdbt_reboot_nb);
+	/*
+	 * Devirtualize while the hotplug callbacks are still registered: a CPU going offline
+	 * meanwhile is devirtualized by them, and once unloaded they do nothing.
+	 */
+	if (kdbt_rs_exit())
+		panic("kdbt: module exit: a CPU is still in VMX operation and could not be devirtualized; freeing kdbt now would crash it later\n");
 	cpuhp_remove_state_nocalls(kdbt_hp_state);
-	/* Devirtualizes every CPU if the hypervisor is still loaded. */
-	kdbt_rs_exit();
 }
 
 module_init(kdbt_init);

@@ -16,7 +16,9 @@
 
 /* glue -> rust */
 int kdbt_rs_init(void);
-void kdbt_rs_exit(void);
+/* Devirtualizes every CPU if loaded: 0, or -EBUSY if a CPU could not be (the glue then
+ * panics: freeing the module under a virtualized CPU would crash later, unexplained). */
+int kdbt_rs_exit(void);
 long kdbt_rs_ioctl(unsigned int cmd, unsigned long arg);
 /* CPU hotplug (on the CPU concerned, hotplug lock held): 0 or -errno. */
 int kdbt_rs_cpu_online(unsigned int cpu);
@@ -61,6 +63,8 @@ u64 kdbt_glue_gdt_rw(unsigned int cpu);
 const char *kdbt_glue_param_fake_missing(void);
 /* Entered by a CPU the hypervisor redirected after a fatal VM exit: panics cleanly. */
 void kdbt_glue_guest_fatal(void);
+/* Sends an NMI to the current CPU (one that arrived while kdbt was devirtualizing it). */
+void kdbt_glue_self_nmi(void);
 
 /* MSRs: 0 and *val on success, nonzero if the read faulted (#GP). */
 int kdbt_glue_rdmsr_safe(u32 msr, u64 *val);

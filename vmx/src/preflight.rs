@@ -293,6 +293,31 @@ pub fn preflight(caps: &VmxCaps, cr4_vmxe: bool, req: &Request) -> Result<Cleare
     }
 }
 
+/// The secondary controls a guest needs so that instructions this CPU executes natively
+/// do not raise #UD in VMX non-root operation, from its CPUID (`cpuid(leaf, subleaf)` ->
+/// EAX, EBX, ECX, EDX): RDTSCP and RDPID need "enable RDTSCP" (CPUID.80000001H:EDX[27],
+/// CPUID.(7,0):ECX[22]), INVPCID needs "enable INVPCID" (CPUID.(7,0):EBX[10]), XSAVES
+/// and XRSTORS need "enable XSAVES/XRSTORS" (CPUID.(0DH,1):EAX[3]). Adding these to
+/// [`Request::required`] makes preflight refuse, naming the feature, a CPU whose VMX
+/// cannot pass them through instead of letting the guest fault later.
+pub fn native_needs(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Features {
+    let max = cpuid(0, 0)[0];
+    let max_ext = cpuid(0x8000_0000, 0)[0];
+    let mut f = Features::empty();
+    let (l7_ebx, l7_ecx) = if max >= 7 { (cpuid(7, 0)[1], cpuid(7, 0)[2]) } else { (0, 0) };
+    let ext_edx = if max_ext >= 0x8000_0001 { cpuid(0x8000_0001, 0)[3] } else { 0 };
+    if ext_edx & (1 << 27) != 0 || l7_ecx & (1 << 22) != 0 {
+        f |= Features::RDTSCP;
+    }
+    if l7_ebx & (1 << 10) != 0 {
+        f |= Features::INVPCID;
+    }
+    if max >= 0xd && cpuid(0xd, 1)[0] & (1 << 3) != 0 {
+        f |= Features::XSAVES;
+    }
+    f
+}
+
 /// Convenience: [`preflight`] with CR4.VMXE taken from the caps' CR4 snapshot.
 pub fn preflight_snapshot(caps: &VmxCaps, req: &Request) -> Result<Cleared, Refusals> {
     preflight(caps, caps.cr4 & CR4_VMXE != 0, req)

@@ -167,3 +167,35 @@ fn garbage_never_panics() {
         }
     }
 }
+
+/// A CPUID table for `native_needs`: (leaf, subleaf) -> registers; absent leaves are 0.
+fn cpuid_of(table: &[((u32, u32), [u32; 4])]) -> impl Fn(u32, u32) -> [u32; 4] + '_ {
+    move |l, s| table.iter().find(|(k, _)| *k == (l, s)).map_or([0; 4], |(_, v)| *v)
+}
+
+#[test]
+fn native_features_become_requirements() {
+    let all = [
+        ((0, 0), [0xd, 0, 0, 0]),
+        ((0x8000_0000, 0), [0x8000_0008, 0, 0, 0]),
+        ((0x8000_0001, 0), [0, 0, 0, 1 << 27]),
+        ((7, 0), [0, 1 << 10, 0, 0]),
+        ((0xd, 1), [1 << 3, 0, 0, 0]),
+    ];
+    assert_eq!(native_needs(cpuid_of(&all)), Features::RDTSCP | Features::INVPCID | Features::XSAVES);
+    // RDPID alone also needs "enable RDTSCP".
+    let rdpid = [((0, 0), [7, 0, 0, 0]), ((7, 0), [0, 0, 1 << 22, 0])];
+    assert_eq!(native_needs(cpuid_of(&rdpid)), Features::RDTSCP);
+    // Leaves above the maximum are not read: a CPU reporting max leaf 1 needs nothing.
+    let old = [((0, 0), [1, 0, 0, 0]), ((7, 0), [0, !0, !0, !0]), ((0xd, 1), [!0, 0, 0, 0])];
+    assert_eq!(native_needs(cpuid_of(&old)), Features::empty());
+}
+
+#[test]
+fn a_native_feature_vmx_cannot_pass_through_is_refused_by_name() {
+    let caps = VmxCaps::decode(&bochs());
+    let req = Request { required: KDBT | Features::XSAVES, mask: Features::XSAVES };
+    let e = preflight(&caps, false, &req).unwrap_err();
+    assert!(e.contains(&Refusal::Missing(Features::XSAVES)), "{e}");
+    assert!(format!("{e}").to_lowercase().contains("xsaves"), "{e}");
+}

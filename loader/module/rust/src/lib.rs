@@ -34,14 +34,17 @@ pub extern "C" fn kdbt_rs_init() -> c_int {
 }
 
 /// Module exit, after `/dev/kdbt` is gone: devirtualizes every CPU if still loaded.
+/// 0, or -EBUSY if a CPU stays virtualized (the glue then panics).
 #[no_mangle]
-pub extern "C" fn kdbt_rs_exit() {
+pub extern "C" fn kdbt_rs_exit() -> c_int {
     if hv::is_loaded() {
         if let Err(e) = hv::unload() {
             kerr!("module exit: {}", e);
+            return -(kdbt_abi::errno::EBUSY);
         }
     }
     kinfo!("unloaded");
+    0
 }
 
 /// CPU hotplug: `cpu` came online (runs on it). 0 or -errno.

@@ -187,7 +187,7 @@ pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
     // SAFETY: the VMCS region is this CPU's, page aligned and revision-tagged.
     let ok = unsafe { x86::bits64::vmx::vmclear(vmcs_pa).is_ok() && x86::bits64::vmx::vmptrld(vmcs_pa).is_ok() };
     if !ok {
-        vmx_off(cr4);
+        vmx_off(cr4, None);
         return Err(LaunchError::VmclearOrVmptrldFailed);
     }
 
@@ -220,7 +220,7 @@ pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
             } else {
                 LaunchError::VmlaunchFailInvalid
             };
-            vmx_off(cr4);
+            vmx_off(cr4, Some(vmcs_pa));
             Err(err)
         }
     }
@@ -240,9 +240,17 @@ fn invvpid_all() {
     unsafe { asm!("invvpid {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
 }
 
-fn vmx_off(cr4: u64) {
-    // SAFETY: we are in VMX root operation on this CPU (VMXON succeeded) and leave it.
-    let _ = unsafe { x86::bits64::vmx::vmxoff() };
+/// Leaves VMX operation after a failed launch; VMCLEARs `vmcs` first if it was made
+/// current (the CPU may cache VMCS data, and the page is freed afterwards).
+fn vmx_off(cr4: u64, vmcs: Option<u64>) {
+    // SAFETY: we are in VMX root operation on this CPU (VMXON succeeded) and leave it;
+    // `vmcs` is this CPU's VMCS region.
+    unsafe {
+        if let Some(pa) = vmcs {
+            let _ = x86::bits64::vmx::vmclear(pa);
+        }
+        let _ = x86::bits64::vmx::vmxoff();
+    }
     write_cr4(cr4);
 }
 
@@ -313,6 +321,11 @@ fn program(pc: &mut PerCpu, c: &Controls, cr0: u64, cr4: u64) {
     }
     if c.eptp != 0 {
         w(control::EPTP_FULL, c.eptp);
+    }
+    // A fresh VMCS's fields are undefined: every field an enabled control consults is
+    // written. XSAVES/XRSTORS of any XSS component must not exit.
+    if c.proc2 & x86::vmx::vmcs::control::SecondaryControls::ENABLE_XSAVES_XRSTORS.bits() != 0 {
+        w(control::XSS_EXITING_BITMAP_FULL, 0);
     }
 
     // --- host state

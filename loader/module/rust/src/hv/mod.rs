@@ -1,9 +1,11 @@
 //! The hypervisor: late launch beneath the running kernel on every CPU, and devirtualize.
 //!
-//! Serialization: load, unload and status run from ioctls (serialized by the glue's mutex)
-//! while holding the CPU hotplug read lock; the hotplug callbacks run under the hotplug
-//! write lock. So at most one of them touches [`STATE`] at a time; the spin lock only makes
-//! that explicit and is never contended.
+//! Serialization: load, unload and permission changes run from ioctls (serialized by the
+//! glue's mutex) and take the CPU hotplug read lock *before* [`STATE`]; the hotplug
+//! callbacks run under the hotplug write lock and then take [`STATE`]. With that order at
+//! most one of them holds [`STATE`] at a time, and neither waits for the other while
+//! holding it (taking [`STATE`] first would let a hotplug callback spin on it while the
+//! ioctl waits for the hotplug lock: a deadlock). Status reads take [`STATE`] alone.
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -217,11 +219,12 @@ fn fake_missing() -> String {
     s
 }
 
-/// Preflight of one CPU from its raw capabilities (read on that CPU, including its CR4):
-/// its controls, or every reason it can't be launched. Process context (allocates).
-fn preflight_cpu(raw: &RawCaps, mask: Features) -> Result<Controls, String> {
+/// Preflight of one CPU from its raw capabilities (read on that CPU, including its CR4)
+/// and the features its instructions need passed through (`native`, from its CPUID): its
+/// controls, or every reason it can't be launched. Process context (allocates).
+fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Controls, String> {
     let caps = VmxCaps::decode(raw);
-    let req = Request { required: REQUIRED, mask };
+    let req = Request { required: REQUIRED | native, mask };
     match preflight(&caps, raw.cr4 & vmx::caps::CR4_VMXE != 0, &req) {
         Ok(cleared) => choose_controls(&caps, cleared.available),
         Err(refusals) => {
@@ -278,7 +281,18 @@ fn devirt_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
         return Ok(());
     };
     let mut rax = 0u64;
-    let rc = hw::run_on_cpu(cpu, || rax = hypercall(vmx::hypercall::Call::Devirtualize, 0));
+    let pc_addr = c.pc as usize;
+    let rc = hw::run_on_cpu(cpu, || {
+        rax = hypercall(vmx::hypercall::Call::Devirtualize, 0);
+        // An NMI that hit root mode during the devirtualize path (before the kernel's IDT
+        // was back) was only recorded: deliver it now, natively.
+        // SAFETY: our block, still allocated; only this CPU writes the flag.
+        let pending = unsafe { &(*(pc_addr as *const PerCpu)).ctl.nmi_pending };
+        if rax == vmx::hypercall::OK && pending.swap(0, Ordering::Relaxed) != 0 {
+            // SAFETY: native again, kernel context with interrupts off on this CPU.
+            unsafe { ffi::kdbt_glue_self_nmi() };
+        }
+    });
     // SAFETY: the CPU is no longer virtualized (checked below) or never ran the call.
     let still = unsafe { (*c.pc).ctl.virtualized.load(Ordering::Acquire) };
     if rc.is_err() || rax != vmx::hypercall::OK || still {
@@ -308,11 +322,11 @@ pub fn is_loaded() -> bool {
 
 /// Launch on every online CPU; all or nothing.
 pub fn load() -> Result<(), String> {
+    let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     if guard.is_some() {
         return Err(String::from("kdbt is already loaded"));
     }
-    let _hp = hw::CpusReadGuard::lock();
     let mask = parse_mask(&fake_missing())?;
     // Preflight on every CPU before touching anything.
     let mut chosen: Option<Controls> = None;
@@ -320,8 +334,16 @@ pub fn load() -> Result<(), String> {
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
         // Only the reads run on the CPU (IPI context: no allocation, no sleeping).
         let mut raw = RawCaps::default();
-        let r = match hw::run_on_cpu(cpu, || raw = RawCaps::read(&hw::KernelHw, cpu)) {
-            Ok(()) => preflight_cpu(&raw, mask),
+        let mut native = Features::empty();
+        let read = || {
+            raw = RawCaps::read(&hw::KernelHw, cpu);
+            native = vmx::preflight::native_needs(|l, s| {
+                let r = core::arch::x86_64::__cpuid_count(l, s);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            });
+        };
+        let r = match hw::run_on_cpu(cpu, read) {
+            Ok(()) => preflight_cpu(&raw, native, mask),
             Err(e) => Err(alloc::format!("cannot run on it (error {e})")),
         };
         match r {
@@ -370,7 +392,13 @@ pub fn load() -> Result<(), String> {
                     let _ = write!(rollback, "; rollback: {e2}");
                 }
             }
-            free_host_tables(&mut st);
+            if rollback.is_empty() {
+                free_host_tables(&mut st);
+            } else {
+                // A CPU is still virtualized and uses the EPT and host page tables: keep
+                // them (and the state, so that `kdbt unload` can retry).
+                *guard = Some(st);
+            }
             kwarn!("load failed: {}{}", e, rollback);
             return Err(alloc::format!("{e}{rollback}"));
         }
@@ -391,11 +419,11 @@ fn free_host_tables(st: &mut State) {
 
 /// Devirtualize every CPU and free everything.
 pub fn unload() -> Result<(), String> {
+    let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     let Some(st) = guard.as_mut() else {
         return Err(String::from("kdbt is not loaded"));
     };
-    let _hp = hw::CpusReadGuard::lock();
     let mut errors = String::new();
     for cpu in 0..st.cpus.len() as u32 {
         if let Err(e) = devirt_cpu(st, cpu) {
@@ -495,13 +523,13 @@ pub fn fatal_message(out: &mut impl Write) {
 /// are updated (splitting a large page if needed), then every virtualized CPU executes
 /// INVEPT through the hypercall before this returns. Returns the previous permissions.
 pub fn set_page_perms(gpa: u64, perms: ::ept::Perms) -> Result<::ept::Perms, String> {
+    let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
     let map = st.ept.as_mut().ok_or_else(|| String::from("no EPT"))?;
     let old = map.perms_of(gpa).ok_or_else(|| alloc::format!("{gpa:#x} is outside the EPT map"))?;
     let flush = map.set_perms_4k(gpa, perms).map_err(|e| alloc::format!("{e}"))?;
     if flush {
-        let _hp = hw::CpusReadGuard::lock();
         for cpu in (0..st.cpus.len() as u32).filter(|&c| st.cpus[c as usize].is_some()) {
             let mut rax = 0;
             hw::run_on_cpu(cpu, || rax = hypercall(vmx::hypercall::Call::EptInvalidate, 0))

@@ -14,9 +14,12 @@ pub const PERCPU_ORDER: u32 = 4;
 pub const PERCPU_SIZE: usize = 4096 << PERCPU_ORDER;
 pub const PAGE: usize = 4096;
 
-pub const GDT_CS: u16 = 0x08;
-pub const GDT_SS: u16 = 0x10;
-pub const GDT_TR: u16 = 0x18;
+/// Host selectors, laid out as in Linux's GDT (`__KERNEL_CS`, `__KERNEL_DS`,
+/// `GDT_ENTRY_TSS`), so the host IDT's gates (CS 0x10) stay valid when the devirtualize
+/// path has loaded the kernel's GDT but not yet its IDT.
+pub const GDT_CS: u16 = 0x10;
+pub const GDT_SS: u16 = 0x18;
+pub const GDT_TR: u16 = 0x40;
 
 /// 64-bit TSS (SDM Vol. 3A, 8.7).
 #[repr(C, packed(4))]
@@ -42,7 +45,7 @@ pub struct GuestTables {
 /// The control page: host GDT and TSS, per-CPU hypervisor state and counters.
 #[repr(C)]
 pub struct Control {
-    pub gdt: [u64; 8],
+    pub gdt: [u64; 10],
     pub tss: Tss,
     /// Set by the root-mode NMI handler; the NMI is re-injected at the next VM entry.
     pub nmi_pending: AtomicU8,
@@ -115,12 +118,13 @@ impl PerCpu {
         self.ctl.tss.ist[0] = ist_top;
         self.ctl.tss.iopb = core::mem::size_of::<Tss>() as u16;
         let tss = &self.ctl.tss as *const Tss as u64;
-        self.ctl.gdt = [0; 8];
-        self.ctl.gdt[1] = 0x00af_9b00_0000_ffff; // 64-bit code, DPL 0
-        self.ctl.gdt[2] = 0x00cf_9300_0000_ffff; // data, DPL 0
-                                                 // 64-bit TSS, busy (VM exits load TR as busy), limit 103.
-        self.ctl.gdt[3] = 103 | ((tss & 0xff_ffff) << 16) | (0xb << 40) | (1 << 47) | (((tss >> 24) & 0xff) << 56);
-        self.ctl.gdt[4] = tss >> 32;
+        self.ctl.gdt = [0; 10];
+        self.ctl.gdt[GDT_CS as usize / 8] = 0x00af_9b00_0000_ffff; // 64-bit code, DPL 0
+        self.ctl.gdt[GDT_SS as usize / 8] = 0x00cf_9300_0000_ffff; // data, DPL 0
+                                                                   // 64-bit TSS, busy (VM exits load TR as busy), limit 103.
+        let tr = GDT_TR as usize / 8;
+        self.ctl.gdt[tr] = 103 | ((tss & 0xff_ffff) << 16) | (0xb << 40) | (1 << 47) | (((tss >> 24) & 0xff) << 56);
+        self.ctl.gdt[tr + 1] = tss >> 32;
         for (v, gate) in self.idt.iter_mut().enumerate() {
             let off = stubs[v];
             // #DF and #MC run on the IST stack; everything else (incl. NMI) on the

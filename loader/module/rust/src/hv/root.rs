@@ -162,12 +162,22 @@ fn guest_panic(pc: &mut PerCpu, kind: Fatal) -> u64 {
 /// Leaves VMX operation on this CPU and restores the guest's state so that the stub's
 /// IRETQ continues it natively, right after its VMCALL (or at the launch point).
 ///
-/// Order matters: VMXOFF and CR4.VMXE first; then the guest's GDT through its writable
-/// alias so that LTR can mark the TSS busy (the GDT the guest uses is mapped read-only);
-/// then TR, the guest's read-only GDT with its real limit, the IDT with its real limit;
-/// data segments, FS/GS bases and the MSRs the VM exit replaced; CR3 last. NMIs: until
-/// LIDT the host IDT records them (found through RSP, which stays on the host stack);
-/// after it the kernel's own handler runs.
+/// Order matters:
+/// - VMCLEAR (the CPU may cache VMCS data; the page is freed afterwards), VMXOFF, CR4
+///   without VMXE, CR0.
+/// - Every TLB entry flushed (CR4.PGE toggled: all PCIDs, global entries too): the guest
+///   ran under its own VPID, so its INVLPGs and CR3 loads never reached the VPID-0
+///   translations cached before the launch, which now apply again.
+/// - The guest's GDT through its writable alias so that LTR can mark the TSS busy (the
+///   GDT the guest uses is mapped read-only); TR; the read-only GDT with its real limit;
+///   LDTR (a VM exit nulls it).
+/// - Data segments, FS/GS selectors then bases, the MSRs the VM exit replaced, DR7.
+/// - The IDT with its real limit, then CR3.
+///
+/// NMIs: until LIDT the host IDT records them (its gates use the same selectors as the
+/// kernel's GDT, and RSP stays on the host stack, where the handler finds this block);
+/// the caller re-raises a recorded one once native. After LIDT the kernel's own handler
+/// runs, with its GS base already back.
 fn devirtualize(pc: &mut PerCpu) {
     let g = |f| vmread(f);
     let rip = g(guest::RIP);
@@ -183,6 +193,7 @@ fn devirtualize(pc: &mut PerCpu) {
     let fs = g(guest::FS_SELECTOR) as u16;
     let gs = g(guest::GS_SELECTOR) as u16;
     let tr = g(guest::TR_SELECTOR) as u16;
+    let ldtr = g(guest::LDTR_SELECTOR) as u16;
     let fs_base = g(guest::FS_BASE);
     let gs_base = g(guest::GS_BASE);
     let gdt_base = g(guest::GDTR_BASE);
@@ -195,6 +206,8 @@ fn devirtualize(pc: &mut PerCpu) {
     let efer = g(guest::IA32_EFER_FULL);
     let dr7 = g(guest::DR7);
     let gdt_rw = pc.ctl.tables.gdt_rw;
+    let vmcs_pa = pc.phys_of(pc.vmcs.as_ptr());
+    const CR4_PGE: u64 = 1 << 7;
 
     #[repr(C, packed)]
     struct Dtr {
@@ -210,17 +223,19 @@ fn devirtualize(pc: &mut PerCpu) {
     // saved at this exit; the TSS descriptor write goes through the kernel's writable
     // alias of its own GDT (`gdt_page`), recorded at launch.
     unsafe {
+        let _ = x86::bits64::vmx::vmclear(vmcs_pa);
         let _ = x86::bits64::vmx::vmxoff();
         pc.ctl.virtualized.store(false, Ordering::Release);
         asm!("mov cr4, {}", in(reg) cr4, options(nostack));
         asm!("mov cr0, {}", in(reg) cr0, options(nostack));
+        asm!("mov cr4, {}", "mov cr4, {}", in(reg) cr4 ^ CR4_PGE, in(reg) cr4, options(nostack));
         // TSS descriptor: mark available so LTR accepts it (LTR marks it busy again).
         let desc = (gdt_rw + (tr & !7) as u64) as *mut u64;
         desc.write_volatile(vmx::segment::tss_mark_available(desc.read_volatile()));
         asm!("lgdt [{}]", in(reg) &rw_gdt, options(nostack));
         asm!("ltr {0:x}", in(reg) tr, options(nostack));
         asm!("lgdt [{}]", in(reg) &ro_gdt, options(nostack));
-        asm!("lidt [{}]", in(reg) &idt, options(nostack));
+        asm!("lldt {0:x}", in(reg) ldtr, options(nostack));
         asm!("mov ds, {0:x}", "mov es, {1:x}", in(reg) ds, in(reg) es, options(nostack));
         // Loading FS/GS selectors clobbers the bases: selectors first, then the MSRs.
         asm!("mov fs, {0:x}", "mov gs, {1:x}", in(reg) fs, in(reg) gs, options(nostack));
@@ -233,6 +248,7 @@ fn devirtualize(pc: &mut PerCpu) {
         wrmsr(x86::msr::IA32_PAT, pat);
         wrmsr(x86::msr::IA32_EFER, efer);
         asm!("mov dr7, {}", in(reg) dr7, options(nostack));
+        asm!("lidt [{}]", in(reg) &idt, options(nostack));
         asm!("mov cr3, {}", in(reg) cr3, options(nostack));
     }
     *pc.iret_frame() = [rip, cs, rflags, rsp, ss];
