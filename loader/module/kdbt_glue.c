@@ -26,6 +26,8 @@
 #include <asm/desc.h>
 #include <asm/apic.h>
 #include <asm/irq_vectors.h>
+#include <asm/nmi.h>
+#include <linux/jiffies.h>
 
 #include <linux/objtool.h>
 
@@ -111,6 +113,16 @@ const char *kdbt_glue_param_fake_missing(void)
 	return fake_missing;
 }
 
+static int fail_launch_cpu = -1;
+module_param(fail_launch_cpu, int, 0444);
+MODULE_PARM_DESC(fail_launch_cpu,
+		 "testing: the CPU whose launch fails on purpose after VMXON, so that the load rolls back (-1: none)");
+
+int kdbt_glue_param_fail_launch_cpu(void)
+{
+	return fail_launch_cpu;
+}
+
 void kdbt_glue_guest_fatal(void)
 {
 	static char msg[512];
@@ -123,6 +135,43 @@ void kdbt_glue_self_nmi(void)
 {
 	/* The path the kernel's own NMI backtraces use (works with xAPIC and x2APIC). */
 	apic->send_IPI_mask(cpumask_of(smp_processor_id()), NMI_VECTOR);
+}
+
+/* ---- NMI check ---- */
+
+static atomic_t kdbt_nmi_armed = ATOMIC_INIT(0);
+static DEFINE_PER_CPU(atomic_t, kdbt_nmi_seen);
+
+/* Registered for the module's lifetime; claims NMIs only while a check is armed. */
+static int kdbt_nmi_handler(unsigned int type, struct pt_regs *regs)
+{
+	if (!atomic_read(&kdbt_nmi_armed))
+		return NMI_DONE;
+	/* The first one sends a second NMI, which arrives while NMIs are blocked (this
+	 * handler runs): it must be delivered after the IRET, as without kdbt. */
+	if (atomic_inc_return(this_cpu_ptr(&kdbt_nmi_seen)) == 1)
+		apic->send_IPI_mask(cpumask_of(smp_processor_id()), NMI_VECTOR);
+	return NMI_HANDLED;
+}
+
+int kdbt_glue_nmi_test(unsigned int cpu)
+{
+	atomic_t *seen;
+	unsigned long deadline;
+	int n;
+
+	if (cpu >= nr_cpu_ids || !cpu_online(cpu))
+		return -EINVAL;
+	seen = per_cpu_ptr(&kdbt_nmi_seen, cpu);
+	atomic_set(seen, 0);
+	atomic_set(&kdbt_nmi_armed, 1);
+	apic->send_IPI_mask(cpumask_of(cpu), NMI_VECTOR);
+	deadline = jiffies + HZ;
+	while (atomic_read(seen) < 2 && time_before(jiffies, deadline))
+		cond_resched();
+	n = atomic_read(seen);
+	atomic_set(&kdbt_nmi_armed, 0);
+	return n;
 }
 
 unsigned long kdbt_glue_copy_to_user(u64 to, const void *from, unsigned long n)
@@ -246,9 +295,12 @@ static int __init kdbt_init(void)
 		goto out_rs;
 	}
 	kdbt_hp_state = ret;
-	ret = register_reboot_notifier(&kdbt_reboot_nb);
+	ret = register_nmi_handler(NMI_LOCAL, kdbt_nmi_handler, 0, "kdbt");
 	if (ret)
 		goto out_hp;
+	ret = register_reboot_notifier(&kdbt_reboot_nb);
+	if (ret)
+		goto out_nmi;
 	ret = misc_register(&kdbt_misc);
 	if (ret) {
 		pr_err("cannot register /dev/kdbt: %d\n", ret);
@@ -258,6 +310,8 @@ static int __init kdbt_init(void)
 
 out_reboot:
 	unregister_reboot_notifier(&kdbt_reboot_nb);
+out_nmi:
+	unregister_nmi_handler(NMI_LOCAL, "kdbt");
 out_hp:
 	cpuhp_remove_state_nocalls(kdbt_hp_state);
 out_rs:
@@ -276,6 +330,7 @@ static void __exit kdbt_exit(void)
 	if (kdbt_rs_exit())
 		panic("kdbt: module exit: a CPU is still in VMX operation and could not be devirtualized; freeing kdbt now would crash it later\n");
 	cpuhp_remove_state_nocalls(kdbt_hp_state);
+	unregister_nmi_handler(NMI_LOCAL, "kdbt");
 }
 
 module_init(kdbt_init);

@@ -61,10 +61,17 @@ void kdbt_glue_cpus_read_unlock(void);
 u64 kdbt_glue_gdt_rw(unsigned int cpu);
 /* The `fake_missing` module parameter: features to pretend are missing (testing). */
 const char *kdbt_glue_param_fake_missing(void);
+/* The `fail_launch_cpu` module parameter: the CPU whose launch fails on purpose after VMXON
+ * (testing the rollback), or -1. */
+int kdbt_glue_param_fail_launch_cpu(void);
 /* Entered by a CPU the hypervisor redirected after a fatal VM exit: panics cleanly. */
 void kdbt_glue_guest_fatal(void);
 /* Sends an NMI to the current CPU (one that arrived while kdbt was devirtualizing it). */
 void kdbt_glue_self_nmi(void);
+/* NMI check: sends an NMI to `cpu`, whose handler (kdbt's, armed for the check) counts it
+ * and sends itself a second one, held back until its IRET. Waits up to a second; returns
+ * how many NMIs `cpu` received (2 when delivery works), or -errno. May sleep. */
+int kdbt_glue_nmi_test(unsigned int cpu);
 
 /* MSRs: 0 and *val on success, nonzero if the read faulted (#GP). */
 int kdbt_glue_rdmsr_safe(u32 msr, u64 *val);

@@ -78,6 +78,7 @@ pub mod reason {
     pub const TRIPLE_FAULT: u32 = 2;
     pub const INIT: u32 = 3;
     pub const SIPI: u32 = 4;
+    pub const NMI_WINDOW: u32 = 8;
     pub const CPUID: u32 = 10;
     pub const GETSEC: u32 = 11;
     pub const HLT: u32 = 12;
@@ -212,11 +213,28 @@ pub struct ExitCtx {
     pub total: u64,
     /// EptInvalidate hypercalls served.
     pub inveptions: u64,
+    /// NMI virtualization is on ("NMI exiting" and "virtual NMIs", NMI-window exiting
+    /// available): guest NMIs exit, and one that cannot be delivered yet waits for the
+    /// NMI window.
+    pub vnmi: bool,
+    /// An NMI for the guest (from an NMI exit, or one that hit root mode) not delivered yet.
+    pub nmi_pending: bool,
+    /// NMIs injected into the guest.
+    pub nmis_injected: u64,
 }
 
 impl ExitCtx {
     pub fn new(cpu: u32, state: u32) -> Self {
-        ExitCtx { cpu, state, counts: [0; reason::COUNT], total: 0, inveptions: 0 }
+        ExitCtx {
+            cpu,
+            state,
+            counts: [0; reason::COUNT],
+            total: 0,
+            inveptions: 0,
+            vnmi: false,
+            nmi_pending: false,
+            nmis_injected: 0,
+        }
     }
 }
 
@@ -224,7 +242,14 @@ const CR4_VMXE: u64 = 1 << 13;
 const RFLAGS_RF: u64 = 1 << 16;
 
 /// VM-entry interruption types.
+const INTR_TYPE_NMI: u32 = 2 << 8;
 const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
+const INTR_TYPE_MASK: u32 = 7 << 8;
+/// Interruptibility state: blocking by STI, by MOV SS, by NMI (virtual-NMI blocking
+/// when "virtual NMIs" is on).
+const BLOCKS_NMI: u64 = 0b1011;
+/// Primary processor-based control "NMI-window exiting".
+pub const NMI_WINDOW_EXITING: u64 = 1 << 22;
 const INTR_VALID: u32 = 1 << 31;
 const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
 
@@ -287,6 +312,19 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> 
         return Action::Fatal(Fatal::Unexpected, diag(hw, basic));
     }
     match basic {
+        reason::EXCEPTION_NMI => {
+            // With an empty exception bitmap only NMIs exit here: queue it for the guest
+            // (`prepare_entry` delivers it when the guest can take it).
+            let info = hw.vmread(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+            if info & INTR_VALID != 0 && info & INTR_TYPE_MASK == INTR_TYPE_NMI {
+                ctx.nmi_pending = true;
+                Action::Resume
+            } else {
+                Action::Fatal(Fatal::Unexpected, diag(hw, basic))
+            }
+        }
+        // The guest can take an NMI now: `prepare_entry` injects the pending one.
+        reason::NMI_WINDOW => Action::Resume,
         reason::CPUID => {
             cpuid(hw, regs, ctx);
             advance_rip(hw);
@@ -339,6 +377,47 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> 
         reason::EPT_VIOLATION => Action::Fatal(Fatal::EptViolation, diag(hw, basic)),
         reason::EPT_MISCONFIG => Action::Fatal(Fatal::EptMisconfig, diag(hw, basic)),
         _ => Action::Fatal(Fatal::Unexpected, diag(hw, basic)),
+    }
+}
+
+/// Everything to settle before VMRESUME (after [`handle`] returned [`Action::Resume`]):
+///
+/// 1. An event whose delivery the VM exit interrupted (IDT-vectoring information valid)
+///    is delivered again, unless the handler queued an event itself.
+/// 2. A pending NMI is injected if the guest can take it (no blocking by STI, MOV SS or
+///    NMI, no other event queued); otherwise, with NMI virtualization, NMI-window exiting
+///    is armed so that the CPU exits as soon as it can, and disarmed once nothing waits.
+///    (Without it the NMI waits for a later exit.)
+pub fn prepare_entry(hw: &mut impl ExitHw, ctx: &mut ExitCtx) {
+    let vectoring = hw.vmread(ro::IDT_VECTORING_INFO) as u32;
+    if vectoring & INTR_VALID != 0 && hw.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & INTR_VALID == 0 {
+        // Bit 12 is undefined in the vectoring field and reserved in the entry field.
+        hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (vectoring & !(1 << 12)) as u64);
+        if vectoring & INTR_DELIVER_ERROR_CODE != 0 {
+            let code = hw.vmread(ro::IDT_VECTORING_ERR_CODE);
+            hw.vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, code);
+        }
+        // Software interrupts and exceptions (types 4, 5, 6) need their instruction length.
+        if matches!((vectoring & INTR_TYPE_MASK) >> 8, 4..=6) {
+            let len = hw.vmread(ro::VMEXIT_INSTRUCTION_LEN);
+            hw.vmwrite(control::VMENTRY_INSTRUCTION_LEN, len);
+        }
+    }
+    if ctx.nmi_pending {
+        let blocked = hw.vmread(guest::INTERRUPTIBILITY_STATE) & BLOCKS_NMI != 0
+            || hw.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & INTR_VALID != 0;
+        if !blocked {
+            hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (INTR_VALID | INTR_TYPE_NMI | 2) as u64);
+            ctx.nmi_pending = false;
+            ctx.nmis_injected += 1;
+        }
+    }
+    if ctx.vnmi {
+        let proc = hw.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+        let want = if ctx.nmi_pending { proc | NMI_WINDOW_EXITING } else { proc & !NMI_WINDOW_EXITING };
+        if want != proc {
+            hw.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, want);
+        }
     }
 }
 
@@ -672,5 +751,106 @@ mod tests {
         handle(&mut f, &mut GuestRegs::default(), &mut ctx);
         assert_eq!(f.wbinvd, 1);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002);
+    }
+
+    fn nmi_exit() -> Fake {
+        let mut f = exit(reason::EXCEPTION_NMI, 0, 0);
+        f.vmwrite(ro::VMEXIT_INTERRUPTION_INFO, (INTR_VALID | INTR_TYPE_NMI | 2) as u64);
+        f
+    }
+
+    fn injected_nmi(f: &Fake) -> bool {
+        f.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 == INTR_VALID | INTR_TYPE_NMI | 2
+    }
+
+    fn window_armed(f: &Fake) -> bool {
+        f.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS) & NMI_WINDOW_EXITING != 0
+    }
+
+    #[test]
+    fn guest_nmi_is_reinjected_when_the_guest_can_take_it() {
+        let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        let mut f = nmi_exit();
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Resume);
+        prepare_entry(&mut f, &mut ctx);
+        assert!(injected_nmi(&f));
+        assert!(!ctx.nmi_pending && !window_armed(&f));
+        assert_eq!(ctx.nmis_injected, 1);
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000, "an NMI exit skips nothing");
+    }
+
+    #[test]
+    fn blocked_nmi_waits_for_the_nmi_window() {
+        let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        // The guest is in its NMI handler (virtual-NMI blocking) when the next NMI exits.
+        let mut f = nmi_exit();
+        f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1 << 3);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
+        prepare_entry(&mut f, &mut ctx);
+        assert!(!injected_nmi(&f) && ctx.nmi_pending && window_armed(&f));
+        // It executes IRET; the CPU exits at the NMI window (the control stays as it was).
+        let proc = f.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+        let mut f = exit(reason::NMI_WINDOW, 0, 0);
+        f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc);
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Resume);
+        prepare_entry(&mut f, &mut ctx);
+        assert!(injected_nmi(&f) && !ctx.nmi_pending && !window_armed(&f));
+        assert_eq!(ctx.counts[reason::NMI_WINDOW as usize], 1);
+        // STI and MOV SS blocking hold an NMI back too.
+        for blocking in [1u64, 2] {
+            let mut f = exit(reason::CPUID, 2, 0);
+            f.vmwrite(guest::INTERRUPTIBILITY_STATE, blocking);
+            ctx.nmi_pending = true;
+            prepare_entry(&mut f, &mut ctx);
+            assert!(!injected_nmi(&f) && window_armed(&f), "blocking {blocking}");
+        }
+    }
+
+    #[test]
+    fn without_nmi_virtualization_a_blocked_nmi_stays_pending() {
+        let mut ctx = ExitCtx::new(0, 0);
+        ctx.nmi_pending = true;
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1 << 3);
+        prepare_entry(&mut f, &mut ctx);
+        assert!(ctx.nmi_pending && !window_armed(&f) && !injected_nmi(&f));
+        f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
+        prepare_entry(&mut f, &mut ctx);
+        assert!(injected_nmi(&f) && !ctx.nmi_pending);
+    }
+
+    #[test]
+    fn interrupted_event_delivery_is_redone() {
+        let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        // A page fault (vector 14, error code 2) was being delivered.
+        let mut f = exit(reason::CPUID, 0, 0);
+        f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | INTR_DELIVER_ERROR_CODE | 14) as u64);
+        f.vmwrite(ro::IDT_VECTORING_ERR_CODE, 2);
+        prepare_entry(&mut f, &mut ctx);
+        assert_eq!(injected(&f), Some((14, Some(2))));
+        // A software interrupt (int 0x80: type 4) needs its instruction length; a pending
+        // NMI waits behind it for the window.
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | (4 << 8) | 0x80 | (1 << 12)) as u64);
+        ctx.nmi_pending = true;
+        prepare_entry(&mut f, &mut ctx);
+        assert_eq!(f.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32, INTR_VALID | (4 << 8) | 0x80);
+        assert_eq!(f.vmread(control::VMENTRY_INSTRUCTION_LEN), 2);
+        assert!(ctx.nmi_pending && window_armed(&f));
+        // An event the handler queued itself wins over the interrupted one.
+        let mut f = exit(reason::VMCALL, 3, 3);
+        f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | 14) as u64);
+        ctx.nmi_pending = false;
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
+        prepare_entry(&mut f, &mut ctx);
+        assert_eq!(injected(&f), Some((VECTOR_UD, None)));
+    }
+
+    #[test]
+    fn an_exception_exit_other_than_nmi_is_fatal() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let mut f = exit(reason::EXCEPTION_NMI, 0, 0);
+        f.vmwrite(ro::VMEXIT_INTERRUPTION_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | 14) as u64);
+        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::Unexpected, _)));
     }
 }

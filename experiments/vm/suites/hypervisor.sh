@@ -19,7 +19,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 16
+plan 18
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -35,8 +35,9 @@ sig_all() {
 # and a file written, fsynced and read back (experiments/guest/src/bin/workload.rs).
 dd if=/dev/urandom of=/tmp/data bs=64k count=16 2>/dev/null
 work() { sha256sum /tmp/data && workload --n 100 --dir /tmp; }
-# A lighter round for between the 20 load/unload cycles.
-work_light() { workload --n 20 --dir /tmp; }
+# A lighter round for between the 20 load/unload cycles (fewer fork/exec rounds; the same
+# sha256sum).
+work_light() { sha256sum /tmp/data && workload --n 20 --dir /tmp; }
 
 work > /tmp/w.before
 work_light > /tmp/w.light
@@ -52,8 +53,28 @@ check workload_identical_loaded cmp /tmp/w.before /tmp/w.loaded
 # Refusals while loaded.
 out=$(kdbt load 2>&1); rc=$?
 if [ $rc -ne 0 ] && echo "$out" | grep -q "already loaded"; then pass refuse_second_load; else fail refuse_second_load rc=$rc; info "$out"; fi
-vmcall-user >/dev/null 2>&1; rc=$?
-if [ $rc -eq 132 ]; then pass user_vmcall_sigill; else fail user_vmcall_sigill rc=$rc; fi
+# VMCALL from user space on each CPU: SIGILL (status 132), and the hypervisor saw it (its
+# VMCALL exit count on that CPU went up; natively the CPU would raise #UD by itself).
+vmcalls() { kdbt status --summary | sed -n "s/^cpu=$1 .* vmcall=\([0-9]*\).*/\1/p"; }
+user_vmcall() {
+    for c in $(cpus_list); do
+        before=$(vmcalls "$c"); before=${before:-0}
+        taskset -c "$c" vmcall-user >/dev/null 2>&1; rc=$?
+        after=$(vmcalls "$c"); after=${after:-0}
+        echo "cpu$c: rc=$rc vmcall exits $before -> $after"
+        [ "$rc" -eq 132 ] && [ "$after" -gt "$before" ] || return 1
+    done
+}
+check user_vmcall_sigill user_vmcall
+
+# NMIs: one sent to each CPU and one its handler sends itself while NMIs are blocked
+# must both arrive, through kdbt's NMI exits and the NMI window.
+out=$(kdbt nmi-check 2>&1); rc=$?
+info "$out"
+# "cpu0: nmis=2 exits=2 ..." -> "cpu0_nmis=2 cpu0_exits=2 ..." for the results table.
+figs=$(echo "$out" | sed 's/.*: nmi_virt/nmi_virt/' | awk '{for (i = 1; i <= NF; i++) { t = $i; gsub(";", "", t);
+    if (t ~ /^cpu[0-9]+:$/) c = substr(t, 1, length(t) - 1) "_"; else if (t ~ /=/) printf "%s%s ", c, t } }')
+if [ $rc -eq 0 ]; then pass nmi_delivery_all_cpus $figs; else fail nmi_delivery_all_cpus rc=$rc; fi
 
 # Per-4 KB EPT permission changes, each followed by INVEPT on every CPU.
 out=$(kdbt ept-check 2>&1); rc=$?
@@ -98,14 +119,37 @@ check signature_gone_after_cycles sig_all none
 work > /tmp/w.after
 check workload_identical_after cmp /tmp/w.before /tmp/w.after
 
-# Refusals while not loaded.
-out=$(kdbt unload 2>&1); rc=$?
-if [ $rc -ne 0 ] && echo "$out" | grep -q "not loaded"; then pass refuse_unload_not_loaded; else fail refuse_unload_not_loaded rc=$rc; info "$out"; fi
+# Refusals while not loaded: module absent, and module inserted with no CPU virtualized
+# (the idle module is removed, the command still fails).
+refuse_unload() {
+    out=$(kdbt unload 2>&1); rc=$?
+    echo "module absent: rc=$rc $out"
+    [ $rc -ne 0 ] && echo "$out" | grep -q "not loaded" || return 1
+    insmod "$KDBT_MODULE" || return 1
+    out=$(kdbt unload 2>&1); rc=$?
+    echo "module idle: rc=$rc $out"
+    [ $rc -ne 0 ] && echo "$out" | grep -q "not loaded" && [ ! -e /sys/module/kdbt ]
+}
+check refuse_unload_not_loaded refuse_unload
 out=$(kdbt load --param fake_missing=ept 2>&1); rc=$?
 if [ $rc -ne 0 ] && echo "$out" | grep -q "EPT" && sig_all none && [ ! -e /sys/module/kdbt ]; then
     pass refuse_missing_feature
 else
     fail refuse_missing_feature rc=$rc; info "$out"
+fi
+
+# A launch that fails on a later CPU (cpu1 here, after VMXON) rolls back every CPU already
+# launched: the load fails naming that CPU, no CPU keeps the signature, the module is gone.
+if [ "$NCPUS" -ge 2 ]; then
+    out=$(kdbt load --param fail_launch_cpu=1 2>&1); rc=$?
+    if [ $rc -ne 0 ] && echo "$out" | grep -q "cpu1" && sig_all none && [ ! -e /sys/module/kdbt ]; then
+        pass rollback_on_failed_launch
+    else
+        fail rollback_on_failed_launch rc=$rc
+    fi
+    info "$out"
+else
+    pass rollback_on_failed_launch skipped_single_cpu=1
 fi
 
 dmesg_clean hv_dmesg_clean

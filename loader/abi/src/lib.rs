@@ -156,6 +156,10 @@ pub const IOC_STATUS: u32 = iowr(0x04, core::mem::size_of::<StatusQuery>());
 /// Exercises per-4 KB EPT permission changes (with INVEPT on every CPU) on a scratch page;
 /// the report (or the failure) comes back in [`Command::message`].
 pub const IOC_EPT_CHECK: u32 = iowr(0x05, core::mem::size_of::<Command>());
+/// Sends NMIs to every virtualized CPU and checks that the kernel received each, once
+/// directly and once held back while its NMI handler ran; the report (per CPU: NMIs
+/// received, NMI and NMI-window exits, NMIs injected) comes back in [`Command::message`].
+pub const IOC_NMI_CHECK: u32 = iowr(0x06, core::mem::size_of::<Command>());
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {

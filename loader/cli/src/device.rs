@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use anyhow::{bail, Context, Result};
 use kdbt_abi::{
     CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD,
-    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    IOC_NMI_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -143,14 +143,26 @@ impl Device {
 
     /// Runs the module's EPT permission check; its report.
     pub fn ept_check(&self) -> Result<String> {
+        self.check(IOC_EPT_CHECK, "EPT check", "KDBT_IOC_EPT_CHECK")
+    }
+
+    /// Runs the module's NMI delivery check; its report.
+    pub fn nmi_check(&self) -> Result<String> {
+        self.check(IOC_NMI_CHECK, "NMI check", "KDBT_IOC_NMI_CHECK")
+    }
+
+    fn check(&self, ioc: u32, what: &str, ioc_name: &str) -> Result<String> {
         let mut c = Command::default();
-        let r = self.ioctl(IOC_EPT_CHECK, &mut c);
+        let r = self.ioctl(ioc, &mut c);
         let text = kdbt_abi::fixed_str_read(&c.message).to_string();
         match r {
             Ok(()) => Ok(text),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => bail!("kdbt is not loaded"),
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => bail!("EPT check failed: {text}"),
-            Err(e) => Err(e).context("KDBT_IOC_EPT_CHECK failed"),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => bail!("{what} failed: {text}"),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+                bail!("{what}: the inserted module does not know it (older kdbt.ko?)")
+            }
+            Err(e) => Err(e).with_context(|| format!("{ioc_name} failed")),
         }
     }
 

@@ -60,6 +60,9 @@ enum Cmd {
     /// Check per-page EPT permission changes on a scratch page (none, R, RW, RX, X-only,
     /// RWX), each followed by INVEPT on every CPU.
     EptCheck,
+    /// Check NMI delivery on every CPU: an NMI sent to it and one held back while its NMI
+    /// handler runs must both arrive (through kdbt's NMI exits and the NMI window).
+    NmiCheck,
     /// Show the versions of the CLI and of the loaded module.
     Version,
 }
@@ -83,6 +86,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Status { json, summary } => status(json, summary),
         Cmd::EptCheck => {
             println!("kdbt: EPT check passed: {}", Device::open()?.ept_check()?);
+            Ok(())
+        }
+        Cmd::NmiCheck => {
+            println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);
             Ok(())
         }
         Cmd::Version => {
@@ -180,13 +187,17 @@ fn unload(keep_module: bool) -> Result<()> {
     if !module::is_inserted() {
         bail!("kdbt is not loaded (the module is not inserted)");
     }
-    match Device::open()?.unload()? {
+    // The device must be closed before the module can be removed below.
+    let result = Device::open()?.unload()?;
+    match result {
         Ok(()) => println!("kdbt: all CPUs devirtualized"),
         Err(CommandError::WrongState) => {
+            // Nothing to devirtualize: say so, but still leave no idle module behind.
             if keep_module {
                 bail!("kdbt is not loaded (no CPU is virtualized)");
             }
-            println!("kdbt: no CPU was virtualized");
+            module::remove()?;
+            bail!("kdbt was not loaded (no CPU was virtualized); removed the idle module");
         }
         Err(CommandError::Failed(msg)) => bail!("unload failed: {msg}"),
     }

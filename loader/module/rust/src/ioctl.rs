@@ -4,8 +4,8 @@ use alloc::vec::Vec;
 use core::mem::size_of;
 
 use kdbt_abi::{
-    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD, IOC_STATUS,
-    IOC_UNLOAD, IOC_VERSION,
+    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD, IOC_NMI_CHECK,
+    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -20,7 +20,8 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_LOAD => command(arg, hv::load, errno::EALREADY, hv::is_loaded),
         IOC_UNLOAD => command(arg, hv::unload, errno::ENOENT, || !hv::is_loaded()),
         IOC_STATUS => status(arg),
-        IOC_EPT_CHECK => ept_check(arg),
+        IOC_EPT_CHECK => check(arg, hv::ept_check),
+        IOC_NMI_CHECK => check(arg, hv::nmi_check),
         _ => Err(errno::ENOTTY),
     }
 }
@@ -169,12 +170,14 @@ fn status(arg: u64) -> Result<i64> {
     Ok(0)
 }
 
-fn ept_check(arg: u64) -> Result<i64> {
+/// A self-check of the loaded hypervisor (`kdbt ept-check`, `kdbt nmi-check`): its
+/// report, or why it failed, in [`Command::message`].
+fn check(arg: u64, run: fn() -> core::result::Result<alloc::string::String, alloc::string::String>) -> Result<i64> {
     let mut c: Command = copy_from_user(arg)?;
     if c.size as usize != size_of::<Command>() {
         return Err(errno::EINVAL);
     }
-    let (r, text) = match hv::ept_check() {
+    let (r, text) = match run() {
         Ok(report) => (Ok(0), report),
         Err(e) => (Err(if hv::is_loaded() { errno::EIO } else { errno::ENOENT }), e),
     };

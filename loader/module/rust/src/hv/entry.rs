@@ -17,8 +17,9 @@ use vmx::exit::GuestRegs;
 
 use super::percpu::{self, Control, PerCpu};
 
-/// Byte offset of `nmi_pending` in the per-CPU block (used by the NMI stub).
+/// Byte offsets in the per-CPU block used by the NMI stub.
 const NMI_PENDING_OFF: usize = offset_of!(PerCpu, ctl) + offset_of!(Control, nmi_pending);
+const NMI_VMCS_LIVE_OFF: usize = offset_of!(PerCpu, ctl) + offset_of!(Control, nmi_vmcs_live);
 
 // Register save/restore shared by the stubs: the push order makes the saved registers a
 // `GuestRegs` (RAX at the lowest address).
@@ -75,7 +76,12 @@ kdbt_vmexit_entry:
 
 // Host IDT stubs: 256 entries of 16 bytes at kdbt_idt_stubs + 16 * vector. Each pushes a
 // dummy error code where the CPU pushes none, then the vector, and jumps to the common
-// path. The NMI path only sets the per-CPU flag (found by masking RSP) and returns.
+// path. The NMI path sets the per-CPU flag (found by masking RSP) and, when NMI
+// virtualization is live on the current VMCS, arms NMI-window exiting (primary
+// processor-based controls, field 0x4002, bit 22) so the guest gets the NMI as soon as it
+// can even if the exit handler already made its last check; then it returns. (The
+// handler's own read-modify-write of that field may undo ours, but then it sees the flag
+// and settles again.)
 global_asm!(
     r#"
     .pushsection .text.kdbt_idt, "ax", @progbits
@@ -100,9 +106,20 @@ kdbt_idt_common:
     cmpq $2, (%rsp)
     jne 1f
     push %rax
-    mov %rsp, %rax
-    and ${mask}, %rax
-    movb $1, {nmi}(%rax)
+    push %rcx
+    push %rdx
+    mov %rsp, %rdx
+    and ${mask}, %rdx
+    movb $1, {nmi}(%rdx)
+    cmpb $0, {live}(%rdx)
+    je 3f
+    mov $0x4002, %ecx
+    vmread %rcx, %rax
+    or $0x400000, %eax
+    vmwrite %rax, %rcx
+3:
+    pop %rdx
+    pop %rcx
     pop %rax
     add $16, %rsp
     iretq
@@ -121,6 +138,7 @@ kdbt_idt_common:
 "#,
     mask = const !(percpu::PERCPU_SIZE as u64 - 1),
     nmi = const NMI_PENDING_OFF,
+    live = const NMI_VMCS_LIVE_OFF,
     options(att_syntax)
 );
 

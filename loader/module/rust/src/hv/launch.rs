@@ -29,6 +29,8 @@ pub enum LaunchError {
     VmlaunchFailInvalid,
     /// VMLAUNCH passed its checks but the VM entry failed: exit reason.
     EntryFailed(u32),
+    /// The `fail_launch_cpu` module parameter named this CPU (testing the rollback).
+    Injected,
 }
 
 impl core::fmt::Display for LaunchError {
@@ -46,6 +48,7 @@ impl core::fmt::Display for LaunchError {
             }
             Self::VmlaunchFailInvalid => write!(f, "VMLAUNCH failed: no current VMCS"),
             Self::EntryFailed(r) => write!(f, "VM entry failed: exit reason {r} ({})", vmx::exit::reason_name(*r)),
+            Self::Injected => write!(f, "launch failed on purpose after VMXON (module parameter fail_launch_cpu)"),
         }
     }
 }
@@ -153,8 +156,9 @@ fn system_base(gdt: u64, sel: u16) -> u64 {
     segment::system_descriptor_base(lo, hi)
 }
 
-/// Launches this CPU. On success we return in VMX non-root operation.
-pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
+/// Launches this CPU. On success we return in VMX non-root operation. `fail_on_purpose`
+/// (testing) stops after VMXON, VMCLEAR and VMPTRLD and leaves VMX operation again.
+pub fn launch(pc: &mut PerCpu, c: &Controls, fail_on_purpose: bool) -> Result<(), LaunchError> {
     let cr4 = read_cr4();
     if cr4 & CR4_VMXE != 0 {
         return Err(LaunchError::VmxeAlreadySet);
@@ -190,6 +194,10 @@ pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
         vmx_off(cr4, None);
         return Err(LaunchError::VmclearOrVmptrldFailed);
     }
+    if fail_on_purpose {
+        vmx_off(cr4, Some(vmcs_pa));
+        return Err(LaunchError::Injected);
+    }
 
     program(pc, c, cr0, cr4v);
     // Nothing cached for this EPTP/VPID may survive from an earlier load.
@@ -201,6 +209,7 @@ pub fn launch(pc: &mut PerCpu, c: &Controls) -> Result<(), LaunchError> {
     }
     pc.ctl.launching = true;
     pc.ctl.virtualized.store(true, Ordering::Release);
+    pc.ctl.nmi_vmcs_live.store(c.vnmi as u8, Ordering::Relaxed);
     let rc = vmlaunch_here();
     pc.ctl.launching = false;
     match rc {

@@ -45,6 +45,8 @@ pub struct Controls {
     pub cr0_unrestricted_free: u64,
     pub vpid: u32,
     pub vpid_base: u16,
+    /// NMI virtualization: "NMI exiting" + "virtual NMIs" on, NMI-window exiting usable.
+    pub vnmi: bool,
     pub eptp: u64,
     pub host_cr3: u64,
     /// EPT capabilities (for building the map once, and for the CPUID state leaf).
@@ -105,6 +107,12 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
     if caps.proc2.may_set(S::ENABLE_USER_WAIT_PAUSE.bits() as u64) {
         want2 |= S::ENABLE_USER_WAIT_PAUSE;
     }
+    // NMI virtualization when the CPU offers all three controls: guest NMIs exit and are
+    // re-injected, and an NMI that cannot be delivered yet (the guest blocks NMIs, or it
+    // arrived in root mode) gets the NMI window instead of waiting for some later exit.
+    use x86::vmx::vmcs::control::PinbasedControls as Pin;
+    let nmi_pin = (Pin::NMI_EXITING | Pin::VIRTUAL_NMIS).bits() as u64;
+    let vnmi = caps.pin.may_set(nmi_pin) && caps.proc.may_set(P::NMI_WINDOW_EXITING.bits() as u64);
     let vpid = avail.contains(Features::VPID | Features::INVVPID_ALL);
     if vpid {
         want2 |= S::ENABLE_VPID;
@@ -118,7 +126,7 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
     let entry = En::LOAD_DEBUG_CONTROLS | En::IA32E_MODE_GUEST | En::LOAD_IA32_PAT | En::LOAD_IA32_EFER;
     Ok(Controls {
         revision: caps.basic.map_or(0, |b| b.revision_id),
-        pin: adjust_kind(CtlKind::Pin, &caps.pin, 0).map_err(err)? as u32,
+        pin: adjust_kind(CtlKind::Pin, &caps.pin, if vnmi { nmi_pin } else { 0 }).map_err(err)? as u32,
         proc: proc as u32,
         // EPT is switched on in `load`, once the identity map exists.
         proc2: adjust_kind(CtlKind::Proc2, &caps.proc2, want2.bits() as u64).map_err(err)? as u32,
@@ -131,6 +139,7 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
         cr0_unrestricted_free: 0,
         vpid: vpid as u32,
         vpid_base: 1,
+        vnmi,
         eptp: 0,
         host_cr3: 0,
         ept: ::ept::EptCaps::from_ept_vpid_cap(caps.ept_vpid.raw),
@@ -250,13 +259,18 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
             | if controls.eptp != 0 { STATE_EPT } else { 0 }
             | if controls.vpid != 0 { STATE_VPID } else { 0 };
         // SAFETY: the block is exclusively ours until the CPU is launched.
-        unsafe { (*pc).ctl.exits.state = state };
+        unsafe {
+            (*pc).ctl.exits.state = state;
+            (*pc).ctl.exits.vnmi = controls.vnmi;
+        }
     }
     let mut result: Result<(), launch::LaunchError> = Ok(());
     let pc_addr = pc as usize;
+    // SAFETY: reads a module parameter.
+    let fail = unsafe { ffi::kdbt_glue_param_fail_launch_cpu() } == cpu as i32;
     let rc = hw::run_on_cpu(cpu, || {
         // SAFETY: the block is exclusively ours until the CPU is launched.
-        result = launch::launch(unsafe { &mut *(pc_addr as *mut PerCpu) }, &controls);
+        result = launch::launch(unsafe { &mut *(pc_addr as *mut PerCpu) }, &controls, fail);
     });
     let err = match (rc, result) {
         (Ok(()), Ok(())) => None,
@@ -611,4 +625,48 @@ pub fn ept_check() -> Result<String, String> {
         let _ = write!(counts, " cpu{cpu}_invept={}", a - b);
     }
     Ok(alloc::format!("page={gpa:#x} perms=[{}]{counts}", report.trim_end()))
+}
+
+/// NMI counters of a virtualized CPU: (NMI exits, NMI-window exits, NMIs injected).
+fn nmi_counters(pc: *mut PerCpu) -> (u64, u64, u64) {
+    use vmx::exit::reason;
+    // SAFETY: the block stays allocated while its CPU is in `cpus` (the caller holds the
+    // hotplug lock, and ioctls are serialized); a stale count only shows as a failure.
+    let ctx = unsafe { core::ptr::read_volatile(&(*pc).ctl.exits) };
+    (ctx.counts[reason::EXCEPTION_NMI as usize], ctx.counts[reason::NMI_WINDOW as usize], ctx.nmis_injected)
+}
+
+/// Checks NMI delivery on every virtualized CPU: an NMI sent to it, and a second one its
+/// handler sends itself while NMIs are blocked, must both reach the kernel. With NMI
+/// virtualization each must also have exited (NMI exits), been injected, and the second
+/// waited for the NMI window. Returns a one-line report.
+pub fn nmi_check() -> Result<String, String> {
+    let _hp = hw::CpusReadGuard::lock();
+    let (cpus, vnmi): (Vec<(u32, *mut PerCpu)>, bool) = {
+        let guard = STATE.lock();
+        let Some(st) = guard.as_ref() else { return Err(String::from("kdbt is not loaded")) };
+        let cpus = st.cpus.iter().enumerate().filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc))).collect();
+        (cpus, st.controls.vnmi)
+    };
+    let mut report = alloc::format!("nmi_virtualization={}", vnmi as u8);
+    let mut failures = String::new();
+    for (cpu, pc) in cpus {
+        let (e0, w0, i0) = nmi_counters(pc);
+        // SAFETY: process context; the glue waits for the NMIs with a timeout.
+        let got = unsafe { ffi::kdbt_glue_nmi_test(cpu) };
+        let (e1, w1, i1) = nmi_counters(pc);
+        let (exits, windows, injected) = (e1 - e0, w1 - w0, i1 - i0);
+        let _ = write!(report, " cpu{cpu}: nmis={got} exits={exits} window_exits={windows} injected={injected};");
+        if got != 2 {
+            let _ = write!(failures, "cpu{cpu} received {got} of 2 NMIs; ");
+        } else if vnmi && (exits < 2 || windows < 1 || injected < 2) {
+            let _ = write!(failures, "cpu{cpu}: NMIs arrived but not through kdbt ({exits} exits, {windows} NMI windows, {injected} injected); ");
+        }
+    }
+    let report = String::from(report.trim_end_matches(';'));
+    if failures.is_empty() {
+        Ok(report)
+    } else {
+        Err(alloc::format!("{}({report})", failures))
+    }
 }

@@ -49,6 +49,10 @@ pub struct Control {
     pub tss: Tss,
     /// Set by the root-mode NMI handler; the NMI is re-injected at the next VM entry.
     pub nmi_pending: AtomicU8,
+    /// NMI virtualization is on and this CPU's VMCS is current: the root-mode NMI handler
+    /// may arm NMI-window exiting itself (so an NMI arriving just before VMRESUME is not
+    /// left waiting). Cleared before the devirtualize path's VMCLEAR.
+    pub nmi_vmcs_live: AtomicU8,
     /// This CPU is in VMX non-root operation under kdbt.
     pub virtualized: AtomicBool,
     /// Set while VMLAUNCH is in flight: an entry failure then unwinds to the launcher.

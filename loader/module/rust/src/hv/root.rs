@@ -81,10 +81,24 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
     // allocated while the CPU is virtualized; only this CPU touches it in root mode.
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
+    let nmi_exit = vmread(x86::vmx::vmcs::ro::EXIT_REASON) as u32 == exit::reason::EXCEPTION_NMI;
     let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits);
+    if nmi_exit {
+        unblock_nmis();
+    }
     match action {
         Action::Resume => {
-            inject_pending_nmi(pc);
+            // Settle events and NMIs; again if an NMI hit root mode meanwhile (one that
+            // arrives after the last check arms the NMI window itself: see entry.rs).
+            loop {
+                if pc.ctl.nmi_pending.swap(0, Ordering::Relaxed) != 0 {
+                    pc.ctl.exits.nmi_pending = true;
+                }
+                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits);
+                if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
+            }
             0
         }
         Action::Devirtualize => {
@@ -118,22 +132,31 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     }
 }
 
-/// An NMI that arrived in root mode is delivered to the guest at the next entry if the
-/// guest can take it now (no NMI blocking, no other event being injected); otherwise it
-/// stays pending until a later exit. kdbt does not enable NMI exiting (guest NMIs go
-/// straight to the guest), so this only concerns NMIs that hit during an exit.
-fn inject_pending_nmi(pc: &mut PerCpu) {
-    if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
-        return;
+/// After a VM exit caused by an NMI the CPU blocks NMIs until the next IRET (Bochs: an
+/// IRET outside the guest; an IRET inside it only ends virtual-NMI blocking). Root mode
+/// never executes one on its own, so an NMI arriving later (e.g. the guest's NMI handler
+/// sending itself another) would be held back until some devirtualize: run an IRET to the
+/// next instruction now, as KVM does. An NMI pending already arrives right here, through
+/// the host IDT, and is recorded for the guest.
+fn unblock_nmis() {
+    // SAFETY: builds an interrupt frame for the current context (host SS, current RSP,
+    // RFLAGS, host CS, the label) and returns to it; nothing else changes.
+    unsafe {
+        asm!(
+            "mov {tmp}, rsp",
+            "push {ss}",
+            "push {tmp}",
+            "pushfq",
+            "push {cs}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "iretq",
+            "2:",
+            tmp = out(reg) _,
+            ss = in(reg) percpu::GDT_SS as u64,
+            cs = in(reg) percpu::GDT_CS as u64,
+        );
     }
-    let intr = vmread(guest::INTERRUPTIBILITY_STATE);
-    let entry = vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD);
-    // Blocking by STI (bit 0), MOV SS (bit 1) or NMI (bit 3), or an event already queued.
-    if intr & 0b1011 != 0 || entry & (1 << 31) != 0 {
-        return;
-    }
-    pc.ctl.nmi_pending.store(0, Ordering::Relaxed);
-    vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (1 << 31) | (2 << 8) | 2);
 }
 
 /// Makes the guest call `kdbt_glue_guest_fatal` (which panics with kdbt's diagnostic),
@@ -208,6 +231,13 @@ fn devirtualize(pc: &mut PerCpu) {
     let gdt_rw = pc.ctl.tables.gdt_rw;
     let vmcs_pa = pc.phys_of(pc.vmcs.as_ptr());
     const CR4_PGE: u64 = 1 << 7;
+    // From here on the NMI handler must not touch the VMCS; an NMI still queued for the
+    // guest is re-raised natively by the caller, like one that hits this path.
+    pc.ctl.nmi_vmcs_live.store(0, Ordering::Relaxed);
+    if pc.ctl.exits.nmi_pending {
+        pc.ctl.exits.nmi_pending = false;
+        pc.ctl.nmi_pending.store(1, Ordering::Relaxed);
+    }
 
     #[repr(C, packed)]
     struct Dtr {
