@@ -72,21 +72,27 @@ impl ViolationQual {
     }
 }
 
+/// What a software walk of the EPT says of the page now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Now {
+    /// Not walked (e.g. in VMX root mode, where the tables' lock cannot be waited for).
+    Unknown,
+    Unmapped,
+    Mapped(Translation),
+}
+
 /// Formats one line describing an EPT violation: GPA, access, rights at the time (from
-/// the qualification), the current mapping (from a software walk), and the guest linear
-/// address when valid. `gla` is the VMCS guest-linear-address field.
-pub fn format_violation(
-    out: &mut impl Write,
-    gpa: u64,
-    gla: u64,
-    qual: u64,
-    current: Option<Translation>,
-) -> fmt::Result {
+/// the qualification), the current mapping (from a software walk, when there was one),
+/// and the guest linear address when valid. `gla` is the VMCS guest-linear-address field.
+pub fn format_violation(out: &mut impl Write, gpa: u64, gla: u64, qual: u64, now: Now) -> fmt::Result {
     let q = ViolationQual::decode(qual);
     write!(out, "EPT violation: gpa={gpa:#x} access={} (qual={qual:#x}) had={}", q.access(), q.had())?;
-    match current {
-        Some(t) => write!(out, " now={} type={} page={}K", t.perms, t.memtype.name(), t.page_size.bytes() / 1024)?,
-        None => write!(out, " now=unmapped")?,
+    match now {
+        Now::Mapped(t) => {
+            write!(out, " now={} type={} page={}K", t.perms, t.memtype.name(), t.page_size.bytes() / 1024)?
+        }
+        Now::Unmapped => write!(out, " now=unmapped")?,
+        Now::Unknown => {}
     }
     if q.gla_valid {
         write!(
@@ -147,13 +153,13 @@ mod tests {
             page_size: PageSize::Size4K,
             ignore_pat: false,
         };
-        format_violation(&mut s, 0x1234_5678, 0xffff_8880_1234_5678, 0b1_1010_1010, Some(t)).unwrap();
+        format_violation(&mut s, 0x1234_5678, 0xffff_8880_1234_5678, 0b1_1010_1010, Now::Mapped(t)).unwrap();
         assert_eq!(
             s,
             "EPT violation: gpa=0x12345678 access=write (qual=0x1aa) had=r-x now=r-x type=WB page=4K gla=0xffff888012345678 (translated address)"
         );
         let mut s = String::new();
-        format_violation(&mut s, 0x10_0000_0000, 0, 0x1 | 1 << 12, None).unwrap();
+        format_violation(&mut s, 0x10_0000_0000, 0, 0x1 | 1 << 12, Now::Unmapped).unwrap();
         assert_eq!(
             s,
             "EPT violation: gpa=0x1000000000 access=read (qual=0x1001) had=--- now=unmapped gla=invalid nmi-unblocking"

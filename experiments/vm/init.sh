@@ -9,6 +9,8 @@
 #   KDBT-PLAN <n>                        the suite will report <n> checks
 #   KDBT-RESULT <name> PASS|FAIL [k=v]   one line per check, figures as key=value
 #   KDBT-INFO <text>                     free-form context
+#   KDBT-EXPECT-PANIC <name> <text>      the suite makes the kernel panic on purpose: check
+#                                        <name> passes if the panic line contains <text>
 #   KDBT-DONE                            the suite finished; the bench stops the emulator
 #
 # Kernel cmdline: kdbt.expect_vmx=0|1 kdbt.cpus=N kdbt.suite=NAME [kdbt.inject_fail=1].
@@ -49,6 +51,9 @@ info() {
 $*
 EOF_INFO
 }
+# expect_panic NAME TEXT: what follows makes the kernel panic on purpose (the bench then
+# passes check NAME if the panic line contains TEXT, and ends the run there).
+expect_panic() { local _kn=$1; shift; emit "KDBT-EXPECT-PANIC $_kn $*"; }
 # check NAME CMD...: PASS if CMD exits 0; else FAIL rc=N and its output as INFO lines.
 check() {
     local _kname=$1 _kout _krc

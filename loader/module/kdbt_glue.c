@@ -123,28 +123,32 @@ int kdbt_glue_param_fail_launch_cpu(void)
 	return fail_launch_cpu;
 }
 
-void kdbt_glue_guest_fatal(void)
-{
-	static char msg[512];
-	size_t n = kdbt_rs_fatal_message(msg, sizeof(msg));
-
-	panic("kdbt: fatal VM exit: %.*s\n", (int)n, msg);
-}
-
 void kdbt_glue_self_nmi(void)
 {
 	/* The path the kernel's own NMI backtraces use (works with xAPIC and x2APIC). */
 	apic->send_IPI_mask(cpumask_of(smp_processor_id()), NMI_VECTOR);
 }
 
-/* ---- NMI check ---- */
+/* ---- NMI handler: fatal VM exits, and the NMI check ---- */
 
 static atomic_t kdbt_nmi_armed = ATOMIC_INIT(0);
 static DEFINE_PER_CPU(atomic_t, kdbt_nmi_seen);
 
-/* Registered for the module's lifetime; claims NMIs only while a check is armed. */
+/*
+ * Registered for the module's lifetime. After a VM exit kdbt cannot handle, the
+ * hypervisor sends this CPU an NMI: panic here with its diagnostic, from the context that
+ * took the exit (any CPL). Otherwise it claims NMIs only while a check is armed.
+ */
 static int kdbt_nmi_handler(unsigned int type, struct pt_regs *regs)
 {
+	if (kdbt_rs_fatal_pending()) {
+		char msg[480];
+		size_t n = kdbt_rs_fatal_message(msg, sizeof(msg) - 1);
+
+		msg[n] = 0;
+		nmi_panic(regs, msg);
+		return NMI_HANDLED;
+	}
 	if (!atomic_read(&kdbt_nmi_armed))
 		return NMI_DONE;
 	/* The first one sends a second NMI, which arrives while NMIs are blocked (this

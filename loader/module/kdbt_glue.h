@@ -25,7 +25,9 @@ int kdbt_rs_cpu_online(unsigned int cpu);
 int kdbt_rs_cpu_offline(unsigned int cpu);
 /* Reboot/halt/power-off: devirtualize everything. */
 void kdbt_rs_shutdown(void);
-/* Text of the last fatal VM exit, for the guest's panic message; returns its length. */
+/* Whether this CPU took a fatal VM exit (any context, NMI included). */
+bool kdbt_rs_fatal_pending(void);
+/* Text of this CPU's fatal VM exit, for the panic message; returns its length. */
 size_t kdbt_rs_fatal_message(char *buf, size_t len);
 
 /* rust -> glue: logging. level: 0 err, 1 warn, 2 info, 3 debug. */
@@ -64,8 +66,6 @@ const char *kdbt_glue_param_fake_missing(void);
 /* The `fail_launch_cpu` module parameter: the CPU whose launch fails on purpose after VMXON
  * (testing the rollback), or -1. */
 int kdbt_glue_param_fail_launch_cpu(void);
-/* Entered by a CPU the hypervisor redirected after a fatal VM exit: panics cleanly. */
-void kdbt_glue_guest_fatal(void);
 /* Sends an NMI to the current CPU (one that arrived while kdbt was devirtualizing it). */
 void kdbt_glue_self_nmi(void);
 /* NMI check: sends an NMI to `cpu`, whose handler (kdbt's, armed for the check) counts it

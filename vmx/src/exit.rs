@@ -175,6 +175,8 @@ pub enum Fatal {
     EptMisconfig,
     /// An exit reason kdbt never enables or cannot handle.
     Unexpected,
+    /// VM entry failed (exit reason bit 31): the guest did not run; it cannot be resumed.
+    EntryFailed,
 }
 
 /// A diagnostic snapshot of a fatal exit, formatted later outside root mode.
@@ -309,7 +311,7 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> 
 
     // Bit 31: VM-entry failure (the guest never ran).
     if full & (1 << 31) != 0 {
-        return Action::Fatal(Fatal::Unexpected, diag(hw, basic));
+        return Action::Fatal(Fatal::EntryFailed, diag(hw, basic));
     }
     match basic {
         reason::EXCEPTION_NMI => {
@@ -717,7 +719,7 @@ mod tests {
         assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::TripleFault, _)));
         // Entry failure flag.
         let mut f = exit(reason::ENTRY_FAIL_GUEST_STATE | 1 << 31, 0, 0);
-        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::Unexpected, _)));
+        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::EntryFailed, _)));
         // Out-of-range reasons are counted in the last slot, never indexed past the end.
         let mut f = exit(0xffff, 0, 0);
         handle(&mut f, &mut GuestRegs::default(), &mut ctx);

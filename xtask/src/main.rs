@@ -441,6 +441,8 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
     };
     let mut runs = vec![
         base.clone(),
+        // A fatal exit panics the guest, which ends its boot: a boot of its own (1 CPU).
+        VmArgs { suite: "fatal".into(), cpus: 1, ..base.clone() },
         VmArgs { kernel: "debian-6.12".into(), ..base.clone() },
         VmArgs { emulator: Emulator::Qemu, ..base.clone() },
         VmArgs { emulator: Emulator::Qemu, kernel: "debian-6.12".into(), ..base.clone() },

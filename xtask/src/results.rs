@@ -1,7 +1,12 @@
 //! The guest's result protocol (see experiments/vm/init.sh), read from the serial log:
 //! `KDBT-BOOT`, `KDBT-PLAN n`, `KDBT-RESULT name PASS|FAIL [k=v ...]`, `KDBT-INFO text`,
-//! `KDBT-DONE`. Console lines carry a `[   1.234567] ` timestamp prefix (and maybe CRs),
-//! which the parser skips.
+//! `KDBT-EXPECT-PANIC name text`, `KDBT-DONE`. Console lines carry a `[   1.234567] `
+//! timestamp prefix (and maybe CRs), which the parser skips.
+//!
+//! `KDBT-EXPECT-PANIC name text` announces that the suite is about to make the kernel
+//! panic on purpose: the check `name` passes if the next kernel panic line contains
+//! `text`, whose `*`s stand for anything (its pieces must appear in order), and fails if it
+//! does not; that panic ends the run like `KDBT-DONE`.
 
 use std::fmt::Write as _;
 
@@ -20,10 +25,25 @@ pub struct Outcome {
     pub checks: Vec<Check>,
     pub infos: Vec<String>,
     pub done: bool,
-    /// The first kernel panic / oops line seen, if any.
+    /// The first kernel panic / oops line seen, if any (an expected panic is not kept
+    /// here: it becomes its check's result).
     pub panic: Option<String>,
+    /// An announced panic: (check name, text its panic line must contain).
+    pub expect_panic: Option<(String, String)>,
     /// Protocol lines that did not parse.
     pub garbled: Vec<String>,
+}
+
+/// Whether the `*`-separated pieces of `pattern` all occur in `line`, in order.
+fn contains_in_order(line: &str, pattern: &str) -> bool {
+    let mut rest = line;
+    for piece in pattern.split('*').filter(|p| !p.is_empty()) {
+        match rest.find(piece) {
+            Some(i) => rest = &rest[i + piece.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// The part of a console line from `KDBT-` on, if any.
@@ -38,7 +58,15 @@ pub fn parse(serial: &str) -> Outcome {
         if o.panic.is_none()
             && (line.contains("Kernel panic - not syncing") || line.contains("Oops:") && !line.contains("KDBT-"))
         {
-            o.panic = Some(line.trim().to_string());
+            match o.expect_panic.take() {
+                Some((name, text)) if line.contains("Kernel panic - not syncing") => {
+                    let pass = contains_in_order(line, &text);
+                    let figures = if pass { String::new() } else { format!("panic=\"{}\"", line.trim()) };
+                    o.checks.push(Check { name, pass, figures });
+                    o.done = true;
+                }
+                _ => o.panic = Some(line.trim().to_string()),
+            }
         }
         let Some(p) = protocol_part(line) else { continue };
         let mut words = p.split_whitespace();
@@ -52,6 +80,15 @@ pub fn parse(serial: &str) -> Outcome {
                 None => o.garbled.push(p.to_string()),
             },
             "KDBT-INFO" => o.infos.push(p["KDBT-INFO".len()..].trim().to_string()),
+            "KDBT-EXPECT-PANIC" => {
+                let rest = p["KDBT-EXPECT-PANIC".len()..].trim();
+                match rest.split_once(' ') {
+                    Some((name, text)) if !text.trim().is_empty() => {
+                        o.expect_panic = Some((name.to_string(), text.trim().to_string()))
+                    }
+                    _ => o.garbled.push(p.to_string()),
+                }
+            }
             "KDBT-RESULT" => {
                 let name = words.next();
                 let verdict = words.next();
@@ -221,6 +258,38 @@ mod tests {
         assert!(p.iter().any(|x| x.starts_with("kernel panic")));
         assert!(p.iter().any(|x| x.contains("never reached /init")));
         assert!(parse("").problems(true).iter().any(|x| x.contains("timeout")));
+    }
+
+    const FATAL: &str = "\
+[    1.100000] KDBT-BOOT\r
+[    1.300000] KDBT-PLAN 1\r
+[    1.400000] KDBT-EXPECT-PANIC ept_violation_panics EPT violation: gpa=\r
+[    2.000000] Kernel panic - not syncing: kdbt: fatal VM exit on cpu0: EPT violation: gpa=0x1000 access=read\r
+";
+
+    #[test]
+    fn an_announced_panic_is_the_check_and_ends_the_run() {
+        let o = parse(FATAL);
+        assert!(o.done && o.panic.is_none());
+        assert_eq!(o.checks, vec![Check { name: "ept_violation_panics".into(), pass: true, figures: String::new() }]);
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
+        // Pieces in order match; out of order they do not.
+        let o = parse(&FATAL.replace("ept_violation_panics EPT violation: gpa=", "x cpu0:*gpa=0x1000*access=read"));
+        assert!(o.checks[0].pass);
+        let o = parse(&FATAL.replace("ept_violation_panics EPT violation: gpa=", "x access=read*gpa=0x1000"));
+        assert!(!o.checks[0].pass);
+        // Another panic than the announced one fails the check.
+        let o = parse(&FATAL.replace("EPT violation: gpa=0x1000", "VFS: Unable to mount root fs"));
+        assert!(!o.checks[0].pass && o.checks[0].figures.contains("VFS"));
+        assert!(o.problems(false).iter().any(|x| x.contains("ept_violation_panics FAILED")));
+        // No panic at all: the check never reports and the run did not finish.
+        let o = parse(&FATAL.replace("Kernel panic - not syncing", "still running"));
+        let p = o.problems(true);
+        assert!(p.iter().any(|x| x.contains("1 of 1 planned checks never reported")), "{p:?}");
+        assert!(p.iter().any(|x| x.contains("timeout")), "{p:?}");
+        // An oops before the panic is a problem of its own, not the expected panic.
+        let o = parse(&FATAL.replace("[    2.000000] Kernel", "[    1.9] Oops: 0000 [#1]\n[    2.000000] Kernel"));
+        assert!(o.panic.as_deref().is_some_and(|p| p.contains("Oops")));
     }
 
     #[test]

@@ -160,6 +160,10 @@ pub const IOC_EPT_CHECK: u32 = iowr(0x05, core::mem::size_of::<Command>());
 /// directly and once held back while its NMI handler ran; the report (per CPU: NMIs
 /// received, NMI and NMI-window exits, NMIs injected) comes back in [`Command::message`].
 pub const IOC_NMI_CHECK: u32 = iowr(0x06, core::mem::size_of::<Command>());
+/// Takes every EPT right from a page kdbt owns and reads it: the kernel must panic with
+/// kdbt's diagnostic of the fatal EPT violation. Returns only if that did not happen (the
+/// reason in [`Command::message`]). For tests.
+pub const IOC_EPT_VIOLATE: u32 = iowr(0x07, core::mem::size_of::<Command>());
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {

@@ -6,8 +6,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
 use kdbt_abi::{
-    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD,
-    IOC_NMI_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, DEVICE_PATH, IOC_CAPS, IOC_EPT_CHECK, IOC_EPT_VIOLATE,
+    IOC_LOAD, IOC_NMI_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -144,6 +144,11 @@ impl Device {
     /// Runs the module's EPT permission check; its report.
     pub fn ept_check(&self) -> Result<String> {
         self.check(IOC_EPT_CHECK, "EPT check", "KDBT_IOC_EPT_CHECK")
+    }
+
+    /// Makes a fatal EPT violation on purpose: returns only if the kernel did not panic.
+    pub fn ept_violate(&self) -> Result<String> {
+        self.check(IOC_EPT_VIOLATE, "EPT violation check", "KDBT_IOC_EPT_VIOLATE")
     }
 
     /// Runs the module's NMI delivery check; its report.

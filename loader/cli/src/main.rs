@@ -59,7 +59,12 @@ enum Cmd {
     },
     /// Check per-page EPT permission changes on a scratch page (none, R, RW, RX, X-only,
     /// RWX), each followed by INVEPT on every CPU.
-    EptCheck,
+    EptCheck {
+        /// Instead, read a page without EPT rights: the kernel must panic with kdbt's
+        /// diagnostic of the fatal EPT violation (for tests; this ends the machine).
+        #[arg(long)]
+        violate: bool,
+    },
     /// Check NMI delivery on every CPU: an NMI sent to it and one held back while its NMI
     /// handler runs must both arrive (through kdbt's NMI exits and the NMI window).
     NmiCheck,
@@ -84,9 +89,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Load { module, params } => load(module, &params),
         Cmd::Unload { keep_module } => unload(keep_module),
         Cmd::Status { json, summary } => status(json, summary),
-        Cmd::EptCheck => {
+        Cmd::EptCheck { violate: false } => {
             println!("kdbt: EPT check passed: {}", Device::open()?.ept_check()?);
             Ok(())
+        }
+        Cmd::EptCheck { violate: true } => {
+            let r = Device::open()?.ept_violate();
+            bail!("the kernel did not panic: {}", r.err().map_or(String::from("no error either"), |e| format!("{e:#}")))
         }
         Cmd::NmiCheck => {
             println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);

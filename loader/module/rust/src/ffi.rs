@@ -29,7 +29,6 @@ extern "C" {
     pub fn kdbt_glue_gdt_rw(cpu: c_uint) -> u64;
     pub fn kdbt_glue_param_fake_missing() -> *const u8;
     pub fn kdbt_glue_param_fail_launch_cpu() -> c_int;
-    pub fn kdbt_glue_guest_fatal();
     pub fn kdbt_glue_self_nmi();
     pub fn kdbt_glue_nmi_test(cpu: c_uint) -> c_int;
 

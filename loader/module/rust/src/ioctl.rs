@@ -4,8 +4,8 @@ use alloc::vec::Vec;
 use core::mem::size_of;
 
 use kdbt_abi::{
-    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_LOAD, IOC_NMI_CHECK,
-    IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_EPT_VIOLATE, IOC_LOAD,
+    IOC_NMI_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -22,6 +22,7 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_STATUS => status(arg),
         IOC_EPT_CHECK => check(arg, hv::ept_check),
         IOC_NMI_CHECK => check(arg, hv::nmi_check),
+        IOC_EPT_VIOLATE => check(arg, hv::ept_violation_check),
         _ => Err(errno::ENOTTY),
     }
 }

@@ -75,6 +75,12 @@ pub extern "C" fn kdbt_rs_shutdown() {
     }
 }
 
+/// Whether this CPU took a fatal VM exit (the glue's NMI handler then panics).
+#[no_mangle]
+pub extern "C" fn kdbt_rs_fatal_pending() -> bool {
+    hv::fatal_pending()
+}
+
 /// Text of the last fatal VM exit on this CPU, for the guest's panic message.
 #[no_mangle]
 pub extern "C" fn kdbt_rs_fatal_message(buf: *mut u8, len: usize) -> usize {

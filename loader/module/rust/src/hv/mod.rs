@@ -17,6 +17,7 @@ use crate::{ffi, hw};
 
 mod entry;
 mod ept;
+mod fatal;
 pub mod launch;
 pub mod percpu;
 mod root;
@@ -186,7 +187,6 @@ fn alloc_percpu(cpu: u32) -> Result<*mut PerCpu, String> {
     // PerCpu (integers, atomics, arrays, a None option is not all-zero so we write it).
     let pcr = unsafe { &mut *p };
     pcr.ctl.cpu = cpu;
-    pcr.ctl.fatal = None;
     pcr.ctl.exits = vmx::exit::ExitCtx::new(cpu, vmx::hypercall::STATE_VIRTUALIZED);
     // SAFETY: the glue translates a direct-map address.
     pcr.ctl.phys = unsafe { ffi::kdbt_glue_virt_to_phys(p as *const _) };
@@ -498,39 +498,55 @@ pub fn status(mut f: impl FnMut(u32, bool, u64, &vmx::exit::ExitCtx)) -> bool {
     true
 }
 
-/// Describes the fatal VM exit recorded on the current CPU (called by the guest-side panic
-/// trampoline, on the CPU that took the exit).
+/// Whether the current CPU took a fatal VM exit (its guest-side NMI handler then panics
+/// with [`fatal_message`]). Any context, NMI included.
+pub fn fatal_pending() -> bool {
+    // SAFETY: reads the current CPU number.
+    fatal::for_cpu(unsafe { ffi::kdbt_glue_this_cpu() }).is_some()
+}
+
+/// Describes the fatal VM exit recorded on the current CPU, with the page's mapping now
+/// for an EPT violation (when the state is not busy). Called in NMI context.
 pub fn fatal_message(out: &mut impl Write) {
     // SAFETY: reads the current CPU number.
     let cpu = unsafe { ffi::kdbt_glue_this_cpu() };
-    let Some(guard) = STATE.try_lock() else {
-        let _ = write!(out, "cpu{cpu}: (state busy; see the serial console for details)");
+    let Some((kind, diag)) = fatal::for_cpu(cpu) else {
+        let _ = write!(out, "kdbt: cpu{cpu}: no fatal VM exit recorded");
         return;
     };
-    let rec = guard
-        .as_ref()
-        .and_then(|st| st.cpus.get(cpu as usize))
-        .and_then(|c| c.as_ref())
-        // SAFETY: the block stays allocated while in `cpus`; `fatal` was written by this
-        // CPU in root mode before it entered the trampoline.
-        .and_then(|c| unsafe { (*c.pc).ctl.fatal });
-    match rec {
-        Some((kind, d)) => {
-            let _ = write!(
-                out,
-                "cpu{cpu}: {kind:?} ({}) qualification {:#x} at RIP {:#x} GPA {:#x} GVA {:#x} CR3 {:#x}",
-                vmx::exit::reason_name(d.reason),
-                d.qualification,
-                d.guest_rip,
-                d.guest_physical,
-                d.guest_linear,
-                d.guest_cr3
-            );
-        }
-        None => {
-            let _ = write!(out, "cpu{cpu}: no record");
-        }
+    use ::ept::diag::Now;
+    let now = match STATE.try_lock() {
+        Some(g) => match g.as_ref().and_then(|st| st.ept.as_ref()).map(|m| m.translate(diag.guest_physical)) {
+            Some(Some(t)) => Now::Mapped(t),
+            Some(None) => Now::Unmapped,
+            None => Now::Unknown,
+        },
+        None => Now::Unknown,
+    };
+    let _ = write!(out, "kdbt: {}", fatal::Describe { cpu, kind, diag, now });
+}
+
+/// Makes an EPT violation on purpose (`kdbt ept-check --violate`): a page kdbt owns loses
+/// every EPT right and is read. The read exits, kdbt cannot handle it, and the kernel
+/// panics with kdbt's diagnostic: on success this never returns.
+pub fn ept_violation_check() -> Result<String, String> {
+    // SAFETY: one zeroed page; process context.
+    let page = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *mut u64;
+    if page.is_null() {
+        return Err(String::from("out of memory"));
     }
+    // SAFETY: our page.
+    let gpa = unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) };
+    let r = set_page_perms(gpa, ::ept::Perms::NONE).map(|_| {
+        kinfo!("reading {:#x} without EPT rights: expect a fatal VM exit and a panic", gpa);
+        // SAFETY: our page (mapped; only its EPT rights are gone).
+        unsafe { page.read_volatile() }
+    });
+    let _ = set_page_perms(gpa, ::ept::Perms::RWX);
+    // SAFETY: our page, RWX again.
+    unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+    r?;
+    Err(alloc::format!("reading {gpa:#x} without EPT rights did not end in a fatal VM exit"))
 }
 
 /// Changes the EPT permissions of the 4 KB page at `gpa` on every CPU: the shared tables

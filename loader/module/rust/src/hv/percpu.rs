@@ -8,7 +8,7 @@
 //! finds the right block.
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
-use vmx::exit::{Diag, ExitCtx, Fatal};
+use vmx::exit::ExitCtx;
 
 pub const PERCPU_ORDER: u32 = 4;
 pub const PERCPU_SIZE: usize = 4096 << PERCPU_ORDER;
@@ -64,8 +64,6 @@ pub struct Control {
     /// TSC cycles the launch took (VMXON to first guest instruction).
     pub launch_cycles: AtomicU64,
     pub exits: ExitCtx,
-    /// The last fatal exit, for the diagnostic the guest prints when it panics.
-    pub fatal: Option<(Fatal, Diag)>,
 }
 
 /// The whole block. Field offsets are fixed by the layout below; the assembly only

@@ -2,8 +2,8 @@
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
-use vmx::exit::{self, Action, ExitHw, Fatal, GuestRegs};
-use x86::vmx::vmcs::{control, guest};
+use vmx::exit::{self, Action, ExitHw, GuestRegs};
+use x86::vmx::vmcs::guest;
 
 use super::entry;
 use super::percpu::{self, PerCpu};
@@ -114,20 +114,25 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
             1
         }
         Action::Fatal(kind, diag) => {
-            pc.ctl.fatal = Some((kind, diag));
+            let cpu = pc.ctl.cpu;
             super::serial::line(format_args!(
-                "kdbt: cpu{}: fatal VM exit {:?} ({}): qualification {:#x} guest RIP {:#x} RSP {:#x} CR3 {:#x} GPA {:#x} GVA {:#x}",
-                pc.ctl.cpu,
-                kind,
-                exit::reason_name(diag.reason),
-                diag.qualification,
-                diag.guest_rip,
-                diag.guest_rsp,
-                diag.guest_cr3,
-                diag.guest_physical,
-                diag.guest_linear
+                "kdbt: {}",
+                super::fatal::Describe { cpu, kind, diag, now: ::ept::diag::Now::Unknown }
             ));
-            guest_panic(pc, kind)
+            // Make the guest panic with this diagnostic: record it and deliver an NMI, whose
+            // kdbt handler panics (at any CPL, from the faulting context, and without root
+            // mode writing guest memory). The CPU halts instead where that cannot work: the
+            // guest triple-faulted or the entry itself failed, this CPU is still on its way
+            // to that NMI (a second fatal exit), or another CPU already holds the record.
+            let resumable = !matches!(kind, exit::Fatal::TripleFault | exit::Fatal::EntryFailed);
+            if !(resumable && super::fatal::record(cpu, kind, diag)) {
+                super::serial::fatal(format_args!(
+                    "kdbt: cpu{cpu}: cannot hand the fatal exit to the guest; halting this CPU"
+                ));
+            }
+            pc.ctl.exits.nmi_pending = true;
+            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits);
+            0
         }
     }
 }
@@ -157,29 +162,6 @@ fn unblock_nmis() {
             cs = in(reg) percpu::GDT_CS as u64,
         );
     }
-}
-
-/// Makes the guest call `kdbt_glue_guest_fatal` (which panics with kdbt's diagnostic),
-/// with the faulting RIP as its return address so the backtrace shows where it happened.
-/// Only possible when the guest was in the kernel; otherwise the CPU halts.
-fn guest_panic(pc: &mut PerCpu, kind: Fatal) -> u64 {
-    if exit::guest_cpl(&RootHw) != 0 {
-        super::serial::fatal(format_args!("kdbt: cpu{}: fatal {:?} at CPL 3; halting this CPU", pc.ctl.cpu, kind));
-    }
-    extern "C" {
-        fn kdbt_glue_guest_fatal();
-    }
-    let rip = vmread(guest::RIP);
-    // Below the interrupted frame, 16-byte aligned, then the return address.
-    let rsp = ((vmread(guest::RSP) - 512) & !0xf) - 8;
-    // SAFETY: the guest was at CPL 0 on a kernel stack, which the host page tables map
-    // (they share the kernel half); 512 bytes below its RSP is unused stack.
-    unsafe { (rsp as *mut u64).write(rip) };
-    vmwrite(guest::RSP, rsp);
-    vmwrite(guest::RIP, kdbt_glue_guest_fatal as *const () as u64);
-    vmwrite(guest::RFLAGS, vmread(guest::RFLAGS) & !(1 << 9) & !(1 << 8));
-    vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    0
 }
 
 /// Leaves VMX operation on this CPU and restores the guest's state so that the stub's

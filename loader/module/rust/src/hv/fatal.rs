@@ -1,0 +1,69 @@
+//! The fatal-exit record: written once, in root mode, by the CPU whose VM exit kdbt cannot
+//! handle; read by that CPU's guest-side NMI handler, which panics with the description.
+//! Lock-free: root mode may not wait, and the NMI handler may interrupt anything. The
+//! record is never cleared: a fatal exit ends in a kernel panic.
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use vmx::exit::{Diag, Fatal};
+
+const NO_OWNER: u32 = u32::MAX;
+
+/// The CPU that claimed the record.
+static OWNER: AtomicU32 = AtomicU32::new(NO_OWNER);
+/// The record is written.
+static READY: AtomicBool = AtomicBool::new(false);
+
+struct Record(UnsafeCell<Option<(Fatal, Diag)>>);
+// SAFETY: written once by the CPU that won OWNER (before READY, release), read only after
+// READY (acquire).
+unsafe impl Sync for Record {}
+static RECORD: Record = Record(UnsafeCell::new(None));
+
+/// Claims the record for `cpu` and stores the exit; false if it is already claimed (by
+/// another CPU, or by this one on an earlier fatal exit).
+pub fn record(cpu: u32, kind: Fatal, diag: Diag) -> bool {
+    if OWNER.compare_exchange(NO_OWNER, cpu, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return false;
+    }
+    // SAFETY: we won OWNER, so no one else writes; readers wait for READY.
+    unsafe { *RECORD.0.get() = Some((kind, diag)) };
+    READY.store(true, Ordering::Release);
+    true
+}
+
+/// The recorded exit, if `cpu` took it.
+pub fn for_cpu(cpu: u32) -> Option<(Fatal, Diag)> {
+    if READY.load(Ordering::Acquire) && OWNER.load(Ordering::Relaxed) == cpu {
+        // SAFETY: written before READY was set, never written again.
+        unsafe { *RECORD.0.get() }
+    } else {
+        None
+    }
+}
+
+/// One line describing a fatal exit: EPT violations decoded from their qualification
+/// (access, rights at the time) and, when walked, the page's mapping now.
+pub struct Describe {
+    pub cpu: u32,
+    pub kind: Fatal,
+    pub diag: Diag,
+    pub now: ::ept::diag::Now,
+}
+
+impl fmt::Display for Describe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = &self.diag;
+        write!(f, "fatal VM exit on cpu{}: ", self.cpu)?;
+        if self.kind == Fatal::EptViolation {
+            ::ept::diag::format_violation(f, d.guest_physical, d.guest_linear, d.qualification, self.now)?;
+        } else {
+            write!(f, "{:?} ({}) qualification {:#x}", self.kind, vmx::exit::reason_name(d.reason), d.qualification)?;
+            if self.kind == Fatal::EptMisconfig {
+                write!(f, " gpa={:#x}", d.guest_physical)?;
+            }
+        }
+        write!(f, " at rip={:#x} rsp={:#x} cr3={:#x}", d.guest_rip, d.guest_rsp, d.guest_cr3)
+    }
+}
