@@ -224,7 +224,7 @@ fn small(label: &str) -> Result<Kernel> {
 
 fn build_small(dir: &Path, tree: &Path, fragment: &str, frag_path: &Path) -> Result<()> {
     let t = Timer::start();
-    step(format!("building the small kernel from {SMALL_SOURCE} into {} (once; ~6 min on 2 cores)", dir.display()));
+    step(format!("building the small kernel from {SMALL_SOURCE} into {} (once; 5-7 min on 2 cores)", dir.display()));
     if dir.exists() {
         note("removing an incomplete earlier build");
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;

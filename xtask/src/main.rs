@@ -261,7 +261,7 @@ fn default_timeout(spec: &kernel::Spec, emulator: Emulator, cpus: u32) -> u64 {
     let per_cpu = match (emulator, spec) {
         (Emulator::Qemu, kernel::Spec::Small) => 60,
         (Emulator::Qemu, _) => 120,
-        // smoke + hypervisor on the small kernel: 146-200 s with 2 CPUs on a quiet host.
+        // smoke + hypervisor on the small kernel: 130-175 s of emulator time with 2 CPUs.
         (Emulator::Bochs, kernel::Spec::Small) => 180,
         // A stock Debian kernel boots in 40-90 s with one CPU, several times that with two,
         // and slower still when the host is busy.

@@ -33,7 +33,7 @@ pub struct Profile {
 ///   EPTP_SWITCHING, EPT_ACCESS_DIRTY, VINTR_DELIVERY, VMCS_SHADOWING, EPT_EXCEPTION,
 ///   SW_INTERRUPT_INJECTION_ILEN_0, PML, TSC_SCALING. In 2.7 MONITOR_TRAP_FLAG, posted
 ///   interrupts and MBE are commented out ("not implemented yet"); Bochs master enables
-///   them, which is where FACTS.md's EPT/VPID value 0x00000F0106734141 (bit 22) comes from.
+///   them, which is where the often-quoted EPT/VPID value 0x00000F0106734141 (bit 22) comes from.
 ///   ISA extensions include 1G_PAGES, RDTSCP, INVPCID, RDRAND, RDSEED, XSAVES, PCID,
 ///   FSGSBASE, SMEP, SMAP, MONITOR_MWAIT; not SMX, CET, PKU, PKS, UMIP.
 /// * CPUID.1:ECX (model's leaf 1): SSE3, PCLMULQDQ, DTES64, MONITOR, DS-CPL, VMX, EST, TM2,

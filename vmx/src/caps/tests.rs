@@ -340,7 +340,7 @@ fn bochs_27_skylake_x_details() {
     // Linux's usual CR4 there is accepted by the fixed bits once VMXE is set.
     assert!(c.cr4_fixed.accepts(0x0036_06f0 | CR4_VMXE));
     assert!(!c.cr4_fixed.accepts(0x0036_06f0));
-    // The EPT/VPID value FACTS.md quotes (Bochs master: bit 22 = advanced EPT exit info,
+    // The EPT/VPID value quoted from Bochs' master branch (bit 22 = advanced EPT exit info,
     // set there with MBE) differs from 2.7's only in bit 22.
     assert_eq!(0x0000_0f01_0673_4141u64 ^ e.raw, 1 << 22);
     // With ignore_bad_msrs=0, IA32_VMX_PROCBASED_CTLS3 faults instead of reading 0: the
