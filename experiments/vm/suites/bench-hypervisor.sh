@@ -11,7 +11,7 @@ ITERS=1000
 exits_between() {
     awk 'NR == FNR { for (i = 1; i <= NF; i++) { split($i, kv, "="); b[kv[1]] += kv[2] } next }
          { for (i = 1; i <= NF; i++) { split($i, kv, "="); a[kv[1]] += kv[2] } }
-         END { for (k in a) if (k != "cpu" && k != "virtualized" && k != "launch_cycles") printf "%s=%d ", k, a[k] - b[k] }' "$1" "$2"
+         END { for (k in a) if (k != "cpu" && k != "virtualized" && k != "online" && k != "launch_cycles") printf "%s=%d ", k, a[k] - b[k] }' "$1" "$2"
 }
 # ticks NAME FILE [max_]: fastest (or slowest) repetition's ticks per operation.
 ticks() { sed -n "s/.*name=$1 .* $3ticks_per_op=\([0-9]*\).*/\1/p" "$2"; }

@@ -86,6 +86,7 @@ if [ $rc -eq 0 ] && [ "$(echo "$inv" | wc -w)" = "$NCPUS" ]; then pass ept_perms
 if [ "$NCPUS" -ge 2 ]; then
     hp() {
         echo 0 > /sys/devices/system/cpu/cpu1/online || return 1
+        kdbt status --summary | grep -q "^cpu=1 virtualized=0 online=0 " || { kdbt status; return 1; }
         work > /tmp/w.off && cmp /tmp/w.before /tmp/w.off || return 1
         echo 1 > /sys/devices/system/cpu/cpu1/online || return 1
         taskset -c 1 cpuid-sig --expect kdbt || return 1

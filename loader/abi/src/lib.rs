@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -115,6 +115,9 @@ pub struct CpuStatus {
     pub cpu: u32,
     /// 1 if the CPU runs in VMX non-root operation under kdbt.
     pub virtualized: u32,
+    /// 1 if the CPU is online (an offline CPU is never virtualized).
+    pub online: u32,
+    pub _reserved: u32,
     /// TSC cycles from VMXON to the first guest instruction.
     pub launch_cycles: u64,
     /// All VM exits since launch.
@@ -125,12 +128,20 @@ pub struct CpuStatus {
 
 impl Default for CpuStatus {
     fn default() -> Self {
-        CpuStatus { cpu: 0, virtualized: 0, launch_cycles: 0, exits_total: 0, exits: [0; EXIT_REASONS] }
+        CpuStatus {
+            cpu: 0,
+            virtualized: 0,
+            online: 0,
+            _reserved: 0,
+            launch_cycles: 0,
+            exits_total: 0,
+            exits: [0; EXIT_REASONS],
+        }
     }
 }
 
 /// Argument of [`IOC_STATUS`]: like [`CapsQuery`], with `loaded` (out) telling whether the
-/// hypervisor is loaded; `count` entries of [`CpuStatus`], one per virtualized CPU.
+/// hypervisor is loaded; `count` entries of [`CpuStatus`], one per possible CPU id when loaded (none otherwise).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatusQuery {
@@ -214,7 +225,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<CapsQuery>(), 24);
         assert_eq!(IOC_CAPS, 0xc018_6b01);
         assert_eq!(core::mem::size_of::<Command>(), 488);
-        assert_eq!(core::mem::size_of::<CpuStatus>(), 24 + 8 * EXIT_REASONS);
+        assert_eq!(core::mem::size_of::<CpuStatus>(), 32 + 8 * EXIT_REASONS);
         assert_eq!(core::mem::size_of::<StatusQuery>(), 32);
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);

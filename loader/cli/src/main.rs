@@ -255,6 +255,7 @@ fn status(json: bool, summary: bool) -> Result<()> {
                     .collect();
                 serde_json::json!({
                     "cpu": c.cpu,
+                    "online": c.online != 0,
                     "virtualized": c.virtualized != 0,
                     "launch_cycles": c.launch_cycles,
                     "exits_total": c.exits_total,
@@ -271,8 +272,8 @@ fn status(json: bool, summary: bool) -> Result<()> {
     if summary {
         for c in &cpus {
             let mut line = format!(
-                "cpu={} virtualized={} launch_cycles={} exits={}",
-                c.cpu, c.virtualized, c.launch_cycles, c.exits_total
+                "cpu={} virtualized={} online={} launch_cycles={} exits={}",
+                c.cpu, c.virtualized, c.online, c.launch_cycles, c.exits_total
             );
             for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
                 line.push_str(&format!(" {}={n}", reason_key(r as u32)));
@@ -285,15 +286,23 @@ fn status(json: bool, summary: bool) -> Result<()> {
         println!("kdbt: module inserted, hypervisor not loaded");
         return Ok(());
     }
-    println!("kdbt: loaded on {} CPUs", cpus.len());
+    let held = cpus.iter().filter(|c| c.virtualized != 0).count();
+    let online = cpus.iter().filter(|c| c.online != 0).count();
+    println!("kdbt: loaded: {held} of {online} online CPUs virtualized");
     for c in &cpus {
-        println!(
-            "cpu{}: {} (launch {} cycles), {} VM exits",
-            c.cpu,
-            if c.virtualized != 0 { "virtualized" } else { "NOT virtualized" },
-            c.launch_cycles,
-            c.exits_total
-        );
+        match (c.virtualized != 0, c.online != 0) {
+            (true, _) => {
+                println!("cpu{}: virtualized (launch {} cycles), {} VM exits", c.cpu, c.launch_cycles, c.exits_total)
+            }
+            (false, false) => {
+                println!("cpu{}: not virtualized (offline; virtualized when it comes online)", c.cpu);
+                continue;
+            }
+            (false, true) => {
+                println!("cpu{}: NOT virtualized although online (its launch failed: see dmesg)", c.cpu);
+                continue;
+            }
+        }
         for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
             println!("    {:>10}  {}", n, vmx::exit::reason_name(r as u32));
         }

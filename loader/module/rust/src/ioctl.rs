@@ -147,16 +147,15 @@ fn status(arg: u64) -> Result<i64> {
         return Err(errno::EINVAL);
     }
     let mut out: Vec<CpuStatus> = Vec::new();
-    let loaded = hv::status(|cpu, virt, cycles, ctx| {
-        let mut s = CpuStatus {
-            cpu,
-            virtualized: virt as u32,
-            launch_cycles: cycles,
-            exits_total: ctx.total,
-            ..Default::default()
-        };
-        let n = s.exits.len().min(ctx.counts.len());
-        s.exits[..n].copy_from_slice(&ctx.counts[..n]);
+    let loaded = hv::status(|cpu, online, held| {
+        let mut s = CpuStatus { cpu, online: online as u32, ..Default::default() };
+        if let Some((virt, cycles, ctx)) = held {
+            s.virtualized = virt as u32;
+            s.launch_cycles = cycles;
+            s.exits_total = ctx.total;
+            let n = s.exits.len().min(ctx.counts.len());
+            s.exits[..n].copy_from_slice(&ctx.counts[..n]);
+        }
         out.push(s);
     });
     q.loaded = loaded as u32;

@@ -162,7 +162,6 @@ struct State {
     /// Host page tables: a PML4 page sharing the kernel half of the kernel's.
     host_pml4: *mut u64,
     cpus: Vec<Option<Cpu>>,
-    loaded_at_tsc: u64,
 }
 
 // SAFETY: see `Cpu`; the host PML4 page is read-only after load.
@@ -396,7 +395,7 @@ pub fn load() -> Result<(), String> {
         stats.pages_2m,
         stats.pages_4k
     );
-    let mut st = State { controls, ept: Some(map), host_pml4: pml4, cpus: Vec::new(), loaded_at_tsc: launch::tsc() };
+    let mut st = State { controls, ept: Some(map), host_pml4: pml4, cpus: Vec::new() };
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
         if let Err(e) = launch_cpu(&mut st, cpu) {
             // Roll back: nothing half-done survives.
@@ -479,20 +478,30 @@ pub fn cpu_offline(cpu: u32) -> Result<(), String> {
 }
 
 /// Per-CPU status for `kdbt status`.
-pub fn status(mut f: impl FnMut(u32, bool, u64, &vmx::exit::ExitCtx)) -> bool {
+/// One CPU's state for [`status`]: (virtualized, launch cycles, exit counters) of a CPU
+/// kdbt holds.
+pub type HeldCpu<'a> = (bool, u64, &'a vmx::exit::ExitCtx);
+
+/// Per-CPU status for `kdbt status`: `f(cpu, online, held)` for every possible CPU id when
+/// loaded (`held` is None for a CPU kdbt does not hold: offline, or its launch failed).
+/// Returns whether the hypervisor is loaded.
+pub fn status(mut f: impl FnMut(u32, bool, Option<HeldCpu<'_>>)) -> bool {
     let guard = STATE.lock();
     let Some(st) = guard.as_ref() else { return false };
-    let _ = st.loaded_at_tsc;
-    for (cpu, c) in st.cpus.iter().enumerate() {
-        if let Some(c) = c {
-            // SAFETY: the block stays allocated while in `cpus`. The counters are written
-            // by that CPU in root mode concurrently; a torn or stale count is acceptable
-            // for statistics, so we copy them with volatile reads.
-            let pc = c.pc;
-            let virt = unsafe { (*pc).ctl.virtualized.load(Ordering::Acquire) };
-            let cycles = unsafe { (*pc).ctl.launch_cycles.load(Ordering::Relaxed) };
-            let ctx = unsafe { core::ptr::read_volatile(&(*pc).ctl.exits) };
-            f(cpu as u32, virt, cycles, &ctx);
+    for cpu in 0..hw::cpu_ids() {
+        let online = hw::cpu_online(cpu);
+        match st.cpus.get(cpu as usize).and_then(|c| c.as_ref()) {
+            Some(c) => {
+                // SAFETY: the block stays allocated while in `cpus`. The counters are
+                // written by that CPU in root mode concurrently; a torn or stale count is
+                // acceptable for statistics, so we copy them with volatile reads.
+                let pc = c.pc;
+                let virt = unsafe { (*pc).ctl.virtualized.load(Ordering::Acquire) };
+                let cycles = unsafe { (*pc).ctl.launch_cycles.load(Ordering::Relaxed) };
+                let ctx = unsafe { core::ptr::read_volatile(&(*pc).ctl.exits) };
+                f(cpu, online, Some((virt, cycles, &ctx)));
+            }
+            None => f(cpu, online, None),
         }
     }
     true
