@@ -446,6 +446,9 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
         VmArgs { kernel: "debian-6.12".into(), ..base.clone() },
         VmArgs { emulator: Emulator::Qemu, ..base.clone() },
         VmArgs { emulator: Emulator::Qemu, kernel: "debian-6.12".into(), ..base.clone() },
+        // The 6.1 series: kdbt.ko built against its headers, and the no-VT-x paths (a
+        // minute); `--with-61` adds the Bochs run (about 11 minutes).
+        VmArgs { emulator: Emulator::Qemu, kernel: "debian-6.1".into(), ..base.clone() },
     ];
     if with_61 {
         runs.push(VmArgs { kernel: "debian-6.1".into(), ..base.clone() });
