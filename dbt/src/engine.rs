@@ -1,7 +1,7 @@
 //! Translator, code cache, linking, dispatcher logic, invalidation.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 use iced_x86::{
@@ -93,6 +93,8 @@ pub struct Stats {
     pub flushes: u64,
     pub resets: u64,
     pub dispatches: u64,
+    /// Return pads made (cached returns).
+    pub pads: u64,
 }
 
 struct Region {
@@ -137,6 +139,8 @@ struct Fragment {
     hot_len: u64,
     /// Bytes of instructions at `hot` (constants and `int3` slack follow).
     code_len: u64,
+    /// Holds return pads (cached returns): its space is never reused.
+    has_pads: bool,
     stub_addr: u64,
     stub_len: u64,
     region: usize,
@@ -159,6 +163,15 @@ pub struct Config {
     pub link: bool,
     /// Use the inline lookup table for indirect branches.
     pub inline_lookup: bool,
+    /// Non-transparent returns (BTKernel-style; off by default): a translated
+    /// call executes a real `call`, so the stack holds a code-cache *return pad*
+    /// (a jump to the return site's fragment) instead of the native return
+    /// address, and `ret` runs natively, predicted by the CPU's return stack.
+    /// What it breaks is listed in the README ("Cached returns"): code that
+    /// reads its return address sees a code-cache address. Pads are never
+    /// reclaimed, and a full cache stops with `NoSpace` instead of resetting
+    /// (a reset would free pads that stacks still hold).
+    pub cached_returns: bool,
     /// Basic blocks per fragment: a fragment continues through up to this
     /// many - 1 not-taken conditional branches (1: one basic block per
     /// fragment, every not-taken branch costs a `jmp` to the next fragment).
@@ -182,6 +195,7 @@ impl Default for Config {
             inline_lookup: true,
             max_basic_blocks: 8,
             ibt: false,
+            cached_returns: false,
         }
     }
 }
@@ -207,6 +221,14 @@ pub struct Engine {
     pub trace_bad: core::cell::Cell<u64>,
     generation: u64,
     hot_total: u64,
+    /// Return pads (cached returns): code-cache addresses stacks may hold.
+    pads: BTreeSet<u64>,
+    /// The pad a run's outermost return goes to (cached returns): an exit
+    /// stub whose record targets `stop_pc`.
+    env_pad: Option<(u64, Box<ExitRecord>)>,
+    /// Indirect entries of pads that indirect jumps target (a longjmp to an
+    /// address setjmp read off the stack), for the lookup table.
+    pad_entries: BTreeMap<u64, u64>,
 }
 
 // SAFETY: the raw pointers (per-CPU blocks, exit records) are only used under
@@ -215,6 +237,7 @@ pub struct Engine {
 unsafe impl Send for Engine {}
 
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
+const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
 
 /// Result of decoding one block.
 /// A fragment's guest code: one or more basic blocks at consecutive guest
@@ -439,6 +462,8 @@ struct Emitted {
     body_off: u64,
     /// Bytes of instructions at the start of `buf` (constants follow).
     code_len: u64,
+    /// Offsets of return pads (cached returns).
+    pads: Vec<usize>,
 }
 
 impl Engine {
@@ -457,6 +482,9 @@ impl Engine {
             trace_bad: core::cell::Cell::new(0),
             generation: 0,
             hot_total: 0,
+            pads: BTreeSet::new(),
+            env_pad: None,
+            pad_entries: BTreeMap::new(),
         }
     }
 
@@ -736,8 +764,8 @@ impl Engine {
     /// Translate the block at `pc`, place it, return its entry.
     fn translate(&mut self, pc: u64) -> Result<u64, StopKind> {
         let blk = self.decode_block(pc);
-        if self.hot_total > self.cfg.max_hot_bytes {
-            self.reset();
+        if self.hot_total > self.cfg.max_hot_bytes && !self.make_room() {
+            return Err(StopKind::NoSpace);
         }
         let ri = self.region_for(pc).ok_or(StopKind::NoSpace)?;
         // Flags liveness and instrumentation, per basic block (the client sees
@@ -779,10 +807,9 @@ impl Engine {
                 Region::alloc(&mut r.hot_free, &mut r.hot_used, r.base, r.hot_size, hot_len_try)
             };
             let Some(hot) = hot else {
-                if attempt > 3 {
+                if attempt > 3 || !self.make_room() {
                     return Err(StopKind::NoSpace);
                 }
-                self.reset();
                 return self.translate(pc);
             };
             let em = self.emit_block(pc, &blk, &ins, &live, hot)?;
@@ -802,7 +829,6 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn emit_block(&self, pc: u64, blk: &Block, ins: &Inserts, live: &[u32], hot: u64) -> Result<Emitted, StopKind> {
         let mut e = Emit::new(hot);
-        const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
         if self.cfg.inline_lookup {
             if self.cfg.ibt {
                 e.raw(&ENDBR64);
@@ -814,6 +840,7 @@ impl Engine {
             e.raw(&ENDBR64);
         }
         let mut fix: Vec<Fixup> = Vec::new();
+        let mut pads: Vec<usize> = Vec::new();
         let mut exits: Vec<ExitRecord> = Vec::new();
         let mut new_exit = |target: u64, stop: u64| {
             exits.push(ExitRecord { target, patch_at: 0, stub: 0, stop, owner: pc, linked: u64::MAX });
@@ -911,6 +938,17 @@ impl Engine {
                             }
                         }
                     }
+                    FlowControl::Call if self.cfg.cached_returns => {
+                        // call callee (patchable); pad: jmp next (patchable)
+                        let x = new_exit(i.near_branch_target(), 0);
+                        e.align_field(1);
+                        e.raw(&[0xE8]);
+                        fix.push((e.buf.len(), x));
+                        e.raw(&[0, 0, 0, 0]);
+                        pads.push(e.buf.len());
+                        let xr = new_exit(next, 0);
+                        Self::patch_jmp(&mut e, &mut fix, xr);
+                    }
                     FlowControl::Call => {
                         Self::push_ret(&mut e, next);
                         let x = new_exit(i.near_branch_target(), 0);
@@ -934,11 +972,22 @@ impl Engine {
                             e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, m));
                         }
                         Self::emit_ind_index(&mut e, self.cfg.inline_lookup);
-                        if i.flow_control() == FlowControl::IndirectCall {
+                        if i.flow_control() == FlowControl::IndirectCall && self.cfg.cached_returns {
+                            // call L; pad: jmp next (patchable); L: the lookup's jump
+                            e.raw(&[0xE8, 0, 0, 0, 0]);
+                            let call_end = e.buf.len();
+                            pads.push(call_end);
+                            let xr = new_exit(next, 0);
+                            Self::patch_jmp(&mut e, &mut fix, xr);
+                            let rel = (e.buf.len() - call_end) as i32;
+                            e.buf[call_end - 4..call_end].copy_from_slice(&rel.to_le_bytes());
+                        } else if i.flow_control() == FlowControl::IndirectCall {
                             Self::push_ret(&mut e, next);
                         }
                         Self::emit_ind_jump(&mut e, self.cfg.inline_lookup);
                     }
+                    // Cached returns: the stack holds a pad; return natively to it.
+                    FlowControl::Return if self.cfg.cached_returns => self.copy_insn(&mut e, i),
                     FlowControl::Return => {
                         e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
                         e.ins(Instruction::with2(
@@ -965,7 +1014,7 @@ impl Engine {
             self.trace_bad.set(e.bad);
             return Err(StopKind::NoSpace);
         }
-        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len })
+        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len, pads })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -979,7 +1028,9 @@ impl Engine {
         em: Emitted,
         ninsns: usize,
     ) -> Result<u64, StopKind> {
-        let Emitted { mut buf, fixups, exits, body_off, code_len } = em;
+        let Emitted { mut buf, fixups, exits, body_off, code_len, pads } = em;
+        self.pads.extend(pads.iter().map(|&off| hot + off as u64));
+        self.stats.pads += pads.len() as u64;
         // Exit stubs (cold area): mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
         let mut stub_code = Vec::new();
@@ -999,7 +1050,9 @@ impl Engine {
         };
         let Some(stub) = stub else {
             self.regions[ri].hot_free.push((hot, hot_len));
-            self.reset();
+            if !self.make_room() {
+                return Err(StopKind::NoSpace);
+            }
             return self.translate(pc);
         };
         for (k, rec) in recs.iter_mut().enumerate() {
@@ -1047,6 +1100,7 @@ impl Engine {
             entry: hot + body_off,
             hot_len,
             code_len,
+            has_pads: !pads.is_empty(),
             stub_addr: stub,
             stub_len: stub_total,
             region: ri,
@@ -1174,6 +1228,16 @@ impl Engine {
             s.ctx.rip = target;
             return 0;
         }
+        // Cached returns: an indirect jump to a return pad (a longjmp to an address
+        // setjmp read off the stack) continues at the pad.
+        if self.pads.contains(&target) {
+            if arg == EXIT_IND && self.cfg.inline_lookup {
+                if let Some(entry) = self.pad_entry(target) {
+                    s.ibl[(target & 0xffff) as usize] = entry;
+                }
+            }
+            return target;
+        }
         let gen = self.generation;
         match self.fragment_for(target) {
             Ok(entry) => {
@@ -1259,7 +1323,11 @@ impl Engine {
         self.clear_ibl_entry(start, f.hot);
         // 4. Space: deferred.
         self.hot_total = self.hot_total.saturating_sub(f.hot_len);
-        self.pending.push((f.region, f.hot, f.hot_len, f.stub_addr, f.stub_len));
+        // A fragment holding return pads keeps its space for good: a stack may still
+        // return to a pad, which jumps on through its (now unlinked) exit stub.
+        if !f.has_pads {
+            self.pending.push((f.region, f.hot, f.hot_len, f.stub_addr, f.stub_len));
+        }
         // The exit records are dropped with `f`: stubs of this fragment must
         // not run any more, which holds once no CPU executes the fragment
         // (quiescence), since nothing links to it any longer.
@@ -1286,6 +1354,9 @@ impl Engine {
         self.stats.flushes += 1;
         self.frags.clear();
         self.pending.clear();
+        self.pads.clear();
+        self.env_pad = None;
+        self.pad_entries.clear();
         for r in self.regions.iter_mut() {
             r.hot_used = 0;
             r.stub_used = 0;
@@ -1298,6 +1369,75 @@ impl Engine {
         }
         self.hot_total = 0;
         self.generation += 1;
+    }
+
+    /// The indirect entry of a return pad (cached returns): the target check for
+    /// the pad's own address and a jump to it, in its region's stub area; made
+    /// the first time an indirect jump targets the pad, kept until a flush.
+    fn pad_entry(&mut self, pad: u64) -> Option<u64> {
+        if let Some(&entry) = self.pad_entries.get(&pad) {
+            return Some(entry);
+        }
+        let ri = self.regions.iter().position(|r| pad >= r.base && pad < r.base + r.hot_size)?;
+        let emit = |at: u64| {
+            let mut e = Emit::new(at);
+            if self.cfg.ibt {
+                e.raw(&ENDBR64);
+            }
+            Self::emit_target_check(&mut e, pad);
+            let rel = pad.wrapping_sub(e.pc() + 5) as i64;
+            e.raw(&[0xE9]);
+            e.raw(&(rel as i32).to_le_bytes());
+            (!e.err && rel == rel as i32 as i64).then_some(e.buf)
+        };
+        let size = emit(pad)?.len() as u64;
+        let r = &mut self.regions[ri];
+        let at = Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, size)?;
+        let code = emit(at).filter(|c| c.len() as u64 == size)?;
+        // SAFETY: freshly allocated stub space of the pad's region.
+        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len()) };
+        self.pad_entries.insert(pad, at);
+        Some(at)
+    }
+
+    /// Makes room when the cache is full: a reset, except with cached returns,
+    /// where stacks may hold pads a reset would free (then nothing: the caller
+    /// stops with `NoSpace`).
+    fn make_room(&mut self) -> bool {
+        if self.cfg.cached_returns {
+            return false;
+        }
+        self.reset();
+        true
+    }
+
+    /// The address a run's outermost return must go to with cached returns (the
+    /// environment puts it where the sentinel would go): an exit stub whose
+    /// record targets `stop_pc`, placed near `near` (the guest code). Made once
+    /// per flush.
+    pub fn env_return_pad(&mut self, near: u64) -> Result<u64, StopKind> {
+        if let Some((stub, _)) = &self.env_pad {
+            return Ok(*stub);
+        }
+        let ri = self.region_for(near).ok_or(StopKind::NoSpace)?;
+        let rec =
+            Box::new(ExitRecord { target: self.stop_pc, patch_at: 0, stub: 0, stop: 0, owner: 0, linked: u64::MAX });
+        let mut t = Emit::new(0);
+        t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+        t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, &*rec as *const ExitRecord as u64));
+        t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
+        if t.err {
+            return Err(StopKind::NoSpace);
+        }
+        let r = &mut self.regions[ri];
+        let stub =
+            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, t.buf.len() as u64)
+                .ok_or(StopKind::NoSpace)?;
+        // SAFETY: freshly allocated stub space of our region (position-independent code).
+        unsafe { core::ptr::copy_nonoverlapping(t.buf.as_ptr(), stub as *mut u8, t.buf.len()) };
+        self.pads.insert(stub);
+        self.env_pad = Some((stub, rec));
+        Ok(stub)
     }
 
     /// Capacity reset (called from the dispatcher when the cache is full).

@@ -231,16 +231,25 @@ impl Harness {
         self.install_gs();
         let mut c = seed_ctx(args);
         let rsp = self.stack_top() - 8;
-        let sentinel = self.engine.stop_pc;
+        let stop = |k| RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
+        // The outermost return: the sentinel (transparent returns go through the
+        // dispatcher, which recognizes it), or with cached returns, whose `ret` runs
+        // natively, a return pad that leads to the dispatcher.
+        let sentinel = if self.engine.cfg.cached_returns {
+            match crate::host_alloc::with_dbt_alloc(|| self.engine.env_return_pad(f)) {
+                Ok(p) => p,
+                Err(k) => return stop(k),
+            }
+        } else {
+            self.engine.stop_pc
+        };
         // SAFETY: rsp is inside our guest stack.
         unsafe { *(rsp as *mut u64) = sentinel };
         c.gpr[GuestCtx::RSP] = rsp;
         c.rip = f;
         let entry = match crate::host_alloc::with_dbt_alloc(|| self.engine.fragment_for(f)) {
             Ok(e) => e,
-            Err(k) => {
-                return RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
-            }
+            Err(k) => return stop(k),
         };
         {
             let s = self.scratch();

@@ -306,3 +306,41 @@ fn indirect_targets_collide_and_check_their_pc() {
         }
     }
 }
+
+#[test]
+fn random_branchy_code_with_cached_returns_under_inscount_matches_single_step() {
+    let cfg = Config { cached_returns: true, ..Config::default() };
+    differential_with(Harness::with_config(Some(Box::new(dbt::InsCount)), cfg), true, 0x0cac_4ed0_0e75, true);
+}
+
+/// Cached returns: invalidating fragments that hold return pads (a stack may still
+/// return to one) never frees their space: after invalidation and reclaim the next
+/// translation of the caller lands elsewhere, with a pad of its own, and runs right.
+#[test]
+fn return_pads_keep_their_space_after_invalidation() {
+    // A: call B; add eax, 1; ret      B: mov eax, 10; ret
+    let p = code_page();
+    let a = p as u64;
+    let b = a + 64;
+    let rel = (b as i64 - (a as i64 + 5)) as i32;
+    let mut code_a = vec![0xE8];
+    code_a.extend_from_slice(&rel.to_le_bytes());
+    code_a.extend_from_slice(&[0x83, 0xC0, 0x01, 0xC3]);
+    // SAFETY: p is our RWX page.
+    unsafe {
+        core::ptr::copy_nonoverlapping(code_a.as_ptr(), p, code_a.len());
+        core::ptr::copy_nonoverlapping([0xB8, 10, 0, 0, 0, 0xC3].as_ptr(), p.add(64), 6);
+    }
+    let cfg = Config { cached_returns: true, ..Config::default() };
+    let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);
+    assert_eq!(h.run(a, &[]).rax, 11);
+    let pads = h.engine.stats.pads;
+    assert_eq!(pads, 1, "one call, one pad");
+    let old_a = h.engine.lookup(a).expect("A translated");
+    // A, its return site and B.
+    assert_eq!(h.engine.invalidate(a, a + 64 + 6), 3);
+    h.engine.reclaim();
+    assert_eq!(h.run(a, &[]).rax, 11);
+    assert_ne!(h.engine.lookup(a), Some(old_a), "the pad's fragment space is not reused");
+    assert_eq!(h.engine.stats.pads, 2);
+}

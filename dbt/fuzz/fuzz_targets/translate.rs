@@ -38,7 +38,13 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    let cfg = Config { hot_size: 1 << 20, stub_size: 1 << 19, ibt: data[0] & 4 != 0, ..Config::default() };
+    let cfg = Config {
+        hot_size: 1 << 20,
+        stub_size: 1 << 19,
+        ibt: data[0] & 4 != 0,
+        cached_returns: data[0] & 8 != 0,
+        ..Config::default()
+    };
     let cache = std::rc::Rc::new(RefCell::new(vec![0u8; (cfg.hot_size + cfg.stub_size) as usize]));
     // Pretend the guest code sits right after the cache (within reach).
     let guest_base = cache.borrow().as_ptr() as u64 + cfg.hot_size + cfg.stub_size + 4096;

@@ -1,18 +1,18 @@
-//! DBT benchmark: native vs DBT (null client) vs DBT (inscount) vs
-//! `valgrind --tool=none` vs `qemu-x86_64`, real cycles (rdtsc) on this
-//! machine. The valgrind and qemu columns re-execute this binary in
+//! DBT benchmark: native vs DBT (null client) vs DBT (inscount) vs DBT (null
+//! client, cached returns) vs `valgrind --tool=none` vs `qemu-x86_64`, real
+//! cycles (rdtsc) on this machine. The valgrind and qemu columns re-execute this binary in
 //! `--native-only` mode under those tools.
 //!
 //! Method: each workload is first run once under each DBT configuration
-//! (translation happens then and is not timed), then native, DBT-null and
-//! DBT-inscount runs are interleaved for `ROUNDS` rounds and each column keeps
+//! (translation happens then and is not timed), then native and the DBT
+//! runs are interleaved for `ROUNDS` rounds and each column keeps
 //! its fastest run, so machine-wide drift (this is a VM with neighbours) hits
 //! all columns alike. Under valgrind and qemu the fastest of `TOOL_ROUNDS`
 //! runs is kept. Native and translated runs use the same guest stack (same
 //! addresses, same alignment-dependent paths).
 use dbt::corpus::{cases, Case, BUF_LEN};
 use dbt::host::Harness;
-use dbt::{InsCount, NullClient, StopKind};
+use dbt::{Config, InsCount, NullClient, StopKind};
 use std::collections::BTreeMap;
 use std::process::Command;
 
@@ -82,35 +82,38 @@ fn geomean(v: &[f64]) -> f64 {
     (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp()
 }
 
-/// Fastest cycles per column: native, DBT null, DBT inscount (None: a
+/// The DBT configurations, in column order.
+const DBT_COLUMNS: [&str; 3] = ["null", "inscount", "cached-returns null"];
+
+/// Fastest cycles per column: native, then each of [`DBT_COLUMNS`] (None: a
 /// translated run failed or returned another result than the native run).
 struct Row {
     native: u64,
-    null: Option<u64>,
-    inscount: Option<u64>,
+    dbt: [Option<u64>; 3],
 }
 
-fn measure(c: &Case, buf: &mut [u8], hn: &mut Harness, h0: &mut Harness, h1: &mut Harness) -> Option<Row> {
+fn measure(c: &Case, buf: &mut [u8], hn: &mut Harness, hs: &mut [Harness; 3]) -> Option<Row> {
     let (_, want) = timed(hn, c, buf, false)?;
     // Warm-up: translation happens here, untimed.
-    let mut ok = [true, true];
-    for (k, h) in [&mut *h0, &mut *h1].into_iter().enumerate() {
+    let mut ok = [true; 3];
+    for (k, h) in hs.iter_mut().enumerate() {
         if timed(h, c, buf, true).map(|(_, r)| r) != Some(want) {
-            eprintln!("{}: DBT result differs from native ({})", c.name, ["null", "inscount"][k]);
+            eprintln!("{}: DBT result differs from native ({})", c.name, DBT_COLUMNS[k]);
             ok[k] = false;
         }
     }
+    let mut native = u64::MAX;
     let mut best = [u64::MAX; 3];
     for _ in 0..ROUNDS {
-        best[0] = best[0].min(timed(hn, c, buf, false)?.0);
-        for (k, h) in [&mut *h0, &mut *h1].into_iter().enumerate() {
+        native = native.min(timed(hn, c, buf, false)?.0);
+        for (k, h) in hs.iter_mut().enumerate() {
             match timed(h, c, buf, true) {
-                Some((t, r)) if r == want => best[k + 1] = best[k + 1].min(t),
+                Some((t, r)) if r == want => best[k] = best[k].min(t),
                 _ => ok[k] = false,
             }
         }
     }
-    Some(Row { native: best[0], null: ok[0].then_some(best[1]), inscount: ok[1].then_some(best[2]) })
+    Some(Row { native, dbt: core::array::from_fn(|k| ok[k].then_some(best[k])) })
 }
 
 fn main() {
@@ -121,22 +124,27 @@ fn main() {
     let cs = bench_cases();
     let mut buf = vec![0u8; BUF_LEN];
     let mut hn = Harness::new(None);
-    let mut h0 = Harness::new(Some(Box::new(NullClient)));
-    let mut h1 = Harness::new(Some(Box::new(InsCount)));
+    let cached = Config { cached_returns: true, ..Config::default() };
+    let mut hs = [
+        Harness::new(Some(Box::new(NullClient))),
+        Harness::new(Some(Box::new(InsCount))),
+        Harness::with_config(Some(Box::new(NullClient)), cached),
+    ];
     let mut rows = Vec::new();
     for c in cs.iter() {
         eprintln!("{}: {} interleaved rounds", c.name, ROUNDS);
-        rows.push(measure(c, &mut buf, &mut hn, &mut h0, &mut h1));
+        rows.push(measure(c, &mut buf, &mut hn, &mut hs));
     }
-    eprintln!("null stats: {:?}", h0.engine.stats);
-    eprintln!("inscount stats: {:?}", h1.engine.stats);
+    for (name, h) in DBT_COLUMNS.iter().zip(hs.iter()) {
+        eprintln!("{name} stats: {:?}", h.engine.stats);
+    }
     let vg = under_tool("valgrind", &["--tool=none", "-q"]);
     let qe = under_tool("qemu-x86_64", &[]);
     println!(
-        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}",
-        "workload", "native cyc", "dbt-null", "dbt-insc", "valgrind", "qemu-user"
+        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "workload", "native cyc", "dbt-null", "dbt-insc", "dbt-cachedret", "valgrind", "qemu-user"
     );
-    let mut gm: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut gm: Vec<Vec<f64>> = vec![Vec::new(); 5];
     let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}x"));
     for (c, row) in cs.iter().zip(rows.iter()) {
         let Some(row) = row else {
@@ -144,27 +152,36 @@ fn main() {
             continue;
         };
         let n = row.native as f64;
-        let s0 = row.null.map(|t| t as f64 / n);
-        let s1 = row.inscount.map(|t| t as f64 / n);
+        let [s0, s1, s4] = row.dbt.map(|t| t.map(|t| t as f64 / n));
         let s2 = vg.as_ref().ok().and_then(|m| m.get(c.name)).map(|t| *t as f64 / n);
         let s3 = qe.as_ref().ok().and_then(|m| m.get(c.name)).map(|t| *t as f64 / n);
-        for (i, s) in [s0, s1, s2, s3].iter().enumerate() {
+        for (i, s) in [s0, s1, s2, s3, s4].iter().enumerate() {
             if let Some(s) = s {
                 gm[i].push(*s);
             }
         }
-        println!("{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}", c.name, row.native, fmt(s0), fmt(s1), fmt(s2), fmt(s3));
+        println!(
+            "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12}",
+            c.name,
+            row.native,
+            fmt(s0),
+            fmt(s1),
+            fmt(s4),
+            fmt(s2),
+            fmt(s3)
+        );
     }
     let g = |i: usize, r: &Result<BTreeMap<String, u64>, String>| match r {
         Err(e) => e.clone(),
         Ok(_) => format!("{:.2}x", geomean(&gm[i])),
     };
     println!(
-        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12}",
+        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12}",
         "geomean",
         "",
         format!("{:.2}x", geomean(&gm[0])),
         format!("{:.2}x", geomean(&gm[1])),
+        format!("{:.2}x", geomean(&gm[4])),
         g(2, &vg),
         g(3, &qe)
     );
