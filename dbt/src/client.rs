@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use iced_x86::{Code, Instruction, InstructionInfoFactory, MemoryOperand, OpAccess, Register};
 
-use crate::scratch::OFF_CLIENT;
+use crate::scratch::{COUNTERS, OFF_CLIENT, OFF_COUNTERS};
 
 /// Where a snippet goes. `After` is only honoured for instructions that are
 /// not control transfers (after a branch there is no single "after").
@@ -118,23 +118,53 @@ pub fn client_slot(i: usize) -> MemoryOperand {
     MemoryOperand::new(Register::None, Register::None, 1, OFF_CLIENT + 8 * (i as i64 & 15), 4, false, Register::GS)
 }
 
+/// `gs:[per-CPU counter i]` as a memory operand (i < [`COUNTERS`]).
+pub fn counter_slot(i: usize) -> MemoryOperand {
+    MemoryOperand::new(
+        Register::None,
+        Register::None,
+        1,
+        OFF_COUNTERS + 8 * (i % COUNTERS) as i64,
+        4,
+        false,
+        Register::GS,
+    )
+}
+
 /// `null`: no instrumentation.
 pub struct NullClient;
 impl Client for NullClient {
     fn instrument(&mut self, _b: &BlockInfo<'_>, _o: &mut Inserts) {}
 }
 
-/// `inscount`: exact count of executed guest instructions in client slot 0
-/// (one counter update per block, where the flags are dead if anywhere; a
-/// block always runs to its end or is left by its last instruction).
+/// `inscount`: exact count of executed guest instructions. Each basic block
+/// adds its length to one of the per-CPU counters ([`crate::Scratch::counters`],
+/// chosen by hashing the block's address), where the flags are dead if
+/// anywhere (a block always runs to its end or is left by its last
+/// instruction); the count is the sum of the counters ([`InsCount::total`]).
+/// Spreading the updates keeps blocks that run one after another from
+/// serializing on one memory location (a one-block loop still does).
 pub struct InsCount;
-pub const INSCOUNT_SLOT: usize = 0;
+impl InsCount {
+    /// The counter a block at `pc` adds to.
+    pub fn slot(pc: u64) -> usize {
+        ((pc ^ (pc >> 17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52) as usize % COUNTERS
+    }
+    /// Instructions counted on the CPU whose block is `s`.
+    pub fn total(s: &crate::Scratch) -> u64 {
+        s.counters.iter().fold(0u64, |a, c| a.wrapping_add(*c))
+    }
+    /// Starts counting from 0 on that CPU.
+    pub fn reset(s: &mut crate::Scratch) {
+        s.counters.fill(0);
+    }
+}
 impl Client for InsCount {
     fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
         if b.insns.is_empty() {
             return;
         }
-        insert_counter_add(b, o, &[], &[], client_slot(INSCOUNT_SLOT), b.insns.len() as i32);
+        insert_counter_add(b, o, &[], &[], counter_slot(Self::slot(b.start)), b.insns.len() as i32);
     }
 }
 

@@ -8,7 +8,7 @@ use std::boxed::Box;
 use std::vec::Vec;
 
 use crate::asm;
-use crate::client::{Client, INSCOUNT_SLOT};
+use crate::client::{Client, InsCount};
 use crate::engine::{Config, Engine, Env, StopKind};
 use crate::scratch::{GuestCtx, Scratch};
 
@@ -281,9 +281,14 @@ impl Harness {
         unsafe { (*p).hits() }
     }
 
-    /// inscount client slot (valid with the `InsCount` client).
+    /// Instructions counted by inscount (valid with the `InsCount` client).
     pub fn inscount(&mut self) -> u64 {
-        self.scratch().client[INSCOUNT_SLOT]
+        InsCount::total(self.scratch())
+    }
+
+    /// Restarts the inscount count (valid with the `InsCount` client).
+    pub fn reset_inscount(&mut self) {
+        InsCount::reset(self.scratch())
     }
 }
 

@@ -10,6 +10,8 @@
 /// Number of entries of the inline lookup table (indexed by the low 16 bits
 /// of the guest target; extracting those with `movzx` leaves the flags alone).
 pub const IBL_ENTRIES: usize = 1 << 16;
+/// Number of per-CPU counters clients may address with `gs:[disp32]`.
+pub const COUNTERS: usize = 4096;
 
 /// Guest general purpose registers + rip + rflags, iced/hardware order.
 #[repr(C)]
@@ -86,6 +88,9 @@ pub struct Scratch {
     pub _pad2: [u64; 4], // 544 .. 576
     /// xsave area of the guest's extended state while the dispatcher runs.
     pub xsave: [u8; 4096], // 576 (64-aligned)
+    /// Counters owned by the client tools (e.g. inscount's, spread over
+    /// many slots so that blocks do not all update one memory location).
+    pub counters: [u64; COUNTERS],
     /// Inline indirect-branch lookup: entry `t & 0xffff` holds the indirect
     /// entry (target check) of a fragment whose guest pc has those low bits,
     /// or `ind_miss`. No tags: the fragment's own check compares the guest
@@ -105,6 +110,7 @@ pub const OFF_CTX: i64 = 128;
 pub const OFF_SPILL: i64 = 288;
 pub const OFF_CLIENT: i64 = 416;
 pub const OFF_IBL: i64 = core::mem::offset_of!(Scratch, ibl) as i64;
+pub const OFF_COUNTERS: i64 = core::mem::offset_of!(Scratch, counters) as i64;
 
 const _: () = {
     use core::mem::offset_of;

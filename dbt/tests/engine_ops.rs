@@ -197,7 +197,7 @@ fn differential_with(mut h: Harness, branchy: bool, seed: u64, count: bool) {
         assert_eq!(r.callee_saved, dbt::host::CALLEE_SEED);
         if count {
             let got = h.inscount();
-            h.scratch().client[dbt::client::INSCOUNT_SLOT] = 0;
+            h.reset_inscount();
             assert_eq!(Some(got), h.ptrace_count(p as u64, &[no.as_mut_ptr() as u64]), "inscount");
         }
     }

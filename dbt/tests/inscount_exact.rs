@@ -21,7 +21,7 @@ fn inscount_matches_ptrace_single_step() {
         h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
         nb.fill(0);
         let reference = h.ptrace_count(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]).expect("ptrace");
-        h.scratch().client[dbt::client::INSCOUNT_SLOT] = 0;
+        h.reset_inscount();
         let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
         assert_eq!(tr.stop, StopKind::Sentinel, "{}", c.name);
         let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
