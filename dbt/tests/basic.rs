@@ -1,20 +1,29 @@
-use dbt::corpus::{cases, BUF_LEN};
-use dbt::host::{Harness, CALLEE_SEED};
-use dbt::{NullClient, StopKind};
+use dbt::corpus::{cases, Case, BUF_LEN};
+use dbt::host::{Harness, RunResult, CALLEE_SEED};
+use dbt::{Config, NullClient, StopKind};
+
+/// Runs corpus case `c` natively and translated on `h`, each with a zeroed buffer.
+/// The translated run must reach the sentinel, leave the callee-saved registers as
+/// it found them and have the native run's memory side effects; returns (native
+/// result, translated result) for the caller to compare.
+fn run_both(h: &mut Harness, c: &Case) -> (RunResult, RunResult) {
+    let mut nb = vec![0u8; BUF_LEN];
+    let mut tb = vec![0u8; BUF_LEN];
+    let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
+    let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
+    assert_eq!(tr.stop, StopKind::Sentinel, "{}: stopped {:?} at {:#x}", c.name, tr.stop, tr.stop_pc);
+    assert_eq!(nat.callee_saved, CALLEE_SEED, "{}: native callee-saved", c.name);
+    assert_eq!(tr.callee_saved, CALLEE_SEED, "{}: callee-saved", c.name);
+    assert!(tb == nb, "{}: memory side effects differ", c.name);
+    (nat, tr)
+}
 
 #[test]
 fn corpus_null_client_matches_native() {
     let mut h = Harness::new(Some(Box::new(NullClient)));
     for c in cases() {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
-        let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(tr.stop, StopKind::Sentinel, "{}: stopped {:?} at {:#x}", c.name, tr.stop, tr.stop_pc);
+        let (nat, tr) = run_both(&mut h, &c);
         assert_eq!(tr.rax, nat.rax, "{}: return value", c.name);
-        assert_eq!(tr.callee_saved, CALLEE_SEED, "{}: callee-saved", c.name);
-        assert_eq!(nat.callee_saved, CALLEE_SEED, "{}: native callee-saved", c.name);
-        assert!(tb == nb, "{}: memory side effects differ", c.name);
         eprintln!("{}: ok ({:#x})", c.name, tr.rax);
     }
     let s = h.engine.stats;
@@ -26,15 +35,10 @@ fn corpus_null_client_matches_native() {
 /// indirect jump starts with `endbr64`, and the corpus still runs right.
 #[test]
 fn ibt_entries_start_with_endbr64() {
-    let mut h = Harness::with_config(Some(Box::new(NullClient)), dbt::Config { ibt: true, ..dbt::Config::default() });
+    let mut h = Harness::with_config(Some(Box::new(NullClient)), Config { ibt: true, ..Config::default() });
     for c in cases() {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
-        let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(tr.stop, StopKind::Sentinel, "{}", c.name);
+        let (nat, tr) = run_both(&mut h, &c);
         assert_eq!(tr.rax, nat.rax, "{}", c.name);
-        assert!(tb == nb, "{}", c.name);
     }
     let entries = h.engine.entries();
     assert!(entries.len() > 100);
@@ -50,34 +54,21 @@ fn ibt_entries_start_with_endbr64() {
 /// Cached (non-transparent) returns: the corpus gives the native results, except
 /// what the mode is documented to break: the get-PC idiom (`call 1f; 1: pop`) reads
 /// a code-cache return pad instead of its own address. setjmp/longjmp (a jump to a
-/// pad read off the stack) and qsort's callbacks work.
+/// pad read off the stack) and qsort's callbacks work. Two rounds: the second runs
+/// on linked fragments and the same pads.
 #[test]
 fn cached_returns_run_the_corpus() {
-    let mut h = Harness::with_config(
-        Some(Box::new(NullClient)),
-        dbt::Config { cached_returns: true, ..dbt::Config::default() },
-    );
-    for c in cases() {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
-        let tr = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(tr.stop, StopKind::Sentinel, "{}: stopped {:?} at {:#x}", c.name, tr.stop, tr.stop_pc);
-        if c.name == "c_getpc" {
-            assert_eq!(nat.rax, 0);
-            assert_ne!(tr.rax, 0, "the get-PC idiom sees the return pad, not its own address");
-            continue;
+    let mut h = Harness::with_config(Some(Box::new(NullClient)), Config { cached_returns: true, ..Config::default() });
+    for round in 0..2 {
+        for c in cases() {
+            let (nat, tr) = run_both(&mut h, &c);
+            if c.name == "c_getpc" {
+                assert_eq!(nat.rax, 0);
+                assert_ne!(tr.rax, 0, "the get-PC idiom sees the return pad, not its own address");
+            } else {
+                assert_eq!(tr.rax, nat.rax, "{}: return value (round {round})", c.name);
+            }
         }
-        assert_eq!(tr.rax, nat.rax, "{}: return value", c.name);
-        assert_eq!(tr.callee_saved, CALLEE_SEED, "{}: callee-saved", c.name);
-        assert!(tb == nb, "{}: memory side effects differ", c.name);
-    }
-    assert!(h.engine.stats.pads > 50, "{:?}", h.engine.stats);
-    // A second round runs on linked fragments and the same pads.
-    for c in cases().into_iter().filter(|c| c.name != "c_getpc") {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        let nat = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]).rax, nat.rax, "{} (again)", c.name);
+        assert!(h.engine.stats.pads > 50, "{:?}", h.engine.stats);
     }
 }

@@ -11,12 +11,13 @@ fn code_page() -> *mut u8 {
     HostEnv.alloc_code(near, 1 << 16).expect("code memory") as *mut u8
 }
 
-#[test]
-fn invalidation_unlinks_and_retranslates() {
+/// A fresh code page holding A at its start and B 64 bytes in:
+/// `A: call B; add eax, 1; ret`  `B: mov eax, 10; ret` (A returns 11).
+/// Returns (page, A, B).
+fn call_pair() -> (*mut u8, u64, u64) {
     let p = code_page();
     let a = p as u64;
     let b = a + 64;
-    // A: call B; add eax, 1; ret      B: mov eax, imm32; ret
     let rel = (b as i64 - (a as i64 + 5)) as i32;
     let mut code_a = vec![0xE8];
     code_a.extend_from_slice(&rel.to_le_bytes());
@@ -26,6 +27,12 @@ fn invalidation_unlinks_and_retranslates() {
         core::ptr::copy_nonoverlapping(code_a.as_ptr(), p, code_a.len());
         core::ptr::copy_nonoverlapping([0xB8, 10, 0, 0, 0, 0xC3].as_ptr(), p.add(64), 6);
     }
+    (p, a, b)
+}
+
+#[test]
+fn invalidation_unlinks_and_retranslates() {
+    let (p, a, b) = call_pair();
     let mut h = Harness::new(Some(Box::new(NullClient)));
     assert_eq!(h.run(a, &[]).rax, 11);
     assert_eq!(h.run(a, &[]).rax, 11);
@@ -318,19 +325,7 @@ fn random_branchy_code_with_cached_returns_under_inscount_matches_single_step() 
 /// translation of the caller lands elsewhere, with a pad of its own, and runs right.
 #[test]
 fn return_pads_keep_their_space_after_invalidation() {
-    // A: call B; add eax, 1; ret      B: mov eax, 10; ret
-    let p = code_page();
-    let a = p as u64;
-    let b = a + 64;
-    let rel = (b as i64 - (a as i64 + 5)) as i32;
-    let mut code_a = vec![0xE8];
-    code_a.extend_from_slice(&rel.to_le_bytes());
-    code_a.extend_from_slice(&[0x83, 0xC0, 0x01, 0xC3]);
-    // SAFETY: p is our RWX page.
-    unsafe {
-        core::ptr::copy_nonoverlapping(code_a.as_ptr(), p, code_a.len());
-        core::ptr::copy_nonoverlapping([0xB8, 10, 0, 0, 0, 0xC3].as_ptr(), p.add(64), 6);
-    }
+    let (_, a, _) = call_pair();
     let cfg = Config { cached_returns: true, ..Config::default() };
     let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);
     assert_eq!(h.run(a, &[]).rax, 11);
