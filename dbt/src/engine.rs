@@ -86,6 +86,9 @@ pub struct Stats {
     pub stub_bytes: u64,
     pub links: u64,
     pub unlinks: u64,
+    /// Inline lookups that reached the dispatcher, i.e. the misses (hits never
+    /// leave translated code: with `Config::count_lookups` they are counted per
+    /// CPU, see [`Engine::lookup_hits`]).
     pub lookups: u64,
     pub misses: u64,
     pub invalidations: u64,
@@ -163,6 +166,9 @@ pub struct Config {
     pub link: bool,
     /// Use the inline lookup table for indirect branches.
     pub inline_lookup: bool,
+    /// Count inline-lookup hits in translated code (three flags-free
+    /// instructions on every hit: off by default), for [`Engine::lookup_hits`].
+    pub count_lookups: bool,
     /// Non-transparent returns (BTKernel-style; off by default): a translated
     /// call executes a real `call`, so the stack holds a code-cache *return pad*
     /// (a jump to the return site's fragment) instead of the native return
@@ -195,6 +201,7 @@ impl Default for Config {
             inline_lookup: true,
             max_basic_blocks: 8,
             ibt: false,
+            count_lookups: false,
             cached_returns: false,
         }
     }
@@ -504,6 +511,15 @@ impl Engine {
         self.cpus.push(s);
     }
 
+    /// Inline-lookup hits on every registered CPU (counted only with
+    /// `Config::count_lookups`; a CPU running translated code meanwhile may be
+    /// a few behind).
+    pub fn lookup_hits(&self) -> u64 {
+        // SAFETY: registered per-CPU blocks stay valid (attach_cpu contract); a
+        // concurrent increment only makes the sum slightly stale.
+        self.cpus.iter().map(|&c| unsafe { core::ptr::read_volatile(&(*c).lookup_hits) }).sum()
+    }
+
     /// Client access (e.g. to read bbcov results).
     pub fn client_mut(&mut self) -> Option<&mut (dyn Client + 'static)> {
         self.client.as_deref_mut()
@@ -703,7 +719,7 @@ impl Engine {
     /// falls into the body; on a mismatch (another pc with the same low 16
     /// bits owns the entry) it rebuilds the target in rcx and leaves through
     /// the miss routine. Flags-neutral (lea/jrcxz/not/mov only).
-    fn emit_target_check(e: &mut Emit, pc: u64) {
+    fn emit_target_check(e: &mut Emit, pc: u64, count_hits: bool) {
         let neg = (pc as i64).wrapping_neg();
         let mut miss = Emit::new(0);
         if neg == neg as i32 as i64 {
@@ -741,6 +757,11 @@ impl Engine {
         e.raw(&[0xE3, miss.buf.len() as u8]); // jrcxz ok
         e.raw(&miss.buf);
         // ok:
+        if count_hits {
+            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_LOOKUP_HITS)));
+            e.ins(Instruction::with2(Code::Lea_r64_m, Register::RCX, MemoryOperand::with_base_displ(Register::RCX, 1)));
+            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_LOOKUP_HITS), Register::RCX));
+        }
         e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
         e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
     }
@@ -833,7 +854,7 @@ impl Engine {
             if self.cfg.ibt {
                 e.raw(&ENDBR64);
             }
-            Self::emit_target_check(&mut e, pc);
+            Self::emit_target_check(&mut e, pc, self.cfg.count_lookups);
         }
         let body_off = e.buf.len() as u64;
         if self.cfg.ibt {
@@ -1384,7 +1405,7 @@ impl Engine {
             if self.cfg.ibt {
                 e.raw(&ENDBR64);
             }
-            Self::emit_target_check(&mut e, pad);
+            Self::emit_target_check(&mut e, pad, self.cfg.count_lookups);
             let rel = pad.wrapping_sub(e.pc() + 5) as i64;
             e.raw(&[0xE9]);
             e.raw(&(rel as i32).to_le_bytes());

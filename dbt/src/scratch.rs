@@ -79,7 +79,10 @@ pub struct Scratch {
     pub ind_miss: u64, // 120
     /// Saved guest context while the dispatcher runs.
     pub ctx: GuestCtx, // 128 .. 272
-    pub _pad1: [u64; 2], // 272 .. 288
+    /// Inline-lookup hits (`Config::count_lookups`; the misses reach the
+    /// dispatcher and are counted there).
+    pub lookup_hits: u64, // 272
+    pub _pad1: u64,    // 280
     /// Spill slots for instrumentation (engine-managed: registers the client
     /// clobbers and the arithmetic flags).
     pub spill: [u64; 16], // 288 .. 416
@@ -110,6 +113,7 @@ pub const OFF_CTX: i64 = 128;
 pub const OFF_SPILL: i64 = 288;
 pub const OFF_CLIENT: i64 = 416;
 pub const OFF_IBL: i64 = core::mem::offset_of!(Scratch, ibl) as i64;
+pub const OFF_LOOKUP_HITS: i64 = 272;
 pub const OFF_COUNTERS: i64 = core::mem::offset_of!(Scratch, counters) as i64;
 
 const _: () = {
@@ -128,6 +132,7 @@ const _: () = {
     assert!(offset_of!(Scratch, save_xstate) == 96);
     assert!(offset_of!(Scratch, ind_miss) == 120);
     assert!(offset_of!(Scratch, ctx) == 128);
+    assert!(offset_of!(Scratch, lookup_hits) == OFF_LOOKUP_HITS as usize);
     assert!(offset_of!(Scratch, spill) == 288);
     assert!(offset_of!(Scratch, client) == 416);
     assert!(offset_of!(Scratch, xsave) == 576);

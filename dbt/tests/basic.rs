@@ -72,3 +72,18 @@ fn cached_returns_run_the_corpus() {
         assert!(h.engine.stats.pads > 50, "{:?}", h.engine.stats);
     }
 }
+
+/// `Config::count_lookups` counts inline-lookup hits in translated code (flags
+/// untouched: results still match); without it they stay uncounted.
+#[test]
+fn lookup_hits_are_counted_on_request() {
+    let dyn_case = cases().into_iter().find(|c| c.name == "dyn_dispatch").expect("corpus case");
+    let mut h = Harness::with_config(Some(Box::new(NullClient)), Config { count_lookups: true, ..Config::default() });
+    let (nat, tr) = run_both(&mut h, &dyn_case);
+    assert_eq!(tr.rax, nat.rax);
+    let (hits, misses) = (h.engine.lookup_hits(), h.engine.stats.misses);
+    assert!(hits > 10 * misses && misses > 0, "hits {hits} misses {misses}");
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    run_both(&mut h, &dyn_case);
+    assert_eq!(h.engine.lookup_hits(), 0);
+}
