@@ -3,7 +3,7 @@
 # In Bochs RDTSC advances with executed instructions, so ticks are instruction-cost figures.
 # ubench repeats each measurement 5 times; the fastest repetitions are compared.
 
-plan 6
+plan 7
 export KDBT_MODULE=/lib/modules/kdbt.ko
 ITERS=1000
 
@@ -24,7 +24,7 @@ ubench --iters $ITERS > /tmp/u1
 kdbt status --summary > /tmp/s1
 ubench --iters $ITERS --reps 1 --only getppid > /dev/null
 kdbt status --summary > /tmp/s2
-for b in getppid fork_exit exec page_fault; do
+for b in getppid fork_exit exec page_fault cpuid; do
     pass "bench_$b" unloaded="$(ticks $b /tmp/u0)" loaded="$(ticks $b /tmp/u1)" \
         unloaded_max="$(ticks $b /tmp/u0 max_)" loaded_max="$(ticks $b /tmp/u1 max_)"
 done

@@ -1,5 +1,6 @@
 //! Microbenchmarks in RDTSC ticks per operation: getppid, fork+exit(+wait), exec of a
-//! static binary, and a page fault (first touch of an anonymous page).
+//! static binary, a page fault (first touch of an anonymous page), and CPUID (which always
+//! exits under VT-x: loaded minus unloaded is the cost of one VM exit and re-entry).
 //! Usage: ubench [--iters N] [--reps R] [--exec PATH] [--only NAME]. Each benchmark runs R
 //! times (default 5); it prints the fastest repetition and the slowest, one line each:
 //! `ubench name=<bench> ops=<n> ticks_per_op=<min> max_ticks_per_op=<max> reps=<R>`.
@@ -19,10 +20,12 @@ fn main() {
             ("--reps", Some(v)) => {
                 reps = v.parse().ok().filter(|&r| r > 0).unwrap_or_else(|| die("--reps takes a number > 0"))
             }
-            ("--only", Some(v)) if ["getppid", "fork_exit", "exec", "page_fault"].contains(&v.as_str()) => {
+            ("--only", Some(v)) if ["getppid", "fork_exit", "exec", "page_fault", "cpuid"].contains(&v.as_str()) => {
                 only = Some(v.clone())
             }
-            _ => die("usage: ubench [--iters N] [--reps R] [--exec PATH] [--only getppid|fork_exit|exec|page_fault]"),
+            _ => die(
+                "usage: ubench [--iters N] [--reps R] [--exec PATH] [--only getppid|fork_exit|exec|page_fault|cpuid]",
+            ),
         }
     }
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -30,6 +33,12 @@ fn main() {
         report(reps, "getppid", iters * 10, || {
             // SAFETY: getppid has no side effects.
             unsafe { libc::getppid() };
+        });
+    }
+    if run("cpuid") {
+        report(reps, "cpuid", iters, || {
+            // Leaf 0: a cheap leaf on every CPU (the value is not used).
+            core::hint::black_box(core::arch::x86_64::__cpuid(0));
         });
     }
     if run("fork_exit") {
