@@ -223,6 +223,8 @@ pub struct ExitCtx {
     pub nmi_pending: bool,
     /// NMIs injected into the guest.
     pub nmis_injected: u64,
+    /// Basic reason of the exit [`handle`] handled last.
+    pub last_reason: u32,
 }
 
 impl ExitCtx {
@@ -236,6 +238,7 @@ impl ExitCtx {
             vnmi: false,
             nmi_pending: false,
             nmis_injected: 0,
+            last_reason: 0,
         }
     }
 }
@@ -306,6 +309,7 @@ fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
 pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Action {
     let full = hw.vmread(ro::EXIT_REASON) as u32;
     let basic = full & 0xffff;
+    ctx.last_reason = basic;
     ctx.total += 1;
     ctx.counts[(basic as usize).min(reason::COUNT - 1)] += 1;
 

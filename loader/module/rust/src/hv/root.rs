@@ -81,9 +81,8 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
     // allocated while the CPU is virtualized; only this CPU touches it in root mode.
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
-    let nmi_exit = vmread(x86::vmx::vmcs::ro::EXIT_REASON) as u32 == exit::reason::EXCEPTION_NMI;
     let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits);
-    if nmi_exit {
+    if pc.ctl.exits.last_reason == exit::reason::EXCEPTION_NMI {
         unblock_nmis();
     }
     match action {
