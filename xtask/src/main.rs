@@ -69,12 +69,13 @@ enum Cmd {
     /// Boot one guest and run a scenario suite.
     Vm(VmArgs),
     /// Host unit tests + the smoke and hypervisor suites in Bochs (small, debian-6.12) and
-    /// QEMU TCG (small, debian-6.12), one boot per kernel and emulator.
+    /// QEMU TCG (small, debian-6.12, debian-6.1), one boot per kernel and emulator, and the
+    /// fatal suite in a boot of its own (Bochs, small).
     Test {
         /// Skip `cargo test --workspace`.
         #[arg(long)]
         no_unit: bool,
-        /// Also run smoke on the Debian 6.1 series.
+        /// Also run smoke and hypervisor on Debian 6.1 in Bochs (about 11 minutes).
         #[arg(long)]
         with_61: bool,
         /// Make every guest report one deliberately failing check.
