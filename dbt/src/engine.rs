@@ -655,21 +655,34 @@ impl Engine {
         }
     }
 
-    /// Patchable `jmp rel32` (hand-emitted E9 so the rel32 is 4-byte aligned
-    /// and can be retargeted with one atomic store).
-    fn patch_jmp(e: &mut Emit, fix: &mut Vec<Fixup>, exit: usize) {
-        e.align_field(1);
-        e.raw(&[0xE9]);
+    /// A patchable branch to `exit`: `opcode` then a rel32, hand-emitted after
+    /// NOP padding so that the rel32 is 4-byte aligned and can be retargeted
+    /// with one atomic store.
+    fn patch_branch(e: &mut Emit, fix: &mut Vec<Fixup>, opcode: &[u8], exit: usize) {
+        e.align_field(opcode.len() as u64);
+        e.raw(opcode);
         fix.push((e.buf.len(), exit));
         e.raw(&[0, 0, 0, 0]);
     }
 
-    /// Patchable `jcc rel32` (0F 8x rel32, rel32 aligned).
+    /// Patchable `jmp rel32` (E9).
+    fn patch_jmp(e: &mut Emit, fix: &mut Vec<Fixup>, exit: usize) {
+        Self::patch_branch(e, fix, &[0xE9], exit);
+    }
+
+    /// Patchable `jcc rel32` (0F 8x).
     fn patch_jcc(e: &mut Emit, fix: &mut Vec<Fixup>, cc: u8, exit: usize) {
-        e.align_field(2);
-        e.raw(&[0x0F, 0x80 | (cc & 15)]);
-        fix.push((e.buf.len(), exit));
-        e.raw(&[0, 0, 0, 0]);
+        Self::patch_branch(e, fix, &[0x0F, 0x80 | (cc & 15)], exit);
+    }
+
+    /// An exit stub: `mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]`
+    /// (position independent, always the same length).
+    fn exit_stub(rec: u64) -> Vec<u8> {
+        let mut t = Emit::new(0);
+        t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
+        t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, rec));
+        t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
+        t.buf
     }
 
     /// Push a 64-bit native return address without a scratch register, as
@@ -962,10 +975,7 @@ impl Engine {
                     FlowControl::Call if self.cfg.cached_returns => {
                         // call callee (patchable); pad: jmp next (patchable)
                         let x = new_exit(i.near_branch_target(), 0);
-                        e.align_field(1);
-                        e.raw(&[0xE8]);
-                        fix.push((e.buf.len(), x));
-                        e.raw(&[0, 0, 0, 0]);
+                        Self::patch_branch(&mut e, &mut fix, &[0xE8], x);
                         pads.push(e.buf.len());
                         let xr = new_exit(next, 0);
                         Self::patch_jmp(&mut e, &mut fix, xr);
@@ -1052,16 +1062,10 @@ impl Engine {
         let Emitted { mut buf, fixups, exits, body_off, code_len, pads } = em;
         self.pads.extend(pads.iter().map(|&off| hot + off as u64));
         self.stats.pads += pads.len() as u64;
-        // Exit stubs (cold area): mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]
+        // Exit stubs, in the cold area.
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
         let mut stub_code = Vec::new();
-        let stub_len_each = {
-            let mut t = Emit::new(0);
-            t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
-            t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, u64::MAX));
-            t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
-            t.buf.len() as u64
-        };
+        let stub_len_each = Self::exit_stub(u64::MAX).len() as u64;
         let stub_total = stub_len_each * recs.len() as u64;
         let stub = if stub_total == 0 {
             Some(hot + hot_len) // no exits (ret / indirect only): nothing to place
@@ -1079,11 +1083,7 @@ impl Engine {
         for (k, rec) in recs.iter_mut().enumerate() {
             let addr = stub + k as u64 * stub_len_each;
             rec.stub = addr;
-            let mut t = Emit::new(addr);
-            t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
-            t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, &**rec as *const ExitRecord as u64));
-            t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
-            stub_code.extend_from_slice(&t.buf);
+            stub_code.extend_from_slice(&Self::exit_stub(&**rec as *const ExitRecord as u64));
         }
         for (off, x) in fixups.iter() {
             let at = hot + *off as u64;
@@ -1443,19 +1443,13 @@ impl Engine {
         let ri = self.region_for(near).ok_or(StopKind::NoSpace)?;
         let rec =
             Box::new(ExitRecord { target: self.stop_pc, patch_at: 0, stub: 0, stop: 0, owner: 0, linked: u64::MAX });
-        let mut t = Emit::new(0);
-        t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
-        t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, &*rec as *const ExitRecord as u64));
-        t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
-        if t.err {
-            return Err(StopKind::NoSpace);
-        }
+        let code = Self::exit_stub(&*rec as *const ExitRecord as u64);
         let r = &mut self.regions[ri];
         let stub =
-            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, t.buf.len() as u64)
+            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, code.len() as u64)
                 .ok_or(StopKind::NoSpace)?;
         // SAFETY: freshly allocated stub space of our region (position-independent code).
-        unsafe { core::ptr::copy_nonoverlapping(t.buf.as_ptr(), stub as *mut u8, t.buf.len()) };
+        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), stub as *mut u8, code.len()) };
         self.pads.insert(stub);
         self.env_pad = Some((stub, rec));
         Ok(stub)
