@@ -8,6 +8,7 @@ mod glue_abi;
 mod image;
 mod kernel;
 mod results;
+mod toolchain;
 mod util;
 
 use anyhow::{bail, Context, Result};
@@ -128,6 +129,8 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<bool> {
+    // Every command builds for the kernel or the guest targets.
+    toolchain::ensure()?;
     match cli.cmd {
         Cmd::Vm(a) => {
             let mut ctx = Ctx::default();
