@@ -3,7 +3,6 @@
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, Ordering};
 use iced_x86::{
     Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, MemoryOperand, Mnemonic, OpKind, Register,
     RflagsBits,
@@ -19,6 +18,17 @@ pub trait Env {
     fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64>;
     /// Copy guest code at `pc` into `buf`; return how many bytes are readable.
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize;
+    /// Write `bytes` of code at the code-cache address `at` (inside memory
+    /// `alloc_code` returned). The cache's executable address need not be
+    /// writable: the environment writes through its own alias (a second
+    /// mapping, an EPT view). Every byte the engine places goes through here.
+    /// False: the write could not be made (the engine then fails the
+    /// translation or the link; nothing half-written is ever executed).
+    fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool;
+    /// Retarget the 4-byte-aligned rel32 field at code-cache address `at` with
+    /// one atomic aligned 32-bit store (through the writable alias), so that a
+    /// CPU executing the branch concurrently sees the old or the new target.
+    fn patch_rel32(&mut self, at: u64, rel: i32) -> bool;
 }
 
 /// Why translated execution stopped and control went back to the environment.
@@ -75,6 +85,15 @@ pub struct ExitRecord {
     pub owner: u64,
     /// Guest start of the fragment it is linked to, or `u64::MAX`.
     pub linked: u64,
+    /// Next record in the incoming-link list of the fragment this one is
+    /// linked to (intrusive: linking never allocates).
+    pub next_in: *mut ExitRecord,
+}
+
+impl ExitRecord {
+    fn new(target: u64, stop: u64, owner: u64) -> ExitRecord {
+        ExitRecord { target, patch_at: 0, stub: 0, stop, owner, linked: u64::MAX, next_in: core::ptr::null_mut() }
+    }
 }
 
 /// Engine statistics.
@@ -150,8 +169,25 @@ struct Fragment {
     /// Boxed: exit stubs and incoming-link lists hold the records' addresses.
     #[allow(clippy::vec_box)]
     exits: Vec<Box<ExitRecord>>,
-    /// Exit records of other fragments linked to this one.
-    incoming: Vec<*mut ExitRecord>,
+    /// Head of the list (through `ExitRecord::next_in`) of the exit records
+    /// of other fragments linked to this one.
+    incoming: *mut ExitRecord,
+}
+
+/// Space and exit records of an invalidated fragment, kept until every CPU
+/// has passed a quiescent point ([`Engine::reclaim`]): a CPU may still be
+/// executing the fragment and take one of its exits.
+struct Pending {
+    region: usize,
+    hot: u64,
+    hot_len: u64,
+    stub: u64,
+    stub_len: u64,
+    /// Dead records (no patch site: the dispatcher never links them).
+    #[allow(clippy::vec_box)]
+    exits: Vec<Box<ExitRecord>>,
+    /// False for fragments holding return pads: their space is never reused.
+    reuse: bool,
 }
 
 /// Engine configuration.
@@ -216,9 +252,8 @@ pub struct Engine {
     frags: BTreeMap<u64, Fragment>,
     /// Per-CPU blocks whose lookup tables must be kept coherent.
     cpus: Vec<*mut Scratch>,
-    /// Space of invalidated fragments waiting for every CPU to pass a
-    /// quiescent point: (region, hot addr, hot len, stub addr, stub len).
-    pending: Vec<(usize, u64, u64, u64, u64)>,
+    /// Invalidated fragments waiting for every CPU to pass a quiescent point.
+    pending: Vec<Pending>,
     /// Guest address at which a run returns to the environment.
     pub stop_pc: u64,
     pub stats: Stats,
@@ -877,7 +912,7 @@ impl Engine {
         let mut pads: Vec<usize> = Vec::new();
         let mut exits: Vec<ExitRecord> = Vec::new();
         let mut new_exit = |target: u64, stop: u64| {
-            exits.push(ExitRecord { target, patch_at: 0, stub: 0, stop, owner: pc, linked: u64::MAX });
+            exits.push(ExitRecord::new(target, stop, pc));
             exits.len() - 1
         };
         let n = blk.insns.len();
@@ -1060,6 +1095,7 @@ impl Engine {
         ninsns: usize,
     ) -> Result<u64, StopKind> {
         let Emitted { mut buf, fixups, exits, body_off, code_len, pads } = em;
+        let code_len_bytes = buf.len();
         self.pads.extend(pads.iter().map(|&off| hot + off as u64));
         self.stats.pads += pads.len() as u64;
         // Exit stubs, in the cold area.
@@ -1096,19 +1132,19 @@ impl Engine {
                 recs[*x].patch_at = at;
             }
         }
-        // SAFETY: [hot, hot+buf.len()) and [stub, stub+stub_code.len()) were
-        // allocated from this engine's region (owned, writable, executable)
-        // and nothing executes them yet.
-        unsafe {
-            core::ptr::copy_nonoverlapping(buf.as_ptr(), hot as *mut u8, buf.len());
-            // Slack after the code: int3, never executed.
-            core::ptr::write_bytes(
-                (hot + buf.len() as u64) as *mut u8,
-                0xCC,
-                (hot_len as usize).saturating_sub(buf.len()),
-            );
-            core::ptr::copy_nonoverlapping(stub_code.as_ptr(), stub as *mut u8, stub_code.len());
+        // [hot, hot+hot_len) and [stub, stub+stub_code.len()) were allocated
+        // from this engine's region and nothing executes them yet. Slack after
+        // the code: int3, never executed.
+        buf.resize(hot_len as usize, 0xCC);
+        if !self.env.write_code(hot, &buf) || !self.env.write_code(stub, &stub_code) {
+            let r = &mut self.regions[ri];
+            r.hot_free.push((hot, hot_len));
+            if stub_total != 0 {
+                r.stub_free.push((stub, stub_total));
+            }
+            return Err(StopKind::NoSpace);
         }
+        buf.truncate(code_len_bytes);
         self.stats.blocks += 1;
         self.stats.guest_insns += ninsns as u64;
         self.stats.hot_bytes += buf.len() as u64;
@@ -1126,7 +1162,7 @@ impl Engine {
             stub_len: stub_total,
             region: ri,
             exits: recs,
-            incoming: Vec::new(),
+            incoming: core::ptr::null_mut(),
         };
         // Eagerly link exits whose targets already exist.
         self.frags.insert(pc, f);
@@ -1149,18 +1185,14 @@ impl Engine {
         Ok(hot + body_off)
     }
 
-    /// Retarget a rel32 atomically.
-    fn write_rel32(at: u64, dest: u64) -> bool {
+    /// Retarget the rel32 field at `at` (4-byte aligned, inside a live
+    /// fragment) to `dest`, atomically through the environment.
+    fn write_rel32(&mut self, at: u64, dest: u64) -> bool {
         let rel = dest.wrapping_sub(at + 4) as i64;
         if rel != rel as i32 as i64 || !at.is_multiple_of(4) {
             return false;
         }
-        // SAFETY: `at` is the 4-byte-aligned rel32 field of a branch inside
-        // a live fragment (placed by `place`); a single aligned 32-bit store
-        // is atomic, so a CPU executing the branch sees the old or the new
-        // target, both valid code.
-        unsafe { (*(at as *const AtomicU32)).store(rel as i32 as u32, Ordering::Release) };
-        true
+        self.env.patch_rel32(at, rel as i32)
     }
 
     /// Link an exit record to its target fragment (which must exist).
@@ -1174,7 +1206,7 @@ impl Engine {
             return;
         };
         let mut dest = tf.entry;
-        if !Self::write_rel32(r.patch_at, dest) {
+        if !self.write_rel32(r.patch_at, dest) {
             // Target out of rel32 reach (another region): a far trampoline
             // `jmp [rip+0]; dq entry` in the source region's stub area.
             let Some(of) = self.frags.get(&r.owner) else {
@@ -1189,21 +1221,50 @@ impl Engine {
             let mut e = Emit::new(t);
             e.ins(Instruction::with1(Code::Jmp_rm64, MemoryOperand::with_base_displ(Register::RIP, (t + 6) as i64)));
             e.raw(&dest.to_le_bytes());
-            if e.err || e.buf.len() > 16 {
+            if e.err || e.buf.len() > 16 || !self.env.write_code(t, &e.buf) {
+                let rg = &mut self.regions[ri];
+                rg.stub_free.push((t, 16));
                 return;
             }
-            // SAFETY: freshly allocated 16 bytes of our stub area.
-            unsafe { core::ptr::copy_nonoverlapping(e.buf.as_ptr(), t as *mut u8, e.buf.len()) };
             dest = t;
-            if !Self::write_rel32(r.patch_at, dest) {
+            if !self.write_rel32(r.patch_at, dest) {
                 return;
             }
         }
         r.linked = r.target;
         if let Some(tf) = self.frags.get_mut(&r.target) {
-            tf.incoming.push(rec);
+            r.next_in = tf.incoming;
+            tf.incoming = rec;
         }
         self.stats.links += 1;
+    }
+
+    /// The exit records of the fragment for `pc` (what its stubs pass to the
+    /// dispatcher), for tests and diagnostics.
+    pub fn exit_records(&mut self, pc: u64) -> Vec<*mut ExitRecord> {
+        self.frags
+            .get_mut(&pc)
+            .map(|f| f.exits.iter_mut().map(|r| &mut **r as *mut ExitRecord).collect())
+            .unwrap_or_default()
+    }
+
+    /// What the dispatcher does when a CPU takes the direct exit `rec` (a
+    /// stub passed it): find or translate the target and, unless the record
+    /// is dead (its fragment was invalidated) or a reset happened meanwhile,
+    /// link the exit to it. Returns the target's body entry.
+    ///
+    /// # Safety
+    /// `rec` is a record of a live fragment, or of an invalidated one not yet
+    /// reclaimed (a CPU still inside it may take its exits until then).
+    pub unsafe fn take_exit(&mut self, rec: *mut ExitRecord) -> Result<u64, StopKind> {
+        // SAFETY: the caller's contract.
+        let target = unsafe { (*rec).target };
+        let gen = self.generation;
+        let entry = self.fragment_for(target)?;
+        if gen == self.generation && self.cfg.link {
+            self.link(rec);
+        }
+        Ok(entry)
     }
 
     /// Look up or translate `pc`.
@@ -1259,14 +1320,13 @@ impl Engine {
             }
             return target;
         }
-        let gen = self.generation;
-        match self.fragment_for(target) {
+        // SAFETY: `rp` is the record a stub passed (see above).
+        let r = match rec {
+            Some(rp) => unsafe { self.take_exit(rp) },
+            None => self.fragment_for(target),
+        };
+        match r {
             Ok(entry) => {
-                if let Some(rp) = rec {
-                    if gen == self.generation && self.cfg.link {
-                        self.link(rp);
-                    }
-                }
                 if arg == EXIT_IND && self.cfg.inline_lookup {
                     if let Some(f) = self.frags.get(&target) {
                         s.ibl[(target & 0xffff) as usize] = f.hot;
@@ -1317,56 +1377,86 @@ impl Engine {
     }
 
     fn remove_fragment(&mut self, start: u64) {
-        let Some(f) = self.frags.remove(&start) else {
+        let Some(mut f) = self.frags.remove(&start) else {
             return;
         };
         // 1. Unlink incoming branches: point them back at their own stubs.
-        for &rp in f.incoming.iter() {
+        let mut rp = f.incoming;
+        while !rp.is_null() {
             // SAFETY: incoming records belong to live fragments (a fragment
             // removes its records from targets' lists when it dies).
             let r = unsafe { &mut *rp };
+            rp = r.next_in;
+            r.next_in = core::ptr::null_mut();
             if r.linked == start {
-                Self::write_rel32(r.patch_at, r.stub);
+                let (at, stub) = (r.patch_at, r.stub);
+                self.write_rel32(at, stub);
                 r.linked = u64::MAX;
                 self.stats.unlinks += 1;
             }
         }
-        // 2. Our own outgoing links: drop us from the targets' lists.
-        for r in f.exits.iter() {
+        // 2. Our own outgoing links: drop us from the targets' lists. Then
+        // the records die: a CPU still inside this fragment may take one of
+        // its exits until quiescence, and the dispatcher must not link it (a
+        // later unlink would write into whatever reuses this space).
+        for r in f.exits.iter_mut() {
+            let p = &mut **r as *mut ExitRecord;
             if r.linked != u64::MAX {
                 if let Some(t) = self.frags.get_mut(&r.linked) {
-                    let p = &**r as *const ExitRecord as *mut ExitRecord;
-                    t.incoming.retain(|x| *x != p);
+                    let mut link: *mut *mut ExitRecord = &mut t.incoming;
+                    // SAFETY: the list holds live records of live fragments.
+                    unsafe {
+                        while !(*link).is_null() {
+                            if *link == p {
+                                *link = (*p).next_in;
+                                break;
+                            }
+                            link = &mut (**link).next_in;
+                        }
+                    }
                 }
+                r.linked = u64::MAX;
             }
+            r.next_in = core::ptr::null_mut();
+            r.patch_at = 0;
         }
         // 3. Lookup entries.
         self.clear_ibl_entry(start, f.hot);
-        // 4. Space: deferred.
-        self.hot_total = self.hot_total.saturating_sub(f.hot_len);
-        // A fragment holding return pads keeps its space for good: a stack may still
+        // 4. Space and records: deferred until quiescence. A fragment holding
+        // return pads keeps its space and records for good: a stack may still
         // return to a pad, which jumps on through its (now unlinked) exit stub.
-        if !f.has_pads {
-            self.pending.push((f.region, f.hot, f.hot_len, f.stub_addr, f.stub_len));
-        }
-        // The exit records are dropped with `f`: stubs of this fragment must
-        // not run any more, which holds once no CPU executes the fragment
-        // (quiescence), since nothing links to it any longer.
-        core::mem::forget(f.exits);
+        self.hot_total = self.hot_total.saturating_sub(f.hot_len);
+        self.pending.push(Pending {
+            region: f.region,
+            hot: f.hot,
+            hot_len: f.hot_len,
+            stub: f.stub_addr,
+            stub_len: f.stub_len,
+            exits: core::mem::take(&mut f.exits),
+            reuse: !f.has_pads,
+        });
     }
 
     /// Return space of invalidated fragments to the allocator. Call only
     /// when every CPU has passed through the dispatcher (or is outside the
     /// code cache) since the invalidations.
     pub fn reclaim(&mut self) {
-        for (ri, h, hl, s, sl) in self.pending.drain(..) {
-            if let Some(r) = self.regions.get_mut(ri) {
-                r.hot_free.push((h, hl));
-                if sl != 0 {
-                    r.stub_free.push((s, sl));
+        let mut keep = Vec::new();
+        for p in self.pending.drain(..) {
+            if !p.reuse {
+                keep.push(p);
+                continue;
+            }
+            if let Some(r) = self.regions.get_mut(p.region) {
+                r.hot_free.push((p.hot, p.hot_len));
+                if p.stub_len != 0 {
+                    r.stub_free.push((p.stub, p.stub_len));
                 }
             }
+            // The dead records are freed here: no CPU can reach their stubs.
+            drop(p.exits);
         }
+        self.pending = keep;
     }
 
     /// Drop everything (all fragments, links, lookup entries, space).
@@ -1415,8 +1505,10 @@ impl Engine {
         let r = &mut self.regions[ri];
         let at = Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, size)?;
         let code = emit(at).filter(|c| c.len() as u64 == size)?;
-        // SAFETY: freshly allocated stub space of the pad's region.
-        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len()) };
+        if !self.env.write_code(at, &code) {
+            self.regions[ri].stub_free.push((at, size));
+            return None;
+        }
         self.pad_entries.insert(pad, at);
         Some(at)
     }
@@ -1441,15 +1533,16 @@ impl Engine {
             return Ok(*stub);
         }
         let ri = self.region_for(near).ok_or(StopKind::NoSpace)?;
-        let rec =
-            Box::new(ExitRecord { target: self.stop_pc, patch_at: 0, stub: 0, stop: 0, owner: 0, linked: u64::MAX });
+        let rec = Box::new(ExitRecord::new(self.stop_pc, 0, 0));
         let code = Self::exit_stub(&*rec as *const ExitRecord as u64);
         let r = &mut self.regions[ri];
         let stub =
             Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, code.len() as u64)
                 .ok_or(StopKind::NoSpace)?;
-        // SAFETY: freshly allocated stub space of our region (position-independent code).
-        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), stub as *mut u8, code.len()) };
+        if !self.env.write_code(stub, &code) {
+            self.regions[ri].stub_free.push((stub, code.len() as u64));
+            return Err(StopKind::NoSpace);
+        }
         self.pads.insert(stub);
         self.env_pad = Some((stub, rec));
         Ok(stub)

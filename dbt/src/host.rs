@@ -12,46 +12,138 @@ use crate::client::{Client, InsCount};
 use crate::engine::{Config, Engine, Env, StopKind};
 use crate::scratch::{GuestCtx, Scratch};
 
-/// Host environment: code memory from mmap, placed close to the guest code.
-pub struct HostEnv;
+/// Host environment: the code cache is a memfd mapped twice, read+execute
+/// near the guest code (what translated code runs from) and read+write
+/// elsewhere (the alias every code write goes through, as the kernel's cache
+/// is written through its own alias), so a store the engine made to an
+/// executable address directly would fault.
+#[derive(Default)]
+pub struct HostEnv {
+    /// (executable base, writable alias base, size) of each cache mapping.
+    maps: Vec<(u64, u64, u64)>,
+}
+
+/// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
+/// (shared) or anonymous (private) when `fd` is -1, at an address within
+/// ±1.5 GiB of `near`, or None.
+fn map_near(near: u64, size: usize, prot: i32, fd: i32) -> Option<u64> {
+    let size = (size + 0xfff) & !0xfff;
+    let flags = if fd < 0 { libc::MAP_PRIVATE | libc::MAP_ANONYMOUS } else { libc::MAP_SHARED };
+    // Try below and above `near` in 64 MiB steps.
+    for k in 1..24u64 {
+        for dir in [0u64, 1] {
+            let off = k * (64 << 20);
+            let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
+            let Some(hint) = hint else { continue };
+            let hint = hint & !0xfff;
+            if !(0x10000..=0x7fff_0000_0000).contains(&hint) {
+                continue;
+            }
+            // SAFETY: MAP_FIXED_NOREPLACE never replaces existing mappings;
+            // we only use the result if the kernel placed it at `hint`.
+            let p =
+                unsafe { libc::mmap(hint as *mut libc::c_void, size, prot, flags | libc::MAP_FIXED_NOREPLACE, fd, 0) };
+            if p == libc::MAP_FAILED {
+                continue;
+            }
+            if p as u64 != hint {
+                // SAFETY: unmapping the mapping we just got.
+                unsafe { libc::munmap(p, size) };
+                continue;
+            }
+            return Some(p as u64);
+        }
+    }
+    None
+}
+
+/// Read+write+execute memory near `near` for guest code that tests write and
+/// then run (natively and translated); not a code cache.
+pub fn rwx_near(near: u64, size: usize) -> Option<u64> {
+    map_near(near, size, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC, -1)
+}
+
+impl HostEnv {
+    pub fn new() -> HostEnv {
+        HostEnv::default()
+    }
+
+    /// The writable alias of `[at, at + len)` in the cache, if it lies in one mapping.
+    fn alias(&self, at: u64, len: u64) -> Option<u64> {
+        self.maps.iter().find(|&&(x, _, sz)| at >= x && at + len <= x + sz).map(|&(x, w, _)| w + (at - x))
+    }
+}
+
+impl Drop for HostEnv {
+    fn drop(&mut self) {
+        // Harnesses live for a whole test; their caches are unmapped with them.
+        for &(x, w, sz) in self.maps.iter() {
+            // SAFETY: both mappings are ours and nothing runs from them any more
+            // (the engine owning this environment is being dropped).
+            unsafe {
+                libc::munmap(x as *mut libc::c_void, sz as usize);
+                libc::munmap(w as *mut libc::c_void, sz as usize);
+            }
+        }
+    }
+}
 
 impl Env for HostEnv {
     fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64> {
         let size = (size + 0xfff) & !0xfff;
-        // Try below and above `near` in 64 MiB steps.
-        for k in 1..24u64 {
-            for dir in [0u64, 1] {
-                let off = k * (64 << 20);
-                let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
-                let Some(hint) = hint else { continue };
-                let hint = hint & !0xfff;
-                if !(0x10000..=0x7fff_0000_0000).contains(&hint) {
-                    continue;
+        // SAFETY: plain syscalls on a descriptor we own; it is closed once
+        // both mappings exist (they keep the memory).
+        unsafe {
+            let fd = libc::memfd_create(c"kdbt-cache".as_ptr(), libc::MFD_CLOEXEC);
+            if fd < 0 {
+                return None;
+            }
+            if libc::ftruncate(fd, size as libc::off_t) != 0 {
+                libc::close(fd);
+                return None;
+            }
+            let x = map_near(near, size, libc::PROT_READ | libc::PROT_EXEC, fd);
+            let w =
+                libc::mmap(core::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+            libc::close(fd);
+            match (x, w) {
+                (Some(x), w) if w != libc::MAP_FAILED => {
+                    self.maps.push((x, w as u64, size as u64));
+                    Some(x)
                 }
-                // SAFETY: MAP_FIXED_NOREPLACE never replaces existing mappings;
-                // we only use the result if the kernel placed it at `hint`.
-                let p = unsafe {
-                    libc::mmap(
-                        hint as *mut libc::c_void,
-                        size,
-                        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                        -1,
-                        0,
-                    )
-                };
-                if p == libc::MAP_FAILED {
-                    continue;
+                (x, w) => {
+                    if let Some(x) = x {
+                        libc::munmap(x as *mut libc::c_void, size);
+                    }
+                    if w != libc::MAP_FAILED {
+                        libc::munmap(w, size);
+                    }
+                    None
                 }
-                if p as u64 != hint {
-                    // SAFETY: unmapping the mapping we just got.
-                    unsafe { libc::munmap(p, size) };
-                    continue;
-                }
-                return Some(p as u64);
             }
         }
-        None
+    }
+
+    fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
+        let Some(w) = self.alias(at, bytes.len() as u64) else { return false };
+        // SAFETY: `w` is the writable alias of cache memory this environment
+        // mapped, with `bytes.len()` bytes inside the mapping.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), w as *mut u8, bytes.len()) };
+        true
+    }
+
+    fn patch_rel32(&mut self, at: u64, rel: i32) -> bool {
+        let Some(w) = self.alias(at, 4) else { return false };
+        if !w.is_multiple_of(4) {
+            return false;
+        }
+        // SAFETY: an aligned 4-byte field of our alias mapping; one aligned
+        // 32-bit store is atomic, so a CPU executing the branch through the
+        // executable mapping sees the old or the new displacement.
+        unsafe {
+            (*(w as *const core::sync::atomic::AtomicU32)).store(rel as u32, core::sync::atomic::Ordering::Release)
+        };
+        true
     }
 
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
@@ -178,7 +270,7 @@ impl Harness {
         assert!(!scratch.is_null(), "out of memory for the per-CPU block");
         let dstack = std::vec![0u8; 1 << 20];
         let gstack = std::vec![0u8; 16 << 20];
-        let mut engine = Box::new(Engine::new(Box::new(HostEnv), client, cfg));
+        let mut engine = Box::new(Engine::new(Box::new(HostEnv::new()), client, cfg));
         engine.stop_pc = asm::dbt_sentinel as *const () as u64;
         let top = dstack.as_ptr() as u64 + dstack.len() as u64;
         // SAFETY: the block lives as long as the harness, which owns the engine.
@@ -361,7 +453,7 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
             if slot.0 != rip {
                 // The child is a fork of us: its code is at the same addresses.
                 let mut buf = [0u8; 15];
-                let n = HostEnv.read_code(rip, &mut buf);
+                let n = HostEnv::default().read_code(rip, &mut buf);
                 let i = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE).decode();
                 *slot = (
                     rip,

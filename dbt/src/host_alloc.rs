@@ -21,6 +21,9 @@ static ARENA_BASE: AtomicUsize = AtomicUsize::new(0);
 /// Bytes of system blocks leaked because they were freed in dispatcher mode.
 pub static LEAKED: AtomicUsize = AtomicUsize::new(0);
 static ARENA_NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Allocations made in dispatcher mode (arena allocations), for tests that
+/// check the dispatcher's fast path never allocates.
+pub static DISPATCHER_ALLOCS: AtomicUsize = AtomicUsize::new(0);
 /// Free lists per power-of-two class (16 B .. 2^47).
 static FREE: spin::Mutex<[usize; 48]> = spin::Mutex::new([0; 48]);
 
@@ -86,6 +89,7 @@ unsafe impl GlobalAlloc for HostAlloc {
             // SAFETY: delegated.
             return unsafe { System.alloc(layout) };
         }
+        DISPATCHER_ALLOCS.fetch_add(1, Ordering::Relaxed);
         let base = arena();
         if base == 0 {
             return core::ptr::null_mut();

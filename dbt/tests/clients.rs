@@ -79,7 +79,7 @@ fn inscount_where_flags_are_always_live() {
     a.adc(rax, 0).unwrap();
     a.ret().unwrap();
     let near = inscount_where_flags_are_always_live as *const () as u64;
-    let p = <dbt::host::HostEnv as dbt::Env>::alloc_code(&mut dbt::host::HostEnv, near, 4096).expect("code memory");
+    let p = dbt::host::rwx_near(near, 4096).expect("code memory");
     let code = a.assemble(p).unwrap();
     // SAFETY: our fresh RWX page.
     unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len()) };

@@ -1,14 +1,13 @@
 //! Invalidation, flush, capacity reset, statistics, and randomized
 //! differential tests (generated code run natively and translated).
 use dbt::corpus::{cases, BUF_LEN};
-use dbt::engine::Env;
-use dbt::host::{Harness, HostEnv};
+use dbt::host::Harness;
 use dbt::{Config, NullClient, StopKind};
 use iced_x86::code_asm::*;
 
 fn code_page() -> *mut u8 {
     let near = code_page as *const () as u64;
-    HostEnv.alloc_code(near, 1 << 16).expect("code memory") as *mut u8
+    dbt::host::rwx_near(near, 1 << 16).expect("code memory") as *mut u8
 }
 
 /// A fresh code page holding A at its start and B 64 bytes in:
@@ -289,7 +288,7 @@ fn indirect_targets_collide_and_check_their_pc() {
         assert_eq!(p as u64, 0x4000_0000, "cannot map test code below 2 GiB");
         p as *mut u8
     };
-    let high = HostEnv.alloc_code(code_page as *const () as u64, 0x30000).expect("code memory") as *mut u8;
+    let high = dbt::host::rwx_near(code_page as *const () as u64, 0x30000).expect("code memory") as *mut u8;
     for base in [low, high] {
         let b = base as u64;
         for (t2_off, colliding) in [(0x11000u64, true), (0x11040, false)] {
@@ -338,4 +337,75 @@ fn return_pads_keep_their_space_after_invalidation() {
     assert_eq!(h.run(a, &[]).rax, 11);
     assert_ne!(h.engine.lookup(a), Some(old_a), "the pad's fragment space is not reused");
     assert_eq!(h.engine.stats.pads, 2);
+}
+
+/// An invalidated fragment's exits are dead: a CPU still inside it (between
+/// the invalidation and quiescence) that takes one must not get it linked, or
+/// the target's later unlink would write a rel32 into whatever fragment
+/// reuses the space after `reclaim`.
+#[test]
+fn dead_exit_records_are_never_linked() {
+    let (p, a, b) = call_pair();
+    // H at p+128: `jmp C` with C at p+192 (`ret`), a fragment no larger than
+    // A's (A: call B), so it is placed first-fit into A's reclaimed space;
+    // nothing in H is linked to B.
+    let h_pc = a + 128;
+    let rel = (192i32 - (128 + 5)).to_le_bytes();
+    // SAFETY: our page.
+    unsafe {
+        core::ptr::copy_nonoverlapping([0xE9, rel[0], rel[1], rel[2], rel[3]].as_ptr(), p.add(128), 5);
+        *p.add(192) = 0xC3;
+    }
+
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    let e = &mut h.engine;
+    e.fragment_for(a).expect("A translates");
+    let (a_hot, a_len, _, _) = e.fragments()[0];
+    let recs = e.exit_records(a);
+    // SAFETY: A's records, read while A is live.
+    let to_b = *recs.iter().find(|&&r| unsafe { (*r).target } == b).expect("A has an exit to B");
+    assert_eq!(e.invalidate(a, a + 1), 1);
+    // A CPU still inside A takes its exit to B: B is translated, the dead
+    // record must stay unlinked.
+    // SAFETY: A is invalidated but not reclaimed: its records are alive.
+    unsafe { e.take_exit(to_b) }.expect("B translates");
+    let links = e.stats.links;
+    e.reclaim();
+    e.fragment_for(h_pc).expect("H translates");
+    assert!(e.fragments().iter().any(|f| f.0 == a_hot), "H reuses A's space");
+    // A's old bytes, now H's (its patch sites lie inside).
+    let before = read_code(a_hot, a_len);
+    // B's invalidation unlinks every exit linked to B.
+    assert_eq!(e.invalidate(b, b + 1), 1);
+    assert_eq!(read_code(a_hot, a_len), before, "unlinking B wrote into H");
+    assert_eq!(links, 0, "the dead record was linked");
+}
+
+fn read_code(at: u64, len: u64) -> Vec<u8> {
+    // SAFETY: code-cache memory of a live fragment (readable and executable).
+    unsafe { std::slice::from_raw_parts(at as *const u8, len as usize) }.to_vec()
+}
+
+/// The code cache runs from a read+execute mapping: every byte the engine
+/// placed, linked and unlinked above went through the environment's
+/// writable alias (`Env::write_code` / `Env::patch_rel32`), since a direct
+/// store to the executable address would fault.
+#[test]
+fn code_cache_is_not_writable_where_it_executes() {
+    let (_, a, _) = call_pair();
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    assert_eq!(h.run(a, &[]).rax, 11);
+    assert!(h.engine.stats.links >= 1);
+    let hot = h.engine.fragments()[0].0;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let perms = maps
+        .lines()
+        .find_map(|l| {
+            let (range, rest) = l.split_once(' ')?;
+            let (lo, hi) = range.split_once('-')?;
+            let (lo, hi) = (u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?);
+            (lo..hi).contains(&hot).then(|| rest[..4].to_string())
+        })
+        .expect("the fragment's mapping");
+    assert_eq!(perms, "r-xs", "code cache mapping at {hot:#x}");
 }

@@ -32,6 +32,19 @@ impl Env for FuzzEnv {
         buf[..n].copy_from_slice(&self.code[off..off + n]);
         n
     }
+    fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
+        let mut c = self.cache.borrow_mut();
+        let Some(off) = at.checked_sub(c.as_ptr() as u64) else { return false };
+        let off = off as usize;
+        if off + bytes.len() > c.len() {
+            return false;
+        }
+        c[off..off + bytes.len()].copy_from_slice(bytes);
+        true
+    }
+    fn patch_rel32(&mut self, at: u64, rel: i32) -> bool {
+        self.write_code(at, &rel.to_le_bytes())
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
