@@ -9,6 +9,7 @@ use iced_x86::{
 };
 
 use crate::client::{BlockInfo, Client, Inserts, Snippet, Where};
+use crate::kclass::{self, KClass, Thunk};
 use crate::scratch::*;
 
 /// What the environment supplies.
@@ -29,6 +30,13 @@ pub trait Env {
     /// one atomic aligned 32-bit store (through the writable alias), so that a
     /// CPU executing the branch concurrently sees the old or the new target.
     fn patch_rel32(&mut self, at: u64, rel: i32) -> bool;
+    /// What a direct call/jump target stands for when it is a retpoline or
+    /// return thunk (kernel: `__x86_indirect_thunk_<reg>`,
+    /// `__x86_return_thunk`, by address). The translator then emits the
+    /// indirect branch or return itself instead of translating the thunk.
+    fn thunk(&self, _target: u64) -> Option<Thunk> {
+        None
+    }
 }
 
 /// Why translated execution stopped and control went back to the environment.
@@ -49,6 +57,10 @@ pub enum StopKind {
     /// The block at `exit_pc` could not be placed (no code memory, RIP-relative
     /// operand out of reach).
     NoSpace = 6,
+    /// `swapgs`, `sysret`, `sysexit` or `iret` at `exit_pc`: it changes the
+    /// `%gs` base translated code relies on or leaves the context; the
+    /// environment resumes natively there (kernel: entry text, a native region).
+    Privileged = 7,
 }
 
 impl StopKind {
@@ -60,6 +72,7 @@ impl StopKind {
             4 => StopKind::Undefined,
             5 => StopKind::Unsupported,
             6 => StopKind::NoSpace,
+            7 => StopKind::Privileged,
             _ => return None,
         })
     }
@@ -117,6 +130,9 @@ pub struct Stats {
     pub dispatches: u64,
     /// Return pads made (cached returns).
     pub pads: u64,
+    /// Kernel-class instructions met by the translator, by
+    /// [`KClass`] (`kclass[KClass::Swapgs as usize]`, ...).
+    pub kclass: [u64; KClass::COUNT],
 }
 
 struct Region {
@@ -292,6 +308,8 @@ struct Block {
     inline_jcc: Vec<usize>,
     term: Term,
     end: u64,
+    /// Kernel-class instructions in the block (the stop instruction included).
+    classes: [u64; KClass::COUNT],
 }
 
 impl Block {
@@ -318,6 +336,9 @@ enum Term {
 }
 
 fn classify_stop(i: &Instruction) -> Option<StopKind> {
+    if matches!(kclass::classify(i), Some(KClass::Swapgs | KClass::ContextReturn)) {
+        return Some(StopKind::Privileged);
+    }
     match i.mnemonic() {
         Mnemonic::Int3 | Mnemonic::Int1 | Mnemonic::Into => return Some(StopKind::Breakpoint),
         Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2 => return Some(StopKind::Undefined),
@@ -616,19 +637,31 @@ impl Engine {
         let mut inline_jcc = Vec::new();
         let mut cur = pc;
         let mut buf = [0u8; 16];
-        let done = |insns, inline_jcc, term, end| Block { insns, inline_jcc, term, end };
+        let mut classes = [0u64; KClass::COUNT];
+        let done = |insns, inline_jcc, term, end, classes| Block { insns, inline_jcc, term, end, classes };
         loop {
-            if insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES {
-                return done(insns, inline_jcc, Term::Fall(cur), cur);
+            // A block never ends right after `sti` (its interrupt shadow must
+            // cover the guest's next instruction, e.g. `sti; hlt`).
+            let after_sti = insns.last().is_some_and(kclass::keeps_next);
+            if !after_sti && (insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES) {
+                return done(insns, inline_jcc, Term::Fall(cur), cur, classes);
             }
             let n = self.env.read_code(cur, &mut buf[..15]).min(15);
             let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);
-            let i = d.decode();
+            let mut i = d.decode();
             if i.is_invalid() {
-                return done(insns, inline_jcc, Term::Stop(StopKind::Invalid, cur), cur + 1);
+                return done(insns, inline_jcc, Term::Stop(StopKind::Invalid, cur), cur + 1, classes);
+            }
+            if let Some(c) = kclass::classify(&i) {
+                classes[c as usize] += 1;
+            }
+            if let Some(t) = self.thunk_branch(&i) {
+                classes[if t.code() == Code::Retnq { KClass::ReturnThunk } else { KClass::RetpolineThunk } as usize] +=
+                    1;
+                i = t;
             }
             if let Some(k) = classify_stop(&i) {
-                return done(insns, inline_jcc, Term::Stop(k, cur), i.next_ip());
+                return done(insns, inline_jcc, Term::Stop(k, cur), i.next_ip(), classes);
             }
             let cti = is_cti(&i);
             cur = i.next_ip();
@@ -643,9 +676,31 @@ impl Engine {
                     inline_jcc.push(insns.len() - 1);
                     continue;
                 }
-                return done(insns, inline_jcc, Term::Cti, cur);
+                return done(insns, inline_jcc, Term::Cti, cur, classes);
             }
         }
+    }
+
+    /// A direct `call`/`jmp` to a thunk the environment names, as the
+    /// instruction it stands for (`call reg`, `jmp reg`, `ret`) at the same
+    /// guest address and length.
+    fn thunk_branch(&self, i: &Instruction) -> Option<Instruction> {
+        let call = match i.code() {
+            Code::Call_rel32_64 => true,
+            Code::Jmp_rel32_64 | Code::Jmp_rel8_64 => false,
+            _ => return None,
+        };
+        let mut t = match (self.env.thunk(i.near_branch_target())?, call) {
+            (Thunk::Indirect(r), true) => Instruction::with1(Code::Call_rm64, r).ok()?,
+            (Thunk::Indirect(r), false) => Instruction::with1(Code::Jmp_rm64, r).ok()?,
+            (Thunk::Return, false) => Instruction::with(Code::Retnq),
+            // A call to the return thunk is not a return: translate it as is.
+            (Thunk::Return, true) => return None,
+        };
+        t.set_ip(i.ip());
+        t.set_len(i.len());
+        t.set_next_ip(i.next_ip());
+        Some(t)
     }
 
     fn emit_snippet(e: &mut Emit, s: &Snippet, flags_live: u32) {
@@ -817,7 +872,10 @@ impl Engine {
     /// Copy a non-control-transfer instruction: original bytes unless it is
     /// RIP-relative (then re-encoded by iced for its new address).
     fn copy_insn(&self, e: &mut Emit, i: &Instruction) {
-        if i.is_ip_rel_memory_operand() {
+        if i.code() == Code::Retnq {
+            // Also a `jmp __x86_return_thunk` recognized as a return.
+            e.raw(&[0xC3]);
+        } else if i.is_ip_rel_memory_operand() {
             e.ins(Ok(*i));
         } else {
             let mut b = [0u8; 16];
@@ -833,6 +891,9 @@ impl Engine {
     /// Translate the block at `pc`, place it, return its entry.
     fn translate(&mut self, pc: u64) -> Result<u64, StopKind> {
         let blk = self.decode_block(pc);
+        for (n, c) in self.stats.kclass.iter_mut().zip(blk.classes.iter()) {
+            *n += c;
+        }
         if self.hot_total > self.cfg.max_hot_bytes && !self.make_room() {
             return Err(StopKind::NoSpace);
         }
@@ -855,9 +916,19 @@ impl Engine {
                 let mut sub = Inserts::default();
                 c.instrument(&BlockInfo { start, insns: &blk.insns[r.clone()], flags_live: &l }, &mut sub);
                 for (w, s) in sub.list {
+                    // Nothing goes between `sti` and the instruction its
+                    // interrupt shadow covers: such a snippet runs before the `sti`.
+                    let sti = |k: usize| kclass::keeps_next(&blk.insns[k]);
                     match w {
-                        Where::Before(k) if k < r.len() => ins.list.push((Where::Before(r.start + k), s)),
-                        Where::After(k) if k < r.len() => ins.list.push((Where::After(r.start + k), s)),
+                        Where::Before(k) if k < r.len() => {
+                            let k = r.start + k;
+                            let k = if k > r.start && sti(k - 1) { k - 1 } else { k };
+                            ins.list.push((Where::Before(k), s))
+                        }
+                        Where::After(k) if k < r.len() => {
+                            let k = r.start + k;
+                            ins.list.push((if sti(k) { Where::Before(k) } else { Where::After(k) }, s))
+                        }
                         _ => {}
                     }
                 }

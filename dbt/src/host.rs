@@ -21,6 +21,8 @@ use crate::scratch::{GuestCtx, Scratch};
 pub struct HostEnv {
     /// (executable base, writable alias base, size) of each cache mapping.
     maps: Vec<(u64, u64, u64)>,
+    /// Retpoline / return thunks by address ([`Env::thunk`]).
+    pub thunks: Vec<(u64, crate::Thunk)>,
 }
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
@@ -122,6 +124,10 @@ impl Env for HostEnv {
                 }
             }
         }
+    }
+
+    fn thunk(&self, target: u64) -> Option<crate::Thunk> {
+        self.thunks.iter().find(|t| t.0 == target).map(|t| t.1)
     }
 
     fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
@@ -259,10 +265,15 @@ impl Harness {
     }
 
     pub fn with_config(client: Option<Box<dyn Client>>, cfg: Config) -> Harness {
-        crate::host_alloc::with_dbt_alloc(|| Self::with_config_inner(client, cfg))
+        Self::with_env(client, cfg, HostEnv::new())
     }
 
-    fn with_config_inner(client: Option<Box<dyn Client>>, cfg: Config) -> Harness {
+    /// A harness whose engine uses `env` (e.g. with thunks declared).
+    pub fn with_env(client: Option<Box<dyn Client>>, cfg: Config, env: HostEnv) -> Harness {
+        crate::host_alloc::with_dbt_alloc(|| Self::with_config_inner(client, cfg, env))
+    }
+
+    fn with_config_inner(client: Option<Box<dyn Client>>, cfg: Config, env: HostEnv) -> Harness {
         let layout = Layout::new::<Scratch>();
         // SAFETY: non-zero-sized layout; all-zero bytes are a valid Scratch
         // (plain integers and arrays).
@@ -270,7 +281,7 @@ impl Harness {
         assert!(!scratch.is_null(), "out of memory for the per-CPU block");
         let dstack = std::vec![0u8; 1 << 20];
         let gstack = std::vec![0u8; 16 << 20];
-        let mut engine = Box::new(Engine::new(Box::new(HostEnv::new()), client, cfg));
+        let mut engine = Box::new(Engine::new(Box::new(env), client, cfg));
         engine.stop_pc = asm::dbt_sentinel as *const () as u64;
         let top = dstack.as_ptr() as u64 + dstack.len() as u64;
         // SAFETY: the block lives as long as the harness, which owns the engine.

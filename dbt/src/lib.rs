@@ -9,6 +9,7 @@ extern crate std;
 pub mod asm;
 pub mod client;
 pub mod engine;
+pub mod kclass;
 pub mod scratch;
 
 #[cfg(feature = "host")]
@@ -16,6 +17,7 @@ pub mod host;
 
 pub use client::{BbCov, BlockInfo, Client, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
 pub use engine::{Config, Engine, Env, Stats, StopKind};
+pub use kclass::{KClass, Thunk};
 pub use scratch::{GuestCtx, Scratch};
 #[cfg(feature = "host")]
 pub mod corpus;

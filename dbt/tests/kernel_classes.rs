@@ -1,0 +1,142 @@
+//! Kernel instruction classes in the translator: swapgs/sysret/iret stop
+//! before they run, `sti` keeps the instruction its shadow covers, retpoline
+//! and return thunks are translated as the branch they stand for.
+use dbt::client::{BlockInfo, Client, Inserts, Snippet, Where};
+use dbt::host::{rwx_near, Harness, HostEnv};
+use dbt::{Config, Engine, KClass, NullClient, StopKind, Thunk};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, Register};
+
+/// A fresh RWX page near this binary holding `code` at offset 0.
+fn page_with(code: &[u8]) -> u64 {
+    let p = rwx_near(page_with as *const () as u64, 1 << 16).expect("code memory");
+    // SAFETY: our fresh page.
+    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len()) };
+    p
+}
+
+fn emitted(e: &Engine) -> Vec<Instruction> {
+    let mut v = Vec::new();
+    for (hot, len, stub, slen) in e.fragments() {
+        for (at, n) in [(hot, len), (stub, slen)] {
+            // SAFETY: code-cache bytes of a live fragment.
+            let b = unsafe { std::slice::from_raw_parts(at as *const u8, n as usize) };
+            v.extend(Decoder::with_ip(64, b, at, DecoderOptions::NONE));
+        }
+    }
+    v
+}
+
+#[test]
+fn swapgs_and_sysret_stop_before_running() {
+    // mov eax, 1; swapgs; sysretq
+    let f = page_with(&[0xB8, 1, 0, 0, 0, 0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07]);
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    let r = h.run(f, &[]);
+    assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Privileged, f + 5, 1));
+    assert!(emitted(&h.engine).iter().all(|i| i.mnemonic() != Mnemonic::Swapgs && i.mnemonic() != Mnemonic::Sysretq));
+    assert_eq!(h.engine.stats.kclass[KClass::Swapgs as usize], 1);
+    // iretq stops too.
+    let g = page_with(&[0x48, 0xCF]);
+    assert_eq!(h.run(g, &[]).stop, StopKind::Privileged);
+    assert_eq!(h.engine.stats.kclass[KClass::ContextReturn as usize], 1);
+}
+
+/// Asks for a snippet right before every `hlt`.
+struct BeforeHlt;
+impl Client for BeforeHlt {
+    fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
+        for (k, i) in b.insns.iter().enumerate() {
+            if i.mnemonic() == Mnemonic::Hlt {
+                let nop = Instruction::with(iced_x86::Code::Nopd);
+                o.insert(Where::Before(k), Snippet { code: vec![nop; 3], clobbers: vec![], clobbers_flags: false });
+            }
+        }
+    }
+}
+
+#[test]
+fn sti_is_never_separated_from_hlt() {
+    // 63 nops, sti, hlt, ret: the block length limit (64) falls right after sti.
+    let mut code = vec![0x90; 63];
+    code.extend_from_slice(&[0xFB, 0xF4, 0xC3]);
+    let f = page_with(&code);
+    let mut e = Engine::new(Box::new(HostEnv::new()), Some(Box::new(BeforeHlt)), Config::default());
+    e.fragment_for(f).expect("translates");
+    let v = emitted(&e);
+    let sti = v.iter().position(|i| i.mnemonic() == Mnemonic::Sti).expect("sti copied");
+    assert_eq!(v[sti + 1].mnemonic(), Mnemonic::Hlt, "sti; hlt kept together: {:?}", &v[sti..sti + 3]);
+    assert_eq!(e.stats.kclass[KClass::Interrupts as usize], 2);
+}
+
+/// A page with a retpoline thunk for r11, a return thunk, and F that calls G
+/// through the retpoline and returns through the return thunk:
+///   T:  call 1f; 2: pause; lfence; jmp 2b; 1: mov [rsp], r11; ret
+///   R:  ret; int3
+///   F:  lea r11, [rip + G]; call T; add eax, 1; jmp R
+///   G:  mov eax, 41; jmp R
+fn thunk_page() -> (u64, u64, u64, u64) {
+    use iced_x86::code_asm::*;
+    let p = rwx_near(thunk_page as *const () as u64, 1 << 16).expect("code memory");
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut t = a.create_label();
+    let mut r = a.create_label();
+    let mut f = a.create_label();
+    let mut g = a.create_label();
+    let mut l1 = a.create_label();
+    let mut l2 = a.create_label();
+    a.set_label(&mut t).unwrap();
+    a.call(l1).unwrap();
+    a.set_label(&mut l2).unwrap();
+    a.pause().unwrap();
+    a.lfence().unwrap();
+    a.jmp(l2).unwrap();
+    a.set_label(&mut l1).unwrap();
+    a.mov(qword_ptr(rsp), r11).unwrap();
+    a.ret().unwrap();
+    a.int3().unwrap();
+    a.set_label(&mut r).unwrap();
+    a.ret().unwrap();
+    a.int3().unwrap();
+    a.int3().unwrap();
+    a.set_label(&mut f).unwrap();
+    a.lea(r11, qword_ptr(g)).unwrap();
+    a.call(t).unwrap();
+    a.add(eax, 1).unwrap();
+    a.jmp(r).unwrap();
+    a.int3().unwrap();
+    a.set_label(&mut g).unwrap();
+    a.mov(eax, 41).unwrap();
+    a.jmp(r).unwrap();
+    let res = a.assemble_options(p, iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+    let code = res.inner.code_buffer.clone();
+    // SAFETY: our fresh page.
+    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len()) };
+    let at = |l: &CodeLabel| res.label_ip(l).unwrap();
+    (at(&t), at(&r), at(&f), at(&g))
+}
+
+#[test]
+fn thunks_are_translated_as_the_branch_they_stand_for() {
+    let (t, r, f, _) = thunk_page();
+    let native = dbt::host::run_native(f, &[]).rax;
+    assert_eq!(native, 42);
+    // Without the thunks declared the translator translates them (correct, slower).
+    let mut plain = Harness::new(Some(Box::new(NullClient)));
+    assert_eq!(plain.run(f, &[]).rax, native);
+    assert!(plain.engine.lookup(t).is_some() && plain.engine.lookup(r).is_some());
+    // Declared: `call T` is `call r11`, `jmp R` is `ret`; neither thunk is translated.
+    let mut env = HostEnv::new();
+    env.thunks = vec![(t, Thunk::Indirect(Register::R11)), (r, Thunk::Return)];
+    let mut h = Harness::with_env(Some(Box::new(NullClient)), Config::default(), env);
+    assert_eq!(h.run(f, &[]).rax, native);
+    assert!(h.engine.lookup(t).is_none(), "the retpoline thunk was translated");
+    assert!(h.engine.lookup(r).is_none(), "the return thunk was translated");
+    assert_eq!(h.engine.stats.kclass[KClass::RetpolineThunk as usize], 1);
+    assert_eq!(h.engine.stats.kclass[KClass::ReturnThunk as usize], 2);
+    // The same with cached returns (a recognized return thunk is a real `ret`).
+    let mut env = HostEnv::new();
+    env.thunks = vec![(t, Thunk::Indirect(Register::R11)), (r, Thunk::Return)];
+    let mut h =
+        Harness::with_env(Some(Box::new(NullClient)), Config { cached_returns: true, ..Config::default() }, env);
+    assert_eq!(h.run(f, &[]).rax, native);
+}
