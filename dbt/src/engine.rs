@@ -590,6 +590,11 @@ impl Engine {
         self.frags.get(&pc).map(|f| f.entry)
     }
 
+    /// Guest range `[start, end)` of the fragment for `pc`, if translated.
+    pub fn fragment_span(&self, pc: u64) -> Option<(u64, u64)> {
+        self.frags.get(&pc).map(|f| (f.start, f.end))
+    }
+
     /// (indirect entry, code length, exit stubs, stubs length) of each
     /// fragment: the instructions it emitted, which the fuzz target and tests
     /// decode back (the hot allocation's constants and slack are left out).

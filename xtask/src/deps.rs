@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 /// Always needed: initramfs and ISO tooling, and gcc/make/binutils for kdbt.ko.
 pub const BASE: &[&str] =
     &["busybox-static", "cpio", "gzip", "xorriso", "isolinux", "syslinux-common", "build-essential"];
+/// Decompressors for the payload of a Debian vmlinuz (`cargo xtask vmlinux-corpus`, and its unit test).
+pub const VMLINUZ: &[&str] = &["xz-utils", "zstd"];
 /// Bochs with VT-x emulation and its ROMs and text display.
 pub const BOCHS: &[&str] = &["bochs", "bochsbios", "vgabios", "bochs-term"];
 /// QEMU for TCG runs.

@@ -10,6 +10,7 @@ mod kernel;
 mod results;
 mod toolchain;
 mod util;
+mod vmlinux;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -85,6 +86,15 @@ enum Cmd {
         /// Wall-clock limit for `cargo test --workspace`, in seconds.
         #[arg(long, default_value_t = 1200)]
         unit_timeout: u64,
+    },
+    /// Translate every function of a real kernel offline with the DBT engine
+    /// (its vmlinux and System.map; for Debian images the vmlinux is extracted
+    /// from the vmlinuz): no panic, every emitted instruction decodes, counts
+    /// by kernel instruction class.
+    VmlinuxCorpus {
+        /// small | debian-6.12 | debian-6.1 | linux-image-* package.
+        #[arg(long, default_value = "small")]
+        kernel: String,
     },
     /// Boot the bench and show `kdbt caps`.
     Demo {
@@ -173,6 +183,7 @@ fn real_main(cli: Cli) -> Result<bool> {
             Ok(st.success())
         }
         Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus } => bench_hypervisor(kernel, cpus),
+        Cmd::VmlinuxCorpus { kernel } => vmlinux::corpus(&kernel),
     }
 }
 
@@ -409,6 +420,8 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
     let t = Timer::start();
     let mut summary: Vec<(String, bool)> = Vec::new();
     let mut tables = Vec::new();
+    // The vmlinux corpus (and xtask's own unit test of it) decompresses kernel images.
+    deps::ensure(deps::VMLINUZ)?;
     if !no_unit {
         step(format!("host unit tests: cargo test --workspace (limit {} s)", unit_timeout.as_secs()));
         let ut = Timer::start();
@@ -429,6 +442,17 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
         if emu::interrupted() {
             bail!("interrupted");
         }
+    }
+    // A real kernel as the DBT's corpus (offline, seconds): the small kernel
+    // (Debian's 6.12 source), whose build tree has vmlinux and System.map.
+    {
+        let label = "vmlinux-corpus small".to_string();
+        let ok = vmlinux::corpus("small").unwrap_or_else(|e| {
+            eprintln!("error in {label}: {e:#}");
+            false
+        });
+        tables.push(format!("{label}: {}\n", if ok { "PASS" } else { "FAIL" }));
+        summary.push((label, ok));
     }
     // Both suites in one boot per kernel: Debian kernels take minutes to boot in Bochs.
     let base = VmArgs {

@@ -1,0 +1,368 @@
+//! A real kernel as corpus: translates every function of a `vmlinux` offline,
+//! block by block, with that kernel's retpoline and return thunks, into a code
+//! cache placed (fictitiously) in module space above the kernel's text.
+//!
+//! `dbt-vmlinux VMLINUX SYSTEM.MAP`: function starts and ends come from the
+//! `T`/`t` symbols of System.map; every block reachable inside a function
+//! from its start (branch targets, fall-throughs, the continuations of calls
+//! and stops) is translated; every emitted instruction (hot code and exit
+//! stubs) must decode back. Prints one summary line
+//! `functions=N translated=M blocks=B instructions=I`, the counts by kernel
+//! instruction class, and the untranslatable blocks with their reasons; exits
+//! non-zero if the translator panics on any function or emits bytes that do
+//! not decode.
+use dbt::{Config, Engine, Env, KClass, StopKind, Thunk};
+use iced_x86::{Decoder, DecoderOptions, Register};
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
+
+/// Where the offline cache pretends to live: module space (±2 GiB of kernel text).
+const CACHE_BASE: u64 = 0xffff_ffff_c000_0000;
+
+struct Image {
+    /// (virtual address, bytes) of each loadable segment.
+    segs: Vec<(u64, Vec<u8>)>,
+}
+
+impl Image {
+    /// The PT_LOAD segments of an ELF64 little-endian x86-64 file.
+    fn parse(b: &[u8]) -> Result<Image, String> {
+        let rd = |o: usize, n: usize| -> Result<u64, String> {
+            let s = b.get(o..o + n).ok_or_else(|| format!("ELF truncated at {o:#x}"))?;
+            let mut v = [0u8; 8];
+            v[..n].copy_from_slice(s);
+            Ok(u64::from_le_bytes(v))
+        };
+        if b.get(..4) != Some(b"\x7fELF") || b.get(4) != Some(&2) || b.get(5) != Some(&1) {
+            return Err("not a 64-bit little-endian ELF file".into());
+        }
+        if rd(18, 2)? != 62 {
+            return Err("not an x86-64 ELF file".into());
+        }
+        let (phoff, phentsize, phnum) = (rd(32, 8)? as usize, rd(54, 2)? as usize, rd(56, 2)? as usize);
+        let mut segs = Vec::new();
+        for k in 0..phnum {
+            let ph = phoff + k * phentsize;
+            if rd(ph, 4)? != 1 {
+                continue; // not PT_LOAD
+            }
+            let (off, vaddr, filesz) = (rd(ph + 8, 8)? as usize, rd(ph + 16, 8)?, rd(ph + 32, 8)? as usize);
+            let data = b.get(off..off + filesz).ok_or("PT_LOAD segment outside the file")?;
+            segs.push((vaddr, data.to_vec()));
+        }
+        if segs.is_empty() {
+            return Err("no PT_LOAD segment".into());
+        }
+        Ok(Image { segs })
+    }
+
+    fn read(&self, pc: u64, buf: &mut [u8]) -> usize {
+        for (va, data) in self.segs.iter() {
+            if pc >= *va && pc < va + data.len() as u64 {
+                let off = (pc - va) as usize;
+                let n = buf.len().min(data.len() - off);
+                buf[..n].copy_from_slice(&data[off..off + n]);
+                return n;
+            }
+        }
+        0
+    }
+}
+
+/// The offline environment: guest code from the image, the cache a host
+/// buffer standing in for memory at `CACHE_BASE` (its writable alias).
+struct OfflineEnv {
+    image: std::rc::Rc<Image>,
+    cache: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
+    thunks: std::rc::Rc<BTreeMap<u64, Thunk>>,
+    allocated: bool,
+}
+
+impl Env for OfflineEnv {
+    fn alloc_code(&mut self, _near: u64, size: usize) -> Option<u64> {
+        if self.allocated {
+            return None;
+        }
+        self.allocated = true;
+        self.cache.borrow_mut().resize(size, 0xCC);
+        Some(CACHE_BASE)
+    }
+    fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
+        self.image.read(pc, buf)
+    }
+    fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
+        let mut c = self.cache.borrow_mut();
+        let Some(off) = at.checked_sub(CACHE_BASE).map(|o| o as usize) else { return false };
+        if off + bytes.len() > c.len() {
+            return false;
+        }
+        c[off..off + bytes.len()].copy_from_slice(bytes);
+        true
+    }
+    fn patch_rel32(&mut self, at: u64, rel: i32) -> bool {
+        self.write_code(at, &rel.to_le_bytes())
+    }
+    fn thunk(&self, target: u64) -> Option<Thunk> {
+        self.thunks.get(&target).copied()
+    }
+}
+
+/// The register a `__x86_indirect_thunk_<reg>` stands for.
+fn thunk_reg(name: &str) -> Option<Register> {
+    use Register::*;
+    Some(match name {
+        "rax" => RAX,
+        "rcx" => RCX,
+        "rdx" => RDX,
+        "rbx" => RBX,
+        "rsp" => RSP,
+        "rbp" => RBP,
+        "rsi" => RSI,
+        "rdi" => RDI,
+        "r8" => R8,
+        "r9" => R9,
+        "r10" => R10,
+        "r11" => R11,
+        "r12" => R12,
+        "r13" => R13,
+        "r14" => R14,
+        "r15" => R15,
+        _ => return Option::None,
+    })
+}
+
+struct Symbols {
+    /// (start, end, name) of every text symbol, by address.
+    funcs: Vec<(u64, u64, String)>,
+    thunks: BTreeMap<u64, Thunk>,
+}
+
+fn parse_map(text: &str, image: &Image) -> Symbols {
+    let mut all: Vec<(u64, char, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let a = u64::from_str_radix(w.next()?, 16).ok()?;
+            let t = w.next()?.chars().next()?;
+            Some((a, t, w.next()?))
+        })
+        .collect();
+    all.sort_by_key(|s| s.0);
+    let mut thunks = BTreeMap::new();
+    for &(a, _, n) in all.iter() {
+        if n == "__x86_return_thunk" {
+            thunks.insert(a, Thunk::Return);
+        } else if let Some(r) = n.strip_prefix("__x86_indirect_thunk_").and_then(thunk_reg) {
+            thunks.insert(a, Thunk::Indirect(r));
+        }
+    }
+    let mut funcs = Vec::new();
+    for (k, &(a, t, n)) in all.iter().enumerate() {
+        if !matches!(t, 'T' | 't') || image.read(a, &mut [0u8; 1]) == 0 {
+            continue;
+        }
+        // A function ends where the next symbol at a higher address starts.
+        let end = all[k + 1..].iter().map(|s| s.0).find(|&b| b > a).unwrap_or(a + 4096);
+        funcs.push((a, end.min(a + (1 << 20)), n.to_string()));
+    }
+    funcs.dedup_by_key(|f| f.0);
+    Symbols { funcs, thunks }
+}
+
+#[derive(Default)]
+struct Totals {
+    functions: u64,
+    translated: u64,
+    blocks: u64,
+    instructions: u64,
+    emitted: u64,
+    panics: Vec<String>,
+    undecodable: Vec<String>,
+    stops: BTreeMap<String, u64>,
+    untranslatable: BTreeMap<String, (u64, String)>,
+    kclass: [u64; KClass::COUNT],
+}
+
+fn new_engine(sym: &Symbols, image: &std::rc::Rc<Image>) -> (Engine, std::rc::Rc<std::cell::RefCell<Vec<u8>>>) {
+    let cache = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let env = OfflineEnv {
+        image: image.clone(),
+        cache: cache.clone(),
+        thunks: std::rc::Rc::new(sym.thunks.clone()),
+        allocated: false,
+    };
+    // IBT: Debian's kernels are built with it (endbr64 at indirect targets).
+    let cfg = Config { ibt: true, hot_size: 4 << 20, stub_size: 2 << 20, ..Config::default() };
+    (Engine::new(Box::new(env), None, cfg), cache)
+}
+
+/// Translates every block of one function reachable from its start; returns
+/// whether it translated at least its first block.
+fn translate_function(
+    e: &mut Engine,
+    cache: &std::cell::RefCell<Vec<u8>>,
+    f: &(u64, u64, String),
+    t: &mut Totals,
+) -> bool {
+    let (start, end, name) = f;
+    let mut work = vec![*start];
+    let mut seen = BTreeSet::new();
+    let mut first_ok = false;
+    while let Some(pc) = work.pop() {
+        if pc < *start || pc >= *end || !seen.insert(pc) {
+            continue;
+        }
+        match e.fragment_for(pc) {
+            Ok(_) => {
+                first_ok |= pc == *start;
+                t.blocks += 1;
+                let mut padding = false;
+                for r in e.exit_records(pc) {
+                    // SAFETY: records of a live fragment.
+                    let (target, stop) = unsafe { ((*r).target, (*r).stop) };
+                    if stop != 0 {
+                        let k = StopKind::from_u64(stop);
+                        // int3 (and undecodable bytes) in kernel text is padding, not code.
+                        padding |= matches!(k, Some(StopKind::Breakpoint | StopKind::Invalid));
+                        *t.stops.entry(k.map(|k| format!("{k:?}")).unwrap_or_default()).or_default() += 1;
+                    } else {
+                        work.push(target);
+                    }
+                }
+                // The continuation of a call or a stop (WARN goes on after its ud2).
+                if let (false, Some((_, fend))) = (padding, e.fragment_span(pc)) {
+                    work.push(fend);
+                }
+            }
+            Err(k) => {
+                let ent = t.untranslatable.entry(format!("{k:?}")).or_insert((0, String::new()));
+                ent.0 += 1;
+                if ent.1.is_empty() {
+                    ent.1 = format!("{name}+{:#x}", pc - start);
+                }
+            }
+        }
+    }
+    // Every emitted instruction decodes back.
+    let cache = cache.borrow();
+    for (hot, len, stub, slen) in e.fragments() {
+        for (at, n) in [(hot, len), (stub, slen)] {
+            let off = (at - CACHE_BASE) as usize;
+            let Some(bytes) = cache.get(off..off + n as usize) else {
+                t.undecodable.push(format!("{name}: fragment at {at:#x} outside the cache"));
+                continue;
+            };
+            for i in Decoder::with_ip(64, bytes, at, DecoderOptions::NONE) {
+                t.emitted += 1;
+                if i.is_invalid() {
+                    t.undecodable.push(format!("{name}: invalid instruction at {:#x}", i.ip()));
+                    break;
+                }
+            }
+        }
+    }
+    first_ok
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 3 {
+        eprintln!("usage: dbt-vmlinux VMLINUX SYSTEM.MAP");
+        return ExitCode::from(2);
+    }
+    let read = |p: &str| std::fs::read(p).map_err(|e| format!("{p}: {e}"));
+    let (elf, map) = match (read(&args[1]), read(&args[2])) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let image = match Image::parse(&elf) {
+        Ok(i) => std::rc::Rc::new(i),
+        Err(e) => {
+            eprintln!("error: {}: {e}", args[1]);
+            return ExitCode::from(2);
+        }
+    };
+    let sym = parse_map(&String::from_utf8_lossy(&map), &image);
+    eprintln!(
+        "{} functions, {} thunks (return thunk: {})",
+        sym.funcs.len(),
+        sym.thunks.len(),
+        if sym.thunks.values().any(|t| *t == Thunk::Return) { "yes" } else { "no" }
+    );
+    let mut t = Totals::default();
+    let (mut e, mut cache) = new_engine(&sym, &image);
+    for (k, f) in sym.funcs.iter().enumerate() {
+        if k % 10_000 == 0 && k > 0 {
+            eprintln!("  {k} functions ...");
+        }
+        t.functions += 1;
+        let before = e.stats;
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut tt = Totals::default();
+            let ok = translate_function(&mut e, &cache, f, &mut tt);
+            (ok, tt)
+        }));
+        match ok {
+            Ok((ok, tt)) => {
+                t.translated += ok as u64;
+                t.blocks += tt.blocks;
+                t.emitted += tt.emitted;
+                t.undecodable.extend(tt.undecodable);
+                for (k, v) in tt.stops {
+                    *t.stops.entry(k).or_default() += v;
+                }
+                for (k, v) in tt.untranslatable {
+                    let ent = t.untranslatable.entry(k).or_insert((0, v.1.clone()));
+                    ent.0 += v.0;
+                }
+                t.instructions += e.stats.guest_insns - before.guest_insns;
+                for (n, (a, b)) in t.kclass.iter_mut().zip(e.stats.kclass.iter().zip(before.kclass.iter())) {
+                    *n += a - b;
+                }
+                e.flush();
+            }
+            Err(p) => {
+                let msg =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                t.panics.push(format!("{}: {}", f.2, msg.unwrap_or_default()));
+                let (ne, nc) = new_engine(&sym, &image);
+                e = ne;
+                cache = nc;
+            }
+        }
+    }
+    println!(
+        "functions={} translated={} blocks={} instructions={} emitted_instructions={}",
+        t.functions, t.translated, t.blocks, t.instructions, t.emitted
+    );
+    println!("kernel instruction classes (instructions met by the translator):");
+    for c in KClass::ALL {
+        println!("  {:>10}  {}", t.kclass[c as usize], c.name());
+    }
+    println!("stops (fragments end before the instruction; the environment runs it natively):");
+    for (k, v) in t.stops.iter() {
+        println!("  {v:>10}  {k}");
+    }
+    println!("untranslatable blocks:");
+    if t.untranslatable.is_empty() {
+        println!("  none");
+    }
+    for (k, (n, first)) in t.untranslatable.iter() {
+        println!("  {n:>10}  {k} (first: {first})");
+    }
+    for p in t.panics.iter().take(20) {
+        println!("PANIC {p}");
+    }
+    for u in t.undecodable.iter().take(20) {
+        println!("UNDECODABLE {u}");
+    }
+    if t.panics.is_empty() && t.undecodable.is_empty() && t.translated > 0 {
+        ExitCode::SUCCESS
+    } else {
+        println!("FAILED: {} panics, {} undecodable fragments", t.panics.len(), t.undecodable.len());
+        ExitCode::FAILURE
+    }
+}
