@@ -81,7 +81,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
     // allocated while the CPU is virtualized; only this CPU touches it in root mode.
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
-    let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits);
+    let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats);
     if pc.ctl.exits.last_reason == exit::reason::EXCEPTION_NMI {
         unblock_nmis();
     }
@@ -93,7 +93,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 if pc.ctl.nmi_pending.swap(0, Ordering::Relaxed) != 0 {
                     pc.ctl.exits.nmi_pending = true;
                 }
-                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits);
+                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &pc.ctl.stats);
                 if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
                     break;
                 }
@@ -130,7 +130,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 ));
             }
             pc.ctl.exits.nmi_pending = true;
-            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits);
+            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &pc.ctl.stats);
             0
         }
     }
