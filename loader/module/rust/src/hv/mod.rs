@@ -234,7 +234,7 @@ fn fake_missing() -> String {
 fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Controls, String> {
     let caps = VmxCaps::decode(raw);
     let req = Request { required: REQUIRED | native, mask };
-    match preflight(&caps, raw.cr4 & vmx::caps::CR4_VMXE != 0, &req) {
+    match preflight(&caps, raw.cr4, &req) {
         Ok(cleared) => choose_controls(&caps, cleared.available),
         Err(refusals) => {
             let mut s = String::new();
