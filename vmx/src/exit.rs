@@ -63,7 +63,8 @@ pub trait ExitHw {
     fn vmread(&self, field: u32) -> u64;
     fn vmwrite(&mut self, field: u32, value: u64);
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
-    /// XSETBV; false if it faulted (#GP).
+    /// XSETBV of a value [`crate::xsave::check_xsetbv`] accepted; false if it faulted
+    /// anyway (#GP).
     fn xsetbv(&mut self, xcr: u32, value: u64) -> bool;
     fn wbinvd(&mut self);
     /// RDMSR/WRMSR with a fault fixup; None/false if the access faulted.
@@ -400,7 +401,14 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx, sta
         reason::CR_ACCESS => cr_access(hw, regs),
         reason::XSETBV => {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-            if guest_cpl(hw) != 0 || !hw.xsetbv(regs.rcx as u32, value) {
+            // Executed in root mode only if hardware would accept it for the guest: an
+            // invalid value gives the guest the #GP(0) it would get natively.
+            let ecx = regs.rcx as u32;
+            let supported = crate::xsave::supported_xcr0(hw.cpuid(0xd, 0));
+            if guest_cpl(hw) != 0
+                || crate::xsave::check_xsetbv(ecx, value, supported).is_err()
+                || !hw.xsetbv(ecx, value)
+            {
                 inject_exception(hw, VECTOR_GP, Some(0));
             } else {
                 advance_rip(hw);
@@ -597,6 +605,10 @@ mod tests {
     struct Fake {
         f: BTreeMap<u32, u64>,
         xcr0: u64,
+        /// XCR0 bits CPUID.(0DH,0) reports.
+        xcr0_supported: u64,
+        /// XSETBVs executed in root mode.
+        xsetbvs: u32,
         msrs: BTreeMap<u32, u64>,
         wbinvd: u32,
         invept: u32,
@@ -610,14 +622,16 @@ mod tests {
             self.f.insert(field, value);
         }
         fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
+            if (leaf, sub) == (0xd, 0) {
+                return [self.xcr0_supported as u32, 0x340, 0x340, (self.xcr0_supported >> 32) as u32];
+            }
             [leaf, sub, 0x1111, 0x2222]
         }
         fn xsetbv(&mut self, xcr: u32, value: u64) -> bool {
-            if xcr != 0 || value & 1 == 0 {
-                return false;
-            }
+            // Root mode: the handler must only get here with a value hardware accepts.
+            self.xsetbvs += 1;
             self.xcr0 = value;
-            true
+            xcr == 0 && crate::xsave::check_xsetbv(xcr, value, self.xcr0_supported).is_ok()
         }
         fn wbinvd(&mut self) {
             self.wbinvd += 1;
@@ -643,6 +657,7 @@ mod tests {
         f.vmwrite(ro::VMEXIT_INSTRUCTION_LEN, len);
         f.vmwrite(guest::RIP, 0xffff_ffff_8100_0000);
         f.vmwrite(guest::SS_ACCESS_RIGHTS, 0xc093 | ((cpl as u64) << 5));
+        f.xcr0_supported = 0x6_02e7; // x87 SSE AVX AVX-512 PKRU AMX
         f
     }
 
@@ -974,5 +989,49 @@ mod tests {
             (end.total, end.counts[reason::CPUID as usize], end.counts[reason::XSETBV as usize]),
             (N, N / 2, N / 2)
         );
+    }
+
+    #[test]
+    fn invalid_xcr0_values_give_the_guest_gp_without_reaching_root_mode() {
+        use crate::xsave::*;
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        // (ECX, value, CPL) -> executed in root mode (RIP advanced) or #GP(0) to the guest.
+        let cases: &[(u64, u64, u8, bool)] = &[
+            (0, X87 | SSE | AVX, 0, true),
+            (0, X87 | SSE | AVX | AVX512, 0, true),
+            (0, X87 | SSE | AVX | AVX512 | AMX | (1 << 9), 0, true),
+            // Upper half of RCX is ignored: ECX is what counts.
+            (0xffff_ffff_0000_0000, X87 | SSE, 0, true),
+            (0, X87 | SSE | AVX, 3, false),
+            (1, X87 | SSE, 0, false),
+            (0, SSE, 0, false),
+            (0, X87 | AVX, 0, false),
+            (0, X87 | SSE | AVX | OPMASK, 0, false),
+            (0, X87 | SSE | AVX512, 0, false),
+            (0, X87 | SSE | AVX | AMX_TILEDATA, 0, false),
+            (0, X87 | MPX_BNDREGS, 0, false),
+            // MPX is not supported by this fake CPU at all.
+            (0, X87 | MPX, 0, false),
+            (0, X87 | (1 << 40), 0, false),
+        ];
+        for &(rcx, value, cpl, ok) in cases {
+            let mut f = exit(reason::XSETBV, 3, cpl);
+            let mut r = GuestRegs {
+                rcx,
+                rax: value & 0xffff_ffff | 0xdead_0000_0000_0000,
+                rdx: value >> 32,
+                ..Default::default()
+            };
+            assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
+            let what = std::format!("rcx={rcx:#x} value={value:#x} cpl={cpl}");
+            if ok {
+                assert_eq!((f.xsetbvs, f.xcr0, injected(&f)), (1, value, None), "{what}");
+                assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003, "{what}");
+            } else {
+                assert_eq!((f.xsetbvs, injected(&f)), (0, Some((VECTOR_GP, Some(0)))), "{what}");
+                assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000, "{what}");
+            }
+        }
     }
 }
