@@ -224,6 +224,8 @@ pub const CPUID1_ECX_VMX: u32 = 1 << 5;
 pub const CPUID1_ECX_SMX: u32 = 1 << 6;
 /// CR4.VMXE.
 pub const CR4_VMXE: u64 = 1 << 13;
+/// CR4.FRED (flexible return and event delivery).
+pub const CR4_FRED: u64 = 1 << 32;
 
 /// IA32_FEATURE_CONTROL bits kdbt cares about.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -862,7 +864,37 @@ static CR4_NAMES: &[(u32, &str)] = &[
     (23, "CET"),
     (24, "PKS"),
     (25, "UINTR"),
+    (27, "LASS"),
+    (28, "LAM_SUP"),
+    (32, "FRED"),
 ];
+
+/// CR4 bits, shown by name (`bitN` for bits without one), separated by spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cr4Bits(pub u64);
+
+impl fmt::Display for Cr4Bits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for bit in 0..64u32 {
+            if self.0 & (1u64 << bit) == 0 {
+                continue;
+            }
+            if !first {
+                f.write_str(" ")?;
+            }
+            first = false;
+            match CR4_NAMES.iter().find(|(b, _)| *b == bit) {
+                Some((_, n)) => f.write_str(n)?,
+                None => write!(f, "bit{bit}")?,
+            }
+        }
+        if first {
+            f.write_str("(none)")?;
+        }
+        Ok(())
+    }
+}
 
 fn write_bits(f: &mut fmt::Formatter<'_>, v: u64, names: &[(u32, &str)]) -> fmt::Result {
     let mut any = false;

@@ -5,6 +5,8 @@
 //! [`GuestRegs`] on the host stack and calls its handler, which calls [`handle`] and acts on
 //! the returned [`Action`]. Nothing here may fault, allocate or call the kernel: it runs in
 //! VMX root mode with interrupts off.
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use x86::vmx::vmcs::{control, guest, ro};
 
 use crate::hypercall::{self, Call, Decoded};
@@ -61,7 +63,8 @@ pub trait ExitHw {
     fn vmread(&self, field: u32) -> u64;
     fn vmwrite(&mut self, field: u32, value: u64);
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
-    /// XSETBV; false if it faulted (#GP).
+    /// XSETBV of a value [`crate::xsave::check_xsetbv`] accepted; false if it faulted
+    /// anyway (#GP).
     fn xsetbv(&mut self, xcr: u32, value: u64) -> bool;
     fn wbinvd(&mut self);
     /// RDMSR/WRMSR with a fault fixup; None/false if the access faulted.
@@ -203,42 +206,101 @@ pub enum Action {
     Fatal(Fatal, Diag),
 }
 
-/// Per-CPU facts and counters the handler reads and updates.
+/// Per-CPU facts and live state the handler reads and updates: owned by that CPU's root
+/// mode (nothing else reads it while the CPU is virtualized). The statistics other CPUs
+/// read meanwhile are kept apart, in [`ExitCounters`].
 #[derive(Clone, Debug)]
 pub struct ExitCtx {
     /// kdbt's index of this CPU (reported in CPUID 0x40000001 ECX).
     pub cpu: u32,
     /// STATE_* bits for CPUID 0x40000001 EBX.
     pub state: u32,
-    /// Exits by basic reason (index >= COUNT counted in the last slot).
-    pub counts: [u64; reason::COUNT],
-    pub total: u64,
-    /// EptInvalidate hypercalls served.
-    pub inveptions: u64,
     /// NMI virtualization is on ("NMI exiting" and "virtual NMIs", NMI-window exiting
     /// available): guest NMIs exit, and one that cannot be delivered yet waits for the
     /// NMI window.
     pub vnmi: bool,
     /// An NMI for the guest (from an NMI exit, or one that hit root mode) not delivered yet.
     pub nmi_pending: bool,
-    /// NMIs injected into the guest.
-    pub nmis_injected: u64,
     /// Basic reason of the exit [`handle`] handled last.
     pub last_reason: u32,
 }
 
 impl ExitCtx {
     pub fn new(cpu: u32, state: u32) -> Self {
-        ExitCtx {
-            cpu,
-            state,
-            counts: [0; reason::COUNT],
-            total: 0,
-            inveptions: 0,
-            vnmi: false,
-            nmi_pending: false,
-            nmis_injected: 0,
-            last_reason: 0,
+        ExitCtx { cpu, state, vnmi: false, nmi_pending: false, last_reason: 0 }
+    }
+}
+
+/// Exit statistics of one CPU. Only that CPU's root mode writes them (one writer, so an
+/// increment is a relaxed load and store, no locked instruction); any CPU may read them at
+/// any time with [`ExitCounters::snapshot`]. Each counter is exact and never torn; a
+/// snapshot taken while the CPU takes exits may mix counters from before and after one.
+#[derive(Debug)]
+pub struct ExitCounters {
+    /// Exits by basic reason (index >= COUNT counted in the last slot).
+    counts: [AtomicU64; reason::COUNT],
+    total: AtomicU64,
+    /// EptInvalidate hypercalls served.
+    inveptions: AtomicU64,
+    /// NMIs injected into the guest.
+    nmis_injected: AtomicU64,
+}
+
+/// A copy of [`ExitCounters`] at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitStats {
+    pub counts: [u64; reason::COUNT],
+    pub total: u64,
+    pub inveptions: u64,
+    pub nmis_injected: u64,
+}
+
+impl Default for ExitCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ExitCounters {
+    pub const fn new() -> Self {
+        ExitCounters {
+            counts: [const { AtomicU64::new(0) }; reason::COUNT],
+            total: AtomicU64::new(0),
+            inveptions: AtomicU64::new(0),
+            nmis_injected: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds one. Only the owning CPU calls this (single writer).
+    fn bump(c: &AtomicU64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Counts one exit of basic reason `basic`.
+    pub fn count_exit(&self, basic: u32) {
+        Self::bump(&self.total);
+        Self::bump(&self.counts[(basic as usize).min(reason::COUNT - 1)]);
+    }
+
+    pub fn count_invept(&self) {
+        Self::bump(&self.inveptions);
+    }
+
+    pub fn count_nmi_injected(&self) {
+        Self::bump(&self.nmis_injected);
+    }
+
+    /// Exits taken so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> ExitStats {
+        ExitStats {
+            counts: core::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
+            total: self.total.load(Ordering::Relaxed),
+            inveptions: self.inveptions.load(Ordering::Relaxed),
+            nmis_injected: self.nmis_injected.load(Ordering::Relaxed),
         }
     }
 }
@@ -306,12 +368,11 @@ fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
 }
 
 /// Handles one VM exit.
-pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Action {
+pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx, stats: &ExitCounters) -> Action {
     let full = hw.vmread(ro::EXIT_REASON) as u32;
     let basic = full & 0xffff;
     ctx.last_reason = basic;
-    ctx.total += 1;
-    ctx.counts[(basic as usize).min(reason::COUNT - 1)] += 1;
+    stats.count_exit(basic);
 
     // Bit 31: VM-entry failure (the guest never ran).
     if full & (1 << 31) != 0 {
@@ -336,11 +397,18 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> 
             advance_rip(hw);
             Action::Resume
         }
-        reason::VMCALL => vmcall(hw, regs, ctx),
+        reason::VMCALL => vmcall(hw, regs, stats),
         reason::CR_ACCESS => cr_access(hw, regs),
         reason::XSETBV => {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-            if guest_cpl(hw) != 0 || !hw.xsetbv(regs.rcx as u32, value) {
+            // Executed in root mode only if hardware would accept it for the guest: an
+            // invalid value gives the guest the #GP(0) it would get natively.
+            let ecx = regs.rcx as u32;
+            let supported = crate::xsave::supported_xcr0(hw.cpuid(0xd, 0));
+            if guest_cpl(hw) != 0
+                || crate::xsave::check_xsetbv(ecx, value, supported).is_err()
+                || !hw.xsetbv(ecx, value)
+            {
                 inject_exception(hw, VECTOR_GP, Some(0));
             } else {
                 advance_rip(hw);
@@ -394,7 +462,7 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> 
 ///    NMI, no other event queued); otherwise, with NMI virtualization, NMI-window exiting
 ///    is armed so that the CPU exits as soon as it can, and disarmed once nothing waits.
 ///    (Without it the NMI waits for a later exit.)
-pub fn prepare_entry(hw: &mut impl ExitHw, ctx: &mut ExitCtx) {
+pub fn prepare_entry(hw: &mut impl ExitHw, ctx: &mut ExitCtx, stats: &ExitCounters) {
     let vectoring = hw.vmread(ro::IDT_VECTORING_INFO) as u32;
     if vectoring & INTR_VALID != 0 && hw.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & INTR_VALID == 0 {
         // Bit 12 is undefined in the vectoring field and reserved in the entry field.
@@ -415,7 +483,7 @@ pub fn prepare_entry(hw: &mut impl ExitHw, ctx: &mut ExitCtx) {
         if !blocked {
             hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (INTR_VALID | INTR_TYPE_NMI | 2) as u64);
             ctx.nmi_pending = false;
-            ctx.nmis_injected += 1;
+            stats.count_nmi_injected();
         }
     }
     if ctx.vnmi {
@@ -446,7 +514,7 @@ fn cpuid(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) {
     regs.rdx = r[3] as u64;
 }
 
-fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Action {
+fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> Action {
     if guest_cpl(hw) != 0 {
         inject_exception(hw, VECTOR_UD, None);
         return Action::Resume;
@@ -471,7 +539,7 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Acti
             Action::Resume
         }
         Call::ExitCount => {
-            regs.rax = ctx.total;
+            regs.rax = stats.total();
             Action::Resume
         }
         Call::Devirtualize => {
@@ -482,7 +550,7 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Acti
             // The caller changed EPT entries (in memory it owns) and now wants every
             // cached translation of this CPU gone; it issues this on each CPU.
             hw.invept_all();
-            ctx.inveptions += 1;
+            stats.count_invept();
             regs.rax = hypercall::OK;
             Action::Resume
         }
@@ -537,6 +605,10 @@ mod tests {
     struct Fake {
         f: BTreeMap<u32, u64>,
         xcr0: u64,
+        /// XCR0 bits CPUID.(0DH,0) reports.
+        xcr0_supported: u64,
+        /// XSETBVs executed in root mode.
+        xsetbvs: u32,
         msrs: BTreeMap<u32, u64>,
         wbinvd: u32,
         invept: u32,
@@ -550,14 +622,16 @@ mod tests {
             self.f.insert(field, value);
         }
         fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
+            if (leaf, sub) == (0xd, 0) {
+                return [self.xcr0_supported as u32, 0x340, 0x340, (self.xcr0_supported >> 32) as u32];
+            }
             [leaf, sub, 0x1111, 0x2222]
         }
         fn xsetbv(&mut self, xcr: u32, value: u64) -> bool {
-            if xcr != 0 || value & 1 == 0 {
-                return false;
-            }
+            // Root mode: the handler must only get here with a value hardware accepts.
+            self.xsetbvs += 1;
             self.xcr0 = value;
-            true
+            xcr == 0 && crate::xsave::check_xsetbv(xcr, value, self.xcr0_supported).is_ok()
         }
         fn wbinvd(&mut self) {
             self.wbinvd += 1;
@@ -583,6 +657,7 @@ mod tests {
         f.vmwrite(ro::VMEXIT_INSTRUCTION_LEN, len);
         f.vmwrite(guest::RIP, 0xffff_ffff_8100_0000);
         f.vmwrite(guest::SS_ACCESS_RIGHTS, 0xc093 | ((cpl as u64) << 5));
+        f.xcr0_supported = 0x6_02e7; // x87 SSE AVX AVX-512 PKRU AMX
         f
     }
 
@@ -598,57 +673,59 @@ mod tests {
     #[test]
     fn cpuid_signature_and_passthrough() {
         let mut ctx = ExitCtx::new(1, hypercall::STATE_VIRTUALIZED);
+        let stats = ExitCounters::new();
         let mut f = exit(reason::CPUID, 2, 0);
         let mut r = GuestRegs { rax: 0x4000_0000, ..Default::default() };
-        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
         assert_eq!(r.rbx as u32, hypercall::SIGNATURE_WORD);
         assert_eq!(r.rax as u32, hypercall::CPUID_INFO_LEAF);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002);
 
         let mut f = exit(reason::CPUID, 2, 3);
         let mut r = GuestRegs { rax: 0x4000_0001, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!((r.rax, r.rbx, r.rcx), (1, 1, 1));
 
         let mut f = exit(reason::CPUID, 2, 0);
         let mut r = GuestRegs { rax: 7, rcx: 1, rbx: 99, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!((r.rax, r.rbx, r.rcx, r.rdx), (7, 1, 0x1111, 0x2222));
-        assert_eq!(ctx.counts[reason::CPUID as usize], 3);
-        assert_eq!(ctx.total, 3);
+        assert_eq!(stats.snapshot().counts[reason::CPUID as usize], 3);
+        assert_eq!(stats.snapshot().total, 3);
     }
 
     #[test]
     fn vmcall_only_at_cpl0_and_with_magic() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         // User space: #UD, RIP unchanged.
         let mut f = exit(reason::VMCALL, 3, 3);
         let mut r = GuestRegs { rax: Call::Devirtualize.rax(), ..Default::default() };
-        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
         assert_eq!(injected(&f), Some((VECTOR_UD, None)));
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000);
         // Kernel without the magic: #UD too.
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: 3, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(injected(&f), Some((VECTOR_UD, None)));
         // Ping.
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: Call::Ping.rax(), rbx: 0x55, ..Default::default() };
-        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
         assert_eq!(r.rax, hypercall::MAGIC | 1);
         assert_eq!(r.rbx, !0x55);
         assert_eq!(injected(&f), None);
         // Unknown function: error code, instruction completed.
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: hypercall::MAGIC | 0x77, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(r.rax, hypercall::ERR_UNKNOWN_CALL);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003);
         // Devirtualize.
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: Call::Devirtualize.rax(), ..Default::default() };
-        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Devirtualize);
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Devirtualize);
         assert_eq!(r.rax, hypercall::OK);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003);
     }
@@ -656,13 +733,14 @@ mod tests {
     #[test]
     fn cr4_write_keeps_vmxe_and_updates_shadow() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         let mut f = exit(reason::CR_ACCESS, 3, 0);
         f.vmwrite(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
         f.vmwrite(guest::CR4, 0x3506f0 | CR4_VMXE);
         // mov cr4, rbx (reg 3) setting VMXE from the guest's view (e.g. KVM loading).
         f.vmwrite(ro::EXIT_QUALIFICATION, 4 | (3 << 8));
         let mut r = GuestRegs { rbx: 0x3506f0 | CR4_VMXE | 0x80, ..Default::default() };
-        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
         assert_eq!(f.vmread(control::CR4_READ_SHADOW), CR4_VMXE);
         assert_eq!(f.vmread(guest::CR4), 0x3506f0 | 0x80 | CR4_VMXE);
         // And clearing it again from the guest's view leaves the real bit set.
@@ -671,7 +749,7 @@ mod tests {
         f2.vmwrite(guest::CR4, 0x3506f0 | CR4_VMXE);
         f2.vmwrite(ro::EXIT_QUALIFICATION, 4 | (3 << 8));
         let mut r = GuestRegs { rbx: 0x3506f0, ..Default::default() };
-        handle(&mut f2, &mut r, &mut ctx);
+        handle(&mut f2, &mut r, &mut ctx, &stats);
         assert_eq!(f2.vmread(control::CR4_READ_SHADOW), 0);
         assert_eq!(f2.vmread(guest::CR4), 0x3506f0 | CR4_VMXE);
     }
@@ -679,39 +757,41 @@ mod tests {
     #[test]
     fn msr_and_xsetbv_faults_are_reflected_as_gp() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         let mut f = exit(reason::RDMSR, 2, 0);
         f.msrs.insert(0x4000_0100, 0x1234_5678_9abc_def0);
         let mut r = GuestRegs { rcx: 0x4000_0100, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!((r.rax, r.rdx), (0x9abc_def0, 0x1234_5678));
         let mut r = GuestRegs { rcx: 0x4000_0200, ..Default::default() };
         let mut f = exit(reason::RDMSR, 2, 0);
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(injected(&f), Some((VECTOR_GP, Some(0))));
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000);
 
         let mut f = exit(reason::XSETBV, 3, 0);
         let mut r = GuestRegs { rcx: 0, rax: 7, rdx: 0, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(f.xcr0, 7);
         let mut f = exit(reason::XSETBV, 3, 0);
         let mut r = GuestRegs { rcx: 0, rax: 6, ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(injected(&f), Some((VECTOR_GP, Some(0))));
     }
 
     #[test]
     fn vmx_instructions_raise_ud_and_fatal_exits_carry_diagnostics() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         for reason in [19u32, 20, 21, 22, 23, 24, 25, 26, 27, 50, 53, 59] {
             let mut f = exit(reason, 3, 0);
-            assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Resume);
+            assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
             assert_eq!(injected(&f), Some((VECTOR_UD, None)), "reason {reason}");
         }
         let mut f = exit(reason::EPT_VIOLATION, 0, 0);
         f.vmwrite(ro::GUEST_PHYSICAL_ADDR_FULL, 0xfee0_0000);
         f.vmwrite(ro::EXIT_QUALIFICATION, 0x182);
-        match handle(&mut f, &mut GuestRegs::default(), &mut ctx) {
+        match handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats) {
             Action::Fatal(Fatal::EptViolation, d) => {
                 assert_eq!(d.guest_physical, 0xfee0_0000);
                 assert_eq!(d.qualification, 0x182);
@@ -720,14 +800,20 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut f = exit(reason::TRIPLE_FAULT, 0, 0);
-        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::TripleFault, _)));
+        assert!(matches!(
+            handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats),
+            Action::Fatal(Fatal::TripleFault, _)
+        ));
         // Entry failure flag.
         let mut f = exit(reason::ENTRY_FAIL_GUEST_STATE | 1 << 31, 0, 0);
-        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::EntryFailed, _)));
+        assert!(matches!(
+            handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats),
+            Action::Fatal(Fatal::EntryFailed, _)
+        ));
         // Out-of-range reasons are counted in the last slot, never indexed past the end.
         let mut f = exit(0xffff, 0, 0);
-        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
-        assert_eq!(ctx.counts[reason::COUNT - 1], 1);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
+        assert_eq!(stats.snapshot().counts[reason::COUNT - 1], 1);
         let names: Vec<_> = (0..70).map(reason_name).collect();
         assert_eq!(names[48], "EPT violation");
     }
@@ -735,26 +821,28 @@ mod tests {
     #[test]
     fn ept_invalidate_runs_invept_at_cpl0_only() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: Call::EptInvalidate.rax(), ..Default::default() };
-        assert_eq!(handle(&mut f, &mut r, &mut ctx), Action::Resume);
-        assert_eq!((f.invept, r.rax, ctx.inveptions), (1, hypercall::OK, 1));
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
+        assert_eq!((f.invept, r.rax, stats.snapshot().inveptions), (1, hypercall::OK, 1));
         let mut f = exit(reason::VMCALL, 3, 3);
         let mut r = GuestRegs { rax: Call::EptInvalidate.rax(), ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
-        assert_eq!((f.invept, ctx.inveptions), (0, 1));
+        handle(&mut f, &mut r, &mut ctx, &stats);
+        assert_eq!((f.invept, stats.snapshot().inveptions), (0, 1));
         assert_eq!(injected(&f), Some((VECTOR_UD, None)));
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: Call::EptSetPerms.rax(), ..Default::default() };
-        handle(&mut f, &mut r, &mut ctx);
+        handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(r.rax, hypercall::ERR_UNSUPPORTED);
     }
 
     #[test]
     fn invd_becomes_wbinvd() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         let mut f = exit(reason::INVD, 2, 0);
-        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
         assert_eq!(f.wbinvd, 1);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002);
     }
@@ -776,38 +864,40 @@ mod tests {
     #[test]
     fn guest_nmi_is_reinjected_when_the_guest_can_take_it() {
         let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        let stats = ExitCounters::new();
         let mut f = nmi_exit();
-        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Resume);
-        prepare_entry(&mut f, &mut ctx);
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert!(injected_nmi(&f));
         assert!(!ctx.nmi_pending && !window_armed(&f));
-        assert_eq!(ctx.nmis_injected, 1);
+        assert_eq!(stats.snapshot().nmis_injected, 1);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000, "an NMI exit skips nothing");
     }
 
     #[test]
     fn blocked_nmi_waits_for_the_nmi_window() {
         let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        let stats = ExitCounters::new();
         // The guest is in its NMI handler (virtual-NMI blocking) when the next NMI exits.
         let mut f = nmi_exit();
         f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1 << 3);
-        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
-        prepare_entry(&mut f, &mut ctx);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert!(!injected_nmi(&f) && ctx.nmi_pending && window_armed(&f));
         // It executes IRET; the CPU exits at the NMI window (the control stays as it was).
         let proc = f.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
         let mut f = exit(reason::NMI_WINDOW, 0, 0);
         f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc);
-        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Resume);
-        prepare_entry(&mut f, &mut ctx);
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert!(injected_nmi(&f) && !ctx.nmi_pending && !window_armed(&f));
-        assert_eq!(ctx.counts[reason::NMI_WINDOW as usize], 1);
+        assert_eq!(stats.snapshot().counts[reason::NMI_WINDOW as usize], 1);
         // STI and MOV SS blocking hold an NMI back too.
         for blocking in [1u64, 2] {
             let mut f = exit(reason::CPUID, 2, 0);
             f.vmwrite(guest::INTERRUPTIBILITY_STATE, blocking);
             ctx.nmi_pending = true;
-            prepare_entry(&mut f, &mut ctx);
+            prepare_entry(&mut f, &mut ctx, &stats);
             assert!(!injected_nmi(&f) && window_armed(&f), "blocking {blocking}");
         }
     }
@@ -815,31 +905,33 @@ mod tests {
     #[test]
     fn without_nmi_virtualization_a_blocked_nmi_stays_pending() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         ctx.nmi_pending = true;
         let mut f = exit(reason::CPUID, 2, 0);
         f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1 << 3);
-        prepare_entry(&mut f, &mut ctx);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert!(ctx.nmi_pending && !window_armed(&f) && !injected_nmi(&f));
         f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
-        prepare_entry(&mut f, &mut ctx);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert!(injected_nmi(&f) && !ctx.nmi_pending);
     }
 
     #[test]
     fn interrupted_event_delivery_is_redone() {
         let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        let stats = ExitCounters::new();
         // A page fault (vector 14, error code 2) was being delivered.
         let mut f = exit(reason::CPUID, 0, 0);
         f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | INTR_DELIVER_ERROR_CODE | 14) as u64);
         f.vmwrite(ro::IDT_VECTORING_ERR_CODE, 2);
-        prepare_entry(&mut f, &mut ctx);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert_eq!(injected(&f), Some((14, Some(2))));
         // A software interrupt (int 0x80: type 4) needs its instruction length; a pending
         // NMI waits behind it for the window.
         let mut f = exit(reason::CPUID, 2, 0);
         f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | (4 << 8) | 0x80 | (1 << 12)) as u64);
         ctx.nmi_pending = true;
-        prepare_entry(&mut f, &mut ctx);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert_eq!(f.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32, INTR_VALID | (4 << 8) | 0x80);
         assert_eq!(f.vmread(control::VMENTRY_INSTRUCTION_LEN), 2);
         assert!(ctx.nmi_pending && window_armed(&f));
@@ -847,16 +939,99 @@ mod tests {
         let mut f = exit(reason::VMCALL, 3, 3);
         f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | 14) as u64);
         ctx.nmi_pending = false;
-        handle(&mut f, &mut GuestRegs::default(), &mut ctx);
-        prepare_entry(&mut f, &mut ctx);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats);
         assert_eq!(injected(&f), Some((VECTOR_UD, None)));
     }
 
     #[test]
     fn an_exception_exit_other_than_nmi_is_fatal() {
         let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
         let mut f = exit(reason::EXCEPTION_NMI, 0, 0);
         f.vmwrite(ro::VMEXIT_INTERRUPTION_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | 14) as u64);
-        assert!(matches!(handle(&mut f, &mut GuestRegs::default(), &mut ctx), Action::Fatal(Fatal::Unexpected, _)));
+        assert!(matches!(
+            handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats),
+            Action::Fatal(Fatal::Unexpected, _)
+        ));
+    }
+
+    #[test]
+    fn counters_are_read_while_the_owning_cpu_counts() {
+        // Root mode on one CPU handles exits while `kdbt status` on another reads the
+        // counters: the reader shares them (`&ExitCounters`) with the writer, and sees every
+        // counter only grow, never torn, up to the exact final figures.
+        const N: u64 = 20_000;
+        let stats = ExitCounters::new();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut ctx = ExitCtx::new(0, 0);
+                for i in 0..N {
+                    let r = if i % 2 == 0 { reason::CPUID } else { reason::XSETBV };
+                    let mut f = exit(r, 2, 0);
+                    let mut regs = GuestRegs { rax: 1, ..Default::default() };
+                    handle(&mut f, &mut regs, &mut ctx, &stats);
+                }
+            });
+            s.spawn(|| {
+                let mut last = stats.snapshot();
+                while last.total < N {
+                    let now = stats.snapshot();
+                    assert!(now.total >= last.total && now.total <= N, "{} then {}", last.total, now.total);
+                    assert!(now.counts[reason::CPUID as usize] >= last.counts[reason::CPUID as usize]);
+                    assert!(now.counts[reason::CPUID as usize] <= N / 2);
+                    last = now;
+                }
+            });
+        });
+        let end = stats.snapshot();
+        assert_eq!(
+            (end.total, end.counts[reason::CPUID as usize], end.counts[reason::XSETBV as usize]),
+            (N, N / 2, N / 2)
+        );
+    }
+
+    #[test]
+    fn invalid_xcr0_values_give_the_guest_gp_without_reaching_root_mode() {
+        use crate::xsave::*;
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        // (ECX, value, CPL) -> executed in root mode (RIP advanced) or #GP(0) to the guest.
+        let cases: &[(u64, u64, u8, bool)] = &[
+            (0, X87 | SSE | AVX, 0, true),
+            (0, X87 | SSE | AVX | AVX512, 0, true),
+            (0, X87 | SSE | AVX | AVX512 | AMX | (1 << 9), 0, true),
+            // Upper half of RCX is ignored: ECX is what counts.
+            (0xffff_ffff_0000_0000, X87 | SSE, 0, true),
+            (0, X87 | SSE | AVX, 3, false),
+            (1, X87 | SSE, 0, false),
+            (0, SSE, 0, false),
+            (0, X87 | AVX, 0, false),
+            (0, X87 | SSE | AVX | OPMASK, 0, false),
+            (0, X87 | SSE | AVX512, 0, false),
+            (0, X87 | SSE | AVX | AMX_TILEDATA, 0, false),
+            (0, X87 | MPX_BNDREGS, 0, false),
+            // MPX is not supported by this fake CPU at all.
+            (0, X87 | MPX, 0, false),
+            (0, X87 | (1 << 40), 0, false),
+        ];
+        for &(rcx, value, cpl, ok) in cases {
+            let mut f = exit(reason::XSETBV, 3, cpl);
+            let mut r = GuestRegs {
+                rcx,
+                rax: value & 0xffff_ffff | 0xdead_0000_0000_0000,
+                rdx: value >> 32,
+                ..Default::default()
+            };
+            assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
+            let what = std::format!("rcx={rcx:#x} value={value:#x} cpl={cpl}");
+            if ok {
+                assert_eq!((f.xsetbvs, f.xcr0, injected(&f)), (1, value, None), "{what}");
+                assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003, "{what}");
+            } else {
+                assert_eq!((f.xsetbvs, injected(&f)), (0, Some((VECTOR_GP, Some(0)))), "{what}");
+                assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000, "{what}");
+            }
+        }
     }
 }

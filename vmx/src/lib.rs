@@ -9,3 +9,4 @@ pub mod exit;
 pub mod hypercall;
 pub mod preflight;
 pub mod segment;
+pub mod xsave;

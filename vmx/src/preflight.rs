@@ -5,7 +5,7 @@ use core::fmt;
 use bitflags::bitflags;
 use x86::vmx::vmcs::control::{EntryControls, ExitControls, PrimaryControls, SecondaryControls};
 
-use crate::caps::{VendorStr, VmxCaps, CR4_VMXE};
+use crate::caps::{Cr4Bits, VendorStr, VmxCaps, CR4_FRED, CR4_VMXE};
 
 bitflags! {
     /// Named VMX features a caller can require. [`VmxCaps::features`] reports the
@@ -161,6 +161,13 @@ pub enum Refusal {
     VmcsMemTypeNotWb,
     /// Required features that are absent (or masked).
     Missing(Features),
+    /// CR4.FRED is set: with FRED, events in root mode would be delivered through the FRED
+    /// MSRs, never through kdbt's host IDT.
+    Fred,
+    /// The kernel's CR4 has bits VMX operation on this CPU does not allow (IA32_VMX_CR4_FIXED0
+    /// and FIXED1): launching would have to change them under the kernel. See
+    /// [`cr4_disallowed`].
+    Cr4Fixed(Cr4Conflict),
 }
 
 impl fmt::Display for Refusal {
@@ -181,36 +188,97 @@ impl fmt::Display for Refusal {
             }
             Refusal::VmcsMemTypeNotWb => f.write_str("IA32_VMX_BASIC reports a VMCS memory type other than write-back"),
             Refusal::Missing(m) => write!(f, "required VMX features missing: {m}"),
+            Refusal::Fred => f.write_str(
+                "CR4.FRED is set (FRED event delivery, Linux >= 6.9 on FRED hardware): events in root mode \
+                 would bypass kdbt's host IDT (boot with fred=off)",
+            ),
+            Refusal::Cr4Fixed(c) => {
+                f.write_str("CR4 bits the CPU's VMX does not allow:")?;
+                if c.set_but_must_be_0 != 0 {
+                    write!(f, " set but must be 0 in VMX operation: {}", Cr4Bits(c.set_but_must_be_0))?;
+                }
+                if c.set_but_must_be_0 != 0 && c.clear_but_must_be_1 != 0 {
+                    f.write_str(";")?;
+                }
+                if c.clear_but_must_be_1 != 0 {
+                    write!(f, " clear but must be 1 in VMX operation: {}", Cr4Bits(c.clear_but_must_be_1))?;
+                }
+                Ok(())
+            }
         }
     }
 }
 
 /// At most this many refusals are reported (one per [`Refusal`] variant).
-pub const MAX_REFUSALS: usize = 7;
+pub const MAX_REFUSALS: usize = 9;
 
-/// The reasons a CPU is refused, in a fixed-capacity list (no allocation).
+impl Refusal {
+    /// The variant's place in [`Refusals`] (the order in which [`preflight`] checks).
+    fn kind(&self) -> u32 {
+        match self {
+            Refusal::NoVmx { .. } => 0,
+            Refusal::VmxAlreadyInUse => 1,
+            Refusal::Fred => 2,
+            Refusal::Cr4Fixed(_) => 3,
+            Refusal::FeatureControlLockedOff => 4,
+            Refusal::FeatureControlUnreadable => 5,
+            Refusal::CapabilityMsrsUnreadable => 6,
+            Refusal::VmcsMemTypeNotWb => 7,
+            Refusal::Missing(_) => 8,
+        }
+    }
+}
+
+/// The reasons a CPU is refused, at most one of each variant, stored compactly (no
+/// allocation): which variants are present, and their payloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Refusals {
-    items: [Option<Refusal>; MAX_REFUSALS],
+    /// Bit `Refusal::kind()`: that variant is present.
+    kinds: u16,
+    vendor: [u8; 12],
+    missing: u64,
+    cr4: Cr4Conflict,
 }
 
 impl Refusals {
+    /// Records `r`; a second refusal of the same variant replaces the first.
     fn push(&mut self, r: Refusal) {
-        if let Some(slot) = self.items.iter_mut().find(|s| s.is_none()) {
-            *slot = Some(r);
+        self.kinds |= 1 << r.kind();
+        match r {
+            Refusal::NoVmx { vendor } => self.vendor = vendor,
+            Refusal::Missing(m) => self.missing = m.bits(),
+            Refusal::Cr4Fixed(c) => self.cr4 = c,
+            _ => {}
         }
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Refusal> {
-        self.items.iter().flatten()
+    fn get(&self, kind: u32) -> Option<Refusal> {
+        if self.kinds & (1 << kind) == 0 {
+            return None;
+        }
+        Some(match kind {
+            0 => Refusal::NoVmx { vendor: self.vendor },
+            1 => Refusal::VmxAlreadyInUse,
+            2 => Refusal::Fred,
+            3 => Refusal::Cr4Fixed(self.cr4),
+            4 => Refusal::FeatureControlLockedOff,
+            5 => Refusal::FeatureControlUnreadable,
+            6 => Refusal::CapabilityMsrsUnreadable,
+            7 => Refusal::VmcsMemTypeNotWb,
+            _ => Refusal::Missing(Features::from_bits_retain(self.missing)),
+        })
+    }
+    /// The refusals, in the order preflight checks them.
+    pub fn iter(&self) -> impl Iterator<Item = Refusal> + '_ {
+        (0..MAX_REFUSALS as u32).filter_map(|k| self.get(k))
     }
     pub fn len(&self) -> usize {
-        self.iter().count()
+        self.kinds.count_ones() as usize
     }
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.kinds == 0
     }
     pub fn contains(&self, r: &Refusal) -> bool {
-        self.iter().any(|x| x == r)
+        self.get(r.kind()).as_ref() == Some(r)
     }
 }
 
@@ -254,10 +322,34 @@ pub fn feature_control_lock_value(current: u64) -> u64 {
     current | 0b101
 }
 
-/// Checks whether this CPU can be launched. `cr4_vmxe` is CR4.VMXE read on that CPU now
-/// (not the value captured in the caps, which may be stale). All reasons are reported, not
-/// just the first.
-pub fn preflight(caps: &VmxCaps, cr4_vmxe: bool, req: &Request) -> Result<Cleared, Refusals> {
+/// CR4 bits that VMX operation does not allow as the kernel has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Cr4Conflict {
+    /// Set in CR4, but IA32_VMX_CR4_FIXED1 has them clear (must be 0 in VMX operation).
+    pub set_but_must_be_0: u64,
+    /// Clear in CR4, but IA32_VMX_CR4_FIXED0 has them set (must be 1), VMXE aside: kdbt
+    /// sets VMXE itself and hides it from the kernel.
+    pub clear_but_must_be_1: u64,
+}
+
+impl Cr4Conflict {
+    pub fn is_empty(&self) -> bool {
+        self.set_but_must_be_0 == 0 && self.clear_but_must_be_1 == 0
+    }
+}
+
+/// The bits of `cr4` (the kernel's CR4) that VMX operation with these fixed-bit MSRs
+/// (`fixed0`: bits that must be 1, `fixed1`: bits that may be 1) does not allow. Launching
+/// with a non-empty result would have to change CR4 under the kernel (clear a feature it
+/// enabled, or set one it did not), so kdbt refuses instead.
+pub fn cr4_disallowed(cr4: u64, fixed0: u64, fixed1: u64) -> Cr4Conflict {
+    Cr4Conflict { set_but_must_be_0: cr4 & !fixed1, clear_but_must_be_1: fixed0 & !cr4 & !CR4_VMXE }
+}
+
+/// Checks whether this CPU can be launched. `cr4` is CR4 read on that CPU now (not the
+/// value captured in the caps, which may be stale). All reasons are reported, not just the
+/// first.
+pub fn preflight(caps: &VmxCaps, cr4: u64, req: &Request) -> Result<Cleared, Refusals> {
     let mut refusals = Refusals::default();
     let available = caps.features() & !req.mask;
     let mut needs_lock = false;
@@ -266,8 +358,18 @@ pub fn preflight(caps: &VmxCaps, cr4_vmxe: bool, req: &Request) -> Result<Cleare
         // Nothing else is meaningful without VMX.
         return Err(refusals);
     }
-    if cr4_vmxe {
+    if cr4 & CR4_VMXE != 0 {
         refusals.push(Refusal::VmxAlreadyInUse);
+    }
+    if cr4 & CR4_FRED != 0 {
+        refusals.push(Refusal::Fred);
+    }
+    if caps.cr4_fixed.present {
+        // FRED has its own refusal above; the rest is named here.
+        let c = cr4_disallowed(cr4 & !CR4_FRED, caps.cr4_fixed.fixed0, caps.cr4_fixed.fixed1);
+        if !c.is_empty() {
+            refusals.push(Refusal::Cr4Fixed(c));
+        }
     }
     match caps.feature_control {
         None => refusals.push(Refusal::FeatureControlUnreadable),
@@ -320,7 +422,7 @@ pub fn native_needs(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Features {
 
 /// Convenience: [`preflight`] with CR4.VMXE taken from the caps' CR4 snapshot.
 pub fn preflight_snapshot(caps: &VmxCaps, req: &Request) -> Result<Cleared, Refusals> {
-    preflight(caps, caps.cr4 & CR4_VMXE != 0, req)
+    preflight(caps, caps.cr4, req)
 }
 
 #[cfg(test)]

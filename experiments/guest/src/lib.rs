@@ -34,14 +34,52 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// The hypervisor signature CPUID 0x40000000 reports, as text (12 bytes of EBX, ECX, EDX).
-pub fn hypervisor_signature() -> (u32, String) {
-    let r = cpuid(0x4000_0000, 0);
-    let mut b = Vec::with_capacity(12);
-    for w in [r[1], r[2], r[3]] {
-        b.extend_from_slice(&w.to_le_bytes());
+/// What CPUID 0x40000000 says about a hypervisor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hypervisor {
+    /// No hypervisor answers the leaf: without one, CPUs return other data there (Intel:
+    /// the highest basic leaf's), which is neither a leaf number of the hypervisor range in
+    /// EAX nor a printable vendor string.
+    None,
+    /// A hypervisor: its maximum leaf (EAX) and its vendor string (EBX, ECX, EDX).
+    Vendor { max_leaf: u32, vendor: String },
+}
+
+impl Hypervisor {
+    /// Decodes the registers of CPUID 0x40000000 (`[eax, ebx, ecx, edx]`). A hypervisor is
+    /// taken to be there when EAX is 0 (some hypervisors answer 0 for "0x40000001") or a
+    /// leaf of the hypervisor range (0x40000000..=0x4000ffff), and the 12 vendor bytes,
+    /// without trailing NULs, are non-empty printable ASCII.
+    pub fn decode(regs: [u32; 4]) -> Hypervisor {
+        let max_leaf = regs[0];
+        let mut b = Vec::with_capacity(12);
+        for w in [regs[1], regs[2], regs[3]] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        while b.last() == Some(&0) {
+            b.pop();
+        }
+        let leaf_ok = max_leaf == 0 || (0x4000_0000..=0x4000_ffff).contains(&max_leaf);
+        let printable = !b.is_empty() && b.iter().all(|&c| c == b' ' || c.is_ascii_graphic());
+        if !leaf_ok || !printable {
+            return Hypervisor::None;
+        }
+        // Printable ASCII is valid UTF-8.
+        match String::from_utf8(b) {
+            Ok(vendor) => Hypervisor::Vendor { max_leaf, vendor },
+            Err(_) => Hypervisor::None,
+        }
     }
-    (r[0], String::from_utf8_lossy(&b).trim_end_matches('\0').to_string())
+
+    /// True when the vendor string is kdbt's.
+    pub fn is_kdbt(&self) -> bool {
+        matches!(self, Hypervisor::Vendor { vendor, .. } if vendor == "kdbtkdbtkdbt")
+    }
+}
+
+/// What CPUID 0x40000000 says on the calling CPU.
+pub fn hypervisor_signature() -> Hypervisor {
+    Hypervisor::decode(cpuid(0x4000_0000, 0))
 }
 
 /// Forks a child that exits at once with `code`; returns the raw wait status.
@@ -74,5 +112,49 @@ pub fn fork_exec_wait(path: &std::ffi::CStr) -> i32 {
         let mut st = 0;
         libc::waitpid(pid, &mut st, 0);
         st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hypervisor;
+
+    fn regs(max_leaf: u32, vendor: &[u8; 12]) -> [u32; 4] {
+        let w = |i: usize| u32::from_le_bytes([vendor[i], vendor[i + 1], vendor[i + 2], vendor[i + 3]]);
+        [max_leaf, w(0), w(4), w(8)]
+    }
+
+    #[test]
+    fn kdbt_signature() {
+        let h = Hypervisor::decode(regs(0x4000_0001, b"kdbtkdbtkdbt"));
+        assert_eq!(h, Hypervisor::Vendor { max_leaf: 0x4000_0001, vendor: "kdbtkdbtkdbt".into() });
+        assert!(h.is_kdbt());
+    }
+
+    #[test]
+    fn other_vendors_printable() {
+        let h = Hypervisor::decode(regs(0x4000_0010, b"KVMKVMKVM\0\0\0"));
+        assert_eq!(h, Hypervisor::Vendor { max_leaf: 0x4000_0010, vendor: "KVMKVMKVM".into() });
+        assert!(!h.is_kdbt());
+        // Old KVM answers EAX = 0.
+        let h = Hypervisor::decode(regs(0, b"Microsoft Hv"));
+        assert_eq!(h, Hypervisor::Vendor { max_leaf: 0, vendor: "Microsoft Hv".into() });
+    }
+
+    #[test]
+    fn no_hypervisor() {
+        // Seen after `kdbt unload` in Bochs: Intel returns the highest basic leaf's data
+        // (sig=\xef\xbf\xbdd max_leaf=0xdac before this decoding).
+        let h = Hypervisor::decode([0xdac, 0x0000_64ff, 0, 0]);
+        assert_eq!(h, Hypervisor::None);
+        assert!(!h.is_kdbt());
+        // All zero (AMD without a hypervisor).
+        assert_eq!(Hypervisor::decode([0; 4]), Hypervisor::None);
+        // Printable bytes but EAX outside the hypervisor range.
+        assert_eq!(Hypervisor::decode(regs(0xd, b"GenuineIntel")), Hypervisor::None);
+        // A leaf in range but a control byte in the vendor.
+        assert_eq!(Hypervisor::decode(regs(0x4000_0001, b"kdbt\x01dbtkdbt")), Hypervisor::None);
+        // NULs inside (not trailing) are not printable.
+        assert_eq!(Hypervisor::decode(regs(0x4000_0001, b"kd\0tkdbtkdbt")), Hypervisor::None);
     }
 }

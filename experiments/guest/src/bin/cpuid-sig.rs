@@ -2,7 +2,7 @@
 //! expectation. Usage: cpuid-sig [--cpu N] [--expect kdbt|none]
 //! Exit status: 0 when the expectation holds (or none was given), 1 when it does not,
 //! 2 on a usage or pinning error.
-use kdbt_guest::{cpuid, current_cpu, hypervisor_signature, pin_to_cpu};
+use kdbt_guest::{cpuid, current_cpu, hypervisor_signature, pin_to_cpu, Hypervisor};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,16 +25,21 @@ fn main() {
         }
     }
     let on = current_cpu();
-    let (max, sig) = hypervisor_signature();
-    let kdbt = sig == "kdbtkdbtkdbt";
-    let info = if kdbt { cpuid(0x4000_0001, 0) } else { [0; 4] };
-    println!(
-        "cpu={on} sig={} max_leaf={max:#x} version={} state={:#x} kdbt_cpu={}",
-        if sig.is_empty() { "-" } else { &sig },
-        info[0],
-        info[1],
-        info[2]
-    );
+    let hv = hypervisor_signature();
+    let kdbt = hv.is_kdbt();
+    match &hv {
+        Hypervisor::None => println!("cpu={on} no hypervisor"),
+        Hypervisor::Vendor { max_leaf, vendor } if kdbt => {
+            let info = cpuid(0x4000_0001, 0);
+            println!(
+                "cpu={on} sig={vendor} max_leaf={max_leaf:#x} version={} state={:#x} kdbt_cpu={}",
+                info[0], info[1], info[2]
+            );
+        }
+        Hypervisor::Vendor { max_leaf, vendor } => {
+            println!("cpu={on} sig={vendor} max_leaf={max_leaf:#x}")
+        }
+    }
     let ok = match expect.as_deref() {
         Some("kdbt") => kdbt,
         Some(_) => !kdbt,

@@ -149,12 +149,12 @@ fn status(arg: u64) -> Result<i64> {
     let mut out: Vec<CpuStatus> = Vec::new();
     let loaded = hv::status(|cpu, online, held| {
         let mut s = CpuStatus { cpu, online: online as u32, ..Default::default() };
-        if let Some((virt, cycles, ctx)) = held {
+        if let Some((virt, cycles, stats)) = held {
             s.virtualized = virt as u32;
             s.launch_cycles = cycles;
-            s.exits_total = ctx.total;
-            let n = s.exits.len().min(ctx.counts.len());
-            s.exits[..n].copy_from_slice(&ctx.counts[..n]);
+            s.exits_total = stats.total;
+            let n = s.exits.len().min(stats.counts.len());
+            s.exits[..n].copy_from_slice(&stats.counts[..n]);
         }
         out.push(s);
     });

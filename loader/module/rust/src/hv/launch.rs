@@ -31,6 +31,9 @@ pub enum LaunchError {
     EntryFailed(u32),
     /// The `fail_launch_cpu` module parameter named this CPU (testing the rollback).
     Injected,
+    /// The CPU's state as the kernel has it cannot be kept in VMX operation (CR4.FRED, or
+    /// CR4 bits its VMX does not allow), checked again here for CPUs that come online.
+    Refused(vmx::preflight::Refusal),
 }
 
 impl core::fmt::Display for LaunchError {
@@ -49,6 +52,7 @@ impl core::fmt::Display for LaunchError {
             Self::VmlaunchFailInvalid => write!(f, "VMLAUNCH failed: no current VMCS"),
             Self::EntryFailed(r) => write!(f, "VM entry failed: exit reason {r} ({})", vmx::exit::reason_name(*r)),
             Self::Injected => write!(f, "launch failed on purpose after VMXON (module parameter fail_launch_cpu)"),
+            Self::Refused(r) => write!(f, "{r}"),
         }
     }
 }
@@ -163,6 +167,14 @@ pub fn launch(pc: &mut PerCpu, c: &Controls, fail_on_purpose: bool) -> Result<()
     if cr4 & CR4_VMXE != 0 {
         return Err(LaunchError::VmxeAlreadySet);
     }
+    // Refuse rather than change the kernel's CR4 under it (as preflight does on load).
+    if cr4 & vmx::caps::CR4_FRED != 0 {
+        return Err(LaunchError::Refused(vmx::preflight::Refusal::Fred));
+    }
+    let conflict = vmx::preflight::cr4_disallowed(cr4, c.cr4_fixed0, c.cr4_fixed1);
+    if !conflict.is_empty() {
+        return Err(LaunchError::Refused(vmx::preflight::Refusal::Cr4Fixed(conflict)));
+    }
     let fc = rdmsr(MSR_FEATURE_CONTROL);
     if fc & FC_LOCKED == 0 {
         // Firmware left it unlocked: enable VMXON outside SMX and lock, as firmware should.
@@ -174,7 +186,8 @@ pub fn launch(pc: &mut PerCpu, c: &Controls, fail_on_purpose: bool) -> Result<()
 
     let t0 = tsc();
     let cr0 = (read_cr0() | c.cr0_fixed0) & c.cr0_fixed1;
-    let cr4v = (cr4 | CR4_VMXE | c.cr4_fixed0) & c.cr4_fixed1;
+    // The fixed bits hold for `cr4` apart from VMXE (checked above).
+    let cr4v = cr4 | CR4_VMXE;
     write_cr4(cr4v);
     let rev = c.revision & 0x7fff_ffff;
     pc.vmxon[..4].copy_from_slice(&rev.to_le_bytes());

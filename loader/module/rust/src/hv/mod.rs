@@ -187,6 +187,7 @@ fn alloc_percpu(cpu: u32) -> Result<*mut PerCpu, String> {
     let pcr = unsafe { &mut *p };
     pcr.ctl.cpu = cpu;
     pcr.ctl.exits = vmx::exit::ExitCtx::new(cpu, vmx::hypercall::STATE_VIRTUALIZED);
+    pcr.ctl.stats = vmx::exit::ExitCounters::new();
     // SAFETY: the glue translates a direct-map address.
     pcr.ctl.phys = unsafe { ffi::kdbt_glue_virt_to_phys(p as *const _) };
     pcr.init_tables(&entry::idt_stubs());
@@ -233,7 +234,7 @@ fn fake_missing() -> String {
 fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Controls, String> {
     let caps = VmxCaps::decode(raw);
     let req = Request { required: REQUIRED | native, mask };
-    match preflight(&caps, raw.cr4 & vmx::caps::CR4_VMXE != 0, &req) {
+    match preflight(&caps, raw.cr4, &req) {
         Ok(cleared) => choose_controls(&caps, cleared.available),
         Err(refusals) => {
             let mut s = String::new();
@@ -480,26 +481,31 @@ pub fn cpu_offline(cpu: u32) -> Result<(), String> {
 /// Per-CPU status for `kdbt status`.
 /// One CPU's state for [`status`]: (virtualized, launch cycles, exit counters) of a CPU
 /// kdbt holds.
-pub type HeldCpu<'a> = (bool, u64, &'a vmx::exit::ExitCtx);
+pub type HeldCpu = (bool, u64, vmx::exit::ExitStats);
 
 /// Per-CPU status for `kdbt status`: `f(cpu, online, held)` for every possible CPU id when
 /// loaded (`held` is None for a CPU kdbt does not hold: offline, or its launch failed).
 /// Returns whether the hypervisor is loaded.
-pub fn status(mut f: impl FnMut(u32, bool, Option<HeldCpu<'_>>)) -> bool {
+pub fn status(mut f: impl FnMut(u32, bool, Option<HeldCpu>)) -> bool {
     let guard = STATE.lock();
     let Some(st) = guard.as_ref() else { return false };
     for cpu in 0..hw::cpu_ids() {
         let online = hw::cpu_online(cpu);
         match st.cpus.get(cpu as usize).and_then(|c| c.as_ref()) {
             Some(c) => {
-                // SAFETY: the block stays allocated while in `cpus`. The counters are
-                // written by that CPU in root mode concurrently; a torn or stale count is
-                // acceptable for statistics, so we copy them with volatile reads.
+                // SAFETY: the block stays allocated while in `cpus`. That CPU's root mode
+                // writes these fields concurrently; all of them are atomics (the counters
+                // kept apart from its live exit state, which is not read here).
                 let pc = c.pc;
-                let virt = unsafe { (*pc).ctl.virtualized.load(Ordering::Acquire) };
-                let cycles = unsafe { (*pc).ctl.launch_cycles.load(Ordering::Relaxed) };
-                let ctx = unsafe { core::ptr::read_volatile(&(*pc).ctl.exits) };
-                f(cpu, online, Some((virt, cycles, &ctx)));
+                let (virt, cycles, stats) = unsafe {
+                    let ctl = &(*pc).ctl;
+                    (
+                        ctl.virtualized.load(Ordering::Acquire),
+                        ctl.launch_cycles.load(Ordering::Relaxed),
+                        ctl.stats.snapshot(),
+                    )
+                };
+                f(cpu, online, Some((virt, cycles, stats)));
             }
             None => f(cpu, online, None),
         }
@@ -589,8 +595,9 @@ fn inveptions() -> Vec<(u32, u64)> {
         .iter()
         .enumerate()
         .filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc)))
-        // SAFETY: the block stays allocated while in `cpus`; a stale count is harmless.
-        .map(|(cpu, pc)| (cpu, unsafe { core::ptr::read_volatile(&(*pc).ctl.exits.inveptions) }))
+        // SAFETY: the block stays allocated while in `cpus`; the counters are atomics its
+        // CPU's root mode updates concurrently.
+        .map(|(cpu, pc)| (cpu, unsafe { (*pc).ctl.stats.snapshot() }.inveptions))
         .collect()
 }
 
@@ -656,8 +663,9 @@ pub fn ept_check() -> Result<String, String> {
 fn nmi_counters(pc: *mut PerCpu) -> (u64, u64, u64) {
     use vmx::exit::reason;
     // SAFETY: the block stays allocated while its CPU is in `cpus` (the caller holds the
-    // hotplug lock, and ioctls are serialized); a stale count only shows as a failure.
-    let ctx = unsafe { core::ptr::read_volatile(&(*pc).ctl.exits) };
+    // hotplug lock, and ioctls are serialized); the counters are atomics its CPU's root
+    // mode updates concurrently.
+    let ctx = unsafe { (*pc).ctl.stats.snapshot() };
     (ctx.counts[reason::EXCEPTION_NMI as usize], ctx.counts[reason::NMI_WINDOW as usize], ctx.nmis_injected)
 }
 

@@ -8,7 +8,7 @@
 //! finds the right block.
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
-use vmx::exit::ExitCtx;
+use vmx::exit::{ExitCounters, ExitCtx};
 
 pub const PERCPU_ORDER: u32 = 4;
 pub const PERCPU_SIZE: usize = 4096 << PERCPU_ORDER;
@@ -63,7 +63,10 @@ pub struct Control {
     pub tables: GuestTables,
     /// TSC cycles the launch took (VMXON to first guest instruction).
     pub launch_cycles: AtomicU64,
+    /// The exit handler's live state (NMI pending, last reason): this CPU's root mode only.
     pub exits: ExitCtx,
+    /// Exit statistics: written by this CPU's root mode, read by any CPU (`kdbt status`).
+    pub stats: ExitCounters,
 }
 
 /// The whole block. Field offsets are fixed by the layout below; the assembly only

@@ -36,18 +36,11 @@ impl ExitHw for RootHw {
         [r.eax, r.ebx, r.ecx, r.edx]
     }
     fn xsetbv(&mut self, xcr: u32, value: u64) -> bool {
-        // The exit handler only reaches here for XCR0 values the guest chose; XSETBV with
-        // an invalid value would #GP in root mode, so validate the architectural rules
-        // first (SDM XSETBV: XCR0 only, bit 0 set, AVX needs SSE, supported bits only).
-        let supported = {
-            let r = core::arch::x86_64::__cpuid_count(0xd, 0);
-            ((r.edx as u64) << 32) | r.eax as u64
-        };
-        if xcr != 0 || value & 1 == 0 || value & !supported != 0 || (value & 4 != 0 && value & 2 == 0) {
-            return false;
-        }
-        // SAFETY: CR4.OSXSAVE is set (the guest executed XSETBV without #UD) and the value
-        // passed the checks above; root mode and the guest share XCR0 anyway.
+        // The exit handler calls this only for a value `vmx::xsave::check_xsetbv` accepted
+        // against this CPU's CPUID.(0DH,0) (the SDM's XCR0 rules, AVX-512, MPX and AMX
+        // included), so XSETBV cannot #GP here, in root mode.
+        // SAFETY: CR4.OSXSAVE is set (the guest executed XSETBV without #UD), the value is
+        // one hardware accepts (above), and root mode and the guest share XCR0 anyway.
         unsafe {
             asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
         };
@@ -81,7 +74,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
     // allocated while the CPU is virtualized; only this CPU touches it in root mode.
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
-    let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits);
+    let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats);
     if pc.ctl.exits.last_reason == exit::reason::EXCEPTION_NMI {
         unblock_nmis();
     }
@@ -93,7 +86,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 if pc.ctl.nmi_pending.swap(0, Ordering::Relaxed) != 0 {
                     pc.ctl.exits.nmi_pending = true;
                 }
-                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits);
+                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &pc.ctl.stats);
                 if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
                     break;
                 }
@@ -130,7 +123,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 ));
             }
             pc.ctl.exits.nmi_pending = true;
-            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits);
+            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &pc.ctl.stats);
             0
         }
     }
