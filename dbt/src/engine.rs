@@ -1172,8 +1172,6 @@ impl Engine {
     ) -> Result<u64, StopKind> {
         let Emitted { mut buf, fixups, exits, body_off, code_len, pads } = em;
         let code_len_bytes = buf.len();
-        self.pads.extend(pads.iter().map(|&off| hot + off as u64));
-        self.stats.pads += pads.len() as u64;
         // Exit stubs, in the cold area.
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
         let mut stub_code = Vec::new();
@@ -1221,6 +1219,9 @@ impl Engine {
             return Err(StopKind::NoSpace);
         }
         buf.truncate(code_len_bytes);
+        // Pads exist once their code is in place.
+        self.pads.extend(pads.iter().map(|&off| hot + off as u64));
+        self.stats.pads += pads.len() as u64;
         self.stats.blocks += 1;
         self.stats.guest_insns += ninsns as u64;
         self.stats.hot_bytes += buf.len() as u64;
