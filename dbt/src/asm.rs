@@ -1,98 +1,168 @@
 //! Hand-written entry/exit routines (not generated code): the dispatcher
-//! entry reached by `jmp gs:[DISPATCH]`, the host entry `dbt_enter`, and two
-//! host-harness helpers. Offsets refer to [`crate::scratch::Scratch`].
+//! entries reached from exit stubs (`jmp gs:[EXIT_ENTRY]`) and lookup misses
+//! (`jmp gs:[MISS_ENTRY]`), the host entry `dbt_enter`, and two host-harness
+//! helpers. Offsets refer to [`crate::scratch::Scratch`] and
+//! [`crate::scratch::Frame`].
 //!
-//! Dispatcher entry contract: guest state is live in registers except rax,
-//! which is in gs:[SAVE_RAX]; rax holds the exit argument (exit record address
-//! or `EXIT_IND`). The routine saves the full guest context into the per-CPU
-//! block, switches to the dispatcher stack, saves rflags and (optionally) the
-//! extended state with xsave, calls the Rust dispatcher, and either restores
-//! everything and jumps to the returned code-cache address or, when it
-//! returns 0, goes back to whoever called `dbt_enter`.
+//! Entry contracts (README "ABI"):
+//! * exit entry: `[rsp]` = exit record address, below it nothing; the
+//!   guest's rsp is `rsp + 8 + RZ`; every other register is the guest's.
+//! * miss entry: `rcx` = guest target, `[rsp]` = guest rcx, `[rsp+8]` =
+//!   guest rdx; the guest's rsp is `rsp + 16 + RZ`.
 //!
-//! The routines reached by indirect jumps (`dbt_dispatch_entry`,
-//! `dbt_ind_miss`) start with `endbr64`, for kernels with CET IBT.
+//! Both push rflags and rax on the guest stack (the kernel variants then
+//! `cli`), build a [`crate::scratch::Frame`] with the whole guest context at
+//! the top of the per-CPU dispatcher stack, switch to it, save the extended
+//! state (xsave, below the frame), and call the Rust dispatcher with
+//! (block, frame). It returns the code-cache address to continue at: the
+//! routine restores the extended state, the flags (kernel: with IF still
+//! clear), every GPR from the frame, rsp last, and jumps: the host through
+//! `gs:[TGT]`, the kernel through `[rsp-8]` (written before: below the
+//! guest's rsp the kernel keeps nothing, and NMIs and #MC run on IST stacks),
+//! preceded by `sti` when the guest had IF set, whose one-instruction shadow
+//! covers the jump. On the host 0 means "back to `dbt_enter`'s caller".
+//!
+//! The routines reached by indirect jumps start with `endbr64`, for kernels
+//! with CET IBT.
+
+/// Red zone of host (SysV user) code: inserted sequences step over it.
+pub const HOST_RED_ZONE: i64 = 128;
 
 core::arch::global_asm!(
-    // DBT_RESUME_GUEST: load the guest's rflags and every GPR (rsp last) from the
-    // context in the per-CPU block and jump to gs:[TGT]. The stack it starts on is
-    // only used for the rflags push/pop.
-    ".macro DBT_RESUME_GUEST",
-    "push qword ptr gs:[264]",
-    "popfq",
-    "mov rax, qword ptr gs:[128]",
-    "mov rcx, qword ptr gs:[136]",
-    "mov rdx, qword ptr gs:[144]",
-    "mov rbx, qword ptr gs:[152]",
-    "mov rbp, qword ptr gs:[168]",
-    "mov rsi, qword ptr gs:[176]",
-    "mov rdi, qword ptr gs:[184]",
-    "mov r8, qword ptr gs:[192]",
-    "mov r9, qword ptr gs:[200]",
-    "mov r10, qword ptr gs:[208]",
-    "mov r11, qword ptr gs:[216]",
-    "mov r12, qword ptr gs:[224]",
-    "mov r13, qword ptr gs:[232]",
-    "mov r14, qword ptr gs:[240]",
-    "mov r15, qword ptr gs:[248]",
-    "mov rsp, qword ptr gs:[160]",
-    "jmp qword ptr gs:[32]",
+    // DBT_LOAD_GPRS: every GPR but rbx and rsp from the frame at rbx.
+    ".macro DBT_LOAD_GPRS",
+    "mov rax, [rbx]",
+    "mov rcx, [rbx+8]",
+    "mov rdx, [rbx+16]",
+    "mov rbp, [rbx+40]",
+    "mov rsi, [rbx+48]",
+    "mov rdi, [rbx+56]",
+    "mov r8, [rbx+64]",
+    "mov r9, [rbx+72]",
+    "mov r10, [rbx+80]",
+    "mov r11, [rbx+88]",
+    "mov r12, [rbx+96]",
+    "mov r13, [rbx+104]",
+    "mov r14, [rbx+112]",
+    "mov r15, [rbx+120]",
     ".endm",
-    ".globl dbt_dispatch_entry",
+    // DBT_ENTRIES exit, miss, red zone, kernel?
+    ".macro DBT_ENTRIES exitn, missn, rz, kernel",
+    ".globl \\exitn",
     ".p2align 4",
-    "dbt_dispatch_entry:",
+    "\\exitn:",
     "endbr64",
-    "mov qword ptr gs:[72], rax",
-    "mov rax, qword ptr gs:[0]",
-    "mov [rax+136], rcx",
-    "mov [rax+144], rdx",
-    "mov [rax+152], rbx",
-    "mov [rax+160], rsp",
-    "mov [rax+168], rbp",
-    "mov [rax+176], rsi",
-    "mov [rax+184], rdi",
-    "mov [rax+192], r8",
-    "mov [rax+200], r9",
-    "mov [rax+208], r10",
-    "mov [rax+216], r11",
-    "mov [rax+224], r12",
-    "mov [rax+232], r13",
-    "mov [rax+240], r14",
-    "mov [rax+248], r15",
-    "mov rcx, qword ptr gs:[8]",
-    "mov [rax+128], rcx",
-    "mov rsp, [rax+48]",
     "pushfq",
-    "pop rcx",
-    "mov [rax+264], rcx",
-    "cld",
+    ".if \\kernel",
+    "cli",
+    ".endif",
+    "push rax",
+    "mov rax, qword ptr gs:[32]",
+    "sub rax, 160",
+    "mov [rax+8], rcx",
+    "mov [rax+16], rdx",
+    "mov rcx, [rsp+16]",
+    "mov [rax+144], rcx",
+    "mov qword ptr [rax+152], 0",
+    "lea rcx, [rsp+24+\\rz]",
+    "mov [rax+32], rcx",
+    "jmp 1f",
+    ".globl \\missn",
+    ".p2align 4",
+    "\\missn:",
+    "endbr64",
+    "pushfq",
+    ".if \\kernel",
+    "cli",
+    ".endif",
+    "push rax",
+    "mov rax, qword ptr gs:[32]",
+    "sub rax, 160",
+    "mov [rax+144], rcx",
+    "mov qword ptr [rax+152], 1",
+    "mov rcx, [rsp+16]",
+    "mov [rax+8], rcx",
+    "mov rcx, [rsp+24]",
+    "mov [rax+16], rcx",
+    "lea rcx, [rsp+32+\\rz]",
+    "mov [rax+32], rcx",
+    "1:",
+    "mov [rax+24], rbx",
+    "mov [rax+40], rbp",
+    "mov [rax+48], rsi",
+    "mov [rax+56], rdi",
+    "mov [rax+64], r8",
+    "mov [rax+72], r9",
+    "mov [rax+80], r10",
+    "mov [rax+88], r11",
+    "mov [rax+96], r12",
+    "mov [rax+104], r13",
+    "mov [rax+112], r14",
+    "mov [rax+120], r15",
+    "mov rcx, [rsp]",
+    "mov [rax], rcx",
+    "mov rcx, [rsp+8]",
+    "mov [rax+136], rcx",
+    "mov rsp, rax",
     "mov rbx, rax",
-    "cmp qword ptr [rbx+96], 0",
+    "cld",
+    "sub rsp, 4096",
+    "and rsp, -64",
+    "cmp qword ptr gs:[64], 0",
     "je 2f",
     "mov eax, -1",
     "mov edx, -1",
-    "xsave64 [rbx+576]",
+    "xsave64 [rsp]",
     "2:",
-    "mov rdi, rbx",
-    "call qword ptr [rbx+88]",
-    "test rax, rax",
-    "jz 4f",
-    "mov [rbx+32], rax",
-    "cmp qword ptr [rbx+96], 0",
+    "mov rdi, qword ptr gs:[0]",
+    "mov rsi, rbx",
+    "call qword ptr [rdi+56]",
+    "mov r12, rax",
+    "cmp qword ptr gs:[64], 0",
     "je 3f",
     "mov eax, -1",
     "mov edx, -1",
-    "xrstor64 [rbx+576]",
+    "xrstor64 [rsp]",
     "3:",
-    "DBT_RESUME_GUEST",
+    "test r12, r12",
+    "jz 5f",
+    ".if \\kernel",
+    "mov rcx, [rbx+32]",
+    "mov [rcx-8], r12",
+    "mov rcx, [rbx+136]",
+    "bt rcx, 9",
+    "jc 4f",
+    "push rcx",
+    "popfq",
+    "DBT_LOAD_GPRS",
+    "mov rsp, [rbx+32]",
+    "mov rbx, [rbx+24]",
+    "jmp qword ptr [rsp-8]",
     "4:",
-    "cmp qword ptr [rbx+96], 0",
-    "je 5f",
-    "mov eax, -1",
-    "mov edx, -1",
-    "xrstor64 [rbx+576]",
+    "btr rcx, 9",
+    "push rcx",
+    "popfq",
+    "DBT_LOAD_GPRS",
+    "mov rsp, [rbx+32]",
+    "mov rbx, [rbx+24]",
+    "sti",
+    "jmp qword ptr [rsp-8]",
+    ".else",
+    "mov qword ptr gs:[8], r12",
+    "push qword ptr [rbx+136]",
+    "popfq",
+    "DBT_LOAD_GPRS",
+    "mov rsp, [rbx+32]",
+    "mov rbx, [rbx+24]",
+    "jmp qword ptr gs:[8]",
+    ".endif",
     "5:",
-    "mov rsp, [rbx+64]",
+    ".if \\kernel",
+    // The kernel environment's dispatcher always returns a target (a
+    // native pc for a stop).
+    "ud2",
+    ".else",
+    "mov rsp, qword ptr gs:[48]",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -100,24 +170,15 @@ core::arch::global_asm!(
     "pop rbx",
     "pop rbp",
     "ret",
-    // dbt_ind_miss: inline lookup miss (empty table entry, or the entry's
-    // fragment checked a different guest pc). rcx = guest target; the guest's
-    // rcx and rdx are in gs:[SAVE_RCX] / gs:[SAVE_RDX]; every other register
-    // is the guest's. Leaves through the dispatcher entry with EXIT_IND.
-    // Flags are untouched.
-    ".globl dbt_ind_miss",
-    ".p2align 4",
-    "dbt_ind_miss:",
-    "endbr64",
-    "mov qword ptr gs:[80], rcx",
-    "mov rcx, qword ptr gs:[16]",
-    "mov rdx, qword ptr gs:[24]",
-    "mov qword ptr gs:[8], rax",
-    "mov eax, 1",
-    "jmp qword ptr gs:[40]",
-    // dbt_enter(scratch): enter translated code at gs:[TGT] with the guest
-    // context from the per-CPU block; returns when the dispatcher decides to
-    // leave (exit reason in the block).
+    ".endif",
+    ".endm",
+    ".globl dbt_asm_start",
+    "dbt_asm_start:",
+    "DBT_ENTRIES dbt_exit_entry, dbt_miss_entry, 128, 0",
+    "DBT_ENTRIES dbt_kexit_entry, dbt_kmiss_entry, 0, 1",
+    // dbt_enter(): enter translated code at gs:[TGT] with the guest context
+    // from the per-CPU block; returns when the dispatcher decides to leave
+    // (exit reason and context in the block).
     ".globl dbt_enter",
     ".p2align 4",
     "dbt_enter:",
@@ -127,8 +188,17 @@ core::arch::global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "mov qword ptr gs:[64], rsp",
-    "DBT_RESUME_GUEST",
+    "mov qword ptr gs:[48], rsp",
+    "mov rbx, qword ptr gs:[0]",
+    "add rbx, 256",
+    "push qword ptr [rbx+136]",
+    "popfq",
+    "DBT_LOAD_GPRS",
+    "mov rsp, [rbx+32]",
+    "mov rbx, [rbx+24]",
+    "jmp qword ptr gs:[8]",
+    ".globl dbt_asm_end",
+    "dbt_asm_end:",
     // Sentinel return address for harness runs: never executed natively.
     ".globl dbt_sentinel",
     ".p2align 4",
@@ -201,12 +271,17 @@ core::arch::global_asm!(
 );
 
 extern "C" {
-    /// Dispatcher entry (never called from Rust; its address goes into
-    /// `Scratch::dispatch_entry`).
-    pub fn dbt_dispatch_entry();
-    /// Inline-lookup miss routine (never called from Rust; its address fills
-    /// empty lookup entries).
-    pub fn dbt_ind_miss();
+    /// Dispatcher entry from exit stubs, host ABI (never called from Rust).
+    pub fn dbt_exit_entry();
+    /// Dispatcher entry from lookup misses, host ABI (never called from Rust).
+    pub fn dbt_miss_entry();
+    /// Kernel-ABI variants (interrupts off inside; never run on the host).
+    pub fn dbt_kexit_entry();
+    pub fn dbt_kmiss_entry();
+    /// Bounds of the dispatcher entry routines and `dbt_enter` (an
+    /// interrupted pc in there is inside the dispatcher, not guest code).
+    pub fn dbt_asm_start();
+    pub fn dbt_asm_end();
     /// Enter translated code (see module docs).
     pub fn dbt_enter();
     /// Sentinel return address.
@@ -215,4 +290,14 @@ extern "C" {
     pub fn dbt_native_call(ctx: *mut crate::scratch::GuestCtx, f: u64);
     /// Return address inside `dbt_native_call`.
     pub fn dbt_native_ret();
+}
+
+/// (exit entry, miss entry) of the host or kernel ABI.
+pub fn entries(kernel: bool) -> (u64, u64) {
+    let a = |f: unsafe extern "C" fn()| f as *const () as usize as u64;
+    if kernel {
+        (a(dbt_kexit_entry), a(dbt_kmiss_entry))
+    } else {
+        (a(dbt_exit_entry), a(dbt_miss_entry))
+    }
 }

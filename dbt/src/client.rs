@@ -115,7 +115,7 @@ pub trait Client {
 
 /// `gs:[client slot i]` as a memory operand (i < 16).
 pub fn client_slot(i: usize) -> MemoryOperand {
-    MemoryOperand::new(Register::None, Register::None, 1, OFF_CLIENT + 8 * (i as i64 & 15), 4, false, Register::GS)
+    MemoryOperand::new(Register::None, Register::None, 1, OFF_CLIENT + 8 * (i as i64 & 15), 8, false, Register::GS)
 }
 
 /// `gs:[per-CPU counter i]` as a memory operand (i < [`COUNTERS`]).
@@ -125,7 +125,7 @@ pub fn counter_slot(i: usize) -> MemoryOperand {
         Register::None,
         1,
         OFF_COUNTERS + 8 * (i % COUNTERS) as i64,
-        4,
+        8,
         false,
         Register::GS,
     )
@@ -152,11 +152,14 @@ impl InsCount {
     }
     /// Instructions counted on the CPU whose block is `s`.
     pub fn total(s: &crate::Scratch) -> u64 {
-        s.counters.iter().fold(0u64, |a, c| a.wrapping_add(*c))
+        // SAFETY: the environment set `counters_ptr` to this CPU's block.
+        unsafe { s.counters() }.c.iter().fold(0u64, |a, c| a.wrapping_add(*c))
     }
-    /// Starts counting from 0 on that CPU.
+    /// Zero the counters of `s`'s CPU.
     pub fn reset(s: &mut crate::Scratch) {
-        s.counters.fill(0);
+        // SAFETY: as in `total`; nothing runs translated code on this CPU
+        // while the caller holds `&mut` to its block.
+        unsafe { (*(s.counters_ptr as *mut crate::scratch::Counters)).c.fill(0) };
     }
 }
 impl Client for InsCount {

@@ -4,13 +4,15 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use iced_x86::{
-    Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, MemoryOperand, Mnemonic, OpKind, Register,
-    RflagsBits,
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, MemoryOperand, Mnemonic, OpKind, Register, RflagsBits,
 };
 
-use crate::client::{BlockInfo, Client, Inserts, Snippet, Where};
+use crate::client::{BlockInfo, Client, Inserts, Where};
+use crate::ibl::{Ibl, IBL_BYTES};
 use crate::kclass::{self, KClass, Thunk};
+use crate::pcmap::{FragMeta, MapEnt, NativePc, Npc, PcIndex, GRANULE};
 use crate::scratch::*;
+use crate::templates::{exit_stub, exit_stub_len, stubs_layout, Abi, Emit, Operand, ENDBR64};
 
 /// What the environment supplies.
 pub trait Env {
@@ -35,6 +37,14 @@ pub trait Env {
     /// `__x86_return_thunk`, by address). The translator then emits the
     /// indirect branch or return itself instead of translating the thunk.
     fn thunk(&self, _target: u64) -> Option<Thunk> {
+        None
+    }
+    /// `bytes` of zeroed, writable, 8-byte aligned data memory for the shared
+    /// lookup table, at an address translated code can use as a
+    /// sign-extended disp32 (low 2 GiB, or the top 2 GiB where kernel
+    /// modules live), valid as long as the engine. None: no inline lookup
+    /// (every indirect transfer goes to the dispatcher).
+    fn alloc_table(&mut self, _bytes: usize) -> Option<u64> {
         None
     }
 }
@@ -77,10 +87,6 @@ impl StopKind {
         })
     }
 }
-
-/// Exit argument for an inline-lookup miss (`asm::dbt_ind_miss` loads it as
-/// an immediate).
-pub const EXIT_IND: u64 = 1;
 
 /// An exit of a fragment: its stub passes this record's address.
 #[repr(C)]
@@ -146,7 +152,10 @@ struct Region {
 }
 
 impl Region {
+    /// `len` rounded up to [`GRANULE`] (so a pc-map granule belongs to one
+    /// allocation), first fit from the free list, else from the unused end.
     fn alloc(free: &mut Vec<(u64, u64)>, used: &mut u64, start: u64, size: u64, len: u64) -> Option<u64> {
+        let len = len.div_ceil(GRANULE) * GRANULE;
         if let Some(i) = free.iter().position(|&(_, l)| l >= len) {
             let (a, l) = free[i];
             if l == len {
@@ -180,7 +189,10 @@ struct Fragment {
     /// Holds return pads (cached returns): its space is never reused.
     has_pads: bool,
     stub_addr: u64,
+    /// Size of the stub allocation (stubs, then their records' addresses).
     stub_len: u64,
+    /// Bytes of stub instructions at `stub_addr`.
+    stub_code_len: u64,
     region: usize,
     /// Boxed: exit stubs and incoming-link lists hold the records' addresses.
     #[allow(clippy::vec_box)]
@@ -188,6 +200,8 @@ struct Fragment {
     /// Head of the list (through `ExitRecord::next_in`) of the exit records
     /// of other fragments linked to this one.
     incoming: *mut ExitRecord,
+    /// Its pc map, published in the lock-free index.
+    meta: Box<FragMeta>,
 }
 
 /// Space and exit records of an invalidated fragment, kept until every CPU
@@ -202,6 +216,9 @@ struct Pending {
     /// Dead records (no patch site: the dispatcher never links them).
     #[allow(clippy::vec_box)]
     exits: Vec<Box<ExitRecord>>,
+    /// Its pc map, already retracted from the index (a handler that read
+    /// the pointer before may still use it until quiescence).
+    meta: Box<FragMeta>,
     /// False for fragments holding return pads: their space is never reused.
     reuse: bool,
 }
@@ -240,6 +257,12 @@ pub struct Config {
     /// require of every indirect-jump target. (The hand-written routines in
     /// `asm.rs` always start with it.)
     pub ibt: bool,
+    /// Kernel ABI: no red zone below rsp (user code has 128 bytes, which
+    /// inserted code steps over before pushing), and the kernel variants of
+    /// the dispatcher entries (`asm::dbt_kexit_entry`, ...: interrupts off
+    /// from the entry's second instruction, the guest's IF back only at the
+    /// final transfer). Host runs use `false`.
+    pub kernel: bool,
 }
 
 impl Default for Config {
@@ -255,6 +278,7 @@ impl Default for Config {
             ibt: false,
             count_lookups: false,
             cached_returns: false,
+            kernel: false,
         }
     }
 }
@@ -287,6 +311,16 @@ pub struct Engine {
     /// Indirect entries of pads that indirect jumps target (a longjmp to an
     /// address setjmp read off the stack), for the lookup table.
     pad_entries: BTreeMap<u64, u64>,
+    /// What the inserted sequences depend on (red zone, table).
+    abi: Abi,
+    /// The shared inline-lookup table (None: `inline_lookup` off, or the
+    /// environment gave no table memory).
+    ibl: Option<Ibl>,
+    /// Lock-free map from code-cache addresses to native state.
+    index: Box<PcIndex>,
+    /// Maps of far trampolines (one per link through one), until a flush.
+    #[allow(clippy::vec_box)]
+    tramp_metas: Vec<Box<FragMeta>>,
 }
 
 // SAFETY: the raw pointers (per-CPU blocks, exit records) are only used under
@@ -295,7 +329,6 @@ pub struct Engine {
 unsafe impl Send for Engine {}
 
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
-const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
 
 /// Result of decoding one block.
 /// A fragment's guest code: one or more basic blocks at consecutive guest
@@ -438,80 +471,6 @@ fn shift_may_be_zero(i: &Instruction) -> bool {
     }
 }
 
-fn gs(off: i64) -> MemoryOperand {
-    MemoryOperand::new(Register::None, Register::None, 1, off, 4, false, Register::GS)
-}
-
-fn gs_idx(off: i64, idx: Register) -> MemoryOperand {
-    MemoryOperand::new(Register::None, idx, 8, off, 4, false, Register::GS)
-}
-
-/// Code emitter for one fragment's hot part.
-struct Emit {
-    base: u64,
-    buf: Vec<u8>,
-    /// RIP-relative references to 8-byte constants placed after the code by
-    /// `finish`: (offset of the end of the referencing instruction, whose
-    /// last 4 bytes are its disp32; value).
-    consts: Vec<(usize, u64)>,
-    enc: Encoder,
-    err: bool,
-    bad: u64,
-}
-
-impl Emit {
-    fn new(base: u64) -> Self {
-        Emit { base, buf: Vec::with_capacity(256), consts: Vec::new(), enc: Encoder::new(64), err: false, bad: 0 }
-    }
-    fn pc(&self) -> u64 {
-        self.base + self.buf.len() as u64
-    }
-    fn ins(&mut self, i: Result<Instruction, iced_x86::IcedError>) {
-        match i {
-            Ok(i) => {
-                let pc = self.pc();
-                match self.enc.encode(&i, pc) {
-                    Ok(_) => {
-                        let b = self.enc.take_buffer();
-                        self.buf.extend_from_slice(&b);
-                    }
-                    Err(_) => {
-                        self.err = true;
-                        self.bad = i.code() as u32 as u64;
-                    }
-                }
-            }
-            Err(_) => self.err = true,
-        }
-    }
-    fn raw(&mut self, b: &[u8]) {
-        self.buf.extend_from_slice(b);
-    }
-    /// Place the constants (8-byte aligned, after `int3` padding: never
-    /// executed) and point their references at them.
-    fn finish(&mut self) {
-        if self.consts.is_empty() {
-            return;
-        }
-        while !self.pc().is_multiple_of(8) {
-            self.buf.push(0xCC);
-        }
-        for (end, v) in core::mem::take(&mut self.consts) {
-            let disp = (self.buf.len() - end) as i32;
-            self.buf[end - 4..end].copy_from_slice(&disp.to_le_bytes());
-            self.buf.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-
-    /// Pad with nops so that a field at offset `field` of the next
-    /// instruction starts 4-byte aligned.
-    fn align_field(&mut self, field: u64) {
-        while !(self.pc() + field).is_multiple_of(4) {
-            self.buf.push(0x90);
-        }
-    }
-}
-
 /// A branch to patch once the stubs are placed: (offset of rel32 in the hot
 /// buffer, exit index).
 type Fixup = (usize, usize);
@@ -527,11 +486,31 @@ struct Emitted {
     code_len: u64,
     /// Offsets of return pads (cached returns).
     pads: Vec<usize>,
+    /// The pc map of `buf`.
+    map: Vec<MapEnt>,
 }
 
 impl Engine {
-    pub fn new(env: Box<dyn Env>, client: Option<Box<dyn Client>>, cfg: Config) -> Engine {
+    pub fn new(mut env: Box<dyn Env>, client: Option<Box<dyn Client>>, mut cfg: Config) -> Engine {
+        let (_, miss) = crate::asm::entries(cfg.kernel);
+        let ibl = if cfg.inline_lookup {
+            // SAFETY: the environment's table memory is ours for the engine's
+            // life (`Env::alloc_table` contract); `Ibl::new` checks reach.
+            env.alloc_table(IBL_BYTES).and_then(|t| unsafe { Ibl::new(t, miss) })
+        } else {
+            None
+        };
+        cfg.inline_lookup = ibl.is_some();
+        let abi = Abi {
+            rz: if cfg.kernel { 0 } else { crate::asm::HOST_RED_ZONE },
+            ibl: ibl.as_ref().map(|t| t.disp()),
+            count_hits: cfg.count_lookups,
+        };
         Engine {
+            abi,
+            ibl,
+            index: Box::default(),
+            tramp_metas: Vec::new(),
             cfg,
             env,
             client,
@@ -560,7 +539,7 @@ impl Engine {
         // SAFETY: the caller guarantees `s` is a valid, exclusively ours block.
         let sc = unsafe { &mut *s };
         sc.init();
-        sc.dispatch_entry = crate::asm::dbt_dispatch_entry as *const () as usize as u64;
+        (sc.exit_entry, sc.miss_entry) = crate::asm::entries(self.cfg.kernel);
         sc.rust_dispatch = dbt_rust_dispatch as *const () as usize as u64;
         sc.dstack_top = dstack_top & !15;
         sc.engine = self as *mut Engine as u64;
@@ -599,7 +578,7 @@ impl Engine {
     /// fragment: the instructions it emitted, which the fuzz target and tests
     /// decode back (the hot allocation's constants and slack are left out).
     pub fn fragments(&self) -> Vec<(u64, u64, u64, u64)> {
-        self.frags.values().map(|f| (f.hot, f.code_len, f.stub_addr, f.stub_len)).collect()
+        self.frags.values().map(|f| (f.hot, f.code_len, f.stub_addr, f.stub_code_len)).collect()
     }
 
     /// (indirect entry, body entry) of each fragment: the addresses
@@ -630,7 +609,7 @@ impl Engine {
             hot_free: Vec::new(),
             stub_free: Vec::new(),
         };
-        if !near(&r) {
+        if !near(&r) || !base.is_multiple_of(GRANULE) || !self.index.add_region(self.regions.len(), base, size) {
             return None;
         }
         self.regions.push(r);
@@ -708,48 +687,6 @@ impl Engine {
         Some(t)
     }
 
-    fn emit_snippet(e: &mut Emit, s: &Snippet, flags_live: u32) {
-        let mut regs: Vec<Register> = Vec::new();
-        for r in s.clobbers.iter() {
-            let r = r.full_register();
-            if r.is_gpr64() && r != Register::RSP && !regs.contains(&r) && regs.len() < 12 {
-                regs.push(r);
-            }
-        }
-        let save_flags = s.clobbers_flags && flags_live != 0;
-        for (k, r) in regs.iter().enumerate() {
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SPILL + 8 * k as i64), *r));
-        }
-        let rax_slot = match regs.iter().position(|r| *r == Register::RAX) {
-            Some(k) => OFF_SPILL + 8 * k as i64,
-            None => OFF_SPILL + 8 * 15,
-        };
-        if save_flags {
-            if !regs.contains(&Register::RAX) {
-                e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(rax_slot), Register::RAX));
-            }
-            e.ins(Ok(Instruction::with(Code::Lahf)));
-            e.ins(Instruction::with1(Code::Seto_rm8, Register::AL));
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SPILL + 8 * 14), Register::RAX));
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(rax_slot)));
-        }
-        for i in s.code.iter() {
-            e.ins(Ok(*i));
-        }
-        if save_flags {
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(OFF_SPILL + 8 * 14)));
-            // al = 1 iff OF was set: al + 0x7f overflows exactly then.
-            e.ins(Instruction::with2(Code::Add_rm8_imm8, Register::AL, 0x7fu32));
-            e.ins(Ok(Instruction::with(Code::Sahf)));
-        }
-        for (k, r) in regs.iter().enumerate() {
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, *r, gs(OFF_SPILL + 8 * k as i64)));
-        }
-        if save_flags && !regs.contains(&Register::RAX) {
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, gs(rax_slot)));
-        }
-    }
-
     /// A patchable branch to `exit`: `opcode` then a rel32, hand-emitted after
     /// NOP padding so that the rel32 is 4-byte aligned and can be retargeted
     /// with one atomic store.
@@ -768,110 +705,6 @@ impl Engine {
     /// Patchable `jcc rel32` (0F 8x).
     fn patch_jcc(e: &mut Emit, fix: &mut Vec<Fixup>, cc: u8, exit: usize) {
         Self::patch_branch(e, fix, &[0x0F, 0x80 | (cc & 15)], exit);
-    }
-
-    /// An exit stub: `mov gs:[SAVE_RAX], rax; mov rax, rec; jmp gs:[DISPATCH]`
-    /// (position independent, always the same length).
-    fn exit_stub(rec: u64) -> Vec<u8> {
-        let mut t = Emit::new(0);
-        t.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
-        t.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RAX, rec));
-        t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
-        t.buf
-    }
-
-    /// Push a 64-bit native return address without a scratch register, as
-    /// one 8-byte store: `push imm32` when it sign-extends from 32 bits
-    /// (kernel text), else `push qword [rip + c]` with the constant after the
-    /// fragment's code. (Two stores, `push imm32` + `mov [rsp+4], hi32`, make
-    /// the matching `ret`'s 8-byte load miss store-to-load forwarding: a
-    /// stall on every short call.)
-    fn push_ret(e: &mut Emit, ret: u64) {
-        if (ret as i64) == (ret as u32 as i32 as i64) {
-            e.ins(Instruction::with1(Code::Pushq_imm32, ret as u32 as i32));
-        } else {
-            e.raw(&[0xFF, 0x35, 0, 0, 0, 0]);
-            e.consts.push((e.buf.len(), ret));
-        }
-    }
-
-    /// Indirect transfer to the guest target in rcx (guest rcx already in
-    /// gs:[SAVE_RCX]). Inline: the guest rdx is in gs:[SAVE_RDX] and edx holds
-    /// the table index (low 16 bits of the target); one memory-indirect jump
-    /// through the per-CPU table lands on a fragment's target check
-    /// ([`Self::emit_target_check`]) or on the miss routine. Flags-neutral.
-    fn emit_ind_jump(e: &mut Emit, inline: bool) {
-        if inline {
-            e.ins(Instruction::with1(Code::Jmp_rm64, gs_idx(OFF_IBL, Register::RDX)));
-        } else {
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_IND_TARGET), Register::RCX));
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RAX), Register::RAX));
-            e.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RAX, EXIT_IND as i32));
-            e.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_DISPATCH)));
-        }
-    }
-
-    /// Save the guest rdx and put the table index (low 16 bits of the target
-    /// in rcx) in edx, for the inline lookup.
-    fn emit_ind_index(e: &mut Emit, inline: bool) {
-        if inline {
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RDX), Register::RDX));
-            e.ins(Instruction::with2(Code::Movzx_r32_rm16, Register::EDX, Register::CX));
-        }
-    }
-
-    /// A fragment's indirect entry: it is reached through the lookup table
-    /// with the guest target in rcx and the guest rcx/rdx in gs slots, checks
-    /// that the target is this fragment's guest pc, restores rcx/rdx and
-    /// falls into the body; on a mismatch (another pc with the same low 16
-    /// bits owns the entry) it rebuilds the target in rcx and leaves through
-    /// the miss routine. Flags-neutral (lea/jrcxz/not/mov only).
-    fn emit_target_check(e: &mut Emit, pc: u64, count_hits: bool) {
-        let neg = (pc as i64).wrapping_neg();
-        let mut miss = Emit::new(0);
-        if neg == neg as i32 as i64 {
-            // Kernel text (top 2 GiB): -pc fits a displacement.
-            e.ins(Instruction::with2(
-                Code::Lea_r64_m,
-                Register::RCX,
-                MemoryOperand::with_base_displ(Register::RCX, neg),
-            ));
-            miss.ins(Instruction::with2(
-                Code::Lea_r64_m,
-                Register::RCX,
-                MemoryOperand::with_base_displ(Register::RCX, pc as i64),
-            ));
-        } else {
-            e.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RDX, neg as u64));
-            e.ins(Instruction::with2(
-                Code::Lea_r64_m,
-                Register::RCX,
-                MemoryOperand::new(Register::RCX, Register::RDX, 1, 0, 0, false, Register::None),
-            ));
-            // rcx - rdx = rcx + !rdx + 1
-            miss.ins(Instruction::with1(Code::Not_rm64, Register::RDX));
-            miss.ins(Instruction::with2(
-                Code::Lea_r64_m,
-                Register::RCX,
-                MemoryOperand::new(Register::RCX, Register::RDX, 1, 1, 1, false, Register::None),
-            ));
-        }
-        miss.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_IND_MISS)));
-        if miss.err || miss.buf.len() > 127 {
-            e.err = true;
-            return;
-        }
-        e.raw(&[0xE3, miss.buf.len() as u8]); // jrcxz ok
-        e.raw(&miss.buf);
-        // ok:
-        if count_hits {
-            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_LOOKUP_HITS)));
-            e.ins(Instruction::with2(Code::Lea_r64_m, Register::RCX, MemoryOperand::with_base_displ(Register::RCX, 1)));
-            e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_LOOKUP_HITS), Register::RCX));
-        }
-        e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_SAVE_RCX)));
-        e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, gs(OFF_SAVE_RDX)));
     }
 
     /// Copy a non-control-transfer instruction: original bytes unless it is
@@ -946,7 +779,7 @@ impl Engine {
         let mut hot_guess = 0u64;
         loop {
             attempt += 1;
-            let hot_len_try = hot_guess + 16;
+            let hot_len_try = (hot_guess + 16).div_ceil(GRANULE) * GRANULE;
             let hot = {
                 let r = &mut self.regions[ri];
                 Region::alloc(&mut r.hot_free, &mut r.hot_used, r.base, r.hot_size, hot_len_try)
@@ -974,13 +807,15 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn emit_block(&self, pc: u64, blk: &Block, ins: &Inserts, live: &[u32], hot: u64) -> Result<Emitted, StopKind> {
         let mut e = Emit::new(hot);
-        if self.cfg.inline_lookup {
+        if self.abi.ibl.is_some() {
             if self.cfg.ibt {
+                e.st(Npc::Rcx, 16 + self.abi.rz, 0b110, 8);
                 e.raw(&ENDBR64);
             }
-            Self::emit_target_check(&mut e, pc, self.cfg.count_lookups);
+            e.target_check(&self.abi, pc);
         }
         let body_off = e.buf.len() as u64;
+        e.guest(pc);
         if self.cfg.ibt {
             e.raw(&ENDBR64);
         }
@@ -993,23 +828,25 @@ impl Engine {
         };
         let n = blk.insns.len();
         let body_end = if matches!(blk.term, Term::Cti) { n - 1 } else { n };
+        let abi = self.abi;
         let before = |e: &mut Emit, k: usize| {
             for (w, s) in ins.list.iter() {
                 if *w == Where::Before(k) {
-                    Self::emit_snippet(e, s, live[k]);
+                    e.snippet(&abi, blk.insns[k].ip(), s, live[k]);
                 }
             }
         };
         let after = |e: &mut Emit, k: usize| {
             for (w, s) in ins.list.iter() {
                 if *w == Where::After(k) {
-                    Self::emit_snippet(e, s, live[k + 1]);
+                    e.snippet(&abi, blk.insns[k].next_ip(), s, live[k + 1]);
                 }
             }
         };
         for k in 0..body_end {
             before(&mut e, k);
             let i = &blk.insns[k];
+            e.guest(i.ip());
             if blk.inline_jcc.contains(&k) {
                 // Taken: exit (linked later); not taken: the next basic block, inline.
                 let xt = new_exit(i.near_branch_target(), 0);
@@ -1021,10 +858,12 @@ impl Engine {
         }
         match blk.term {
             Term::Fall(next) => {
+                e.guest(next);
                 let x = new_exit(next, 0);
                 Self::patch_jmp(&mut e, &mut fix, x);
             }
             Term::Stop(kind, at) => {
+                e.guest(at);
                 let x = new_exit(at, kind as u64);
                 Self::patch_jmp(&mut e, &mut fix, x);
             }
@@ -1033,6 +872,7 @@ impl Engine {
                 before(&mut e, k);
                 let i = &blk.insns[k];
                 let next = i.next_ip();
+                e.guest(i.ip());
                 match i.flow_control() {
                     FlowControl::UnconditionalBranch => {
                         let x = new_exit(i.near_branch_target(), 0);
@@ -1067,9 +907,11 @@ impl Engine {
                                 if e.buf.len() - before_len != len as usize {
                                     e.err = true;
                                 }
+                                e.guest(next);
                                 let xf = new_exit(next, 0);
                                 Self::patch_jmp(&mut e, &mut fix, xf);
                                 if !self_loop {
+                                    e.guest(t);
                                     let xt = new_exit(t, 0);
                                     Self::patch_jmp(&mut e, &mut fix, xt);
                                 }
@@ -1078,6 +920,7 @@ impl Engine {
                                 let cc = (i.condition_code() as u8).wrapping_sub(1);
                                 let xt = new_exit(t, 0);
                                 Self::patch_jcc(&mut e, &mut fix, cc, xt);
+                                e.guest(next);
                                 let xf = new_exit(next, 0);
                                 Self::patch_jmp(&mut e, &mut fix, xf);
                             }
@@ -1085,67 +928,48 @@ impl Engine {
                     }
                     FlowControl::Call if self.cfg.cached_returns => {
                         // call callee (patchable); pad: jmp next (patchable)
+                        e.guest(i.ip());
                         let x = new_exit(i.near_branch_target(), 0);
                         Self::patch_branch(&mut e, &mut fix, &[0xE8], x);
                         pads.push(e.buf.len());
+                        e.guest(next);
                         let xr = new_exit(next, 0);
                         Self::patch_jmp(&mut e, &mut fix, xr);
                     }
                     FlowControl::Call => {
-                        Self::push_ret(&mut e, next);
+                        e.guest(i.ip());
+                        e.push_u64(next);
+                        // The push undone: the call has not happened yet.
+                        e.st(Npc::At(i.ip()), 8, 0, 0);
                         let x = new_exit(i.near_branch_target(), 0);
                         Self::patch_jmp(&mut e, &mut fix, x);
                     }
                     FlowControl::IndirectBranch | FlowControl::IndirectCall => {
-                        // rcx <- operand (evaluated with the guest's registers)
-                        e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
-                        if i.op0_kind() == OpKind::Register {
-                            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, i.op0_register()));
-                        } else {
-                            let m = MemoryOperand::new(
-                                i.memory_base(),
-                                i.memory_index(),
-                                i.memory_index_scale(),
-                                i.memory_displacement64() as i64,
-                                i.memory_displ_size(),
-                                false,
-                                i.segment_prefix(),
-                            );
-                            e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, m));
-                        }
-                        Self::emit_ind_index(&mut e, self.cfg.inline_lookup);
-                        if i.flow_control() == FlowControl::IndirectCall && self.cfg.cached_returns {
-                            // call L; pad: jmp next (patchable); L: the lookup's jump
+                        let op = Operand::of(i);
+                        let call = i.flow_control() == FlowControl::IndirectCall;
+                        if call && self.cfg.cached_returns {
+                            // call L; pad: jmp next (patchable); L: the lookup, its
+                            // operand read with the pad pushed.
+                            e.guest(i.ip());
                             e.raw(&[0xE8, 0, 0, 0, 0]);
                             let call_end = e.buf.len();
                             pads.push(call_end);
+                            e.guest(next);
                             let xr = new_exit(next, 0);
                             Self::patch_jmp(&mut e, &mut fix, xr);
                             let rel = (e.buf.len() - call_end) as i32;
                             e.buf[call_end - 4..call_end].copy_from_slice(&rel.to_le_bytes());
-                        } else if i.flow_control() == FlowControl::IndirectCall {
-                            Self::push_ret(&mut e, next);
+                            e.ind_lookup(&self.abi, i.ip(), None, 8, &op);
+                        } else {
+                            e.ind_lookup(&self.abi, i.ip(), call.then_some(next), 0, &op);
                         }
-                        Self::emit_ind_jump(&mut e, self.cfg.inline_lookup);
                     }
                     // Cached returns: the stack holds a pad; return natively to it.
-                    FlowControl::Return if self.cfg.cached_returns => self.copy_insn(&mut e, i),
-                    FlowControl::Return => {
-                        e.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_SAVE_RCX), Register::RCX));
-                        e.ins(Instruction::with2(
-                            Code::Mov_r64_rm64,
-                            Register::RCX,
-                            MemoryOperand::with_base(Register::RSP),
-                        ));
-                        Self::emit_ind_index(&mut e, self.cfg.inline_lookup);
-                        let pop = 8 + if i.code() == Code::Retnq_imm16 { i.immediate16() as i64 } else { 0 };
-                        e.ins(Instruction::with2(
-                            Code::Lea_r64_m,
-                            Register::RSP,
-                            MemoryOperand::with_base_displ(Register::RSP, pop),
-                        ));
-                        Self::emit_ind_jump(&mut e, self.cfg.inline_lookup);
+                    FlowControl::Return if self.cfg.cached_returns => {
+                        e.guest(i.ip());
+                        self.copy_insn(&mut e, i)
                     }
+                    FlowControl::Return => e.ret_lookup(&self.abi, i.ip()),
                     _ => return Err(StopKind::Unsupported),
                 }
             }
@@ -1156,7 +980,7 @@ impl Engine {
             self.trace_bad.set(e.bad);
             return Err(StopKind::NoSpace);
         }
-        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len, pads })
+        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len, pads, map: e.map })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1170,13 +994,16 @@ impl Engine {
         em: Emitted,
         ninsns: usize,
     ) -> Result<u64, StopKind> {
-        let Emitted { mut buf, fixups, exits, body_off, code_len, pads } = em;
+        let Emitted { mut buf, fixups, exits, body_off, code_len, pads, map } = em;
         let code_len_bytes = buf.len();
         // Exit stubs, in the cold area.
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
+        let n_stubs = recs.len() as u64;
         let mut stub_code = Vec::new();
-        let stub_len_each = Self::exit_stub(u64::MAX).len() as u64;
-        let stub_total = stub_len_each * recs.len() as u64;
+        let mut stub_map: Vec<MapEnt> = Vec::new();
+        let stub_len_each = exit_stub_len(&self.abi);
+        let (slots, stub_bytes) = stubs_layout(&self.abi, recs.len() as u64);
+        let stub_total = stub_bytes.div_ceil(GRANULE) * GRANULE;
         let stub = if stub_total == 0 {
             Some(hot + hot_len) // no exits (ret / indirect only): nothing to place
         } else {
@@ -1193,7 +1020,18 @@ impl Engine {
         for (k, rec) in recs.iter_mut().enumerate() {
             let addr = stub + k as u64 * stub_len_each;
             rec.stub = addr;
-            stub_code.extend_from_slice(&Self::exit_stub(&**rec as *const ExitRecord as u64));
+            let t = exit_stub(&self.abi, addr, stub + slots + 8 * k as u64, rec.target);
+            if t.err {
+                return Err(StopKind::NoSpace);
+            }
+            let base = stub_code.len() as u32;
+            stub_map.extend(t.map.iter().map(|m| MapEnt { off: m.off + base, ..*m }));
+            stub_code.extend_from_slice(&t.buf);
+        }
+        // The record slots the stubs push from.
+        stub_code.resize(slots as usize, 0xCC);
+        for rec in recs.iter() {
+            stub_code.extend_from_slice(&(&**rec as *const ExitRecord as u64).to_le_bytes());
         }
         for (off, x) in fixups.iter() {
             let at = hot + *off as u64;
@@ -1219,6 +1057,16 @@ impl Engine {
             return Err(StopKind::NoSpace);
         }
         buf.truncate(code_len_bytes);
+        let meta = Box::new(FragMeta {
+            start: pc,
+            hot,
+            hot_len,
+            stub,
+            stub_len: stub_total,
+            hot_map: map.into_boxed_slice(),
+            stub_map: stub_map.into_boxed_slice(),
+        });
+        self.index.publish(&meta);
         // Pads exist once their code is in place.
         self.pads.extend(pads.iter().map(|&off| hot + off as u64));
         self.stats.pads += pads.len() as u64;
@@ -1237,9 +1085,11 @@ impl Engine {
             has_pads: !pads.is_empty(),
             stub_addr: stub,
             stub_len: stub_total,
+            stub_code_len: stub_len_each * n_stubs,
             region: ri,
             exits: recs,
             incoming: core::ptr::null_mut(),
+            meta,
         };
         // Eagerly link exits whose targets already exist.
         self.frags.insert(pc, f);
@@ -1291,18 +1141,31 @@ impl Engine {
             };
             let ri = of.region;
             let rg = &mut self.regions[ri];
-            let Some(t) = Region::alloc(&mut rg.stub_free, &mut rg.stub_used, rg.base + rg.hot_size, rg.stub_size, 16)
+            let Some(t) =
+                Region::alloc(&mut rg.stub_free, &mut rg.stub_used, rg.base + rg.hot_size, rg.stub_size, GRANULE)
             else {
                 return;
             };
             let mut e = Emit::new(t);
+            e.guest(r.target);
             e.ins(Instruction::with1(Code::Jmp_rm64, MemoryOperand::with_base_displ(Register::RIP, (t + 6) as i64)));
             e.raw(&dest.to_le_bytes());
-            if e.err || e.buf.len() > 16 || !self.env.write_code(t, &e.buf) {
+            if e.err || e.buf.len() > GRANULE as usize || !self.env.write_code(t, &e.buf) {
                 let rg = &mut self.regions[ri];
-                rg.stub_free.push((t, 16));
+                rg.stub_free.push((t, GRANULE));
                 return;
             }
+            let meta = Box::new(FragMeta {
+                start: r.target,
+                hot: t,
+                hot_len: GRANULE,
+                stub: t,
+                stub_len: 0,
+                hot_map: e.map.into_boxed_slice(),
+                stub_map: Box::new([]),
+            });
+            self.index.publish(&meta);
+            self.tramp_metas.push(meta);
             dest = t;
             if !self.write_rel32(r.patch_at, dest) {
                 return;
@@ -1353,46 +1216,43 @@ impl Engine {
     }
 
     /// The dispatcher proper (called from the asm entry with the guest
-    /// context saved in `s`). Returns the code-cache address to continue at,
-    /// or 0 to return to the environment (reason in `s.exit_reason`).
-    pub fn dispatch(&mut self, s: &mut Scratch) -> u64 {
+    /// context in `f`). Returns the code-cache address to continue at, or 0
+    /// to return to the environment (reason in `s.exit_reason`, the guest
+    /// context in `s.ctx`).
+    pub fn dispatch(&mut self, s: &mut Scratch, f: &mut Frame) -> u64 {
         self.stats.dispatches += 1;
-        self.trace[(self.stats.dispatches % 8) as usize] = if s.exit_arg == EXIT_IND {
-            s.ind_target | (1 << 63)
+        let ind = f.kind == Frame::KIND_IND;
+        self.trace[(self.stats.dispatches % 8) as usize] = if ind {
+            f.arg | (1 << 63)
         } else {
             // SAFETY: see below.
-            unsafe { (*(s.exit_arg as *const ExitRecord)).owner }
+            unsafe { (*(f.arg as *const ExitRecord)).owner }
         };
-        let arg = s.exit_arg;
-        let (target, rec) = if arg == EXIT_IND {
+        let (target, rec) = if ind {
             self.stats.lookups += 1;
             self.stats.misses += 1;
-            (s.ind_target, None)
+            (f.arg, None)
         } else {
-            let rp = arg as *mut ExitRecord;
-            // SAFETY: a stub only ever passes the address of its own live,
-            // boxed exit record.
+            let rp = f.arg as *mut ExitRecord;
+            // SAFETY: a stub only ever passes the address of its own boxed
+            // exit record, live or pending reclaim.
             let r = unsafe { &*rp };
             if r.stop != 0 {
-                s.exit_reason = r.stop;
-                s.exit_pc = r.target;
-                s.ctx.rip = r.target;
-                return 0;
+                return Self::leave(s, f, r.stop, r.target);
             }
             (r.target, Some(rp))
         };
         if target == self.stop_pc {
-            s.exit_reason = StopKind::Sentinel as u64;
-            s.exit_pc = target;
-            s.ctx.rip = target;
-            return 0;
+            return Self::leave(s, f, StopKind::Sentinel as u64, target);
         }
         // Cached returns: an indirect jump to a return pad (a longjmp to an address
         // setjmp read off the stack) continues at the pad.
         if self.pads.contains(&target) {
-            if arg == EXIT_IND && self.cfg.inline_lookup {
+            if ind {
                 if let Some(entry) = self.pad_entry(target) {
-                    s.ibl[(target & 0xffff) as usize] = entry;
+                    if let Some(t) = &self.ibl {
+                        t.set(target, entry);
+                    }
                 }
             }
             return target;
@@ -1404,37 +1264,40 @@ impl Engine {
         };
         match r {
             Ok(entry) => {
-                if arg == EXIT_IND && self.cfg.inline_lookup {
-                    if let Some(f) = self.frags.get(&target) {
-                        s.ibl[(target & 0xffff) as usize] = f.hot;
+                if ind {
+                    if let (Some(t), Some(fr)) = (&self.ibl, self.frags.get(&target)) {
+                        t.set(target, fr.hot);
                     }
                 }
                 entry
             }
-            Err(k) => {
-                s.exit_reason = k as u64;
-                s.exit_pc = target;
-                s.ctx.rip = target;
-                0
-            }
+            Err(k) => Self::leave(s, f, k as u64, target),
         }
     }
 
-    /// Point every CPU's lookup entry for the fragment at guest `pc` with
-    /// indirect entry `hot` back at the miss routine.
-    fn clear_ibl_entry(&mut self, pc: u64, hot: u64) {
-        let h = (pc & 0xffff) as usize;
-        for &c in self.cpus.iter() {
-            // SAFETY: registered per-CPU blocks stay valid (attach_cpu
-            // contract). One aligned 8-byte store: a lookup racing with it
-            // jumps either to the old fragment's target check (its space is
-            // not reused before quiescence) or to the miss routine.
-            unsafe {
-                if (*c).ibl[h] == hot {
-                    core::ptr::write_volatile(&mut (*c).ibl[h], (*c).ind_miss);
-                }
-            }
-        }
+    /// Give control back to the environment at guest `pc`.
+    fn leave(s: &mut Scratch, f: &Frame, reason: u64, pc: u64) -> u64 {
+        s.exit_reason = reason;
+        s.exit_pc = pc;
+        s.ctx = f.ctx;
+        s.ctx.rip = pc;
+        0
+    }
+
+    /// The native pc and register state for an interrupted code-cache
+    /// address `regs.rip` (see [`PcIndex::native_state`]); lock-free.
+    ///
+    /// # Safety
+    /// As [`PcIndex::native_state`].
+    pub unsafe fn native_state(&self, regs: &mut GuestCtx) -> Option<NativePc> {
+        // SAFETY: the caller's contract.
+        unsafe { self.index.native_state(regs) }
+    }
+
+    /// The lock-free pc index (what a fault or NMI handler keeps a pointer
+    /// to; it lives as long as the engine).
+    pub fn pc_index(&self) -> *const PcIndex {
+        &*self.index
     }
 
     /// Invalidate every fragment whose guest bytes overlap [lo, hi).
@@ -1497,8 +1360,11 @@ impl Engine {
             r.next_in = core::ptr::null_mut();
             r.patch_at = 0;
         }
-        // 3. Lookup entries.
-        self.clear_ibl_entry(start, f.hot);
+        // 3. Lookup entry (one shared table: one compare-and-swap) and pc map.
+        if let Some(t) = &self.ibl {
+            t.clear_if(start, f.hot);
+        }
+        self.index.retract(&f.meta);
         // 4. Space and records: deferred until quiescence. A fragment holding
         // return pads keeps its space and records for good: a stack may still
         // return to a pad, which jumps on through its (now unlinked) exit stub.
@@ -1510,6 +1376,7 @@ impl Engine {
             stub: f.stub_addr,
             stub_len: f.stub_len,
             exits: core::mem::take(&mut f.exits),
+            meta: f.meta,
             reuse: !f.has_pads,
         });
     }
@@ -1530,8 +1397,10 @@ impl Engine {
                     r.stub_free.push((p.stub, p.stub_len));
                 }
             }
-            // The dead records are freed here: no CPU can reach their stubs.
+            // The dead records and the map are freed here: no CPU can reach
+            // their stubs, no interrupted CPU's handler can be reading the map.
             drop(p.exits);
+            drop(p.meta);
         }
         self.pending = keep;
     }
@@ -1540,6 +1409,13 @@ impl Engine {
     /// Requires every CPU to be outside the code cache.
     pub fn flush(&mut self) {
         self.stats.flushes += 1;
+        for f in self.frags.values() {
+            self.index.retract(&f.meta);
+        }
+        for m in self.tramp_metas.iter() {
+            self.index.retract(m);
+        }
+        self.tramp_metas.clear();
         self.frags.clear();
         self.pending.clear();
         self.pads.clear();
@@ -1551,9 +1427,8 @@ impl Engine {
             r.hot_free.clear();
             r.stub_free.clear();
         }
-        for &c in self.cpus.iter() {
-            // SAFETY: registered per-CPU blocks stay valid.
-            unsafe { (*c).clear_ibl() };
+        if let Some(t) = &self.ibl {
+            t.clear();
         }
         self.hot_total = 0;
         self.generation += 1;
@@ -1572,16 +1447,16 @@ impl Engine {
             if self.cfg.ibt {
                 e.raw(&ENDBR64);
             }
-            Self::emit_target_check(&mut e, pad, self.cfg.count_lookups);
+            e.target_check(&self.abi, pad);
             let rel = pad.wrapping_sub(e.pc() + 5) as i64;
             e.raw(&[0xE9]);
             e.raw(&(rel as i32).to_le_bytes());
             (!e.err && rel == rel as i32 as i64).then_some(e.buf)
         };
-        let size = emit(pad)?.len() as u64;
+        let size = emit(pad)?.len().div_ceil(GRANULE as usize) as u64 * GRANULE;
         let r = &mut self.regions[ri];
         let at = Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, size)?;
-        let code = emit(at).filter(|c| c.len() as u64 == size)?;
+        let code = emit(at).filter(|c| c.len().div_ceil(GRANULE as usize) as u64 * GRANULE == size)?;
         if !self.env.write_code(at, &code) {
             self.regions[ri].stub_free.push((at, size));
             return None;
@@ -1611,13 +1486,16 @@ impl Engine {
         }
         let ri = self.region_for(near).ok_or(StopKind::NoSpace)?;
         let rec = Box::new(ExitRecord::new(self.stop_pc, 0, 0));
-        let code = Self::exit_stub(&*rec as *const ExitRecord as u64);
+        let (slot, bytes) = stubs_layout(&self.abi, 1);
+        let size = bytes.div_ceil(GRANULE) * GRANULE;
         let r = &mut self.regions[ri];
-        let stub =
-            Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, code.len() as u64)
-                .ok_or(StopKind::NoSpace)?;
+        let stub = Region::alloc(&mut r.stub_free, &mut r.stub_used, r.base + r.hot_size, r.stub_size, size)
+            .ok_or(StopKind::NoSpace)?;
+        let mut code = exit_stub(&self.abi, stub, stub + slot, self.stop_pc).buf;
+        code.resize(slot as usize, 0xCC);
+        code.extend_from_slice(&(&*rec as *const ExitRecord as u64).to_le_bytes());
         if !self.env.write_code(stub, &code) {
-            self.regions[ri].stub_free.push((stub, code.len() as u64));
+            self.regions[ri].stub_free.push((stub, size));
             return Err(StopKind::NoSpace);
         }
         self.pads.insert(stub);
@@ -1635,16 +1513,16 @@ impl Engine {
 /// Rust side of the dispatcher entry.
 ///
 /// # Safety
-/// Called only by `dbt_dispatch_entry` with the per-CPU block whose `engine`
-/// field points at the live engine.
-pub unsafe extern "C" fn dbt_rust_dispatch(s: *mut Scratch) -> u64 {
+/// Called only by the asm entry routines with the per-CPU block whose
+/// `engine` field points at the live engine and the frame they built.
+pub unsafe extern "C" fn dbt_rust_dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
     // SAFETY: see function contract; the dispatcher runs on its own stack with
     // the guest context saved, and the engine is not otherwise borrowed while
     // translated code runs.
-    let s = unsafe { &mut *s };
+    let (s, f) = unsafe { (&mut *s, &mut *f) };
     // SAFETY: as above.
     let e = unsafe { &mut *(s.engine as *mut Engine) };
-    e.dispatch(s)
+    e.dispatch(s, f)
 }
 
 #[cfg(test)]

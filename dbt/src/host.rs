@@ -10,7 +10,7 @@ use std::vec::Vec;
 use crate::asm;
 use crate::client::{Client, InsCount};
 use crate::engine::{Config, Engine, Env, StopKind};
-use crate::scratch::{GuestCtx, Scratch};
+use crate::scratch::{Frame, GuestCtx, PerCpuArea, Scratch};
 
 /// Host environment: the code cache is a memfd mapped twice, read+execute
 /// near the guest code (what translated code runs from) and read+write
@@ -23,6 +23,8 @@ pub struct HostEnv {
     maps: Vec<(u64, u64, u64)>,
     /// Retpoline / return thunks by address ([`Env::thunk`]).
     pub thunks: Vec<(u64, crate::Thunk)>,
+    /// Lookup tables handed out ([`Env::alloc_table`]): (address, size).
+    tables: Vec<(u64, usize)>,
 }
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
@@ -59,6 +61,24 @@ fn map_near(near: u64, size: usize, prot: i32, fd: i32) -> Option<u64> {
     None
 }
 
+/// `bytes` of zeroed read+write memory in the low 2 GiB (`MAP_32BIT`), where
+/// a sign-extended disp32 reaches it: the shared lookup table. The caller
+/// owns the mapping.
+pub fn low_table(bytes: usize) -> Option<u64> {
+    // SAFETY: a fresh anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as u64)
+}
+
 /// Read+write+execute memory near `near` for guest code that tests write and
 /// then run (natively and translated); not a code cache.
 pub fn rwx_near(near: u64, size: usize) -> Option<u64> {
@@ -78,6 +98,10 @@ impl HostEnv {
 
 impl Drop for HostEnv {
     fn drop(&mut self) {
+        for &(t, sz) in self.tables.iter() {
+            // SAFETY: our table mapping; its engine is being dropped.
+            unsafe { libc::munmap(t as *mut libc::c_void, sz) };
+        }
         // Harnesses live for a whole test; their caches are unmapped with them.
         for &(x, w, sz) in self.maps.iter() {
             // SAFETY: both mappings are ours and nothing runs from them any more
@@ -124,6 +148,12 @@ impl Env for HostEnv {
                 }
             }
         }
+    }
+
+    fn alloc_table(&mut self, bytes: usize) -> Option<u64> {
+        let t = low_table(bytes)?;
+        self.tables.push((t, bytes));
+        Some(t)
     }
 
     fn thunk(&self, target: u64) -> Option<crate::Thunk> {
@@ -274,11 +304,13 @@ impl Harness {
     }
 
     fn with_config_inner(client: Option<Box<dyn Client>>, cfg: Config, env: HostEnv) -> Harness {
-        let layout = Layout::new::<Scratch>();
-        // SAFETY: non-zero-sized layout; all-zero bytes are a valid Scratch
+        let layout = Layout::new::<PerCpuArea>();
+        // SAFETY: non-zero-sized layout; all-zero bytes are a valid area
         // (plain integers and arrays).
-        let scratch = unsafe { alloc_zeroed(layout) } as *mut Scratch;
-        assert!(!scratch.is_null(), "out of memory for the per-CPU block");
+        let area = unsafe { alloc_zeroed(layout) } as *mut PerCpuArea;
+        assert!(!area.is_null(), "out of memory for the per-CPU block");
+        // SAFETY: the block is the area's first field.
+        let scratch = unsafe { core::ptr::addr_of_mut!((*area).scratch) };
         let dstack = std::vec![0u8; 1 << 20];
         let gstack = std::vec![0u8; 16 << 20];
         let mut engine = Box::new(Engine::new(Box::new(env), client, cfg));
@@ -291,6 +323,7 @@ impl Harness {
         unsafe {
             (*scratch).save_xstate = xsave_supported() as u64;
             (*scratch).rust_dispatch = host_dispatch as *const () as u64;
+            (*scratch).counters_ptr = core::ptr::addr_of_mut!((*area).counters) as u64;
         }
         Harness { engine, scratch, _dstack: dstack, gstack }
     }
@@ -397,9 +430,9 @@ impl Harness {
 
 /// Host dispatcher: the engine's dispatcher with arena allocation (see
 /// `host_alloc`).
-unsafe extern "C" fn host_dispatch(s: *mut Scratch) -> u64 {
+unsafe extern "C" fn host_dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
     // SAFETY: same contract as dbt_rust_dispatch (called by the asm entry).
-    crate::host_alloc::with_dbt_alloc(|| unsafe { crate::engine::dbt_rust_dispatch(s) })
+    crate::host_alloc::with_dbt_alloc(|| unsafe { crate::engine::dbt_rust_dispatch(s, f) })
 }
 
 fn xsave_supported() -> bool {

@@ -9,8 +9,11 @@ extern crate std;
 pub mod asm;
 pub mod client;
 pub mod engine;
+pub mod ibl;
 pub mod kclass;
+pub mod pcmap;
 pub mod scratch;
+pub mod templates;
 
 #[cfg(feature = "host")]
 pub mod host;
@@ -18,7 +21,8 @@ pub mod host;
 pub use client::{BbCov, BlockInfo, Client, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
 pub use engine::{Config, Engine, Env, Stats, StopKind};
 pub use kclass::{KClass, Thunk};
-pub use scratch::{GuestCtx, Scratch};
+pub use pcmap::{NativePc, PcIndex};
+pub use scratch::{Frame, GuestCtx, Scratch};
 #[cfg(feature = "host")]
 pub mod corpus;
 #[cfg(feature = "host")]

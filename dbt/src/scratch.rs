@@ -1,17 +1,21 @@
-//! The per-CPU scratch block reached through `%gs`.
+//! The per-CPU block reached through `%gs`, and the client counter block.
 //!
-//! Translated code never touches the guest stack for its own state: every
-//! spill slot, the inline indirect-branch table and the dispatcher's saved
-//! guest context live here. In the kernel `%gs` already points at per-CPU
-//! data, so the environment places one `Scratch` per CPU at a fixed offset
-//! from the per-CPU base (and `SELF` holds its linear address); on the host
-//! the harness points the user `%gs` base at a per-thread block.
+//! Kernel-safe ABI: no guest register or flag value is ever kept here.
+//! Translated code spills to the guest stack (see README "ABI"); the block
+//! holds only what translated code *reads* (the dispatcher entry addresses)
+//! and what the dispatcher and the environment keep per CPU (its stack, the
+//! engine, the host's resume state, client slots). It is 512 bytes; the
+//! client counters (per CPU, `gs`-relative, written by instrumentation) are a
+//! second block at `gs:[OFF_COUNTERS]`, and the extended-state save area is
+//! on the dispatcher's stack. In the kernel both blocks are one per-CPU
+//! allocation (512 B + 16 KiB, under `alloc_percpu`'s 32 KiB limit); on the
+//! host the harness allocates them together and points the user `%gs` base at
+//! the first.
+//!
+//! The inline-lookup table is *shared* by all CPUs (see [`crate::ibl`]).
 
-/// Number of entries of the inline lookup table (indexed by the low 16 bits
-/// of the guest target; extracting those with `movzx` leaves the flags alone).
-pub const IBL_ENTRIES: usize = 1 << 16;
 /// Number of per-CPU counters clients may address with `gs:[disp32]`.
-pub const COUNTERS: usize = 4096;
+pub const COUNTERS: usize = 2048;
 
 /// Guest general purpose registers + rip + rflags, iced/hardware order.
 #[repr(C)]
@@ -40,117 +44,128 @@ impl GuestCtx {
     pub const R15: usize = 15;
 }
 
-/// The per-CPU block. Field offsets are part of the generated code's ABI and
-/// are checked at compile time below.
+/// What the dispatcher entry routines build on the dispatcher stack: the
+/// guest context as it was at the exit (the stub's or lookup's own pushes
+/// undone), and what the exit passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    pub ctx: GuestCtx, // 0 .. 144
+    /// Exit record address ([`Frame::KIND_EXIT`]) or guest target
+    /// ([`Frame::KIND_IND`]).
+    pub arg: u64, // 144
+    pub kind: u64,     // 152
+}
+
+impl Frame {
+    /// A direct exit: `arg` is the stub's exit record.
+    pub const KIND_EXIT: u64 = 0;
+    /// An inline-lookup miss: `arg` is the guest target.
+    pub const KIND_IND: u64 = 1;
+}
+
+/// The per-CPU block. Field offsets are part of the generated code's and
+/// `asm.rs`'s ABI and are checked at compile time below.
 #[repr(C, align(64))]
 pub struct Scratch {
-    /// Linear address of this block (gs:[0]); the dispatcher uses it to get
-    /// a normal pointer.
+    /// Linear address of this block (gs:[0]).
     pub self_ptr: u64, // 0
-    /// Guest rax while an exit stub / dispatcher entry runs.
-    pub save_rax: u64, // 8
-    /// Guest rcx / rdx during an inline lookup.
-    pub save_rcx: u64, // 16
-    pub save_rdx: u64, // 24
-    /// Jump target slot (`jmp gs:[TGT]`).
-    pub tgt: u64, // 32
-    /// Address of the dispatcher entry routine (`jmp gs:[DISPATCH]`).
-    pub dispatch_entry: u64, // 40
-    /// Top of the dispatcher's own stack.
-    pub dstack_top: u64, // 48
+    /// Jump target of the host's final transfer into translated code
+    /// (`jmp gs:[TGT]`, see README "ABI": only the host path uses it).
+    pub tgt: u64, // 8
+    /// Direct-exit entry of the dispatcher (`jmp gs:[EXIT_ENTRY]` in stubs).
+    pub exit_entry: u64, // 16
+    /// Lookup-miss entry of the dispatcher (`jmp gs:[MISS_ENTRY]`: empty
+    /// table entries hold it too).
+    pub miss_entry: u64, // 24
+    /// Top of the dispatcher's own stack (16-byte aligned; the entry builds
+    /// its [`Frame`] and the xsave area below it).
+    pub dstack_top: u64, // 32
     /// Engine pointer (opaque to the asm).
-    pub engine: u64, // 56
+    pub engine: u64, // 40
     /// Host rsp saved by `dbt_enter`.
-    pub host_rsp: u64, // 64
-    /// Argument of the last exit: an exit record address or `EXIT_IND`.
-    pub exit_arg: u64, // 72
-    /// Guest target of an indirect branch that missed the inline table.
-    pub ind_target: u64, // 80
-    /// Rust dispatcher function (`extern "C" fn(*mut Scratch) -> u64`).
-    pub rust_dispatch: u64, // 88
+    pub host_rsp: u64, // 48
+    /// Rust dispatcher function
+    /// (`extern "C" fn(*mut Scratch, *mut Frame) -> u64`).
+    pub rust_dispatch: u64, // 56
     /// Non-zero: the dispatcher saves/restores extended state with xsave.
-    pub save_xstate: u64, // 96
+    pub save_xstate: u64, // 64
     /// Why the run stopped when the dispatcher returned to the host.
-    pub exit_reason: u64, // 104
-    pub exit_pc: u64,  // 112
-    /// Shared inline-lookup miss routine (`asm::dbt_ind_miss`): what empty
-    /// table entries hold, and where a fragment's target check goes when the
-    /// entry belonged to another guest pc.
-    pub ind_miss: u64, // 120
-    /// Saved guest context while the dispatcher runs.
-    pub ctx: GuestCtx, // 128 .. 272
-    /// Inline-lookup hits (`Config::count_lookups`; the misses reach the
-    /// dispatcher and are counted there).
-    pub lookup_hits: u64, // 272
-    pub _pad1: u64,    // 280
-    /// Spill slots for instrumentation (engine-managed: registers the client
-    /// clobbers and the arithmetic flags).
-    pub spill: [u64; 16], // 288 .. 416
-    /// Slots owned by the client tools (counters, ring positions).
-    pub client: [u64; 16], // 416 .. 544
-    pub _pad2: [u64; 4], // 544 .. 576
-    /// xsave area of the guest's extended state while the dispatcher runs.
-    pub xsave: [u8; 4096], // 576 (64-aligned)
-    /// Counters owned by the client tools (e.g. inscount's, spread over
-    /// many slots so that blocks do not all update one memory location).
-    pub counters: [u64; COUNTERS],
-    /// Inline indirect-branch lookup: entry `t & 0xffff` holds the indirect
-    /// entry (target check) of a fragment whose guest pc has those low bits,
-    /// or `ind_miss`. No tags: the fragment's own check compares the guest
-    /// target with its pc (see README "Indirect branches").
-    pub ibl: [u64; IBL_ENTRIES],
+    pub exit_reason: u64, // 72
+    pub exit_pc: u64, // 80
+    /// Linear address of this CPU's counter block (`gs:[OFF_COUNTERS]`).
+    pub counters_ptr: u64, // 88
+    /// Inline-lookup hits (`Config::count_lookups`).
+    pub lookup_hits: u64, // 96
+    pub _pad0: u64,   // 104
+    /// Slots owned by the client tools (ring positions, bases).
+    pub client: [u64; 16], // 112 .. 240
+    pub _pad1: [u64; 2], // 240 .. 256
+    /// The guest context the host harness enters with and gets back.
+    pub ctx: GuestCtx, // 256 .. 400
+    pub _pad2: [u64; 14], // 400 .. 512
+}
+
+/// The client counter block, at `gs:[OFF_COUNTERS]`.
+#[repr(C, align(64))]
+pub struct Counters {
+    pub c: [u64; COUNTERS],
+}
+
+/// A CPU's whole `gs`-relative area as the host harness allocates it.
+#[repr(C, align(64))]
+pub struct PerCpuArea {
+    pub scratch: Scratch,
+    pub counters: Counters,
 }
 
 pub const OFF_SELF: i64 = 0;
-pub const OFF_SAVE_RAX: i64 = 8;
-pub const OFF_SAVE_RCX: i64 = 16;
-pub const OFF_SAVE_RDX: i64 = 24;
-pub const OFF_TGT: i64 = 32;
-pub const OFF_DISPATCH: i64 = 40;
-pub const OFF_IND_TARGET: i64 = 80;
-pub const OFF_IND_MISS: i64 = 120;
-pub const OFF_CTX: i64 = 128;
-pub const OFF_SPILL: i64 = 288;
-pub const OFF_CLIENT: i64 = 416;
-pub const OFF_IBL: i64 = core::mem::offset_of!(Scratch, ibl) as i64;
-pub const OFF_LOOKUP_HITS: i64 = 272;
-pub const OFF_COUNTERS: i64 = core::mem::offset_of!(Scratch, counters) as i64;
+pub const OFF_TGT: i64 = 8;
+pub const OFF_EXIT_ENTRY: i64 = 16;
+pub const OFF_MISS_ENTRY: i64 = 24;
+pub const OFF_LOOKUP_HITS: i64 = 96;
+pub const OFF_CLIENT: i64 = 112;
+/// Offset of the counter block from the `%gs` base.
+pub const OFF_COUNTERS: i64 = 512;
+
+/// Size of the xsave area on the dispatcher stack.
+pub const XSAVE_AREA: usize = 4096;
 
 const _: () = {
-    use core::mem::offset_of;
-    assert!(offset_of!(Scratch, save_rax) == 8);
-    assert!(offset_of!(Scratch, save_rcx) == 16);
-    assert!(offset_of!(Scratch, save_rdx) == 24);
-    assert!(offset_of!(Scratch, tgt) == 32);
-    assert!(offset_of!(Scratch, dispatch_entry) == 40);
-    assert!(offset_of!(Scratch, dstack_top) == 48);
-    assert!(offset_of!(Scratch, engine) == 56);
-    assert!(offset_of!(Scratch, host_rsp) == 64);
-    assert!(offset_of!(Scratch, exit_arg) == 72);
-    assert!(offset_of!(Scratch, ind_target) == 80);
-    assert!(offset_of!(Scratch, rust_dispatch) == 88);
-    assert!(offset_of!(Scratch, save_xstate) == 96);
-    assert!(offset_of!(Scratch, ind_miss) == 120);
-    assert!(offset_of!(Scratch, ctx) == 128);
+    use core::mem::{offset_of, size_of};
+    assert!(offset_of!(Scratch, tgt) == OFF_TGT as usize);
+    assert!(offset_of!(Scratch, exit_entry) == OFF_EXIT_ENTRY as usize);
+    assert!(offset_of!(Scratch, miss_entry) == OFF_MISS_ENTRY as usize);
+    assert!(offset_of!(Scratch, dstack_top) == 32);
+    assert!(offset_of!(Scratch, engine) == 40);
+    assert!(offset_of!(Scratch, host_rsp) == 48);
+    assert!(offset_of!(Scratch, rust_dispatch) == 56);
+    assert!(offset_of!(Scratch, save_xstate) == 64);
+    assert!(offset_of!(Scratch, counters_ptr) == 88);
     assert!(offset_of!(Scratch, lookup_hits) == OFF_LOOKUP_HITS as usize);
-    assert!(offset_of!(Scratch, spill) == 288);
-    assert!(offset_of!(Scratch, client) == 416);
-    assert!(offset_of!(Scratch, xsave) == 576);
-    assert!(offset_of!(Scratch, xsave) % 64 == 0);
-    // gs:[disp32 + idx*8] must reach the table.
-    assert!(offset_of!(Scratch, ibl) + IBL_ENTRIES * 8 < (1 << 31));
+    assert!(offset_of!(Scratch, client) == OFF_CLIENT as usize);
+    assert!(offset_of!(Scratch, ctx) == 256);
+    assert!(size_of::<Scratch>() == 512);
+    assert!(size_of::<Scratch>() <= 4096);
+    assert!(offset_of!(PerCpuArea, counters) == OFF_COUNTERS as usize);
+    assert!(size_of::<Frame>() == 160);
+    assert!(offset_of!(Frame, arg) == 144);
+    assert!(offset_of!(Frame, kind) == 152);
 };
 
 impl Scratch {
-    /// Initialise a block in place (all lookup entries empty).
+    /// Initialise a block in place.
     pub fn init(&mut self) {
         self.self_ptr = self as *mut Scratch as u64;
-        self.ind_miss = crate::asm::dbt_ind_miss as *const () as usize as u64;
-        self.clear_ibl();
     }
 
-    /// Drop every inline lookup entry.
-    pub fn clear_ibl(&mut self) {
-        self.ibl.fill(self.ind_miss);
+    /// This CPU's counters.
+    ///
+    /// # Safety
+    /// `counters_ptr` is this CPU's live counter block (set by the
+    /// environment), and no `&mut` to it exists.
+    pub unsafe fn counters(&self) -> &Counters {
+        // SAFETY: the caller's contract.
+        unsafe { &*(self.counters_ptr as *const Counters) }
     }
 }

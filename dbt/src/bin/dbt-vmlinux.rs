@@ -6,7 +6,7 @@
 //! `T`/`t` symbols of System.map; every block reachable inside a function
 //! from its start (branch targets, fall-throughs, the continuations of calls
 //! and stops) is translated; every emitted instruction (hot code and exit
-//! stubs) must decode back. Prints one summary line
+//! stubs) must decode back and map back to a native pc (`Engine::native_state`). Prints one summary line
 //! `functions=N translated=M blocks=B instructions=I`, the counts by kernel
 //! instruction class, and the untranslatable blocks with their reasons; exits
 //! non-zero if the translator panics on any function or emits bytes that do
@@ -76,6 +76,8 @@ struct OfflineEnv {
     cache: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
     thunks: std::rc::Rc<BTreeMap<u64, Thunk>>,
     allocated: bool,
+    /// The lookup table's memory (mapped once, kept for the process).
+    table: u64,
 }
 
 impl Env for OfflineEnv {
@@ -104,6 +106,14 @@ impl Env for OfflineEnv {
     }
     fn thunk(&self, target: u64) -> Option<Thunk> {
         self.thunks.get(&target).copied()
+    }
+    fn alloc_table(&mut self, bytes: usize) -> Option<u64> {
+        // Real memory (the engine fills it); in the kernel it is module data
+        // in the top 2 GiB, here the low 2 GiB: the same disp32 form.
+        if self.table == 0 {
+            self.table = dbt::host::low_table(bytes)?;
+        }
+        Some(self.table)
     }
 }
 
@@ -181,6 +191,11 @@ struct Totals {
     stops: BTreeMap<String, u64>,
     untranslatable: BTreeMap<String, (u64, String)>,
     kclass: [u64; KClass::COUNT],
+    /// Emitted instructions whose native pc lies in the function / outside
+    /// it (an exit stub's target, the continuation of a call).
+    mapped_inside: u64,
+    mapped_outside: u64,
+    unmapped: Vec<String>,
 }
 
 fn new_engine(sym: &Symbols, image: &std::rc::Rc<Image>) -> (Engine, std::rc::Rc<std::cell::RefCell<Vec<u8>>>) {
@@ -190,9 +205,11 @@ fn new_engine(sym: &Symbols, image: &std::rc::Rc<Image>) -> (Engine, std::rc::Rc
         cache: cache.clone(),
         thunks: std::rc::Rc::new(sym.thunks.clone()),
         allocated: false,
+        table: 0,
     };
     // IBT: Debian's kernels are built with it (endbr64 at indirect targets).
-    let cfg = Config { ibt: true, hot_size: 4 << 20, stub_size: 2 << 20, ..Config::default() };
+    // The kernel ABI: no red zone.
+    let cfg = Config { ibt: true, kernel: true, hot_size: 4 << 20, stub_size: 2 << 20, ..Config::default() };
     (Engine::new(Box::new(env), None, cfg), cache)
 }
 
@@ -258,6 +275,19 @@ fn translate_function(
                     t.undecodable.push(format!("{name}: invalid instruction at {:#x}", i.ip()));
                     break;
                 }
+                // Every emitted instruction maps back to a native pc: in the
+                // function, or a branch target it leaves for.
+                let mut regs = dbt::GuestCtx { rip: i.ip(), ..Default::default() };
+                let mut stack = [0u64; 64];
+                regs.gpr[dbt::GuestCtx::RSP] = stack.as_mut_ptr() as u64 + 256;
+                regs.gpr[dbt::GuestCtx::RCX] = *start;
+                // SAFETY: `regs` points into `stack`, readable around rsp as far
+                // as any map slot reaches (lookup frames: 16 bytes).
+                match unsafe { e.native_state(&mut regs) } {
+                    Some(n) if n.pc >= *start && n.pc < *end => t.mapped_inside += 1,
+                    Some(_) => t.mapped_outside += 1,
+                    None => t.unmapped.push(format!("{name}: cache address {:#x} has no native pc", i.ip())),
+                }
             }
         }
     }
@@ -311,6 +341,9 @@ fn main() -> ExitCode {
                 t.blocks += tt.blocks;
                 t.emitted += tt.emitted;
                 t.undecodable.extend(tt.undecodable);
+                t.unmapped.extend(tt.unmapped);
+                t.mapped_inside += tt.mapped_inside;
+                t.mapped_outside += tt.mapped_outside;
                 for (k, v) in tt.stops {
                     *t.stops.entry(k).or_default() += v;
                 }
@@ -338,6 +371,12 @@ fn main() -> ExitCode {
         "functions={} translated={} blocks={} instructions={} emitted_instructions={}",
         t.functions, t.translated, t.blocks, t.instructions, t.emitted
     );
+    println!(
+        "native_state: {} emitted instructions map into their function, {} to a branch target outside it, {} unmapped",
+        t.mapped_inside,
+        t.mapped_outside,
+        t.unmapped.len()
+    );
     println!("kernel instruction classes (instructions met by the translator):");
     for c in KClass::ALL {
         println!("  {:>10}  {}", t.kclass[c as usize], c.name());
@@ -359,10 +398,18 @@ fn main() -> ExitCode {
     for u in t.undecodable.iter().take(20) {
         println!("UNDECODABLE {u}");
     }
-    if t.panics.is_empty() && t.undecodable.is_empty() && t.translated > 0 {
+    for u in t.unmapped.iter().take(20) {
+        println!("UNMAPPED {u}");
+    }
+    if t.panics.is_empty() && t.undecodable.is_empty() && t.unmapped.is_empty() && t.translated > 0 {
         ExitCode::SUCCESS
     } else {
-        println!("FAILED: {} panics, {} undecodable fragments", t.panics.len(), t.undecodable.len());
+        println!(
+            "FAILED: {} panics, {} undecodable fragments, {} unmapped instructions",
+            t.panics.len(),
+            t.undecodable.len(),
+            t.unmapped.len()
+        );
         ExitCode::FAILURE
     }
 }
