@@ -577,6 +577,14 @@ fn policy_restricts_every_alias_of_a_page() {
         assert_eq!(r.access(la, sup(F)), Out::Policy);
         assert_eq!(r.access(la, sup(R)), Out::Ok(page));
     }
+    // An alias first shadowed by a read while the page is not executable gets XD at fill
+    // time: its first fetch faults to the policy too.
+    let la4 = 0x2000_0000u64;
+    r.g.map(cr3, la4, page, PageSize::Size4K, RW | D, RW);
+    assert_eq!(r.access(la4, sup(R)), Out::Ok(page));
+    assert_ne!(r.mmu.shadow_leaf(la4) & XD, 0);
+    assert_eq!(r.mmu.shadow_leaf(la4) & RW, 0);
+    assert_eq!(r.access(la4, sup(F)), Out::Policy);
     // Lifted: the next write through each alias is resolved (no apply needed).
     r.pol.0.remove(&page);
     for la in [la1, la2, la3] {
