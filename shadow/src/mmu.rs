@@ -559,6 +559,10 @@ impl<F: FramePool> Mmu<F> {
     fn install_current(&mut self, la: u64, leaf: u64) -> Result<(), MmuError> {
         for stage in 0..3 {
             let pml4 = self.current_pml4();
+            if pml4 == 0 {
+                // No current hierarchy (only after a failed root creation).
+                return Err(MmuError::OutOfFrames);
+            }
             match tree::install(&mut self.pool, &mut self.free, pml4, la, leaf) {
                 Ok(()) => return Ok(()),
                 Err(tree::OutOfFrames) => match stage {

@@ -28,6 +28,9 @@ pub(crate) struct OutOfFrames;
 
 /// The PT and index of `la`'s leaf, if the path to it exists.
 pub(crate) fn leaf_slot<F: FramePool>(pool: &F, root: u64, la: u64) -> Option<(u64, usize)> {
+    if root == 0 {
+        return None;
+    }
     let mut t = root;
     for level in (2..=4).rev() {
         let e = pool.read_entry(t, idx(la, level));
