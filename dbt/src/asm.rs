@@ -205,7 +205,8 @@ core::arch::global_asm!(
     "dbt_sentinel:",
     "ud2",
     // dbt_native_call(ctx: *mut GuestCtx, f: u64): call f natively with the
-    // argument and callee-saved registers from ctx; store rax, rdx and the
+    // argument and callee-saved registers from ctx and the other registers
+    // zero (the state a translated run starts from); store rax, rdx and the
     // callee-saved registers back. `dbt_native_ret` is the return address.
     // If ctx.rsp (gpr[4]) is non-zero it is a 16-byte aligned stack top T
     // with 8 writable bytes at T: f runs on that stack, entered with
@@ -248,7 +249,16 @@ core::arch::global_asm!(
     "mov r8, [r11+64]",
     "mov r9, [r11+72]",
     "mov rdi, [r11+56]",
-    "call rax",
+    // Enter f with rax, r10 and r11 zero, as a translated run enters it
+    // (a `call rax` would leave f's address in rax): push the return
+    // address and f, then `ret` into f.
+    "lea r10, [rip + dbt_native_ret]",
+    "push r10",
+    "push rax",
+    "xor eax, eax",
+    "xor r10d, r10d",
+    "xor r11d, r11d",
+    "ret",
     "dbt_native_ret:",
     "mov rsp, [rsp]",
     "mov r11, [rsp]",

@@ -289,6 +289,11 @@ pub struct Harness {
 
 const ARCH_SET_GS: i32 = 0x1001;
 
+std::thread_local! {
+    /// The `%gs` base this thread last installed.
+    static GS_BASE: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
+}
+
 impl Harness {
     pub fn new(client: Option<Box<dyn Client>>) -> Harness {
         Self::with_config(client, Config::default())
@@ -329,10 +334,16 @@ impl Harness {
     }
 
     fn install_gs(&self) {
+        // Once per thread and block: the syscall is not free, and a signal
+        // pending meanwhile would always be delivered at its return.
+        if GS_BASE.with(|g| g.get()) == self.scratch as u64 {
+            return;
+        }
         // SAFETY: sets this thread's user %gs base; nothing else in a Rust
         // program on x86-64 Linux uses %gs (TLS is %fs).
         let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, self.scratch as u64) };
         assert_eq!(r, 0, "arch_prctl(ARCH_SET_GS) failed");
+        GS_BASE.with(|g| g.set(self.scratch as u64));
     }
 
     pub fn scratch(&mut self) -> &mut Scratch {
@@ -353,6 +364,35 @@ impl Harness {
     /// addresses, as [`Harness::run`]: the reference run for comparisons.
     pub fn run_native(&mut self, f: u64, args: &[u64]) -> RunResult {
         run_native_on(f, args, self.stack_top())
+    }
+
+    /// The native states of `f(args...)` on this harness's guest stack, one
+    /// per instruction (see [`ptrace_steps`]), into `out` (its capacity is
+    /// reserved by the caller: nothing is allocated while the child runs).
+    /// The last state is the one after the return, with the pc a
+    /// translated run returns to (the sentinel). False if the child did not
+    /// return or `out` filled up.
+    pub fn ptrace_trace(&mut self, f: u64, args: &[u64], out: &mut Vec<NativeStep>) -> bool {
+        let cap = out.capacity();
+        let (ret, sentinel) = (asm::dbt_native_ret as *const () as u64, self.engine.stop_pc);
+        let ok = ptrace_steps(f, args, self.stack_top(), true, &mut |r| {
+            if out.len() < cap {
+                out.push((if r.rip == ret { sentinel } else { r.rip }, gprs_of(r)));
+            }
+        });
+        ok && out.len() < cap
+    }
+
+    /// A handle for nested translated runs from a signal handler.
+    pub fn nested(&mut self, stack: &mut [u8]) -> NestedRunner {
+        let top = (stack.as_ptr() as u64 + stack.len() as u64 - 16) & !15;
+        NestedRunner { engine: &mut *self.engine, scratch: self.scratch, stack_top: top }
+    }
+
+    /// Install this harness's per-CPU block as the thread's `%gs` base (runs
+    /// do it themselves; a handler running nested code needs it first).
+    pub fn install(&self) {
+        self.install_gs();
     }
 
     /// Count the instructions `f(args...)` executes natively on this
@@ -440,18 +480,28 @@ fn xsave_supported() -> bool {
     (c.ecx & (1 << 27)) != 0
 }
 
-/// Count the instructions `f(args...)` executes natively by single-stepping
-/// a forked child with ptrace (a `rep`-prefixed string instruction counts
-/// once, however many iterations it runs). The child runs `f` on the stack
-/// whose top is `stack_top` (0: its own stack); being a fork, it has the
-/// parent's memory, heap state and code at the same addresses.
-fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
+/// Single-step `f(args...)` natively in a forked child with ptrace, calling
+/// `on_step` with the registers before every instruction from `f`'s entry
+/// to its return (a `rep` string instruction stops once per iteration). The
+/// child runs `f` on the stack whose top is `stack_top` (0: its own stack);
+/// being a fork, it has the parent's memory, heap state and code at the same
+/// addresses. `on_step` must not allocate (the tracer's heap must stay as
+/// the child's was, for a translated run that follows). False if the child
+/// did not reach the return. With `with_return`, `on_step` also sees the
+/// state right after `f` returned (at `dbt_native_ret`).
+fn ptrace_steps(
+    f: u64,
+    args: &[u64],
+    stack_top: u64,
+    with_return: bool,
+    on_step: &mut dyn FnMut(&libc::user_regs_struct),
+) -> bool {
     let ret_addr = asm::dbt_native_ret as *const () as u64;
     // SAFETY: fork in the caller's process; the child only calls the
     // function and _exit (no return into the test harness).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return None;
+        return false;
     }
     if pid == 0 {
         // SAFETY: child side: PTRACE_TRACEME, stop, run, exit.
@@ -467,52 +517,27 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    let mut counting = false;
-    let mut count = 0u64;
-    let mut prev_rip = 0u64;
-    let mut prev_rep = false;
-    // Whether the instruction at an address is a rep-prefixed string
-    // instruction, decoded once per address (reading the code is a syscall).
-    // A direct-mapped cache on the stack: the tracer must not touch the heap
-    // while the child runs, or the translated run that follows would start
-    // from another heap state than the child did.
-    let mut rep_string = [(u64::MAX, false); 4096];
+    let mut started = false;
     loop {
         // SAFETY: ptrace on our stopped, traced child.
         let mut regs: libc::user_regs_struct = unsafe { core::mem::zeroed() };
         unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as *mut libc::c_void) };
-        let rip = regs.rip;
-        if !counting && rip == f {
-            counting = true;
-        }
-        if counting {
-            if rip == ret_addr {
+        started |= regs.rip == f;
+        if started {
+            if regs.rip == ret_addr {
+                if with_return {
+                    on_step(&regs);
+                }
                 break;
             }
-            // A rep string instruction traps once per iteration.
-            if !(rip == prev_rip && prev_rep) {
-                count += 1;
-            }
-            let slot = &mut rep_string[(rip as usize ^ (rip as usize >> 12)) % 4096];
-            if slot.0 != rip {
-                // The child is a fork of us: its code is at the same addresses.
-                let mut buf = [0u8; 15];
-                let n = HostEnv::default().read_code(rip, &mut buf);
-                let i = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE).decode();
-                *slot = (
-                    rip,
-                    (i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix()) && i.is_string_instruction(),
-                );
-            }
-            prev_rep = slot.1;
-            prev_rip = rip;
+            on_step(&regs);
         }
         // SAFETY: as above.
         unsafe { libc::ptrace(libc::PTRACE_SINGLESTEP, pid, 0, 0) };
         // SAFETY: as above.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-            return None;
+            return false;
         }
     }
     // SAFETY: kill and reap our child.
@@ -520,5 +545,116 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
         libc::kill(pid, libc::SIGKILL);
         libc::waitpid(pid, &mut status, 0);
     }
-    Some(count)
+    true
+}
+
+/// Count the instructions `f(args...)` executes natively (see
+/// [`ptrace_steps`]; a `rep`-prefixed string instruction counts once,
+/// however many iterations it runs).
+fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
+    let mut count = 0u64;
+    let mut prev_rip = 0u64;
+    let mut prev_rep = false;
+    // Whether the instruction at an address is a rep-prefixed string
+    // instruction, decoded once per address (reading the code is a syscall).
+    // A direct-mapped cache on the stack: the tracer must not touch the heap
+    // while the child runs.
+    let mut rep_string = [(u64::MAX, false); 4096];
+    let ok = ptrace_steps(f, args, stack_top, false, &mut |regs| {
+        let rip = regs.rip;
+        if !(rip == prev_rip && prev_rep) {
+            count += 1;
+        }
+        let slot = &mut rep_string[(rip as usize ^ (rip as usize >> 12)) % 4096];
+        if slot.0 != rip {
+            // The child is a fork of us: its code is at the same addresses.
+            let mut buf = [0u8; 15];
+            let n = HostEnv::default().read_code(rip, &mut buf);
+            let i = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE).decode();
+            *slot =
+                (rip, (i.has_rep_prefix() || i.has_repe_prefix() || i.has_repne_prefix()) && i.is_string_instruction());
+        }
+        prev_rep = slot.1;
+        prev_rip = rip;
+    });
+    ok.then_some(count)
+}
+
+/// One native state: rip and the GPRs in [`GuestCtx`] order.
+pub type NativeStep = (u64, [u64; 16]);
+
+/// The GPRs of a ptrace register set in [`GuestCtx`] order.
+pub fn gprs_of(r: &libc::user_regs_struct) -> [u64; 16] {
+    [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15]
+}
+
+/// The GPRs of a signal context in [`GuestCtx`] order.
+pub fn gprs_of_mcontext(m: &libc::mcontext_t) -> [u64; 16] {
+    let g = |i: i32| m.gregs[i as usize] as u64;
+    [
+        g(libc::REG_RAX),
+        g(libc::REG_RCX),
+        g(libc::REG_RDX),
+        g(libc::REG_RBX),
+        g(libc::REG_RSP),
+        g(libc::REG_RBP),
+        g(libc::REG_RSI),
+        g(libc::REG_RDI),
+        g(libc::REG_R8),
+        g(libc::REG_R9),
+        g(libc::REG_R10),
+        g(libc::REG_R11),
+        g(libc::REG_R12),
+        g(libc::REG_R13),
+        g(libc::REG_R14),
+        g(libc::REG_R15),
+    ]
+}
+
+/// A handle for running translated code from a signal handler on the
+/// thread whose run it interrupted (the host's stand-in for an interrupt
+/// handler that itself runs from the code cache): same engine, same per-CPU
+/// block, its own guest stack. Only valid while its harness lives.
+#[derive(Clone, Copy)]
+pub struct NestedRunner {
+    engine: *mut Engine,
+    scratch: *mut Scratch,
+    stack_top: u64,
+}
+
+// SAFETY: plain pointers handed to a signal handler of the same thread.
+unsafe impl Send for NestedRunner {}
+unsafe impl Sync for NestedRunner {}
+
+impl NestedRunner {
+    /// Run `f(args...)` translated and return its rax (None if it stopped
+    /// elsewhere than at the sentinel). The interrupted run's per-CPU state
+    /// (resume target, host rsp, context, exit fields) is saved and restored
+    /// around it.
+    ///
+    /// # Safety
+    /// Called on the harness's thread, from a signal handler that
+    /// interrupted translated code (not the dispatcher or the harness), with
+    /// the harness alive.
+    pub unsafe fn run(&self, f: u64, args: &[u64]) -> Option<u64> {
+        // SAFETY: the caller's contract: the block and engine are live and
+        // the interrupted code holds no reference to them.
+        let (s, e) = unsafe { (&mut *self.scratch, &mut *self.engine) };
+        let saved = (s.tgt, s.host_rsp, s.ctx, s.exit_reason, s.exit_pc);
+        let mut c = seed_ctx(args);
+        let rsp = self.stack_top - 8;
+        // SAFETY: our own stack.
+        unsafe { *(rsp as *mut u64) = e.stop_pc };
+        c.gpr[GuestCtx::RSP] = rsp;
+        c.rip = f;
+        let entry = crate::host_alloc::with_dbt_alloc(|| e.fragment_for(f)).ok()?;
+        s.ctx = c;
+        s.tgt = entry;
+        s.exit_reason = 0;
+        // SAFETY: %gs points at this block (the interrupted run installed it).
+        unsafe { asm::dbt_enter() };
+        let r = (s.exit_reason == StopKind::Sentinel as u64).then_some(s.ctx.gpr[GuestCtx::RAX]);
+        (s.tgt, s.host_rsp, s.ctx, s.exit_reason, s.exit_pc) = saved;
+        r
+    }
 }

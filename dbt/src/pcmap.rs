@@ -174,6 +174,11 @@ impl PcIndex {
         })
     }
 
+    /// Whether `pc` lies in a code-cache region (mapped or not).
+    pub fn in_cache(&self, pc: u64) -> bool {
+        self.region_of(pc).is_some()
+    }
+
     /// Point the granules of `m`'s areas at `m`. The caller keeps `m`
     /// allocated (and unmoved) until it has retracted it and every CPU has
     /// passed a quiescent point.
