@@ -249,15 +249,18 @@ core::arch::global_asm!(
     "mov r8, [r11+64]",
     "mov r9, [r11+72]",
     "mov rdi, [r11+56]",
-    // Enter f with rax, r10 and r11 zero, as a translated run enters it
-    // (a `call rax` would leave f's address in rax): push the return
-    // address and f, then `ret` into f.
+    // Enter f with rax, r10 and r11 zero and the flags from ctx, as a
+    // translated run enters it (a `call rax` would leave f's address in rax
+    // and the flags of the last test): push the return address and f, load
+    // the flags, zero the registers with flag-neutral moves, `ret` into f.
     "lea r10, [rip + dbt_native_ret]",
     "push r10",
     "push rax",
-    "xor eax, eax",
-    "xor r10d, r10d",
-    "xor r11d, r11d",
+    "push qword ptr [r11+136]",
+    "popfq",
+    "mov eax, 0",
+    "mov r10d, 0",
+    "mov r11d, 0",
     "ret",
     "dbt_native_ret:",
     "mov rsp, [rsp]",
