@@ -19,7 +19,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 18
+plan 19
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -152,5 +152,18 @@ if [ "$NCPUS" -ge 2 ]; then
 else
     pass rollback_on_failed_launch skipped_single_cpu=1
 fi
+
+# A VMWRITE that fails (the hook sets a reserved bit in GUEST_CR3's encoding on the last
+# CPU) aborts that CPU's launch naming the field and rolls back every CPU; a plain load
+# and unload work afterwards.
+last=$((NCPUS - 1))
+out=$(kdbt load --param fail_vmwrite_cpu=$last --param fail_vmwrite_field=0x6802 2>&1); rc=$?
+info "$out"
+vmwrite_fail() {
+    [ $rc -ne 0 ] && echo "$out" | grep -q "cpu$last: VMWRITE GUEST_CR3 (0x6802) failed: VM-instruction error" \
+        && sig_all none && [ ! -e /sys/module/kdbt ] || return 1
+    kdbt load && sig_all kdbt && kdbt unload && sig_all none
+}
+check failed_vmwrite_named_and_rolled_back vmwrite_fail
 
 dmesg_clean hv_dmesg_clean
