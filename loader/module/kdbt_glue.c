@@ -123,6 +123,26 @@ int kdbt_glue_param_fail_launch_cpu(void)
 	return fail_launch_cpu;
 }
 
+static int fail_vmwrite_cpu = -1;
+module_param(fail_vmwrite_cpu, int, 0444);
+MODULE_PARM_DESC(fail_vmwrite_cpu,
+		 "testing: the CPU whose launch has one VMWRITE fail (the field fail_vmwrite_field), so that the load fails naming it and rolls back (-1: none)");
+
+static unsigned int fail_vmwrite_field = 0x6802;
+module_param(fail_vmwrite_field, uint, 0444);
+MODULE_PARM_DESC(fail_vmwrite_field,
+		 "testing: VMCS field encoding whose VMWRITE fails on fail_vmwrite_cpu (default 0x6802, GUEST_CR3)");
+
+int kdbt_glue_param_fail_vmwrite_cpu(void)
+{
+	return fail_vmwrite_cpu;
+}
+
+unsigned int kdbt_glue_param_fail_vmwrite_field(void)
+{
+	return fail_vmwrite_field;
+}
+
 void kdbt_glue_self_nmi(void)
 {
 	/* The path the kernel's own NMI backtraces use (works with xAPIC and x2APIC). */

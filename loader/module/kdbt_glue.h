@@ -66,6 +66,11 @@ const char *kdbt_glue_param_fake_missing(void);
 /* The `fail_launch_cpu` module parameter: the CPU whose launch fails on purpose after VMXON
  * (testing the rollback), or -1. */
 int kdbt_glue_param_fail_launch_cpu(void);
+/* The `fail_vmwrite_cpu` and `fail_vmwrite_field` module parameters: on that CPU the
+ * launch issues the VMWRITE of that VMCS field encoding with a reserved encoding bit set,
+ * so the CPU fails it (testing the checked VMCS programming); -1 and 0: none. */
+int kdbt_glue_param_fail_vmwrite_cpu(void);
+unsigned int kdbt_glue_param_fail_vmwrite_field(void);
 /* Sends an NMI to the current CPU (one that arrived while kdbt was devirtualizing it). */
 void kdbt_glue_self_nmi(void);
 /* NMI check: sends an NMI to `cpu`, whose handler (kdbt's, armed for the check) counts it

@@ -334,8 +334,25 @@ pub fn inject_exception(hw: &mut impl ExitHw, vector: u8, error_code: Option<u32
     hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, info as u64);
 }
 
-/// Skips the instruction that caused the exit and clears RF and STI/MOV-SS blocking, as
-/// the instruction's native completion would.
+const RFLAGS_TF: u64 = 1 << 8;
+/// IA32_DEBUGCTL.BTF: TF single-steps on branches only.
+const DEBUGCTL_BTF: u64 = 1 << 1;
+/// Pending debug exceptions, BS: a single-step trap is pending (SDM Vol. 3C, 25.4.2).
+pub const PENDING_DBG_BS: u64 = 1 << 14;
+
+/// Whether an instruction kdbt completed on the guest's behalf owes the guest a
+/// single-step trap: RFLAGS.TF was set when it began (the instruction that sets TF, e.g.
+/// POPF, only traps after its successor, and it never exits), unless IA32_DEBUGCTL.BTF
+/// restricts single-stepping to branches (CPUID, XSETBV, VMCALL, RDMSR/WRMSR, INVD and
+/// MOV to CR are no branches).
+pub fn owes_single_step(rflags: u64, debugctl: u64) -> bool {
+    rflags & RFLAGS_TF != 0 && debugctl & DEBUGCTL_BTF == 0
+}
+
+/// Skips the instruction that caused the exit, as its native completion would: clears RF
+/// and STI/MOV-SS blocking, and with RFLAGS.TF set leaves the guest its single-step #DB
+/// (BS in the pending debug exceptions: the CPU delivers the #DB right after VM entry, with
+/// DR6.BS, as it would natively after the instruction).
 pub fn advance_rip(hw: &mut impl ExitHw) {
     let len = hw.vmread(ro::VMEXIT_INSTRUCTION_LEN);
     let rip = hw.vmread(guest::RIP);
@@ -347,6 +364,11 @@ pub fn advance_rip(hw: &mut impl ExitHw) {
     let intr = hw.vmread(guest::INTERRUPTIBILITY_STATE);
     if intr & 0x3 != 0 {
         hw.vmwrite(guest::INTERRUPTIBILITY_STATE, intr & !0x3);
+    }
+    // The VM exit saved the guest's IA32_DEBUGCTL ("save debug controls", required).
+    if owes_single_step(rflags, hw.vmread(guest::IA32_DEBUGCTL_FULL)) {
+        let pending = hw.vmread(guest::PENDING_DBG_EXCEPTIONS);
+        hw.vmwrite(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_DBG_BS);
     }
 }
 
@@ -845,6 +867,62 @@ mod tests {
         handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
         assert_eq!(f.wbinvd, 1);
         assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002);
+    }
+
+    fn single_step_pending(f: &Fake) -> bool {
+        f.vmread(guest::PENDING_DBG_EXCEPTIONS) & PENDING_DBG_BS != 0
+    }
+
+    #[test]
+    fn single_step_over_emulated_instructions_keeps_the_guests_db() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        // The decision: TF set, BTF clear.
+        assert!(owes_single_step(RFLAGS_TF | 0x2, 0));
+        assert!(!owes_single_step(0x2, 0));
+        assert!(!owes_single_step(RFLAGS_TF | 0x2, DEBUGCTL_BTF));
+        // Every instruction kdbt completes for the guest: CPUID, XSETBV, INVD, RDMSR,
+        // WRMSR, VMCALL (ping), MOV to CR4.
+        let completed: &[(u32, GuestRegs)] = &[
+            (reason::CPUID, GuestRegs { rax: 1, ..Default::default() }),
+            (reason::XSETBV, GuestRegs { rax: 3, ..Default::default() }),
+            (reason::INVD, GuestRegs::default()),
+            (reason::RDMSR, GuestRegs { rcx: 0x10, ..Default::default() }),
+            (reason::WRMSR, GuestRegs { rcx: 0x10, ..Default::default() }),
+            (reason::VMCALL, GuestRegs { rax: Call::Ping.rax(), ..Default::default() }),
+            (reason::CR_ACCESS, GuestRegs { rbx: 0x3506f0, ..Default::default() }),
+        ];
+        for (tf, btf, want) in [(true, false, true), (false, false, false), (true, true, false)] {
+            for (reason, regs) in completed {
+                let mut f = exit(*reason, 2, 0);
+                f.msrs.insert(0x10, 5);
+                f.vmwrite(ro::EXIT_QUALIFICATION, 4 | (3 << 8));
+                f.vmwrite(guest::RFLAGS, 0x202 | if tf { RFLAGS_TF } else { 0 });
+                f.vmwrite(guest::IA32_DEBUGCTL_FULL, if btf { DEBUGCTL_BTF } else { 0 });
+                // A data breakpoint already pending (B0) stays pending.
+                f.vmwrite(guest::PENDING_DBG_EXCEPTIONS, 1);
+                // Blocking by MOV SS ends with the emulated instruction, as natively.
+                f.vmwrite(guest::INTERRUPTIBILITY_STATE, 2);
+                let mut r = *regs;
+                assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
+                let what = std::format!("reason {reason} tf={tf} btf={btf}");
+                assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0002, "{what}");
+                assert_eq!(single_step_pending(&f), want, "{what}");
+                assert_eq!(f.vmread(guest::PENDING_DBG_EXCEPTIONS) & 1, 1, "{what}");
+                assert_eq!(f.vmread(guest::INTERRUPTIBILITY_STATE), 0, "{what}");
+                assert_eq!(injected(&f), None, "{what}");
+            }
+        }
+        // A faulting instruction does not complete: no single-step trap, RIP unchanged.
+        let mut f = exit(reason::XSETBV, 3, 3);
+        f.vmwrite(guest::RFLAGS, 0x202 | RFLAGS_TF);
+        handle(&mut f, &mut GuestRegs { rax: 3, ..Default::default() }, &mut ctx, &stats);
+        assert_eq!(injected(&f), Some((VECTOR_GP, Some(0))));
+        assert!(!single_step_pending(&f));
+        let mut f = exit(reason::VMCALL, 3, 3);
+        f.vmwrite(guest::RFLAGS, 0x202 | RFLAGS_TF);
+        handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
+        assert!(!single_step_pending(&f) && f.vmread(guest::RIP) == 0xffff_ffff_8100_0000);
     }
 
     fn nmi_exit() -> Fake {

@@ -9,4 +9,5 @@ pub mod exit;
 pub mod hypercall;
 pub mod preflight;
 pub mod segment;
+pub mod vmcs;
 pub mod xsave;

@@ -472,6 +472,16 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
         // A fatal exit panics the guest, which ends its boot: a boot of its own (1 CPU).
         VmArgs { suite: "fatal".into(), cpus: 1, ..base.clone() },
         VmArgs { kernel: "debian-6.12".into(), ..base.clone() },
+        // Call-depth tracking (`retbleed=stuff`, Debian 6.12 has it): the kernel's return
+        // thunk, which root mode's returns go through, touches %gs; with a host GS base of
+        // 0 the first VM exit reset the machine. One CPU keeps the boot short (~2 min).
+        VmArgs {
+            suite: "demo".into(),
+            kernel: "debian-6.12".into(),
+            cpus: 1,
+            append: "retbleed=stuff".into(),
+            ..base.clone()
+        },
         VmArgs { emulator: Emulator::Qemu, ..base.clone() },
         VmArgs { emulator: Emulator::Qemu, kernel: "debian-6.12".into(), ..base.clone() },
         // The 6.1 series: kdbt.ko built against its headers, and the no-VT-x paths (a

@@ -19,7 +19,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 18
+plan 20
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -42,6 +42,15 @@ work_light() { sha256sum /tmp/data && workload --n 20 --dir /tmp; }
 work > /tmp/w.before
 work_light > /tmp/w.light
 
+# Single-stepping over CPUID (emulated by kdbt while loaded): the guest's SIGTRAPs, and
+# where they stop, must be the same as natively (experiments/guest/src/bin/tf-cpuid.rs).
+tf_all() {
+    for c in $(cpus_list); do
+        taskset -c "$c" tf-cpuid --n 50 >/tmp/tf.$1.$c 2>&1 || { cat /tmp/tf.$1.$c; return 1; }
+    done
+}
+tf_all native || info "tf-cpuid failed natively: $(cat /tmp/tf.native.* | tr '\n' ' ')"
+
 check load kdbt load
 check signature_all_cpus sig_all kdbt
 virt=$(kdbt status --json | grep -c '"virtualized": true')
@@ -49,6 +58,19 @@ if [ "$virt" = "$NCPUS" ]; then pass status_all_virtualized cpus="$virt"; else f
 
 work > /tmp/w.loaded
 check workload_identical_loaded cmp /tmp/w.before /tmp/w.loaded
+
+tf_same() {
+    tf_all loaded || return 1
+    for c in $(cpus_list); do
+        echo "cpu$c: native $(cat /tmp/tf.native.$c) loaded $(cat /tmp/tf.loaded.$c)"
+        cmp -s /tmp/tf.native.$c /tmp/tf.loaded.$c || return 1
+    done
+}
+if tf_same > /tmp/tf.out 2>&1; then
+    pass single_step_over_cpuid $(head -1 /tmp/tf.loaded.0)
+else
+    fail single_step_over_cpuid; info "$(cat /tmp/tf.out)"
+fi
 
 # Refusals while loaded.
 out=$(kdbt load 2>&1); rc=$?
@@ -152,5 +174,18 @@ if [ "$NCPUS" -ge 2 ]; then
 else
     pass rollback_on_failed_launch skipped_single_cpu=1
 fi
+
+# A VMWRITE that fails (the hook sets a reserved bit in GUEST_CR3's encoding on the last
+# CPU) aborts that CPU's launch naming the field and rolls back every CPU; a plain load
+# and unload work afterwards.
+last=$((NCPUS - 1))
+out=$(kdbt load --param fail_vmwrite_cpu=$last --param fail_vmwrite_field=0x6802 2>&1); rc=$?
+info "$out"
+vmwrite_fail() {
+    [ $rc -ne 0 ] && echo "$out" | grep -q "cpu$last: VMWRITE GUEST_CR3 (0x6802) failed: VM-instruction error" \
+        && sig_all none && [ ! -e /sys/module/kdbt ] || return 1
+    kdbt load && sig_all kdbt && kdbt unload && sig_all none
+}
+check failed_vmwrite_named_and_rolled_back vmwrite_fail
 
 dmesg_clean hv_dmesg_clean

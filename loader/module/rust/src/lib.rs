@@ -82,8 +82,11 @@ pub extern "C" fn kdbt_rs_fatal_pending() -> bool {
 }
 
 /// Text of the last fatal VM exit on this CPU, for the guest's panic message.
+///
+/// # Safety
+/// `buf` is null or points to `len` writable bytes (the glue's panic buffer).
 #[no_mangle]
-pub extern "C" fn kdbt_rs_fatal_message(buf: *mut u8, len: usize) -> usize {
+pub unsafe extern "C" fn kdbt_rs_fatal_message(buf: *mut u8, len: usize) -> usize {
     if buf.is_null() || len == 0 {
         return 0;
     }

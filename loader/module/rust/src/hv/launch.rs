@@ -6,10 +6,10 @@ use core::arch::asm;
 use core::sync::atomic::Ordering;
 
 use vmx::segment;
-use x86::vmx::vmcs::{control, guest, host};
+use vmx::vmcs::{ControlsIn, Dtr, HostIn, LaunchState, Op, Segment, Vmcs, VmcsError};
 
 use super::percpu::{PerCpu, GDT_CS, GDT_SS, GDT_TR};
-use super::root::{vmread, vmwrite, LAUNCH_ENTRY_FAILED};
+use super::root::{vmread_checked, vmwrite_checked, LAUNCH_ENTRY_FAILED};
 use super::{entry, Controls};
 
 const CR4_VMXE: u64 = 1 << 13;
@@ -34,6 +34,12 @@ pub enum LaunchError {
     /// The CPU's state as the kernel has it cannot be kept in VMX operation (CR4.FRED, or
     /// CR4 bits its VMX does not allow), checked again here for CPUs that come online.
     Refused(vmx::preflight::Refusal),
+    /// Programming the VMCS failed: the first failed VMWRITE (or VMREAD), named; `hooked`
+    /// when the `fail_vmwrite_field` test hook made it fail.
+    Vmcs {
+        err: VmcsError,
+        hooked: bool,
+    },
 }
 
 impl core::fmt::Display for LaunchError {
@@ -47,22 +53,20 @@ impl core::fmt::Display for LaunchError {
             Self::VmxonFailed => write!(f, "VMXON failed"),
             Self::VmclearOrVmptrldFailed => write!(f, "VMCLEAR/VMPTRLD failed"),
             Self::VmlaunchFailed(e) => {
-                write!(f, "VMLAUNCH failed: VM-instruction error {e} ({})", vm_instruction_error(*e))
+                write!(f, "VMLAUNCH failed: VM-instruction error {e} ({})", vmx::vmcs::vm_instruction_error(*e))
             }
             Self::VmlaunchFailInvalid => write!(f, "VMLAUNCH failed: no current VMCS"),
             Self::EntryFailed(r) => write!(f, "VM entry failed: exit reason {r} ({})", vmx::exit::reason_name(*r)),
             Self::Injected => write!(f, "launch failed on purpose after VMXON (module parameter fail_launch_cpu)"),
             Self::Refused(r) => write!(f, "{r}"),
+            Self::Vmcs { err, hooked } => {
+                write!(f, "{err}")?;
+                if *hooked {
+                    write!(f, " (on purpose: module parameter fail_vmwrite_field set a reserved encoding bit)")?;
+                }
+                Ok(())
+            }
         }
-    }
-}
-
-fn vm_instruction_error(e: u32) -> &'static str {
-    match e {
-        7 => "invalid control fields",
-        8 => "invalid host-state fields",
-        26 => "VM entry with events blocked by MOV SS",
-        _ => "see SDM Vol. 3C, 31.4",
     }
 }
 
@@ -95,21 +99,22 @@ fn rdmsr(msr: u32) -> u64 {
     unsafe { x86::msr::rdmsr(msr) }
 }
 
+/// The memory operand of SGDT/SIDT.
 #[repr(C, packed)]
 #[derive(Default)]
-struct Dtr {
+struct RawDtr {
     limit: u16,
     base: u64,
 }
 
-fn sgdt() -> Dtr {
-    let mut d = Dtr::default();
+fn sgdt() -> RawDtr {
+    let mut d = RawDtr::default();
     // SAFETY: SGDT stores 10 bytes into `d`.
     unsafe { asm!("sgdt [{}]", in(reg) &mut d, options(nostack)) };
     d
 }
-fn sidt() -> Dtr {
-    let mut d = Dtr::default();
+fn sidt() -> RawDtr {
+    let mut d = RawDtr::default();
     // SAFETY: SIDT stores 10 bytes into `d`.
     unsafe { asm!("sidt [{}]", in(reg) &mut d, options(nostack)) };
     d
@@ -161,8 +166,15 @@ fn system_base(gdt: u64, sel: u16) -> u64 {
 }
 
 /// Launches this CPU. On success we return in VMX non-root operation. `fail_on_purpose`
-/// (testing) stops after VMXON, VMCLEAR and VMPTRLD and leaves VMX operation again.
-pub fn launch(pc: &mut PerCpu, c: &Controls, fail_on_purpose: bool) -> Result<(), LaunchError> {
+/// (testing) stops after VMXON, VMCLEAR and VMPTRLD and leaves VMX operation again;
+/// `corrupt_vmwrite` (testing) names a field whose VMWRITE the CPU is made to fail.
+/// Any failure after VMXON leaves VMX operation again, with CR4 as it was.
+pub fn launch(
+    pc: &mut PerCpu,
+    c: &Controls,
+    fail_on_purpose: bool,
+    corrupt_vmwrite: Option<u32>,
+) -> Result<(), LaunchError> {
     let cr4 = read_cr4();
     if cr4 & CR4_VMXE != 0 {
         return Err(LaunchError::VmxeAlreadySet);
@@ -212,7 +224,11 @@ pub fn launch(pc: &mut PerCpu, c: &Controls, fail_on_purpose: bool) -> Result<()
         return Err(LaunchError::Injected);
     }
 
-    program(pc, c, cr0, cr4v);
+    let state = launch_state(pc, c, cr0, cr4v);
+    if let Err(err) = vmx::vmcs::program(&mut LaunchVmcs { corrupt: corrupt_vmwrite }, &state) {
+        vmx_off(cr4, Some(vmcs_pa));
+        return Err(LaunchError::Vmcs { err, hooked: corrupt_vmwrite == Some(err.field) });
+    }
     // Nothing cached for this EPTP/VPID may survive from an earlier load.
     if c.eptp != 0 {
         invept_all();
@@ -238,7 +254,10 @@ pub fn launch(pc: &mut PerCpu, c: &Controls, fail_on_purpose: bool) -> Result<()
         r => {
             pc.ctl.virtualized.store(false, Ordering::Release);
             let err = if r == 2 {
-                LaunchError::VmlaunchFailed(vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR) as u32)
+                match (LaunchVmcs { corrupt: None }).read(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR) {
+                    Ok(e) => LaunchError::VmlaunchFailed(e as u32),
+                    Err(err) => LaunchError::Vmcs { err, hooked: false },
+                }
             } else {
                 LaunchError::VmlaunchFailInvalid
             };
@@ -311,121 +330,88 @@ fn vmlaunch_here() -> u64 {
     rc
 }
 
-/// Writes every VMCS field: controls, host state (kdbt's own GDT/TSS/IDT/stack), guest
-/// state (this CPU as it is now).
-fn program(pc: &mut PerCpu, c: &Controls, cr0: u64, cr4: u64) {
-    let w = vmwrite;
-    // --- controls
-    w(control::PINBASED_EXEC_CONTROLS, c.pin as u64);
-    w(control::PRIMARY_PROCBASED_EXEC_CONTROLS, c.proc as u64);
-    w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, c.proc2 as u64);
-    w(control::VMEXIT_CONTROLS, c.exit as u64);
-    w(control::VMENTRY_CONTROLS, c.entry as u64);
-    w(control::EXCEPTION_BITMAP, 0);
-    w(control::PAGE_FAULT_ERR_CODE_MASK, 0);
-    w(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
-    w(control::CR3_TARGET_COUNT, 0);
-    w(control::VMEXIT_MSR_STORE_COUNT, 0);
-    w(control::VMEXIT_MSR_LOAD_COUNT, 0);
-    w(control::VMENTRY_MSR_LOAD_COUNT, 0);
-    w(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    w(control::MSR_BITMAPS_ADDR_FULL, pc.phys_of(pc.msr_bitmap.as_ptr()));
-    // CR0: the fixed bits are host-owned, so the guest can't clear them behind our back;
-    // CR4: VMXE is host-owned and reads as 0 (Linux's own CR4 shadow never has it).
-    let cr0_mask = c.cr0_fixed0 & !c.cr0_unrestricted_free;
-    w(control::CR0_GUEST_HOST_MASK, cr0_mask);
-    w(control::CR0_READ_SHADOW, cr0 & cr0_mask);
-    let cr4_mask = c.cr4_fixed0 | CR4_VMXE;
-    w(control::CR4_GUEST_HOST_MASK, cr4_mask);
-    w(control::CR4_READ_SHADOW, (cr4 & !CR4_VMXE) & cr4_mask);
-    if c.vpid != 0 {
-        w(control::VPID, c.vpid_base as u64 + pc.ctl.cpu as u64);
-    }
-    if c.eptp != 0 {
-        w(control::EPTP_FULL, c.eptp);
-    }
-    // A fresh VMCS's fields are undefined: every field an enabled control consults is
-    // written. XSAVES/XRSTORS of any XSS component must not exit.
-    if c.proc2 & x86::vmx::vmcs::control::SecondaryControls::ENABLE_XSAVES_XRSTORS.bits() != 0 {
-        w(control::XSS_EXITING_BITMAP_FULL, 0);
-    }
-
-    // --- host state
-    let cr3 = c.host_cr3;
-    w(host::CR0, cr0);
-    w(host::CR3, cr3);
-    w(host::CR4, cr4);
-    w(host::CS_SELECTOR, GDT_CS as u64);
-    w(host::SS_SELECTOR, GDT_SS as u64);
-    w(host::DS_SELECTOR, 0);
-    w(host::ES_SELECTOR, 0);
-    w(host::FS_SELECTOR, 0);
-    w(host::GS_SELECTOR, 0);
-    w(host::TR_SELECTOR, GDT_TR as u64);
-    w(host::FS_BASE, 0);
-    w(host::GS_BASE, 0);
-    w(host::TR_BASE, &pc.ctl.tss as *const _ as u64);
-    w(host::GDTR_BASE, pc.ctl.gdt.as_ptr() as u64);
-    w(host::IDTR_BASE, pc.idt.as_ptr() as u64);
-    w(host::IA32_SYSENTER_CS, 0);
-    w(host::IA32_SYSENTER_ESP, 0);
-    w(host::IA32_SYSENTER_EIP, 0);
-    w(host::IA32_EFER_FULL, rdmsr(x86::msr::IA32_EFER));
-    w(host::IA32_PAT_FULL, rdmsr(x86::msr::IA32_PAT));
-    w(host::RSP, pc.host_rsp());
-    w(host::RIP, entry::vmexit_entry());
-
-    // --- guest state: this CPU, now
+/// Collects this CPU's state at the launch point, kdbt's host tables and the controls
+/// into what `vmx::vmcs::program` writes.
+fn launch_state(pc: &PerCpu, c: &Controls, cr0: u64, cr4: u64) -> LaunchState {
     let gdt = sgdt();
     let idt = sidt();
     let sels = selectors();
-    let fields = [
-        (guest::ES_SELECTOR, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS, guest::ES_BASE),
-        (guest::CS_SELECTOR, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS, guest::CS_BASE),
-        (guest::SS_SELECTOR, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS, guest::SS_BASE),
-        (guest::DS_SELECTOR, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS, guest::DS_BASE),
-        (guest::FS_SELECTOR, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS, guest::FS_BASE),
-        (guest::GS_SELECTOR, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS, guest::GS_BASE),
-        (guest::LDTR_SELECTOR, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS, guest::LDTR_BASE),
-        (guest::TR_SELECTOR, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS, guest::TR_BASE),
-    ];
     let gdt_base = gdt.base;
-    for (i, &(fsel, flim, far, fbase)) in fields.iter().enumerate() {
+    let segments = core::array::from_fn(|i| {
         let sel = sels[i];
-        w(fsel, sel as u64);
-        w(flim, lsl(sel) as u64);
-        w(far, segment::access_rights(sel, lar(sel)) as u64);
         let base = match i {
             4 => rdmsr(x86::msr::IA32_FS_BASE),
             5 => rdmsr(x86::msr::IA32_GS_BASE),
             6 | 7 => system_base(gdt_base, sel),
             _ => 0,
         };
-        w(fbase, base);
-    }
-    w(guest::GDTR_BASE, gdt_base);
-    w(guest::GDTR_LIMIT, gdt.limit as u64);
-    w(guest::IDTR_BASE, idt.base);
-    w(guest::IDTR_LIMIT, idt.limit as u64);
-    w(guest::CR0, cr0);
-    w(guest::CR3, read_cr3());
-    w(guest::CR4, cr4);
+        Segment { selector: sel, limit: lsl(sel), access_rights: segment::access_rights(sel, lar(sel)), base }
+    });
     let dr7: u64;
     // SAFETY: reading DR7 at CPL 0 has no side effects.
     unsafe { asm!("mov {}, dr7", out(reg) dr7, options(nomem, nostack, preserves_flags)) };
-    w(guest::DR7, dr7);
     let rflags: u64;
     // SAFETY: PUSHF/POP on our own stack.
     unsafe { asm!("pushfq", "pop {}", out(reg) rflags, options(nomem, preserves_flags)) };
-    w(guest::RFLAGS, rflags);
-    w(guest::IA32_DEBUGCTL_FULL, rdmsr(x86::msr::IA32_DEBUGCTL));
-    w(guest::IA32_SYSENTER_CS, rdmsr(x86::msr::IA32_SYSENTER_CS));
-    w(guest::IA32_SYSENTER_ESP, rdmsr(x86::msr::IA32_SYSENTER_ESP));
-    w(guest::IA32_SYSENTER_EIP, rdmsr(x86::msr::IA32_SYSENTER_EIP));
-    w(guest::IA32_EFER_FULL, rdmsr(x86::msr::IA32_EFER));
-    w(guest::IA32_PAT_FULL, rdmsr(x86::msr::IA32_PAT));
-    w(guest::LINK_PTR_FULL, u64::MAX);
-    w(guest::ACTIVITY_STATE, 0);
-    w(guest::INTERRUPTIBILITY_STATE, 0);
-    w(guest::PENDING_DBG_EXCEPTIONS, 0);
+    LaunchState {
+        controls: ControlsIn {
+            pin: c.pin,
+            proc: c.proc,
+            proc2: c.proc2,
+            exit: c.exit,
+            entry: c.entry,
+            cr0_fixed0: c.cr0_fixed0,
+            cr0_unrestricted_free: c.cr0_unrestricted_free,
+            cr4_fixed0: c.cr4_fixed0,
+            vpid: (c.vpid != 0).then(|| c.vpid_base.wrapping_add(pc.ctl.cpu as u16)),
+            eptp: (c.eptp != 0).then_some(c.eptp),
+            msr_bitmap_pa: pc.phys_of(pc.msr_bitmap.as_ptr()),
+        },
+        host: HostIn {
+            cr3: c.host_cr3,
+            cs: GDT_CS,
+            ss: GDT_SS,
+            tr: GDT_TR,
+            tr_base: &pc.ctl.tss as *const _ as u64,
+            gdtr_base: pc.ctl.gdt.as_ptr() as u64,
+            idtr_base: pc.idt.as_ptr() as u64,
+            rsp: pc.host_rsp(),
+            rip: entry::vmexit_entry(),
+        },
+        cr0,
+        cr4,
+        segments,
+        gdtr: Dtr { base: gdt_base, limit: gdt.limit },
+        idtr: Dtr { base: idt.base, limit: idt.limit },
+        cr3: read_cr3(),
+        dr7,
+        rflags,
+        debugctl: rdmsr(x86::msr::IA32_DEBUGCTL),
+        sysenter_cs: rdmsr(x86::msr::IA32_SYSENTER_CS),
+        sysenter_esp: rdmsr(x86::msr::IA32_SYSENTER_ESP),
+        sysenter_eip: rdmsr(x86::msr::IA32_SYSENTER_EIP),
+        efer: rdmsr(x86::msr::IA32_EFER),
+        pat: rdmsr(x86::msr::IA32_PAT),
+    }
+}
+
+/// Reserved encoding bit (bits 31:15 of a VMCS field encoding must be 0) that the
+/// `fail_vmwrite_field` test hook sets: the CPU then fails that VMWRITE itself (VMfailValid,
+/// "unsupported VMCS component").
+const HOOK_RESERVED_ENCODING_BIT: u32 = 1 << 30;
+
+/// The current VMCS, through checked VMWRITE/VMREAD. `corrupt` (testing) names a field
+/// whose VMWRITE is issued with a reserved encoding bit set, so that hardware fails it.
+struct LaunchVmcs {
+    corrupt: Option<u32>,
+}
+
+impl Vmcs for LaunchVmcs {
+    fn write(&mut self, field: u32, value: u64) -> Result<(), VmcsError> {
+        let enc = if self.corrupt == Some(field) { field | HOOK_RESERVED_ENCODING_BIT } else { field };
+        vmwrite_checked(enc, value).map_err(|fail| VmcsError { op: Op::Write, field, fail })
+    }
+    fn read(&self, field: u32) -> Result<u64, VmcsError> {
+        vmread_checked(field).map_err(|fail| VmcsError { op: Op::Read, field, fail })
+    }
 }

@@ -268,9 +268,13 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
     let pc_addr = pc as usize;
     // SAFETY: reads a module parameter.
     let fail = unsafe { ffi::kdbt_glue_param_fail_launch_cpu() } == cpu as i32;
+    // SAFETY: reads module parameters.
+    let corrupt = (unsafe { ffi::kdbt_glue_param_fail_vmwrite_cpu() } == cpu as i32)
+        // SAFETY: as above.
+        .then(|| unsafe { ffi::kdbt_glue_param_fail_vmwrite_field() });
     let rc = hw::run_on_cpu(cpu, || {
         // SAFETY: the block is exclusively ours until the CPU is launched.
-        result = launch::launch(unsafe { &mut *(pc_addr as *mut PerCpu) }, &controls, fail);
+        result = launch::launch(unsafe { &mut *(pc_addr as *mut PerCpu) }, &controls, fail, corrupt);
     });
     let err = match (rc, result) {
         (Ok(()), Ok(())) => None,

@@ -3,6 +3,7 @@ use core::arch::asm;
 use core::sync::atomic::Ordering;
 
 use vmx::exit::{self, Action, ExitHw, GuestRegs};
+use vmx::vmcs::VmFail;
 use x86::vmx::vmcs::guest;
 
 use super::entry;
@@ -19,6 +20,53 @@ pub fn vmwrite(field: u32, value: u64) {
     // SAFETY: as for vmread; kdbt writes only fields that exist on every VMX CPU or that it
     // checked the capability for.
     let _ = unsafe { x86::bits64::vmx::vmwrite(field, value) };
+}
+
+/// Checked VMWRITE to the current VMCS: the CPU's VMfailInvalid/VMfailValid (with the
+/// VM-instruction error) instead of ignoring failure.
+pub fn vmwrite_checked(field: u32, value: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: VMX root operation (callers have a current VMCS or get VMfailInvalid); the
+    // flags are read in the same asm block, right after the instruction.
+    unsafe {
+        asm!("vmwrite {f}, {v}", "setc {cf}", "setz {zf}", f = in(reg) field as u64, v = in(reg) value,
+             cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack));
+    }
+    vmx_status(cf, zf)
+}
+
+/// Checked VMREAD of the current VMCS.
+pub fn vmread_checked(field: u32) -> Result<u64, VmFail> {
+    let (cf, zf): (u8, u8);
+    let value: u64;
+    // SAFETY: as for `vmwrite_checked`; VMREAD only writes the output register.
+    unsafe {
+        asm!("vmread {v}, {f}", "setc {cf}", "setz {zf}", f = in(reg) field as u64, v = out(reg) value,
+             cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack));
+    }
+    vmx_status(cf, zf).map(|()| value)
+}
+
+fn vmx_status(cf: u8, zf: u8) -> Result<(), VmFail> {
+    if cf != 0 {
+        Err(VmFail::Invalid)
+    } else if zf != 0 {
+        // VMfailValid: the error number is in the current VMCS.
+        let mut e: u64 = 0;
+        let zf2: u8;
+        // SAFETY: VMREAD of the VM-instruction error field of the current VMCS (there is
+        // one: VMfailValid says so); flags read in the same block.
+        unsafe {
+            asm!("vmread {v}, {f}", "setbe {z}", f = in(reg) x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR as u64,
+                 v = inout(reg) e, z = out(reg_byte) zf2, options(nostack));
+        }
+        if zf2 != 0 {
+            e = 0;
+        }
+        Err(VmFail::Valid(e as u32))
+    } else {
+        Ok(())
+    }
 }
 
 /// The hardware of the exit handler in root mode.
