@@ -26,7 +26,8 @@ uint64_t c_switch(uint64_t n) {
     return acc;
 }
 
-static jmp_buf jb;
+// Per thread: the corpus also runs on several threads at once (tests/threads.rs).
+static _Thread_local jmp_buf jb;
 static __attribute__((noinline)) void deep_throw(int depth, int v) {
     if (depth < 0) return;
     if (depth == 0) longjmp(jb, v);

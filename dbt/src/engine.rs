@@ -3,6 +3,8 @@
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
+use core::ptr::read_volatile;
+use core::sync::atomic::{AtomicU32, Ordering};
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, MemoryOperand, Mnemonic, OpKind, Register, RflagsBits,
 };
@@ -136,12 +138,16 @@ pub struct Stats {
     pub dispatches: u64,
     /// Return pads made (cached returns).
     pub pads: u64,
+    /// Far trampolines made (links to another region out of rel32 reach).
+    pub trampolines: u64,
     /// Kernel-class instructions met by the translator, by
     /// [`KClass`] (`kclass[KClass::Swapgs as usize]`, ...).
     pub kclass: [u64; KClass::COUNT],
 }
 
 struct Region {
+    /// The guest pc the region was made for ([`Config::region_span`]).
+    anchor: u64,
     base: u64,
     hot_size: u64,
     stub_size: u64,
@@ -221,6 +227,8 @@ struct Pending {
     meta: Box<FragMeta>,
     /// False for fragments holding return pads: their space is never reused.
     reuse: bool,
+    /// Each registered CPU's `epoch` when the fragment was invalidated.
+    epochs: Vec<u64>,
 }
 
 /// Engine configuration.
@@ -263,6 +271,14 @@ pub struct Config {
     /// from the entry's second instruction, the guest's IF back only at the
     /// final transfer). Host runs use `false`.
     pub kernel: bool,
+    /// Guest pcs a region serves around the first pc it was made for (at
+    /// most the rel32 reach); smaller values make more regions (tests use it
+    /// to exercise far links between regions).
+    pub region_span: u64,
+    /// What a CPU does while it waits for the engine lock, every 128 spins
+    /// (kernel: nothing more, interrupts are off; host: yield the thread,
+    /// whose lock holder may be preempted).
+    pub relax: fn(),
 }
 
 impl Default for Config {
@@ -279,6 +295,8 @@ impl Default for Config {
             count_lookups: false,
             cached_returns: false,
             kernel: false,
+            region_span: REACH,
+            relax: || {},
         }
     }
 }
@@ -321,6 +339,13 @@ pub struct Engine {
     /// Maps of far trampolines (one per link through one), until a flush.
     #[allow(clippy::vec_box)]
     tramp_metas: Vec<Box<FragMeta>>,
+    /// The per-CPU block of the CPU in the dispatcher (null outside it).
+    current: *const Scratch,
+    /// Serializes the dispatcher and every other user of the engine across
+    /// CPUs ([`Engine::locked`]): a ticket lock (next ticket, now serving),
+    /// so that CPUs get it in arrival order and a CPU that invalidates is not
+    /// starved by CPUs that keep entering the dispatcher.
+    lock: [AtomicU32; 2],
 }
 
 // SAFETY: the raw pointers (per-CPU blocks, exit records) are only used under
@@ -329,6 +354,9 @@ pub struct Engine {
 unsafe impl Send for Engine {}
 
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
+/// How far from its guest code a region may be: RIP-relative operands and
+/// branches reach ±2 GiB, minus a margin for the region's own size.
+const REACH: u64 = (1 << 31) - (32 << 20);
 
 /// Result of decoding one block.
 /// A fragment's guest code: one or more basic blocks at consecutive guest
@@ -511,6 +539,8 @@ impl Engine {
             ibl,
             index: Box::default(),
             tramp_metas: Vec::new(),
+            current: core::ptr::null(),
+            lock: [AtomicU32::new(0), AtomicU32::new(0)],
             cfg,
             env,
             client,
@@ -528,6 +558,36 @@ impl Engine {
             env_pad: None,
             pad_entries: BTreeMap::new(),
         }
+    }
+
+    /// Run `f` on the engine with its lock held (a spinlock: in the kernel
+    /// the dispatcher holds it with interrupts off; nothing that can wait for
+    /// translated code to make progress may run under it).
+    ///
+    /// # Safety
+    /// `e` points at a live engine that is only ever used through this
+    /// function while more than one CPU runs (the dispatcher does).
+    pub unsafe fn locked<R>(e: *mut Engine, f: impl FnOnce(&mut Engine) -> R) -> R {
+        // SAFETY: the lock words are only accessed atomically, through a raw
+        // pointer (no reference to the engine exists before it is held).
+        let [next, serving] = unsafe { &*core::ptr::addr_of!((*e).lock) };
+        let ticket = next.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `cfg` is written only at construction.
+        let relax = unsafe { (*core::ptr::addr_of!((*e).cfg)).relax };
+        let mut spins = 0u32;
+        while serving.load(Ordering::Acquire) != ticket {
+            core::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(128) {
+                relax();
+            }
+        }
+        // SAFETY: we hold the lock: no other `&mut` to the engine exists.
+        let r = f(unsafe { &mut *e });
+        // SAFETY: as above.
+        unsafe { (*e).current = core::ptr::null() };
+        serving.store(ticket.wrapping_add(1), Ordering::Release);
+        r
     }
 
     /// Register a per-CPU block (its lookup table is kept coherent with
@@ -589,11 +649,11 @@ impl Engine {
     }
 
     fn region_for(&mut self, pc: u64) -> Option<usize> {
-        const REACH: u64 = (1 << 31) - (32 << 20);
+        let span = self.cfg.region_span.min(REACH);
         let near = |r: &Region| {
             let lo = r.base;
             let hi = r.base + r.hot_size + r.stub_size;
-            pc.abs_diff(lo) < REACH && pc.abs_diff(hi) < REACH
+            pc.abs_diff(lo) < REACH && pc.abs_diff(hi) < REACH && pc.abs_diff(r.anchor) < span
         };
         if let Some(i) = self.regions.iter().position(&near) {
             return Some(i);
@@ -601,6 +661,7 @@ impl Engine {
         let size = self.cfg.hot_size + self.cfg.stub_size;
         let base = self.env.alloc_code(pc, size as usize)?;
         let r = Region {
+            anchor: pc,
             base,
             hot_size: self.cfg.hot_size,
             stub_size: self.cfg.stub_size,
@@ -1166,6 +1227,7 @@ impl Engine {
             });
             self.index.publish(&meta);
             self.tramp_metas.push(meta);
+            self.stats.trampolines += 1;
             dest = t;
             if !self.write_rel32(r.patch_at, dest) {
                 return;
@@ -1220,6 +1282,20 @@ impl Engine {
     /// to return to the environment (reason in `s.exit_reason`, the guest
     /// context in `s.ctx`).
     pub fn dispatch(&mut self, s: &mut Scratch, f: &mut Frame) -> u64 {
+        // This CPU has left whatever fragment it was in (but the exit record
+        // it passed stays in use until the end of this dispatch).
+        s.epoch = s.epoch.wrapping_add(1);
+        self.current = s;
+        let to = self.dispatch_inner(s, f);
+        // Done with the record: now this CPU is quiescent for every pending
+        // fragment (it resumes at a live entry or leaves).
+        if !self.pending.is_empty() && self.stats.dispatches.is_multiple_of(64) {
+            self.reclaim_quiescent(s);
+        }
+        to
+    }
+
+    fn dispatch_inner(&mut self, s: &mut Scratch, f: &mut Frame) -> u64 {
         self.stats.dispatches += 1;
         let ind = f.kind == Frame::KIND_IND;
         self.trace[(self.stats.dispatches % 8) as usize] = if ind {
@@ -1378,16 +1454,42 @@ impl Engine {
             exits: core::mem::take(&mut f.exits),
             meta: f.meta,
             reuse: !f.has_pads,
+            epochs: self.epochs(),
         });
     }
 
     /// Return space of invalidated fragments to the allocator. Call only
     /// when every CPU has passed through the dispatcher (or is outside the
-    /// code cache) since the invalidations.
+    /// code cache) since the invalidations (see [`Engine::reclaim_quiescent`]
+    /// for the checked version).
     pub fn reclaim(&mut self) {
+        self.reclaim_if(|_| true);
+    }
+
+    /// Reclaim what every CPU has provably left: each registered CPU is
+    /// `current` (the caller, in the dispatcher), outside translated code, or
+    /// has entered the dispatcher since the invalidation. Returns how many
+    /// invalidated fragments stay pending.
+    pub fn reclaim_quiescent(&mut self, current: *const Scratch) -> usize {
+        let cpus: Vec<(*mut Scratch, u64, u64)> = self
+            .cpus
+            .iter()
+            // SAFETY: registered blocks stay valid (attach_cpu contract);
+            // other CPUs write these words concurrently: volatile reads.
+            .map(|&c| unsafe { (c, read_volatile(&(*c).epoch), read_volatile(&(*c).outside)) })
+            .collect();
+        self.reclaim_if(|p| {
+            cpus.iter().enumerate().all(|(i, &(c, epoch, outside))| {
+                core::ptr::eq(c, current) || outside != 0 || p.epochs.get(i).is_none_or(|&e| e != epoch)
+            })
+        });
+        self.pending.len()
+    }
+
+    fn reclaim_if(&mut self, quiescent: impl Fn(&Pending) -> bool) {
         let mut keep = Vec::new();
-        for p in self.pending.drain(..) {
-            if !p.reuse {
+        for p in core::mem::take(&mut self.pending) {
+            if !p.reuse || !quiescent(&p) {
                 keep.push(p);
                 continue;
             }
@@ -1403,6 +1505,24 @@ impl Engine {
             drop(p.meta);
         }
         self.pending = keep;
+    }
+
+    /// Each registered CPU's current `epoch`.
+    fn epochs(&self) -> Vec<u64> {
+        // SAFETY: as in `reclaim_quiescent`.
+        self.cpus.iter().map(|&c| unsafe { read_volatile(&(*c).epoch) }).collect()
+    }
+
+    /// Whether every registered CPU but `current` is outside translated code.
+    fn alone(&self, current: *const Scratch) -> bool {
+        // SAFETY: as in `reclaim_quiescent`.
+        self.cpus.iter().all(|&c| core::ptr::eq(c, current) || unsafe { read_volatile(&(*c).outside) } != 0)
+    }
+
+    /// Invalidate every fragment (the concurrent-safe flush: space comes
+    /// back through [`Engine::reclaim_quiescent`]).
+    pub fn invalidate_all(&mut self) -> usize {
+        self.invalidate(0, u64::MAX)
     }
 
     /// Drop everything (all fragments, links, lookup entries, space).
@@ -1467,12 +1587,25 @@ impl Engine {
 
     /// Makes room when the cache is full: a reset, except with cached returns,
     /// where stacks may hold pads a reset would free (then nothing: the caller
-    /// stops with `NoSpace`).
+    /// stops with `NoSpace`). The reset never frees code another CPU may be
+    /// running: when every other CPU is outside translated code it flushes;
+    /// otherwise it invalidates everything and reclaims what is quiescent
+    /// (the rest comes back at later dispatches).
     fn make_room(&mut self) -> bool {
         if self.cfg.cached_returns {
             return false;
         }
-        self.reset();
+        self.stats.resets += 1;
+        if self.alone(self.current) {
+            // A flush bumps the generation: the dispatcher then leaves the
+            // (freed) exit record it holds alone.
+            self.flush();
+        } else {
+            self.invalidate_all();
+            // Not exempting the current CPU: the exit record it is being
+            // dispatched for may belong to a fragment just invalidated.
+            self.reclaim_quiescent(core::ptr::null());
+        }
         true
     }
 
@@ -1502,12 +1635,6 @@ impl Engine {
         self.env_pad = Some((stub, rec));
         Ok(stub)
     }
-
-    /// Capacity reset (called from the dispatcher when the cache is full).
-    fn reset(&mut self) {
-        self.stats.resets += 1;
-        self.flush();
-    }
 }
 
 /// Rust side of the dispatcher entry.
@@ -1520,9 +1647,8 @@ pub unsafe extern "C" fn dbt_rust_dispatch(s: *mut Scratch, f: *mut Frame) -> u6
     // the guest context saved, and the engine is not otherwise borrowed while
     // translated code runs.
     let (s, f) = unsafe { (&mut *s, &mut *f) };
-    // SAFETY: as above.
-    let e = unsafe { &mut *(s.engine as *mut Engine) };
-    e.dispatch(s, f)
+    // SAFETY: as above; `locked` serializes CPUs.
+    unsafe { Engine::locked(s.engine as *mut Engine, |e| e.dispatch(s, f)) }
 }
 
 #[cfg(test)]

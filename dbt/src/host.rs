@@ -25,17 +25,27 @@ pub struct HostEnv {
     pub thunks: Vec<(u64, crate::Thunk)>,
     /// Lookup tables handed out ([`Env::alloc_table`]): (address, size).
     tables: Vec<(u64, usize)>,
+    /// Place cache regions alternately ~1.3 GiB below and above the guest
+    /// code, so that two regions are out of rel32 reach of each other (tests
+    /// of far links between regions).
+    pub spread: bool,
 }
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
 /// (shared) or anonymous (private) when `fd` is -1, at an address within
 /// ±1.5 GiB of `near`, or None.
 fn map_near(near: u64, size: usize, prot: i32, fd: i32) -> Option<u64> {
+    map_near_from(near, size, prot, fd, 1, [0, 1])
+}
+
+/// [`map_near`] starting `k0` 64 MiB steps away, trying the directions in
+/// `dirs` order (0: below, 1: above).
+fn map_near_from(near: u64, size: usize, prot: i32, fd: i32, k0: u64, dirs: [u64; 2]) -> Option<u64> {
     let size = (size + 0xfff) & !0xfff;
     let flags = if fd < 0 { libc::MAP_PRIVATE | libc::MAP_ANONYMOUS } else { libc::MAP_SHARED };
     // Try below and above `near` in 64 MiB steps.
-    for k in 1..24u64 {
-        for dir in [0u64, 1] {
+    for k in k0..24u64 {
+        for dir in dirs {
             let off = k * (64 << 20);
             let hint = if dir == 0 { near.checked_sub(off + size as u64) } else { near.checked_add(off) };
             let Some(hint) = hint else { continue };
@@ -128,7 +138,12 @@ impl Env for HostEnv {
                 libc::close(fd);
                 return None;
             }
-            let x = map_near(near, size, libc::PROT_READ | libc::PROT_EXEC, fd);
+            let x = if self.spread {
+                let d = (self.maps.len() % 2) as u64;
+                map_near_from(near, size, libc::PROT_READ | libc::PROT_EXEC, fd, 20, [d, 1 - d])
+            } else {
+                map_near(near, size, libc::PROT_READ | libc::PROT_EXEC, fd)
+            };
             let w =
                 libc::mmap(core::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
             libc::close(fd);
@@ -308,42 +323,18 @@ impl Harness {
         crate::host_alloc::with_dbt_alloc(|| Self::with_config_inner(client, cfg, env))
     }
 
-    fn with_config_inner(client: Option<Box<dyn Client>>, cfg: Config, env: HostEnv) -> Harness {
-        let layout = Layout::new::<PerCpuArea>();
-        // SAFETY: non-zero-sized layout; all-zero bytes are a valid area
-        // (plain integers and arrays).
-        let area = unsafe { alloc_zeroed(layout) } as *mut PerCpuArea;
-        assert!(!area.is_null(), "out of memory for the per-CPU block");
-        // SAFETY: the block is the area's first field.
-        let scratch = unsafe { core::ptr::addr_of_mut!((*area).scratch) };
-        let dstack = std::vec![0u8; 1 << 20];
+    fn with_config_inner(client: Option<Box<dyn Client>>, mut cfg: Config, env: HostEnv) -> Harness {
+        // Threads, unlike CPUs with interrupts off, get preempted holding the lock.
+        cfg.relax = std::thread::yield_now;
         let gstack = std::vec![0u8; 16 << 20];
         let mut engine = Box::new(Engine::new(Box::new(env), client, cfg));
         engine.stop_pc = asm::dbt_sentinel as *const () as u64;
-        let top = dstack.as_ptr() as u64 + dstack.len() as u64;
-        // SAFETY: the block lives as long as the harness, which owns the engine.
-        unsafe { engine.attach_cpu(scratch, top) };
-        // SAFETY: `scratch` is valid; xsave needs OSXSAVE (checked) and the
-        // area is 64-byte aligned inside the block.
-        unsafe {
-            (*scratch).save_xstate = xsave_supported() as u64;
-            (*scratch).rust_dispatch = host_dispatch as *const () as u64;
-            (*scratch).counters_ptr = core::ptr::addr_of_mut!((*area).counters) as u64;
-        }
+        let (scratch, dstack) = new_cpu(&mut engine);
         Harness { engine, scratch, _dstack: dstack, gstack }
     }
 
     fn install_gs(&self) {
-        // Once per thread and block: the syscall is not free, and a signal
-        // pending meanwhile would always be delivered at its return.
-        if GS_BASE.with(|g| g.get()) == self.scratch as u64 {
-            return;
-        }
-        // SAFETY: sets this thread's user %gs base; nothing else in a Rust
-        // program on x86-64 Linux uses %gs (TLS is %fs).
-        let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, self.scratch as u64) };
-        assert_eq!(r, 0, "arch_prctl(ARCH_SET_GS) failed");
-        GS_BASE.with(|g| g.set(self.scratch as u64));
+        install_gs_base(self.scratch);
     }
 
     pub fn scratch(&mut self) -> &mut Scratch {
@@ -405,46 +396,16 @@ impl Harness {
     /// sentinel (or stops).
     pub fn run(&mut self, f: u64, args: &[u64]) -> RunResult {
         self.install_gs();
-        let mut c = seed_ctx(args);
-        let rsp = self.stack_top() - 8;
-        let stop = |k| RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
-        // The outermost return: the sentinel (transparent returns go through the
-        // dispatcher, which recognizes it), or with cached returns, whose `ret` runs
-        // natively, a return pad that leads to the dispatcher.
-        let sentinel = if self.engine.cfg.cached_returns {
-            match crate::host_alloc::with_dbt_alloc(|| self.engine.env_return_pad(f)) {
-                Ok(p) => p,
-                Err(k) => return stop(k),
-            }
-        } else {
-            self.engine.stop_pc
-        };
-        // SAFETY: rsp is inside our guest stack.
-        unsafe { *(rsp as *mut u64) = sentinel };
-        c.gpr[GuestCtx::RSP] = rsp;
-        c.rip = f;
-        let entry = match crate::host_alloc::with_dbt_alloc(|| self.engine.fragment_for(f)) {
-            Ok(e) => e,
-            Err(k) => return stop(k),
-        };
-        {
-            let s = self.scratch();
-            s.ctx = c;
-            s.tgt = entry;
-            s.exit_reason = 0;
-        }
-        // SAFETY: %gs points at our block, whose context and target were just
-        // set; dbt_enter returns when the dispatcher gives control back.
-        unsafe { asm::dbt_enter() };
-        let s = self.scratch();
-        let c = s.ctx;
-        RunResult {
-            rax: c.gpr[GuestCtx::RAX],
-            rdx: c.gpr[GuestCtx::RDX],
-            callee_saved: callee_of(&c),
-            stop: StopKind::from_u64(s.exit_reason).unwrap_or(StopKind::Unsupported),
-            stop_pc: s.exit_pc,
-        }
+        let top = self.stack_top();
+        // SAFETY: our engine and block; one thread runs this harness.
+        unsafe { enter(&mut *self.engine, self.scratch, top, f, args) }
+    }
+
+    /// Another CPU of this harness's engine, for running translated code on
+    /// another thread. Register every CPU before any of them runs.
+    pub fn add_cpu(&mut self) -> HostCpu {
+        let (scratch, dstack) = new_cpu(&mut self.engine);
+        HostCpu { engine: &mut *self.engine, scratch, _dstack: dstack, gstack: std::vec![0u8; 1 << 20] }
     }
 
     /// bbcov results (valid with the `BbCov` client).
@@ -465,6 +426,138 @@ impl Harness {
     /// Restarts the inscount count (valid with the `InsCount` client).
     pub fn reset_inscount(&mut self) {
         InsCount::reset(self.scratch())
+    }
+}
+
+/// A per-CPU area and dispatcher stack registered with `engine` (the area
+/// is never freed: the engine keeps its address).
+fn new_cpu(engine: &mut Engine) -> (*mut Scratch, Vec<u8>) {
+    let layout = Layout::new::<PerCpuArea>();
+    // SAFETY: non-zero-sized layout; all-zero bytes are a valid area (plain
+    // integers and arrays).
+    let area = unsafe { alloc_zeroed(layout) } as *mut PerCpuArea;
+    assert!(!area.is_null(), "out of memory for the per-CPU block");
+    // SAFETY: the block is the area's first field.
+    let scratch = unsafe { core::ptr::addr_of_mut!((*area).scratch) };
+    let dstack = std::vec![0u8; 1 << 20];
+    let top = dstack.as_ptr() as u64 + dstack.len() as u64;
+    // SAFETY: the block is leaked, the dispatcher stack lives as long as the
+    // harness or CPU handle that owns the engine's use of it.
+    unsafe { engine.attach_cpu(scratch, top) };
+    // SAFETY: `scratch` is valid; xsave needs OSXSAVE (checked) and the area
+    // is 64-byte aligned inside the block.
+    unsafe {
+        (*scratch).save_xstate = xsave_supported() as u64;
+        (*scratch).rust_dispatch = host_dispatch as *const () as u64;
+        (*scratch).counters_ptr = core::ptr::addr_of_mut!((*area).counters) as u64;
+    }
+    (scratch, dstack)
+}
+
+/// Install `scratch` as this thread's `%gs` base (once per thread and block:
+/// the syscall is not free, and a signal pending meanwhile would always be
+/// delivered at its return).
+fn install_gs_base(scratch: *mut Scratch) {
+    if GS_BASE.with(|g| g.get()) == scratch as u64 {
+        return;
+    }
+    // SAFETY: sets this thread's user %gs base; nothing else in a Rust
+    // program on x86-64 Linux uses %gs (TLS is %fs).
+    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, scratch as u64) };
+    assert_eq!(r, 0, "arch_prctl(ARCH_SET_GS) failed");
+    GS_BASE.with(|g| g.set(scratch as u64));
+}
+
+/// Run `f(args...)` translated on the CPU whose block is `scratch` (already
+/// this thread's `%gs` base), on the guest stack whose top is `top`, from
+/// its entry until it returns to the sentinel (or stops). The engine is used
+/// under its lock.
+///
+/// # Safety
+/// `engine` and `scratch` are live and registered with each other; no other
+/// thread uses `scratch`.
+unsafe fn enter(engine: *mut Engine, scratch: *mut Scratch, top: u64, f: u64, args: &[u64]) -> RunResult {
+    let mut c = seed_ctx(args);
+    let rsp = top - 8;
+    let stop = |k| RunResult { rax: 0, rdx: 0, callee_saved: [0; 6], stop: k, stop_pc: f };
+    // The outermost return: the sentinel (transparent returns go through the
+    // dispatcher, which recognizes it), or with cached returns, whose `ret` runs
+    // natively, a return pad that leads to the dispatcher.
+    // This CPU counts as inside translated code from before it gets its
+    // entry: were it still "outside" between leaving the lock with an entry
+    // and jumping there, another CPU could invalidate and reclaim that code
+    // in between.
+    // SAFETY: the caller's contract: this thread owns the block; other CPUs
+    // read the word for quiescence.
+    unsafe { core::ptr::write_volatile(&mut (*scratch).outside, 0) };
+    // SAFETY: the caller's contract.
+    let first = unsafe {
+        Engine::locked(engine, |e| {
+            crate::host_alloc::with_dbt_alloc(|| {
+                let sentinel = if e.cfg.cached_returns { e.env_return_pad(f)? } else { e.stop_pc };
+                Ok((sentinel, e.fragment_for(f)?))
+            })
+        })
+    };
+    let (sentinel, entry) = match first {
+        Ok(v) => v,
+        Err(k) => {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(&mut (*scratch).outside, 1) };
+            return stop(k);
+        }
+    };
+    // SAFETY: rsp is inside the caller's guest stack.
+    unsafe { *(rsp as *mut u64) = sentinel };
+    c.gpr[GuestCtx::RSP] = rsp;
+    c.rip = f;
+    // SAFETY: the caller's contract: this thread owns the block.
+    let s = unsafe { &mut *scratch };
+    s.ctx = c;
+    s.tgt = entry;
+    s.exit_reason = 0;
+    // SAFETY: %gs points at the block, whose context and target were just
+    // set; dbt_enter returns when the dispatcher gives control back.
+    unsafe { asm::dbt_enter() };
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&mut s.outside, 1) };
+    let c = s.ctx;
+    RunResult {
+        rax: c.gpr[GuestCtx::RAX],
+        rdx: c.gpr[GuestCtx::RDX],
+        callee_saved: callee_of(&c),
+        stop: StopKind::from_u64(s.exit_reason).unwrap_or(StopKind::Unsupported),
+        stop_pc: s.exit_pc,
+    }
+}
+
+/// Another CPU of a harness's engine ([`Harness::add_cpu`]): its own
+/// per-CPU area, dispatcher stack and guest stack. Move it to a thread and
+/// run there; the harness must outlive it.
+pub struct HostCpu {
+    engine: *mut Engine,
+    scratch: *mut Scratch,
+    _dstack: Vec<u8>,
+    gstack: Vec<u8>,
+}
+
+// SAFETY: the handle is used by one thread at a time; the engine it points
+// to is only used under the engine's lock.
+unsafe impl Send for HostCpu {}
+
+impl HostCpu {
+    /// Run `f(args...)` translated on this CPU (the calling thread).
+    pub fn run(&mut self, f: u64, args: &[u64]) -> RunResult {
+        install_gs_base(self.scratch);
+        let top = (self.gstack.as_ptr() as u64 + self.gstack.len() as u64 - 16) & !15;
+        // SAFETY: our block, registered with the harness's live engine.
+        unsafe { enter(self.engine, self.scratch, top, f, args) }
+    }
+
+    /// Inline-lookup hits of this CPU (`Config::count_lookups`).
+    pub fn lookup_hits(&self) -> u64 {
+        // SAFETY: our block; read after our own runs.
+        unsafe { (*self.scratch).lookup_hits }
     }
 }
 
@@ -647,7 +740,9 @@ impl NestedRunner {
         unsafe { *(rsp as *mut u64) = e.stop_pc };
         c.gpr[GuestCtx::RSP] = rsp;
         c.rip = f;
-        let entry = crate::host_alloc::with_dbt_alloc(|| e.fragment_for(f)).ok()?;
+        // SAFETY: the engine is live; its lock is free (we interrupted
+        // translated code, not the dispatcher).
+        let entry = unsafe { Engine::locked(e, |e| crate::host_alloc::with_dbt_alloc(|| e.fragment_for(f))) }.ok()?;
         s.ctx = c;
         s.tgt = entry;
         s.exit_reason = 0;

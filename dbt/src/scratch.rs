@@ -97,10 +97,16 @@ pub struct Scratch {
     pub counters_ptr: u64, // 88
     /// Inline-lookup hits (`Config::count_lookups`).
     pub lookup_hits: u64, // 96
-    pub _pad0: u64,   // 104
+    /// Quiescence: dispatcher entries of this CPU (bumped under the engine
+    /// lock). A CPU whose count moved since an invalidation has left the
+    /// invalidated code.
+    pub epoch: u64, // 104
     /// Slots owned by the client tools (ring positions, bases).
     pub client: [u64; 16], // 112 .. 240
-    pub _pad1: [u64; 2], // 240 .. 256
+    /// Non-zero while the CPU is outside translated code (the environment
+    /// sets it around its entries and exits): quiescent.
+    pub outside: u64, // 240
+    pub _pad1: u64,   // 248
     /// The guest context the host harness enters with and gets back.
     pub ctx: GuestCtx, // 256 .. 400
     pub _pad2: [u64; 14], // 400 .. 512
@@ -157,6 +163,7 @@ impl Scratch {
     /// Initialise a block in place.
     pub fn init(&mut self) {
         self.self_ptr = self as *mut Scratch as u64;
+        self.outside = 1;
     }
 
     /// This CPU's counters.

@@ -150,7 +150,7 @@ fn interrupts_at_any_instruction_recover_native_state_and_may_nest() {
         let (in0, out0) = (IN_CACHE.load(Relaxed), OUTSIDE.load(Relaxed));
         let t0 = Instant::now();
         let mut runs = 0u64;
-        while IN_CACHE.load(Relaxed) - in0 < 3000 && t0.elapsed() < Duration::from_secs(6) {
+        while IN_CACHE.load(Relaxed) - in0 < 2000 && t0.elapsed() < Duration::from_secs(12) {
             buf.fill(0);
             FIRE.store(true, Relaxed);
             let r = h.run(c.addr(), &args(&mut buf));
