@@ -10,6 +10,11 @@
 //! all columns alike. Under valgrind and qemu the fastest of `TOOL_ROUNDS`
 //! runs is kept. Native and translated runs use the same guest stack (same
 //! addresses, same alignment-dependent paths).
+//!
+//! Two DynamoRIO-style figures per workload come from one more, untimed run
+//! under inscount with lookup hits counted, after a warm-up run: the inline
+//! lookup **hit rate** (hits / (hits + misses) over returns and indirect
+//! branches) and **dispatcher entries per million guest instructions**.
 use dbt::corpus::{cases, Case, BUF_LEN};
 use dbt::host::Harness;
 use dbt::{Config, InsCount, NullClient, StopKind};
@@ -116,6 +121,21 @@ fn measure(c: &Case, buf: &mut [u8], hn: &mut Harness, hs: &mut [Harness; 3]) ->
     Some(Row { native, dbt: core::array::from_fn(|k| ok[k].then_some(best[k])) })
 }
 
+/// (lookup hit rate in %, dispatcher entries per million guest
+/// instructions) of one steady-state run (after a warm-up run).
+fn profile(h: &mut Harness, c: &Case, buf: &mut [u8]) -> Option<(f64, f64)> {
+    timed(h, c, buf, true)?;
+    let (s0, h0) = (h.engine.stats, h.engine.lookup_hits());
+    h.reset_inscount();
+    timed(h, c, buf, true)?;
+    let (s1, h1) = (h.engine.stats, h.engine.lookup_hits());
+    let insns = h.inscount().max(1) as f64;
+    let hits = (h1 - h0) as f64;
+    let misses = (s1.misses - s0.misses) as f64;
+    let rate = if hits + misses > 0.0 { 100.0 * hits / (hits + misses) } else { f64::NAN };
+    Some((rate, (s1.dispatches - s0.dispatches) as f64 * 1e6 / insns))
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--native-only") {
         native_only();
@@ -131,9 +151,12 @@ fn main() {
         Harness::with_config(Some(Box::new(NullClient)), cached),
     ];
     let mut rows = Vec::new();
+    let mut probe = Harness::with_config(Some(Box::new(InsCount)), Config { count_lookups: true, ..Config::default() });
+    let mut profiles = Vec::new();
     for c in cs.iter() {
         eprintln!("{}: {} interleaved rounds", c.name, ROUNDS);
         rows.push(measure(c, &mut buf, &mut hn, &mut hs));
+        profiles.push(profile(&mut probe, c, &mut buf));
     }
     for (name, h) in DBT_COLUMNS.iter().zip(hs.iter()) {
         eprintln!("{name} stats: {:?}", h.engine.stats);
@@ -141,12 +164,12 @@ fn main() {
     let vg = under_tool("valgrind", &["--tool=none", "-q"]);
     let qe = under_tool("qemu-x86_64", &[]);
     println!(
-        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12}",
-        "workload", "native cyc", "dbt-null", "dbt-insc", "dbt-cachedret", "valgrind", "qemu-user"
+        "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12} {:>8} {:>10}",
+        "workload", "native cyc", "dbt-null", "dbt-insc", "dbt-cachedret", "valgrind", "qemu-user", "hit%", "disp/Minsn"
     );
     let mut gm: Vec<Vec<f64>> = vec![Vec::new(); 5];
     let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}x"));
-    for (c, row) in cs.iter().zip(rows.iter()) {
+    for ((c, row), prof) in cs.iter().zip(rows.iter()).zip(profiles.iter()) {
         let Some(row) = row else {
             println!("{:<14} native run failed", c.name);
             continue;
@@ -160,15 +183,20 @@ fn main() {
                 gm[i].push(*s);
             }
         }
+        let (hit, disp) = prof.map_or(("n/a".to_string(), "n/a".to_string()), |(h, d)| {
+            (if h.is_nan() { "-".to_string() } else { format!("{h:.2}") }, format!("{d:.1}"))
+        });
         println!(
-            "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12}",
+            "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12} {:>8} {:>10}",
             c.name,
             row.native,
             fmt(s0),
             fmt(s1),
             fmt(s4),
             fmt(s2),
-            fmt(s3)
+            fmt(s3),
+            hit,
+            disp
         );
     }
     let g = |i: usize, r: &Result<BTreeMap<String, u64>, String>| match r {
@@ -187,6 +215,7 @@ fn main() {
     );
     println!(
         "(cycles: fastest of {ROUNDS} interleaved native/DBT rounds after an untimed translating run; \
-         valgrind and qemu: fastest of {TOOL_ROUNDS})"
+         valgrind and qemu: fastest of {TOOL_ROUNDS}; hit% and disp/Minsn: one steady-state inscount run, \
+         '-' where the workload makes no indirect transfer)"
     );
 }
