@@ -165,7 +165,15 @@ fn main() {
     let qe = under_tool("qemu-x86_64", &[]);
     println!(
         "{:<14} {:>14} {:>10} {:>10} {:>12} {:>12} {:>12} {:>8} {:>10}",
-        "workload", "native cyc", "dbt-null", "dbt-insc", "dbt-cachedret", "valgrind", "qemu-user", "hit%", "disp/Minsn"
+        "workload",
+        "native cyc",
+        "dbt-null",
+        "dbt-insc",
+        "dbt-cachedret",
+        "valgrind",
+        "qemu-user",
+        "hit%",
+        "disp/Minsn"
     );
     let mut gm: Vec<Vec<f64>> = vec![Vec::new(); 5];
     let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}x"));
