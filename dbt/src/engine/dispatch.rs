@@ -1,0 +1,127 @@
+//! The dispatcher proper (guest context in a `Frame`), leaving to the
+//! environment, and native-pc recovery for interrupted cache addresses.
+
+use super::*;
+
+/// Rust side of the dispatcher entry.
+///
+/// # Safety
+/// Called only by the asm entry routines with the per-CPU block whose
+/// `engine` field points at the live engine and the frame they built.
+pub unsafe extern "C" fn dbt_rust_dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
+    // SAFETY: see function contract; the dispatcher runs on its own stack with
+    // the guest context saved, and the engine is not otherwise borrowed while
+    // translated code runs.
+    let (s, f) = unsafe { (&mut *s, &mut *f) };
+    // SAFETY: as above; `locked` serializes CPUs.
+    unsafe { Engine::locked(s.engine as *mut Engine, |e| e.dispatch(s, f)) }
+}
+
+impl Engine {
+    /// Look up or translate `pc`.
+    pub fn fragment_for(&mut self, pc: u64) -> Result<u64, StopKind> {
+        if let Some(f) = self.frags.get(&pc) {
+            return Ok(f.entry);
+        }
+        self.translate(pc)
+    }
+
+    /// The dispatcher proper (called from the asm entry with the guest
+    /// context in `f`). Returns the code-cache address to continue at, or 0
+    /// to return to the environment (reason in `s.exit_reason`, the guest
+    /// context in `s.ctx`).
+    pub fn dispatch(&mut self, s: &mut Scratch, f: &mut Frame) -> u64 {
+        // This CPU has left whatever fragment it was in (but the exit record
+        // it passed stays in use until the end of this dispatch).
+        s.epoch = s.epoch.wrapping_add(1);
+        self.current = s;
+        let to = self.dispatch_inner(s, f);
+        // Done with the record: now this CPU is quiescent for every pending
+        // fragment (it resumes at a live entry or leaves).
+        if !self.pending.is_empty() && self.stats.dispatches.is_multiple_of(64) {
+            self.reclaim_quiescent(s);
+        }
+        to
+    }
+
+    pub(super) fn dispatch_inner(&mut self, s: &mut Scratch, f: &mut Frame) -> u64 {
+        self.stats.dispatches += 1;
+        let ind = f.kind == Frame::KIND_IND;
+        self.trace[(self.stats.dispatches % 8) as usize] = if ind {
+            f.arg | (1 << 63)
+        } else {
+            // SAFETY: see below.
+            unsafe { (*(f.arg as *const ExitRecord)).owner }
+        };
+        let (target, rec) = if ind {
+            self.stats.lookups += 1;
+            self.stats.misses += 1;
+            (f.arg, None)
+        } else {
+            let rp = f.arg as *mut ExitRecord;
+            // SAFETY: a stub only ever passes the address of its own boxed
+            // exit record, live or pending reclaim.
+            let r = unsafe { &*rp };
+            if r.stop != 0 {
+                return Self::leave(s, f, r.stop, r.target);
+            }
+            (r.target, Some(rp))
+        };
+        if target == self.stop_pc {
+            return Self::leave(s, f, StopKind::Sentinel as u64, target);
+        }
+        // Cached returns: an indirect jump to a return pad (a longjmp to an address
+        // setjmp read off the stack) continues at the pad.
+        if self.pads.contains(&target) {
+            if ind {
+                if let Some(entry) = self.pad_entry(target) {
+                    if let Some(t) = &self.ibl {
+                        t.set(target, entry);
+                    }
+                }
+            }
+            return target;
+        }
+        // SAFETY: `rp` is the record a stub passed (see above).
+        let r = match rec {
+            Some(rp) => unsafe { self.take_exit(rp) },
+            None => self.fragment_for(target),
+        };
+        match r {
+            Ok(entry) => {
+                if ind {
+                    if let (Some(t), Some(fr)) = (&self.ibl, self.frags.get(&target)) {
+                        t.set(target, fr.hot);
+                    }
+                }
+                entry
+            }
+            Err(k) => Self::leave(s, f, k as u64, target),
+        }
+    }
+
+    /// Give control back to the environment at guest `pc`.
+    pub(super) fn leave(s: &mut Scratch, f: &Frame, reason: u64, pc: u64) -> u64 {
+        s.exit_reason = reason;
+        s.exit_pc = pc;
+        s.ctx = f.ctx;
+        s.ctx.rip = pc;
+        0
+    }
+
+    /// The native pc and register state for an interrupted code-cache
+    /// address `regs.rip` (see [`PcIndex::native_state`]); lock-free.
+    ///
+    /// # Safety
+    /// As [`PcIndex::native_state`].
+    pub unsafe fn native_state(&self, regs: &mut GuestCtx) -> Option<NativePc> {
+        // SAFETY: the caller's contract.
+        unsafe { self.index.native_state(regs) }
+    }
+
+    /// The lock-free pc index (what a fault or NMI handler keeps a pointer
+    /// to; it lives as long as the engine).
+    pub fn pc_index(&self) -> *const PcIndex {
+        &*self.index
+    }
+}

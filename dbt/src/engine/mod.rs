@@ -1,0 +1,485 @@
+//! The DBT engine: the environment trait, configuration, statistics, the
+//! engine's state and lock. Its parts, by concern: [`decode`] (guest code into
+//! blocks, flags liveness), [`translate`] (emitting a fragment), [`cache`]
+//! (regions, placing fragments), [`link`] (patching exits), [`dispatch`] (the
+//! dispatcher, native-pc recovery) and [`invalidate`] (invalidation,
+//! quiescence, resets). The inserted sequences are in `crate::templates`, the
+//! lock-free pc map in `crate::pcmap`.
+
+mod cache;
+mod decode;
+mod dispatch;
+mod invalidate;
+mod link;
+mod translate;
+
+pub use decode::flags_liveness;
+use decode::{Block, Term, ARITH};
+pub use dispatch::dbt_rust_dispatch;
+use translate::Emitted;
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use core::ptr::read_volatile;
+use core::sync::atomic::{AtomicU32, Ordering};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, MemoryOperand, Mnemonic, OpKind, Register, RflagsBits,
+};
+
+use crate::client::{BlockInfo, Client, Inserts, Where};
+use crate::ibl::{Ibl, IBL_BYTES};
+use crate::kclass::{self, KClass, Thunk};
+use crate::pcmap::{FragMeta, MapEnt, NativePc, Npc, PcIndex, GRANULE};
+use crate::scratch::*;
+use crate::templates::{exit_stub, exit_stub_len, stubs_layout, Abi, Emit, Operand, ENDBR64};
+
+/// What the environment supplies.
+pub trait Env {
+    /// `size` bytes of writable+executable memory whose every byte is within
+    /// ±(2 GiB − 16 MiB) of `near`, or None.
+    fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64>;
+    /// Copy guest code at `pc` into `buf`; return how many bytes are readable.
+    fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize;
+    /// Write `bytes` of code at the code-cache address `at` (inside memory
+    /// `alloc_code` returned). The cache's executable address need not be
+    /// writable: the environment writes through its own alias (a second
+    /// mapping, an EPT view). Every byte the engine places goes through here.
+    /// False: the write could not be made (the engine then fails the
+    /// translation or the link; nothing half-written is ever executed).
+    fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool;
+    /// Retarget the 4-byte-aligned rel32 field at code-cache address `at` with
+    /// one atomic aligned 32-bit store (through the writable alias), so that a
+    /// CPU executing the branch concurrently sees the old or the new target.
+    fn patch_rel32(&mut self, at: u64, rel: i32) -> bool;
+    /// What a direct call/jump target stands for when it is a retpoline or
+    /// return thunk (kernel: `__x86_indirect_thunk_<reg>`,
+    /// `__x86_return_thunk`, by address). The translator then emits the
+    /// indirect branch or return itself instead of translating the thunk.
+    fn thunk(&self, _target: u64) -> Option<Thunk> {
+        None
+    }
+    /// `bytes` of zeroed, writable, 8-byte aligned data memory for the shared
+    /// lookup table, at an address translated code can use as a
+    /// sign-extended disp32 (low 2 GiB, or the top 2 GiB where kernel
+    /// modules live), valid as long as the engine. None: no inline lookup
+    /// (every indirect transfer goes to the dispatcher).
+    fn alloc_table(&mut self, _bytes: usize) -> Option<u64> {
+        None
+    }
+}
+
+/// Why translated execution stopped and control went back to the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum StopKind {
+    /// Control reached the environment's sentinel address.
+    Sentinel = 1,
+    /// Undecodable bytes at `exit_pc`.
+    Invalid = 2,
+    /// `int3` (or `int1`/`into`) at `exit_pc`.
+    Breakpoint = 3,
+    /// `ud0`/`ud1`/`ud2` at `exit_pc`.
+    Undefined = 4,
+    /// An instruction the translator does not handle (far transfers,
+    /// `iret`, `sysret`, transactional memory, ...) at `exit_pc`.
+    Unsupported = 5,
+    /// The block at `exit_pc` could not be placed (no code memory, RIP-relative
+    /// operand out of reach).
+    NoSpace = 6,
+    /// `swapgs`, `sysret`, `sysexit` or `iret` at `exit_pc`: it changes the
+    /// `%gs` base translated code relies on or leaves the context; the
+    /// environment resumes natively there (kernel: entry text, a native region).
+    Privileged = 7,
+}
+
+impl StopKind {
+    pub fn from_u64(v: u64) -> Option<StopKind> {
+        Some(match v {
+            1 => StopKind::Sentinel,
+            2 => StopKind::Invalid,
+            3 => StopKind::Breakpoint,
+            4 => StopKind::Undefined,
+            5 => StopKind::Unsupported,
+            6 => StopKind::NoSpace,
+            7 => StopKind::Privileged,
+            _ => return None,
+        })
+    }
+}
+
+/// An exit of a fragment: its stub passes this record's address.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExitRecord {
+    /// Guest target.
+    pub target: u64,
+    /// Address of the 4-byte-aligned rel32 of the branch to patch (0: none).
+    pub patch_at: u64,
+    /// Exit stub address (what `patch_at` points at when unlinked).
+    pub stub: u64,
+    /// 0 = direct branch; otherwise a `StopKind`.
+    pub stop: u64,
+    /// Guest start of the fragment owning this exit.
+    pub owner: u64,
+    /// Guest start of the fragment it is linked to, or `u64::MAX`.
+    pub linked: u64,
+    /// Next record in the incoming-link list of the fragment this one is
+    /// linked to (intrusive: linking never allocates).
+    pub next_in: *mut ExitRecord,
+}
+
+impl ExitRecord {
+    fn new(target: u64, stop: u64, owner: u64) -> ExitRecord {
+        ExitRecord { target, patch_at: 0, stub: 0, stop, owner, linked: u64::MAX, next_in: core::ptr::null_mut() }
+    }
+}
+
+/// Engine statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub blocks: u64,
+    pub guest_insns: u64,
+    pub hot_bytes: u64,
+    pub stub_bytes: u64,
+    pub links: u64,
+    pub unlinks: u64,
+    /// Inline lookups that reached the dispatcher, i.e. the misses (hits never
+    /// leave translated code: with `Config::count_lookups` they are counted per
+    /// CPU, see [`Engine::lookup_hits`]).
+    pub lookups: u64,
+    pub misses: u64,
+    pub invalidations: u64,
+    pub invalidated_blocks: u64,
+    pub flushes: u64,
+    pub resets: u64,
+    pub dispatches: u64,
+    /// Return pads made (cached returns).
+    pub pads: u64,
+    /// Far trampolines made (links to another region out of rel32 reach).
+    pub trampolines: u64,
+    /// Kernel-class instructions met by the translator, by
+    /// [`KClass`] (`kclass[KClass::Swapgs as usize]`, ...).
+    pub kclass: [u64; KClass::COUNT],
+}
+
+struct Region {
+    /// The guest pc the region was made for ([`Config::region_span`]).
+    anchor: u64,
+    base: u64,
+    hot_size: u64,
+    stub_size: u64,
+    hot_used: u64,
+    stub_used: u64,
+    hot_free: Vec<(u64, u64)>,
+    stub_free: Vec<(u64, u64)>,
+}
+
+struct Fragment {
+    start: u64,
+    end: u64,
+    /// Start of the fragment's hot allocation: its indirect entry (the target
+    /// check) when the inline lookup is on, else its body.
+    hot: u64,
+    /// Body entry: what direct branches and the dispatcher jump to.
+    entry: u64,
+    /// Size of the hot allocation.
+    hot_len: u64,
+    /// Bytes of instructions at `hot` (constants and `int3` slack follow).
+    code_len: u64,
+    /// Holds return pads (cached returns): its space is never reused.
+    has_pads: bool,
+    stub_addr: u64,
+    /// Size of the stub allocation (stubs, then their records' addresses).
+    stub_len: u64,
+    /// Bytes of stub instructions at `stub_addr`.
+    stub_code_len: u64,
+    region: usize,
+    /// Boxed: exit stubs and incoming-link lists hold the records' addresses.
+    #[allow(clippy::vec_box)]
+    exits: Vec<Box<ExitRecord>>,
+    /// Head of the list (through `ExitRecord::next_in`) of the exit records
+    /// of other fragments linked to this one.
+    incoming: *mut ExitRecord,
+    /// Its pc map, published in the lock-free index.
+    meta: Box<FragMeta>,
+}
+
+/// Space and exit records of an invalidated fragment, kept until every CPU
+/// has passed a quiescent point ([`Engine::reclaim`]): a CPU may still be
+/// executing the fragment and take one of its exits.
+struct Pending {
+    region: usize,
+    hot: u64,
+    hot_len: u64,
+    stub: u64,
+    stub_len: u64,
+    /// Dead records (no patch site: the dispatcher never links them).
+    #[allow(clippy::vec_box)]
+    exits: Vec<Box<ExitRecord>>,
+    /// Its pc map, already retracted from the index (a handler that read
+    /// the pointer before may still use it until quiescence).
+    meta: Box<FragMeta>,
+    /// False for fragments holding return pads: their space is never reused.
+    reuse: bool,
+    /// Each registered CPU's `epoch` when the fragment was invalidated.
+    epochs: Vec<u64>,
+}
+
+/// Engine configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub hot_size: u64,
+    pub stub_size: u64,
+    /// Capacity limit on total hot bytes; exceeding it resets the cache.
+    pub max_hot_bytes: u64,
+    pub max_block_insns: usize,
+    /// Link direct branches (off: every direct exit goes to the dispatcher).
+    pub link: bool,
+    /// Use the inline lookup table for indirect branches.
+    pub inline_lookup: bool,
+    /// Count inline-lookup hits in translated code (three flags-free
+    /// instructions on every hit: off by default), for [`Engine::lookup_hits`].
+    pub count_lookups: bool,
+    /// Non-transparent returns (BTKernel-style; off by default): a translated
+    /// call executes a real `call`, so the stack holds a code-cache *return pad*
+    /// (a jump to the return site's fragment) instead of the native return
+    /// address, and `ret` runs natively, predicted by the CPU's return stack.
+    /// What it breaks is listed in the README ("Cached returns"): code that
+    /// reads its return address sees a code-cache address. Pads are never
+    /// reclaimed, and a full cache stops with `NoSpace` instead of resetting
+    /// (a reset would free pads that stacks still hold).
+    pub cached_returns: bool,
+    /// Basic blocks per fragment: a fragment continues through up to this
+    /// many - 1 not-taken conditional branches (1: one basic block per
+    /// fragment, every not-taken branch costs a `jmp` to the next fragment).
+    pub max_basic_blocks: usize,
+    /// Start both entries of every fragment (the indirect entry and the body,
+    /// which the dispatcher reaches with `jmp gs:[TGT]`) with `endbr64`, as
+    /// kernels with CET indirect branch tracking (`CONFIG_X86_KERNEL_IBT`)
+    /// require of every indirect-jump target. (The hand-written routines in
+    /// `asm.rs` always start with it.)
+    pub ibt: bool,
+    /// Kernel ABI: no red zone below rsp (user code has 128 bytes, which
+    /// inserted code steps over before pushing), and the kernel variants of
+    /// the dispatcher entries (`asm::dbt_kexit_entry`, ...: interrupts off
+    /// from the entry's second instruction, the guest's IF back only at the
+    /// final transfer). Host runs use `false`.
+    pub kernel: bool,
+    /// Guest pcs a region serves around the first pc it was made for (at
+    /// most the rel32 reach); smaller values make more regions (tests use it
+    /// to exercise far links between regions).
+    pub region_span: u64,
+    /// What a CPU does while it waits for the engine lock, every 128 spins
+    /// (kernel: nothing more, interrupts are off; host: yield the thread,
+    /// whose lock holder may be preempted).
+    pub relax: fn(),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hot_size: 8 << 20,
+            stub_size: 4 << 20,
+            max_hot_bytes: 64 << 20,
+            max_block_insns: 64,
+            link: true,
+            inline_lookup: true,
+            max_basic_blocks: 8,
+            ibt: false,
+            count_lookups: false,
+            cached_returns: false,
+            kernel: false,
+            region_span: REACH,
+            relax: || {},
+        }
+    }
+}
+
+/// The DBT engine (one per system; per-CPU state lives in `Scratch`).
+pub struct Engine {
+    pub cfg: Config,
+    env: Box<dyn Env>,
+    client: Option<Box<dyn Client>>,
+    regions: Vec<Region>,
+    frags: BTreeMap<u64, Fragment>,
+    /// Per-CPU blocks whose lookup tables must be kept coherent.
+    cpus: Vec<*mut Scratch>,
+    /// Invalidated fragments waiting for every CPU to pass a quiescent point.
+    pending: Vec<Pending>,
+    /// Guest address at which a run returns to the environment.
+    pub stop_pc: u64,
+    pub stats: Stats,
+    /// Last dispatcher exits (debugging aid).
+    pub trace: [u64; 8],
+    /// Code of the last instruction iced refused to encode (debugging aid).
+    pub trace_bad: core::cell::Cell<u64>,
+    generation: u64,
+    hot_total: u64,
+    /// Return pads (cached returns): code-cache addresses stacks may hold.
+    pads: BTreeSet<u64>,
+    /// The pad a run's outermost return goes to (cached returns): an exit
+    /// stub whose record targets `stop_pc`.
+    env_pad: Option<(u64, Box<ExitRecord>)>,
+    /// Indirect entries of pads that indirect jumps target (a longjmp to an
+    /// address setjmp read off the stack), for the lookup table.
+    pad_entries: BTreeMap<u64, u64>,
+    /// What the inserted sequences depend on (red zone, table).
+    abi: Abi,
+    /// The shared inline-lookup table (None: `inline_lookup` off, or the
+    /// environment gave no table memory).
+    ibl: Option<Ibl>,
+    /// Lock-free map from code-cache addresses to native state.
+    index: Box<PcIndex>,
+    /// Maps of far trampolines (one per link through one), until a flush.
+    #[allow(clippy::vec_box)]
+    tramp_metas: Vec<Box<FragMeta>>,
+    /// The per-CPU block of the CPU in the dispatcher (null outside it).
+    current: *const Scratch,
+    /// Serializes the dispatcher and every other user of the engine across
+    /// CPUs ([`Engine::locked`]): a ticket lock (next ticket, now serving),
+    /// so that CPUs get it in arrival order and a CPU that invalidates is not
+    /// starved by CPUs that keep entering the dispatcher.
+    lock: [AtomicU32; 2],
+}
+
+// SAFETY: the raw pointers (per-CPU blocks, exit records) are only used under
+// the engine's owner discipline (a single lock around the engine in the
+// kernel); they point at memory owned by the environment / the engine.
+unsafe impl Send for Engine {}
+
+const MAX_BLOCK_BYTES: usize = 64 * 1024;
+/// How far from its guest code a region may be: RIP-relative operands and
+/// branches reach ±2 GiB, minus a margin for the region's own size.
+const REACH: u64 = (1 << 31) - (32 << 20);
+
+impl Engine {
+    pub fn new(mut env: Box<dyn Env>, client: Option<Box<dyn Client>>, mut cfg: Config) -> Engine {
+        let (_, miss) = crate::asm::entries(cfg.kernel);
+        let ibl = if cfg.inline_lookup {
+            // SAFETY: the environment's table memory is ours for the engine's
+            // life (`Env::alloc_table` contract); `Ibl::new` checks reach.
+            env.alloc_table(IBL_BYTES).and_then(|t| unsafe { Ibl::new(t, miss) })
+        } else {
+            None
+        };
+        cfg.inline_lookup = ibl.is_some();
+        let abi = Abi {
+            rz: if cfg.kernel { 0 } else { crate::asm::HOST_RED_ZONE },
+            ibl: ibl.as_ref().map(|t| t.disp()),
+            count_hits: cfg.count_lookups,
+        };
+        Engine {
+            abi,
+            ibl,
+            index: Box::default(),
+            tramp_metas: Vec::new(),
+            current: core::ptr::null(),
+            lock: [AtomicU32::new(0), AtomicU32::new(0)],
+            cfg,
+            env,
+            client,
+            regions: Vec::new(),
+            frags: BTreeMap::new(),
+            cpus: Vec::new(),
+            pending: Vec::new(),
+            stop_pc: 0,
+            stats: Stats::default(),
+            trace: [0; 8],
+            trace_bad: core::cell::Cell::new(0),
+            generation: 0,
+            hot_total: 0,
+            pads: BTreeSet::new(),
+            env_pad: None,
+            pad_entries: BTreeMap::new(),
+        }
+    }
+
+    /// Run `f` on the engine with its lock held (a spinlock: in the kernel
+    /// the dispatcher holds it with interrupts off; nothing that can wait for
+    /// translated code to make progress may run under it).
+    ///
+    /// # Safety
+    /// `e` points at a live engine that is only ever used through this
+    /// function while more than one CPU runs (the dispatcher does).
+    pub unsafe fn locked<R>(e: *mut Engine, f: impl FnOnce(&mut Engine) -> R) -> R {
+        // SAFETY: the lock words are only accessed atomically, through a raw
+        // pointer (no reference to the engine exists before it is held).
+        let [next, serving] = unsafe { &*core::ptr::addr_of!((*e).lock) };
+        let ticket = next.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `cfg` is written only at construction.
+        let relax = unsafe { (*core::ptr::addr_of!((*e).cfg)).relax };
+        let mut spins = 0u32;
+        while serving.load(Ordering::Acquire) != ticket {
+            core::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(128) {
+                relax();
+            }
+        }
+        // SAFETY: we hold the lock: no other `&mut` to the engine exists.
+        let r = f(unsafe { &mut *e });
+        // SAFETY: as above.
+        unsafe { (*e).current = core::ptr::null() };
+        serving.store(ticket.wrapping_add(1), Ordering::Release);
+        r
+    }
+
+    /// Register a per-CPU block (its lookup table is kept coherent with
+    /// invalidations) and fill in its engine fields.
+    ///
+    /// # Safety
+    /// `s` must stay valid (and registered) as long as the engine lives.
+    pub unsafe fn attach_cpu(&mut self, s: *mut Scratch, dstack_top: u64) {
+        // SAFETY: the caller guarantees `s` is a valid, exclusively ours block.
+        let sc = unsafe { &mut *s };
+        sc.init();
+        (sc.exit_entry, sc.miss_entry) = crate::asm::entries(self.cfg.kernel);
+        sc.rust_dispatch = dbt_rust_dispatch as *const () as usize as u64;
+        sc.dstack_top = dstack_top & !15;
+        sc.engine = self as *mut Engine as u64;
+        self.cpus.push(s);
+    }
+
+    /// Inline-lookup hits on every registered CPU (counted only with
+    /// `Config::count_lookups`; a CPU running translated code meanwhile may be
+    /// a few behind).
+    pub fn lookup_hits(&self) -> u64 {
+        // SAFETY: registered per-CPU blocks stay valid (attach_cpu contract); a
+        // concurrent increment only makes the sum slightly stale.
+        self.cpus.iter().map(|&c| unsafe { core::ptr::read_volatile(&(*c).lookup_hits) }).sum()
+    }
+
+    /// Client access (e.g. to read bbcov results).
+    pub fn client_mut(&mut self) -> Option<&mut (dyn Client + 'static)> {
+        self.client.as_deref_mut()
+    }
+
+    pub fn fragment_count(&self) -> usize {
+        self.frags.len()
+    }
+
+    /// Code-cache entry of the fragment for `pc`, if translated.
+    pub fn lookup(&self, pc: u64) -> Option<u64> {
+        self.frags.get(&pc).map(|f| f.entry)
+    }
+
+    /// Guest range `[start, end)` of the fragment for `pc`, if translated.
+    pub fn fragment_span(&self, pc: u64) -> Option<(u64, u64)> {
+        self.frags.get(&pc).map(|f| (f.start, f.end))
+    }
+
+    /// (indirect entry, code length, exit stubs, stubs length) of each
+    /// fragment: the instructions it emitted, which the fuzz target and tests
+    /// decode back (the hot allocation's constants and slack are left out).
+    pub fn fragments(&self) -> Vec<(u64, u64, u64, u64)> {
+        self.frags.values().map(|f| (f.hot, f.code_len, f.stub_addr, f.stub_code_len)).collect()
+    }
+
+    /// (indirect entry, body entry) of each fragment: the addresses
+    /// translated code reaches by indirect jumps (through the lookup table and
+    /// from the dispatcher).
+    pub fn entries(&self) -> Vec<(u64, u64)> {
+        self.frags.values().map(|f| (f.hot, f.entry)).collect()
+    }
+}
