@@ -443,11 +443,12 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
             bail!("interrupted");
         }
     }
-    // A real kernel as the DBT's corpus (offline, seconds): the small kernel
-    // (Debian's 6.12 source), whose build tree has vmlinux and System.map.
-    {
-        let label = "vmlinux-corpus small".to_string();
-        let ok = vmlinux::corpus("small").unwrap_or_else(|e| {
+    // Real kernels as the DBT's corpus (offline, seconds): the small kernel
+    // (Debian's 6.12 source), whose build tree has vmlinux and System.map, and
+    // Debian's stock 6.12 (no symbols: function starts from its endbr64s).
+    for k in ["small", "debian-6.12"] {
+        let label = format!("vmlinux-corpus {k}");
+        let ok = vmlinux::corpus(k).unwrap_or_else(|e| {
             eprintln!("error in {label}: {e:#}");
             false
         });

@@ -3,7 +3,8 @@
 //! cache placed (fictitiously) in module space above the kernel's text.
 //!
 //! `dbt-vmlinux VMLINUX SYSTEM.MAP`: function starts and ends come from the
-//! `T`/`t` symbols of System.map; every block reachable inside a function
+//! `T`/`t` symbols of System.map (`--no-symbols` instead: from the kernel's
+//! `endbr64`s, for IBT kernels shipped without symbols, see [`discover`]); every block reachable inside a function
 //! from its start (branch targets, fall-throughs, the continuations of calls
 //! and stops) is translated; every emitted instruction (hot code and exit
 //! stubs) must decode back and map back to a native pc (`Engine::native_state`). Prints one summary line
@@ -20,8 +21,8 @@ use std::process::ExitCode;
 const CACHE_BASE: u64 = 0xffff_ffff_c000_0000;
 
 struct Image {
-    /// (virtual address, bytes) of each loadable segment.
-    segs: Vec<(u64, Vec<u8>)>,
+    /// (virtual address, bytes, executable) of each loadable segment.
+    segs: Vec<(u64, Vec<u8>, bool)>,
 }
 
 impl Image {
@@ -47,8 +48,9 @@ impl Image {
                 continue; // not PT_LOAD
             }
             let (off, vaddr, filesz) = (rd(ph + 8, 8)? as usize, rd(ph + 16, 8)?, rd(ph + 32, 8)? as usize);
+            let exec = rd(ph + 4, 4)? & 1 != 0;
             let data = b.get(off..off + filesz).ok_or("PT_LOAD segment outside the file")?;
-            segs.push((vaddr, data.to_vec()));
+            segs.push((vaddr, data.to_vec(), exec));
         }
         if segs.is_empty() {
             return Err("no PT_LOAD segment".into());
@@ -57,7 +59,7 @@ impl Image {
     }
 
     fn read(&self, pc: u64, buf: &mut [u8]) -> usize {
-        for (va, data) in self.segs.iter() {
+        for (va, data, _) in self.segs.iter() {
             if pc >= *va && pc < va + data.len() as u64 {
                 let off = (pc - va) as usize;
                 let n = buf.len().min(data.len() - off);
@@ -147,6 +149,76 @@ struct Symbols {
     thunks: BTreeMap<u64, Thunk>,
 }
 
+/// Function starts and thunks of a kernel without symbols (Debian ships a
+/// placeholder System.map): every 16-byte aligned `endbr64` of an executable
+/// segment starts a function (Debian's 6.12 is built with IBT, so every
+/// function whose address is taken starts with one, and functions are
+/// 16-byte aligned), ending at the next start. The return thunk is the most
+/// frequent direct-jump target whose code starts with `ret` (the thunk is `ret` padded for an alternative, then `int3`); a retpoline thunk is
+/// a call target whose code is `call +1; int3; mov [rsp], reg`.
+fn discover(image: &Image) -> Symbols {
+    const ENDBR: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
+    let mut starts = Vec::new();
+    for (va, data, exec) in image.segs.iter() {
+        if !exec {
+            continue;
+        }
+        let skip = ((16 - (va % 16)) % 16) as usize;
+        for off in (skip..data.len().saturating_sub(4)).step_by(16) {
+            if data[off..off + 4] == ENDBR {
+                starts.push(va + off as u64);
+            }
+        }
+    }
+    let mut funcs = Vec::new();
+    for (k, &a) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(a + 4096).min(a + (1 << 16));
+        funcs.push((a, end, format!("fn@{a:#x}")));
+    }
+    // Direct branch targets over every function body.
+    let mut jmps: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut calls: BTreeSet<u64> = BTreeSet::new();
+    let mut buf = Vec::new();
+    for &(a, end, _) in funcs.iter() {
+        buf.resize((end - a) as usize, 0);
+        let n = image.read(a, &mut buf);
+        for i in Decoder::with_ip(64, &buf[..n], a, DecoderOptions::NONE) {
+            match i.code() {
+                iced_x86::Code::Jmp_rel32_64 => *jmps.entry(i.near_branch_target()).or_default() += 1,
+                iced_x86::Code::Call_rel32_64 => {
+                    calls.insert(i.near_branch_target());
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut thunks = BTreeMap::new();
+    let code = |a: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        let got = image.read(a, &mut b);
+        b.truncate(got);
+        b
+    };
+    if let Some((&t, _)) = jmps.iter().filter(|(&t, _)| code(t, 1) == [0xC3]).max_by_key(|(_, &n)| n) {
+        thunks.insert(t, Thunk::Return);
+    }
+    for &t in calls.iter().chain(jmps.keys()) {
+        let b = code(t, 16);
+        if b.len() < 10 || b[..6] != [0xE8, 0x01, 0x00, 0x00, 0x00, 0xCC] {
+            continue;
+        }
+        let mov = Decoder::with_ip(64, &b[6..], t + 6, DecoderOptions::NONE).decode();
+        if mov.code() == iced_x86::Code::Mov_rm64_r64
+            && mov.memory_base() == Register::RSP
+            && mov.memory_displacement64() == 0
+            && mov.memory_index() == Register::None
+        {
+            thunks.insert(t, Thunk::Indirect(mov.op1_register()));
+        }
+    }
+    Symbols { funcs, thunks }
+}
+
 fn parse_map(text: &str, image: &Image) -> Symbols {
     let mut all: Vec<(u64, char, &str)> = text
         .lines()
@@ -188,7 +260,8 @@ struct Totals {
     emitted: u64,
     panics: Vec<String>,
     undecodable: Vec<String>,
-    stops: BTreeMap<String, u64>,
+    /// Stops by kind: (count, first instance: function+offset and mnemonic).
+    stops: BTreeMap<String, (u64, String)>,
     untranslatable: BTreeMap<String, (u64, String)>,
     kclass: [u64; KClass::COUNT],
     /// Emitted instructions whose native pc lies in the function / outside
@@ -218,9 +291,11 @@ fn new_engine(sym: &Symbols, image: &std::rc::Rc<Image>) -> (Engine, std::rc::Rc
 fn translate_function(
     e: &mut Engine,
     cache: &std::cell::RefCell<Vec<u8>>,
+    image: &Image,
     f: &(u64, u64, String),
     t: &mut Totals,
 ) -> bool {
+    let e_read = |pc: u64, b: &mut [u8]| image.read(pc, b);
     let (start, end, name) = f;
     let mut work = vec![*start];
     let mut seen = BTreeSet::new();
@@ -241,7 +316,14 @@ fn translate_function(
                         let k = StopKind::from_u64(stop);
                         // int3 (and undecodable bytes) in kernel text is padding, not code.
                         padding |= matches!(k, Some(StopKind::Breakpoint | StopKind::Invalid));
-                        *t.stops.entry(k.map(|k| format!("{k:?}")).unwrap_or_default()).or_default() += 1;
+                        let ent = t.stops.entry(k.map(|k| format!("{k:?}")).unwrap_or_default()).or_default();
+                        ent.0 += 1;
+                        if ent.1.is_empty() {
+                            let mut b = [0u8; 15];
+                            let n = e_read(target, &mut b);
+                            let i = Decoder::with_ip(64, &b[..n], target, DecoderOptions::NONE).decode();
+                            ent.1 = format!("{name}+{:#x}: {:?}", target.wrapping_sub(*start), i.mnemonic());
+                        }
                     } else {
                         work.push(target);
                     }
@@ -297,11 +379,12 @@ fn translate_function(
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 3 {
-        eprintln!("usage: dbt-vmlinux VMLINUX SYSTEM.MAP");
+        eprintln!("usage: dbt-vmlinux VMLINUX (SYSTEM.MAP | --no-symbols)");
         return ExitCode::from(2);
     }
     let read = |p: &str| std::fs::read(p).map_err(|e| format!("{p}: {e}"));
-    let (elf, map) = match (read(&args[1]), read(&args[2])) {
+    let map = if args[2] == "--no-symbols" { Ok(Vec::new()) } else { read(&args[2]) };
+    let (elf, map) = match (read(&args[1]), map) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e}");
@@ -315,7 +398,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let sym = parse_map(&String::from_utf8_lossy(&map), &image);
+    let sym = if args[2] == "--no-symbols" {
+        eprintln!(
+            "no symbols: function starts are the 16-byte aligned endbr64 of the text, thunks found by their code"
+        );
+        let s = discover(&image);
+        for (a, t) in s.thunks.iter() {
+            eprintln!("  thunk at {a:#x}: {t:?}");
+        }
+        s
+    } else {
+        parse_map(&String::from_utf8_lossy(&map), &image)
+    };
     eprintln!(
         "{} functions, {} thunks (return thunk: {})",
         sym.funcs.len(),
@@ -332,7 +426,7 @@ fn main() -> ExitCode {
         let before = e.stats;
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut tt = Totals::default();
-            let ok = translate_function(&mut e, &cache, f, &mut tt);
+            let ok = translate_function(&mut e, &cache, &image, f, &mut tt);
             (ok, tt)
         }));
         match ok {
@@ -345,7 +439,8 @@ fn main() -> ExitCode {
                 t.mapped_inside += tt.mapped_inside;
                 t.mapped_outside += tt.mapped_outside;
                 for (k, v) in tt.stops {
-                    *t.stops.entry(k).or_default() += v;
+                    let ent = t.stops.entry(k).or_insert((0, v.1.clone()));
+                    ent.0 += v.0;
                 }
                 for (k, v) in tt.untranslatable {
                     let ent = t.untranslatable.entry(k).or_insert((0, v.1.clone()));
@@ -382,8 +477,8 @@ fn main() -> ExitCode {
         println!("  {:>10}  {}", t.kclass[c as usize], c.name());
     }
     println!("stops (fragments end before the instruction; the environment runs it natively):");
-    for (k, v) in t.stops.iter() {
-        println!("  {v:>10}  {k}");
+    for (k, (v, first)) in t.stops.iter() {
+        println!("  {v:>10}  {k} (first: {first})");
     }
     println!("untranslatable blocks:");
     if t.untranslatable.is_empty() {
