@@ -29,6 +29,8 @@ pub struct HostEnv {
     /// code, so that two regions are out of rel32 reach of each other (tests
     /// of far links between regions).
     pub spread: bool,
+    /// Native regions ([`Env::native`]): `[lo, hi)` guest ranges.
+    pub native: Vec<(u64, u64)>,
 }
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
@@ -169,6 +171,10 @@ impl Env for HostEnv {
         let t = low_table(bytes)?;
         self.tables.push((t, bytes));
         Some(t)
+    }
+
+    fn native(&self, pc: u64) -> bool {
+        self.native.iter().any(|&(lo, hi)| pc >= lo && pc < hi)
     }
 
     fn thunk(&self, target: u64) -> Option<crate::Thunk> {

@@ -140,3 +140,35 @@ fn thunks_are_translated_as_the_branch_they_stand_for() {
         Harness::with_env(Some(Box::new(NullClient)), Config { cached_returns: true, ..Config::default() }, env);
     assert_eq!(h.run(f, &[]).rax, native);
 }
+
+/// Native regions: a call into one, and a block that runs into one, leave
+/// translated code with `StopKind::Native` at the region's pc, and nothing
+/// of the region is ever translated.
+#[test]
+fn native_regions_are_left_not_translated() {
+    // f: mov eax, 7; call g; ret      g (native): mov eax, 9; ret
+    // h: mov eax, 5; nop; <native from here> mov eax, 6; ret
+    let mut code = vec![0xB8, 7, 0, 0, 0, 0xE8, 0, 0, 0, 0, 0xC3];
+    let g_off = 0x40;
+    let rel = (g_off as i32) - 10;
+    code[6..10].copy_from_slice(&rel.to_le_bytes());
+    code.resize(g_off, 0xCC);
+    code.extend_from_slice(&[0xB8, 9, 0, 0, 0, 0xC3]);
+    let h_off = 0x80;
+    code.resize(h_off, 0xCC);
+    code.extend_from_slice(&[0xB8, 5, 0, 0, 0, 0x90, 0xB8, 6, 0, 0, 0, 0xC3]);
+    let p = page_with(&code);
+    let (g, h) = (p + g_off as u64, p + h_off as u64);
+    let mut env = HostEnv::new();
+    env.native = vec![(g, g + 6), (h + 6, h + 12)];
+    let mut hs = Harness::with_env(Some(Box::new(NullClient)), Config::default(), env);
+    let r = hs.run(p, &[]);
+    assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Native, g, 7), "the call into the region");
+    let r = hs.run(h, &[]);
+    assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Native, h + 6, 5), "the block running into it");
+    let r = hs.run(g, &[]);
+    assert_eq!((r.stop, r.stop_pc), (StopKind::Native, g), "entering it directly");
+    let spans: Vec<(u64, u64)> = [p, h].iter().filter_map(|&pc| hs.engine.fragment_span(pc)).collect();
+    assert_eq!(spans, vec![(p, p + 10), (h, h + 6)], "f ends at its call, h where the region begins");
+    assert!(hs.engine.lookup(g).is_none() && hs.engine.lookup(h + 6).is_none(), "nothing native translated");
+}

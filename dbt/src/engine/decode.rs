@@ -160,6 +160,11 @@ impl Engine {
             if !after_sti && (insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES) {
                 return done(insns, inline_jcc, Term::Fall(cur), cur, classes);
             }
+            // A block ends where a native region begins; its exit leaves
+            // translated code there (the region's entry is never linked).
+            if cur != pc && self.env.native(cur) {
+                return done(insns, inline_jcc, Term::Stop(StopKind::Native, cur), cur, classes);
+            }
             let n = self.env.read_code(cur, &mut buf[..15]).min(15);
             let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);
             let mut i = d.decode();

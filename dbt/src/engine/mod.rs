@@ -67,6 +67,15 @@ pub trait Env {
     fn alloc_table(&mut self, _bytes: usize) -> Option<u64> {
         None
     }
+    /// Whether `pc` lies in a *native region*: code the engine never
+    /// translates (kernel: entry text that runs on the user CR3 under KPTI,
+    /// where the cache is not mapped; `noinstr` code). Control that reaches
+    /// one leaves translated code with [`StopKind::Native`] at that pc, and
+    /// the environment runs it natively (and brings control back into the
+    /// cache through its own entry, e.g. an execute-only view of those pages).
+    fn native(&self, _pc: u64) -> bool {
+        false
+    }
 }
 
 /// Why translated execution stopped and control went back to the environment.
@@ -91,6 +100,8 @@ pub enum StopKind {
     /// `%gs` base translated code relies on or leaves the context; the
     /// environment resumes natively there (kernel: entry text, a native region).
     Privileged = 7,
+    /// `exit_pc` lies in a native region ([`Env::native`]).
+    Native = 8,
 }
 
 impl StopKind {
@@ -103,6 +114,7 @@ impl StopKind {
             5 => StopKind::Unsupported,
             6 => StopKind::NoSpace,
             7 => StopKind::Privileged,
+            8 => StopKind::Native,
             _ => return None,
         })
     }

@@ -64,6 +64,9 @@ impl Engine {
 
     /// Translate the block at `pc`, place it, return its entry.
     pub(super) fn translate(&mut self, pc: u64) -> Result<u64, StopKind> {
+        if self.env.native(pc) {
+            return Err(StopKind::Native);
+        }
         let blk = self.decode_block(pc);
         for (n, c) in self.stats.kclass.iter_mut().zip(blk.classes.iter()) {
             *n += c;
