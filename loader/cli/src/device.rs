@@ -117,8 +117,8 @@ pub enum CommandError {
 }
 
 impl Device {
-    fn command(&self, cmd: u32) -> Result<std::result::Result<(), CommandError>> {
-        let mut c = Command::default();
+    fn command(&self, cmd: u32, flags: u32) -> Result<std::result::Result<(), CommandError>> {
+        let mut c = Command { flags, ..Command::default() };
         match self.ioctl(cmd, &mut c) {
             Ok(()) => Ok(Ok(())),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EALREADY) | Some(libc::ENOENT)) => {
@@ -131,14 +131,14 @@ impl Device {
         }
     }
 
-    /// Launches the hypervisor on every online CPU.
-    pub fn load(&self) -> Result<std::result::Result<(), CommandError>> {
-        self.command(IOC_LOAD)
+    /// Launches the hypervisor on every online CPU (`flags`: `kdbt_abi::LOAD_*`).
+    pub fn load(&self, flags: u32) -> Result<std::result::Result<(), CommandError>> {
+        self.command(IOC_LOAD, flags)
     }
 
     /// Devirtualizes every CPU.
     pub fn unload(&self) -> Result<std::result::Result<(), CommandError>> {
-        self.command(IOC_UNLOAD)
+        self.command(IOC_UNLOAD, 0)
     }
 
     /// Runs the module's EPT permission check; its report.

@@ -20,6 +20,27 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `kdbt load --paging`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Paging {
+    Ept,
+    Shadow,
+}
+
+impl Paging {
+    /// `--paging`, else `$KDBT_PAGING` (ept|shadow), else EPT.
+    fn resolve(arg: Option<Paging>) -> Result<Paging> {
+        if let Some(p) = arg {
+            return Ok(p);
+        }
+        match std::env::var("KDBT_PAGING").as_deref() {
+            Err(_) | Ok("") | Ok("ept") => Ok(Paging::Ept),
+            Ok("shadow") => Ok(Paging::Shadow),
+            Ok(other) => bail!("KDBT_PAGING={other}: expected ept or shadow"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Show each online CPU's VT-x capabilities, as read from its MSRs by the module.
@@ -41,6 +62,11 @@ enum Cmd {
         /// Module parameter NAME=VALUE, for a module this command inserts (repeatable).
         #[arg(long = "param", value_name = "NAME=VALUE")]
         params: Vec<String>,
+        /// How guest memory is virtualized: `ept` (identity-mapped EPT) or `shadow`
+        /// (no EPT: shadow page tables built from the kernel's own) [default: $KDBT_PAGING,
+        /// else ept].
+        #[arg(long, value_enum)]
+        paging: Option<Paging>,
     },
     /// Devirtualize every CPU, then remove the module.
     Unload {
@@ -86,7 +112,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Caps { summary, json } => caps(summary, json),
-        Cmd::Load { module, params } => load(module, &params),
+        Cmd::Load { module, params, paging } => load(module, &params, Paging::resolve(paging)?),
         Cmd::Unload { keep_module } => unload(keep_module),
         Cmd::Status { json, summary } => status(json, summary),
         Cmd::EptCheck { violate: false } => {
@@ -158,7 +184,8 @@ fn caps_json(raw: &RawCaps) -> serde_json::Value {
     serde_json::json!({ "summary": summary, "msrs": msrs })
 }
 
-fn load(module: Option<PathBuf>, params: &[String]) -> Result<()> {
+fn load(module: Option<PathBuf>, params: &[String], paging: Paging) -> Result<()> {
+    let flags = if paging == Paging::Shadow { kdbt_abi::LOAD_SHADOW_PAGING } else { 0 };
     let inserted_here = if module::is_inserted() {
         if !params.is_empty() {
             bail!("the kdbt module is already inserted; --param only applies when `kdbt load` inserts it (run `kdbt unload` first)");
@@ -174,11 +201,11 @@ fn load(module: Option<PathBuf>, params: &[String]) -> Result<()> {
         module::insert(&path, &params.join(" "))?;
         true
     };
-    let err = match Device::open().and_then(|d| d.load()) {
+    let err = match Device::open().and_then(|d| d.load(flags)) {
         Ok(Ok(())) => {
             let (_, cpus) = Device::open()?.status()?;
             let n = cpus.iter().filter(|c| c.virtualized != 0).count();
-            println!("kdbt: loaded: {n} CPUs virtualized");
+            println!("kdbt: loaded: {n} CPUs virtualized ({} paging)", paging_name(paging == Paging::Shadow));
             return Ok(());
         }
         Ok(Err(CommandError::WrongState)) => anyhow::anyhow!("kdbt is already loaded (see `kdbt status`)"),
@@ -229,6 +256,33 @@ fn reason_key(r: u32) -> String {
         .join("_")
 }
 
+fn paging_name(shadow: bool) -> &'static str {
+    if shadow {
+        "shadow"
+    } else {
+        "ept"
+    }
+}
+
+/// The shadow-MMU figures as (key, value) pairs, in `kdbt_abi::ShadowStatus` order.
+fn shadow_figures(s: &kdbt_abi::ShadowStatus) -> [(&'static str, u64); 13] {
+    [
+        ("faults_resolved", s.faults_resolved),
+        ("faults_reflected", s.faults_reflected),
+        ("policy_faults", s.policy_faults),
+        ("cr3_switches", s.cr3_switches),
+        ("invlpgs", s.invlpgs),
+        ("invpcids", s.invpcids),
+        ("reclaims", s.reclaims),
+        ("pool_resets", s.pool_resets),
+        ("root_evictions", s.root_evictions),
+        ("full_flushes", s.full_flushes),
+        ("shadow_pages_in_use", s.pages_in_use),
+        ("shadow_pages_total", s.pages_total),
+        ("shadow_roots", s.roots),
+    ]
+}
+
 fn status(json: bool, summary: bool) -> Result<()> {
     if !module::is_inserted() {
         if summary {
@@ -253,14 +307,22 @@ fn status(json: bool, summary: bool) -> Result<()> {
                     .filter(|(_, n)| **n != 0)
                     .map(|(r, n)| (vmx::exit::reason_name(r as u32).to_string(), (*n).into()))
                     .collect();
-                serde_json::json!({
+                let shadow = c.paging == kdbt_abi::PAGING_SHADOW;
+                let mut v = serde_json::json!({
                     "cpu": c.cpu,
                     "online": c.online != 0,
                     "virtualized": c.virtualized != 0,
+                    "paging": paging_name(shadow),
                     "launch_cycles": c.launch_cycles,
                     "exits_total": c.exits_total,
                     "exits": exits,
-                })
+                });
+                if shadow {
+                    let m: serde_json::Map<String, serde_json::Value> =
+                        shadow_figures(&c.shadow).iter().map(|(k, n)| (k.to_string(), (*n).into())).collect();
+                    v["shadow"] = m.into();
+                }
+                v
             })
             .collect();
         println!(
@@ -271,12 +333,23 @@ fn status(json: bool, summary: bool) -> Result<()> {
     }
     if summary {
         for c in &cpus {
+            let shadow = c.paging == kdbt_abi::PAGING_SHADOW;
             let mut line = format!(
-                "cpu={} virtualized={} online={} launch_cycles={} exits={}",
-                c.cpu, c.virtualized, c.online, c.launch_cycles, c.exits_total
+                "cpu={} virtualized={} online={} paging={} launch_cycles={} exits={}",
+                c.cpu,
+                c.virtualized,
+                c.online,
+                paging_name(shadow),
+                c.launch_cycles,
+                c.exits_total
             );
             for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
                 line.push_str(&format!(" {}={n}", reason_key(r as u32)));
+            }
+            if shadow {
+                for (k, n) in shadow_figures(&c.shadow) {
+                    line.push_str(&format!(" {k}={n}"));
+                }
             }
             println!("{line}");
         }
@@ -291,9 +364,13 @@ fn status(json: bool, summary: bool) -> Result<()> {
     println!("kdbt: loaded: {held} of {online} online CPUs virtualized");
     for c in &cpus {
         match (c.virtualized != 0, c.online != 0) {
-            (true, _) => {
-                println!("cpu{}: virtualized (launch {} cycles), {} VM exits", c.cpu, c.launch_cycles, c.exits_total)
-            }
+            (true, _) => println!(
+                "cpu{}: virtualized, {} paging (launch {} cycles), {} VM exits",
+                c.cpu,
+                paging_name(c.paging == kdbt_abi::PAGING_SHADOW),
+                c.launch_cycles,
+                c.exits_total
+            ),
             (false, false) => {
                 println!("cpu{}: not virtualized (offline; virtualized when it comes online)", c.cpu);
                 continue;
@@ -305,6 +382,10 @@ fn status(json: bool, summary: bool) -> Result<()> {
         }
         for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
             println!("    {:>10}  {}", n, vmx::exit::reason_name(r as u32));
+        }
+        if c.paging == kdbt_abi::PAGING_SHADOW {
+            let figs: Vec<String> = shadow_figures(&c.shadow).iter().map(|(k, n)| format!("{k}={n}")).collect();
+            println!("    shadow MMU: {}", figs.join(" "));
         }
     }
     Ok(())

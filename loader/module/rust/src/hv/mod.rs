@@ -22,6 +22,7 @@ pub mod launch;
 pub mod percpu;
 mod root;
 mod serial;
+pub mod shadow;
 
 use percpu::{PerCpu, PERCPU_ORDER};
 use vmx::caps::{CtlKind, RawCaps, VmxCaps};
@@ -52,23 +53,35 @@ pub struct Controls {
     pub host_cr3: u64,
     /// EPT capabilities (for building the map once, and for the CPUID state leaf).
     pub ept: ::ept::EptCaps,
+    /// Shadow paging instead of EPT (`kdbt load --paging shadow`).
+    pub shadow: bool,
+    /// INVVPID types the shadow MMU's flushes may use.
+    pub flush: vmx::shadow_exit::FlushCaps,
 }
 
 /// What kdbt needs of every CPU. Optional features Linux may use natively (RDTSCP,
 /// INVPCID, XSAVES, user wait/pause) and VPID are enabled when present, so no guest
 /// instruction faults that would not fault natively.
-pub const REQUIRED: Features = Features::VMX
+pub const REQUIRED_BASE: Features = Features::VMX
     .union(Features::MSR_BITMAPS)
     .union(Features::SECONDARY_CONTROLS)
     .union(Features::HOST_64BIT)
     .union(Features::GUEST_64BIT)
     .union(Features::EFER_SWITCH)
     .union(Features::PAT_SWITCH)
-    .union(Features::DEBUG_CONTROLS)
-    .union(Features::EPT)
-    .union(Features::EPT_PWL4)
-    .union(Features::EPT_WB)
-    .union(Features::INVEPT_ALL);
+    .union(Features::DEBUG_CONTROLS);
+/// What EPT mode needs on top of [`REQUIRED_BASE`].
+pub const REQUIRED: Features =
+    REQUIRED_BASE.union(Features::EPT).union(Features::EPT_PWL4).union(Features::EPT_WB).union(Features::INVEPT_ALL);
+/// What shadow paging needs on top of [`REQUIRED_BASE`]: CR3-load/store exiting, INVLPG
+/// exiting (INVPCID exits through it), and VPID with single-context INVVPID for the shadow
+/// MMU's TLB flushes (all-context for the launch).
+pub const REQUIRED_SHADOW: Features = REQUIRED_BASE
+    .union(Features::CR3_EXITING)
+    .union(Features::INVLPG_EXITING)
+    .union(Features::VPID)
+    .union(Features::INVVPID_SINGLE)
+    .union(Features::INVVPID_ALL);
 
 /// Parses the `fake_missing` module parameter: comma-separated [`Features`] names, any
 /// case (e.g. `ept,vpid`).
@@ -85,14 +98,17 @@ fn parse_mask(fake: &str) -> Result<Features, String> {
 }
 
 /// Picks the VMCS controls for a CPU that passed preflight with `avail` features.
-pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, String> {
+pub fn choose_controls(caps: &VmxCaps, avail: Features, shadow: bool) -> Result<Controls, String> {
     use x86::vmx::vmcs::control::{
         EntryControls as En, ExitControls as Ex, PrimaryControls as P, SecondaryControls as S,
     };
     let err = |e: vmx::controls::MissingBits| alloc::format!("{e}");
-    let proc = adjust_kind(CtlKind::Proc, &caps.proc, (P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS).bits() as u64)
-        .map_err(err)?;
-    if proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
+    let mut want = P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS;
+    if shadow {
+        want |= P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING | P::INVLPG_EXITING;
+    }
+    let proc = adjust_kind(CtlKind::Proc, &caps.proc, want.bits() as u64).map_err(err)?;
+    if !shadow && proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
         return Err(String::from("this CPU forces CR3-load/store exiting (no TRUE controls); kdbt needs them off"));
     }
     let mut want2 = S::empty();
@@ -144,6 +160,11 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
         eptp: 0,
         host_cr3: 0,
         ept: ::ept::EptCaps::from_ept_vpid_cap(caps.ept_vpid.raw),
+        shadow,
+        flush: vmx::shadow_exit::FlushCaps {
+            individual_addr: caps.ept_vpid.invvpid_individual_addr,
+            retaining_globals: caps.ept_vpid.invvpid_single_context_retaining_globals,
+        },
     })
 }
 
@@ -169,8 +190,10 @@ unsafe impl Send for State {}
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
-/// Free a per-CPU block.
+/// Free a per-CPU block (and its shadow MMU's pool).
 fn free_percpu(pc: *mut PerCpu) {
+    // SAFETY: the block is ours and its CPU is not virtualized.
+    shadow::free(unsafe { (*pc).ctl.shadow });
     // SAFETY: `pc` came from kdbt_glue_alloc_pages(PERCPU_ORDER) and is no longer in use
     // (its CPU is not virtualized).
     unsafe { ffi::kdbt_glue_free_pages(pc.cast(), PERCPU_ORDER) }
@@ -188,6 +211,7 @@ fn alloc_percpu(cpu: u32) -> Result<*mut PerCpu, String> {
     pcr.ctl.cpu = cpu;
     pcr.ctl.exits = vmx::exit::ExitCtx::new(cpu, vmx::hypercall::STATE_VIRTUALIZED);
     pcr.ctl.stats = vmx::exit::ExitCounters::new();
+    pcr.ctl.shadow = core::ptr::null_mut();
     // SAFETY: the glue translates a direct-map address.
     pcr.ctl.phys = unsafe { ffi::kdbt_glue_virt_to_phys(p as *const _) };
     pcr.init_tables(&entry::idt_stubs());
@@ -231,11 +255,12 @@ fn fake_missing() -> String {
 /// Preflight of one CPU from its raw capabilities (read on that CPU, including its CR4)
 /// and the features its instructions need passed through (`native`, from its CPUID): its
 /// controls, or every reason it can't be launched. Process context (allocates).
-fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Controls, String> {
+fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features, shadow: bool) -> Result<Controls, String> {
     let caps = VmxCaps::decode(raw);
-    let req = Request { required: REQUIRED | native, mask };
+    let required = if shadow { REQUIRED_SHADOW } else { REQUIRED };
+    let req = Request { required: required | native, mask };
     match preflight(&caps, raw.cr4, &req) {
-        Ok(cleared) => choose_controls(&caps, cleared.available),
+        Ok(cleared) => choose_controls(&caps, cleared.available, shadow),
         Err(refusals) => {
             let mut s = String::new();
             for (i, r) in refusals.iter().enumerate() {
@@ -249,6 +274,16 @@ fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Cont
 /// Launches `cpu` (process context; the CPU must be online). On failure the block is freed.
 fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
     let pc = alloc_percpu(cpu)?;
+    if st.controls.shadow {
+        match shadow::ShadowCpu::alloc() {
+            // SAFETY: the block is exclusively ours until the CPU is launched.
+            Ok(sc) => unsafe { (*pc).ctl.shadow = sc },
+            Err(e) => {
+                free_percpu(pc);
+                return Err(alloc::format!("cpu{cpu}: {e}"));
+            }
+        }
+    }
     // Writable alias of this CPU's GDT, for devirtualize.
     // SAFETY: the glue returns per_cpu(gdt_page, cpu), a direct-map address.
     unsafe { (*pc).ctl.tables.gdt_rw = ffi::kdbt_glue_gdt_rw(cpu) };
@@ -262,6 +297,7 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
         unsafe {
             (*pc).ctl.exits.state = state;
             (*pc).ctl.exits.vnmi = controls.vnmi;
+            (*pc).ctl.flush = controls.flush;
         }
     }
     let mut result: Result<(), launch::LaunchError> = Ok(());
@@ -338,8 +374,12 @@ pub fn is_loaded() -> bool {
     STATE.lock().is_some()
 }
 
-/// Launch on every online CPU; all or nothing.
-pub fn load() -> Result<(), String> {
+/// Launch on every online CPU; all or nothing. `flags`: `kdbt_abi::LOAD_*`.
+pub fn load(flags: u32) -> Result<(), String> {
+    if flags & !kdbt_abi::LOAD_SHADOW_PAGING != 0 {
+        return Err(alloc::format!("unknown load flags {flags:#x} (CLI and module versions differ?)"));
+    }
+    let shadow = flags & kdbt_abi::LOAD_SHADOW_PAGING != 0;
     let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     if guard.is_some() {
@@ -361,7 +401,7 @@ pub fn load() -> Result<(), String> {
             });
         };
         let r = match hw::run_on_cpu(cpu, read) {
-            Ok(()) => preflight_cpu(&raw, native, mask),
+            Ok(()) => preflight_cpu(&raw, native, mask, shadow),
             Err(e) => Err(alloc::format!("cannot run on it (error {e})")),
         };
         match r {
@@ -380,27 +420,35 @@ pub fn load() -> Result<(), String> {
         return Err(msg);
     }
     let Some(mut controls) = chosen else { return Err(String::from("no CPU online")) };
-    let map = ept::build(controls.ept)?;
-    controls.eptp = map.eptp(false);
-    controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
-    let stats = map.stats();
+    let map = if shadow {
+        kinfo!("shadow paging: {} shadow frames per CPU, no EPT", shadow::FRAMES_PER_CPU);
+        None
+    } else {
+        let map = ept::build(controls.ept)?;
+        controls.eptp = map.eptp(false);
+        controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
+        let stats = map.stats();
+        kinfo!(
+            "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
+            map.limit() >> 30,
+            stats.tables,
+            stats.pages_1g,
+            stats.pages_2m,
+            stats.pages_4k
+        );
+        Some(map)
+    };
     let (pml4, pml4_pa) = match host_page_tables() {
         Ok(v) => v,
         Err(e) => {
-            map.destroy();
+            if let Some(map) = map {
+                map.destroy();
+            }
             return Err(e);
         }
     };
     controls.host_cr3 = pml4_pa;
-    kinfo!(
-        "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
-        map.limit() >> 30,
-        stats.tables,
-        stats.pages_1g,
-        stats.pages_2m,
-        stats.pages_4k
-    );
-    let mut st = State { controls, ept: Some(map), host_pml4: pml4, cpus: Vec::new() };
+    let mut st = State { controls, ept: map, host_pml4: pml4, cpus: Vec::new() };
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
         if let Err(e) = launch_cpu(&mut st, cpu) {
             // Roll back: nothing half-done survives.
@@ -485,7 +533,7 @@ pub fn cpu_offline(cpu: u32) -> Result<(), String> {
 /// Per-CPU status for `kdbt status`.
 /// One CPU's state for [`status`]: (virtualized, launch cycles, exit counters) of a CPU
 /// kdbt holds.
-pub type HeldCpu = (bool, u64, vmx::exit::ExitStats);
+pub type HeldCpu = (bool, u64, vmx::exit::ExitStats, Option<[u64; shadow::COUNTERS]>);
 
 /// Per-CPU status for `kdbt status`: `f(cpu, online, held)` for every possible CPU id when
 /// loaded (`held` is None for a CPU kdbt does not hold: offline, or its launch failed).
@@ -501,15 +549,18 @@ pub fn status(mut f: impl FnMut(u32, bool, Option<HeldCpu>)) -> bool {
                 // writes these fields concurrently; all of them are atomics (the counters
                 // kept apart from its live exit state, which is not read here).
                 let pc = c.pc;
-                let (virt, cycles, stats) = unsafe {
+                let (virt, cycles, stats, sh) = unsafe {
                     let ctl = &(*pc).ctl;
                     (
                         ctl.virtualized.load(Ordering::Acquire),
                         ctl.launch_cycles.load(Ordering::Relaxed),
                         ctl.stats.snapshot(),
+                        // The shadow block lives as long as the per-CPU block; its
+                        // published counters are atomics.
+                        ctl.shadow.as_ref().map(|s| s.snapshot()),
                     )
                 };
-                f(cpu, online, Some((virt, cycles, stats)));
+                f(cpu, online, Some((virt, cycles, stats, sh)));
             }
             None => f(cpu, online, None),
         }
@@ -575,7 +626,9 @@ pub fn set_page_perms(gpa: u64, perms: ::ept::Perms) -> Result<::ept::Perms, Str
     let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
-    let map = st.ept.as_mut().ok_or_else(|| String::from("no EPT"))?;
+    let map = st.ept.as_mut().ok_or_else(|| {
+        String::from("kdbt runs with shadow paging (no EPT): EPT permissions do not exist in this mode")
+    })?;
     let old = map.perms_of(gpa).ok_or_else(|| alloc::format!("{gpa:#x} is outside the EPT map"))?;
     let flush = map.set_perms_4k(gpa, perms).map_err(|e| alloc::format!("{e}"))?;
     if flush {
