@@ -29,6 +29,9 @@ pub trait ShadowHw: ExitHw {
 pub struct FlushCaps {
     pub individual_addr: bool,
     pub retaining_globals: bool,
+    /// Test hook (`kdbt load --test-ignore-user-invlpg`): INVLPG of a user address is
+    /// completed without telling the MMU, so stale shadow leaves survive.
+    pub ignore_user_invlpg: bool,
 }
 
 /// The shadow-paging state of one CPU, as the exit handler sees it.
@@ -97,8 +100,10 @@ pub fn handle<H: ShadowHw, F: FramePool, M: GuestMem, L: PolicyLookup>(
         reason::CR_ACCESS => cr_access(hw, regs, sh),
         reason::INVLPG => {
             let la = hw.vmread(ro::EXIT_QUALIFICATION);
-            let f = sh.mmu.on_invlpg(la);
-            do_flush(hw, sh.flush, f);
+            if !(sh.flush.ignore_user_invlpg && la >> 47 == 0) {
+                let f = sh.mmu.on_invlpg(la);
+                do_flush(hw, sh.flush, f);
+            }
             advance_rip(hw);
             Ok(())
         }
@@ -255,7 +260,9 @@ fn invpcid<F: FramePool, M: GuestMem, L: PolicyLookup>(
         // Linux's descriptors are 8-aligned; an unaligned one is not emulated.
         return Err(MmuError::Unsupported("INVPCID descriptor not 8-byte aligned"));
     }
-    let access = Access::sup(AccessKind::Read);
+    // An explicit supervisor read (SMAP applies unless RFLAGS.AC).
+    let ac = hw.vmread(guest::RFLAGS) & (1 << 18) != 0;
+    let access = Access { ac, ..Access::sup(AccessKind::Read) };
     let w = translate(&*sh.mem, sh.mmu.ctx(), sh.mmu.guest_cr3(), la, access)
         .map_err(|_| MmuError::Unsupported("INVPCID descriptor not readable"))?;
     let gpa = w.translation.gpa;
@@ -424,7 +431,7 @@ mod tests {
             mmu: m,
             mem,
             policy: &NoPolicy,
-            flush: FlushCaps { individual_addr: true, retaining_globals: true },
+            flush: FlushCaps { individual_addr: true, retaining_globals: true, ignore_user_invlpg: false },
             maxphyaddr: 46,
             pages_1g: true,
         };
@@ -508,6 +515,43 @@ mod tests {
         assert_eq!(f.vmread(control::CR4_READ_SHADOW) & CR4_VMXE, 0);
         assert!(!m.ctx().pge);
         assert!(f.invvpids.iter().any(|&(k, _, _)| k == 1));
+    }
+
+    #[test]
+    fn invpcid_reads_its_descriptor_through_the_guest_tables() {
+        let (mut m, mut mem, mut r) = (mmu(), guest(), GuestRegs::default());
+        run(&mut pf(LA, 0b100), &mut m, &mut mem, &mut r);
+        assert_ne!(m.shadow_leaf(LA), 0);
+        // Descriptor on a supervisor page (SMAP is on): LA + 0x2100 -> gpa 0x6100, holding
+        // PCID 0 and address LA.
+        mem.0.insert(0x4000 + 2 * 8, 0x6000 | 0b11 | (1 << 6));
+        mem.0.insert(0x6100, 0);
+        mem.0.insert(0x6108, LA);
+        // invpcid rax, [rbx + 0x80]: base RBX (3), no index, 64-bit addressing, type in RAX.
+        let info = (2 << 7) | (1 << 22) | (3 << 23);
+        let exit_invpcid = |kind: u64, r: &mut GuestRegs| {
+            r.rax = kind;
+            r.rbx = LA + 0x2080;
+            let mut f = exit(reason::INVPCID);
+            f.vmwrite(ro::VMEXIT_INSTRUCTION_INFO, info);
+            f.vmwrite(ro::EXIT_QUALIFICATION, 0x80);
+            f
+        };
+        let mut f = exit_invpcid(0, &mut r);
+        assert_eq!(run(&mut f, &mut m, &mut mem, &mut r), Some(Ok(Action::Resume)));
+        assert_eq!(m.shadow_leaf(LA), 0);
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003);
+        assert_eq!(m.counters().invpcids, 1);
+        // Type 4 does not exist: #GP(0), RIP unchanged.
+        let mut f = exit_invpcid(4, &mut r);
+        run(&mut f, &mut m, &mut mem, &mut r);
+        assert_eq!(injected(&f), Some((13, 0)));
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000);
+        // Bits 63:12 of the PCID quadword set: #GP(0).
+        mem.0.insert(0x6100, 1 << 12);
+        let mut f = exit_invpcid(2, &mut r);
+        run(&mut f, &mut m, &mut mem, &mut r);
+        assert_eq!(injected(&f), Some((13, 0)));
     }
 
     #[test]

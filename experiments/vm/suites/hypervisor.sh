@@ -19,7 +19,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 20
+plan 21
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -42,6 +42,19 @@ work_light() { sha256sum /tmp/data && workload --n 20 --dir /tmp; }
 work > /tmp/w.before
 work_light > /tmp/w.light
 
+# Mapping stress on every CPU at once (experiments/guest/src/bin/mapstress.rs): anonymous
+# and file-backed mmap/munmap, mprotect, fork with COW both ways, madvise(DONTNEED), every
+# byte read back; its output (a checksum of everything read) must equal the native one.
+mapstress_all() {
+    for c in $(cpus_list); do
+        mkdir -p /tmp/ms$c
+        taskset -c "$c" mapstress --n 20 --seed $((c + 1)) --dir /tmp/ms$c >/tmp/ms.$1.$c 2>&1 &
+    done
+    wait
+    cat /tmp/ms.$1.*
+}
+mapstress_all native > /tmp/ms.native
+
 # Single-stepping over CPUID (emulated by kdbt while loaded): the guest's SIGTRAPs, and
 # where they stop, must be the same as natively (experiments/guest/src/bin/tf-cpuid.rs).
 tf_all() {
@@ -58,6 +71,12 @@ if [ "$virt" = "$NCPUS" ]; then pass status_all_virtualized cpus="$virt"; else f
 
 work > /tmp/w.loaded
 check workload_identical_loaded cmp /tmp/w.before /tmp/w.loaded
+mapstress_all loaded > /tmp/ms.loaded
+if cmp -s /tmp/ms.native /tmp/ms.loaded && grep -q "errors=0" /tmp/ms.native; then
+    pass mapping_stress_identical $(head -1 /tmp/ms.loaded | tr ' ' '\n' | grep fnv1a)
+else
+    fail mapping_stress_identical; info "native: $(cat /tmp/ms.native | tr '\n' ' ') loaded: $(cat /tmp/ms.loaded | tr '\n' ' ')"
+fi
 
 tf_same() {
     tf_all loaded || return 1
@@ -115,6 +134,7 @@ if [ "$KDBT_PAGING" = shadow ]; then
         done
     }
     if figs=$(shadow_figs) && [ $rc -ne 0 ]; then pass shadow_mmu_all_cpus $figs; else fail shadow_mmu_all_cpus rc=$rc $figs; kdbt status; fi
+    info "$(kdbt status --summary)"
 else
     # Per-4 KB EPT permission changes, each followed by INVEPT on every CPU.
     out=$(kdbt ept-check 2>&1); rc=$?

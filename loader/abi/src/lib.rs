@@ -108,6 +108,12 @@ impl Default for Command {
 /// [`Command::flags`] of [`IOC_LOAD`]: run the guest on shadow page tables instead of EPT.
 pub const LOAD_SHADOW_PAGING: u32 = 1 << 0;
 
+/// [`Command::flags`] of [`IOC_LOAD`], for tests only: with [`LOAD_SHADOW_PAGING`], the
+/// shadow MMU ignores the guest's INVLPG of user addresses (the instruction completes, the
+/// shadow keeps stale leaves), to show that the mapping stress check catches a missing
+/// flush.
+pub const LOAD_TEST_IGNORE_USER_INVLPG: u32 = 1 << 31;
+
 /// [`CpuStatus::paging`] values.
 pub const PAGING_EPT: u32 = 0;
 pub const PAGING_SHADOW: u32 = 1;

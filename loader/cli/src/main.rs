@@ -67,6 +67,10 @@ enum Cmd {
         /// else ept].
         #[arg(long, value_enum)]
         paging: Option<Paging>,
+        /// Test hook (shadow paging only): the shadow MMU ignores INVLPG of user
+        /// addresses, leaving stale translations (shows the mapping stress check failing).
+        #[arg(long, hide = true)]
+        test_ignore_user_invlpg: bool,
     },
     /// Devirtualize every CPU, then remove the module.
     Unload {
@@ -112,7 +116,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Caps { summary, json } => caps(summary, json),
-        Cmd::Load { module, params, paging } => load(module, &params, Paging::resolve(paging)?),
+        Cmd::Load { module, params, paging, test_ignore_user_invlpg } => {
+            load(module, &params, Paging::resolve(paging)?, test_ignore_user_invlpg)
+        }
         Cmd::Unload { keep_module } => unload(keep_module),
         Cmd::Status { json, summary } => status(json, summary),
         Cmd::EptCheck { violate: false } => {
@@ -184,8 +190,11 @@ fn caps_json(raw: &RawCaps) -> serde_json::Value {
     serde_json::json!({ "summary": summary, "msrs": msrs })
 }
 
-fn load(module: Option<PathBuf>, params: &[String], paging: Paging) -> Result<()> {
-    let flags = if paging == Paging::Shadow { kdbt_abi::LOAD_SHADOW_PAGING } else { 0 };
+fn load(module: Option<PathBuf>, params: &[String], paging: Paging, ignore_user_invlpg: bool) -> Result<()> {
+    let mut flags = if paging == Paging::Shadow { kdbt_abi::LOAD_SHADOW_PAGING } else { 0 };
+    if ignore_user_invlpg {
+        flags |= kdbt_abi::LOAD_TEST_IGNORE_USER_INVLPG;
+    }
     let inserted_here = if module::is_inserted() {
         if !params.is_empty() {
             bail!("the kdbt module is already inserted; --param only applies when `kdbt load` inserts it (run `kdbt unload` first)");

@@ -164,6 +164,7 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features, shadow: bool) -> Result<
         flush: vmx::shadow_exit::FlushCaps {
             individual_addr: caps.ept_vpid.invvpid_individual_addr,
             retaining_globals: caps.ept_vpid.invvpid_single_context_retaining_globals,
+            ignore_user_invlpg: false,
         },
     })
 }
@@ -376,10 +377,14 @@ pub fn is_loaded() -> bool {
 
 /// Launch on every online CPU; all or nothing. `flags`: `kdbt_abi::LOAD_*`.
 pub fn load(flags: u32) -> Result<(), String> {
-    if flags & !kdbt_abi::LOAD_SHADOW_PAGING != 0 {
+    if flags & !(kdbt_abi::LOAD_SHADOW_PAGING | kdbt_abi::LOAD_TEST_IGNORE_USER_INVLPG) != 0 {
         return Err(alloc::format!("unknown load flags {flags:#x} (CLI and module versions differ?)"));
     }
     let shadow = flags & kdbt_abi::LOAD_SHADOW_PAGING != 0;
+    let ignore_user_invlpg = flags & kdbt_abi::LOAD_TEST_IGNORE_USER_INVLPG != 0;
+    if ignore_user_invlpg && !shadow {
+        return Err(String::from("the ignore-user-INVLPG test hook needs shadow paging"));
+    }
     let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     if guard.is_some() {
@@ -420,6 +425,10 @@ pub fn load(flags: u32) -> Result<(), String> {
         return Err(msg);
     }
     let Some(mut controls) = chosen else { return Err(String::from("no CPU online")) };
+    controls.flush.ignore_user_invlpg = ignore_user_invlpg;
+    if ignore_user_invlpg {
+        kwarn!("test hook: the shadow MMU ignores INVLPG of user addresses");
+    }
     let map = if shadow {
         kinfo!("shadow paging: {} shadow frames per CPU, no EPT", shadow::FRAMES_PER_CPU);
         None
