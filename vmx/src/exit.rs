@@ -581,6 +581,11 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
             regs.rax = hypercall::OK;
             Action::Resume
         }
+        // Served by `shadow_exit` when shadow paging runs; under EPT there is no shadow.
+        Call::ShadowApplyPolicy => {
+            regs.rax = hypercall::ERR_UNSUPPORTED;
+            Action::Resume
+        }
         Call::EptSetPerms => {
             // Permission changes are made by the kernel side on the shared tables, then
             // EptInvalidate on every CPU; this number stays reserved.

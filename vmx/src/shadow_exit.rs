@@ -5,8 +5,11 @@
 //! Written against [`ShadowHw`] (the exit hardware plus INVVPID and CR2) so that every
 //! path is unit-tested on the host with a fake VMCS and fake guest memory. Runs in VMX root
 //! mode: no allocation, no kernel calls.
+use shadow::policy::NoPolicy;
 use shadow::walk::{translate, Access, AccessKind};
 use shadow::{FramePool, GuestMem, HwFlush, Mmu, MmuError, PagingCtx, PfOutcome, PolicyLookup};
+
+use crate::hypercall::{self, Call};
 use x86::vmx::vmcs::{control, guest, ro};
 
 use crate::exit::{
@@ -23,6 +26,20 @@ pub trait ShadowHw: ExitHw {
     fn write_cr2(&mut self, value: u64);
 }
 
+/// The owner of the page policy: decides what a denied access does.
+pub trait PolicyOwner: PolicyLookup {
+    /// The guest's own tables allow `access` at `la` (guest-physical `gpa`) but the policy
+    /// forbids it. True: the owner changed the policy (e.g. lifted it) and the guest
+    /// resumes, re-executing the access; false: fatal.
+    fn violation(&self, gpa: u64, la: u64, access: AccessKind) -> bool;
+}
+
+impl PolicyOwner for NoPolicy {
+    fn violation(&self, _: u64, _: u64, _: AccessKind) -> bool {
+        false
+    }
+}
+
 /// INVVPID types the CPU supports, chosen at load: a type it lacks is replaced by
 /// single-context (a superset).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,7 +52,7 @@ pub struct FlushCaps {
 }
 
 /// The shadow-paging state of one CPU, as the exit handler sees it.
-pub struct ShadowCtx<'a, F: FramePool, M: GuestMem, L: PolicyLookup> {
+pub struct ShadowCtx<'a, F: FramePool, M: GuestMem, L: PolicyOwner> {
     pub mmu: &'a mut Mmu<F>,
     pub mem: &'a mut M,
     pub policy: &'a L,
@@ -64,7 +81,7 @@ const VECTOR_DF: u8 = 8;
 
 /// Handles the exit if it belongs to shadow paging: `None` leaves it to
 /// [`crate::exit::handle`] (which then counts it). A handled exit is counted here.
-pub fn handle<H: ShadowHw, F: FramePool, M: GuestMem, L: PolicyLookup>(
+pub fn handle<H: ShadowHw, F: FramePool, M: GuestMem, L: PolicyOwner>(
     hw: &mut H,
     regs: &mut GuestRegs,
     ctx: &mut ExitCtx,
@@ -87,6 +104,7 @@ pub fn handle<H: ShadowHw, F: FramePool, M: GuestMem, L: PolicyLookup>(
             matches!((cr, access), (3, 0) | (3, 1) | (0, 0) | (4, 0))
         }
         reason::INVLPG | reason::INVPCID => true,
+        reason::VMCALL => regs.rax == Call::ShadowApplyPolicy.rax() && exit::guest_cpl(hw) == 0,
         _ => false,
     };
     if !ours {
@@ -107,6 +125,15 @@ pub fn handle<H: ShadowHw, F: FramePool, M: GuestMem, L: PolicyLookup>(
             advance_rip(hw);
             Ok(())
         }
+        reason::VMCALL => {
+            // The caller changed the policy of the page in RBX: restrict this CPU's leaves.
+            let gpa = regs.rbx;
+            let f = sh.mmu.apply_policy(gpa, sh.policy.policy(gpa));
+            do_flush(hw, sh.flush, f);
+            regs.rax = hypercall::OK;
+            advance_rip(hw);
+            Ok(())
+        }
         _ => invpcid(hw, regs, sh),
     };
     Some(r.map(|()| Action::Resume).map_err(|e| fatal(hw, e)))
@@ -123,7 +150,7 @@ pub fn do_flush(hw: &mut impl ShadowHw, caps: FlushCaps, f: HwFlush) {
     }
 }
 
-fn page_fault<F: FramePool, M: GuestMem, L: PolicyLookup>(
+fn page_fault<F: FramePool, M: GuestMem, L: PolicyOwner>(
     hw: &mut impl ShadowHw,
     sh: &mut ShadowCtx<'_, F, M, L>,
 ) -> Result<(), MmuError> {
@@ -154,12 +181,17 @@ fn page_fault<F: FramePool, M: GuestMem, L: PolicyLookup>(
             }
             Ok(())
         }
-        // No policy is set in this version (the permission hook is not wired in yet).
-        PfOutcome::Policy { .. } => Err(MmuError::Unsupported("a page policy denied an access")),
+        PfOutcome::Policy { la, gpa, access } => {
+            if sh.policy.violation(gpa, la, access) {
+                Ok(())
+            } else {
+                Err(MmuError::Unsupported("a page policy denied an access"))
+            }
+        }
     }
 }
 
-fn cr_access<F: FramePool, M: GuestMem, L: PolicyLookup>(
+fn cr_access<F: FramePool, M: GuestMem, L: PolicyOwner>(
     hw: &mut impl ShadowHw,
     regs: &mut GuestRegs,
     sh: &mut ShadowCtx<'_, F, M, L>,
@@ -223,7 +255,7 @@ fn cr_access<F: FramePool, M: GuestMem, L: PolicyLookup>(
 
 /// INVPCID: type in the register operand, the 16-byte descriptor (PCID, linear address)
 /// in memory, read through the guest's own tables.
-fn invpcid<F: FramePool, M: GuestMem, L: PolicyLookup>(
+fn invpcid<F: FramePool, M: GuestMem, L: PolicyOwner>(
     hw: &mut impl ShadowHw,
     regs: &mut GuestRegs,
     sh: &mut ShadowCtx<'_, F, M, L>,
@@ -300,7 +332,6 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
-    use shadow::policy::NoPolicy;
 
     /// Fake VMCS, CPU and guest memory.
     #[derive(Default)]

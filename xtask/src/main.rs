@@ -90,8 +90,9 @@ enum Cmd {
     /// Boot one guest and run a scenario suite.
     Vm(VmArgs),
     /// Host unit tests + the smoke and hypervisor suites in Bochs (small, debian-6.12) and
-    /// QEMU TCG (small, debian-6.12, debian-6.1), one boot per kernel and emulator, and the
-    /// fatal suite in a boot of its own (Bochs, small).
+    /// QEMU TCG (small, debian-6.12, debian-6.1), one boot per kernel and emulator, the
+    /// fatal suite in a boot of its own (Bochs, small), and the hypervisor and shadow-hook
+    /// suites on shadow paging (Bochs, small).
     Test {
         /// Skip `cargo test --workspace`.
         #[arg(long)]
@@ -495,6 +496,10 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
         base.clone(),
         // A fatal exit panics the guest, which ends its boot: a boot of its own (1 CPU).
         VmArgs { suite: "fatal".into(), cpus: 1, ..base.clone() },
+        // Shadow paging (issue 9): the hypervisor suite on shadow page tables, then the
+        // mapping-stress and policy checks failing on purpose under their test hooks
+        // (~5.5 minutes; the timeout allows for a busy host).
+        VmArgs { suite: "hypervisor,shadow-hook".into(), paging: Paging::Shadow, timeout: Some(900), ..base.clone() },
         VmArgs { kernel: "debian-6.12".into(), ..base.clone() },
         // Call-depth tracking (`retbleed=stuff`, Debian 6.12 has it): the kernel's return
         // thunk, which root mode's returns go through, touches %gs; with a host GS base of
@@ -518,7 +523,7 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
     }
     let mut ctx = Ctx::default();
     for a in &runs {
-        let label = format!("{} {} {} {}cpu", a.suite, a.kernel, a.emulator.name(), a.cpus);
+        let label = format!("{} {} {} {}cpu {}", a.suite, a.kernel, a.emulator.name(), a.cpus, a.paging.name());
         if emu::interrupted() {
             bail!("interrupted");
         }

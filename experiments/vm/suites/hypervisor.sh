@@ -19,7 +19,8 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 21
+# Shadow paging adds the policy-hook check.
+if [ "$KDBT_PAGING" = shadow ]; then plan 22; else plan 21; fi
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -135,6 +136,12 @@ if [ "$KDBT_PAGING" = shadow ]; then
     }
     if figs=$(shadow_figs) && [ $rc -ne 0 ]; then pass shadow_mmu_all_cpus $figs; else fail shadow_mmu_all_cpus rc=$rc $figs; kdbt status; fi
     info "$(kdbt status --summary)"
+    # The permission hook: a page made not writable traps a write on every CPU, through a
+    # shadow leaf that was writable before the change.
+    out=$(kdbt shadow-check 2>&1); rc=$?
+    info "$out"
+    pf=$(echo "$out" | grep -o 'cpu[0-9]*_policy_faults=[0-9]*' | tr '\n' ' ')
+    if [ $rc -eq 0 ] && [ "$(echo "$pf" | wc -w)" = "$NCPUS" ]; then pass shadow_policy_all_cpus $pf; else fail shadow_policy_all_cpus rc=$rc; fi
 else
     # Per-4 KB EPT permission changes, each followed by INVEPT on every CPU.
     out=$(kdbt ept-check 2>&1); rc=$?

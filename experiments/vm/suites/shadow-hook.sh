@@ -4,10 +4,22 @@
 # something other than what it reads natively. Sourced by /init.
 
 export KDBT_MODULE=/lib/modules/kdbt.ko
-plan 1
+plan 2
 if [ "$EXPECT_VMX" != 1 ]; then
     pass mapstress_catches_missing_invlpg skipped_no_vtx=1
+    pass policy_check_catches_missing_apply skipped_no_vtx=1
     exit 0
+fi
+# The policy check must fail when the policy is not applied to shadow leaves already
+# written (test hook of `kdbt shadow-check`).
+out=$(kdbt load --paging shadow 2>&1) || info "$out"
+out=$(kdbt shadow-check --test-skip-apply 2>&1); rc=$?
+info "skip-apply: rc=$rc $out"
+kdbt unload > /dev/null 2>&1 || info "unload failed"
+if [ $rc -ne 0 ] && echo "$out" | grep -q "did not trap"; then
+    pass policy_check_catches_missing_apply
+else
+    fail policy_check_catches_missing_apply rc=$rc
 fi
 mkdir -p /tmp/ms
 taskset -c 0 mapstress --n 20 --seed 1 --dir /tmp/ms > /tmp/ms.native 2>&1

@@ -219,6 +219,14 @@ pub const IOC_NMI_CHECK: u32 = iowr(0x06, core::mem::size_of::<Command>());
 /// reason in [`Command::message`]). For tests.
 pub const IOC_EPT_VIOLATE: u32 = iowr(0x07, core::mem::size_of::<Command>());
 
+/// Shadow paging: makes a scratch page not writable (the policy hook) on every CPU in turn
+/// and writes it through its direct-map alias on that CPU: each write must trap to kdbt
+/// once (the check lifts the policy and the write completes). `Command::flags`
+/// [`SHADOW_CHECK_TEST_SKIP_APPLY`] skips applying the policy to the shadow leaves already
+/// written (the check must then fail). Report or failure in [`Command::message`].
+pub const IOC_SHADOW_CHECK: u32 = iowr(0x08, core::mem::size_of::<Command>());
+pub const SHADOW_CHECK_TEST_SKIP_APPLY: u32 = 1 << 0;
+
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {
     pub const EPERM: i32 = 1;

@@ -156,8 +156,17 @@ impl Device {
         self.check(IOC_NMI_CHECK, "NMI check", "KDBT_IOC_NMI_CHECK")
     }
 
+    /// Runs the module's shadow-paging policy check (`flags`: `kdbt_abi::SHADOW_CHECK_*`).
+    pub fn shadow_check(&self, flags: u32) -> Result<String> {
+        self.check_flags(kdbt_abi::IOC_SHADOW_CHECK, "shadow policy check", "KDBT_IOC_SHADOW_CHECK", flags)
+    }
+
     fn check(&self, ioc: u32, what: &str, ioc_name: &str) -> Result<String> {
-        let mut c = Command::default();
+        self.check_flags(ioc, what, ioc_name, 0)
+    }
+
+    fn check_flags(&self, ioc: u32, what: &str, ioc_name: &str, flags: u32) -> Result<String> {
+        let mut c = Command { flags, ..Command::default() };
         let r = self.ioctl(ioc, &mut c);
         let text = kdbt_abi::fixed_str_read(&c.message).to_string();
         match r {

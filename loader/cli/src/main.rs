@@ -98,6 +98,13 @@ enum Cmd {
     /// Check NMI delivery on every CPU: an NMI sent to it and one held back while its NMI
     /// handler runs must both arrive (through kdbt's NMI exits and the NMI window).
     NmiCheck,
+    /// Shadow paging: a page made not writable (the permission policy hook) must trap a
+    /// write on every CPU, through a shadow leaf that was writable before.
+    ShadowCheck {
+        /// Test hook: do not apply the policy to existing shadow leaves (must fail).
+        #[arg(long, hide = true)]
+        test_skip_apply: bool,
+    },
     /// Show the versions of the CLI and of the loaded module.
     Version,
 }
@@ -128,6 +135,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::EptCheck { violate: true } => {
             let r = Device::open()?.ept_violate();
             bail!("the kernel did not panic: {}", r.err().map_or(String::from("no error either"), |e| format!("{e:#}")))
+        }
+        Cmd::ShadowCheck { test_skip_apply } => {
+            let flags = if test_skip_apply { kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY } else { 0 };
+            println!("kdbt: shadow policy check passed: {}", Device::open()?.shadow_check(flags)?);
+            Ok(())
         }
         Cmd::NmiCheck => {
             println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);

@@ -769,3 +769,89 @@ pub fn nmi_check() -> Result<String, String> {
         Err(alloc::format!("{}({report})", failures))
     }
 }
+
+/// Shadow paging's permission hook on every CPU (`kdbt shadow-check`): a scratch page is
+/// written on a CPU (so that CPU holds a writable shadow leaf for it), made not writable
+/// (policy lifted at the first violation), the policy applied to every CPU's shadow
+/// leaves (hypercall), then written again on that CPU through the same direct-map alias:
+/// the write must trap to kdbt exactly once and complete. Each CPU in turn. `flags`
+/// [`kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY`]: do not apply (the writable leaf stays and the
+/// check must fail). Returns a one-line report.
+pub fn shadow_policy_check(flags: u32) -> Result<String, String> {
+    use ::shadow::PagePolicy;
+    let skip_apply = flags & kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY != 0;
+    let _hp = hw::CpusReadGuard::lock();
+    let cpus: Vec<(u32, *mut PerCpu)> = {
+        let guard = STATE.lock();
+        let Some(st) = guard.as_ref() else { return Err(String::from("kdbt is not loaded")) };
+        if !st.controls.shadow {
+            return Err(String::from("kdbt runs with EPT: the shadow policy hook needs `kdbt load --paging shadow`"));
+        }
+        st.cpus.iter().enumerate().filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc))).collect()
+    };
+    // SAFETY: one zeroed page; process context.
+    let page = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *mut u64;
+    if page.is_null() {
+        return Err(String::from("out of memory"));
+    }
+    // SAFETY: our page.
+    let gpa = unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) };
+    let addr = page as usize;
+    // SAFETY: the blocks stay allocated while their CPUs are in `cpus` (hotplug lock held);
+    // the published counters are atomics.
+    let policy_faults = |pc: *mut PerCpu| unsafe { (*pc).ctl.shadow.as_ref() }.map_or(0, |s| s.snapshot()[2]);
+    let mut report = alloc::format!("page={gpa:#x}");
+    let mut result = Ok(());
+    for &(cpu, pc) in &cpus {
+        let r = (|| -> Result<(), String> {
+            // SAFETY: our page, written on `cpu` (its shadow now maps it writable).
+            hw::run_on_cpu(cpu, || unsafe { (addr as *mut u64).write_volatile(0x100 + cpu as u64) })
+                .map_err(|e| alloc::format!("cpu{cpu}: cannot run on it (error {e})"))?;
+            let (h0, f0) = (shadow::POLICY.hits(), policy_faults(pc));
+            shadow::POLICY.set(gpa, PagePolicy::NOT_WRITABLE, true)?;
+            if !skip_apply {
+                for &(other, _) in &cpus {
+                    let mut rax = 0;
+                    hw::run_on_cpu(other, || rax = hypercall(vmx::hypercall::Call::ShadowApplyPolicy, gpa))
+                        .map_err(|e| alloc::format!("cpu{other}: cannot run on it (error {e})"))?;
+                    if rax != vmx::hypercall::OK {
+                        return Err(alloc::format!("cpu{other}: apply-policy hypercall returned {rax:#x}"));
+                    }
+                }
+            }
+            let mut before = 0;
+            // SAFETY: our page; the write traps to kdbt, which lifts the policy, and then
+            // completes.
+            hw::run_on_cpu(cpu, || unsafe {
+                before = (addr as *const u64).read_volatile();
+                (addr as *mut u64).write_volatile(0x200 + cpu as u64);
+            })
+            .map_err(|e| alloc::format!("cpu{cpu}: cannot run on it (error {e})"))?;
+            // SAFETY: our page.
+            let after = unsafe { (addr as *const u64).read_volatile() };
+            let (hits, faults) = (shadow::POLICY.hits() - h0, policy_faults(pc) - f0);
+            shadow::POLICY.clear(gpa);
+            let _ = write!(report, " cpu{cpu}_policy_faults={faults}");
+            if before != 0x100 + cpu as u64 || after != 0x200 + cpu as u64 {
+                return Err(alloc::format!("cpu{cpu}: page read {before:#x} then {after:#x}"));
+            }
+            if hits != 1 || faults != 1 {
+                return Err(alloc::format!(
+                    "cpu{cpu}: the write to the not-writable page did not trap once ({hits} lifts, {faults} policy faults)"
+                ));
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
+    }
+    shadow::POLICY.clear(gpa);
+    // SAFETY: our page; it has no policy any more.
+    unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+    match result {
+        Ok(()) => Ok(report),
+        Err(e) => Err(alloc::format!("{e} ({report})")),
+    }
+}

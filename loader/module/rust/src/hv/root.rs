@@ -136,7 +136,7 @@ fn shadow_exit(pc: &mut PerCpu, regs: &mut GuestRegs) -> Option<Action> {
     let mut sh = vmx::shadow_exit::ShadowCtx {
         mmu,
         mem,
-        policy: &shadow::policy::NoPolicy,
+        policy: &super::shadow::POLICY,
         flush: pc.ctl.flush,
         maxphyaddr: *maxphyaddr,
         pages_1g: *pages_1g,

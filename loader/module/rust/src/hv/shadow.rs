@@ -15,7 +15,8 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use shadow::mmu::Stats;
-use shadow::{FramePool, GuestMem, Mmu, MmuError, PagingCtx};
+use shadow::walk::AccessKind;
+use shadow::{FramePool, GuestMem, Mmu, MmuError, PagePolicy, PagingCtx, PolicyLookup};
 
 use crate::ffi;
 
@@ -56,6 +57,83 @@ impl GuestMem for DirectMap {
         Some(match a.compare_exchange(expected, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(v) | Err(v) => v,
         })
+    }
+}
+
+/// The page policy of shadow paging (shared by all CPUs): a few pages with restrictions,
+/// each slot `page | VALID | ONCE? | policy bits`. Lock-free readers (root mode of every
+/// CPU); writers are the serialized ioctl paths, and root mode clearing a `ONCE` slot.
+pub struct PolicySlots {
+    slots: [AtomicU64; POLICY_SLOTS],
+    /// Violations the slots' owner resolved (the `ONCE` slots lifted).
+    hits: AtomicU64,
+}
+
+const POLICY_SLOTS: usize = 8;
+const SLOT_VALID: u64 = 1 << 2;
+/// Lift the policy at the first violation (and let the access complete).
+const SLOT_ONCE: u64 = 1 << 3;
+const PAGE_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+pub static POLICY: PolicySlots =
+    PolicySlots { slots: [const { AtomicU64::new(0) }; POLICY_SLOTS], hits: AtomicU64::new(0) };
+
+impl PolicySlots {
+    fn find(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
+        self.slots
+            .iter()
+            .map(|s| (s, s.load(Ordering::Acquire)))
+            .find(|&(_, v)| v & SLOT_VALID != 0 && v & PAGE_MASK == gpa & PAGE_MASK)
+    }
+
+    /// Gives the page at `gpa` `policy`; `once`: lifted at the first violation. Process
+    /// context, serialized by the caller.
+    pub fn set(&self, gpa: u64, policy: PagePolicy, once: bool) -> Result<(), alloc::string::String> {
+        let v = (gpa & PAGE_MASK) | SLOT_VALID | if once { SLOT_ONCE } else { 0 } | policy.bits() as u64;
+        let slot = match self.find(gpa) {
+            Some((s, _)) => s,
+            None => self
+                .slots
+                .iter()
+                .find(|s| s.load(Ordering::Acquire) & SLOT_VALID == 0)
+                .ok_or_else(|| alloc::string::String::from("no free policy slot"))?,
+        };
+        slot.store(v, Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes the page's policy (no shadow change needed: the next fault writes the wider
+    /// leaf).
+    pub fn clear(&self, gpa: u64) {
+        if let Some((s, _)) = self.find(gpa) {
+            s.store(0, Ordering::Release);
+        }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Acquire)
+    }
+}
+
+impl PolicyLookup for PolicySlots {
+    fn policy(&self, gpa: u64) -> PagePolicy {
+        self.find(gpa).map_or(PagePolicy::empty(), |(_, v)| PagePolicy::from_bits_truncate(v as u8 & 3))
+    }
+}
+
+impl vmx::shadow_exit::PolicyOwner for PolicySlots {
+    fn violation(&self, gpa: u64, _la: u64, _access: AccessKind) -> bool {
+        match self.find(gpa) {
+            Some((s, v)) if v & SLOT_ONCE != 0 => {
+                if s.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    self.hits.fetch_add(1, Ordering::AcqRel);
+                }
+                true
+            }
+            // Lifted by another CPU meanwhile: the access runs again and now succeeds.
+            None => true,
+            Some(_) => false,
+        }
     }
 }
 
