@@ -13,7 +13,7 @@
 #                                        <name> passes if the panic line contains <text>
 #   KDBT-DONE                            the suite finished; the bench stops the emulator
 #
-# Kernel cmdline: kdbt.expect_vmx=0|1 kdbt.cpus=N kdbt.suite=NAME [kdbt.inject_fail=1].
+# Kernel cmdline: kdbt.expect_vmx=0|1 kdbt.cpus=N kdbt.suite=NAME [kdbt.inject_fail=1] [kdbt.paging=ept|shadow].
 # Suites get $EXPECT_VMX, $NCPUS, $SUITE and the helpers plan/pass/fail/info/check.
 
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
@@ -30,16 +30,18 @@ emit() {
 }
 emit KDBT-BOOT
 
-EXPECT_VMX=0; NCPUS=1; SUITE=unknown; INJECT_FAIL=0
+EXPECT_VMX=0; NCPUS=1; SUITE=unknown; INJECT_FAIL=0; KDBT_PAGING=ept
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kdbt.expect_vmx=*) EXPECT_VMX=${arg#*=} ;;
         kdbt.cpus=*) NCPUS=${arg#*=} ;;
         kdbt.suite=*) SUITE=${arg#*=} ;;
         kdbt.inject_fail=*) INJECT_FAIL=${arg#*=} ;;
+        # `kdbt load` reads $KDBT_PAGING when --paging is not given.
+        kdbt.paging=*) KDBT_PAGING=${arg#*=} ;;
     esac
 done
-export EXPECT_VMX NCPUS SUITE INJECT_FAIL
+export EXPECT_VMX NCPUS SUITE INJECT_FAIL KDBT_PAGING
 
 # Helpers keep their variables local so suites may use any names.
 plan() { emit "KDBT-PLAN $1"; }

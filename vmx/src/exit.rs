@@ -36,7 +36,7 @@ pub struct GuestRegs {
 impl GuestRegs {
     /// General-purpose register by its encoding (0 = RAX … 15 = R15); RSP (4) is `None`
     /// because it lives in the VMCS.
-    fn gpr(&mut self, n: u8) -> Option<&mut u64> {
+    pub(crate) fn gpr(&mut self, n: u8) -> Option<&mut u64> {
         Some(match n & 15 {
             0 => &mut self.rax,
             1 => &mut self.rcx,
@@ -86,6 +86,7 @@ pub mod reason {
     pub const GETSEC: u32 = 11;
     pub const HLT: u32 = 12;
     pub const INVD: u32 = 13;
+    pub const INVLPG: u32 = 14;
     pub const VMCALL: u32 = 18;
     pub const VMCLEAR: u32 = 19;
     pub const VMXON: u32 = 27;
@@ -101,6 +102,7 @@ pub mod reason {
     pub const INVEPT: u32 = 50;
     pub const INVVPID: u32 = 53;
     pub const XSETBV: u32 = 55;
+    pub const INVPCID: u32 = 58;
     pub const VMFUNC: u32 = 59;
     /// Size of per-reason counter arrays.
     pub const COUNT: usize = 80;
@@ -180,6 +182,9 @@ pub enum Fatal {
     Unexpected,
     /// VM entry failed (exit reason bit 31): the guest did not run; it cannot be resumed.
     EntryFailed,
+    /// The shadow MMU could not handle an exit (shadow paging; the error is reported
+    /// beside the diagnostic).
+    ShadowMmu,
 }
 
 /// A diagnostic snapshot of a fatal exit, formatted later outside root mode.
@@ -377,7 +382,7 @@ pub fn guest_cpl(hw: &impl ExitHw) -> u8 {
     ((hw.vmread(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
 }
 
-fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
+pub(crate) fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
     Diag {
         reason,
         qualification: hw.vmread(ro::EXIT_QUALIFICATION),
@@ -574,6 +579,11 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
             hw.invept_all();
             stats.count_invept();
             regs.rax = hypercall::OK;
+            Action::Resume
+        }
+        // Served by `shadow_exit` when shadow paging runs; under EPT there is no shadow.
+        Call::ShadowApplyPolicy => {
+            regs.rax = hypercall::ERR_UNSUPPORTED;
             Action::Resume
         }
         Call::EptSetPerms => {

@@ -47,6 +47,9 @@ pub enum Call {
     EptSetPerms = 0x10,
     /// INVEPT all-context on this CPU, after a change of the EPT tables.
     EptInvalidate = 0x11,
+    /// Shadow paging: apply the current policy of the guest-physical page in RBX to this
+    /// CPU's shadow leaves (and flush); `ERR_UNSUPPORTED` under EPT.
+    ShadowApplyPolicy = 0x20,
 }
 
 impl Call {
@@ -76,6 +79,7 @@ pub fn decode(rax: u64) -> Decoded {
         3 => Call::Devirtualize,
         0x10 => Call::EptSetPerms,
         0x11 => Call::EptInvalidate,
+        0x20 => Call::ShadowApplyPolicy,
         other => return Decoded::Unknown(other),
     })
 }
@@ -86,7 +90,14 @@ mod tests {
 
     #[test]
     fn calls_round_trip() {
-        for c in [Call::Ping, Call::ExitCount, Call::Devirtualize, Call::EptSetPerms, Call::EptInvalidate] {
+        for c in [
+            Call::Ping,
+            Call::ExitCount,
+            Call::Devirtualize,
+            Call::EptSetPerms,
+            Call::EptInvalidate,
+            Call::ShadowApplyPolicy,
+        ] {
             assert_eq!(decode(c.rax()), Decoded::Call(c));
         }
         assert_eq!(decode(MAGIC | 0x99), Decoded::Unknown(0x99));

@@ -9,5 +9,6 @@ pub mod exit;
 pub mod hypercall;
 pub mod preflight;
 pub mod segment;
+pub mod shadow_exit;
 pub mod vmcs;
 pub mod xsave;

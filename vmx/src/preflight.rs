@@ -66,6 +66,11 @@ bitflags! {
         const XSAVES = 1 << 27;
         /// Entry/exit "load debug controls" may be 1.
         const DEBUG_CONTROLS = 1 << 28;
+        /// "CR3-load exiting" and "CR3-store exiting" may be 1 (shadow paging).
+        const CR3_EXITING = 1 << 29;
+        /// "INVLPG exiting" may be 1 (shadow paging; with "enable INVPCID" it makes
+        /// INVPCID exit too).
+        const INVLPG_EXITING = 1 << 30;
     }
 }
 
@@ -137,6 +142,8 @@ impl VmxCaps {
             (Features::INVPCID, s(SecondaryControls::ENABLE_INVPCID)),
             (Features::XSAVES, s(SecondaryControls::ENABLE_XSAVES_XRSTORS)),
             (Features::DEBUG_CONTROLS, x(ExitControls::SAVE_DEBUG_CONTROLS) && n(EntryControls::LOAD_DEBUG_CONTROLS)),
+            (Features::CR3_EXITING, p(PrimaryControls::CR3_LOAD_EXITING | PrimaryControls::CR3_STORE_EXITING)),
+            (Features::INVLPG_EXITING, p(PrimaryControls::INVLPG_EXITING)),
         ] {
             f.set(flag, ok);
         }

@@ -108,7 +108,18 @@ pub struct ControlsIn {
     /// EPT pointer; None when EPT is off.
     pub eptp: Option<u64>,
     pub msr_bitmap_pa: u64,
+    /// Shadow paging (no EPT): `#PF` exits (exception bitmap bit 14, PFEC mask/match
+    /// 0/0) and the paging-relevant CR0/CR4 bits are host-owned, so every change of them
+    /// exits and reaches the shadow MMU. The guest CR3 in the state is the shadow root.
+    pub shadow: bool,
 }
+
+/// CR0 bits the shadow MMU must see change: WP (and PG, fixed to 1 anyway).
+pub const CR0_SHADOW_OWNED: u64 = (1 << 16) | (1 << 31);
+/// CR4 bits the shadow MMU must see change: PSE, PAE, PGE, PCIDE, SMEP, SMAP, LA57.
+pub const CR4_SHADOW_OWNED: u64 = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 17) | (1 << 20) | (1 << 21) | (1 << 12);
+/// Exception bitmap bit of `#PF`.
+pub const EXC_PF: u64 = 1 << 14;
 
 /// kdbt's own state for root mode on this CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -175,7 +186,7 @@ pub fn program(w: &mut impl Vmcs, s: &LaunchState) -> Result<(), VmcsError> {
     w.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, c.proc2 as u64)?;
     w.write(control::VMEXIT_CONTROLS, c.exit as u64)?;
     w.write(control::VMENTRY_CONTROLS, c.entry as u64)?;
-    w.write(control::EXCEPTION_BITMAP, 0)?;
+    w.write(control::EXCEPTION_BITMAP, if c.shadow { EXC_PF } else { 0 })?;
     w.write(control::PAGE_FAULT_ERR_CODE_MASK, 0)?;
     w.write(control::PAGE_FAULT_ERR_CODE_MATCH, 0)?;
     w.write(control::CR3_TARGET_COUNT, 0)?;
@@ -186,10 +197,13 @@ pub fn program(w: &mut impl Vmcs, s: &LaunchState) -> Result<(), VmcsError> {
     w.write(control::MSR_BITMAPS_ADDR_FULL, c.msr_bitmap_pa)?;
     // CR0: the fixed bits are host-owned, so the guest can't clear them behind our back;
     // CR4: VMXE is host-owned and reads as 0 (Linux's own CR4 shadow never has it).
-    let cr0_mask = c.cr0_fixed0 & !c.cr0_unrestricted_free;
+    // Shadow paging also owns the paging-relevant bits (the guest reads its own values:
+    // the read shadows hold the real ones).
+    let (cr0_own, cr4_own) = if c.shadow { (CR0_SHADOW_OWNED, CR4_SHADOW_OWNED) } else { (0, 0) };
+    let cr0_mask = (c.cr0_fixed0 & !c.cr0_unrestricted_free) | cr0_own;
     w.write(control::CR0_GUEST_HOST_MASK, cr0_mask)?;
     w.write(control::CR0_READ_SHADOW, s.cr0 & cr0_mask)?;
-    let cr4_mask = c.cr4_fixed0 | CR4_VMXE;
+    let cr4_mask = c.cr4_fixed0 | CR4_VMXE | cr4_own;
     w.write(control::CR4_GUEST_HOST_MASK, cr4_mask)?;
     w.write(control::CR4_READ_SHADOW, (s.cr4 & !CR4_VMXE) & cr4_mask)?;
     if let Some(vpid) = c.vpid {
@@ -424,6 +438,7 @@ mod tests {
                 vpid: Some(2),
                 eptp: Some(0x1234_501e),
                 msr_bitmap_pa: 0x7a0_3000,
+                shadow: false,
             },
             host: HostIn {
                 cr3: 0x7b0_0000,
@@ -495,6 +510,30 @@ mod tests {
         for f in [control::VPID, control::EPTP_FULL, control::XSS_EXITING_BITMAP_FULL] {
             assert!(r2.writes.iter().all(|w| w.0 != f), "{}", field_name(f));
         }
+    }
+
+    #[test]
+    fn shadow_mode_intercepts_pf_and_paging_bits() {
+        let mut s = state();
+        let mut r = Recorder::default();
+        program(&mut r, &s).unwrap();
+        assert_eq!(r.read(control::EXCEPTION_BITMAP).unwrap(), 0);
+        assert_eq!(r.read(control::CR4_GUEST_HOST_MASK).unwrap() & CR4_SHADOW_OWNED, 0);
+        s.controls.shadow = true;
+        s.controls.eptp = None;
+        let mut r = Recorder::default();
+        program(&mut r, &s).unwrap();
+        assert_eq!(r.read(control::EXCEPTION_BITMAP).unwrap(), EXC_PF);
+        assert_eq!(r.read(control::PAGE_FAULT_ERR_CODE_MASK).unwrap(), 0);
+        assert_eq!(r.read(control::PAGE_FAULT_ERR_CODE_MATCH).unwrap(), 0);
+        let m4 = r.read(control::CR4_GUEST_HOST_MASK).unwrap();
+        assert_eq!(m4 & CR4_SHADOW_OWNED, CR4_SHADOW_OWNED);
+        // The guest reads its own paging bits (PGE, SMEP, SMAP set in `state`).
+        assert_eq!(r.read(control::CR4_READ_SHADOW).unwrap(), s.cr4 & m4 & !CR4_VMXE);
+        let m0 = r.read(control::CR0_GUEST_HOST_MASK).unwrap();
+        assert_eq!(m0 & CR0_SHADOW_OWNED, CR0_SHADOW_OWNED);
+        assert_eq!(r.read(control::CR0_READ_SHADOW).unwrap() & (1 << 16), 1 << 16);
+        assert!(r.writes.iter().all(|w| w.0 != control::EPTP_FULL));
     }
 
     #[test]

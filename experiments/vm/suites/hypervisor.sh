@@ -19,7 +19,8 @@ if [ "$EXPECT_VMX" != 1 ]; then
     exit 0
 fi
 
-plan 20
+# Shadow paging adds the policy-hook check.
+if [ "$KDBT_PAGING" = shadow ]; then plan 22; else plan 21; fi
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -42,6 +43,19 @@ work_light() { sha256sum /tmp/data && workload --n 20 --dir /tmp; }
 work > /tmp/w.before
 work_light > /tmp/w.light
 
+# Mapping stress on every CPU at once (experiments/guest/src/bin/mapstress.rs): anonymous
+# and file-backed mmap/munmap, mprotect, fork with COW both ways, madvise(DONTNEED), every
+# byte read back; its output (a checksum of everything read) must equal the native one.
+mapstress_all() {
+    for c in $(cpus_list); do
+        mkdir -p /tmp/ms$c
+        taskset -c "$c" mapstress --n 20 --seed $((c + 1)) --dir /tmp/ms$c >/tmp/ms.$1.$c 2>&1 &
+    done
+    wait
+    cat /tmp/ms.$1.*
+}
+mapstress_all native > /tmp/ms.native
+
 # Single-stepping over CPUID (emulated by kdbt while loaded): the guest's SIGTRAPs, and
 # where they stop, must be the same as natively (experiments/guest/src/bin/tf-cpuid.rs).
 tf_all() {
@@ -58,6 +72,12 @@ if [ "$virt" = "$NCPUS" ]; then pass status_all_virtualized cpus="$virt"; else f
 
 work > /tmp/w.loaded
 check workload_identical_loaded cmp /tmp/w.before /tmp/w.loaded
+mapstress_all loaded > /tmp/ms.loaded
+if cmp -s /tmp/ms.native /tmp/ms.loaded && grep -q "errors=0" /tmp/ms.native; then
+    pass mapping_stress_identical $(head -1 /tmp/ms.loaded | tr ' ' '\n' | grep fnv1a)
+else
+    fail mapping_stress_identical; info "native: $(cat /tmp/ms.native | tr '\n' ' ') loaded: $(cat /tmp/ms.loaded | tr '\n' ' ')"
+fi
 
 tf_same() {
     tf_all loaded || return 1
@@ -98,11 +118,37 @@ figs=$(echo "$out" | sed 's/.*: nmi_virt/nmi_virt/' | awk '{for (i = 1; i <= NF;
     if (t ~ /^cpu[0-9]+:$/) c = substr(t, 1, length(t) - 1) "_"; else if (t ~ /=/) printf "%s%s ", c, t } }')
 if [ $rc -eq 0 ]; then pass nmi_delivery_all_cpus $figs; else fail nmi_delivery_all_cpus rc=$rc; fi
 
-# Per-4 KB EPT permission changes, each followed by INVEPT on every CPU.
-out=$(kdbt ept-check 2>&1); rc=$?
-info "$out"
-inv=$(echo "$out" | grep -o 'cpu[0-9]*_invept=[0-9]*' | tr '\n' ' ')
-if [ $rc -eq 0 ] && [ "$(echo "$inv" | wc -w)" = "$NCPUS" ]; then pass ept_perms_all_cpus $inv; else fail ept_perms_all_cpus rc=$rc; fi
+if [ "$KDBT_PAGING" = shadow ]; then
+    # Shadow paging has no EPT: `kdbt ept-check` must refuse, and in its place every CPU
+    # must run on shadow tables the MMU filled (faults resolved, CR3 switches seen).
+    out=$(kdbt ept-check 2>&1); rc=$?
+    info "ept-check skipped (shadow paging has no EPT): rc=$rc $out"
+    shadow_figs() {
+        for c in $(cpus_list); do
+            l=$(kdbt status --summary | grep "^cpu=$c ")
+            echo "$l" | grep -q " paging=shadow " || { echo "cpu$c: not on shadow paging: $l"; return 1; }
+            res=$(echo "$l" | sed -n 's/.* faults_resolved=\([0-9]*\).*/\1/p')
+            cr3=$(echo "$l" | sed -n 's/.* cr3_switches=\([0-9]*\).*/\1/p')
+            use=$(echo "$l" | sed -n 's/.* shadow_pages_in_use=\([0-9]*\).*/\1/p')
+            echo "cpu${c}_resolved=$res cpu${c}_cr3=$cr3 cpu${c}_pages=$use"
+            [ "${res:-0}" -gt 0 ] && [ "${cr3:-0}" -gt 0 ] && [ "${use:-0}" -gt 0 ] || return 1
+        done
+    }
+    if figs=$(shadow_figs) && [ $rc -ne 0 ]; then pass shadow_mmu_all_cpus $figs; else fail shadow_mmu_all_cpus rc=$rc $figs; kdbt status; fi
+    info "$(kdbt status --summary)"
+    # The permission hook: a page made not writable traps a write on every CPU, through a
+    # shadow leaf that was writable before the change.
+    out=$(kdbt shadow-check 2>&1); rc=$?
+    info "$out"
+    pf=$(echo "$out" | grep -o 'cpu[0-9]*_policy_faults=[0-9]*' | tr '\n' ' ')
+    if [ $rc -eq 0 ] && [ "$(echo "$pf" | wc -w)" = "$NCPUS" ]; then pass shadow_policy_all_cpus $pf; else fail shadow_policy_all_cpus rc=$rc; fi
+else
+    # Per-4 KB EPT permission changes, each followed by INVEPT on every CPU.
+    out=$(kdbt ept-check 2>&1); rc=$?
+    info "$out"
+    inv=$(echo "$out" | grep -o 'cpu[0-9]*_invept=[0-9]*' | tr '\n' ' ')
+    if [ $rc -eq 0 ] && [ "$(echo "$inv" | wc -w)" = "$NCPUS" ]; then pass ept_perms_all_cpus $inv; else fail ept_perms_all_cpus rc=$rc; fi
+fi
 
 # CPU hotplug while loaded (needs a second CPU).
 if [ "$NCPUS" -ge 2 ]; then
@@ -154,9 +200,11 @@ refuse_unload() {
     [ $rc -ne 0 ] && echo "$out" | grep -q "not loaded" && [ ! -e /sys/module/kdbt ]
 }
 check refuse_unload_not_loaded refuse_unload
-out=$(kdbt load --param fake_missing=ept 2>&1); rc=$?
-if [ $rc -ne 0 ] && echo "$out" | grep -q "EPT" && sig_all none && [ ! -e /sys/module/kdbt ]; then
-    pass refuse_missing_feature
+# (Shadow paging needs no EPT: there the feature taken away is CR3-load/store exiting.)
+if [ "$KDBT_PAGING" = shadow ]; then missing=CR3_EXITING; else missing=EPT; fi
+out=$(kdbt load --param fake_missing=$missing 2>&1); rc=$?
+if [ $rc -ne 0 ] && echo "$out" | grep -q "$missing" && sig_all none && [ ! -e /sys/module/kdbt ]; then
+    pass refuse_missing_feature missing=$missing
 else
     fail refuse_missing_feature rc=$rc; info "$out"
 fi

@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -92,7 +92,8 @@ pub struct CapsQuery {
 pub struct Command {
     /// `size_of::<Command>()`.
     pub size: u32,
-    /// Reserved, 0.
+    /// [`IOC_LOAD`]: [`LOAD_SHADOW_PAGING`] or 0 (EPT); other bits are refused. Other
+    /// commands: 0.
     pub flags: u32,
     /// Why the command failed (out), NUL-padded.
     pub message: [u8; 480],
@@ -102,6 +103,45 @@ impl Default for Command {
     fn default() -> Self {
         Command { size: core::mem::size_of::<Command>() as u32, flags: 0, message: [0; 480] }
     }
+}
+
+/// [`Command::flags`] of [`IOC_LOAD`]: run the guest on shadow page tables instead of EPT.
+pub const LOAD_SHADOW_PAGING: u32 = 1 << 0;
+
+/// [`Command::flags`] of [`IOC_LOAD`], for tests only: with [`LOAD_SHADOW_PAGING`], the
+/// shadow MMU ignores the guest's INVLPG of user addresses (the instruction completes, the
+/// shadow keeps stale leaves), to show that the mapping stress check catches a missing
+/// flush.
+pub const LOAD_TEST_IGNORE_USER_INVLPG: u32 = 1 << 31;
+
+/// [`CpuStatus::paging`] values.
+pub const PAGING_EPT: u32 = 0;
+pub const PAGING_SHADOW: u32 = 1;
+
+/// Shadow-MMU figures of one CPU (all 0 under EPT); see `shadow/README.md`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShadowStatus {
+    /// `#PF` exits fixed in the shadow tables, never seen by the guest.
+    pub faults_resolved: u64,
+    /// `#PF` exits reflected to the guest (its own tables fault).
+    pub faults_reflected: u64,
+    /// `#PF` exits denied by the page policy.
+    pub policy_faults: u64,
+    pub cr3_switches: u64,
+    pub invlpgs: u64,
+    pub invpcids: u64,
+    /// The pool ran dry: every other hierarchy dropped.
+    pub reclaims: u64,
+    /// The pool ran dry with nothing else to drop: the current hierarchy emptied.
+    pub pool_resets: u64,
+    pub root_evictions: u64,
+    pub full_flushes: u64,
+    /// Shadow frames holding tables now, and the pool's size.
+    pub pages_in_use: u64,
+    pub pages_total: u64,
+    /// Shadow hierarchies cached now.
+    pub roots: u64,
 }
 
 /// Number of per-reason exit counters in [`CpuStatus`] (basic exit reasons 0..79; larger
@@ -117,13 +157,15 @@ pub struct CpuStatus {
     pub virtualized: u32,
     /// 1 if the CPU is online (an offline CPU is never virtualized).
     pub online: u32,
-    pub _reserved: u32,
+    /// [`PAGING_EPT`] or [`PAGING_SHADOW`].
+    pub paging: u32,
     /// TSC cycles from VMXON to the first guest instruction.
     pub launch_cycles: u64,
     /// All VM exits since launch.
     pub exits_total: u64,
     /// VM exits by basic exit reason.
     pub exits: [u64; EXIT_REASONS],
+    pub shadow: ShadowStatus,
 }
 
 impl Default for CpuStatus {
@@ -132,10 +174,11 @@ impl Default for CpuStatus {
             cpu: 0,
             virtualized: 0,
             online: 0,
-            _reserved: 0,
+            paging: PAGING_EPT,
             launch_cycles: 0,
             exits_total: 0,
             exits: [0; EXIT_REASONS],
+            shadow: ShadowStatus::default(),
         }
     }
 }
@@ -175,6 +218,14 @@ pub const IOC_NMI_CHECK: u32 = iowr(0x06, core::mem::size_of::<Command>());
 /// kdbt's diagnostic of the fatal EPT violation. Returns only if that did not happen (the
 /// reason in [`Command::message`]). For tests.
 pub const IOC_EPT_VIOLATE: u32 = iowr(0x07, core::mem::size_of::<Command>());
+
+/// Shadow paging: makes a scratch page not writable (the policy hook) on every CPU in turn
+/// and writes it through its direct-map alias on that CPU: each write must trap to kdbt
+/// once (the check lifts the policy and the write completes). `Command::flags`
+/// [`SHADOW_CHECK_TEST_SKIP_APPLY`] skips applying the policy to the shadow leaves already
+/// written (the check must then fail). Report or failure in [`Command::message`].
+pub const IOC_SHADOW_CHECK: u32 = iowr(0x08, core::mem::size_of::<Command>());
+pub const SHADOW_CHECK_TEST_SKIP_APPLY: u32 = 1 << 0;
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {
@@ -225,7 +276,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<CapsQuery>(), 24);
         assert_eq!(IOC_CAPS, 0xc018_6b01);
         assert_eq!(core::mem::size_of::<Command>(), 488);
-        assert_eq!(core::mem::size_of::<CpuStatus>(), 32 + 8 * EXIT_REASONS);
+        assert_eq!(core::mem::size_of::<ShadowStatus>(), 13 * 8);
+        assert_eq!(core::mem::size_of::<CpuStatus>(), 32 + 8 * EXIT_REASONS + 13 * 8);
         assert_eq!(core::mem::size_of::<StatusQuery>(), 32);
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);

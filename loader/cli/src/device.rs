@@ -117,8 +117,8 @@ pub enum CommandError {
 }
 
 impl Device {
-    fn command(&self, cmd: u32) -> Result<std::result::Result<(), CommandError>> {
-        let mut c = Command::default();
+    fn command(&self, cmd: u32, flags: u32) -> Result<std::result::Result<(), CommandError>> {
+        let mut c = Command { flags, ..Command::default() };
         match self.ioctl(cmd, &mut c) {
             Ok(()) => Ok(Ok(())),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EALREADY) | Some(libc::ENOENT)) => {
@@ -131,14 +131,14 @@ impl Device {
         }
     }
 
-    /// Launches the hypervisor on every online CPU.
-    pub fn load(&self) -> Result<std::result::Result<(), CommandError>> {
-        self.command(IOC_LOAD)
+    /// Launches the hypervisor on every online CPU (`flags`: `kdbt_abi::LOAD_*`).
+    pub fn load(&self, flags: u32) -> Result<std::result::Result<(), CommandError>> {
+        self.command(IOC_LOAD, flags)
     }
 
     /// Devirtualizes every CPU.
     pub fn unload(&self) -> Result<std::result::Result<(), CommandError>> {
-        self.command(IOC_UNLOAD)
+        self.command(IOC_UNLOAD, 0)
     }
 
     /// Runs the module's EPT permission check; its report.
@@ -156,8 +156,17 @@ impl Device {
         self.check(IOC_NMI_CHECK, "NMI check", "KDBT_IOC_NMI_CHECK")
     }
 
+    /// Runs the module's shadow-paging policy check (`flags`: `kdbt_abi::SHADOW_CHECK_*`).
+    pub fn shadow_check(&self, flags: u32) -> Result<String> {
+        self.check_flags(kdbt_abi::IOC_SHADOW_CHECK, "shadow policy check", "KDBT_IOC_SHADOW_CHECK", flags)
+    }
+
     fn check(&self, ioc: u32, what: &str, ioc_name: &str) -> Result<String> {
-        let mut c = Command::default();
+        self.check_flags(ioc, what, ioc_name, 0)
+    }
+
+    fn check_flags(&self, ioc: u32, what: &str, ioc_name: &str, flags: u32) -> Result<String> {
+        let mut c = Command { flags, ..Command::default() };
         let r = self.ioctl(ioc, &mut c);
         let text = kdbt_abi::fixed_str_read(&c.message).to_string();
         match r {

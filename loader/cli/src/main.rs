@@ -20,6 +20,27 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `kdbt load --paging`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Paging {
+    Ept,
+    Shadow,
+}
+
+impl Paging {
+    /// `--paging`, else `$KDBT_PAGING` (ept|shadow), else EPT.
+    fn resolve(arg: Option<Paging>) -> Result<Paging> {
+        if let Some(p) = arg {
+            return Ok(p);
+        }
+        match std::env::var("KDBT_PAGING").as_deref() {
+            Err(_) | Ok("") | Ok("ept") => Ok(Paging::Ept),
+            Ok("shadow") => Ok(Paging::Shadow),
+            Ok(other) => bail!("KDBT_PAGING={other}: expected ept or shadow"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Show each online CPU's VT-x capabilities, as read from its MSRs by the module.
@@ -41,6 +62,15 @@ enum Cmd {
         /// Module parameter NAME=VALUE, for a module this command inserts (repeatable).
         #[arg(long = "param", value_name = "NAME=VALUE")]
         params: Vec<String>,
+        /// How guest memory is virtualized: `ept` (identity-mapped EPT) or `shadow`
+        /// (no EPT: shadow page tables built from the kernel's own) [default: $KDBT_PAGING,
+        /// else ept].
+        #[arg(long, value_enum)]
+        paging: Option<Paging>,
+        /// Test hook (shadow paging only): the shadow MMU ignores INVLPG of user
+        /// addresses, leaving stale translations (shows the mapping stress check failing).
+        #[arg(long, hide = true)]
+        test_ignore_user_invlpg: bool,
     },
     /// Devirtualize every CPU, then remove the module.
     Unload {
@@ -68,6 +98,13 @@ enum Cmd {
     /// Check NMI delivery on every CPU: an NMI sent to it and one held back while its NMI
     /// handler runs must both arrive (through kdbt's NMI exits and the NMI window).
     NmiCheck,
+    /// Shadow paging: a page made not writable (the permission policy hook) must trap a
+    /// write on every CPU, through a shadow leaf that was writable before.
+    ShadowCheck {
+        /// Test hook: do not apply the policy to existing shadow leaves (must fail).
+        #[arg(long, hide = true)]
+        test_skip_apply: bool,
+    },
     /// Show the versions of the CLI and of the loaded module.
     Version,
 }
@@ -86,7 +123,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Caps { summary, json } => caps(summary, json),
-        Cmd::Load { module, params } => load(module, &params),
+        Cmd::Load { module, params, paging, test_ignore_user_invlpg } => {
+            load(module, &params, Paging::resolve(paging)?, test_ignore_user_invlpg)
+        }
         Cmd::Unload { keep_module } => unload(keep_module),
         Cmd::Status { json, summary } => status(json, summary),
         Cmd::EptCheck { violate: false } => {
@@ -96,6 +135,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::EptCheck { violate: true } => {
             let r = Device::open()?.ept_violate();
             bail!("the kernel did not panic: {}", r.err().map_or(String::from("no error either"), |e| format!("{e:#}")))
+        }
+        Cmd::ShadowCheck { test_skip_apply } => {
+            let flags = if test_skip_apply { kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY } else { 0 };
+            println!("kdbt: shadow policy check passed: {}", Device::open()?.shadow_check(flags)?);
+            Ok(())
         }
         Cmd::NmiCheck => {
             println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);
@@ -158,7 +202,11 @@ fn caps_json(raw: &RawCaps) -> serde_json::Value {
     serde_json::json!({ "summary": summary, "msrs": msrs })
 }
 
-fn load(module: Option<PathBuf>, params: &[String]) -> Result<()> {
+fn load(module: Option<PathBuf>, params: &[String], paging: Paging, ignore_user_invlpg: bool) -> Result<()> {
+    let mut flags = if paging == Paging::Shadow { kdbt_abi::LOAD_SHADOW_PAGING } else { 0 };
+    if ignore_user_invlpg {
+        flags |= kdbt_abi::LOAD_TEST_IGNORE_USER_INVLPG;
+    }
     let inserted_here = if module::is_inserted() {
         if !params.is_empty() {
             bail!("the kdbt module is already inserted; --param only applies when `kdbt load` inserts it (run `kdbt unload` first)");
@@ -174,11 +222,11 @@ fn load(module: Option<PathBuf>, params: &[String]) -> Result<()> {
         module::insert(&path, &params.join(" "))?;
         true
     };
-    let err = match Device::open().and_then(|d| d.load()) {
+    let err = match Device::open().and_then(|d| d.load(flags)) {
         Ok(Ok(())) => {
             let (_, cpus) = Device::open()?.status()?;
             let n = cpus.iter().filter(|c| c.virtualized != 0).count();
-            println!("kdbt: loaded: {n} CPUs virtualized");
+            println!("kdbt: loaded: {n} CPUs virtualized ({} paging)", paging_name(paging == Paging::Shadow));
             return Ok(());
         }
         Ok(Err(CommandError::WrongState)) => anyhow::anyhow!("kdbt is already loaded (see `kdbt status`)"),
@@ -229,6 +277,33 @@ fn reason_key(r: u32) -> String {
         .join("_")
 }
 
+fn paging_name(shadow: bool) -> &'static str {
+    if shadow {
+        "shadow"
+    } else {
+        "ept"
+    }
+}
+
+/// The shadow-MMU figures as (key, value) pairs, in `kdbt_abi::ShadowStatus` order.
+fn shadow_figures(s: &kdbt_abi::ShadowStatus) -> [(&'static str, u64); 13] {
+    [
+        ("faults_resolved", s.faults_resolved),
+        ("faults_reflected", s.faults_reflected),
+        ("policy_faults", s.policy_faults),
+        ("cr3_switches", s.cr3_switches),
+        ("invlpgs", s.invlpgs),
+        ("invpcids", s.invpcids),
+        ("reclaims", s.reclaims),
+        ("pool_resets", s.pool_resets),
+        ("root_evictions", s.root_evictions),
+        ("full_flushes", s.full_flushes),
+        ("shadow_pages_in_use", s.pages_in_use),
+        ("shadow_pages_total", s.pages_total),
+        ("shadow_roots", s.roots),
+    ]
+}
+
 fn status(json: bool, summary: bool) -> Result<()> {
     if !module::is_inserted() {
         if summary {
@@ -253,14 +328,22 @@ fn status(json: bool, summary: bool) -> Result<()> {
                     .filter(|(_, n)| **n != 0)
                     .map(|(r, n)| (vmx::exit::reason_name(r as u32).to_string(), (*n).into()))
                     .collect();
-                serde_json::json!({
+                let shadow = c.paging == kdbt_abi::PAGING_SHADOW;
+                let mut v = serde_json::json!({
                     "cpu": c.cpu,
                     "online": c.online != 0,
                     "virtualized": c.virtualized != 0,
+                    "paging": paging_name(shadow),
                     "launch_cycles": c.launch_cycles,
                     "exits_total": c.exits_total,
                     "exits": exits,
-                })
+                });
+                if shadow {
+                    let m: serde_json::Map<String, serde_json::Value> =
+                        shadow_figures(&c.shadow).iter().map(|(k, n)| (k.to_string(), (*n).into())).collect();
+                    v["shadow"] = m.into();
+                }
+                v
             })
             .collect();
         println!(
@@ -271,12 +354,23 @@ fn status(json: bool, summary: bool) -> Result<()> {
     }
     if summary {
         for c in &cpus {
+            let shadow = c.paging == kdbt_abi::PAGING_SHADOW;
             let mut line = format!(
-                "cpu={} virtualized={} online={} launch_cycles={} exits={}",
-                c.cpu, c.virtualized, c.online, c.launch_cycles, c.exits_total
+                "cpu={} virtualized={} online={} paging={} launch_cycles={} exits={}",
+                c.cpu,
+                c.virtualized,
+                c.online,
+                paging_name(shadow),
+                c.launch_cycles,
+                c.exits_total
             );
             for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
                 line.push_str(&format!(" {}={n}", reason_key(r as u32)));
+            }
+            if shadow {
+                for (k, n) in shadow_figures(&c.shadow) {
+                    line.push_str(&format!(" {k}={n}"));
+                }
             }
             println!("{line}");
         }
@@ -291,9 +385,13 @@ fn status(json: bool, summary: bool) -> Result<()> {
     println!("kdbt: loaded: {held} of {online} online CPUs virtualized");
     for c in &cpus {
         match (c.virtualized != 0, c.online != 0) {
-            (true, _) => {
-                println!("cpu{}: virtualized (launch {} cycles), {} VM exits", c.cpu, c.launch_cycles, c.exits_total)
-            }
+            (true, _) => println!(
+                "cpu{}: virtualized, {} paging (launch {} cycles), {} VM exits",
+                c.cpu,
+                paging_name(c.paging == kdbt_abi::PAGING_SHADOW),
+                c.launch_cycles,
+                c.exits_total
+            ),
             (false, false) => {
                 println!("cpu{}: not virtualized (offline; virtualized when it comes online)", c.cpu);
                 continue;
@@ -305,6 +403,10 @@ fn status(json: bool, summary: bool) -> Result<()> {
         }
         for (r, n) in c.exits.iter().enumerate().filter(|(_, n)| **n != 0) {
             println!("    {:>10}  {}", n, vmx::exit::reason_name(r as u32));
+        }
+        if c.paging == kdbt_abi::PAGING_SHADOW {
+            let figs: Vec<String> = shadow_figures(&c.shadow).iter().map(|(k, n)| format!("{k}={n}")).collect();
+            println!("    shadow MMU: {}", figs.join(" "));
         }
     }
     Ok(())

@@ -5,7 +5,7 @@ use core::mem::size_of;
 
 use kdbt_abi::{
     errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_EPT_VIOLATE, IOC_LOAD,
-    IOC_NMI_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    IOC_NMI_CHECK, IOC_SHADOW_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -18,11 +18,12 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_VERSION => version(arg),
         IOC_CAPS => caps(arg),
         IOC_LOAD => command(arg, hv::load, errno::EALREADY, hv::is_loaded),
-        IOC_UNLOAD => command(arg, hv::unload, errno::ENOENT, || !hv::is_loaded()),
+        IOC_UNLOAD => command(arg, |_| hv::unload(), errno::ENOENT, || !hv::is_loaded()),
         IOC_STATUS => status(arg),
-        IOC_EPT_CHECK => check(arg, hv::ept_check),
-        IOC_NMI_CHECK => check(arg, hv::nmi_check),
-        IOC_EPT_VIOLATE => check(arg, hv::ept_violation_check),
+        IOC_EPT_CHECK => check(arg, |_| hv::ept_check()),
+        IOC_NMI_CHECK => check(arg, |_| hv::nmi_check()),
+        IOC_EPT_VIOLATE => check(arg, |_| hv::ept_violation_check()),
+        IOC_SHADOW_CHECK => check(arg, hv::shadow_policy_check),
         _ => Err(errno::ENOTTY),
     }
 }
@@ -119,7 +120,7 @@ fn caps(arg: u64) -> Result<i64> {
 /// loaded), so the CLI can tell that apart from a failure.
 fn command(
     arg: u64,
-    f: fn() -> core::result::Result<(), alloc::string::String>,
+    f: fn(u32) -> core::result::Result<(), alloc::string::String>,
     busy_errno: i32,
     busy: fn() -> bool,
 ) -> Result<i64> {
@@ -128,7 +129,7 @@ fn command(
         return Err(errno::EINVAL);
     }
     let already = busy();
-    let r = if already { Err(alloc::string::String::new()) } else { f() };
+    let r = if already { Err(alloc::string::String::new()) } else { f(c.flags) };
     match r {
         Ok(()) => Ok(0),
         Err(msg) => {
@@ -149,8 +150,26 @@ fn status(arg: u64) -> Result<i64> {
     let mut out: Vec<CpuStatus> = Vec::new();
     let loaded = hv::status(|cpu, online, held| {
         let mut s = CpuStatus { cpu, online: online as u32, ..Default::default() };
-        if let Some((virt, cycles, stats)) = held {
+        if let Some((virt, cycles, stats, shadow)) = held {
             s.virtualized = virt as u32;
+            if let Some(f) = shadow {
+                s.paging = kdbt_abi::PAGING_SHADOW;
+                s.shadow = kdbt_abi::ShadowStatus {
+                    faults_resolved: f[0],
+                    faults_reflected: f[1],
+                    policy_faults: f[2],
+                    cr3_switches: f[3],
+                    invlpgs: f[4],
+                    invpcids: f[5],
+                    reclaims: f[6],
+                    pool_resets: f[7],
+                    root_evictions: f[8],
+                    full_flushes: f[9],
+                    pages_in_use: f[10],
+                    pages_total: f[11],
+                    roots: f[12],
+                };
+            }
             s.launch_cycles = cycles;
             s.exits_total = stats.total;
             let n = s.exits.len().min(stats.counts.len());
@@ -172,12 +191,12 @@ fn status(arg: u64) -> Result<i64> {
 
 /// A self-check of the loaded hypervisor (`kdbt ept-check`, `kdbt nmi-check`): its
 /// report, or why it failed, in [`Command::message`].
-fn check(arg: u64, run: fn() -> core::result::Result<alloc::string::String, alloc::string::String>) -> Result<i64> {
+fn check(arg: u64, run: fn(u32) -> core::result::Result<alloc::string::String, alloc::string::String>) -> Result<i64> {
     let mut c: Command = copy_from_user(arg)?;
     if c.size as usize != size_of::<Command>() {
         return Err(errno::EINVAL);
     }
-    let (r, text) = match run() {
+    let (r, text) = match run(c.flags) {
         Ok(report) => (Ok(0), report),
         Err(e) => (Err(if hv::is_loaded() { errno::EIO } else { errno::ENOENT }), e),
     };

@@ -34,6 +34,8 @@ pub enum LaunchError {
     /// The CPU's state as the kernel has it cannot be kept in VMX operation (CR4.FRED, or
     /// CR4 bits its VMX does not allow), checked again here for CPUs that come online.
     Refused(vmx::preflight::Refusal),
+    /// The shadow MMU could not start on this CPU's paging state.
+    Shadow(shadow::MmuError),
     /// Programming the VMCS failed: the first failed VMWRITE (or VMREAD), named; `hooked`
     /// when the `fail_vmwrite_field` test hook made it fail.
     Vmcs {
@@ -59,6 +61,7 @@ impl core::fmt::Display for LaunchError {
             Self::EntryFailed(r) => write!(f, "VM entry failed: exit reason {r} ({})", vmx::exit::reason_name(*r)),
             Self::Injected => write!(f, "launch failed on purpose after VMXON (module parameter fail_launch_cpu)"),
             Self::Refused(r) => write!(f, "{r}"),
+            Self::Shadow(e) => write!(f, "shadow paging cannot start: {e}"),
             Self::Vmcs { err, hooked } => {
                 write!(f, "{err}")?;
                 if *hooked {
@@ -224,7 +227,23 @@ pub fn launch(
         return Err(LaunchError::Injected);
     }
 
-    let state = launch_state(pc, c, cr0, cr4v);
+    let mut state = launch_state(pc, c, cr0, cr4v);
+    if c.shadow {
+        // The guest runs on the shadow root; its own CR3 lives in the MMU.
+        // SAFETY: the shadow block was allocated for this CPU before the launch and is
+        // exclusively ours until the CPU is launched.
+        let Some(sc) = (unsafe { pc.ctl.shadow.as_mut() }) else {
+            vmx_off(cr4, Some(vmcs_pa));
+            return Err(LaunchError::Shadow(shadow::MmuError::OutOfFrames));
+        };
+        match sc.start(cr0, cr4v, state.efer, state.cr3) {
+            Ok(root) => state.cr3 = root,
+            Err(e) => {
+                vmx_off(cr4, Some(vmcs_pa));
+                return Err(LaunchError::Shadow(e));
+            }
+        }
+    }
     if let Err(err) = vmx::vmcs::program(&mut LaunchVmcs { corrupt: corrupt_vmwrite }, &state) {
         vmx_off(cr4, Some(vmcs_pa));
         return Err(LaunchError::Vmcs { err, hooked: corrupt_vmwrite == Some(err.field) });
@@ -366,6 +385,7 @@ fn launch_state(pc: &PerCpu, c: &Controls, cr0: u64, cr4: u64) -> LaunchState {
             vpid: (c.vpid != 0).then(|| c.vpid_base.wrapping_add(pc.ctl.cpu as u16)),
             eptp: (c.eptp != 0).then_some(c.eptp),
             msr_bitmap_pa: pc.phys_of(pc.msr_bitmap.as_ptr()),
+            shadow: c.shadow,
         },
         host: HostIn {
             cr3: c.host_cr3,

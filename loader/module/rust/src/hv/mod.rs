@@ -22,6 +22,7 @@ pub mod launch;
 pub mod percpu;
 mod root;
 mod serial;
+pub mod shadow;
 
 use percpu::{PerCpu, PERCPU_ORDER};
 use vmx::caps::{CtlKind, RawCaps, VmxCaps};
@@ -52,23 +53,35 @@ pub struct Controls {
     pub host_cr3: u64,
     /// EPT capabilities (for building the map once, and for the CPUID state leaf).
     pub ept: ::ept::EptCaps,
+    /// Shadow paging instead of EPT (`kdbt load --paging shadow`).
+    pub shadow: bool,
+    /// INVVPID types the shadow MMU's flushes may use.
+    pub flush: vmx::shadow_exit::FlushCaps,
 }
 
 /// What kdbt needs of every CPU. Optional features Linux may use natively (RDTSCP,
 /// INVPCID, XSAVES, user wait/pause) and VPID are enabled when present, so no guest
 /// instruction faults that would not fault natively.
-pub const REQUIRED: Features = Features::VMX
+pub const REQUIRED_BASE: Features = Features::VMX
     .union(Features::MSR_BITMAPS)
     .union(Features::SECONDARY_CONTROLS)
     .union(Features::HOST_64BIT)
     .union(Features::GUEST_64BIT)
     .union(Features::EFER_SWITCH)
     .union(Features::PAT_SWITCH)
-    .union(Features::DEBUG_CONTROLS)
-    .union(Features::EPT)
-    .union(Features::EPT_PWL4)
-    .union(Features::EPT_WB)
-    .union(Features::INVEPT_ALL);
+    .union(Features::DEBUG_CONTROLS);
+/// What EPT mode needs on top of [`REQUIRED_BASE`].
+pub const REQUIRED: Features =
+    REQUIRED_BASE.union(Features::EPT).union(Features::EPT_PWL4).union(Features::EPT_WB).union(Features::INVEPT_ALL);
+/// What shadow paging needs on top of [`REQUIRED_BASE`]: CR3-load/store exiting, INVLPG
+/// exiting (INVPCID exits through it), and VPID with single-context INVVPID for the shadow
+/// MMU's TLB flushes (all-context for the launch).
+pub const REQUIRED_SHADOW: Features = REQUIRED_BASE
+    .union(Features::CR3_EXITING)
+    .union(Features::INVLPG_EXITING)
+    .union(Features::VPID)
+    .union(Features::INVVPID_SINGLE)
+    .union(Features::INVVPID_ALL);
 
 /// Parses the `fake_missing` module parameter: comma-separated [`Features`] names, any
 /// case (e.g. `ept,vpid`).
@@ -85,14 +98,17 @@ fn parse_mask(fake: &str) -> Result<Features, String> {
 }
 
 /// Picks the VMCS controls for a CPU that passed preflight with `avail` features.
-pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, String> {
+pub fn choose_controls(caps: &VmxCaps, avail: Features, shadow: bool) -> Result<Controls, String> {
     use x86::vmx::vmcs::control::{
         EntryControls as En, ExitControls as Ex, PrimaryControls as P, SecondaryControls as S,
     };
     let err = |e: vmx::controls::MissingBits| alloc::format!("{e}");
-    let proc = adjust_kind(CtlKind::Proc, &caps.proc, (P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS).bits() as u64)
-        .map_err(err)?;
-    if proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
+    let mut want = P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS;
+    if shadow {
+        want |= P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING | P::INVLPG_EXITING;
+    }
+    let proc = adjust_kind(CtlKind::Proc, &caps.proc, want.bits() as u64).map_err(err)?;
+    if !shadow && proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
         return Err(String::from("this CPU forces CR3-load/store exiting (no TRUE controls); kdbt needs them off"));
     }
     let mut want2 = S::empty();
@@ -144,6 +160,12 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features) -> Result<Controls, Stri
         eptp: 0,
         host_cr3: 0,
         ept: ::ept::EptCaps::from_ept_vpid_cap(caps.ept_vpid.raw),
+        shadow,
+        flush: vmx::shadow_exit::FlushCaps {
+            individual_addr: caps.ept_vpid.invvpid_individual_addr,
+            retaining_globals: caps.ept_vpid.invvpid_single_context_retaining_globals,
+            ignore_user_invlpg: false,
+        },
     })
 }
 
@@ -169,8 +191,10 @@ unsafe impl Send for State {}
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
-/// Free a per-CPU block.
+/// Free a per-CPU block (and its shadow MMU's pool).
 fn free_percpu(pc: *mut PerCpu) {
+    // SAFETY: the block is ours and its CPU is not virtualized.
+    shadow::free(unsafe { (*pc).ctl.shadow });
     // SAFETY: `pc` came from kdbt_glue_alloc_pages(PERCPU_ORDER) and is no longer in use
     // (its CPU is not virtualized).
     unsafe { ffi::kdbt_glue_free_pages(pc.cast(), PERCPU_ORDER) }
@@ -188,6 +212,7 @@ fn alloc_percpu(cpu: u32) -> Result<*mut PerCpu, String> {
     pcr.ctl.cpu = cpu;
     pcr.ctl.exits = vmx::exit::ExitCtx::new(cpu, vmx::hypercall::STATE_VIRTUALIZED);
     pcr.ctl.stats = vmx::exit::ExitCounters::new();
+    pcr.ctl.shadow = core::ptr::null_mut();
     // SAFETY: the glue translates a direct-map address.
     pcr.ctl.phys = unsafe { ffi::kdbt_glue_virt_to_phys(p as *const _) };
     pcr.init_tables(&entry::idt_stubs());
@@ -231,11 +256,12 @@ fn fake_missing() -> String {
 /// Preflight of one CPU from its raw capabilities (read on that CPU, including its CR4)
 /// and the features its instructions need passed through (`native`, from its CPUID): its
 /// controls, or every reason it can't be launched. Process context (allocates).
-fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Controls, String> {
+fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features, shadow: bool) -> Result<Controls, String> {
     let caps = VmxCaps::decode(raw);
-    let req = Request { required: REQUIRED | native, mask };
+    let required = if shadow { REQUIRED_SHADOW } else { REQUIRED };
+    let req = Request { required: required | native, mask };
     match preflight(&caps, raw.cr4, &req) {
-        Ok(cleared) => choose_controls(&caps, cleared.available),
+        Ok(cleared) => choose_controls(&caps, cleared.available, shadow),
         Err(refusals) => {
             let mut s = String::new();
             for (i, r) in refusals.iter().enumerate() {
@@ -249,6 +275,16 @@ fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features) -> Result<Cont
 /// Launches `cpu` (process context; the CPU must be online). On failure the block is freed.
 fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
     let pc = alloc_percpu(cpu)?;
+    if st.controls.shadow {
+        match shadow::ShadowCpu::alloc() {
+            // SAFETY: the block is exclusively ours until the CPU is launched.
+            Ok(sc) => unsafe { (*pc).ctl.shadow = sc },
+            Err(e) => {
+                free_percpu(pc);
+                return Err(alloc::format!("cpu{cpu}: {e}"));
+            }
+        }
+    }
     // Writable alias of this CPU's GDT, for devirtualize.
     // SAFETY: the glue returns per_cpu(gdt_page, cpu), a direct-map address.
     unsafe { (*pc).ctl.tables.gdt_rw = ffi::kdbt_glue_gdt_rw(cpu) };
@@ -262,6 +298,7 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
         unsafe {
             (*pc).ctl.exits.state = state;
             (*pc).ctl.exits.vnmi = controls.vnmi;
+            (*pc).ctl.flush = controls.flush;
         }
     }
     let mut result: Result<(), launch::LaunchError> = Ok(());
@@ -338,8 +375,16 @@ pub fn is_loaded() -> bool {
     STATE.lock().is_some()
 }
 
-/// Launch on every online CPU; all or nothing.
-pub fn load() -> Result<(), String> {
+/// Launch on every online CPU; all or nothing. `flags`: `kdbt_abi::LOAD_*`.
+pub fn load(flags: u32) -> Result<(), String> {
+    if flags & !(kdbt_abi::LOAD_SHADOW_PAGING | kdbt_abi::LOAD_TEST_IGNORE_USER_INVLPG) != 0 {
+        return Err(alloc::format!("unknown load flags {flags:#x} (CLI and module versions differ?)"));
+    }
+    let shadow = flags & kdbt_abi::LOAD_SHADOW_PAGING != 0;
+    let ignore_user_invlpg = flags & kdbt_abi::LOAD_TEST_IGNORE_USER_INVLPG != 0;
+    if ignore_user_invlpg && !shadow {
+        return Err(String::from("the ignore-user-INVLPG test hook needs shadow paging"));
+    }
     let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     if guard.is_some() {
@@ -361,7 +406,7 @@ pub fn load() -> Result<(), String> {
             });
         };
         let r = match hw::run_on_cpu(cpu, read) {
-            Ok(()) => preflight_cpu(&raw, native, mask),
+            Ok(()) => preflight_cpu(&raw, native, mask, shadow),
             Err(e) => Err(alloc::format!("cannot run on it (error {e})")),
         };
         match r {
@@ -380,27 +425,39 @@ pub fn load() -> Result<(), String> {
         return Err(msg);
     }
     let Some(mut controls) = chosen else { return Err(String::from("no CPU online")) };
-    let map = ept::build(controls.ept)?;
-    controls.eptp = map.eptp(false);
-    controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
-    let stats = map.stats();
+    controls.flush.ignore_user_invlpg = ignore_user_invlpg;
+    if ignore_user_invlpg {
+        kwarn!("test hook: the shadow MMU ignores INVLPG of user addresses");
+    }
+    let map = if shadow {
+        kinfo!("shadow paging: {} shadow frames per CPU, no EPT", shadow::FRAMES_PER_CPU);
+        None
+    } else {
+        let map = ept::build(controls.ept)?;
+        controls.eptp = map.eptp(false);
+        controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
+        let stats = map.stats();
+        kinfo!(
+            "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
+            map.limit() >> 30,
+            stats.tables,
+            stats.pages_1g,
+            stats.pages_2m,
+            stats.pages_4k
+        );
+        Some(map)
+    };
     let (pml4, pml4_pa) = match host_page_tables() {
         Ok(v) => v,
         Err(e) => {
-            map.destroy();
+            if let Some(map) = map {
+                map.destroy();
+            }
             return Err(e);
         }
     };
     controls.host_cr3 = pml4_pa;
-    kinfo!(
-        "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
-        map.limit() >> 30,
-        stats.tables,
-        stats.pages_1g,
-        stats.pages_2m,
-        stats.pages_4k
-    );
-    let mut st = State { controls, ept: Some(map), host_pml4: pml4, cpus: Vec::new() };
+    let mut st = State { controls, ept: map, host_pml4: pml4, cpus: Vec::new() };
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
         if let Err(e) = launch_cpu(&mut st, cpu) {
             // Roll back: nothing half-done survives.
@@ -485,7 +542,7 @@ pub fn cpu_offline(cpu: u32) -> Result<(), String> {
 /// Per-CPU status for `kdbt status`.
 /// One CPU's state for [`status`]: (virtualized, launch cycles, exit counters) of a CPU
 /// kdbt holds.
-pub type HeldCpu = (bool, u64, vmx::exit::ExitStats);
+pub type HeldCpu = (bool, u64, vmx::exit::ExitStats, Option<[u64; shadow::COUNTERS]>);
 
 /// Per-CPU status for `kdbt status`: `f(cpu, online, held)` for every possible CPU id when
 /// loaded (`held` is None for a CPU kdbt does not hold: offline, or its launch failed).
@@ -501,15 +558,18 @@ pub fn status(mut f: impl FnMut(u32, bool, Option<HeldCpu>)) -> bool {
                 // writes these fields concurrently; all of them are atomics (the counters
                 // kept apart from its live exit state, which is not read here).
                 let pc = c.pc;
-                let (virt, cycles, stats) = unsafe {
+                let (virt, cycles, stats, sh) = unsafe {
                     let ctl = &(*pc).ctl;
                     (
                         ctl.virtualized.load(Ordering::Acquire),
                         ctl.launch_cycles.load(Ordering::Relaxed),
                         ctl.stats.snapshot(),
+                        // The shadow block lives as long as the per-CPU block; its
+                        // published counters are atomics.
+                        ctl.shadow.as_ref().map(|s| s.snapshot()),
                     )
                 };
-                f(cpu, online, Some((virt, cycles, stats)));
+                f(cpu, online, Some((virt, cycles, stats, sh)));
             }
             None => f(cpu, online, None),
         }
@@ -575,7 +635,9 @@ pub fn set_page_perms(gpa: u64, perms: ::ept::Perms) -> Result<::ept::Perms, Str
     let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
-    let map = st.ept.as_mut().ok_or_else(|| String::from("no EPT"))?;
+    let map = st.ept.as_mut().ok_or_else(|| {
+        String::from("kdbt runs with shadow paging (no EPT): EPT permissions do not exist in this mode")
+    })?;
     let old = map.perms_of(gpa).ok_or_else(|| alloc::format!("{gpa:#x} is outside the EPT map"))?;
     let flush = map.set_perms_4k(gpa, perms).map_err(|e| alloc::format!("{e}"))?;
     if flush {
@@ -705,5 +767,91 @@ pub fn nmi_check() -> Result<String, String> {
         Ok(report)
     } else {
         Err(alloc::format!("{}({report})", failures))
+    }
+}
+
+/// Shadow paging's permission hook on every CPU (`kdbt shadow-check`): a scratch page is
+/// written on a CPU (so that CPU holds a writable shadow leaf for it), made not writable
+/// (policy lifted at the first violation), the policy applied to every CPU's shadow
+/// leaves (hypercall), then written again on that CPU through the same direct-map alias:
+/// the write must trap to kdbt exactly once and complete. Each CPU in turn. `flags`
+/// [`kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY`]: do not apply (the writable leaf stays and the
+/// check must fail). Returns a one-line report.
+pub fn shadow_policy_check(flags: u32) -> Result<String, String> {
+    use ::shadow::PagePolicy;
+    let skip_apply = flags & kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY != 0;
+    let _hp = hw::CpusReadGuard::lock();
+    let cpus: Vec<(u32, *mut PerCpu)> = {
+        let guard = STATE.lock();
+        let Some(st) = guard.as_ref() else { return Err(String::from("kdbt is not loaded")) };
+        if !st.controls.shadow {
+            return Err(String::from("kdbt runs with EPT: the shadow policy hook needs `kdbt load --paging shadow`"));
+        }
+        st.cpus.iter().enumerate().filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc))).collect()
+    };
+    // SAFETY: one zeroed page; process context.
+    let page = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *mut u64;
+    if page.is_null() {
+        return Err(String::from("out of memory"));
+    }
+    // SAFETY: our page.
+    let gpa = unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) };
+    let addr = page as usize;
+    // SAFETY: the blocks stay allocated while their CPUs are in `cpus` (hotplug lock held);
+    // the published counters are atomics.
+    let policy_faults = |pc: *mut PerCpu| unsafe { (*pc).ctl.shadow.as_ref() }.map_or(0, |s| s.snapshot()[2]);
+    let mut report = alloc::format!("page={gpa:#x}");
+    let mut result = Ok(());
+    for &(cpu, pc) in &cpus {
+        let r = (|| -> Result<(), String> {
+            // SAFETY: our page, written on `cpu` (its shadow now maps it writable).
+            hw::run_on_cpu(cpu, || unsafe { (addr as *mut u64).write_volatile(0x100 + cpu as u64) })
+                .map_err(|e| alloc::format!("cpu{cpu}: cannot run on it (error {e})"))?;
+            let (h0, f0) = (shadow::POLICY.hits(), policy_faults(pc));
+            shadow::POLICY.set(gpa, PagePolicy::NOT_WRITABLE, true)?;
+            if !skip_apply {
+                for &(other, _) in &cpus {
+                    let mut rax = 0;
+                    hw::run_on_cpu(other, || rax = hypercall(vmx::hypercall::Call::ShadowApplyPolicy, gpa))
+                        .map_err(|e| alloc::format!("cpu{other}: cannot run on it (error {e})"))?;
+                    if rax != vmx::hypercall::OK {
+                        return Err(alloc::format!("cpu{other}: apply-policy hypercall returned {rax:#x}"));
+                    }
+                }
+            }
+            let mut before = 0;
+            // SAFETY: our page; the write traps to kdbt, which lifts the policy, and then
+            // completes.
+            hw::run_on_cpu(cpu, || unsafe {
+                before = (addr as *const u64).read_volatile();
+                (addr as *mut u64).write_volatile(0x200 + cpu as u64);
+            })
+            .map_err(|e| alloc::format!("cpu{cpu}: cannot run on it (error {e})"))?;
+            // SAFETY: our page.
+            let after = unsafe { (addr as *const u64).read_volatile() };
+            let (hits, faults) = (shadow::POLICY.hits() - h0, policy_faults(pc) - f0);
+            shadow::POLICY.clear(gpa);
+            let _ = write!(report, " cpu{cpu}_policy_faults={faults}");
+            if before != 0x100 + cpu as u64 || after != 0x200 + cpu as u64 {
+                return Err(alloc::format!("cpu{cpu}: page read {before:#x} then {after:#x}"));
+            }
+            if hits != 1 || faults != 1 {
+                return Err(alloc::format!(
+                    "cpu{cpu}: the write to the not-writable page did not trap once ({hits} lifts, {faults} policy faults)"
+                ));
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
+    }
+    shadow::POLICY.clear(gpa);
+    // SAFETY: our page; it has no policy any more.
+    unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+    match result {
+        Ok(()) => Ok(report),
+        Err(e) => Err(alloc::format!("{e} ({report})")),
     }
 }

@@ -67,6 +67,10 @@ pub struct Control {
     pub exits: ExitCtx,
     /// Exit statistics: written by this CPU's root mode, read by any CPU (`kdbt status`).
     pub stats: ExitCounters,
+    /// Shadow paging: this CPU's `super::shadow::ShadowCpu` (null under EPT).
+    pub shadow: *mut super::shadow::ShadowCpu,
+    /// INVVPID types the shadow MMU's flushes may use (from the controls).
+    pub flush: vmx::shadow_exit::FlushCaps,
 }
 
 /// The whole block. Field offsets are fixed by the layout below; the assembly only

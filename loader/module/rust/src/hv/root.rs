@@ -111,6 +111,47 @@ impl ExitHw for RootHw {
     }
 }
 
+impl vmx::shadow_exit::ShadowHw for RootHw {
+    fn invvpid(&mut self, kind: u64, vpid: u16, la: u64) {
+        let desc = [vpid as u64, la];
+        // SAFETY: VMX root operation; the shadow MMU's flush of this CPU's guest VPID, of a
+        // type the load path checked (single-context required; the others only when the
+        // CPU reports them, see `FlushCaps`).
+        unsafe { asm!("invvpid {t}, [{d}]", t = in(reg) kind, d = in(reg) &desc, options(nostack)) };
+    }
+    fn write_cr2(&mut self, value: u64) {
+        // SAFETY: root mode never takes a #PF (it would be fatal anyway) and VM entry does
+        // not load CR2: this is the value the guest's #PF handler reads.
+        unsafe { asm!("mov cr2, {}", in(reg) value, options(nostack, nomem)) };
+    }
+}
+
+/// Shadow paging's share of an exit (None: not one of its exits, or EPT mode).
+fn shadow_exit(pc: &mut PerCpu, regs: &mut GuestRegs) -> Option<Action> {
+    // SAFETY: the shadow block lives as long as the per-CPU block; in root mode only this
+    // CPU touches its MMU.
+    let sc = unsafe { pc.ctl.shadow.as_mut() }?;
+    let super::shadow::ShadowCpu { mmu, mem, maxphyaddr, pages_1g, .. } = sc;
+    let mmu = mmu.as_mut()?;
+    let mut sh = vmx::shadow_exit::ShadowCtx {
+        mmu,
+        mem,
+        policy: &super::shadow::POLICY,
+        flush: pc.ctl.flush,
+        maxphyaddr: *maxphyaddr,
+        pages_1g: *pages_1g,
+    };
+    let r = vmx::shadow_exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats, &mut sh)?;
+    sc.publish();
+    Some(match r {
+        Ok(a) => a,
+        Err(f) => {
+            super::serial::line(format_args!("kdbt: cpu{}: shadow MMU: {}", pc.ctl.cpu, f.error));
+            Action::Fatal(exit::Fatal::ShadowMmu, f.diag)
+        }
+    })
+}
+
 /// Result code the launcher sees when the first VM entry failed after VMLAUNCH passed its
 /// checks (exit reason in the low bits).
 pub const LAUNCH_ENTRY_FAILED: u64 = 0xdead_0000_0000_0000;
@@ -122,7 +163,10 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
     // allocated while the CPU is virtualized; only this CPU touches it in root mode.
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
-    let action = exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats);
+    let action = match shadow_exit(pc, regs) {
+        Some(a) => a,
+        None => exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats),
+    };
     if pc.ctl.exits.last_reason == exit::reason::EXCEPTION_NMI {
         unblock_nmis();
     }
@@ -229,7 +273,9 @@ fn devirtualize(pc: &mut PerCpu) {
     let rsp = g(guest::RSP);
     let rflags = g(guest::RFLAGS);
     let cr0 = g(guest::CR0);
-    let cr3 = g(guest::CR3);
+    // Shadow paging: the VMCS holds the shadow root; the guest's own CR3 is the MMU's.
+    // SAFETY: the shadow block lives as long as the per-CPU block.
+    let cr3 = unsafe { pc.ctl.shadow.as_ref() }.and_then(|s| s.guest_cr3()).unwrap_or_else(|| g(guest::CR3));
     let cr4 = g(guest::CR4) & !(1 << 13);
     let cs = g(guest::CS_SELECTOR);
     let ss = g(guest::SS_SELECTOR);
