@@ -13,7 +13,9 @@
 //! when a second boot starts (the kernel's `Linux version` banner again, after the
 //! firmware ran), which ends the run like `KDBT-DONE`; if the machine hangs instead, the
 //! check never reports. With `after-panic` a kernel panic line before that second boot is
-//! part of the scenario, not a problem.
+//! part of the scenario, not a problem. The emulator resetting the machine counts as well
+//! ([`Outcome::machine_reset`]): Bochs 2.7 logs the reset of a native triple fault, then
+//! (with 2 CPUs, as measured here) never runs its BIOS again, so no second banner comes.
 
 use std::fmt::Write as _;
 
@@ -135,6 +137,19 @@ pub fn parse(serial: &str) -> Outcome {
 }
 
 impl Outcome {
+    /// The emulator reset the machine `resets` times after power-on: an announced reboot's
+    /// check passes.
+    pub fn machine_reset(&mut self, resets: usize) {
+        if resets == 0 {
+            return;
+        }
+        if let Some((name, after_panic)) = self.expect_reboot.take() {
+            let figures = format!("emulator_resets={resets}{}", if after_panic { " after_panic=1" } else { "" });
+            self.checks.push(Check { name, pass: true, figures });
+            self.done = true;
+        }
+    }
+
     /// Everything wrong with this run; empty means it passed.
     pub fn problems(&self, timed_out: bool) -> Vec<String> {
         let mut v = Vec::new();
@@ -350,6 +365,13 @@ mod tests {
         assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
         assert_eq!(o.checks[1].figures, "second_boot=1 after_panic=1");
         assert!(!parse(&REBOOT.replace("reboot_resets", "a b c")).garbled.is_empty());
+        // The emulator's reset without a second banner passes it too; no reset, nothing.
+        let mut o = parse(&hung);
+        o.machine_reset(0);
+        assert!(!o.done);
+        o.machine_reset(1);
+        assert!(o.done && o.checks[1].figures == "emulator_resets=1");
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
     }
 
     #[test]
