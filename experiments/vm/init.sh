@@ -56,6 +56,9 @@ EOF_INFO
 # expect_panic NAME TEXT: what follows makes the kernel panic on purpose (the bench then
 # passes check NAME if the panic line contains TEXT, and ends the run there).
 expect_panic() { local _kn=$1; shift; emit "KDBT-EXPECT-PANIC $_kn $*"; }
+# expect_reboot NAME [after-panic]: what follows resets the machine on purpose (the bench
+# passes check NAME when a second boot starts, and ends the run there).
+expect_reboot() { emit "KDBT-EXPECT-REBOOT $*"; }
 # check NAME CMD...: PASS if CMD exits 0; else FAIL rc=N and its output as INFO lines.
 check() {
     local _kname=$1 _kout _krc

@@ -20,6 +20,8 @@
 #include <linux/uaccess.h>
 #include <linux/cpuhotplug.h>
 #include <linux/reboot.h>
+#include <linux/suspend.h>
+#include <linux/panic_notifier.h>
 #include <linux/moduleparam.h>
 #include <asm/msr.h>
 #include <asm/io.h>
@@ -27,6 +29,7 @@
 #include <asm/apic.h>
 #include <asm/irq_vectors.h>
 #include <asm/nmi.h>
+#include <asm/reboot.h>
 #include <linux/jiffies.h>
 
 #include <linux/objtool.h>
@@ -305,6 +308,108 @@ static struct notifier_block kdbt_reboot_nb = {
 	.notifier_call = kdbt_reboot,
 };
 
+/* ---- suspend and hibernation ---- */
+
+/* Whether the PM notifier unloaded kdbt for a suspend and loads it again afterwards. */
+static bool kdbt_pm_reload;
+
+/*
+ * Runs in the task that suspends, before tasks are frozen and again after they are
+ * thawed, every CPU online: kdbt devirtualizes every CPU before the machine sleeps (a CPU
+ * loses its VMX state in S3 and wakes up natively) and virtualizes them again afterwards.
+ * The ioctl mutex keeps a concurrent `kdbt load`/`unload` out.
+ */
+static int kdbt_pm_notify(struct notifier_block *nb, unsigned long action, void *data)
+{
+	int ret;
+
+	switch (action) {
+	case PM_SUSPEND_PREPARE:
+	case PM_HIBERNATION_PREPARE:
+	case PM_RESTORE_PREPARE:
+		mutex_lock(&kdbt_ioctl_lock);
+		ret = kdbt_rs_pm_suspend();
+		mutex_unlock(&kdbt_ioctl_lock);
+		if (ret < 0) {
+			pr_err("refusing to suspend: a CPU could not be devirtualized (error %d)\n", ret);
+			return notifier_from_errno(ret);
+		}
+		kdbt_pm_reload = ret > 0;
+		return NOTIFY_OK;
+	case PM_POST_SUSPEND:
+	case PM_POST_HIBERNATION:
+	case PM_POST_RESTORE:
+		if (kdbt_pm_reload) {
+			kdbt_pm_reload = false;
+			mutex_lock(&kdbt_ioctl_lock);
+			kdbt_rs_pm_resume();
+			mutex_unlock(&kdbt_ioctl_lock);
+		}
+		return NOTIFY_OK;
+	}
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kdbt_pm_nb = {
+	.notifier_call = kdbt_pm_notify,
+};
+
+/* ---- emergencies: reboot without notifiers, panic, crash kernel ---- */
+
+#ifdef KDBT_HAVE_EMERGENCY_VIRT_CB
+/*
+ * The kernel calls this on every CPU it stops in an emergency (emergency restart, the
+ * NMI shootdown before a crash kernel, the stop IPI/NMI of a panic), interrupts off,
+ * maybe in NMI context: VMX must be off before a reset or the next kernel (VMX blocks
+ * INIT). Registered only while kdbt is loaded, the kernel keeps a single one (KVM's).
+ */
+static void kdbt_emergency_virt_off(void)
+{
+	kdbt_rs_emergency_devirtualize();
+}
+
+static bool kdbt_emergency_armed;
+
+void kdbt_glue_emergency_arm(bool on)
+{
+	if (on && !kdbt_emergency_armed)
+		cpu_emergency_register_virt_callback(kdbt_emergency_virt_off);
+	else if (!on && kdbt_emergency_armed)
+		cpu_emergency_unregister_virt_callback(kdbt_emergency_virt_off);
+	kdbt_emergency_armed = on;
+}
+
+bool kdbt_glue_has_emergency_callback(void)
+{
+	return true;
+}
+#else
+void kdbt_glue_emergency_arm(bool on)
+{
+}
+
+bool kdbt_glue_has_emergency_callback(void)
+{
+	return false;
+}
+#endif
+
+/*
+ * A panic: the panicking CPU leaves VMX operation (with the kernel's emergency callback
+ * the other CPUs do so when the panic stops them; without it they stay virtualized).
+ */
+static int kdbt_panic_notify(struct notifier_block *nb, unsigned long action, void *data)
+{
+	kdbt_rs_emergency_devirtualize();
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kdbt_panic_nb = {
+	.notifier_call = kdbt_panic_notify,
+	/* Last: other panic notifiers (kmsg dumpers...) still run under kdbt. */
+	.priority = INT_MIN,
+};
+
 static int __init kdbt_init(void)
 {
 	int ret = kdbt_rs_init();
@@ -325,13 +430,20 @@ static int __init kdbt_init(void)
 	ret = register_reboot_notifier(&kdbt_reboot_nb);
 	if (ret)
 		goto out_nmi;
+	ret = register_pm_notifier(&kdbt_pm_nb);
+	if (ret)
+		goto out_reboot;
+	atomic_notifier_chain_register(&panic_notifier_list, &kdbt_panic_nb);
 	ret = misc_register(&kdbt_misc);
 	if (ret) {
 		pr_err("cannot register /dev/kdbt: %d\n", ret);
-		goto out_reboot;
+		goto out_pm;
 	}
 	return 0;
 
+out_pm:
+	atomic_notifier_chain_unregister(&panic_notifier_list, &kdbt_panic_nb);
+	unregister_pm_notifier(&kdbt_pm_nb);
 out_reboot:
 	unregister_reboot_notifier(&kdbt_reboot_nb);
 out_nmi:
@@ -346,6 +458,7 @@ out_rs:
 static void __exit kdbt_exit(void)
 {
 	misc_deregister(&kdbt_misc);
+	unregister_pm_notifier(&kdbt_pm_nb);
 	unregister_reboot_notifier(&kdbt_reboot_nb);
 	/*
 	 * Devirtualize while the hotplug callbacks are still registered: a CPU going offline
@@ -353,6 +466,7 @@ static void __exit kdbt_exit(void)
 	 */
 	if (kdbt_rs_exit())
 		panic("kdbt: module exit: a CPU is still in VMX operation and could not be devirtualized; freeing kdbt now would crash it later\n");
+	atomic_notifier_chain_unregister(&panic_notifier_list, &kdbt_panic_nb);
 	cpuhp_remove_state_nocalls(kdbt_hp_state);
 	unregister_nmi_handler(NMI_LOCAL, "kdbt");
 }

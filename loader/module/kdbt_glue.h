@@ -25,6 +25,16 @@ int kdbt_rs_cpu_online(unsigned int cpu);
 int kdbt_rs_cpu_offline(unsigned int cpu);
 /* Reboot/halt/power-off: devirtualize everything. */
 void kdbt_rs_shutdown(void);
+/* Before a suspend or hibernation (process context, every CPU online): unloads kdbt if
+ * loaded. 1 if it was loaded (reload it afterwards), 0 if not, -errno if a CPU could not be
+ * devirtualized (the suspend is refused). */
+int kdbt_rs_pm_suspend(void);
+/* After the suspend or hibernation (or its failure): loads kdbt again; 0 or -errno (the
+ * reason is logged, kdbt stays unloaded). */
+int kdbt_rs_pm_resume(void);
+/* Emergency (any context, NMI included, interrupts off): if kdbt virtualizes this CPU,
+ * devirtualize it, nothing else (no lock, no allocation, nothing freed). */
+void kdbt_rs_emergency_devirtualize(void);
 /* Whether this CPU took a fatal VM exit (any context, NMI included). */
 bool kdbt_rs_fatal_pending(void);
 /* Text of this CPU's fatal VM exit, for the panic message; returns its length. */
@@ -77,6 +87,14 @@ void kdbt_glue_self_nmi(void);
  * and sends itself a second one, held back until its IRET. Waits up to a second; returns
  * how many NMIs `cpu` received (2 when delivery works), or -errno. May sleep. */
 int kdbt_glue_nmi_test(unsigned int cpu);
+
+/* The kernel's emergency virtualization-disable callback: register kdbt's (on) or remove
+ * it (off); idempotent, process context (removal waits for an RCU grace period). No-op
+ * where the kernel does not export it. */
+void kdbt_glue_emergency_arm(bool on);
+/* Whether this kernel exports that callback (else only the panic notifier covers panics,
+ * on the panicking CPU only). */
+bool kdbt_glue_has_emergency_callback(void);
 
 /* MSRs: 0 and *val on success, nonzero if the read faulted (#GP). */
 int kdbt_glue_rdmsr_safe(u32 msr, u64 *val);

@@ -57,6 +57,20 @@ pub struct Boot {
     pub boot_secs: Option<f64>,
     /// Seconds from emulator start to `KDBT-DONE` (or to the stop).
     pub wall_secs: f64,
+    /// Machine resets the emulator logged after power-on (Bochs), seen while a suite
+    /// announced a reboot.
+    pub resets: usize,
+}
+
+/// Machine resets in the emulator's log after the power-on one (Bochs logs each as
+/// `bx_pc_system_c::Reset(...)`; an S3 suspend is one too).
+fn resets_in_log(m: &Machine) -> usize {
+    match m.emulator {
+        Emulator::Bochs => {
+            read_lossy(&m.dir.join(m.emulator.log_name())).matches("bx_pc_system_c::Reset(").count().saturating_sub(1)
+        }
+        Emulator::Qemu => 0,
+    }
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -359,13 +373,22 @@ pub fn boot(m: &Machine) -> Result<Boot> {
     let mut last_len = 0usize;
     let mut next_beat = 30.0;
     let mut exited: Option<String> = None;
+    let mut resets = 0;
+    let mut next_reset_look = 0.0;
     let (timed_out, interrupted) = loop {
         std::thread::sleep(Duration::from_millis(100));
         let _ = r.inner_pid();
         let serial = read_lossy(&serial_path);
         if serial.len() != last_len {
             last_len = serial.len();
-            let o = results::parse(&serial);
+            let mut o = results::parse(&serial);
+            if o.expect_reboot.is_some() && t.secs() >= next_reset_look {
+                next_reset_look = t.secs() + 1.0;
+                resets = resets_in_log(m);
+                o.machine_reset(resets);
+                // Seen once a reboot is announced: keep looking while the log stays quiet.
+                last_len = 0;
+            }
             if boot_secs.is_none() && o.booted {
                 boot_secs = Some(t.secs());
                 note(format!("/init reached after {:.1} s", t.secs()));
@@ -405,7 +428,11 @@ pub fn boot(m: &Machine) -> Result<Boot> {
         bail!("interrupted; emulator stopped");
     }
     let serial = read_lossy(&serial_path);
-    let mut exited_early = exited.filter(|_| !results::parse(&serial).done);
+    let mut exited_early = exited.filter(|_| {
+        let mut o = results::parse(&serial);
+        o.machine_reset(resets);
+        !o.done
+    });
     if let Some(e) = exited_early.as_mut() {
         // Bochs logs signals it receives; we had sent none while it ran.
         let log = read_lossy(&m.dir.join(m.emulator.log_name()));
@@ -413,5 +440,5 @@ pub fn boot(m: &Machine) -> Result<Boot> {
             e.push_str(&format!(": it was killed from outside this run ({})", l.trim()));
         }
     }
-    Ok(Boot { serial, exited_early, timed_out, boot_secs, wall_secs: wall })
+    Ok(Boot { serial, exited_early, timed_out, boot_secs, wall_secs: wall, resets })
 }

@@ -91,8 +91,9 @@ enum Cmd {
     Vm(VmArgs),
     /// Host unit tests + the smoke and hypervisor suites in Bochs (small, debian-6.12) and
     /// QEMU TCG (small, debian-6.12, debian-6.1), one boot per kernel and emulator, the
-    /// fatal suite in a boot of its own (Bochs, small), and the hypervisor and shadow-hook
-    /// suites on shadow paging (Bochs, small).
+    /// fatal suite, the suspend suite and the three reboot suites, each in a boot of its own
+    /// (Bochs, small), and the hypervisor and shadow-hook suites on shadow paging (Bochs,
+    /// small).
     Test {
         /// Skip `cargo test --workspace`.
         #[arg(long)]
@@ -389,7 +390,8 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
         iso: &iso,
         dir: &dir,
     })?;
-    let o = results::parse(&b.serial);
+    let mut o = results::parse(&b.serial);
+    o.machine_reset(b.resets);
     let mut problems = o.problems(b.timed_out);
     if let Some(e) = &b.exited_early {
         problems.push(e.clone());
@@ -501,6 +503,12 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
         // mapping-stress and policy checks failing on purpose under their test hooks
         // (~5.5 minutes; the timeout allows for a busy host).
         VmArgs { suite: "hypervisor,shadow-hook".into(), paging: Paging::Shadow, timeout: Some(900), ..base.clone() },
+        // Suspend to RAM while loaded (the small kernel has CONFIG_SUSPEND), and three ways
+        // of resetting the machine while loaded, each ending its boot.
+        VmArgs { suite: "suspend".into(), ..base.clone() },
+        VmArgs { suite: "reboot".into(), ..base.clone() },
+        VmArgs { suite: "reboot-emergency".into(), ..base.clone() },
+        VmArgs { suite: "reboot-panic".into(), ..base.clone() },
         VmArgs { kernel: "debian-6.12".into(), ..base.clone() },
         // Call-depth tracking (`retbleed=stuff`, Debian 6.12 has it): the kernel's return
         // thunk, which root mode's returns go through, touches %gs; with a host GS base of

@@ -7,6 +7,15 @@
 //! panic on purpose: the check `name` passes if the next kernel panic line contains
 //! `text`, whose `*`s stand for anything (its pieces must appear in order), and fails if it
 //! does not; that panic ends the run like `KDBT-DONE`.
+//!
+//! `KDBT-EXPECT-REBOOT name [after-panic]` announces that the suite is about to reset the
+//! machine (a reboot, or a panic that reboots with `after-panic`): the check `name` passes
+//! when a second boot starts (the kernel's `Linux version` banner again, after the
+//! firmware ran), which ends the run like `KDBT-DONE`; if the machine hangs instead, the
+//! check never reports. With `after-panic` a kernel panic line before that second boot is
+//! part of the scenario, not a problem. The emulator resetting the machine counts as well
+//! ([`Outcome::machine_reset`]): Bochs 2.7 logs the reset of a native triple fault, then
+//! (with 2 CPUs, as measured here) never runs its BIOS again, so no second banner comes.
 
 use std::fmt::Write as _;
 
@@ -30,6 +39,8 @@ pub struct Outcome {
     pub panic: Option<String>,
     /// An announced panic: (check name, text its panic line must contain).
     pub expect_panic: Option<(String, String)>,
+    /// An announced reboot: (check name, whether a panic comes first).
+    pub expect_reboot: Option<(String, bool)>,
     /// Protocol lines that did not parse.
     pub garbled: Vec<String>,
 }
@@ -55,6 +66,19 @@ pub fn parse(serial: &str) -> Outcome {
     let mut o = Outcome::default();
     for raw in serial.split('\n') {
         let line = raw.trim_end_matches(['\r', '\0']);
+        if let Some((name, after_panic)) = &o.expect_reboot {
+            if line.contains("Linux version ") {
+                let figures = String::from(if *after_panic { "second_boot=1 after_panic=1" } else { "second_boot=1" });
+                o.checks.push(Check { name: name.clone(), pass: true, figures });
+                o.expect_reboot = None;
+                o.done = true;
+                // What follows is the second boot's own run: not this one's.
+                break;
+            }
+            if *after_panic && line.contains("Kernel panic - not syncing") {
+                continue;
+            }
+        }
         if o.panic.is_none()
             && (line.contains("Kernel panic - not syncing") || line.contains("Oops:") && !line.contains("KDBT-"))
         {
@@ -89,6 +113,11 @@ pub fn parse(serial: &str) -> Outcome {
                     _ => o.garbled.push(p.to_string()),
                 }
             }
+            "KDBT-EXPECT-REBOOT" => match (words.next(), words.next(), words.next()) {
+                (Some(name), None, None) => o.expect_reboot = Some((name.to_string(), false)),
+                (Some(name), Some("after-panic"), None) => o.expect_reboot = Some((name.to_string(), true)),
+                _ => o.garbled.push(p.to_string()),
+            },
             "KDBT-RESULT" => {
                 let name = words.next();
                 let verdict = words.next();
@@ -108,6 +137,19 @@ pub fn parse(serial: &str) -> Outcome {
 }
 
 impl Outcome {
+    /// The emulator reset the machine `resets` times after power-on: an announced reboot's
+    /// check passes.
+    pub fn machine_reset(&mut self, resets: usize) {
+        if resets == 0 {
+            return;
+        }
+        if let Some((name, after_panic)) = self.expect_reboot.take() {
+            let figures = format!("emulator_resets={resets}{}", if after_panic { " after_panic=1" } else { "" });
+            self.checks.push(Check { name, pass: true, figures });
+            self.done = true;
+        }
+    }
+
     /// Everything wrong with this run; empty means it passed.
     pub fn problems(&self, timed_out: bool) -> Vec<String> {
         let mut v = Vec::new();
@@ -290,6 +332,46 @@ mod tests {
         // An oops before the panic is a problem of its own, not the expected panic.
         let o = parse(&FATAL.replace("[    2.000000] Kernel", "[    1.9] Oops: 0000 [#1]\n[    2.000000] Kernel"));
         assert!(o.panic.as_deref().is_some_and(|p| p.contains("Oops")));
+    }
+
+    const REBOOT: &str = "\
+[    0.000000] Linux version 6.12.117\r
+[    1.100000] KDBT-BOOT\r
+[    1.300000] KDBT-PLAN 2\r
+[    1.400000] KDBT-RESULT load PASS \r
+[    1.500000] KDBT-EXPECT-REBOOT reboot_resets\r
+[    1.600000] reboot: Restarting system\r
+[    0.000000] Linux version 6.12.117\r
+[    1.100000] KDBT-BOOT\r
+[    1.300000] KDBT-PLAN 2\r
+";
+
+    #[test]
+    fn an_announced_reboot_is_the_check_and_ends_the_run() {
+        let o = parse(REBOOT);
+        assert!(o.done && o.panic.is_none());
+        assert_eq!(o.plan, Some(2), "the second boot's lines are not counted");
+        assert_eq!(o.checks[1], Check { name: "reboot_resets".into(), pass: true, figures: "second_boot=1".into() });
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
+        // No second boot (the machine hung): the check never reports.
+        let hung: String = REBOOT.lines().take(6).map(|l| format!("{l}\n")).collect();
+        let p = parse(&hung).problems(true);
+        assert!(p.iter().any(|x| x.contains("1 of 2 planned checks never reported")), "{p:?}");
+        // A panic before the second boot: a problem, unless announced with after-panic.
+        let panicking =
+            REBOOT.replace("reboot: Restarting system", "Kernel panic - not syncing: sysrq triggered crash");
+        assert!(parse(&panicking).problems(false).iter().any(|x| x.starts_with("kernel panic")));
+        let o = parse(&panicking.replace("reboot_resets", "reboot_resets after-panic"));
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
+        assert_eq!(o.checks[1].figures, "second_boot=1 after_panic=1");
+        assert!(!parse(&REBOOT.replace("reboot_resets", "a b c")).garbled.is_empty());
+        // The emulator's reset without a second banner passes it too; no reset, nothing.
+        let mut o = parse(&hung);
+        o.machine_reset(0);
+        assert!(!o.done);
+        o.machine_reset(1);
+        assert!(o.done && o.checks[1].figures == "emulator_resets=1");
+        assert!(o.problems(false).is_empty(), "{:?}", o.problems(false));
     }
 
     #[test]

@@ -34,5 +34,8 @@ extern "C" {
     pub fn kdbt_glue_self_nmi();
     pub fn kdbt_glue_nmi_test(cpu: c_uint) -> c_int;
 
+    pub fn kdbt_glue_emergency_arm(on: bool);
+    pub fn kdbt_glue_has_emergency_callback() -> bool;
+
     pub fn kdbt_glue_rdmsr_safe(msr: u32, val: *mut u64) -> c_int;
 }

@@ -9,7 +9,7 @@ use kdbt_abi::{
 };
 use vmx::caps::RawCaps;
 
-use crate::{ffi, hv, hw};
+use crate::{ffi, hv, hw, power};
 
 type Result<T> = core::result::Result<T, i32>;
 
@@ -17,8 +17,8 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
     match cmd {
         IOC_VERSION => version(arg),
         IOC_CAPS => caps(arg),
-        IOC_LOAD => command(arg, hv::load, errno::EALREADY, hv::is_loaded),
-        IOC_UNLOAD => command(arg, |_| hv::unload(), errno::ENOENT, || !hv::is_loaded()),
+        IOC_LOAD => command(arg, power::load, errno::EALREADY, hv::is_loaded),
+        IOC_UNLOAD => command(arg, |_| power::unload(), errno::ENOENT, || !hv::is_loaded()),
         IOC_STATUS => status(arg),
         IOC_EPT_CHECK => check(arg, |_| hv::ept_check()),
         IOC_NMI_CHECK => check(arg, |_| hv::nmi_check()),

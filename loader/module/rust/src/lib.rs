@@ -15,6 +15,7 @@ mod hv;
 mod hw;
 mod ioctl;
 mod kalloc;
+mod power;
 
 use core::ffi::c_int;
 
@@ -30,6 +31,13 @@ pub extern "C" fn kdbt_rs_init() -> c_int {
         kdbt_abi::ABI_VERSION,
         hw::online_cpus()
     );
+    // SAFETY: a constant answer of the glue.
+    if !unsafe { ffi::kdbt_glue_has_emergency_callback() } {
+        kwarn!(
+            "this kernel exports no emergency virtualization callback: after a panic or an emergency restart \
+             only the panicking CPU leaves VMX operation"
+        );
+    }
     0
 }
 
@@ -38,7 +46,7 @@ pub extern "C" fn kdbt_rs_init() -> c_int {
 #[no_mangle]
 pub extern "C" fn kdbt_rs_exit() -> c_int {
     if hv::is_loaded() {
-        if let Err(e) = hv::unload() {
+        if let Err(e) = power::unload() {
             kerr!("module exit: {}", e);
             return -(kdbt_abi::errno::EBUSY);
         }
@@ -65,14 +73,33 @@ pub extern "C" fn kdbt_rs_cpu_offline(cpu: u32) -> c_int {
     }
 }
 
-/// Reboot, halt or power-off: leave every CPU as it was.
+/// Reboot, halt, power-off or kexec: leave every CPU as it was.
 #[no_mangle]
 pub extern "C" fn kdbt_rs_shutdown() {
     if hv::is_loaded() {
-        if let Err(e) = hv::unload() {
-            kerr!("reboot: {}", e);
+        match power::unload() {
+            Ok(()) => kinfo!("reboot: every CPU devirtualized"),
+            Err(e) => kerr!("reboot: {}", e),
         }
     }
+}
+
+/// Before a suspend or hibernation: unload. 1 (was loaded), 0 (was not) or -errno.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_pm_suspend() -> c_int {
+    power::suspend()
+}
+
+/// After a suspend or hibernation: load again. 0 or -errno (logged).
+#[no_mangle]
+pub extern "C" fn kdbt_rs_pm_resume() -> c_int {
+    power::resume()
+}
+
+/// Emergency (any context): devirtualize this CPU if kdbt virtualizes it.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_emergency_devirtualize() {
+    power::emergency_devirtualize()
 }
 
 /// Whether this CPU took a fatal VM exit (the glue's NMI handler then panics).

@@ -335,6 +335,14 @@ fn devirt_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
     let Some(c) = st.cpus.get_mut(cpu as usize).and_then(|c| c.take()) else {
         return Ok(());
     };
+    // SAFETY: the block stays allocated while in `cpus`; the flag is an atomic.
+    if !unsafe { (*c.pc).ctl.virtualized.load(Ordering::Acquire) } {
+        // Devirtualized already, behind kdbt's back (the emergency callback of a reboot or
+        // panic that did not end the kernel): a VMCALL now would be #UD.
+        kwarn!("cpu{}: found devirtualized already (emergency path)", cpu);
+        free_percpu(c.pc);
+        return Ok(());
+    }
     let mut rax = 0u64;
     let pc_addr = c.pc as usize;
     let rc = hw::run_on_cpu(cpu, || {
