@@ -57,10 +57,14 @@ pub struct Boot {
     pub boot_secs: Option<f64>,
     /// Seconds from emulator start to `KDBT-DONE` (or to the stop).
     pub wall_secs: f64,
-    /// Machine resets the emulator logged after power-on (Bochs), seen while a suite
-    /// announced a reboot.
+    /// Machine resets the emulator logged after power-on (Bochs; read after it stopped,
+    /// since Bochs writes its log at exit), when a suite announced a reboot.
     pub resets: usize,
 }
+
+/// Wall seconds an announced reboot gets before the bench stops the emulator and reads
+/// its log (a reset came within a second of the announcement in every run here).
+const REBOOT_WAIT_SECS: f64 = 45.0;
 
 /// Machine resets in the emulator's log after the power-on one (Bochs logs each as
 /// `bx_pc_system_c::Reset(...)`; an S3 suspend is one too).
@@ -373,21 +377,16 @@ pub fn boot(m: &Machine) -> Result<Boot> {
     let mut last_len = 0usize;
     let mut next_beat = 30.0;
     let mut exited: Option<String> = None;
-    let mut resets = 0;
-    let mut next_reset_look = 0.0;
+    let mut reboot_announced: Option<f64> = None;
     let (timed_out, interrupted) = loop {
         std::thread::sleep(Duration::from_millis(100));
         let _ = r.inner_pid();
         let serial = read_lossy(&serial_path);
         if serial.len() != last_len {
             last_len = serial.len();
-            let mut o = results::parse(&serial);
-            if o.expect_reboot.is_some() && t.secs() >= next_reset_look {
-                next_reset_look = t.secs() + 1.0;
-                resets = resets_in_log(m);
-                o.machine_reset(resets);
-                // Seen once a reboot is announced: keep looking while the log stays quiet.
-                last_len = 0;
+            let o = results::parse(&serial);
+            if o.expect_reboot.is_some() && reboot_announced.is_none() {
+                reboot_announced = Some(t.secs());
             }
             if boot_secs.is_none() && o.booted {
                 boot_secs = Some(t.secs());
@@ -398,6 +397,11 @@ pub fn boot(m: &Machine) -> Result<Boot> {
             }
         }
         if exited.is_some() {
+            break (false, false);
+        }
+        // Bochs writes its log only when it stops: give an announced reboot its time, then
+        // stop and look for the reset there.
+        if reboot_announced.is_some_and(|at| t.secs() - at > REBOOT_WAIT_SECS) {
             break (false, false);
         }
         if let Some(st) = r.child.try_wait()? {
@@ -428,6 +432,7 @@ pub fn boot(m: &Machine) -> Result<Boot> {
         bail!("interrupted; emulator stopped");
     }
     let serial = read_lossy(&serial_path);
+    let resets = if reboot_announced.is_some() { resets_in_log(m) } else { 0 };
     let mut exited_early = exited.filter(|_| {
         let mut o = results::parse(&serial);
         o.machine_reset(resets);
