@@ -1,8 +1,16 @@
-//! Hand-written entry/exit routines (not generated code): the dispatcher
-//! entries reached from exit stubs (`jmp gs:[EXIT_ENTRY]`) and lookup misses
-//! (`jmp gs:[MISS_ENTRY]`), the host entry `dbt_enter`, and two host-harness
-//! helpers. Offsets refer to [`crate::scratch::Scratch`] and
+//! Hand-written entry/exit routines: the dispatcher entries reached from
+//! exit stubs (`jmp gs:[EXIT_ENTRY]`) and lookup misses
+//! (`jmp gs:[MISS_ENTRY]`), and (host only) the harness entry `dbt_enter`
+//! and two helpers. Offsets refer to [`crate::scratch::Scratch`] and
 //! [`crate::scratch::Frame`].
+//!
+//! The dispatcher entries are *templates*, assembled into a read-only data
+//! section: every engine copies the template of its ABI into its code cache
+//! with each `gs:[disp32]` rebased by the offset of its per-CPU block from
+//! the `%gs` base ([`entry_code`]; the environment chooses it: the kernel's
+//! is an `alloc_percpu` offset, the host harness's [`HOST_GS_BASE`]). So the
+//! module's text holds no code a kernel's objtool would have to be told
+//! about, and the same bytes run on the host and in the kernel.
 //!
 //! Entry contracts (README "ABI"):
 //! * exit entry: `[rsp]` = exit record address, below it nothing; the
@@ -74,9 +82,8 @@ core::arch::global_asm!(
     "sub rax, 160",
     ".endm",
     // DBT_ENTRIES exit, miss, red zone, kernel?
-    ".macro DBT_ENTRIES exitn, missn, rz, kernel",
+    ".macro DBT_ENTRIES exitn, missn, endn, rz, kernel",
     ".globl \\exitn",
-    ".p2align 4",
     "\\exitn:",
     "DBT_ENTRY_START \\kernel",
     "mov [rax+8], rcx",
@@ -87,8 +94,10 @@ core::arch::global_asm!(
     "lea rcx, [rsp+24+\\rz]",
     "mov [rax+32], rcx",
     "jmp 1f",
+    // int3 padding: one-byte instructions, so the template decodes
+    // linearly (it is relocated by decoding it).
+    ".balign 16, 0xcc",
     ".globl \\missn",
-    ".p2align 4",
     "\\missn:",
     "DBT_ENTRY_START \\kernel",
     "mov [rax+144], rcx",
@@ -123,8 +132,11 @@ core::arch::global_asm!(
     "and rsp, -64",
     "cmp qword ptr gs:[64], 0",
     "je 2f",
-    "mov eax, -1",
-    "mov edx, -1",
+    // The requested-feature bitmap is the block's save_xstate (the
+    // environment leaves out what the area cannot hold and the dispatcher
+    // never uses: AMX tile data is 8 KB).
+    "mov eax, dword ptr gs:[64]",
+    "mov edx, dword ptr gs:[68]",
     "xsave64 [rsp]",
     "2:",
     "mov rdi, qword ptr gs:[0]",
@@ -133,8 +145,8 @@ core::arch::global_asm!(
     "mov r12, rax",
     "cmp qword ptr gs:[64], 0",
     "je 3f",
-    "mov eax, -1",
-    "mov edx, -1",
+    "mov eax, dword ptr gs:[64]",
+    "mov edx, dword ptr gs:[68]",
     "xrstor64 [rsp]",
     "3:",
     "test r12, r12",
@@ -175,14 +187,35 @@ core::arch::global_asm!(
     "pop rbp",
     "ret",
     ".endif",
+    ".globl \\endn",
+    "\\endn:",
     ".endm",
-    ".globl dbt_asm_start",
-    "dbt_asm_start:",
-    "DBT_ENTRIES dbt_exit_entry, dbt_miss_entry, 128, 0",
-    "DBT_ENTRIES dbt_kexit_entry, dbt_kmiss_entry, 0, 1",
-    // dbt_enter(): enter translated code at gs:[TGT] with the guest context
-    // from the per-CPU block; returns when the dispatcher decides to leave
-    // (exit reason and context in the block).
+    // The templates are data: never executed where they are assembled (the
+    // engine copies them into its code cache with their `gs:` offsets
+    // rebased, see `entry_code`), so a kernel's objtool never sees them as
+    // text.
+    ".pushsection .rodata.dbt_entry_templates, \"a\"",
+    ".balign 16, 0xcc",
+    "DBT_ENTRIES dbt_tmpl_exit, dbt_tmpl_miss, dbt_tmpl_end, 128, 0",
+    ".balign 16, 0xcc",
+    "DBT_ENTRIES dbt_tmpl_kexit, dbt_tmpl_kmiss, dbt_tmpl_kend, 0, 1",
+    ".popsection",
+);
+
+/// Where the host harness puts its per-CPU block relative to the thread's
+/// `%gs` base: not 0, so that every host run exercises the rebasing of the
+/// generated entries and of the inserted code (the kernel's offset is an
+/// `alloc_percpu` offset).
+pub const HOST_GS_BASE: i32 = 4096;
+
+// Host harness routines (text, host only).
+#[cfg(feature = "host")]
+core::arch::global_asm!(
+    // dbt_enter(s: *mut Scratch): enter translated code at s.tgt with the
+    // guest context s.ctx (s is this thread's block, at gs:[HOST_GS_BASE]);
+    // returns when the dispatcher decides to leave (exit reason and context
+    // in the block; the generated host exit entry restores the rsp saved
+    // here and pops what this pushed).
     ".globl dbt_enter",
     ".p2align 4",
     "dbt_enter:",
@@ -192,12 +225,27 @@ core::arch::global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "mov qword ptr gs:[48], rsp",
-    "mov rbx, qword ptr gs:[0]",
-    "add rbx, 256",
-    "DBT_RESUME_HOST",
-    ".globl dbt_asm_end",
-    "dbt_asm_end:",
+    "mov [rdi+48], rsp",
+    "lea rbx, [rdi+256]",
+    "push qword ptr [rbx+136]",
+    "popfq",
+    "mov rax, [rbx]",
+    "mov rcx, [rbx+8]",
+    "mov rdx, [rbx+16]",
+    "mov rbp, [rbx+40]",
+    "mov rsi, [rbx+48]",
+    "mov rdi, [rbx+56]",
+    "mov r8, [rbx+64]",
+    "mov r9, [rbx+72]",
+    "mov r10, [rbx+80]",
+    "mov r11, [rbx+88]",
+    "mov r12, [rbx+96]",
+    "mov r13, [rbx+104]",
+    "mov r14, [rbx+112]",
+    "mov r15, [rbx+120]",
+    "mov rsp, [rbx+32]",
+    "mov rbx, [rbx+24]",
+    "jmp qword ptr gs:[{tgt}]",
     // Sentinel return address for harness runs: never executed natively.
     ".globl dbt_sentinel",
     ".p2align 4",
@@ -280,22 +328,22 @@ core::arch::global_asm!(
     "pop rbx",
     "pop rbp",
     "ret",
+    tgt = const HOST_GS_BASE as i64 + crate::scratch::OFF_TGT,
 );
 
 extern "C" {
-    /// Dispatcher entry from exit stubs, host ABI (never called from Rust).
-    pub fn dbt_exit_entry();
-    /// Dispatcher entry from lookup misses, host ABI (never called from Rust).
-    pub fn dbt_miss_entry();
-    /// Kernel-ABI variants (interrupts off inside; never run on the host).
-    pub fn dbt_kexit_entry();
-    pub fn dbt_kmiss_entry();
-    /// Bounds of the dispatcher entry routines and `dbt_enter` (an
-    /// interrupted pc in there is inside the dispatcher, not guest code).
-    pub fn dbt_asm_start();
-    pub fn dbt_asm_end();
-    /// Enter translated code (see module docs).
-    pub fn dbt_enter();
+    static dbt_tmpl_exit: u8;
+    static dbt_tmpl_miss: u8;
+    static dbt_tmpl_end: u8;
+    static dbt_tmpl_kexit: u8;
+    static dbt_tmpl_kmiss: u8;
+    static dbt_tmpl_kend: u8;
+}
+
+#[cfg(feature = "host")]
+extern "C" {
+    /// Enter translated code (see the routine's comment).
+    pub fn dbt_enter(s: *mut crate::scratch::Scratch);
     /// Sentinel return address.
     pub fn dbt_sentinel();
     /// Native call helper.
@@ -304,12 +352,128 @@ extern "C" {
     pub fn dbt_native_ret();
 }
 
-/// (exit entry, miss entry) of the host or kernel ABI.
-pub fn entries(kernel: bool) -> (u64, u64) {
-    let a = |f: unsafe extern "C" fn()| f as *const () as usize as u64;
-    if kernel {
-        (a(dbt_kexit_entry), a(dbt_kmiss_entry))
-    } else {
-        (a(dbt_exit_entry), a(dbt_miss_entry))
+/// The dispatcher entries of one ABI as assembled (a template: data, never
+/// run in place): the bytes, and the offset of the miss entry (the exit
+/// entry is at 0).
+pub fn entry_template(kernel: bool) -> (&'static [u8], usize) {
+    // SAFETY: the labels delimit one contiguous template in a read-only
+    // section of this object (the global_asm above), start before miss
+    // before end.
+    unsafe {
+        let (a, m, e) = if kernel {
+            (&raw const dbt_tmpl_kexit, &raw const dbt_tmpl_kmiss, &raw const dbt_tmpl_kend)
+        } else {
+            (&raw const dbt_tmpl_exit, &raw const dbt_tmpl_miss, &raw const dbt_tmpl_end)
+        };
+        (core::slice::from_raw_parts(a, e as usize - a as usize), m as usize - a as usize)
+    }
+}
+
+/// Generated dispatcher entries: the template of one ABI with every
+/// `gs:[disp32]` (no base, no index) rebased by `gs_base`, the offset of the
+/// per-CPU block from the `%gs` base, for the code-cache address `at`.
+pub struct EntryCode {
+    pub bytes: alloc::vec::Vec<u8>,
+    pub miss_off: usize,
+    /// How many `gs:` operands were rebased.
+    pub rebased: usize,
+}
+
+/// Build the entries (see [`EntryCode`]); None if a rebased displacement
+/// would not fit in 32 bits or the template does not decode.
+pub fn entry_code(kernel: bool, gs_base: i32) -> Option<EntryCode> {
+    use iced_x86::{Decoder, DecoderOptions, Register};
+    let (t, miss_off) = entry_template(kernel);
+    let mut bytes = t.to_vec();
+    let mut rebased = 0;
+    let mut d = Decoder::with_ip(64, t, 0, DecoderOptions::NONE);
+    while d.can_decode() {
+        let i = d.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        let mem = (0..i.op_count()).any(|k| i.op_kind(k) == iced_x86::OpKind::Memory);
+        if mem
+            && i.memory_segment() == Register::GS
+            && i.memory_base() == Register::None
+            && i.memory_index() == Register::None
+        {
+            let co = d.get_constant_offsets(&i);
+            if !co.has_displacement() || co.displacement_size() != 4 {
+                return None;
+            }
+            let at = i.ip() as usize + co.displacement_offset();
+            let old = i32::from_le_bytes(bytes[at..at + 4].try_into().ok()?);
+            let new = old.checked_add(gs_base)?;
+            bytes[at..at + 4].copy_from_slice(&new.to_le_bytes());
+            rebased += 1;
+        }
+    }
+    Some(EntryCode { bytes, miss_off, rebased })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Register};
+
+    fn text(b: &[u8]) -> alloc::vec::Vec<alloc::string::String> {
+        let mut f = IntelFormatter::new();
+        let mut out = alloc::vec::Vec::new();
+        for i in Decoder::with_ip(64, b, 0, DecoderOptions::NONE).iter() {
+            let mut s = alloc::string::String::new();
+            f.format(&i, &mut s);
+            out.push(s);
+        }
+        out
+    }
+
+    #[test]
+    fn generated_entries_rebase_every_gs_operand_and_nothing_else() {
+        for kernel in [false, true] {
+            let (t, miss) = entry_template(kernel);
+            let plain = entry_code(kernel, 0).unwrap();
+            assert_eq!(plain.bytes, t, "offset 0 changes nothing");
+            let g = entry_code(kernel, 0x12340).unwrap();
+            assert_eq!(g.miss_off, miss);
+            assert_eq!(g.bytes.len(), t.len());
+            // Every gs operand of the template: the block's dispatcher stack
+            // (once per entry), its xsave mask (tested and loaded as two
+            // halves, around xsave and xrstor) and self pointer; the host's
+            // also the resume target (written, jumped through) and saved rsp.
+            let gs = |b: &[u8]| {
+                Decoder::with_ip(64, b, 0, DecoderOptions::NONE)
+                    .iter()
+                    .filter(|i| i.memory_segment() == Register::GS && i.memory_base() == Register::None)
+                    .map(|i| i.memory_displacement64() as i64)
+                    .collect::<alloc::vec::Vec<_>>()
+            };
+            let (a, b) = (gs(t), gs(&g.bytes));
+            assert_eq!(a.len(), g.rebased);
+            assert_eq!(a.len(), if kernel { 9 } else { 12 }, "{:?}", text(t));
+            assert!(a.iter().zip(&b).all(|(x, y)| y - x == 0x12340), "{a:x?} {b:x?}");
+            // Apart from the displacements, the same instructions.
+            let strip = |v: alloc::vec::Vec<alloc::string::String>| {
+                v.into_iter().map(|s| if s.contains("gs:[") { "gs".into() } else { s }).collect::<alloc::vec::Vec<_>>()
+            };
+            assert_eq!(strip(text(t)), strip(text(&g.bytes)));
+            // Both entries start with endbr64 (kernels with IBT).
+            assert_eq!(&g.bytes[..4], &crate::templates::ENDBR64);
+            assert_eq!(&g.bytes[miss..miss + 4], &crate::templates::ENDBR64);
+        }
+        assert!(entry_code(true, i32::MAX).is_none(), "an offset that overflows a disp32 is refused");
+    }
+
+    #[test]
+    fn kernel_entries_enable_interrupts_only_at_the_final_jump() {
+        let (t, _) = entry_template(true);
+        let v = text(t);
+        assert_eq!(v[1], "pushfq");
+        assert_eq!(v[2], "cli");
+        for (k, s) in v.iter().enumerate() {
+            if s == "sti" {
+                assert_eq!(v[k + 1], "jmp qword ptr [rsp-8]");
+            }
+        }
     }
 }

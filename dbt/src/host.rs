@@ -10,7 +10,7 @@ use std::vec::Vec;
 use crate::asm;
 use crate::client::{Client, InsCount};
 use crate::engine::{Config, Engine, Env, StopKind};
-use crate::scratch::{Frame, GuestCtx, PerCpuArea, Scratch};
+use crate::scratch::{Frame, GuestCtx, PerCpuArea, Scratch, XSAVE_AREA};
 
 /// Host environment: the code cache is a memfd mapped twice, read+execute
 /// near the guest code (what translated code runs from) and read+write
@@ -31,6 +31,8 @@ pub struct HostEnv {
     pub spread: bool,
     /// Native regions ([`Env::native`]): `[lo, hi)` guest ranges.
     pub native: Vec<(u64, u64)>,
+    /// Mappings of dispatcher entries (not cache regions: `spread` skips them).
+    entry_maps: usize,
 }
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
@@ -141,7 +143,7 @@ impl Env for HostEnv {
                 return None;
             }
             let x = if self.spread {
-                let d = (self.maps.len() % 2) as u64;
+                let d = ((self.maps.len() - self.entry_maps) % 2) as u64;
                 map_near_from(near, size, libc::PROT_READ | libc::PROT_EXEC, fd, 20, [d, 1 - d])
             } else {
                 map_near(near, size, libc::PROT_READ | libc::PROT_EXEC, fd)
@@ -165,6 +167,14 @@ impl Env for HostEnv {
                 }
             }
         }
+    }
+
+    fn alloc_entries(&mut self, near: u64, size: usize) -> Option<u64> {
+        let spread = core::mem::replace(&mut self.spread, false);
+        let at = self.alloc_code(near, size);
+        self.spread = spread;
+        self.entry_maps += at.is_some() as usize;
+        at
     }
 
     fn alloc_table(&mut self, bytes: usize) -> Option<u64> {
@@ -333,7 +343,7 @@ impl Harness {
         // Threads, unlike CPUs with interrupts off, get preempted holding the lock.
         cfg.relax = std::thread::yield_now;
         let gstack = std::vec![0u8; 16 << 20];
-        let mut engine = Box::new(Engine::new(Box::new(env), client, cfg));
+        let mut engine = Box::new(Engine::new(Box::new(env), client, cfg).expect("host engine"));
         engine.stop_pc = asm::dbt_sentinel as *const () as u64;
         let (scratch, dstack) = new_cpu(&mut engine);
         Harness { engine, scratch, _dstack: dstack, gstack }
@@ -453,7 +463,7 @@ fn new_cpu(engine: &mut Engine) -> (*mut Scratch, Vec<u8>) {
     // SAFETY: `scratch` is valid; xsave needs OSXSAVE (checked) and the area
     // is 64-byte aligned inside the block.
     unsafe {
-        (*scratch).save_xstate = xsave_supported() as u64;
+        (*scratch).save_xstate = xsave_mask();
         (*scratch).rust_dispatch = host_dispatch as *const () as u64;
         (*scratch).counters_ptr = core::ptr::addr_of_mut!((*area).counters) as u64;
     }
@@ -464,14 +474,16 @@ fn new_cpu(engine: &mut Engine) -> (*mut Scratch, Vec<u8>) {
 /// the syscall is not free, and a signal pending meanwhile would always be
 /// delivered at its return).
 fn install_gs_base(scratch: *mut Scratch) {
-    if GS_BASE.with(|g| g.get()) == scratch as u64 {
+    // The block sits at gs:[HOST_GS_BASE] (Config::gs_base of host engines).
+    let base = (scratch as u64).wrapping_sub(asm::HOST_GS_BASE as u64);
+    if GS_BASE.with(|g| g.get()) == base {
         return;
     }
     // SAFETY: sets this thread's user %gs base; nothing else in a Rust
     // program on x86-64 Linux uses %gs (TLS is %fs).
-    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, scratch as u64) };
+    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, base) };
     assert_eq!(r, 0, "arch_prctl(ARCH_SET_GS) failed");
-    GS_BASE.with(|g| g.set(scratch as u64));
+    GS_BASE.with(|g| g.set(base));
 }
 
 /// Run `f(args...)` translated on the CPU whose block is `scratch` (already
@@ -524,7 +536,7 @@ unsafe fn enter(engine: *mut Engine, scratch: *mut Scratch, top: u64, f: u64, ar
     s.exit_reason = 0;
     // SAFETY: %gs points at the block, whose context and target were just
     // set; dbt_enter returns when the dispatcher gives control back.
-    unsafe { asm::dbt_enter() };
+    unsafe { asm::dbt_enter(s) };
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(&mut s.outside, 1) };
     let c = s.ctx;
@@ -574,9 +586,26 @@ unsafe extern "C" fn host_dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
     crate::host_alloc::with_dbt_alloc(|| unsafe { crate::engine::dbt_rust_dispatch(s, f) })
 }
 
-fn xsave_supported() -> bool {
-    let c = core::arch::x86_64::__cpuid(1);
-    (c.ecx & (1 << 27)) != 0
+/// The xsave requested-feature bitmap for the dispatcher's save area: every
+/// component the OS enabled (XCR0) but AMX (tile config and data, 8 KB that
+/// neither Rust code nor glibc touches without asking the kernel first), each
+/// checked to end within the area; 0 without OSXSAVE.
+fn xsave_mask() -> u64 {
+    use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
+    if __cpuid(1).ecx & (1 << 27) == 0 {
+        return 0;
+    }
+    // SAFETY: OSXSAVE is set, so XGETBV(0) is allowed.
+    let xcr0 = unsafe { _xgetbv(0) };
+    let mask = xcr0 & !((1 << 17) | (1 << 18));
+    for i in 2..63 {
+        if mask & (1 << i) != 0 {
+            let c = __cpuid_count(0xd, i);
+            let end = c.ebx as usize + c.eax as usize;
+            assert!(end <= XSAVE_AREA, "xsave component {i} ends at {end}, beyond the {XSAVE_AREA}-byte area");
+        }
+    }
+    mask
 }
 
 /// Single-step `f(args...)` natively in a forked child with ptrace, calling
@@ -753,7 +782,7 @@ impl NestedRunner {
         s.tgt = entry;
         s.exit_reason = 0;
         // SAFETY: %gs points at this block (the interrupted run installed it).
-        unsafe { asm::dbt_enter() };
+        unsafe { asm::dbt_enter(s) };
         let r = (s.exit_reason == StopKind::Sentinel as u64).then_some(s.ctx.gpr[GuestCtx::RAX]);
         (s.tgt, s.host_rsp, s.ctx, s.exit_reason, s.exit_pc) = saved;
         r

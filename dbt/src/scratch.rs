@@ -7,15 +7,16 @@
 //! engine, the host's resume state, client slots). It is 512 bytes; the
 //! client counters (per CPU, `gs`-relative, written by instrumentation) are a
 //! second block at `gs:[OFF_COUNTERS]`, and the extended-state save area is
-//! on the dispatcher's stack. In the kernel both blocks are one per-CPU
-//! allocation (512 B + 16 KiB, under `alloc_percpu`'s 32 KiB limit); on the
-//! host the harness allocates them together and points the user `%gs` base at
-//! the first.
+//! on the dispatcher's stack. In the kernel both blocks are one 4 KiB
+//! per-CPU allocation at `%gs` offset `Config::gs_base`; on the
+//! host the harness allocates them together and points the user `%gs` base
+//! `HOST_GS_BASE` below the first.
 //!
 //! The inline-lookup table is *shared* by all CPUs (see [`crate::ibl`]).
 
-/// Number of per-CPU counters clients may address with `gs:[disp32]`.
-pub const COUNTERS: usize = 2048;
+/// Number of per-CPU counters clients may address with `gs:[disp32]`: the
+/// block and its counters make one 4 KB per-CPU area.
+pub const COUNTERS: usize = 448;
 
 /// Guest general purpose registers + rip + rflags, iced/hardware order.
 #[repr(C)]
@@ -88,7 +89,10 @@ pub struct Scratch {
     /// Rust dispatcher function
     /// (`extern "C" fn(*mut Scratch, *mut Frame) -> u64`).
     pub rust_dispatch: u64, // 56
-    /// Non-zero: the dispatcher saves/restores extended state with xsave.
+    /// Non-zero: the dispatcher saves/restores extended state with xsave,
+    /// and this is its requested-feature bitmap (edx:eax): only components
+    /// whose standard-format layout ends within [`XSAVE_AREA`] (so not AMX
+    /// tile data, which no dispatcher code touches).
     pub save_xstate: u64, // 64
     /// Why the run stopped when the dispatcher returned to the host.
     pub exit_reason: u64, // 72
@@ -153,6 +157,7 @@ const _: () = {
     assert!(offset_of!(Scratch, ctx) == 256);
     assert!(size_of::<Scratch>() == 512);
     assert!(size_of::<Scratch>() <= 4096);
+    assert!(size_of::<PerCpuArea>() == 4096);
     assert!(offset_of!(PerCpuArea, counters) == OFF_COUNTERS as usize);
     assert!(size_of::<Frame>() == 160);
     assert!(offset_of!(Frame, arg) == 144);

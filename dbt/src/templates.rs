@@ -31,13 +31,18 @@ pub(crate) struct Abi {
     /// every indirect transfer goes to the dispatcher.
     pub ibl: Option<i64>,
     pub count_hits: bool,
+    /// Offset of the per-CPU block from the `%gs` base
+    /// ([`crate::Config::gs_base`]): added to every `gs:` displacement of
+    /// inserted code (the engine's and the client's, never the guest's).
+    pub gs_base: i64,
 }
 
 /// `gs:[off]` with 64-bit addressing (iced's displacement size 8: a
 /// sign-extended disp32; size 4 would mean 32-bit addressing, an `0x67`
 /// prefix and a zero-extended offset).
-pub(crate) fn gs(off: i64) -> MemoryOperand {
-    MemoryOperand::new(Register::None, Register::None, 1, off, 8, false, Register::GS)
+/// `off` is relative to the per-CPU block, at `abi.gs_base` from the base.
+pub(crate) fn gs(abi: &Abi, off: i64) -> MemoryOperand {
+    MemoryOperand::new(Register::None, Register::None, 1, abi.gs_base + off, 8, false, Register::GS)
 }
 
 fn rsp_at(d: i64) -> MemoryOperand {
@@ -163,7 +168,7 @@ impl Emit {
                     MemoryOperand::new(Register::None, Register::RDX, 8, t, 8, false, Register::None),
                 ));
             }
-            None => self.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_MISS_ENTRY))),
+            None => self.ins(Instruction::with1(Code::Jmp_rm64, gs(abi, OFF_MISS_ENTRY))),
         }
     }
 
@@ -253,7 +258,7 @@ impl Emit {
             ));
         }
         let miss_rebuild = miss.buf.len();
-        miss.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_MISS_ENTRY)));
+        miss.ins(Instruction::with1(Code::Jmp_rm64, gs(abi, OFF_MISS_ENTRY)));
         if miss.err || miss.buf.len() > 127 {
             self.err = true;
             return;
@@ -273,13 +278,13 @@ impl Emit {
         // ok: rcx is 0, the target is pc.
         self.st(Npc::At(pc), fsp, FRAME_SAVED, 8);
         if abi.count_hits {
-            self.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(OFF_LOOKUP_HITS)));
+            self.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, gs(abi, OFF_LOOKUP_HITS)));
             self.ins(Instruction::with2(
                 Code::Lea_r64_m,
                 Register::RCX,
                 MemoryOperand::with_base_displ(Register::RCX, 1),
             ));
-            self.ins(Instruction::with2(Code::Mov_rm64_r64, gs(OFF_LOOKUP_HITS), Register::RCX));
+            self.ins(Instruction::with2(Code::Mov_rm64_r64, gs(abi, OFF_LOOKUP_HITS), Register::RCX));
         }
         self.ins(Instruction::with1(Code::Pop_r64, Register::RCX));
         self.st(Npc::At(pc), fsp - 8, 1 << 2, 0);
@@ -332,6 +337,13 @@ impl Emit {
         }
         for i in s.code.iter() {
             let mut i = *i;
+            if i.memory_segment() == Register::GS
+                && i.memory_base() == Register::None
+                && i.memory_index() == Register::None
+            {
+                // The client addresses its slots relative to the per-CPU block.
+                i.set_memory_displacement64((i.memory_displacement64() as i64 + abi.gs_base) as u64);
+            }
             if i.memory_base() == Register::RSP {
                 let d = i.memory_displacement64() as i64 + sp;
                 i.set_memory_displacement64(d as u64);
@@ -445,7 +457,7 @@ pub(crate) fn exit_stub(abi: &Abi, at: u64, slot: u64, target: u64) -> Emit {
     let n = t.buf.len();
     t.buf[n - 4..].copy_from_slice(&(disp as i32).to_le_bytes());
     t.st(Npc::At(target), abi.rz + 8, 0, 0);
-    t.ins(Instruction::with1(Code::Jmp_rm64, gs(OFF_EXIT_ENTRY)));
+    t.ins(Instruction::with1(Code::Jmp_rm64, gs(abi, OFF_EXIT_ENTRY)));
     t
 }
 
@@ -484,8 +496,8 @@ mod tests {
     extern crate std;
     use std::string::String;
 
-    const KERNEL: Abi = Abi { rz: 0, ibl: Some(-0x100_0000), count_hits: false };
-    const HOST: Abi = Abi { rz: 128, ibl: Some(0x10_0000), count_hits: false };
+    const KERNEL: Abi = Abi { rz: 0, ibl: Some(-0x100_0000), count_hits: false, gs_base: 0 };
+    const HOST: Abi = Abi { rz: 128, ibl: Some(0x10_0000), count_hits: false, gs_base: 0 };
 
     #[test]
     fn kernel_ret_never_writes_below_rsp() {

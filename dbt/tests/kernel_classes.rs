@@ -60,7 +60,7 @@ fn sti_is_never_separated_from_hlt() {
     let mut code = vec![0x90; 63];
     code.extend_from_slice(&[0xFB, 0xF4, 0xC3]);
     let f = page_with(&code);
-    let mut e = Engine::new(Box::new(HostEnv::new()), Some(Box::new(BeforeHlt)), Config::default());
+    let mut e = Engine::new(Box::new(HostEnv::new()), Some(Box::new(BeforeHlt)), Config::default()).unwrap();
     e.fragment_for(f).expect("translates");
     let v = emitted(&e);
     let sti = v.iter().position(|i| i.mnemonic() == Mnemonic::Sti).expect("sti copied");

@@ -12,10 +12,19 @@ struct FuzzEnv {
     code: std::rc::Rc<Vec<u8>>,
     cache: std::rc::Rc<RefCell<Vec<u8>>>,
     used: bool,
+    entries: bool,
 }
+
+/// Where the fuzz environment pretends the dispatcher entries are.
+const ENTRIES_AT: u64 = 0x1000_0000;
 
 impl Env for FuzzEnv {
     fn alloc_code(&mut self, _near: u64, size: usize) -> Option<u64> {
+        // The first allocation holds the dispatcher entries: never run here.
+        if !self.entries {
+            self.entries = true;
+            return Some(ENTRIES_AT);
+        }
         if self.used || size > self.cache.borrow().len() {
             return None;
         }
@@ -33,6 +42,9 @@ impl Env for FuzzEnv {
         n
     }
     fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
+        if (ENTRIES_AT..ENTRIES_AT + 4096).contains(&at) {
+            return true;
+        }
         let mut c = self.cache.borrow_mut();
         let Some(off) = at.checked_sub(c.as_ptr() as u64) else { return false };
         let off = off as usize;
@@ -61,13 +73,13 @@ fuzz_target!(|data: &[u8]| {
     let cache = std::rc::Rc::new(RefCell::new(vec![0u8; (cfg.hot_size + cfg.stub_size) as usize]));
     // Pretend the guest code sits right after the cache (within reach).
     let guest_base = cache.borrow().as_ptr() as u64 + cfg.hot_size + cfg.stub_size + 4096;
-    let env = FuzzEnv { guest_base, code: std::rc::Rc::new(data.to_vec()), cache: cache.clone(), used: false };
+    let env = FuzzEnv { guest_base, code: std::rc::Rc::new(data.to_vec()), cache: cache.clone(), used: false, entries: false };
     let client: Box<dyn dbt::Client> = match data[0] % 3 {
         0 => Box::new(InsCount),
         1 => Box::new(MemTrace::new(8)),
         _ => Box::new(dbt::NullClient),
     };
-    let mut e = Engine::new(Box::new(env), Some(client), cfg);
+    let Ok(mut e) = Engine::new(Box::new(env), Some(client), cfg) else { return };
     for start in [0usize, 1, data.len() / 2, data.len().saturating_sub(1)] {
         let _ = e.fragment_for(guest_base + start as u64);
     }

@@ -19,6 +19,8 @@ use std::process::ExitCode;
 
 /// Where the offline cache pretends to live: module space (±2 GiB of kernel text).
 const CACHE_BASE: u64 = 0xffff_ffff_c000_0000;
+/// Where the dispatcher entries pretend to be (just below the cache).
+const ENTRIES_AT: u64 = CACHE_BASE - 0x1_0000;
 
 struct Image {
     /// (virtual address, bytes, executable) of each loadable segment.
@@ -78,12 +80,19 @@ struct OfflineEnv {
     cache: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
     thunks: std::rc::Rc<BTreeMap<u64, Thunk>>,
     allocated: bool,
+    /// Whether the dispatcher entries got their (pretend) memory.
+    entries: bool,
     /// The lookup table's memory (mapped once, kept for the process).
     table: u64,
 }
 
 impl Env for OfflineEnv {
     fn alloc_code(&mut self, _near: u64, size: usize) -> Option<u64> {
+        // The first allocation holds the dispatcher entries: never run here.
+        if !self.entries {
+            self.entries = true;
+            return Some(ENTRIES_AT);
+        }
         if self.allocated {
             return None;
         }
@@ -95,6 +104,9 @@ impl Env for OfflineEnv {
         self.image.read(pc, buf)
     }
     fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
+        if (ENTRIES_AT..CACHE_BASE).contains(&at) {
+            return true;
+        }
         let mut c = self.cache.borrow_mut();
         let Some(off) = at.checked_sub(CACHE_BASE).map(|o| o as usize) else { return false };
         if off + bytes.len() > c.len() {
@@ -278,12 +290,13 @@ fn new_engine(sym: &Symbols, image: &std::rc::Rc<Image>) -> (Engine, std::rc::Rc
         cache: cache.clone(),
         thunks: std::rc::Rc::new(sym.thunks.clone()),
         allocated: false,
+        entries: false,
         table: 0,
     };
     // IBT: Debian's kernels are built with it (endbr64 at indirect targets).
     // The kernel ABI: no red zone.
     let cfg = Config { ibt: true, kernel: true, hot_size: 4 << 20, stub_size: 2 << 20, ..Config::default() };
-    (Engine::new(Box::new(env), None, cfg), cache)
+    (Engine::new(Box::new(env), None, cfg).expect("an offline engine has its entries' pretend memory"), cache)
 }
 
 /// Translates every block of one function reachable from its start; returns

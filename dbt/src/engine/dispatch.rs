@@ -63,12 +63,12 @@ impl Engine {
             // exit record, live or pending reclaim.
             let r = unsafe { &*rp };
             if r.stop != 0 {
-                return Self::leave(s, f, r.stop, r.target);
+                return self.leave(s, f, r.stop, r.target);
             }
             (r.target, Some(rp))
         };
         if target == self.stop_pc {
-            return Self::leave(s, f, StopKind::Sentinel as u64, target);
+            return self.leave(s, f, StopKind::Sentinel as u64, target);
         }
         // Cached returns: an indirect jump to a return pad (a longjmp to an address
         // setjmp read off the stack) continues at the pad.
@@ -96,17 +96,27 @@ impl Engine {
                 }
                 entry
             }
-            Err(k) => Self::leave(s, f, k as u64, target),
+            Err(k) => self.leave(s, f, k as u64, target),
         }
     }
 
-    /// Give control back to the environment at guest `pc`.
-    pub(super) fn leave(s: &mut Scratch, f: &Frame, reason: u64, pc: u64) -> u64 {
+    /// Give control back to the environment at guest `pc`: the host harness
+    /// gets 0 (its `dbt_enter` returns, the context in `s.ctx`); the kernel
+    /// continues natively at `pc` with the guest's context (a native region,
+    /// the environment's own code that called into the cache, or an
+    /// instruction the translator leaves to the CPU: `int3`, `ud2` and the
+    /// privileged stops then trap with their native pc, as the kernel expects).
+    /// The reason and pc stay in the block either way.
+    pub(super) fn leave(&self, s: &mut Scratch, f: &Frame, reason: u64, pc: u64) -> u64 {
         s.exit_reason = reason;
         s.exit_pc = pc;
         s.ctx = f.ctx;
         s.ctx.rip = pc;
-        0
+        if self.cfg.kernel {
+            pc
+        } else {
+            0
+        }
     }
 
     /// The native pc and register state for an interrupted code-cache

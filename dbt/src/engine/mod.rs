@@ -39,6 +39,12 @@ pub trait Env {
     /// `size` bytes of writable+executable memory whose every byte is within
     /// ±(2 GiB − 16 MiB) of `near`, or None.
     fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64>;
+    /// Code memory for the engine's generated dispatcher entries (reached
+    /// only through absolute pointers: any executable place will do; the
+    /// default takes it from [`Env::alloc_code`]).
+    fn alloc_entries(&mut self, near: u64, size: usize) -> Option<u64> {
+        self.alloc_code(near, size)
+    }
     /// Copy guest code at `pc` into `buf`; return how many bytes are readable.
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize;
     /// Write `bytes` of code at the code-cache address `at` (inside memory
@@ -274,7 +280,7 @@ pub struct Config {
     pub ibt: bool,
     /// Kernel ABI: no red zone below rsp (user code has 128 bytes, which
     /// inserted code steps over before pushing), and the kernel variants of
-    /// the dispatcher entries (`asm::dbt_kexit_entry`, ...: interrupts off
+    /// the dispatcher entries (`asm::entry_code(true, ..)`: interrupts off
     /// from the entry's second instruction, the guest's IF back only at the
     /// final transfer). Host runs use `false`.
     pub kernel: bool,
@@ -282,6 +288,12 @@ pub struct Config {
     /// most the rel32 reach); smaller values make more regions (tests use it
     /// to exercise far links between regions).
     pub region_span: u64,
+    /// Offset of the per-CPU block ([`Scratch`], the client counters
+    /// [`crate::scratch::OFF_COUNTERS`] after it) from the `%gs` base: every
+    /// `gs:` access of generated code and of the dispatcher entries adds it
+    /// (kernel: the `alloc_percpu` offset of the block; host: the harness's
+    /// [`crate::asm::HOST_GS_BASE`]).
+    pub gs_base: i32,
     /// What a CPU does while it waits for the engine lock, every 128 spins
     /// (kernel: nothing more, interrupts are off; host: yield the thread,
     /// whose lock holder may be preempted).
@@ -303,6 +315,7 @@ impl Default for Config {
             cached_returns: false,
             kernel: false,
             region_span: REACH,
+            gs_base: crate::asm::HOST_GS_BASE,
             relax: || {},
         }
     }
@@ -348,6 +361,9 @@ pub struct Engine {
     tramp_metas: Vec<Box<FragMeta>>,
     /// The per-CPU block of the CPU in the dispatcher (null outside it).
     current: *const Scratch,
+    /// The generated dispatcher entries in the code cache (exit entry, miss
+    /// entry, bytes): see [`crate::asm::entry_code`].
+    entry_code: (u64, u64, u64),
     /// Serializes the dispatcher and every other user of the engine across
     /// CPUs ([`Engine::locked`]): a ticket lock (next ticket, now serving),
     /// so that CPUs get it in arrival order and a CPU that invalidates is not
@@ -366,8 +382,23 @@ const MAX_BLOCK_BYTES: usize = 64 * 1024;
 const REACH: u64 = (1 << 31) - (32 << 20);
 
 impl Engine {
-    pub fn new(mut env: Box<dyn Env>, client: Option<Box<dyn Client>>, mut cfg: Config) -> Engine {
-        let (_, miss) = crate::asm::entries(cfg.kernel);
+    /// A new engine: its dispatcher entries are generated into code memory
+    /// from `env` (the only failure: no such memory, or a `gs_base` that
+    /// does not fit the entries' displacements).
+    pub fn new(
+        mut env: Box<dyn Env>,
+        client: Option<Box<dyn Client>>,
+        mut cfg: Config,
+    ) -> Result<Engine, &'static str> {
+        let code =
+            crate::asm::entry_code(cfg.kernel, cfg.gs_base).ok_or("the per-CPU block's gs offset is out of reach")?;
+        let near = crate::asm::entry_template(cfg.kernel).0.as_ptr() as u64;
+        let len = code.bytes.len() as u64;
+        let at = env.alloc_entries(near, code.bytes.len()).ok_or("no code memory for the dispatcher entries")?;
+        if !env.write_code(at, &code.bytes) {
+            return Err("cannot write the dispatcher entries");
+        }
+        let (exit, miss) = (at, at + code.miss_off as u64);
         let ibl = if cfg.inline_lookup {
             // SAFETY: the environment's table memory is ours for the engine's
             // life (`Env::alloc_table` contract); `Ibl::new` checks reach.
@@ -380,10 +411,12 @@ impl Engine {
             rz: if cfg.kernel { 0 } else { crate::asm::HOST_RED_ZONE },
             ibl: ibl.as_ref().map(|t| t.disp()),
             count_hits: cfg.count_lookups,
+            gs_base: cfg.gs_base as i64,
         };
-        Engine {
+        Ok(Engine {
             abi,
             ibl,
+            entry_code: (exit, miss, len),
             index: Box::default(),
             tramp_metas: Vec::new(),
             current: core::ptr::null(),
@@ -404,7 +437,13 @@ impl Engine {
             pads: BTreeSet::new(),
             env_pad: None,
             pad_entries: BTreeMap::new(),
-        }
+        })
+    }
+
+    /// The code-cache range of the generated dispatcher entries (an
+    /// interrupted pc in there is inside the dispatcher, not guest code).
+    pub fn entry_range(&self) -> (u64, u64) {
+        (self.entry_code.0, self.entry_code.0 + self.entry_code.2)
     }
 
     /// Run `f` on the engine with its lock held (a spinlock: in the kernel
@@ -446,7 +485,7 @@ impl Engine {
         // SAFETY: the caller guarantees `s` is a valid, exclusively ours block.
         let sc = unsafe { &mut *s };
         sc.init();
-        (sc.exit_entry, sc.miss_entry) = crate::asm::entries(self.cfg.kernel);
+        (sc.exit_entry, sc.miss_entry) = (self.entry_code.0, self.entry_code.1);
         sc.rust_dispatch = dbt_rust_dispatch as *const () as usize as u64;
         sc.dstack_top = dstack_top & !15;
         sc.engine = self as *mut Engine as u64;
