@@ -73,7 +73,8 @@ void kdbt_glue_panic(const char *msg, size_t len)
 
 void *kdbt_glue_alloc(size_t size)
 {
-	return kmalloc(size, GFP_KERNEL);
+	/* The kernel DBT's dispatcher allocates with interrupts off. */
+	return kmalloc(size, irqs_disabled() ? GFP_ATOMIC : GFP_KERNEL);
 }
 
 void kdbt_glue_free(void *ptr)

@@ -45,7 +45,8 @@ void kdbt_glue_log(int level, const char *msg, size_t len);
 /* Ends the kernel on a Rust panic (a bug in kdbt; never reached on bad input). */
 void kdbt_glue_panic(const char *msg, size_t len);
 
-/* memory: kmalloc(GFP_KERNEL); may sleep, process context only. */
+/* memory: kmalloc(GFP_KERNEL), may sleep, in process context; GFP_ATOMIC with interrupts
+ * off (the kernel DBT's dispatcher). */
 void *kdbt_glue_alloc(size_t size);
 void kdbt_glue_free(void *ptr);
 /* 2^order zeroed, physically contiguous pages; may sleep. */
@@ -98,5 +99,43 @@ bool kdbt_glue_has_emergency_callback(void);
 
 /* MSRs: 0 and *val on success, nonzero if the read faulted (#GP). */
 int kdbt_glue_rdmsr_safe(u32 msr, u64 *val);
+
+/* ---- the kernel DBT's environment (kdbt_dbt.c, kdbt_cache.S) ---- */
+/* The code cache: an executable, read-only section of this module (in module space, so
+ * within +-2 GB of kernel and module text). Its bounds. */
+u64 kdbt_glue_cache_start(void);
+u64 kdbt_glue_cache_size(void);
+/* A writable alias (vmap of the section's pages) of the code cache, or 0; undone by
+ * kdbt_glue_cache_unalias. Process context. */
+u64 kdbt_glue_cache_alias(void);
+void kdbt_glue_cache_unalias(u64 alias);
+/* This module's core text (the native region the kernel DBT never translates). */
+void kdbt_glue_module_text(u64 *base, u64 *size);
+/* Kernel memory read that cannot fault (copy_from_kernel_nofault): bytes read from `src`
+ * (stops at the first unreadable page). */
+size_t kdbt_glue_read_kernel(void *dst, u64 src, size_t n);
+/* The DBT's static per-CPU area: its per-CPU pointer (what `%gs`-relative code adds to
+ * the per-CPU base) and, in *size, its size. */
+u64 kdbt_glue_percpu_block(size_t *size);
+/* One CPU's copy of a per-CPU pointer. */
+u64 kdbt_glue_per_cpu_ptr(u64 pcp, unsigned int cpu);
+/* Interrupts off on this CPU (returns the flags to restore) / restored. */
+unsigned long kdbt_glue_irq_save(void);
+void kdbt_glue_irq_restore(unsigned long flags);
+/* Whether the kernel is built with CET indirect branch tracking (every indirect-branch
+ * target starts with endbr64). */
+bool kdbt_glue_kernel_ibt(void);
+/* The kernel's retpoline thunk for register number `reg` (x86 encoding order 0..15), or
+ * 0 where the kernel has none; the return thunk likewise. */
+u64 kdbt_glue_indirect_thunk(unsigned int reg);
+u64 kdbt_glue_return_thunk(void);
+/* Self-test of the kernel DBT: the kernel function number `which` (0..) of the test
+ * table, called at code-cache address `entry` (its translation) or natively (entry 0),
+ * on the caller's stack; its result. `kdbt_glue_dbt_case_name` names it, 0-terminated,
+ * or returns NULL past the end of the table. */
+u64 kdbt_glue_dbt_case_run(unsigned int which, u64 entry);
+const char *kdbt_glue_dbt_case_name(unsigned int which);
+/* The native kernel address case `which` calls (what the DBT translates). */
+u64 kdbt_glue_dbt_case_fn(unsigned int which);
 
 #endif

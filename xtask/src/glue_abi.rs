@@ -132,11 +132,11 @@ mod tests {
         assert_eq!(exports, h_rs.keys().cloned().collect::<Vec<_>>(), "Makefile RUST_EXPORTS vs the header");
 
         // Every service has a C definition with the declared parameter count.
-        let glue_c = functions(&read("loader/module/kdbt_glue.c"), "kdbt_glue_", |l| {
-            !l.starts_with(char::is_whitespace) && !l.trim_end().ends_with(';')
-        });
+        let def = |l: &str| !l.starts_with(char::is_whitespace) && !l.trim_end().ends_with(';');
+        let mut glue_c = functions(&read("loader/module/kdbt_glue.c"), "kdbt_glue_", def);
+        glue_c.extend(functions(&read("loader/module/kdbt_dbt.c"), "kdbt_glue_", def));
         for (name, n) in &h_glue {
-            assert_eq!(glue_c.get(name), Some(n), "kdbt_glue.c: definition of {name}");
+            assert_eq!(glue_c.get(name), Some(n), "kdbt_glue.c / kdbt_dbt.c: definition of {name}");
         }
     }
 }

@@ -1,7 +1,8 @@
 # Suite "smoke": every CPU online, kdbt.ko loads, `kdbt caps` reports VMX + EPT with
-# execute-only pages on each CPU (or, without VT-x, says so plainly), rmmod, clean dmesg.
+# execute-only pages on each CPU (or, without VT-x, says so plainly), the kernel DBT's
+# self-test (kernel functions run from the code cache, no VT-x needed), rmmod, clean dmesg.
 
-plan 6
+plan 8
 
 out=$(cpuinfo-check --expect-cpus "$NCPUS" --expect-vmx "$EXPECT_VMX" 2>&1); rc=$?
 info "$out"
@@ -35,6 +36,28 @@ else
     # The module stays loaded and usable: caps again answers the same way.
     again=$(kdbt caps 2>&1); rc2=$?
     if [ $rc2 -eq 0 ] && [ "$again" = "$caps" ]; then pass caps_repeatable; else fail caps_repeatable rc=$rc2; fi
+fi
+
+# Kernel functions translated into kdbt's code cache and run from there, in the kernel's
+# own context, against native calls (on every CPU, and in a loop with interrupts on).
+out=$(kdbt dbt-selftest 2>&1); rc=$?
+info "$out"
+if [ $rc -eq 0 ] && echo "$out" | grep -q 'dbt-selftest passed'; then
+    pass dbt_selftest functions=$(echo "$out" | sed -n 's/.*passed: \([0-9]*\) kernel functions.*/\1/p') \
+        blocks=$(echo "$out" | sed -n 's/.*; \([0-9]*\) blocks.*/\1/p') \
+        dispatches=$(echo "$out" | sed -n 's/.* \([0-9]*\) dispatches.*/\1/p') \
+        insns=$(echo "$out" | sed -n 's/.* \([0-9]*\) instructions counted.*/\1/p')
+else
+    fail dbt_selftest rc=$rc
+fi
+# The same with the translations replaced by native calls: the check that code ran from
+# the cache must catch it.
+out=$(kdbt dbt-selftest --test-native 2>&1); rc=$?
+info "$out"
+if [ $rc -ne 0 ] && echo "$out" | grep -q 'no instruction counted from the code cache'; then
+    pass dbt_selftest_catches_native rc=$rc
+else
+    fail dbt_selftest_catches_native rc=$rc
 fi
 
 check rmmod rmmod kdbt

@@ -227,6 +227,17 @@ pub const IOC_EPT_VIOLATE: u32 = iowr(0x07, core::mem::size_of::<Command>());
 pub const IOC_SHADOW_CHECK: u32 = iowr(0x08, core::mem::size_of::<Command>());
 pub const SHADOW_CHECK_TEST_SKIP_APPLY: u32 = 1 << 0;
 
+/// The kernel DBT's self-test (needs no hypervisor): kernel functions translated into the
+/// module's code cache and run from there in the caller's context (and on every online
+/// CPU, and in a loop with interrupts on), each result compared with a native call. The
+/// report (or the first difference) comes back in [`Command::message`], details in the
+/// kernel log.
+pub const IOC_DBT_SELFTEST: u32 = iowr(0x10, core::mem::size_of::<Command>());
+/// [`Command::flags`] of [`IOC_DBT_SELFTEST`], for tests only: call every function
+/// natively where the test means to call its translation (the check that code ran from
+/// the cache must then fail).
+pub const DBT_SELFTEST_TEST_NATIVE: u32 = 1 << 0;
+
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {
     pub const EPERM: i32 = 1;

@@ -161,6 +161,11 @@ impl Device {
         self.check_flags(kdbt_abi::IOC_SHADOW_CHECK, "shadow policy check", "KDBT_IOC_SHADOW_CHECK", flags)
     }
 
+    /// Runs the kernel DBT's self-test (no hypervisor needed); its report.
+    pub fn dbt_selftest(&self, flags: u32) -> Result<String> {
+        self.check_flags(kdbt_abi::IOC_DBT_SELFTEST, "DBT self-test", "KDBT_IOC_DBT_SELFTEST", flags)
+    }
+
     fn check(&self, ioc: u32, what: &str, ioc_name: &str) -> Result<String> {
         self.check_flags(ioc, what, ioc_name, 0)
     }

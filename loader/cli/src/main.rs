@@ -105,6 +105,18 @@ enum Cmd {
         #[arg(long, hide = true)]
         test_skip_apply: bool,
     },
+    /// Run kernel functions from the kernel DBT's code cache, in the kernel's own context,
+    /// and compare them with native calls (needs the module, not VT-x); inserts the module
+    /// if it is not.
+    DbtSelftest {
+        /// kdbt.ko to insert if it is not inserted yet (default: as for `load`).
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// Test hook: call the functions natively where their translations were meant
+        /// (the check that they ran from the code cache must fail).
+        #[arg(long, hide = true)]
+        test_native: bool,
+    },
     /// Show the versions of the CLI and of the loaded module.
     Version,
 }
@@ -139,6 +151,20 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::ShadowCheck { test_skip_apply } => {
             let flags = if test_skip_apply { kdbt_abi::SHADOW_CHECK_TEST_SKIP_APPLY } else { 0 };
             println!("kdbt: shadow policy check passed: {}", Device::open()?.shadow_check(flags)?);
+            Ok(())
+        }
+        Cmd::DbtSelftest { module, test_native } => {
+            if !module::is_inserted() {
+                let path = match module {
+                    Some(p) => p,
+                    None => module::default_path().context(
+                        "kdbt.ko not found ($KDBT_MODULE, beside this binary, /lib/modules/$(uname -r)); pass --module PATH",
+                    )?,
+                };
+                module::insert(&path, "")?;
+            }
+            let flags = if test_native { kdbt_abi::DBT_SELFTEST_TEST_NATIVE } else { 0 };
+            println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }
         Cmd::NmiCheck => {

@@ -38,4 +38,21 @@ extern "C" {
     pub fn kdbt_glue_has_emergency_callback() -> bool;
 
     pub fn kdbt_glue_rdmsr_safe(msr: u32, val: *mut u64) -> c_int;
+
+    pub fn kdbt_glue_cache_start() -> u64;
+    pub fn kdbt_glue_cache_size() -> u64;
+    pub fn kdbt_glue_cache_alias() -> u64;
+    pub fn kdbt_glue_cache_unalias(alias: u64);
+    pub fn kdbt_glue_module_text(base: *mut u64, size: *mut u64);
+    pub fn kdbt_glue_read_kernel(dst: *mut c_void, src: u64, n: usize) -> usize;
+    pub fn kdbt_glue_percpu_block(size: *mut usize) -> u64;
+    pub fn kdbt_glue_per_cpu_ptr(pcp: u64, cpu: c_uint) -> u64;
+    pub fn kdbt_glue_irq_save() -> c_ulong;
+    pub fn kdbt_glue_irq_restore(flags: c_ulong);
+    pub fn kdbt_glue_kernel_ibt() -> bool;
+    pub fn kdbt_glue_indirect_thunk(reg: c_uint) -> u64;
+    pub fn kdbt_glue_return_thunk() -> u64;
+    pub fn kdbt_glue_dbt_case_run(which: c_uint, entry: u64) -> u64;
+    pub fn kdbt_glue_dbt_case_name(which: c_uint) -> *const u8;
+    pub fn kdbt_glue_dbt_case_fn(which: c_uint) -> u64;
 }

@@ -83,3 +83,9 @@ impl vmx::caps::VmxHw for KernelHw {
         v
     }
 }
+
+/// The CPU this runs on (stable only with preemption or interrupts off).
+pub fn this_cpu() -> u32 {
+    // SAFETY: raw_smp_processor_id(); no arguments.
+    unsafe { ffi::kdbt_glue_this_cpu() }
+}

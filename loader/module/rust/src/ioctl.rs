@@ -5,7 +5,7 @@ use core::mem::size_of;
 
 use kdbt_abi::{
     errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_EPT_VIOLATE, IOC_LOAD,
-    IOC_NMI_CHECK, IOC_SHADOW_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    IOC_DBT_SELFTEST, IOC_NMI_CHECK, IOC_SHADOW_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -20,10 +20,11 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_LOAD => command(arg, power::load, errno::EALREADY, hv::is_loaded),
         IOC_UNLOAD => command(arg, |_| power::unload(), errno::ENOENT, || !hv::is_loaded()),
         IOC_STATUS => status(arg),
-        IOC_EPT_CHECK => check(arg, |_| hv::ept_check()),
-        IOC_NMI_CHECK => check(arg, |_| hv::nmi_check()),
-        IOC_EPT_VIOLATE => check(arg, |_| hv::ept_violation_check()),
-        IOC_SHADOW_CHECK => check(arg, hv::shadow_policy_check),
+        IOC_EPT_CHECK => check(arg, |_| hv::ept_check(), true),
+        IOC_NMI_CHECK => check(arg, |_| hv::nmi_check(), true),
+        IOC_EPT_VIOLATE => check(arg, |_| hv::ept_violation_check(), true),
+        IOC_SHADOW_CHECK => check(arg, hv::shadow_policy_check, true),
+        IOC_DBT_SELFTEST => check(arg, crate::kernel_dbt::selftest::run, false),
         _ => Err(errno::ENOTTY),
     }
 }
@@ -191,14 +192,19 @@ fn status(arg: u64) -> Result<i64> {
 
 /// A self-check of the loaded hypervisor (`kdbt ept-check`, `kdbt nmi-check`): its
 /// report, or why it failed, in [`Command::message`].
-fn check(arg: u64, run: fn(u32) -> core::result::Result<alloc::string::String, alloc::string::String>) -> Result<i64> {
+/// `needs_hv`: a failure while kdbt is not loaded is reported as ENOENT ("not loaded").
+fn check(
+    arg: u64,
+    run: fn(u32) -> core::result::Result<alloc::string::String, alloc::string::String>,
+    needs_hv: bool,
+) -> Result<i64> {
     let mut c: Command = copy_from_user(arg)?;
     if c.size as usize != size_of::<Command>() {
         return Err(errno::EINVAL);
     }
     let (r, text) = match run(c.flags) {
         Ok(report) => (Ok(0), report),
-        Err(e) => (Err(if hv::is_loaded() { errno::EIO } else { errno::ENOENT }), e),
+        Err(e) => (Err(if !needs_hv || hv::is_loaded() { errno::EIO } else { errno::ENOENT }), e),
     };
     c.message = [0; 480];
     let n = text.len().min(c.message.len() - 1);

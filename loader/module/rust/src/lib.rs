@@ -15,6 +15,7 @@ mod hv;
 mod hw;
 mod ioctl;
 mod kalloc;
+mod kernel_dbt;
 mod power;
 
 use core::ffi::c_int;

@@ -1,0 +1,173 @@
+//! The DBT engine's environment in the kernel ([`dbt::Env`]): the code cache (the
+//! module's own executable section, written through a `vmap` alias), kernel reads that
+//! cannot fault, the shared lookup table in the module's `.bss` (module space: a
+//! sign-extended disp32 reaches it), the kernel's retpoline and return thunks, and the
+//! native regions (this module's text: the code that calls into the cache and gets its
+//! results back).
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use dbt::{Env, Thunk};
+use iced_x86::Register;
+
+use crate::ffi;
+
+/// The lookup table (`dbt::ibl::IBL_BYTES`), one per system.
+#[repr(C, align(4096))]
+struct Table([u64; dbt::ibl::IBL_ENTRIES]);
+
+static mut TABLE: Table = Table([0; dbt::ibl::IBL_ENTRIES]);
+/// Whether an engine holds [`TABLE`] (or the code cache).
+static IN_USE: AtomicBool = AtomicBool::new(false);
+
+/// Claims the code cache and the lookup table for one environment (false: another
+/// engine has them).
+pub fn claim() -> bool {
+    IN_USE.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+}
+
+/// Releases what [`claim`] took (once nothing can run from the cache any more).
+pub fn release() {
+    IN_USE.store(false, Ordering::Release);
+}
+
+/// How far a code-cache address may be from what it must reach with a rel32.
+const REACH: u64 = (1 << 31) - (16 << 20);
+
+pub struct KernelEnv {
+    /// Executable address and size of the code cache; its writable alias.
+    x: u64,
+    size: u64,
+    w: u64,
+    used: u64,
+    module_text: (u64, u64),
+    thunks: Vec<(u64, Thunk)>,
+    table_given: bool,
+}
+
+impl KernelEnv {
+    /// The environment over the module's code cache (claimed by the caller with
+    /// [`claim`]). Err: the alias could not be made.
+    pub fn new() -> Result<KernelEnv, &'static str> {
+        // SAFETY: plain getters of the glue.
+        let (x, size) = unsafe { (ffi::kdbt_glue_cache_start(), ffi::kdbt_glue_cache_size()) };
+        // SAFETY: process context (vmap may sleep); undone in Drop.
+        let w = unsafe { ffi::kdbt_glue_cache_alias() };
+        if w == 0 {
+            return Err("cannot map a writable alias of the code cache (vmap)");
+        }
+        let (mut base, mut len) = (0u64, 0u64);
+        // SAFETY: two valid out-pointers.
+        unsafe { ffi::kdbt_glue_module_text(&mut base, &mut len) };
+        let mut thunks = Vec::new();
+        const REGS: [Register; 16] = [
+            Register::RAX,
+            Register::RCX,
+            Register::RDX,
+            Register::RBX,
+            Register::RSP,
+            Register::RBP,
+            Register::RSI,
+            Register::RDI,
+            Register::R8,
+            Register::R9,
+            Register::R10,
+            Register::R11,
+            Register::R12,
+            Register::R13,
+            Register::R14,
+            Register::R15,
+        ];
+        for (n, r) in REGS.iter().enumerate() {
+            // SAFETY: plain getter; the glue range-checks.
+            let t = unsafe { ffi::kdbt_glue_indirect_thunk(n as u32) };
+            if t != 0 {
+                thunks.push((t, Thunk::Indirect(*r)));
+            }
+        }
+        // SAFETY: plain getter.
+        let rt = unsafe { ffi::kdbt_glue_return_thunk() };
+        if rt != 0 {
+            thunks.push((rt, Thunk::Return));
+        }
+        Ok(KernelEnv { x, size, w, used: 0, module_text: (base, base + len), thunks, table_given: false })
+    }
+
+    pub fn cache(&self) -> (u64, u64) {
+        (self.x, self.size)
+    }
+
+    pub fn thunks(&self) -> usize {
+        self.thunks.len()
+    }
+
+    fn alias(&self, at: u64, len: u64) -> Option<u64> {
+        let end = at.checked_add(len)?;
+        (at >= self.x && end <= self.x + self.used).then(|| self.w + (at - self.x))
+    }
+}
+
+impl Drop for KernelEnv {
+    fn drop(&mut self) {
+        // SAFETY: the alias made in `new`; the engine that wrote through it is gone.
+        unsafe { ffi::kdbt_glue_cache_unalias(self.w) };
+    }
+}
+
+fn within(a: u64, b: u64) -> bool {
+    a.abs_diff(b) < REACH
+}
+
+impl Env for KernelEnv {
+    fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64> {
+        let at = self.x + self.used.next_multiple_of(64);
+        let end = at.checked_add(size as u64)?;
+        if end > self.x + self.size || !within(at, near) || !within(end, near) {
+            return None;
+        }
+        self.used = end - self.x;
+        Some(at)
+    }
+
+    fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
+        // SAFETY: `buf` is valid for its length; the glue reads with
+        // copy_from_kernel_nofault (an unmapped `pc` reads short, never faults).
+        unsafe { ffi::kdbt_glue_read_kernel(buf.as_mut_ptr().cast(), pc, buf.len()) }
+    }
+
+    fn write_code(&mut self, at: u64, bytes: &[u8]) -> bool {
+        let Some(w) = self.alias(at, bytes.len() as u64) else { return false };
+        // SAFETY: `w..w+len` is inside the writable alias of handed-out cache memory.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), w as *mut u8, bytes.len()) };
+        true
+    }
+
+    fn patch_rel32(&mut self, at: u64, rel: i32) -> bool {
+        let Some(w) = self.alias(at, 4) else { return false };
+        if !w.is_multiple_of(4) {
+            return false;
+        }
+        // SAFETY: an aligned 4-byte field of the alias: one atomic 32-bit store, so a CPU
+        // executing the branch through the executable mapping sees the old or new target.
+        unsafe { (*(w as *const AtomicU32)).store(rel as u32, Ordering::Release) };
+        true
+    }
+
+    fn thunk(&self, target: u64) -> Option<Thunk> {
+        self.thunks.iter().find(|t| t.0 == target).map(|t| t.1)
+    }
+
+    fn alloc_table(&mut self, bytes: usize) -> Option<u64> {
+        if self.table_given || bytes > core::mem::size_of::<Table>() {
+            return None;
+        }
+        self.table_given = true;
+        // Only the address is taken; [`claim`] makes this environment the table's only
+        // user.
+        Some(core::ptr::addr_of_mut!(TABLE) as u64)
+    }
+
+    fn native(&self, pc: u64) -> bool {
+        pc >= self.module_text.0 && pc < self.module_text.1
+    }
+}
