@@ -7,6 +7,7 @@ mod emu;
 mod glue_abi;
 mod image;
 mod kernel;
+mod paging;
 mod results;
 mod toolchain;
 mod util;
@@ -127,16 +128,22 @@ enum Cmd {
         cpus: u32,
     },
     /// Benchmarks: `dbt` on this machine; `hypervisor` in a Bochs guest (RDTSC ticks per
-    /// operation with kdbt unloaded and loaded, and the VM exits of the loaded run).
+    /// operation with kdbt unloaded and loaded, and the VM exits of the loaded run);
+    /// `paging` in a Bochs guest (native, EPT and shadow paging in one boot: ticks, ratios,
+    /// VM exits by reason, a modeled time with a cost per VM exit, and an SVG chart).
     Bench {
         #[arg(value_enum)]
         what: BenchKind,
-        /// Guest kernel for `hypervisor`.
+        /// Guest kernel for `hypervisor` and `paging`.
         #[arg(long, default_value = "debian-6.12")]
         kernel: String,
-        /// Guest CPUs for `hypervisor`.
+        /// Guest CPUs for `hypervisor` and `paging`.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Cost of one VM exit round trip in cycles, for the modeled time of `paging`
+        /// (default: the figure cited in the output).
+        #[arg(long, default_value_t = paging::EXIT_ROUND_TRIP_CYCLES)]
+        exit_cycles: u64,
     },
 }
 
@@ -144,6 +151,7 @@ enum Cmd {
 enum BenchKind {
     Dbt,
     Hypervisor,
+    Paging,
 }
 
 fn main() -> ExitCode {
@@ -204,7 +212,8 @@ fn real_main(cli: Cli) -> Result<bool> {
                 .context("cannot run cargo")?;
             Ok(st.success())
         }
-        Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus } => bench_hypervisor(kernel, cpus),
+        Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus, .. } => bench_hypervisor(kernel, cpus),
+        Cmd::Bench { what: BenchKind::Paging, kernel, cpus, exit_cycles } => bench_paging(kernel, cpus, exit_cycles),
         Cmd::VmlinuxCorpus { kernel } => vmlinux::corpus(&kernel),
     }
 }
@@ -272,6 +281,68 @@ fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
             figure(e, "steady_getppid_exits").unwrap_or("?")
         );
     }
+    Ok(true)
+}
+
+/// `cargo xtask bench paging`: the bench-paging suite in one Bochs boot (native, then
+/// `kdbt load` with EPT, then `kdbt load --paging shadow`), its table, and the table and an
+/// SVG chart of the ratios written to experiments/results/bench-paging/.
+fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
+    let a = VmArgs {
+        suite: "bench-paging".into(),
+        kernel,
+        kdir: None,
+        cpu_model: "corei7_skylake_x".into(),
+        cpus,
+        mem: 512,
+        emulator: Emulator::Bochs,
+        timeout: None,
+        inject_fail: false,
+        append: String::new(),
+        paging: Paging::Ept,
+    };
+    let r = vm_run(&mut Ctx::default(), &a, false)?;
+    if !r.passed {
+        println!("\n{}", r.table);
+        return Ok(false);
+    }
+    let rows = paging::collect(&r.checks)?;
+    let title = format!("kdbt bench paging: {} guest, {} CPUs, Bochs {}", a.kernel, a.cpus, a.cpu_model);
+    let mut out = String::new();
+    out.push_str(&format!("{title}: RDTSC ticks per operation\n"));
+    out.push_str(
+        "(in Bochs RDTSC advances with executed instructions: ticks are instruction counts, and a VM exit\n \
+         or a 2-D page walk costs ~0; fastest of 5 repetitions, the slowest in brackets; ratios use the\n \
+         fastest; exits/op = VM exits on all CPUs during all repetitions / operations)\n",
+    );
+    out.push_str(&format!(
+        "modeled = ticks + exits/op x {exit_cycles} cycles per VM exit round trip (one tick counted as one cycle)\n"
+    ));
+    if exit_cycles == paging::EXIT_ROUND_TRIP_CYCLES {
+        out.push_str(&format!("  source: {}\n", paging::EXIT_SOURCE));
+    } else {
+        out.push_str("  (--exit-cycles given: not the cited default)\n");
+    }
+    out.push_str(&format!("  2-D page walks: {}\n\n", paging::TWO_D_WALK));
+    out.push_str(&paging::table(&rows, exit_cycles));
+    out.push('\n');
+    out.push_str(&paging::exits_report(&rows));
+    print!("\n{out}");
+    let dir = workspace_root().join("experiments/results/bench-paging");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let (txt, svg) = (dir.join("table.txt"), dir.join("ratios.svg"));
+    std::fs::write(&txt, &out).with_context(|| format!("write {}", txt.display()))?;
+    std::fs::write(&svg, paging::svg(&rows, exit_cycles, &title))
+        .with_context(|| format!("write {}", svg.display()))?;
+    let raw: String = r
+        .checks
+        .iter()
+        .filter(|c| c.name.starts_with("paging_"))
+        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
+        .collect();
+    std::fs::write(dir.join("checks.txt"), raw)
+        .with_context(|| format!("write {}", dir.join("checks.txt").display()))?;
+    println!("\ntable: {}\nchart: {}", txt.display(), svg.display());
     Ok(true)
 }
 
