@@ -296,7 +296,9 @@ fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
         cpus,
         mem: 512,
         emulator: Emulator::Bochs,
-        timeout: None,
+        // Three passes of the benchmarks, one of them on shadow paging (every CR3 write and
+        // most page faults exit, and Bochs emulates each exit): longer than a suite run.
+        timeout: Some(2400),
         inject_fail: false,
         append: String::new(),
         paging: Paging::Ept,

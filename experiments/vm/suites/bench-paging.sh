@@ -10,7 +10,7 @@
 BENCHES="getppid fork_exit exec page_fault mmap_munmap pipe_pingpong tlb_walk macro"
 plan 29
 export KDBT_MODULE=/lib/modules/kdbt.ko
-ITERS=1000
+ITERS=500
 
 # delta BEFORE AFTER: per-key counts summed over CPUs, AFTER - BEFORE; shadow_pages_in_use is
 # the level after (a count of pages, not of events); keys that are not counters are left out.
