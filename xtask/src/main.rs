@@ -144,6 +144,11 @@ enum Cmd {
         /// (default: the figure cited in the output).
         #[arg(long, default_value_t = paging::EXIT_ROUND_TRIP_CYCLES)]
         exit_cycles: u64,
+        /// `paging` only: no emulator; read the suite's output from this file (written by
+        /// `experiments/vm/host-suite.sh bench-paging` on a machine with VT-x), and write the
+        /// table and chart beside it.
+        #[arg(long)]
+        from_log: Option<PathBuf>,
     },
 }
 
@@ -213,7 +218,10 @@ fn real_main(cli: Cli) -> Result<bool> {
             Ok(st.success())
         }
         Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus, .. } => bench_hypervisor(kernel, cpus),
-        Cmd::Bench { what: BenchKind::Paging, kernel, cpus, exit_cycles } => bench_paging(kernel, cpus, exit_cycles),
+        Cmd::Bench { what: BenchKind::Paging, kernel, cpus, exit_cycles, from_log } => match from_log {
+            Some(log) => bench_paging_from_log(&log, exit_cycles),
+            None => bench_paging(kernel, cpus, exit_cycles),
+        },
         Cmd::VmlinuxCorpus { kernel } => vmlinux::corpus(&kernel),
     }
 }
@@ -308,14 +316,64 @@ fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
         println!("\n{}", r.table);
         return Ok(false);
     }
-    let rows = paging::collect(&r.checks)?;
     let title = format!("kdbt bench paging: {} guest, {} CPUs, Bochs {}", a.kernel, a.cpus, a.cpu_model);
+    let dir = workspace_root().join("experiments/results/bench-paging");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let bochs_note = "(in Bochs RDTSC advances with executed instructions: ticks are instruction counts, and the\n \
+         transition of a VM exit or a 2-D page walk costs ~0; the exit handler's own instructions are counted)";
+    paging_report(&r.checks, &title, bochs_note, exit_cycles, &dir.join("table.txt"), &dir.join("ratios.svg"))?;
+    let raw: String = r
+        .checks
+        .iter()
+        .filter(|c| c.name.starts_with("paging_"))
+        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
+        .collect();
+    std::fs::write(dir.join("checks.txt"), raw)
+        .with_context(|| format!("write {}", dir.join("checks.txt").display()))?;
+    Ok(true)
+}
+
+/// `cargo xtask bench paging --from-log FILE`: the table and chart of a bench-paging run made
+/// on a machine with VT-x (experiments/vm/host-suite.sh), where ticks are real TSC cycles.
+fn bench_paging_from_log(log: &Path, exit_cycles: u64) -> Result<bool> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+    let o = results::parse(&text);
+    let failed: Vec<String> =
+        o.checks.iter().filter(|c| !c.pass).map(|c| format!("{} {}", c.name, c.figures)).collect();
+    if !failed.is_empty() {
+        bail!("{} failed checks in {}:\n  {}", failed.len(), log.display(), failed.join("\n  "));
+    }
+    let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("bench-paging");
+    let parent = log.parent().unwrap_or(Path::new("."));
+    let title = format!("kdbt bench paging: {}", log.display());
+    let note = "(TSC cycles measured on real hardware: exits and 2-D walks are already in the ticks;\n \
+         give --exit-cycles 0 so the modeled columns equal the measured ones)";
+    paging_report(
+        &o.checks,
+        &title,
+        note,
+        exit_cycles,
+        &parent.join(format!("{stem}-table.txt")),
+        &parent.join(format!("{stem}-ratios.svg")),
+    )?;
+    Ok(true)
+}
+
+/// Prints the bench-paging table, exits and citations, and writes the table and the chart.
+fn paging_report(
+    checks: &[results::Check],
+    title: &str,
+    clock_note: &str,
+    exit_cycles: u64,
+    txt: &Path,
+    svg: &Path,
+) -> Result<()> {
+    let rows = paging::collect(checks)?;
     let mut out = String::new();
-    out.push_str(&format!("{title}: RDTSC ticks per operation\n"));
+    out.push_str(&format!("{title}: RDTSC ticks per operation\n{clock_note}\n"));
     out.push_str(
-        "(in Bochs RDTSC advances with executed instructions: ticks are instruction counts, and a VM exit\n \
-         or a 2-D page walk costs ~0; fastest of 5 repetitions, the slowest in brackets; ratios use the\n \
-         fastest; exits/op = VM exits on all CPUs during all repetitions / operations)\n",
+        "(fastest of 5 repetitions, the slowest in brackets; ratios use the fastest; exits/op = VM exits\n \
+         on all CPUs during all repetitions / operations)\n",
     );
     out.push_str(&format!(
         "modeled = ticks + exits/op x {exit_cycles} cycles per VM exit round trip (one tick counted as one cycle)\n"
@@ -330,22 +388,10 @@ fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
     out.push('\n');
     out.push_str(&paging::exits_report(&rows));
     print!("\n{out}");
-    let dir = workspace_root().join("experiments/results/bench-paging");
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let (txt, svg) = (dir.join("table.txt"), dir.join("ratios.svg"));
-    std::fs::write(&txt, &out).with_context(|| format!("write {}", txt.display()))?;
-    std::fs::write(&svg, paging::svg(&rows, exit_cycles, &title))
-        .with_context(|| format!("write {}", svg.display()))?;
-    let raw: String = r
-        .checks
-        .iter()
-        .filter(|c| c.name.starts_with("paging_"))
-        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
-        .collect();
-    std::fs::write(dir.join("checks.txt"), raw)
-        .with_context(|| format!("write {}", dir.join("checks.txt").display()))?;
+    std::fs::write(txt, &out).with_context(|| format!("write {}", txt.display()))?;
+    std::fs::write(svg, paging::svg(&rows, exit_cycles, title)).with_context(|| format!("write {}", svg.display()))?;
     println!("\ntable: {}\nchart: {}", txt.display(), svg.display());
-    Ok(true)
+    Ok(())
 }
 
 fn cargo() -> String {
