@@ -91,16 +91,39 @@ fn num(figures: &str, key: &str) -> Result<u64> {
 
 /// Parses the figures of a `paging_<bench>_<mode>` check.
 pub fn parse_cell(figures: &str) -> Result<Cell> {
-    let mut c = Cell {
-        ticks: num(figures, "ticks")?,
-        max: num(figures, "max")?,
-        ops: num(figures, "ops")?,
-        reps: num(figures, "reps")?,
-        ..Cell::default()
-    };
+    let mut c = parse_counts(figures)?;
+    (c.ticks, c.max, c.ops, c.reps) =
+        (num(figures, "ticks")?, num(figures, "max")?, num(figures, "ops")?, num(figures, "reps")?);
     if c.ops == 0 || c.reps == 0 {
         bail!("ops={} reps={}: no operations measured", c.ops, c.reps);
     }
+    Ok(c)
+}
+
+impl Cell {
+    /// Takes away the exits and shadow-MMU events of `o` (the `kdbt status` run that the
+    /// snapshots around a benchmark include), never below 0; `shadow_pages_in_use` is a
+    /// level, not a count of events, and stays.
+    pub fn subtract(&mut self, o: &Cell) {
+        self.exits = self.exits.saturating_sub(o.exits);
+        for (k, v) in &o.reasons {
+            if let Some(n) = self.reasons.get_mut(k) {
+                *n = n.saturating_sub(*v);
+            }
+        }
+        self.reasons.retain(|_, n| *n != 0);
+        for (k, v) in o.shadow.iter().filter(|(k, _)| *k != "shadow_pages_in_use") {
+            if let Some(n) = self.shadow.get_mut(k) {
+                *n = n.saturating_sub(*v);
+            }
+        }
+    }
+}
+
+/// The counters of a check (exits, exits by reason, shadow-MMU counters); other figures
+/// (ticks, max, ops, reps) are left at 0.
+pub fn parse_counts(figures: &str) -> Result<Cell> {
+    let mut c = Cell::default();
     for (k, v) in figures.split_whitespace().filter_map(|kv| kv.split_once('=')) {
         if ["ticks", "max", "ops", "reps"].contains(&k) {
             continue;
@@ -124,18 +147,29 @@ pub struct Row {
     pub cells: [Cell; 3],
 }
 
-/// The rows of a run, from its checks; every benchmark in every mode must have passed.
+fn find<'a>(checks: &'a [Check], name: &str) -> Result<&'a Check> {
+    let c = checks.iter().find(|c| c.name == name).with_context(|| format!("check {name} missing"))?;
+    if !c.pass {
+        bail!("check {name} failed: {}", c.figures);
+    }
+    Ok(c)
+}
+
+/// The rows of a run, from its checks; every benchmark in every mode must have passed. The
+/// exits of one `kdbt status` run (`paging_snapshot_<mode>`) are taken out of each loaded cell.
 pub fn collect(checks: &[Check]) -> Result<Vec<Row>> {
+    let mut snap: [Cell; 3] = Default::default();
+    for (i, mode) in MODES.iter().enumerate().skip(1) {
+        let name = format!("paging_snapshot_{mode}");
+        snap[i] = parse_counts(&find(checks, &name)?.figures).with_context(|| format!("check {name}"))?;
+    }
     let mut rows = Vec::new();
     for bench in BENCHES {
         let mut cells: [Cell; 3] = Default::default();
         for (i, mode) in MODES.iter().enumerate() {
             let name = format!("paging_{bench}_{mode}");
-            let c = checks.iter().find(|c| c.name == name).with_context(|| format!("check {name} missing"))?;
-            if !c.pass {
-                bail!("check {name} failed: {}", c.figures);
-            }
-            cells[i] = parse_cell(&c.figures).with_context(|| format!("check {name}"))?;
+            cells[i] = parse_cell(&find(checks, &name)?.figures).with_context(|| format!("check {name}"))?;
+            cells[i].subtract(&snap[i]);
         }
         rows.push(Row { bench, cells });
     }
@@ -383,7 +417,10 @@ mod tests {
     }
 
     fn run_checks() -> Vec<Check> {
-        let mut v = Vec::new();
+        let mut v = vec![
+            check("paging_snapshot_ept", "exits=0 cpuid=0"),
+            check("paging_snapshot_shadow", "exits=0 cr_access=0"),
+        ];
         for b in BENCHES {
             v.push(check(&format!("paging_{b}_native"), "ticks=100 max=110 ops=10 reps=5"));
             v.push(check(&format!("paging_{b}_ept"), "ticks=110 max=120 ops=10 reps=5 exits=0"));
@@ -412,13 +449,35 @@ mod tests {
     }
 
     #[test]
+    fn the_status_run_is_subtracted() {
+        let mut v = run_checks();
+        v[1].figures = "exits=10 cr_access=8 exception_nmi=2 cr3_switches=4 shadow_pages_in_use=7".into();
+        for c in v.iter_mut().filter(|c| c.name == "paging_getppid_shadow") {
+            c.figures = "ticks=1 max=1 ops=1 reps=1 exits=12 cr_access=12 cr3_switches=9 shadow_pages_in_use=30".into();
+        }
+        let rows = collect(&v).unwrap();
+        let s = &rows[0].cells[2];
+        assert_eq!(s.exits, 2);
+        assert_eq!(s.reasons.get("cr_access"), Some(&4));
+        assert!(!s.reasons.contains_key("exception_nmi"), "never below 0, zero dropped");
+        assert_eq!(s.shadow["cr3_switches"], 5);
+        assert_eq!(s.shadow["shadow_pages_in_use"], 30, "a level, not subtracted");
+        assert_eq!(rows[1].cells[2].exits, 40, "50 - 10");
+        // Native cells are not touched.
+        assert_eq!(rows[0].cells[0].exits, 0);
+    }
+
+    #[test]
     fn missing_or_failed_checks_are_errors() {
         let mut v = run_checks();
         v.retain(|c| c.name != "paging_macro_shadow");
         assert!(collect(&v).unwrap_err().to_string().contains("paging_macro_shadow"));
         let mut v = run_checks();
-        v[0].pass = false;
+        v[2].pass = false;
         assert!(collect(&v).unwrap_err().to_string().contains("failed"));
+        let mut v = run_checks();
+        v.remove(0);
+        assert!(collect(&v).unwrap_err().to_string().contains("paging_snapshot_ept"));
     }
 
     #[test]

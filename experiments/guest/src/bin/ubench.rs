@@ -11,6 +11,8 @@
 //! `tlb_walk` (random reads, one per 4 KB page, over a 64 MB array with transparent huge
 //! pages refused) and `macro` (a busybox shell script of pipelines: fork, exec, pipes, page
 //! faults and exits, as in a build).
+//! With `UBENCH_STATUS_DIR=DIR` set, `kdbt status --summary` is saved to DIR/before and
+//! DIR/after around the repetitions of each benchmark (use it with one `--only` benchmark).
 use kdbt_guest::rdtsc;
 
 fn main() {
@@ -258,9 +260,26 @@ fn macro_script(reps: u32, iters: u64) {
     });
 }
 
+/// With `UBENCH_STATUS_DIR` set, writes `kdbt status --summary` to `<dir>/<tag>`: taken
+/// just before the first repetition and just after the last, it brackets the VM exits of
+/// the measured loop alone (not the program's start, exit or set-up).
+fn snapshot(tag: &str) {
+    let Some(dir) = std::env::var_os("UBENCH_STATUS_DIR") else { return };
+    let out = std::process::Command::new("kdbt")
+        .args(["status", "--summary"])
+        .output()
+        .unwrap_or_else(|e| die(&format!("kdbt status: {e}")));
+    if !out.status.success() {
+        die(&format!("kdbt status failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let path = std::path::Path::new(&dir).join(tag);
+    std::fs::write(&path, &out.stdout).unwrap_or_else(|e| die(&format!("write {}: {e}", path.display())));
+}
+
 fn report(reps: u32, name: &str, ops: u64, mut f: impl FnMut()) {
     let ops = ops.max(1);
     let (mut min, mut max) = (u64::MAX, 0);
+    snapshot("before");
     for _ in 0..reps {
         let t0 = rdtsc();
         for _ in 0..ops {
@@ -270,6 +289,7 @@ fn report(reps: u32, name: &str, ops: u64, mut f: impl FnMut()) {
         min = min.min(per_op);
         max = max.max(per_op);
     }
+    snapshot("after");
     println!("ubench name={name} ops={ops} ticks_per_op={min} max_ticks_per_op={max} reps={reps}");
 }
 
