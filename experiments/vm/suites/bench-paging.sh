@@ -10,7 +10,7 @@
 
 BENCHES="getppid fork_exit exec page_fault mmap_munmap pipe_pingpong tlb_walk macro"
 plan 31
-export KDBT_MODULE=/lib/modules/kdbt.ko
+export KDBT_MODULE=${KDBT_MODULE:-/lib/modules/kdbt.ko}   # host-suite.sh passes its own
 ITERS=500
 
 # delta BEFORE AFTER: per-key counts summed over CPUs, AFTER - BEFORE; shadow_pages_in_use is
