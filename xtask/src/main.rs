@@ -7,6 +7,7 @@ mod emu;
 mod glue_abi;
 mod image;
 mod kernel;
+mod paging;
 mod results;
 mod toolchain;
 mod util;
@@ -127,16 +128,27 @@ enum Cmd {
         cpus: u32,
     },
     /// Benchmarks: `dbt` on this machine; `hypervisor` in a Bochs guest (RDTSC ticks per
-    /// operation with kdbt unloaded and loaded, and the VM exits of the loaded run).
+    /// operation with kdbt unloaded and loaded, and the VM exits of the loaded run);
+    /// `paging` in a Bochs guest (native, EPT and shadow paging in one boot: ticks, ratios,
+    /// VM exits by reason, a modeled time with a cost per VM exit, and an SVG chart).
     Bench {
         #[arg(value_enum)]
         what: BenchKind,
-        /// Guest kernel for `hypervisor`.
+        /// Guest kernel for `hypervisor` and `paging`.
         #[arg(long, default_value = "debian-6.12")]
         kernel: String,
-        /// Guest CPUs for `hypervisor`.
+        /// Guest CPUs for `hypervisor` and `paging`.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Cost of one VM exit round trip in cycles, for the modeled time of `paging`
+        /// (default: the figure cited in the output).
+        #[arg(long, default_value_t = paging::EXIT_ROUND_TRIP_CYCLES)]
+        exit_cycles: u64,
+        /// `paging` only: no emulator; read the suite's output from this file (written by
+        /// `experiments/vm/host-suite.sh bench-paging` on a machine with VT-x), and write the
+        /// table and chart beside it.
+        #[arg(long)]
+        from_log: Option<PathBuf>,
     },
 }
 
@@ -144,6 +156,7 @@ enum Cmd {
 enum BenchKind {
     Dbt,
     Hypervisor,
+    Paging,
 }
 
 fn main() -> ExitCode {
@@ -204,7 +217,11 @@ fn real_main(cli: Cli) -> Result<bool> {
                 .context("cannot run cargo")?;
             Ok(st.success())
         }
-        Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus } => bench_hypervisor(kernel, cpus),
+        Cmd::Bench { what: BenchKind::Hypervisor, kernel, cpus, .. } => bench_hypervisor(kernel, cpus),
+        Cmd::Bench { what: BenchKind::Paging, kernel, cpus, exit_cycles, from_log } => match from_log {
+            Some(log) => bench_paging_from_log(&log, exit_cycles),
+            None => bench_paging(kernel, cpus, exit_cycles),
+        },
         Cmd::VmlinuxCorpus { kernel } => vmlinux::corpus(&kernel),
     }
 }
@@ -273,6 +290,108 @@ fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
         );
     }
     Ok(true)
+}
+
+/// `cargo xtask bench paging`: the bench-paging suite in one Bochs boot (native, then
+/// `kdbt load` with EPT, then `kdbt load --paging shadow`), its table, and the table and an
+/// SVG chart of the ratios written to experiments/results/bench-paging/.
+fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
+    let a = VmArgs {
+        suite: "bench-paging".into(),
+        kernel,
+        kdir: None,
+        cpu_model: "corei7_skylake_x".into(),
+        cpus,
+        mem: 512,
+        emulator: Emulator::Bochs,
+        // Three passes of the benchmarks, one of them on shadow paging (every CR3 write and
+        // most page faults exit, and Bochs emulates each exit): longer than a suite run.
+        timeout: Some(2400),
+        inject_fail: false,
+        append: String::new(),
+        paging: Paging::Ept,
+    };
+    let r = vm_run(&mut Ctx::default(), &a, false)?;
+    if !r.passed {
+        println!("\n{}", r.table);
+        return Ok(false);
+    }
+    let title = format!("kdbt bench paging: {} guest, {} CPUs, Bochs {}", a.kernel, a.cpus, a.cpu_model);
+    let dir = workspace_root().join("experiments/results/bench-paging");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let bochs_note = "(in Bochs RDTSC advances with executed instructions: ticks are instruction counts, and the\n \
+         transition of a VM exit or a 2-D page walk costs ~0; the exit handler's own instructions are counted)";
+    paging_report(&r.checks, &title, bochs_note, exit_cycles, &dir.join("table.txt"), &dir.join("ratios.svg"))?;
+    let raw: String = r
+        .checks
+        .iter()
+        .filter(|c| c.name.starts_with("paging_"))
+        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
+        .collect();
+    std::fs::write(dir.join("checks.txt"), raw)
+        .with_context(|| format!("write {}", dir.join("checks.txt").display()))?;
+    Ok(true)
+}
+
+/// `cargo xtask bench paging --from-log FILE`: the table and chart of a bench-paging run made
+/// on a machine with VT-x (experiments/vm/host-suite.sh), where ticks are real TSC cycles.
+fn bench_paging_from_log(log: &Path, exit_cycles: u64) -> Result<bool> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+    let o = results::parse(&text);
+    let failed: Vec<String> =
+        o.checks.iter().filter(|c| !c.pass).map(|c| format!("{} {}", c.name, c.figures)).collect();
+    if !failed.is_empty() {
+        bail!("{} failed checks in {}:\n  {}", failed.len(), log.display(), failed.join("\n  "));
+    }
+    let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("bench-paging");
+    let parent = log.parent().unwrap_or(Path::new("."));
+    let title = format!("kdbt bench paging: {}", log.display());
+    let note = "(TSC cycles measured on real hardware: exits and 2-D walks are already in the ticks;\n \
+         give --exit-cycles 0 so the modeled columns equal the measured ones)";
+    paging_report(
+        &o.checks,
+        &title,
+        note,
+        exit_cycles,
+        &parent.join(format!("{stem}-table.txt")),
+        &parent.join(format!("{stem}-ratios.svg")),
+    )?;
+    Ok(true)
+}
+
+/// Prints the bench-paging table, exits and citations, and writes the table and the chart.
+fn paging_report(
+    checks: &[results::Check],
+    title: &str,
+    clock_note: &str,
+    exit_cycles: u64,
+    txt: &Path,
+    svg: &Path,
+) -> Result<()> {
+    let rows = paging::collect(checks)?;
+    let mut out = String::new();
+    out.push_str(&format!("{title}: RDTSC ticks per operation\n{clock_note}\n"));
+    out.push_str(
+        "(fastest of 5 repetitions, the slowest in brackets; ratios use the fastest; exits/op = VM exits\n \
+         on all CPUs during all repetitions / operations)\n",
+    );
+    out.push_str(&format!(
+        "modeled = ticks + exits/op x {exit_cycles} cycles per VM exit round trip (one tick counted as one cycle)\n"
+    ));
+    if exit_cycles == paging::EXIT_ROUND_TRIP_CYCLES {
+        out.push_str(&format!("  source: {}\n", paging::EXIT_SOURCE));
+    } else {
+        out.push_str("  (--exit-cycles given: not the cited default)\n");
+    }
+    out.push_str(&format!("  2-D page walks: {}\n\n", paging::TWO_D_WALK));
+    out.push_str(&paging::table(&rows, exit_cycles));
+    out.push('\n');
+    out.push_str(&paging::exits_report(&rows));
+    print!("\n{out}");
+    std::fs::write(txt, &out).with_context(|| format!("write {}", txt.display()))?;
+    std::fs::write(svg, paging::svg(&rows, exit_cycles, title)).with_context(|| format!("write {}", svg.display()))?;
+    println!("\ntable: {}\nchart: {}", txt.display(), svg.display());
+    Ok(())
 }
 
 fn cargo() -> String {
