@@ -793,8 +793,8 @@ pub fn ept_violation_check(flags: u32) -> Result<String, String> {
 /// Reads the VMCS of the last virtualized CPU from the guest (the kernel): with hidden
 /// hypervisor memory this is a fatal EPT violation whose panic names "vmcs of cpuN".
 fn hidden_touch_check() -> Result<String, String> {
-    let _hp = hw::CpusReadGuard::lock();
-    let (cpu, pc) = {
+    let hp = hw::CpusReadGuard::lock();
+    let (cpu, pc, reader) = {
         let guard = STATE.lock();
         let Some(st) = guard.as_ref() else { return Err(String::from("kdbt is not loaded")) };
         if st.ept.is_none() {
@@ -803,17 +803,28 @@ fn hidden_touch_check() -> Result<String, String> {
             ));
         }
         let last = st.cpus.iter().enumerate().rev().find_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc)));
-        last.ok_or_else(|| String::from("no CPU is virtualized"))?
+        let (cpu, pc) = last.ok_or_else(|| String::from("no CPU is virtualized"))?;
+        // Read on another CPU when there is one: Bochs keeps TLB entries across VM entries
+        // and exits (no VPID tags), so on the owner the translations its own native launch
+        // and root mode made of the block would still let the read through.
+        let reader = (0..cpu).find(|&c| st.cpus[c as usize].is_some()).unwrap_or(cpu);
+        (cpu, pc, reader)
     };
     // SAFETY: translating a direct-map address (no access).
     let vmcs = unsafe { ffi::kdbt_glue_virt_to_phys((pc as usize + percpu::PAGE) as *const _) };
-    kinfo!("reading the VMCS of cpu{} ({:#x}) from the guest: expect a fatal EPT violation naming it", cpu, vmcs);
+    kinfo!("reading the VMCS of cpu{} ({:#x}) on cpu{} from the guest: expect a fatal EPT violation naming it", cpu, vmcs, reader);
+    let addr = pc as usize + percpu::PAGE;
+    let mut v = 0u64;
     // SAFETY: the block stays allocated (hotplug lock held, ioctls serialized); it is
     // mapped in the kernel's page tables; whether EPT lets the guest read it is the test.
-    let v = unsafe { ((pc as usize + percpu::PAGE) as *const u64).read_volatile() };
+    hw::run_on_cpu(reader, || v = unsafe { (addr as *const u64).read_volatile() })
+        .map_err(|e| alloc::format!("cpu{reader}: cannot run on it (error {e})"))?;
+    drop(hp);
+    let here = reader;
     Err(alloc::format!(
-        "read the VMCS of cpu{cpu} ({vmcs:#x}) from the guest without a fault (first word {v:#x}): hypervisor memory is not hidden{}",
-        if ept::hiding() { "" } else { " (hide_hv=0)" }
+        "read the VMCS of cpu{cpu} ({vmcs:#x}) on cpu{here} from the guest without a fault (first word {v:#x}): hypervisor memory is not hidden{} (EPT rights there now: {:?})",
+        if ept::hiding() { "" } else { " (hide_hv=0)" },
+        query_perms(vmcs)
     ))
 }
 
