@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod diag;
+pub mod hide;
 pub mod mtrr;
 pub mod table;
 

@@ -325,6 +325,37 @@ impl<A: FrameAllocator> Ept<A> {
         &self.alloc
     }
 
+    /// Calls `f` with the physical address of every paging-structure frame of the map,
+    /// the PML4 first.
+    pub fn for_each_table(&self, mut f: impl FnMut(u64)) {
+        self.visit(self.pml4, 4, &mut f);
+    }
+
+    fn visit(&self, table: u64, level: u8, f: &mut impl FnMut(u64)) {
+        f(table);
+        if level > 1 {
+            for i in 0..512 {
+                let e = self.alloc.read_entry(table, i);
+                if e & PERM_MASK != 0 && e & LARGE == 0 && e & NOPERM_MARK == 0 {
+                    self.visit(e & ADDR_MASK, level - 1, f);
+                }
+            }
+        }
+    }
+
+    /// Whether `pa` is one of the map's paging-structure frames.
+    pub fn is_table(&self, pa: u64) -> bool {
+        let pa = pa & !(PAGE_SIZE - 1);
+        let mut found = false;
+        self.for_each_table(|t| found |= t == pa);
+        found
+    }
+
+    /// Mutable access to the allocator (e.g. to refill a pool of frames it keeps).
+    pub fn allocator_mut(&mut self) -> &mut A {
+        &mut self.alloc
+    }
+
     /// Walks to the leaf for `gpa`: (table, index, level, entry).
     fn walk(&self, gpa: u64) -> Result<(u64, usize, u8, u64), EptError> {
         if gpa >= self.limit {

@@ -127,6 +127,16 @@ int kdbt_glue_param_fail_launch_cpu(void)
 	return fail_launch_cpu;
 }
 
+static int hide_hv = 1;
+module_param(hide_hv, int, 0444);
+MODULE_PARM_DESC(hide_hv,
+		 "1 (default): hypervisor memory (VMXON regions, VMCSs, MSR bitmaps, host IDT/GDT/TSS/stacks, EPT tables) has no rights in the guest's EPT view; 0: testing only, leave it mapped");
+
+int kdbt_glue_param_hide_hv(void)
+{
+	return hide_hv;
+}
+
 static int fail_vmwrite_cpu = -1;
 module_param(fail_vmwrite_cpu, int, 0444);
 MODULE_PARM_DESC(fail_vmwrite_cpu,

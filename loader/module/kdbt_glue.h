@@ -77,6 +77,9 @@ const char *kdbt_glue_param_fake_missing(void);
 /* The `fail_launch_cpu` module parameter: the CPU whose launch fails on purpose after VMXON
  * (testing the rollback), or -1. */
 int kdbt_glue_param_fail_launch_cpu(void);
+/* The `hide_hv` module parameter: 1 (default) hides hypervisor memory from the guest's
+ * EPT view; 0 (testing only) leaves it mapped. */
+int kdbt_glue_param_hide_hv(void);
 /* The `fail_vmwrite_cpu` and `fail_vmwrite_field` module parameters: on that CPU the
  * launch issues the VMWRITE of that VMCS field encoding with a reserved encoding bit set,
  * so the CPU fails it (testing the checked VMCS programming); -1 and 0: none. */

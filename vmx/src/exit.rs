@@ -72,6 +72,13 @@ pub trait ExitHw {
     fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool;
     /// INVEPT all-context: drops every EPT-derived translation this CPU caches.
     fn invept_all(&mut self);
+    /// Serves [`Call::EptSetPerms`] and [`Call::EptQuery`] (argument: the guest's RBX;
+    /// returns the guest's RAX). Root mode holds the EPT tables, hidden from the guest;
+    /// without a map (shadow paging, tests) they are unsupported.
+    fn ept_call(&mut self, call: Call, arg: u64) -> u64 {
+        let _ = (call, arg);
+        hypercall::ERR_UNSUPPORTED
+    }
 }
 
 /// Basic exit reasons (SDM Vol. 3C, Appendix C) that kdbt names in its statistics.
@@ -586,10 +593,8 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
             regs.rax = hypercall::ERR_UNSUPPORTED;
             Action::Resume
         }
-        Call::EptSetPerms => {
-            // Permission changes are made by the kernel side on the shared tables, then
-            // EptInvalidate on every CPU; this number stays reserved.
-            regs.rax = hypercall::ERR_UNSUPPORTED;
+        Call::EptSetPerms | Call::EptQuery => {
+            regs.rax = hw.ept_call(call, regs.rbx);
             Action::Resume
         }
     }
@@ -865,6 +870,11 @@ mod tests {
         assert_eq!(injected(&f), Some((VECTOR_UD, None)));
         let mut f = exit(reason::VMCALL, 3, 0);
         let mut r = GuestRegs { rax: Call::EptSetPerms.rax(), ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx, &stats);
+        assert_eq!(r.rax, hypercall::ERR_UNSUPPORTED);
+        // Without an EPT map in this hardware (the fake's default `ept_call`), queries too.
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: Call::EptQuery.rax(), rbx: 0x1000, ..Default::default() };
         handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(r.rax, hypercall::ERR_UNSUPPORTED);
     }

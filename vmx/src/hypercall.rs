@@ -31,6 +31,13 @@ pub const OK: u64 = 0;
 pub const ERR_UNKNOWN_CALL: u64 = 1 << 63 | 1;
 pub const ERR_BAD_ARGUMENT: u64 = 1 << 63 | 2;
 pub const ERR_UNSUPPORTED: u64 = 1 << 63 | 3;
+/// Root mode has no spare frame left for an EPT split ([`Call::EptSetPerms`]).
+pub const ERR_OUT_OF_FRAMES: u64 = 1 << 63 | 4;
+/// Another CPU's root mode is changing the EPT tables right now: retry.
+pub const ERR_BUSY: u64 = 1 << 63 | 5;
+
+/// [`Call::EptSetPerms`] result bit: the tables changed, INVEPT every CPU.
+pub const EPT_CHANGED: u64 = 1 << 3;
 
 /// Hypercall functions. Numbers are ABI: never reuse one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,11 +49,17 @@ pub enum Call {
     ExitCount = 2,
     /// Leaves VMX operation on this CPU and returns to the caller natively (RAX = OK).
     Devirtualize = 3,
-    /// Reserved: set EPT permissions of a 4 KB page from root mode. (kdbt changes the shared
-    /// tables from the kernel side and then calls [`Call::EptInvalidate`] on every CPU.)
+    /// Sets the EPT permissions of the 4 KB page at RBX & !0xfff to RBX & 7 (R=1, W=2,
+    /// X=4), in root mode: the EPT tables are hidden from the guest, so only root mode may
+    /// write them (splits take frames from a pool root mode holds). RAX: the previous
+    /// permissions | [`EPT_CHANGED`] if the tables changed (the caller then runs
+    /// [`Call::EptInvalidate`] on every CPU), or an `ERR_*`.
     EptSetPerms = 0x10,
     /// INVEPT all-context on this CPU, after a change of the EPT tables.
     EptInvalidate = 0x11,
+    /// The EPT permissions of the page at RBX (a software walk in root mode): RAX = R=1,
+    /// W=2, X=4, or `ERR_BAD_ARGUMENT` when unmapped.
+    EptQuery = 0x12,
     /// Shadow paging: apply the current policy of the guest-physical page in RBX to this
     /// CPU's shadow leaves (and flush); `ERR_UNSUPPORTED` under EPT.
     ShadowApplyPolicy = 0x20,
@@ -79,6 +92,7 @@ pub fn decode(rax: u64) -> Decoded {
         3 => Call::Devirtualize,
         0x10 => Call::EptSetPerms,
         0x11 => Call::EptInvalidate,
+        0x12 => Call::EptQuery,
         0x20 => Call::ShadowApplyPolicy,
         other => return Decoded::Unknown(other),
     })
@@ -96,6 +110,7 @@ mod tests {
             Call::Devirtualize,
             Call::EptSetPerms,
             Call::EptInvalidate,
+            Call::EptQuery,
             Call::ShadowApplyPolicy,
         ] {
             assert_eq!(decode(c.rax()), Decoded::Call(c));

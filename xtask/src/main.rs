@@ -92,7 +92,7 @@ enum Cmd {
     Vm(VmArgs),
     /// Host unit tests + the smoke and hypervisor suites in Bochs (small, debian-6.12) and
     /// QEMU TCG (small, debian-6.12, debian-6.1), one boot per kernel and emulator, the
-    /// fatal suite, the suspend suite and the three reboot suites, each in a boot of its own
+    /// fatal and fatal-hidden suites, the suspend suite and the three reboot suites, each in a boot of its own
     /// (Bochs, small), and the hypervisor and shadow-hook suites on shadow paging (Bochs,
     /// small).
     Test {
@@ -618,6 +618,8 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
         base.clone(),
         // A fatal exit panics the guest, which ends its boot: a boot of its own (1 CPU).
         VmArgs { suite: "fatal".into(), cpus: 1, ..base.clone() },
+        // Hidden hypervisor memory: the guest reads cpu1's VMCS and must panic naming it.
+        VmArgs { suite: "fatal-hidden".into(), ..base.clone() },
         // Shadow paging (issue 9): the hypervisor suite on shadow page tables, then the
         // mapping-stress and policy checks failing on purpose under their test hooks
         // (~5.5 minutes; the timeout allows for a busy host).

@@ -9,7 +9,7 @@ use std::vec::Vec;
 /// Fake physical memory: frames at made-up physical addresses far above the map.
 pub(crate) struct FakeMem {
     frames: HashMap<u64, [u64; 512]>,
-    next: u64,
+    pub next: u64,
     /// Allocations still allowed (None: unlimited).
     pub budget: Option<usize>,
     pub freed: usize,

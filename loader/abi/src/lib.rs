@@ -218,6 +218,9 @@ pub const IOC_NMI_CHECK: u32 = iowr(0x06, core::mem::size_of::<Command>());
 /// kdbt's diagnostic of the fatal EPT violation. Returns only if that did not happen (the
 /// reason in [`Command::message`]). For tests.
 pub const IOC_EPT_VIOLATE: u32 = iowr(0x07, core::mem::size_of::<Command>());
+/// [`IOC_EPT_VIOLATE`] flag: read the VMCS of the last virtualized CPU instead (hypervisor
+/// memory, hidden from the guest): the panic must name it ("vmcs of cpuN").
+pub const EPT_VIOLATE_HIDDEN: u32 = 1 << 0;
 
 /// Shadow paging: makes a scratch page not writable (the policy hook) on every CPU in turn
 /// and writes it through its direct-map alias on that CPU: each write must trap to kdbt

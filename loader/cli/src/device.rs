@@ -146,9 +146,10 @@ impl Device {
         self.check(IOC_EPT_CHECK, "EPT check", "KDBT_IOC_EPT_CHECK")
     }
 
-    /// Makes a fatal EPT violation on purpose: returns only if the kernel did not panic.
-    pub fn ept_violate(&self) -> Result<String> {
-        self.check(IOC_EPT_VIOLATE, "EPT violation check", "KDBT_IOC_EPT_VIOLATE")
+    /// Makes a fatal EPT violation on purpose: returns only if the kernel did not panic
+    /// (`flags`: `kdbt_abi::EPT_VIOLATE_*`).
+    pub fn ept_violate(&self, flags: u32) -> Result<String> {
+        self.check_flags(IOC_EPT_VIOLATE, "EPT violation check", "KDBT_IOC_EPT_VIOLATE", flags)
     }
 
     /// Runs the module's NMI delivery check; its report.

@@ -94,6 +94,10 @@ enum Cmd {
         /// diagnostic of the fatal EPT violation (for tests; this ends the machine).
         #[arg(long)]
         violate: bool,
+        /// With --violate: read hypervisor memory instead (the VMCS of the last CPU, hidden
+        /// from the guest): the panic must name it (for tests; this ends the machine).
+        #[arg(long, requires = "violate")]
+        hidden: bool,
     },
     /// Check NMI delivery on every CPU: an NMI sent to it and one held back while its NMI
     /// handler runs must both arrive (through kdbt's NMI exits and the NMI window).
@@ -140,12 +144,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Unload { keep_module } => unload(keep_module),
         Cmd::Status { json, summary } => status(json, summary),
-        Cmd::EptCheck { violate: false } => {
+        Cmd::EptCheck { violate: false, .. } => {
             println!("kdbt: EPT check passed: {}", Device::open()?.ept_check()?);
             Ok(())
         }
-        Cmd::EptCheck { violate: true } => {
-            let r = Device::open()?.ept_violate();
+        Cmd::EptCheck { violate: true, hidden } => {
+            let r = Device::open()?.ept_violate(if hidden { kdbt_abi::EPT_VIOLATE_HIDDEN } else { 0 });
             bail!("the kernel did not panic: {}", r.err().map_or(String::from("no error either"), |e| format!("{e:#}")))
         }
         Cmd::ShadowCheck { test_skip_apply } => {

@@ -29,6 +29,7 @@ extern "C" {
     pub fn kdbt_glue_gdt_rw(cpu: c_uint) -> u64;
     pub fn kdbt_glue_param_fake_missing() -> *const u8;
     pub fn kdbt_glue_param_fail_launch_cpu() -> c_int;
+    pub fn kdbt_glue_param_hide_hv() -> c_int;
     pub fn kdbt_glue_param_fail_vmwrite_cpu() -> c_int;
     pub fn kdbt_glue_param_fail_vmwrite_field() -> c_uint;
     pub fn kdbt_glue_self_nmi();

@@ -22,7 +22,7 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_STATUS => status(arg),
         IOC_EPT_CHECK => check(arg, |_| hv::ept_check(), true),
         IOC_NMI_CHECK => check(arg, |_| hv::nmi_check(), true),
-        IOC_EPT_VIOLATE => check(arg, |_| hv::ept_violation_check(), true),
+        IOC_EPT_VIOLATE => check(arg, hv::ept_violation_check, true),
         IOC_SHADOW_CHECK => check(arg, hv::shadow_policy_check, true),
         IOC_DBT_SELFTEST => check(arg, crate::kernel_dbt::selftest::run, false),
         _ => Err(errno::ENOTTY),

@@ -15,7 +15,18 @@ static OWNER: AtomicU32 = AtomicU32::new(NO_OWNER);
 /// The record is written.
 static READY: AtomicBool = AtomicBool::new(false);
 
-struct Record(UnsafeCell<Option<(Fatal, Diag)>>);
+/// A fatal exit as root mode saw it: for an EPT violation also the page's mapping at the
+/// exit (root mode walked the tables, which the guest cannot read) and which hypervisor
+/// object it is, if one.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub kind: Fatal,
+    pub diag: Diag,
+    pub now: ::ept::diag::Now,
+    pub hidden: Option<::ept::hide::Hidden>,
+}
+
+struct Record(UnsafeCell<Option<Entry>>);
 // SAFETY: written once by the CPU that won OWNER (before READY, release), read only after
 // READY (acquire).
 unsafe impl Sync for Record {}
@@ -23,18 +34,18 @@ static RECORD: Record = Record(UnsafeCell::new(None));
 
 /// Claims the record for `cpu` and stores the exit; false if it is already claimed (by
 /// another CPU, or by this one on an earlier fatal exit).
-pub fn record(cpu: u32, kind: Fatal, diag: Diag) -> bool {
+pub fn record(cpu: u32, entry: Entry) -> bool {
     if OWNER.compare_exchange(NO_OWNER, cpu, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return false;
     }
     // SAFETY: we won OWNER, so no one else writes; readers wait for READY.
-    unsafe { *RECORD.0.get() = Some((kind, diag)) };
+    unsafe { *RECORD.0.get() = Some(entry) };
     READY.store(true, Ordering::Release);
     true
 }
 
 /// The recorded exit, if `cpu` took it.
-pub fn for_cpu(cpu: u32) -> Option<(Fatal, Diag)> {
+pub fn for_cpu(cpu: u32) -> Option<Entry> {
     if READY.load(Ordering::Acquire) && OWNER.load(Ordering::Relaxed) == cpu {
         // SAFETY: written before READY was set, never written again.
         unsafe { *RECORD.0.get() }
@@ -50,6 +61,8 @@ pub struct Describe {
     pub kind: Fatal,
     pub diag: Diag,
     pub now: ::ept::diag::Now,
+    /// The page is hypervisor memory hidden from the guest: which object.
+    pub hidden: Option<::ept::hide::Hidden>,
 }
 
 impl fmt::Display for Describe {
@@ -58,6 +71,9 @@ impl fmt::Display for Describe {
         write!(f, "fatal VM exit on cpu{}: ", self.cpu)?;
         if self.kind == Fatal::EptViolation {
             ::ept::diag::format_violation(f, d.guest_physical, d.guest_linear, d.qualification, self.now)?;
+            if let Some(h) = self.hidden {
+                write!(f, "; {h}")?;
+            }
         } else {
             write!(f, "{:?} ({}) qualification {:#x}", self.kind, vmx::exit::reason_name(d.reason), d.qualification)?;
             if self.kind == Fatal::EptMisconfig {

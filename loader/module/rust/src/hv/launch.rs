@@ -256,22 +256,29 @@ pub fn launch(
         invvpid_all();
     }
     pc.ctl.launching = true;
-    pc.ctl.virtualized.store(true, Ordering::Release);
+    // The guest-visible page, through a copy of the pointer: after VMLAUNCH this code runs
+    // in the guest, which must not even read the (hidden) block.
+    // SAFETY: allocated with the block, freed only with it.
+    let shared = unsafe { &*pc.ctl.shared };
+    shared.virtualized.store(true, Ordering::Release);
     pc.ctl.nmi_vmcs_live.store(c.vnmi as u8, Ordering::Relaxed);
     let rc = vmlaunch_here();
-    pc.ctl.launching = false;
+    // In the guest now (rc 0): the block is hidden, only `Shared` may be touched; root mode
+    // cleared `launching` at the first exit. Otherwise native again.
     match rc {
         0 => {
-            pc.ctl.launch_cycles.store(tsc() - t0, Ordering::Relaxed);
+            shared.launch_cycles.store(tsc() - t0, Ordering::Relaxed);
             Ok(())
         }
         r if r & LAUNCH_ENTRY_FAILED == LAUNCH_ENTRY_FAILED => {
             // The exit handler already left VMX operation and restored our state.
-            pc.ctl.virtualized.store(false, Ordering::Release);
+            pc.ctl.launching = false;
+            shared.virtualized.store(false, Ordering::Release);
             Err(LaunchError::EntryFailed(r as u32))
         }
         r => {
-            pc.ctl.virtualized.store(false, Ordering::Release);
+            pc.ctl.launching = false;
+            shared.virtualized.store(false, Ordering::Release);
             let err = if r == 2 {
                 match (LaunchVmcs { corrupt: None }).read(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR) {
                     Ok(e) => LaunchError::VmlaunchFailed(e as u32),

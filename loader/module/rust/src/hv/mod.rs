@@ -171,6 +171,16 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features, shadow: bool) -> Result<
 
 struct Cpu {
     pc: *mut PerCpu,
+    /// The block's guest-visible page (the block itself is hidden under EPT: the kernel
+    /// side must not even read its `shared` field).
+    shared: *const percpu::Shared,
+}
+
+impl Cpu {
+    fn shared(&self) -> &percpu::Shared {
+        // SAFETY: the shared page stays allocated while the CPU is in `cpus`.
+        unsafe { &*self.shared }
+    }
 }
 
 // SAFETY: the per-CPU block is only touched by its own CPU in root mode and by the
@@ -179,8 +189,11 @@ unsafe impl Send for Cpu {}
 
 struct State {
     controls: Controls,
-    /// The identity map all CPUs share.
-    ept: Option<::ept::Ept<ept::KernelFrames>>,
+    /// The identity map all CPUs share (in a page of its own, hidden once handed to root
+    /// mode).
+    ept: Option<ept::MapPage>,
+    /// The map was handed to root mode ([`ept::hide_initial`], at the first launch).
+    handed: bool,
     /// Host page tables: a PML4 page sharing the kernel half of the kernel's.
     host_pml4: *mut u64,
     cpus: Vec<Option<Cpu>>,
@@ -191,13 +204,137 @@ unsafe impl Send for State {}
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
-/// Free a per-CPU block (and its shadow MMU's pool).
+/// Free a per-CPU block (and its shadow MMU's pool, and its shared page). The block must
+/// be visible to the guest again, or no CPU run on the EPT map any more.
 fn free_percpu(pc: *mut PerCpu) {
     // SAFETY: the block is ours and its CPU is not virtualized.
-    shadow::free(unsafe { (*pc).ctl.shadow });
+    let (sh, shared) = unsafe { ((*pc).ctl.shadow, (*pc).ctl.shared) };
+    shadow::free(sh);
+    if !shared.is_null() {
+        // SAFETY: the shared page came from kdbt_glue_alloc_pages(0); its CPU is not
+        // virtualized, so root mode no longer writes it.
+        unsafe { ffi::kdbt_glue_free_pages(shared as *mut _, 0) };
+    }
     // SAFETY: `pc` came from kdbt_glue_alloc_pages(PERCPU_ORDER) and is no longer in use
     // (its CPU is not virtualized).
     unsafe { ffi::kdbt_glue_free_pages(pc.cast(), PERCPU_ORDER) }
+}
+
+/// A virtualized CPU, to run root-mode EPT calls on (None: no CPU runs on the map).
+fn root_cpu(st: &State) -> Option<u32> {
+    // SAFETY: reads the current CPU number.
+    let here = unsafe { ffi::kdbt_glue_this_cpu() };
+    let held = |c: &u32| st.cpus.get(*c as usize).and_then(|c| c.as_ref()).is_some_and(|c| c.shared().virtualized.load(Ordering::Acquire));
+    core::iter::once(here).chain(0..st.cpus.len() as u32).find(held)
+}
+
+/// INVEPT through the hypercall on every virtualized CPU.
+fn invept_everywhere(st: &State) -> Result<(), String> {
+    for cpu in (0..st.cpus.len() as u32).filter(|&c| st.cpus[c as usize].is_some()) {
+        let mut rax = 0;
+        hw::run_on_cpu(cpu, || rax = hypercall(vmx::hypercall::Call::EptInvalidate, 0))
+            .map_err(|e| alloc::format!("cpu{cpu}: cannot run INVEPT (error {e})"))?;
+        if rax != vmx::hypercall::OK {
+            return Err(alloc::format!("cpu{cpu}: INVEPT hypercall returned {rax:#x}"));
+        }
+    }
+    Ok(())
+}
+
+/// Sets `perms` on every page of `pages` in the EPT map: directly while no CPU runs on it,
+/// otherwise through [`Call::EptSetPerms`] in root mode on a virtualized CPU (the tables
+/// are hidden from the guest), then INVEPT on every CPU. Returns the first page's previous
+/// permissions. On error the pages changed before stay changed.
+///
+/// [`Call::EptSetPerms`]: vmx::hypercall::Call::EptSetPerms
+fn map_set(st: &mut State, pages: &[u64], perms: ::ept::Perms) -> Result<::ept::Perms, String> {
+    use vmx::hypercall::{EPT_CHANGED, ERR_BUSY, ERR_OUT_OF_FRAMES};
+    let Some(vcpu) = root_cpu(st) else {
+        let map = st.ept.as_mut().ok_or_else(no_ept)?.direct();
+        let mut first = None;
+        for &p in pages {
+            let old = map.perms_of(p).ok_or_else(|| alloc::format!("{p:#x} is outside the EPT map"))?;
+            first.get_or_insert(old);
+            map.set_perms_4k(p, perms).map_err(|e| alloc::format!("{p:#x}: {e}"))?;
+        }
+        return first.ok_or_else(|| String::from("no page given"));
+    };
+    if st.ept.is_none() {
+        return Err(no_ept());
+    }
+    let (mut first, mut changed, mut failed) = (None, false, None);
+    hw::run_on_cpu(vcpu, || {
+        for &p in pages {
+            let mut r = ERR_BUSY;
+            for _ in 0..1000 {
+                r = hypercall(vmx::hypercall::Call::EptSetPerms, p | perms.bits() as u64);
+                if r != ERR_BUSY {
+                    break;
+                }
+            }
+            if r & (1 << 63) != 0 {
+                failed = Some((p, r));
+                break;
+            }
+            first.get_or_insert(::ept::Perms::from_bits_truncate((r & 7) as u8));
+            changed |= r & EPT_CHANGED != 0;
+        }
+    })
+    .map_err(|e| alloc::format!("cpu{vcpu}: cannot run on it (error {e})"))?;
+    if changed {
+        invept_everywhere(st)?;
+    }
+    if let Some((p, r)) = failed {
+        return Err(match r {
+            ERR_OUT_OF_FRAMES => alloc::format!("{p:#x}: root mode has no spare EPT frame left ({} at load)", ept::POOL),
+            vmx::hypercall::ERR_BAD_ARGUMENT => alloc::format!("{p:#x} is outside the EPT map or {perms} is invalid"),
+            r => alloc::format!("{p:#x}: EPT hypercall returned {r:#x}"),
+        });
+    }
+    first.ok_or_else(|| String::from("no page given"))
+}
+
+fn no_ept() -> String {
+    String::from("kdbt runs with shadow paging (no EPT): EPT permissions do not exist in this mode")
+}
+
+fn block_pages(pc: *mut PerCpu) -> Vec<u64> {
+    // SAFETY: translating our own direct-map block (no access).
+    let base = unsafe { ffi::kdbt_glue_virt_to_phys(pc as *const _) };
+    (0..percpu::PERCPU_SIZE as u64 / 4096).map(|i| base + i * 4096).collect()
+}
+
+/// Hides `cpu`'s block from the guest before its launch (EPT mode); the first block of a
+/// load also hands the map to root mode, hiding its tables with it.
+fn hide_block(st: &mut State, cpu: u32, pc: *mut PerCpu) -> Result<(), String> {
+    let Some(page) = st.ept.as_mut() else { return Ok(()) };
+    let pages = block_pages(pc);
+    if !st.handed {
+        let pml4_pa = st.controls.host_cr3;
+        ept::hide_initial(page, pml4_pa, cpu, pages[0], percpu::PERCPU_SIZE as u64)?;
+        st.handed = true;
+        return Ok(());
+    }
+    if ept::hiding() {
+        map_set(st, &pages, ::ept::Perms::NONE).map_err(|e| alloc::format!("cpu{cpu}: cannot hide its per-CPU block: {e}"))?;
+        ept::name_block(cpu, pages[0]);
+    }
+    Ok(())
+}
+
+/// Frees `cpu`'s block once its CPU is not virtualized: while other CPUs still run on the
+/// EPT map the block is first made guest-accessible again (RWX, as in the identity map),
+/// since the kernel will reuse the pages. If that fails the block is kept (leaked, logged).
+fn release_block(st: &mut State, cpu: u32, pc: *mut PerCpu) -> Result<(), String> {
+    ept::name_block(cpu, 0);
+    if st.ept.is_some() && ept::hiding() && root_cpu(st).is_some() {
+        if let Err(e) = map_set(st, &block_pages(pc), ::ept::Perms::RWX) {
+            kwarn!("cpu{}: per-CPU block kept (not freed): cannot make it visible again: {}", cpu, e);
+            return Err(alloc::format!("cpu{cpu}: cannot unhide its per-CPU block: {e}"));
+        }
+    }
+    free_percpu(pc);
+    Ok(())
 }
 
 fn alloc_percpu(cpu: u32) -> Result<*mut PerCpu, String> {
@@ -206,12 +343,20 @@ fn alloc_percpu(cpu: u32) -> Result<*mut PerCpu, String> {
     if p.is_null() {
         return Err(String::from("out of memory for the per-CPU area"));
     }
+    // SAFETY: one zeroed page, large enough for `Shared` (asserted in percpu), whose
+    // all-zero bytes are a valid `Shared` (atomics).
+    let shared = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *const percpu::Shared;
+    if shared.is_null() {
+        // SAFETY: `p` came from kdbt_glue_alloc_pages(PERCPU_ORDER) and is unused.
+        unsafe { ffi::kdbt_glue_free_pages(p.cast(), PERCPU_ORDER) };
+        return Err(String::from("out of memory for the per-CPU shared page"));
+    }
     // SAFETY: `p` is a fresh, zeroed, exclusively owned 64 KB block; all-zero is a valid
     // PerCpu (integers, atomics, arrays, a None option is not all-zero so we write it).
     let pcr = unsafe { &mut *p };
     pcr.ctl.cpu = cpu;
     pcr.ctl.exits = vmx::exit::ExitCtx::new(cpu, vmx::hypercall::STATE_VIRTUALIZED);
-    pcr.ctl.stats = vmx::exit::ExitCounters::new();
+    pcr.ctl.shared = shared;
     pcr.ctl.shadow = core::ptr::null_mut();
     // SAFETY: the glue translates a direct-map address.
     pcr.ctl.phys = unsafe { ffi::kdbt_glue_virt_to_phys(p as *const _) };
@@ -301,6 +446,13 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
             (*pc).ctl.flush = controls.flush;
         }
     }
+    // SAFETY: the block is exclusively ours and not hidden yet.
+    let shared = unsafe { (*pc).ctl.shared };
+    // From here until it is freed the block is root mode's only (EPT: no guest rights).
+    if let Err(e) = hide_block(st, cpu, pc) {
+        let _ = release_block(st, cpu, pc);
+        return Err(e);
+    }
     let mut result: Result<(), launch::LaunchError> = Ok(());
     let pc_addr = pc as usize;
     // SAFETY: reads a module parameter.
@@ -319,14 +471,14 @@ fn launch_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
         (_, Err(e)) => Some(alloc::format!("cpu{cpu}: {e}")),
     };
     if let Some(e) = err {
-        free_percpu(pc);
+        let _ = release_block(st, cpu, pc);
         return Err(e);
     }
     let idx = cpu as usize;
     if st.cpus.len() <= idx {
         st.cpus.resize_with(idx + 1, || None);
     }
-    st.cpus[idx] = Some(Cpu { pc });
+    st.cpus[idx] = Some(Cpu { pc, shared });
     Ok(())
 }
 
@@ -335,13 +487,11 @@ fn devirt_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
     let Some(c) = st.cpus.get_mut(cpu as usize).and_then(|c| c.take()) else {
         return Ok(());
     };
-    // SAFETY: the block stays allocated while in `cpus`; the flag is an atomic.
-    if !unsafe { (*c.pc).ctl.virtualized.load(Ordering::Acquire) } {
+    if !c.shared().virtualized.load(Ordering::Acquire) {
         // Devirtualized already, behind kdbt's back (the emergency callback of a reboot or
         // panic that did not end the kernel): a VMCALL now would be #UD.
         kwarn!("cpu{}: found devirtualized already (emergency path)", cpu);
-        free_percpu(c.pc);
-        return Ok(());
+        return release_block(st, cpu, c.pc);
     }
     let mut rax = 0u64;
     let pc_addr = c.pc as usize;
@@ -356,15 +506,13 @@ fn devirt_cpu(st: &mut State, cpu: u32) -> Result<(), String> {
             unsafe { ffi::kdbt_glue_self_nmi() };
         }
     });
-    // SAFETY: the CPU is no longer virtualized (checked below) or never ran the call.
-    let still = unsafe { (*c.pc).ctl.virtualized.load(Ordering::Acquire) };
+    let still = c.shared().virtualized.load(Ordering::Acquire);
     if rc.is_err() || rax != vmx::hypercall::OK || still {
         // Keep the block: freeing memory a virtualized CPU uses would be fatal.
         st.cpus[cpu as usize] = Some(c);
         return Err(alloc::format!("cpu{cpu}: devirtualize failed (rc {rc:?}, rax {rax:#x})"));
     }
-    free_percpu(c.pc);
-    Ok(())
+    release_block(st, cpu, c.pc)
 }
 
 /// VMCALL from the current CPU (CPL 0).
@@ -441,19 +589,21 @@ pub fn load(flags: u32) -> Result<(), String> {
         kinfo!("shadow paging: {} shadow frames per CPU, no EPT", shadow::FRAMES_PER_CPU);
         None
     } else {
-        let map = ept::build(controls.ept)?;
+        let mut page = ept::build(controls.ept)?;
+        let map = page.direct();
         controls.eptp = map.eptp(false);
         controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
         let stats = map.stats();
         kinfo!(
-            "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages",
+            "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages; hypervisor memory {}",
             map.limit() >> 30,
             stats.tables,
             stats.pages_1g,
             stats.pages_2m,
-            stats.pages_4k
+            stats.pages_4k,
+            if ept::hiding() { "hidden from the guest" } else { "NOT hidden (hide_hv=0)" }
         );
-        Some(map)
+        Some(page)
     };
     let (pml4, pml4_pa) = match host_page_tables() {
         Ok(v) => v,
@@ -465,7 +615,7 @@ pub fn load(flags: u32) -> Result<(), String> {
         }
     };
     controls.host_cr3 = pml4_pa;
-    let mut st = State { controls, ept: map, host_pml4: pml4, cpus: Vec::new() };
+    let mut st = State { controls, ept: map, handed: false, host_pml4: pml4, cpus: Vec::new() };
     for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
         if let Err(e) = launch_cpu(&mut st, cpu) {
             // Roll back: nothing half-done survives.
@@ -498,6 +648,7 @@ fn free_host_tables(st: &mut State) {
     if let Some(map) = st.ept.take() {
         map.destroy();
     }
+    ept::forget_names();
 }
 
 /// Devirtualize every CPU and free everything.
@@ -562,21 +713,24 @@ pub fn status(mut f: impl FnMut(u32, bool, Option<HeldCpu>)) -> bool {
         let online = hw::cpu_online(cpu);
         match st.cpus.get(cpu as usize).and_then(|c| c.as_ref()) {
             Some(c) => {
-                // SAFETY: the block stays allocated while in `cpus`. That CPU's root mode
-                // writes these fields concurrently; all of them are atomics (the counters
-                // kept apart from its live exit state, which is not read here).
-                let pc = c.pc;
-                let (virt, cycles, stats, sh) = unsafe {
-                    let ctl = &(*pc).ctl;
-                    (
-                        ctl.virtualized.load(Ordering::Acquire),
-                        ctl.launch_cycles.load(Ordering::Relaxed),
-                        ctl.stats.snapshot(),
-                        // The shadow block lives as long as the per-CPU block; its
-                        // published counters are atomics.
-                        ctl.shadow.as_ref().map(|s| s.snapshot()),
-                    )
+                // That CPU's root mode writes these fields concurrently; all of them are
+                // atomics. The per-CPU block itself is hidden under EPT: only its
+                // guest-visible shared page is read here (and the shadow block under
+                // shadow paging, which hides nothing from the guest).
+                let shared = c.shared();
+                let sh = if st.controls.shadow {
+                    // SAFETY: the block stays allocated while in `cpus`, readable without
+                    // EPT; the shadow block lives as long as it; its published counters
+                    // are atomics.
+                    unsafe { (*c.pc).ctl.shadow.as_ref() }.map(|s| s.snapshot())
+                } else {
+                    None
                 };
+                let (virt, cycles, stats) = (
+                    shared.virtualized.load(Ordering::Acquire),
+                    shared.launch_cycles.load(Ordering::Relaxed),
+                    shared.stats.snapshot(),
+                );
                 f(cpu, online, Some((virt, cycles, stats, sh)));
             }
             None => f(cpu, online, None),
@@ -592,31 +746,28 @@ pub fn fatal_pending() -> bool {
     fatal::for_cpu(unsafe { ffi::kdbt_glue_this_cpu() }).is_some()
 }
 
-/// Describes the fatal VM exit recorded on the current CPU, with the page's mapping now
-/// for an EPT violation (when the state is not busy). Called in NMI context.
+/// Describes the fatal VM exit recorded on the current CPU, with what root mode found at
+/// the exit (the page's mapping then, and which hypervisor object it is, if one). Called
+/// in NMI context: reads nothing but the record (the EPT tables are hidden from here).
 pub fn fatal_message(out: &mut impl Write) {
     // SAFETY: reads the current CPU number.
     let cpu = unsafe { ffi::kdbt_glue_this_cpu() };
-    let Some((kind, diag)) = fatal::for_cpu(cpu) else {
+    let Some(r) = fatal::for_cpu(cpu) else {
         let _ = write!(out, "kdbt: cpu{cpu}: no fatal VM exit recorded");
         return;
     };
-    use ::ept::diag::Now;
-    let now = match STATE.try_lock() {
-        Some(g) => match g.as_ref().and_then(|st| st.ept.as_ref()).map(|m| m.translate(diag.guest_physical)) {
-            Some(Some(t)) => Now::Mapped(t),
-            Some(None) => Now::Unmapped,
-            None => Now::Unknown,
-        },
-        None => Now::Unknown,
-    };
-    let _ = write!(out, "kdbt: {}", fatal::Describe { cpu, kind, diag, now });
+    let _ = write!(out, "kdbt: {}", fatal::Describe { cpu, kind: r.kind, diag: r.diag, now: r.now, hidden: r.hidden });
 }
 
 /// Makes an EPT violation on purpose (`kdbt ept-check --violate`): a page kdbt owns loses
 /// every EPT right and is read. The read exits, kdbt cannot handle it, and the kernel
-/// panics with kdbt's diagnostic: on success this never returns.
-pub fn ept_violation_check() -> Result<String, String> {
+/// panics with kdbt's diagnostic: on success this never returns. With `flags`
+/// [`kdbt_abi::EPT_VIOLATE_HIDDEN`] (`--hidden`) the page read is instead the VMCS of the
+/// last virtualized CPU, which kdbt hides from the guest: the panic must name it.
+pub fn ept_violation_check(flags: u32) -> Result<String, String> {
+    if flags & kdbt_abi::EPT_VIOLATE_HIDDEN != 0 {
+        return hidden_touch_check();
+    }
     // SAFETY: one zeroed page; process context.
     let page = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *mut u64;
     if page.is_null() {
@@ -629,36 +780,89 @@ pub fn ept_violation_check() -> Result<String, String> {
         // SAFETY: our page (mapped; only its EPT rights are gone).
         unsafe { page.read_volatile() }
     });
-    let _ = set_page_perms(gpa, ::ept::Perms::RWX);
-    // SAFETY: our page, RWX again.
-    unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+    let restore = set_page_perms(gpa, ::ept::Perms::RWX);
+    if restore.is_ok() {
+        // SAFETY: our page, RWX again.
+        unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+    }
     r?;
+    restore?;
     Err(alloc::format!("reading {gpa:#x} without EPT rights did not end in a fatal VM exit"))
 }
 
-/// Changes the EPT permissions of the 4 KB page at `gpa` on every CPU: the shared tables
-/// are updated (splitting a large page if needed), then every virtualized CPU executes
-/// INVEPT through the hypercall before this returns. Returns the previous permissions.
+/// Reads the VMCS of the last virtualized CPU from the guest (the kernel): with hidden
+/// hypervisor memory this is a fatal EPT violation whose panic names "vmcs of cpuN".
+fn hidden_touch_check() -> Result<String, String> {
+    let hp = hw::CpusReadGuard::lock();
+    let (cpu, pc, reader) = {
+        let guard = STATE.lock();
+        let Some(st) = guard.as_ref() else { return Err(String::from("kdbt is not loaded")) };
+        if st.ept.is_none() {
+            return Err(String::from(
+                "kdbt runs with shadow paging: hypervisor memory is not hidden from the guest in this mode",
+            ));
+        }
+        let last = st.cpus.iter().enumerate().rev().find_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc)));
+        let (cpu, pc) = last.ok_or_else(|| String::from("no CPU is virtualized"))?;
+        // Read on another CPU when there is one: Bochs keeps TLB entries across VM entries
+        // and exits (no VPID tags), so on the owner the translations its own native launch
+        // and root mode made of the block would still let the read through.
+        let reader = (0..cpu).find(|&c| st.cpus[c as usize].is_some()).unwrap_or(cpu);
+        (cpu, pc, reader)
+    };
+    // SAFETY: translating a direct-map address (no access).
+    let vmcs = unsafe { ffi::kdbt_glue_virt_to_phys((pc as usize + percpu::PAGE) as *const _) };
+    kinfo!("reading the VMCS of cpu{} ({:#x}) on cpu{} from the guest: expect a fatal EPT violation naming it", cpu, vmcs, reader);
+    let addr = pc as usize + percpu::PAGE;
+    let mut v = 0u64;
+    // SAFETY: the block stays allocated (hotplug lock held, ioctls serialized); it is
+    // mapped in the kernel's page tables; whether EPT lets the guest read it is the test.
+    hw::run_on_cpu(reader, || v = unsafe { (addr as *const u64).read_volatile() })
+        .map_err(|e| alloc::format!("cpu{reader}: cannot run on it (error {e})"))?;
+    drop(hp);
+    let here = reader;
+    Err(alloc::format!(
+        "read the VMCS of cpu{cpu} ({vmcs:#x}) on cpu{here} from the guest without a fault (first word {v:#x}): hypervisor memory is not hidden{} (EPT rights there now: {:?})",
+        if ept::hiding() { "" } else { " (hide_hv=0)" },
+        query_perms(vmcs)
+    ))
+}
+
+/// Changes the EPT permissions of the 4 KB page at `gpa` on every CPU: root mode updates
+/// the shared tables (splitting a large page if needed), then every virtualized CPU
+/// executes INVEPT through the hypercall before this returns. Returns the previous
+/// permissions.
 pub fn set_page_perms(gpa: u64, perms: ::ept::Perms) -> Result<::ept::Perms, String> {
     let _hp = hw::CpusReadGuard::lock();
     let mut guard = STATE.lock();
     let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
-    let map = st.ept.as_mut().ok_or_else(|| {
-        String::from("kdbt runs with shadow paging (no EPT): EPT permissions do not exist in this mode")
-    })?;
-    let old = map.perms_of(gpa).ok_or_else(|| alloc::format!("{gpa:#x} is outside the EPT map"))?;
-    let flush = map.set_perms_4k(gpa, perms).map_err(|e| alloc::format!("{e}"))?;
-    if flush {
-        for cpu in (0..st.cpus.len() as u32).filter(|&c| st.cpus[c as usize].is_some()) {
-            let mut rax = 0;
-            hw::run_on_cpu(cpu, || rax = hypercall(vmx::hypercall::Call::EptInvalidate, 0))
-                .map_err(|e| alloc::format!("cpu{cpu}: cannot run INVEPT (error {e})"))?;
-            if rax != vmx::hypercall::OK {
-                return Err(alloc::format!("cpu{cpu}: INVEPT hypercall returned {rax:#x}"));
+    ::ept::table::check_perms(perms, &st.controls.ept).map_err(|e| alloc::format!("{e}"))?;
+    map_set(st, &[gpa & !0xfff], perms)
+}
+
+/// The EPT permissions of the page at `gpa` (root mode walks the hidden tables).
+fn query_perms(gpa: u64) -> Result<::ept::Perms, String> {
+    let _hp = hw::CpusReadGuard::lock();
+    let mut guard = STATE.lock();
+    let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
+    let Some(vcpu) = root_cpu(st) else {
+        let map = st.ept.as_mut().ok_or_else(no_ept)?.direct();
+        return map.perms_of(gpa).ok_or_else(|| alloc::format!("{gpa:#x} is outside the EPT map"));
+    };
+    let mut r = vmx::hypercall::ERR_BUSY;
+    hw::run_on_cpu(vcpu, || {
+        for _ in 0..1000 {
+            r = hypercall(vmx::hypercall::Call::EptQuery, gpa);
+            if r != vmx::hypercall::ERR_BUSY {
+                break;
             }
         }
+    })
+    .map_err(|e| alloc::format!("cpu{vcpu}: cannot run on it (error {e})"))?;
+    if r & (1 << 63) != 0 {
+        return Err(alloc::format!("EPT query of {gpa:#x} returned {r:#x}"));
     }
-    Ok(old)
+    Ok(::ept::Perms::from_bits_truncate(r as u8))
 }
 
 /// INVEPT hypercalls each virtualized CPU has served, by CPU.
@@ -668,10 +872,7 @@ fn inveptions() -> Vec<(u32, u64)> {
     st.cpus
         .iter()
         .enumerate()
-        .filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc)))
-        // SAFETY: the block stays allocated while in `cpus`; the counters are atomics its
-        // CPU's root mode updates concurrently.
-        .map(|(cpu, pc)| (cpu, unsafe { (*pc).ctl.stats.snapshot() }.inveptions))
+        .filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.shared().stats.snapshot().inveptions)))
         .collect()
 }
 
@@ -704,8 +905,8 @@ pub fn ept_check() -> Result<String, String> {
             result = Err(alloc::format!("set {p} on {gpa:#x}: {e}"));
             break;
         }
-        let now = STATE.lock().as_ref().and_then(|st| st.ept.as_ref()?.perms_of(gpa));
-        if now != Some(p) {
+        let now = query_perms(gpa);
+        if now.as_ref() != Ok(&p) {
             result = Err(alloc::format!("{gpa:#x}: set {p}, the tables say {now:?}"));
             break;
         }
@@ -734,12 +935,12 @@ pub fn ept_check() -> Result<String, String> {
 }
 
 /// NMI counters of a virtualized CPU: (NMI exits, NMI-window exits, NMIs injected).
-fn nmi_counters(pc: *mut PerCpu) -> (u64, u64, u64) {
+fn nmi_counters(shared: *const percpu::Shared) -> (u64, u64, u64) {
     use vmx::exit::reason;
-    // SAFETY: the block stays allocated while its CPU is in `cpus` (the caller holds the
-    // hotplug lock, and ioctls are serialized); the counters are atomics its CPU's root
-    // mode updates concurrently.
-    let ctx = unsafe { (*pc).ctl.stats.snapshot() };
+    // SAFETY: the shared page stays allocated while its CPU is in `cpus` (the caller holds
+    // the hotplug lock, and ioctls are serialized); the counters are atomics its CPU's
+    // root mode updates concurrently; the page is guest-visible.
+    let ctx = unsafe { (*shared).stats.snapshot() };
     (ctx.counts[reason::EXCEPTION_NMI as usize], ctx.counts[reason::NMI_WINDOW as usize], ctx.nmis_injected)
 }
 
@@ -749,10 +950,11 @@ fn nmi_counters(pc: *mut PerCpu) -> (u64, u64, u64) {
 /// waited for the NMI window. Returns a one-line report.
 pub fn nmi_check() -> Result<String, String> {
     let _hp = hw::CpusReadGuard::lock();
-    let (cpus, vnmi): (Vec<(u32, *mut PerCpu)>, bool) = {
+    let (cpus, vnmi): (Vec<(u32, *const percpu::Shared)>, bool) = {
         let guard = STATE.lock();
         let Some(st) = guard.as_ref() else { return Err(String::from("kdbt is not loaded")) };
-        let cpus = st.cpus.iter().enumerate().filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.pc))).collect();
+        let cpus =
+            st.cpus.iter().enumerate().filter_map(|(cpu, c)| c.as_ref().map(|c| (cpu as u32, c.shared))).collect();
         (cpus, st.controls.vnmi)
     };
     let mut report = alloc::format!("nmi_virtualization={}", vnmi as u8);

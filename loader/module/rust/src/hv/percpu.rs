@@ -6,7 +6,13 @@
 //! IST stack inside it, root-mode code finds its `PerCpu` as `rsp & !0xffff` — no %gs, no
 //! kernel per-CPU data, so an NMI arriving at any point of a VM exit or of devirtualization
 //! finds the right block.
+//!
+//! The block is hypervisor memory: under EPT it is hidden from the guest (no EPT rights,
+//! see `ept::hide`) from before the launch until it is freed. What the kernel side reads
+//! while the CPU is virtualized (the virtualized flag, launch time, exit counters) lives
+//! apart, in a [`Shared`] page the guest may read.
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+
 
 use vmx::exit::{ExitCounters, ExitCtx};
 
@@ -53,25 +59,63 @@ pub struct Control {
     /// may arm NMI-window exiting itself (so an NMI arriving just before VMRESUME is not
     /// left waiting). Cleared before the devirtualize path's VMCLEAR.
     pub nmi_vmcs_live: AtomicU8,
-    /// This CPU is in VMX non-root operation under kdbt.
-    pub virtualized: AtomicBool,
     /// Set while VMLAUNCH is in flight: an entry failure then unwinds to the launcher.
+    /// Root mode clears it at the first exit (the guest may not write this block).
     pub launching: bool,
     pub cpu: u32,
     /// Physical address of this block (VMXON region and VMCS at offsets 0 and 4096).
     pub phys: u64,
     pub tables: GuestTables,
-    /// TSC cycles the launch took (VMXON to first guest instruction).
-    pub launch_cycles: AtomicU64,
     /// The exit handler's live state (NMI pending, last reason): this CPU's root mode only.
     pub exits: ExitCtx,
-    /// Exit statistics: written by this CPU's root mode, read by any CPU (`kdbt status`).
-    pub stats: ExitCounters,
+    /// This CPU's guest-visible page (allocated with the block, freed with it).
+    pub shared: *const Shared,
     /// Shadow paging: this CPU's `super::shadow::ShadowCpu` (null under EPT).
     pub shadow: *mut super::shadow::ShadowCpu,
     /// INVVPID types the shadow MMU's flushes may use (from the controls).
     pub flush: vmx::shadow_exit::FlushCaps,
 }
+
+/// What the kernel side reads of a CPU while it is virtualized, outside the hidden block.
+/// Root mode writes it; a hostile guest could only falsify its own statistics here.
+#[repr(C)]
+pub struct Shared {
+    /// This CPU is in VMX non-root operation under kdbt.
+    pub virtualized: AtomicBool,
+    /// TSC cycles the launch took (VMXON to first guest instruction).
+    pub launch_cycles: AtomicU64,
+    /// Exit statistics: written by this CPU's root mode, read by any CPU (`kdbt status`).
+    pub stats: ExitCounters,
+}
+
+const _: () = assert!(core::mem::size_of::<Shared>() <= PAGE);
+
+impl Control {
+    pub fn shared(&self) -> &Shared {
+        // SAFETY: `shared` is set before the block is used (alloc_percpu) and the page is
+        // freed only together with the block.
+        unsafe { &*self.shared }
+    }
+}
+
+/// What page `page` (0..16) of a block holds, for the diagnostic of a guest access.
+pub fn page_object(page: usize) -> ::ept::hide::Object {
+    use ::ept::hide::Object;
+    match page {
+        0 => Object::Vmxon,
+        1 => Object::Vmcs,
+        2 => Object::MsrBitmap,
+        3 => Object::HostIdt,
+        4 => Object::HostGdtTss,
+        5 | 6 => Object::IstStack,
+        _ => Object::HostStack,
+    }
+}
+
+const _: () = assert!(core::mem::offset_of!(PerCpu, idt) == 3 * PAGE);
+const _: () = assert!(core::mem::offset_of!(PerCpu, ctl) == 4 * PAGE);
+const _: () = assert!(core::mem::offset_of!(PerCpu, ist_stack) == 5 * PAGE);
+const _: () = assert!(core::mem::offset_of!(PerCpu, host_stack) == 7 * PAGE);
 
 /// The whole block. Field offsets are fixed by the layout below; the assembly only
 /// relies on the block's alignment and size.

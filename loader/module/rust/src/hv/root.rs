@@ -109,6 +109,9 @@ impl ExitHw for RootHw {
         // SAFETY: VMX root operation; all-context INVEPT, which preflight required.
         unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
     }
+    fn ept_call(&mut self, call: vmx::hypercall::Call, arg: u64) -> u64 {
+        super::ept::root_call(call, arg)
+    }
 }
 
 impl vmx::shadow_exit::ShadowHw for RootHw {
@@ -133,6 +136,8 @@ fn shadow_exit(pc: &mut PerCpu, regs: &mut GuestRegs) -> Option<Action> {
     let sc = unsafe { pc.ctl.shadow.as_mut() }?;
     let super::shadow::ShadowCpu { mmu, mem, maxphyaddr, pages_1g, .. } = sc;
     let mmu = mmu.as_mut()?;
+    // SAFETY: the shared page lives as long as the block.
+    let shared = unsafe { &*pc.ctl.shared };
     let mut sh = vmx::shadow_exit::ShadowCtx {
         mmu,
         mem,
@@ -141,7 +146,7 @@ fn shadow_exit(pc: &mut PerCpu, regs: &mut GuestRegs) -> Option<Action> {
         maxphyaddr: *maxphyaddr,
         pages_1g: *pages_1g,
     };
-    let r = vmx::shadow_exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats, &mut sh)?;
+    let r = vmx::shadow_exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &shared.stats, &mut sh)?;
     sc.publish();
     Some(match r {
         Ok(a) => a,
@@ -163,9 +168,13 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     // SAFETY: `regs` lives on this CPU's host stack, inside its per-CPU block, which stays
     // allocated while the CPU is virtualized; only this CPU touches it in root mode.
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
+    // SAFETY: the shared page lives as long as the block.
+    let shared = unsafe { &*pc.ctl.shared };
+    // The first exit after VMLAUNCH ends the launch (the guest cannot write this block).
+    let launching = core::mem::replace(&mut pc.ctl.launching, false);
     let action = match shadow_exit(pc, regs) {
         Some(a) => a,
-        None => exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &pc.ctl.stats),
+        None => exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &shared.stats),
     };
     if pc.ctl.exits.last_reason == exit::reason::EXCEPTION_NMI {
         unblock_nmis();
@@ -178,7 +187,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 if pc.ctl.nmi_pending.swap(0, Ordering::Relaxed) != 0 {
                     pc.ctl.exits.nmi_pending = true;
                 }
-                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &pc.ctl.stats);
+                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats);
                 if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
                     break;
                 }
@@ -189,7 +198,7 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
             devirtualize(pc);
             1
         }
-        Action::Fatal(kind, diag) if pc.ctl.launching => {
+        Action::Fatal(kind, diag) if launching => {
             // The first entry failed (e.g. invalid guest state): return to the launcher,
             // which reports the reason and cleans up.
             let _ = kind;
@@ -199,23 +208,25 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
         }
         Action::Fatal(kind, diag) => {
             let cpu = pc.ctl.cpu;
-            super::serial::line(format_args!(
-                "kdbt: {}",
-                super::fatal::Describe { cpu, kind, diag, now: ::ept::diag::Now::Unknown }
-            ));
+            let (now, hidden) = if kind == exit::Fatal::EptViolation {
+                super::ept::root_describe(diag.guest_physical)
+            } else {
+                (::ept::diag::Now::Unknown, None)
+            };
+            super::serial::line(format_args!("kdbt: {}", super::fatal::Describe { cpu, kind, diag, now, hidden }));
             // Make the guest panic with this diagnostic: record it and deliver an NMI, whose
             // kdbt handler panics (at any CPL, from the faulting context, and without root
             // mode writing guest memory). The CPU halts instead where that cannot work: the
             // guest triple-faulted or the entry itself failed, this CPU is still on its way
             // to that NMI (a second fatal exit), or another CPU already holds the record.
             let resumable = !matches!(kind, exit::Fatal::TripleFault | exit::Fatal::EntryFailed);
-            if !(resumable && super::fatal::record(cpu, kind, diag)) {
+            if !(resumable && super::fatal::record(cpu, super::fatal::Entry { kind, diag, now, hidden })) {
                 super::serial::fatal(format_args!(
                     "kdbt: cpu{cpu}: cannot hand the fatal exit to the guest; halting this CPU"
                 ));
             }
             pc.ctl.exits.nmi_pending = true;
-            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &pc.ctl.stats);
+            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats);
             0
         }
     }
@@ -323,7 +334,7 @@ fn devirtualize(pc: &mut PerCpu) {
     unsafe {
         let _ = x86::bits64::vmx::vmclear(vmcs_pa);
         let _ = x86::bits64::vmx::vmxoff();
-        pc.ctl.virtualized.store(false, Ordering::Release);
+        pc.ctl.shared().virtualized.store(false, Ordering::Release);
         asm!("mov cr4, {}", in(reg) cr4, options(nostack));
         asm!("mov cr0, {}", in(reg) cr0, options(nostack));
         asm!("mov cr4, {}", "mov cr4, {}", in(reg) cr4 ^ CR4_PGE, in(reg) cr4, options(nostack));
