@@ -102,6 +102,10 @@ enum Cmd {
         /// Also run smoke and hypervisor on Debian 6.1 in Bochs (about 11 minutes).
         #[arg(long)]
         with_61: bool,
+        /// Everything: `--with-61`, and the hypervisor suite on shadow paging on Debian 6.12
+        /// in Bochs (KPTI: two CR3 writes per syscall; about 15 minutes more).
+        #[arg(long)]
+        full: bool,
         /// Make every guest report one deliberately failing check.
         #[arg(long)]
         inject_fail: bool,
@@ -182,8 +186,8 @@ fn real_main(cli: Cli) -> Result<bool> {
             println!("\n{}", r.table);
             Ok(r.passed)
         }
-        Cmd::Test { no_unit, with_61, inject_fail, unit_timeout } => {
-            test(no_unit, with_61, inject_fail, Duration::from_secs(unit_timeout))
+        Cmd::Test { no_unit, with_61, full, inject_fail, unit_timeout } => {
+            test(no_unit, with_61 || full, full, inject_fail, Duration::from_secs(unit_timeout))
         }
         Cmd::Demo { kernel, emulator, cpus } => {
             let a = VmArgs {
@@ -561,7 +565,7 @@ fn print_tails(dir: &Path, emulator: Emulator) {
     }
 }
 
-fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration) -> Result<bool> {
+fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeout: Duration) -> Result<bool> {
     let t = Timer::start();
     let mut summary: Vec<(String, bool)> = Vec::new();
     let mut tables = Vec::new();
@@ -651,6 +655,15 @@ fn test(no_unit: bool, with_61: bool, inject_fail: bool, unit_timeout: Duration)
     if with_61 {
         runs.push(VmArgs { kernel: "debian-6.1".into(), ..base.clone() });
     }
+    if full {
+        runs.push(VmArgs {
+            suite: "hypervisor".into(),
+            kernel: "debian-6.12".into(),
+            paging: Paging::Shadow,
+            timeout: Some(2400),
+            ..base.clone()
+        });
+    }
     let mut ctx = Ctx::default();
     for a in &runs {
         let label = format!("{} {} {} {}cpu {}", a.suite, a.kernel, a.emulator.name(), a.cpus, a.paging.name());
@@ -694,6 +707,12 @@ mod tests {
         let q = cmdline(Emulator::Qemu, 1, "smoke", true, "x=1", Paging::Shadow);
         assert!(q.contains("kdbt.expect_vmx=0") && q.contains("kdbt.inject_fail=1"));
         assert!(c.contains("kdbt.paging=ept") && q.contains("kdbt.paging=shadow"));
+    }
+
+    #[test]
+    fn test_full_implies_the_61_run() {
+        let c = Cli::try_parse_from(["xtask", "test", "--full"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::Test { full: true, with_61: false, .. }));
     }
 
     #[test]
