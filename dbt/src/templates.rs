@@ -371,7 +371,8 @@ impl Emit {
     }
 }
 
-fn reg64(k: usize) -> Register {
+/// The 64-bit GPR of x86 encoding number `k` (0 = rax .. 15 = r15; `k & 15`).
+pub fn reg64(k: usize) -> Register {
     const R: [Register; 16] = [
         Register::RAX,
         Register::RCX,

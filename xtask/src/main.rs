@@ -235,16 +235,18 @@ fn figure<'a>(c: &'a results::Check, key: &str) -> Option<&'a str> {
     c.figures.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
+/// A benchmark suite's boot (Bochs, the suite's own kernel and CPUs): its report, or
+/// None after printing the table of a failed run.
+fn bench_run(suite: &str, kernel: String, cpus: u32, timeout: Option<u64>) -> Result<Option<(VmArgs, RunReport)>> {
     let a = VmArgs {
-        suite: "bench-hypervisor".into(),
+        suite: suite.into(),
         kernel,
         kdir: None,
         cpu_model: "corei7_skylake_x".into(),
         cpus,
         mem: 512,
         emulator: Emulator::Bochs,
-        timeout: None,
+        timeout,
         inject_fail: false,
         append: String::new(),
         paging: Paging::Ept,
@@ -252,8 +254,13 @@ fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
     let r = vm_run(&mut Ctx::default(), &a, false)?;
     if !r.passed {
         println!("\n{}", r.table);
-        return Ok(false);
+        return Ok(None);
     }
+    Ok(Some((a, r)))
+}
+
+fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
+    let Some((a, r)) = bench_run("bench-hypervisor", kernel, cpus, None)? else { return Ok(false) };
     println!(
         "\nkdbt hypervisor microbenchmarks ({} guest, {} CPUs, Bochs {}): RDTSC ticks per operation",
         a.kernel, a.cpus, a.cpu_model
@@ -300,26 +307,9 @@ fn bench_hypervisor(kernel: String, cpus: u32) -> Result<bool> {
 /// `kdbt load` with EPT, then `kdbt load --paging shadow`), its table, and the table and an
 /// SVG chart of the ratios written to experiments/results/bench-paging/.
 fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
-    let a = VmArgs {
-        suite: "bench-paging".into(),
-        kernel,
-        kdir: None,
-        cpu_model: "corei7_skylake_x".into(),
-        cpus,
-        mem: 512,
-        emulator: Emulator::Bochs,
-        // Three passes of the benchmarks, one of them on shadow paging (every CR3 write and
-        // most page faults exit, and Bochs emulates each exit): longer than a suite run.
-        timeout: Some(2400),
-        inject_fail: false,
-        append: String::new(),
-        paging: Paging::Ept,
-    };
-    let r = vm_run(&mut Ctx::default(), &a, false)?;
-    if !r.passed {
-        println!("\n{}", r.table);
-        return Ok(false);
-    }
+    // Three passes of the benchmarks, one of them on shadow paging (every CR3 write and
+    // most page faults exit, and Bochs emulates each exit): longer than a suite run.
+    let Some((a, r)) = bench_run("bench-paging", kernel, cpus, Some(2400))? else { return Ok(false) };
     let title = format!("kdbt bench paging: {} guest, {} CPUs, Bochs {}", a.kernel, a.cpus, a.cpu_model);
     let dir = workspace_root().join("experiments/results/bench-paging");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;

@@ -8,7 +8,6 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use dbt::{Env, Thunk};
-use iced_x86::Register;
 
 use crate::ffi;
 
@@ -60,29 +59,11 @@ impl KernelEnv {
         // SAFETY: two valid out-pointers.
         unsafe { ffi::kdbt_glue_module_text(&mut base, &mut len) };
         let mut thunks = Vec::new();
-        const REGS: [Register; 16] = [
-            Register::RAX,
-            Register::RCX,
-            Register::RDX,
-            Register::RBX,
-            Register::RSP,
-            Register::RBP,
-            Register::RSI,
-            Register::RDI,
-            Register::R8,
-            Register::R9,
-            Register::R10,
-            Register::R11,
-            Register::R12,
-            Register::R13,
-            Register::R14,
-            Register::R15,
-        ];
-        for (n, r) in REGS.iter().enumerate() {
+        for n in 0..16 {
             // SAFETY: plain getter; the glue range-checks.
             let t = unsafe { ffi::kdbt_glue_indirect_thunk(n as u32) };
             if t != 0 {
-                thunks.push((t, Thunk::Indirect(*r)));
+                thunks.push((t, Thunk::Indirect(dbt::templates::reg64(n))));
             }
         }
         // SAFETY: plain getter.
