@@ -33,6 +33,12 @@ pub struct HostEnv {
     pub native: Vec<(u64, u64)>,
     /// Mappings of dispatcher entries (not cache regions: `spread` skips them).
     entry_maps: usize,
+    /// Test hook: a pool of this many bytes ([`Env::memory_left`]): the
+    /// arena's growth from the first translation on is charged against it,
+    /// as a small kernel pool would be.
+    pub memory_budget: Option<usize>,
+    /// Arena bytes in use at the first `memory_left` (the budget's zero).
+    budget_base: core::cell::Cell<Option<usize>>,
 }
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
@@ -185,6 +191,17 @@ impl Env for HostEnv {
 
     fn native(&self, pc: u64) -> bool {
         self.native.iter().any(|&(lo, hi)| pc >= lo && pc < hi)
+    }
+
+    fn memory_left(&self) -> usize {
+        let arena = &crate::host_alloc::ARENA;
+        let Some(budget) = self.memory_budget else {
+            return arena.bump_left();
+        };
+        let in_use = arena.stats().in_use;
+        let base = self.budget_base.get().unwrap_or(in_use);
+        self.budget_base.set(Some(base));
+        budget.saturating_sub(in_use.saturating_sub(base)).min(arena.bump_left())
     }
 
     fn thunk(&self, target: u64) -> Option<crate::Thunk> {
@@ -583,7 +600,21 @@ impl HostCpu {
 /// `host_alloc`).
 unsafe extern "C" fn host_dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
     // SAFETY: same contract as dbt_rust_dispatch (called by the asm entry).
-    crate::host_alloc::with_dbt_alloc(|| unsafe { crate::engine::dbt_rust_dispatch(s, f) })
+    crate::host_alloc::with_dbt_alloc(|| {
+        use crate::host_alloc::{ARENA, MAX_DISPATCH_GROWTH};
+        use core::sync::atomic::Ordering;
+        let before = ARENA.stats().in_use;
+        let dirs = crate::pcmap::REGION_DIR_BYTES.load(Ordering::Relaxed);
+        ARENA.mark();
+        // SAFETY: the caller's contract.
+        let r = unsafe { crate::engine::dbt_rust_dispatch(s, f) };
+        // Region directories are sized with the region and checked against the
+        // memory left on their own (`Engine::region_for`).
+        let dirs = crate::pcmap::REGION_DIR_BYTES.load(Ordering::Relaxed).saturating_sub(dirs);
+        let grew = ARENA.peak_since_mark().saturating_sub(before).saturating_sub(dirs);
+        MAX_DISPATCH_GROWTH.fetch_max(grew, Ordering::Relaxed);
+        r
+    })
 }
 
 /// The xsave requested-feature bitmap for the dispatcher's save area: every

@@ -10,6 +10,8 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::Cell;
 use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::pool::Pool;
 use std::alloc::System;
 
 std::thread_local! {
@@ -17,15 +19,19 @@ std::thread_local! {
 }
 
 const ARENA_SIZE: usize = 8 << 30;
-static ARENA_BASE: AtomicUsize = AtomicUsize::new(0);
+/// The dispatcher-mode arena (address space reserved on first use).
+pub static ARENA: Pool = Pool::new();
+static ARENA_ONCE: spin::Once<bool> = spin::Once::new();
 /// Bytes of system blocks leaked because they were freed in dispatcher mode.
 pub static LEAKED: AtomicUsize = AtomicUsize::new(0);
-static ARENA_NEXT: AtomicUsize = AtomicUsize::new(0);
 /// Allocations made in dispatcher mode (arena allocations), for tests that
 /// check the dispatcher's fast path never allocates.
 pub static DISPATCHER_ALLOCS: AtomicUsize = AtomicUsize::new(0);
-/// Free lists per power-of-two class (16 B .. 2^47).
-static FREE: spin::Mutex<[usize; 48]> = spin::Mutex::new([0; 48]);
+
+/// The most arena memory one dispatch had in use beyond what was live when
+/// it began, region directories apart (the host dispatcher measures every
+/// dispatch; meaningful when one thread dispatches).
+pub static MAX_DISPATCH_GROWTH: AtomicUsize = AtomicUsize::new(0);
 
 /// Run `f` with dispatcher-side allocation.
 pub fn with_dbt_alloc<R>(f: impl FnOnce() -> R) -> R {
@@ -35,47 +41,27 @@ pub fn with_dbt_alloc<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn arena() -> usize {
-    let b = ARENA_BASE.load(Ordering::Acquire);
-    if b != 0 {
-        return b;
-    }
-    // SAFETY: reserving address space; pages are committed on first touch.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            ARENA_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return 0;
-    }
-    let p = p as usize;
-    match ARENA_BASE.compare_exchange(0, p, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => {
-            ARENA_NEXT.store(p, Ordering::Release);
-            p
-        }
-        Err(other) => {
-            // SAFETY: our mapping lost the race; give it back.
-            unsafe { libc::munmap(p as *mut libc::c_void, ARENA_SIZE) };
-            other
-        }
-    }
-}
-
-fn class(layout: &Layout) -> usize {
-    let sz = layout.size().max(layout.align()).max(16).next_power_of_two();
-    sz.trailing_zeros() as usize
+/// The arena, its region reserved on first use (false: mmap failed).
+fn arena() -> bool {
+    *ARENA_ONCE.call_once(|| {
+        // SAFETY: reserving address space; pages are committed on first touch.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                ARENA_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        // SAFETY: a fresh private mapping, the arena's for the process's life.
+        p != libc::MAP_FAILED && unsafe { ARENA.init(p as usize, ARENA_SIZE) }
+    })
 }
 
 fn in_arena(p: usize) -> bool {
-    let b = ARENA_BASE.load(Ordering::Acquire);
-    b != 0 && p >= b && p < b + ARENA_SIZE
+    ARENA.contains(p as *const u8)
 }
 
 pub struct HostAlloc;
@@ -90,41 +76,17 @@ unsafe impl GlobalAlloc for HostAlloc {
             return unsafe { System.alloc(layout) };
         }
         DISPATCHER_ALLOCS.fetch_add(1, Ordering::Relaxed);
-        let base = arena();
-        if base == 0 {
+        if !arena() {
             return core::ptr::null_mut();
         }
-        let c = class(&layout);
-        {
-            let mut f = FREE.lock();
-            let head = f[c];
-            if head != 0 {
-                // SAFETY: a freed arena block stores the next pointer.
-                f[c] = unsafe { *(head as *const usize) };
-                return head as *mut u8;
-            }
-        }
-        let sz = 1usize << c;
-        loop {
-            let cur = ARENA_NEXT.load(Ordering::Acquire);
-            let a = (cur + sz - 1) & !(sz - 1);
-            if a + sz > base + ARENA_SIZE {
-                return core::ptr::null_mut();
-            }
-            if ARENA_NEXT.compare_exchange(cur, a + sz, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                return a as *mut u8;
-            }
-        }
+        ARENA.alloc(layout)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let p = ptr as usize;
         if in_arena(p) {
-            let c = class(&layout);
-            let mut f = FREE.lock();
-            // SAFETY: the block is ours and at least 16 bytes.
-            unsafe { *(p as *mut usize) = f[c] };
-            f[c] = p;
+            // SAFETY: an arena block (GlobalAlloc contract: same layout).
+            unsafe { ARENA.dealloc(ptr, layout) };
         } else if IN_DBT.with(|c| c.get()) {
             // A system block freed from the dispatcher: calling free() here
             // could deadlock (the guest may hold malloc's lock), so it is

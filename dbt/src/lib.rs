@@ -12,6 +12,7 @@ pub mod engine;
 pub mod ibl;
 pub mod kclass;
 pub mod pcmap;
+pub mod pool;
 pub mod scratch;
 pub mod templates;
 

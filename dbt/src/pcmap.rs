@@ -102,9 +102,22 @@ pub struct RegionDir {
     slots: Box<[AtomicPtr<FragMeta>]>,
 }
 
+/// Bytes of region directories ever allocated, process-wide (what a
+/// measurement of the dispatcher's other allocations subtracts).
+pub static REGION_DIR_BYTES: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
 impl RegionDir {
+    /// Dispatcher-pool bytes the directory of a `size`-byte region takes
+    /// (its slots, rounded up to the pool's block size).
+    pub fn bytes_for(size: u64) -> usize {
+        crate::pool::block_bytes(
+            (size.div_ceil(GRANULE) as usize).saturating_mul(core::mem::size_of::<AtomicPtr<FragMeta>>()),
+        )
+    }
+
     pub fn new(base: u64, size: u64) -> RegionDir {
         let n = size.div_ceil(GRANULE) as usize;
+        REGION_DIR_BYTES.fetch_add(Self::bytes_for(size), Ordering::Relaxed);
         let mut v = Vec::with_capacity(n);
         v.resize_with(n, || AtomicPtr::new(core::ptr::null_mut()));
         RegionDir { base, size, slots: v.into_boxed_slice() }

@@ -110,7 +110,9 @@ pub struct Scratch {
     /// Non-zero while the CPU is outside translated code (the environment
     /// sets it around its entries and exits): quiescent.
     pub outside: u64, // 240
-    pub _pad1: u64,   // 248
+    /// The environment's: non-zero while this CPU runs the dispatcher (the
+    /// kernel's allocator serves such a CPU from the dispatcher's pool).
+    pub env: u64, // 248
     /// The guest context the host harness enters with and gets back.
     pub ctx: GuestCtx, // 256 .. 400
     pub _pad2: [u64; 14], // 400 .. 512
@@ -135,6 +137,7 @@ pub const OFF_EXIT_ENTRY: i64 = 16;
 pub const OFF_MISS_ENTRY: i64 = 24;
 pub const OFF_LOOKUP_HITS: i64 = 96;
 pub const OFF_CLIENT: i64 = 112;
+pub const OFF_ENV: i64 = 248;
 /// Offset of the counter block from the `%gs` base.
 pub const OFF_COUNTERS: i64 = 512;
 
@@ -151,6 +154,7 @@ const _: () = {
     assert!(offset_of!(Scratch, host_rsp) == 48);
     assert!(offset_of!(Scratch, rust_dispatch) == 56);
     assert!(offset_of!(Scratch, save_xstate) == 64);
+    assert!(offset_of!(Scratch, env) == OFF_ENV as usize);
     assert!(offset_of!(Scratch, counters_ptr) == 88);
     assert!(offset_of!(Scratch, lookup_hits) == OFF_LOOKUP_HITS as usize);
     assert!(offset_of!(Scratch, client) == OFF_CLIENT as usize);

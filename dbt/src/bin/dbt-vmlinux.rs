@@ -4,7 +4,7 @@
 //!
 //! `dbt-vmlinux VMLINUX SYSTEM.MAP`: function starts and ends come from the
 //! `T`/`t` symbols of System.map (`--no-symbols` instead: from the kernel's
-//! `endbr64`s, for IBT kernels shipped without symbols, see [`discover`]); every block reachable inside a function
+//! `endbr64`s, fentry NOPs and call targets, for kernels shipped without symbols, see [`discover`]); every block reachable inside a function
 //! from its start (branch targets, fall-throughs, the continuations of calls
 //! and stops) is translated; every emitted instruction (hot code and exit
 //! stubs) must decode back and map back to a native pc (`Engine::native_state`). Prints one summary line
@@ -162,31 +162,56 @@ struct Symbols {
 }
 
 /// Function starts and thunks of a kernel without symbols (Debian ships a
-/// placeholder System.map): every 16-byte aligned `endbr64` of an executable
-/// segment starts a function (Debian's 6.12 is built with IBT, so every
-/// function whose address is taken starts with one, and functions are
-/// 16-byte aligned), ending at the next start. The return thunk is the most
-/// frequent direct-jump target whose code starts with `ret` (the thunk is `ret` padded for an alternative, then `int3`); a retpoline thunk is
-/// a call target whose code is `call +1; int3; mov [rsp], reg`.
+/// placeholder System.map). A function start is a 16-byte aligned address
+/// (kernel functions are 16-byte aligned) of an executable segment holding
+/// either an `endbr64` (Debian's 6.12 is built with IBT, so every function
+/// whose address is taken starts with one) or the 5-byte NOP objtool leaves
+/// in place of the `call __fentry__` that starts every ftrace-able function
+/// (Debian's 6.1 has no IBT but ftrace); then every direct-call target inside
+/// an executable segment is one too. A function ends at the next start. The
+/// return thunk is the most frequent direct-jump target whose code starts with
+/// `ret` (the thunk is `ret` padded for an alternative, then `int3`); a
+/// retpoline thunk is a call target whose code is
+/// `call +1; int3; mov [rsp], reg`.
 fn discover(image: &Image) -> Symbols {
     const ENDBR: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
-    let mut starts = Vec::new();
+    const NOP5: [u8; 5] = [0x0F, 0x1F, 0x44, 0x00, 0x00];
+    let mut starts = BTreeSet::new();
     for (va, data, exec) in image.segs.iter() {
         if !exec {
             continue;
         }
         let skip = ((16 - (va % 16)) % 16) as usize;
-        for off in (skip..data.len().saturating_sub(4)).step_by(16) {
-            if data[off..off + 4] == ENDBR {
-                starts.push(va + off as u64);
+        for off in (skip..data.len().saturating_sub(5)).step_by(16) {
+            if data[off..off + 4] == ENDBR || data[off..off + 5] == NOP5 {
+                starts.insert(va + off as u64);
             }
         }
     }
-    let mut funcs = Vec::new();
-    for (k, &a) in starts.iter().enumerate() {
-        let end = starts.get(k + 1).copied().unwrap_or(a + 4096).min(a + (1 << 16));
-        funcs.push((a, end, format!("fn@{a:#x}")));
+    let in_text = |a: u64| image.segs.iter().any(|(va, d, x)| *x && a >= *va && a < va + d.len() as u64);
+    let ends = |starts: &BTreeSet<u64>| -> Vec<(u64, u64, String)> {
+        let v: Vec<u64> = starts.iter().copied().collect();
+        v.iter()
+            .enumerate()
+            .map(|(k, &a)| {
+                let end = v.get(k + 1).copied().unwrap_or(a + 4096).min(a + (1 << 16));
+                (a, end, format!("fn@{a:#x}"))
+            })
+            .collect()
+    };
+    let mut buf = Vec::new();
+    let mut targets = BTreeSet::new();
+    for (a, end, _) in ends(&starts) {
+        buf.resize((end - a) as usize, 0);
+        let n = image.read(a, &mut buf);
+        for i in Decoder::with_ip(64, &buf[..n], a, DecoderOptions::NONE) {
+            if i.code() == iced_x86::Code::Call_rel32_64 && in_text(i.near_branch_target()) {
+                targets.insert(i.near_branch_target());
+            }
+        }
     }
+    starts.extend(targets);
+    let funcs = ends(&starts);
     // Direct branch targets over every function body.
     let mut jmps: BTreeMap<u64, u64> = BTreeMap::new();
     let mut calls: BTreeSet<u64> = BTreeSet::new();
@@ -413,7 +438,7 @@ fn main() -> ExitCode {
     };
     let sym = if args[2] == "--no-symbols" {
         eprintln!(
-            "no symbols: function starts are the 16-byte aligned endbr64 of the text, thunks found by their code"
+            "no symbols: function starts are the 16-byte aligned endbr64 or fentry NOP of the text and the direct-call targets, thunks found by their code"
         );
         let s = discover(&image);
         for (a, t) in s.thunks.iter() {

@@ -27,7 +27,12 @@ impl Region {
 }
 
 impl Engine {
-    pub(super) fn region_for(&mut self, pc: u64) -> Option<usize> {
+    /// The region for code translated from `pc`, a new one if none is in
+    /// reach. A new region needs its pc-index directory (a quarter of its
+    /// size) on top of the translation reserve: without that much dispatcher
+    /// memory the translation is refused (`NoMemory`); no code memory near
+    /// `pc` is `NoSpace`.
+    pub(super) fn region_for(&mut self, pc: u64) -> Result<usize, StopKind> {
         let span = self.cfg.region_span.min(REACH);
         let near = |r: &Region| {
             let lo = r.base;
@@ -35,10 +40,13 @@ impl Engine {
             pc.abs_diff(lo) < REACH && pc.abs_diff(hi) < REACH && pc.abs_diff(r.anchor) < span
         };
         if let Some(i) = self.regions.iter().position(&near) {
-            return Some(i);
+            return Ok(i);
         }
         let size = self.cfg.hot_size + self.cfg.stub_size;
-        let base = self.env.alloc_code(pc, size as usize)?;
+        if self.env.memory_left() < RegionDir::bytes_for(size).saturating_add(TRANSLATE_RESERVE) {
+            return Err(StopKind::NoMemory);
+        }
+        let base = self.env.alloc_code(pc, size as usize).ok_or(StopKind::NoSpace)?;
         let r = Region {
             anchor: pc,
             base,
@@ -50,10 +58,10 @@ impl Engine {
             stub_free: Vec::new(),
         };
         if !near(&r) || !base.is_multiple_of(GRANULE) || !self.index.add_region(self.regions.len(), base, size) {
-            return None;
+            return Err(StopKind::NoSpace);
         }
         self.regions.push(r);
-        Some(self.regions.len() - 1)
+        Ok(self.regions.len() - 1)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -224,7 +232,7 @@ impl Engine {
         if let Some((stub, _)) = &self.env_pad {
             return Ok(*stub);
         }
-        let ri = self.region_for(near).ok_or(StopKind::NoSpace)?;
+        let ri = self.region_for(near)?;
         let rec = Box::new(ExitRecord::new(self.stop_pc, 0, 0));
         let (slot, bytes) = stubs_layout(&self.abi, 1);
         let size = bytes.div_ceil(GRANULE) * GRANULE;

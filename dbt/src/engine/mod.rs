@@ -30,7 +30,8 @@ use iced_x86::{
 use crate::client::{BlockInfo, Client, Inserts, Where};
 use crate::ibl::{Ibl, IBL_BYTES};
 use crate::kclass::{self, KClass, Thunk};
-use crate::pcmap::{FragMeta, MapEnt, NativePc, Npc, PcIndex, GRANULE};
+use crate::pcmap::{FragMeta, MapEnt, NativePc, Npc, PcIndex, RegionDir, GRANULE};
+use crate::pool::TRANSLATE_RESERVE;
 use crate::scratch::*;
 use crate::templates::{exit_stub, exit_stub_len, stubs_layout, Abi, Emit, Operand, ENDBR64};
 
@@ -82,6 +83,14 @@ pub trait Env {
     fn native(&self, _pc: u64) -> bool {
         false
     }
+    /// Bytes the dispatcher's memory (the environment's [`crate::pool::Pool`])
+    /// can still hand out in one piece. Below [`TRANSLATE_RESERVE`] the engine
+    /// refuses to translate ([`StopKind::NoMemory`]) instead of failing an
+    /// allocation halfway through; a new code-cache region needs its pc-index
+    /// directory on top.
+    fn memory_left(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Why translated execution stopped and control went back to the environment.
@@ -108,6 +117,9 @@ pub enum StopKind {
     Privileged = 7,
     /// `exit_pc` lies in a native region ([`Env::native`]).
     Native = 8,
+    /// The block at `exit_pc` was not translated: the dispatcher's memory
+    /// pool is low ([`Env::memory_left`]).
+    NoMemory = 9,
 }
 
 impl StopKind {
@@ -121,6 +133,7 @@ impl StopKind {
             6 => StopKind::NoSpace,
             7 => StopKind::Privileged,
             8 => StopKind::Native,
+            9 => StopKind::NoMemory,
             _ => return None,
         })
     }

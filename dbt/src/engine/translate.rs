@@ -67,6 +67,9 @@ impl Engine {
         if self.env.native(pc) {
             return Err(StopKind::Native);
         }
+        if self.env.memory_left() < TRANSLATE_RESERVE {
+            return Err(StopKind::NoMemory);
+        }
         let blk = self.decode_block(pc);
         for (n, c) in self.stats.kclass.iter_mut().zip(blk.classes.iter()) {
             *n += c;
@@ -74,7 +77,7 @@ impl Engine {
         if self.hot_total > self.cfg.max_hot_bytes && !self.make_room() {
             return Err(StopKind::NoSpace);
         }
-        let ri = self.region_for(pc).ok_or(StopKind::NoSpace)?;
+        let ri = self.region_for(pc)?;
         // Flags liveness and instrumentation, per basic block (the client sees
         // basic blocks; its instruction indices are mapped to the fragment's).
         let mut ins = Inserts::default();
