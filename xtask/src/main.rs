@@ -586,8 +586,9 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
     }
     // Real kernels as the DBT's corpus (offline, seconds): the small kernel
     // (Debian's 6.12 source), whose build tree has vmlinux and System.map, and
-    // Debian's stock 6.12 (no symbols: function starts from its endbr64s).
-    for k in ["small", "debian-6.12"] {
+    // Debian's stock 6.12 and 6.1 (no symbols: function starts from their code,
+    // endbr64s on 6.12, calls of __fentry__ on 6.1, which has no IBT).
+    for k in ["small", "debian-6.12", "debian-6.1"] {
         let label = format!("vmlinux-corpus {k}");
         let ok = vmlinux::corpus(k).unwrap_or_else(|e| {
             eprintln!("error in {label}: {e:#}");

@@ -61,7 +61,7 @@ fn locate(spec_s: &str) -> Result<(PathBuf, Option<PathBuf>)> {
     let m = std::fs::read_to_string(&map).unwrap_or_default();
     let map = if m.lines().count() < 100 {
         note(format!(
-            "{} holds no symbols ({:?}): finding function starts by their endbr64 instead",
+            "{} holds no symbols ({:?}): finding function starts from the code instead (endbr64, calls of __fentry__, call targets)",
             map.display(),
             m.lines().next().unwrap_or("")
         ));

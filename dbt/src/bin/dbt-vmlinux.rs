@@ -4,7 +4,7 @@
 //!
 //! `dbt-vmlinux VMLINUX SYSTEM.MAP`: function starts and ends come from the
 //! `T`/`t` symbols of System.map (`--no-symbols` instead: from the kernel's
-//! `endbr64`s, fentry NOPs and call targets, for kernels shipped without symbols, see [`discover`]); every block reachable inside a function
+//! `endbr64`s, `__fentry__` calls and call targets, for kernels shipped without symbols, see [`discover`]); every block reachable inside a function
 //! from its start (branch targets, fall-throughs, the continuations of calls
 //! and stops) is translated; every emitted instruction (hot code and exit
 //! stubs) must decode back and map back to a native pc (`Engine::native_state`). Prints one summary line
@@ -165,27 +165,38 @@ struct Symbols {
 /// placeholder System.map). A function start is a 16-byte aligned address
 /// (kernel functions are 16-byte aligned) of an executable segment holding
 /// either an `endbr64` (Debian's 6.12 is built with IBT, so every function
-/// whose address is taken starts with one) or the 5-byte NOP objtool leaves
-/// in place of the `call __fentry__` that starts every ftrace-able function
-/// (Debian's 6.1 has no IBT but ftrace); then every direct-call target inside
-/// an executable segment is one too. A function ends at the next start. The
-/// return thunk is the most frequent direct-jump target whose code starts with
-/// `ret` (the thunk is `ret` padded for an alternative, then `int3`); a
-/// retpoline thunk is a call target whose code is
-/// `call +1; int3; mov [rsp], reg`.
+/// whose address is taken starts with one) or the `call __fentry__` that
+/// starts every ftrace-able function (Debian's 6.1 has no IBT; in the file
+/// the call is still there, the kernel patches it at boot): `__fentry__` is
+/// the target most 16-byte aligned direct calls share, if over a thousand do.
+/// Then every direct-call target inside an executable segment starts one too.
+/// A function ends at the next start. The return thunk is the most frequent
+/// direct-jump target whose code starts with `ret` (the thunk is `ret` padded
+/// for an alternative, then `int3`); a retpoline thunk is a call target whose
+/// code is a `call` a few bytes ahead (over a speculation trap: `int3` on
+/// 6.12, `pause; lfence; jmp` on 6.1) to `mov [rsp], reg`.
 fn discover(image: &Image) -> Symbols {
     const ENDBR: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
-    const NOP5: [u8; 5] = [0x0F, 0x1F, 0x44, 0x00, 0x00];
-    let mut starts = BTreeSet::new();
-    for (va, data, exec) in image.segs.iter() {
-        if !exec {
-            continue;
+    let aligned = || {
+        image.segs.iter().filter(|s| s.2).flat_map(|(va, data, _)| {
+            let skip = ((16 - (va % 16)) % 16) as usize;
+            (skip..data.len().saturating_sub(5)).step_by(16).map(move |off| (va + off as u64, &data[off..off + 5]))
+        })
+    };
+    let call_target = |at: u64, b: &[u8]| {
+        (b[0] == 0xE8).then(|| at.wrapping_add(5).wrapping_add(i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as u64))
+    };
+    let mut aligned_calls: BTreeMap<u64, u64> = BTreeMap::new();
+    for (at, b) in aligned() {
+        if let Some(t) = call_target(at, b) {
+            *aligned_calls.entry(t).or_default() += 1;
         }
-        let skip = ((16 - (va % 16)) % 16) as usize;
-        for off in (skip..data.len().saturating_sub(5)).step_by(16) {
-            if data[off..off + 4] == ENDBR || data[off..off + 5] == NOP5 {
-                starts.insert(va + off as u64);
-            }
+    }
+    let fentry = aligned_calls.iter().max_by_key(|(_, &n)| n).filter(|(_, &n)| n > 1000).map(|(&t, _)| t);
+    let mut starts = BTreeSet::new();
+    for (at, b) in aligned() {
+        if b[..4] == ENDBR || (fentry.is_some() && call_target(at, b) == fentry) {
+            starts.insert(at);
         }
     }
     let in_text = |a: u64| image.segs.iter().any(|(va, d, x)| *x && a >= *va && a < va + d.len() as u64);
@@ -240,11 +251,13 @@ fn discover(image: &Image) -> Symbols {
         thunks.insert(t, Thunk::Return);
     }
     for &t in calls.iter().chain(jmps.keys()) {
-        let b = code(t, 16);
-        if b.len() < 10 || b[..6] != [0xE8, 0x01, 0x00, 0x00, 0x00, 0xCC] {
+        let b = code(t, 32);
+        if b.len() < 10 || b[0] != 0xE8 || !(1..=16).contains(&b[1]) || b[2..5] != [0, 0, 0] {
             continue;
         }
-        let mov = Decoder::with_ip(64, &b[6..], t + 6, DecoderOptions::NONE).decode();
+        let at = 5 + b[1] as usize;
+        let Some(rest) = b.get(at..) else { continue };
+        let mov = Decoder::with_ip(64, rest, t + at as u64, DecoderOptions::NONE).decode();
         if mov.code() == iced_x86::Code::Mov_rm64_r64
             && mov.memory_base() == Register::RSP
             && mov.memory_displacement64() == 0
@@ -438,7 +451,7 @@ fn main() -> ExitCode {
     };
     let sym = if args[2] == "--no-symbols" {
         eprintln!(
-            "no symbols: function starts are the 16-byte aligned endbr64 or fentry NOP of the text and the direct-call targets, thunks found by their code"
+            "no symbols: function starts are the 16-byte aligned endbr64s and calls of __fentry__ of the text and the direct-call targets, thunks found by their code"
         );
         let s = discover(&image);
         for (a, t) in s.thunks.iter() {
