@@ -28,3 +28,15 @@ pub use scratch::{Frame, GuestCtx, Scratch};
 pub mod corpus;
 #[cfg(feature = "host")]
 pub mod host_alloc;
+
+/// Builds the decoder's and encoder's static tables, which `iced-x86` builds
+/// lazily on first use and never frees (about 1.4 MB in the kernel build).
+/// An environment whose dispatcher allocates from a pool it later returns
+/// ([`pool::Pool`]) calls this first, with its ordinary allocator, so the
+/// tables do not land in (and outlive) the pool.
+pub fn warm_up() {
+    use iced_x86::{Decoder, DecoderOptions, Encoder};
+    let insn = Decoder::with_ip(64, &[0x48, 0x89, 0x04, 0x24], 0, DecoderOptions::NONE).decode();
+    let _ = insn.op_code();
+    let _ = Encoder::new(64).encode(&insn, 0);
+}

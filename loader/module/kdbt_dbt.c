@@ -71,6 +71,16 @@ void kdbt_glue_cache_unalias(u64 alias)
 		vunmap((void *)(uintptr_t)alias);
 }
 
+void *kdbt_glue_pool_alloc(size_t size)
+{
+	return vmalloc(size);
+}
+
+void kdbt_glue_pool_free(void *p)
+{
+	vfree(p);
+}
+
 void kdbt_glue_module_text(u64 *base, u64 *size)
 {
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)

@@ -112,6 +112,10 @@ u64 kdbt_glue_cache_size(void);
  * kdbt_glue_cache_unalias. Process context. */
 u64 kdbt_glue_cache_alias(void);
 void kdbt_glue_cache_unalias(u64 alias);
+/* The dispatcher's memory pool: `size` bytes of vmalloc memory, or NULL (process
+ * context); freed by kdbt_glue_pool_free. */
+void *kdbt_glue_pool_alloc(size_t size);
+void kdbt_glue_pool_free(void *p);
 /* This module's core text (the native region the kernel DBT never translates). */
 void kdbt_glue_module_text(u64 *base, u64 *size);
 /* Kernel memory read that cannot fault (copy_from_kernel_nofault): bytes read from `src`

@@ -2,7 +2,7 @@
 # execute-only pages on each CPU (or, without VT-x, says so plainly), the kernel DBT's
 # self-test (kernel functions run from the code cache, no VT-x needed), rmmod, clean dmesg.
 
-plan 8
+plan 9
 
 out=$(cpuinfo-check --expect-cpus "$NCPUS" --expect-vmx "$EXPECT_VMX" 2>&1); rc=$?
 info "$out"
@@ -46,7 +46,9 @@ if [ $rc -eq 0 ] && echo "$out" | grep -q 'dbt-selftest passed'; then
     pass dbt_selftest functions=$(echo "$out" | sed -n 's/.*passed: \([0-9]*\) kernel functions.*/\1/p') \
         blocks=$(echo "$out" | sed -n 's/.*; \([0-9]*\) blocks.*/\1/p') \
         dispatches=$(echo "$out" | sed -n 's/.* \([0-9]*\) dispatches.*/\1/p') \
-        insns=$(echo "$out" | sed -n 's/.* \([0-9]*\) instructions counted.*/\1/p')
+        insns=$(echo "$out" | sed -n 's/.* \([0-9]*\) instructions counted.*/\1/p') \
+        pool_allocs=$(echo "$out" | sed -n 's/.*dispatcher pool: \([0-9]*\) allocations.*/\1/p') \
+        pool_peak_kb=$(echo "$out" | sed -n 's/.* peak \([0-9]*\) KB of.*/\1/p')
 else
     fail dbt_selftest rc=$rc
 fi
@@ -58,6 +60,16 @@ if [ $rc -ne 0 ] && echo "$out" | grep -q 'no instruction counted from the code 
     pass dbt_selftest_catches_native rc=$rc
 else
     fail dbt_selftest_catches_native rc=$rc
+fi
+
+# The same with the dispatcher's pool switched off (its allocations go to kmalloc with
+# interrupts off): the check that nothing called kmalloc with interrupts off must catch it.
+out=$(kdbt dbt-selftest --no-pool 2>&1); rc=$?
+info "$out"
+if [ $rc -ne 0 ] && echo "$out" | grep -q 'kmalloc calls with interrupts off during translated runs'; then
+    pass dbt_selftest_catches_kmalloc rc=$rc
+else
+    fail dbt_selftest_catches_kmalloc rc=$rc
 fi
 
 check rmmod rmmod kdbt

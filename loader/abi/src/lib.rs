@@ -240,6 +240,10 @@ pub const IOC_DBT_SELFTEST: u32 = iowr(0x10, core::mem::size_of::<Command>());
 /// natively where the test means to call its translation (the check that code ran from
 /// the cache must then fail).
 pub const DBT_SELFTEST_TEST_NATIVE: u32 = 1 << 0;
+/// [`Command::flags`] of [`IOC_DBT_SELFTEST`], for tests only: the dispatcher allocates
+/// with kmalloc instead of its pool (the check that no kmalloc ran with interrupts off
+/// must then fail).
+pub const DBT_SELFTEST_NO_POOL: u32 = 1 << 1;
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {

@@ -120,6 +120,10 @@ enum Cmd {
         /// (the check that they ran from the code cache must fail).
         #[arg(long, hide = true)]
         test_native: bool,
+        /// Test hook: the dispatcher allocates with kmalloc instead of its pool (the check
+        /// that nothing called kmalloc with interrupts off must fail).
+        #[arg(long, hide = true)]
+        no_pool: bool,
     },
     /// Show the versions of the CLI and of the loaded module.
     Version,
@@ -157,7 +161,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: shadow policy check passed: {}", Device::open()?.shadow_check(flags)?);
             Ok(())
         }
-        Cmd::DbtSelftest { module, test_native } => {
+        Cmd::DbtSelftest { module, test_native, no_pool } => {
             if !module::is_inserted() {
                 let path = match module {
                     Some(p) => p,
@@ -167,7 +171,13 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 module::insert(&path, "")?;
             }
-            let flags = if test_native { kdbt_abi::DBT_SELFTEST_TEST_NATIVE } else { 0 };
+            let mut flags = 0;
+            if test_native {
+                flags |= kdbt_abi::DBT_SELFTEST_TEST_NATIVE;
+            }
+            if no_pool {
+                flags |= kdbt_abi::DBT_SELFTEST_NO_POOL;
+            }
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }

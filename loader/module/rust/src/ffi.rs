@@ -44,6 +44,8 @@ extern "C" {
     pub fn kdbt_glue_cache_size() -> u64;
     pub fn kdbt_glue_cache_alias() -> u64;
     pub fn kdbt_glue_cache_unalias(alias: u64);
+    pub fn kdbt_glue_pool_alloc(size: usize) -> *mut c_void;
+    pub fn kdbt_glue_pool_free(p: *mut c_void);
     pub fn kdbt_glue_module_text(base: *mut u64, size: *mut u64);
     pub fn kdbt_glue_read_kernel(dst: *mut c_void, src: u64, n: usize) -> usize;
     pub fn kdbt_glue_percpu_block(size: *mut usize) -> u64;

@@ -1,4 +1,6 @@
-//! The global allocator: kmalloc/kfree through the glue (GFP_KERNEL, process context).
+//! The global allocator: kmalloc/kfree through the glue (GFP_KERNEL in process context),
+//! and the kernel DBT's dispatcher pool while this CPU runs the dispatcher
+//! ([`crate::kernel_dbt::pool`]: the dispatcher never calls kmalloc or kfree).
 //!
 //! Alignment: kmalloc returns 8-byte aligned memory, and memory naturally aligned to the
 //! size when the size is a power of two (Documentation/core-api/memory-allocation.rst).
@@ -8,6 +10,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 
 use crate::ffi;
+use crate::kernel_dbt::pool;
 
 pub struct KernelAllocator;
 
@@ -24,10 +27,15 @@ fn kmalloc_size(layout: Layout) -> Option<usize> {
     }
 }
 
-// SAFETY: kmalloc/kfree are thread-safe; sizes and alignments are honoured as explained in
-// the module comment, and dealloc only ever receives pointers from alloc.
+// SAFETY: kmalloc/kfree and the pool are thread-safe; sizes and alignments are honoured
+// as explained in the module comment (pool blocks are power-of-two sized and aligned), and
+// dealloc only ever receives pointers from alloc, told apart by address.
 unsafe impl GlobalAlloc for KernelAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if pool::in_dispatcher() {
+            return pool::POOL.alloc(layout);
+        }
+        pool::note_kmalloc();
         match kmalloc_size(layout) {
             // SAFETY: plain kmalloc call; a null return is passed on as allocation failure.
             Some(size) => unsafe { ffi::kdbt_glue_alloc(size) as *mut u8 },
@@ -35,8 +43,16 @@ unsafe impl GlobalAlloc for KernelAllocator {
         }
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        // SAFETY: `ptr` came from kdbt_glue_alloc (the GlobalAlloc contract).
-        unsafe { ffi::kdbt_glue_free(ptr as *mut core::ffi::c_void) }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if pool::POOL.contains(ptr) {
+            // SAFETY: a pool block of this layout (the GlobalAlloc contract).
+            unsafe { pool::POOL.dealloc(ptr, layout) };
+        } else if pool::in_dispatcher() {
+            // SAFETY: a kmalloc block (not the pool's) the caller is done with.
+            unsafe { pool::defer_free(ptr) };
+        } else {
+            // SAFETY: `ptr` came from kdbt_glue_alloc (the GlobalAlloc contract).
+            unsafe { ffi::kdbt_glue_free(ptr as *mut core::ffi::c_void) }
+        }
     }
 }

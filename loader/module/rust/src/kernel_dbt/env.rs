@@ -151,4 +151,8 @@ impl Env for KernelEnv {
     fn native(&self, pc: u64) -> bool {
         pc >= self.module_text.0 && pc < self.module_text.1
     }
+
+    fn memory_left(&self) -> usize {
+        super::pool::POOL.bump_left()
+    }
 }

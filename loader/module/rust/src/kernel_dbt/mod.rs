@@ -5,4 +5,5 @@
 //! ([`selftest`]). Entry steering (IDT, LSTAR, EPT) comes next.
 pub mod env;
 pub mod percpu;
+pub mod pool;
 pub mod selftest;

@@ -22,6 +22,11 @@ pub struct Blocks {
     cpus: Vec<(u32, *mut Scratch, u64)>,
 }
 
+// SAFETY: after `new` the list is only read; the pointers are to per-CPU blocks that
+// outlive `self`, and what is done through them (`pool_scope`) touches only the calling
+// CPU's block with interrupts off.
+unsafe impl Sync for Blocks {}
+
 impl Blocks {
     /// Allocates the blocks and stacks (process context). Err: no memory, or the per-CPU
     /// offset does not fit translated code's `gs:[disp32]`.
@@ -61,6 +66,7 @@ impl Blocks {
             unsafe { core::ptr::write_bytes(blk as *mut u8, 0, size_of::<PerCpuArea>()) };
             b.cpus.push((cpu, blk, stack));
         }
+        super::pool::set_blocks(pcp);
         Ok(b)
     }
 
@@ -99,8 +105,20 @@ impl Blocks {
                 // Kernel code outside kernel_fpu_begin() leaves the FPU/SIMD state to
                 // user space, and the dispatcher (soft-float) never touches it.
                 (*blk).save_xstate = 0;
+                // The dispatcher runs in dispatcher mode (its allocations from the pool).
+                (*blk).rust_dispatch = super::pool::dispatch as *const () as usize as u64;
             }
         }
+    }
+
+    /// The block of `cpu`.
+    pub fn of_cpu(&self, cpu: u32) -> Option<*mut Scratch> {
+        self.cpus.iter().find(|c| c.0 == cpu).map(|c| c.1)
+    }
+
+    /// This CPU in dispatcher mode (allocations from the pool) for the guard's life.
+    pub fn pool_scope(&self) -> super::pool::Scope {
+        super::pool::Scope::enter(|cpu| self.of_cpu(cpu))
     }
 
     /// Every CPU's block.
@@ -111,6 +129,7 @@ impl Blocks {
 
 impl Drop for Blocks {
     fn drop(&mut self) {
+        super::pool::set_blocks(0);
         for &(_, _, stack) in &self.cpus {
             // SAFETY: the stacks allocated in `new`; the engine using them is gone.
             unsafe { ffi::kdbt_glue_free_pages(stack as *mut _, DSTACK_ORDER) };

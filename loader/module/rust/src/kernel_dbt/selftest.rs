@@ -20,6 +20,7 @@ use dbt::{Config, Engine, InsCount};
 
 use super::env::{self, KernelEnv};
 use super::percpu::Blocks;
+use super::pool;
 use crate::{ffi, hw};
 
 /// Translated `snprintf` calls with interrupts on.
@@ -57,15 +58,13 @@ fn run_case(which: u32, entry: u64) -> u64 {
     unsafe { ffi::kdbt_glue_dbt_case_run(which, entry) }
 }
 
-/// The translation of `f` (translated under the engine lock with interrupts off, as the
-/// dispatcher itself runs).
-fn translate(e: *mut Engine, f: u64) -> Result<u64, String> {
-    // SAFETY: irq save/restore pair around the engine lock.
-    let flags = unsafe { ffi::kdbt_glue_irq_save() };
+/// The translation of `f`, translated under the engine lock in dispatcher mode
+/// (interrupts off, allocations from the pool), as the dispatcher itself runs.
+fn translate(b: &Blocks, e: *mut Engine, f: u64) -> Result<u64, String> {
+    let scope = b.pool_scope();
     // SAFETY: `e` is the live engine, used only through `locked` while CPUs run it.
     let r = unsafe { Engine::locked(e, |e| e.fragment_for(f)) };
-    // SAFETY: restores what irq_save returned.
-    unsafe { ffi::kdbt_glue_irq_restore(flags) };
+    drop(scope);
     r.map_err(|k| format!("cannot translate {f:#x}: {k:?}"))
 }
 
@@ -97,13 +96,29 @@ fn check(c: &Case, entry: u64) -> Result<(), String> {
 }
 
 pub fn run(flags: u32) -> Result<String, String> {
-    if flags & !kdbt_abi::DBT_SELFTEST_TEST_NATIVE != 0 {
+    use kdbt_abi::{DBT_SELFTEST_NO_POOL, DBT_SELFTEST_TEST_NATIVE};
+    if flags & !(DBT_SELFTEST_TEST_NATIVE | DBT_SELFTEST_NO_POOL) != 0 {
         return Err(format!("unknown self-test flags {flags:#x}"));
     }
     if !env::claim() {
         return Err("the kernel DBT's code cache is in use".into());
     }
-    let r = run_claimed(flags & kdbt_abi::DBT_SELFTEST_TEST_NATIVE != 0);
+    // The decoder's and encoder's lazily built tables outlive any engine: built here,
+    // with kmalloc, not in the pool.
+    dbt::warm_up();
+    pool::set_enabled(flags & DBT_SELFTEST_NO_POOL == 0);
+    let r = pool::Memory::take().map_err(String::from).and_then(|mem| {
+        let r = run_claimed(flags & DBT_SELFTEST_TEST_NATIVE != 0);
+        // The engine is gone: every pool block it had is back.
+        let left = pool::stats().in_use;
+        drop(mem);
+        match r {
+            Ok(_) if left != 0 => Err(format!("the engine left {left} bytes of the dispatcher's pool allocated")),
+            r => r,
+        }
+    });
+    pool::set_enabled(true);
+    pool::drain_deferred();
     env::release();
     r
 }
@@ -125,8 +140,13 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
         max_hot_bytes: 512 << 10,
         ..Config::default()
     };
-    let mut e = Box::new(Engine::new(Box::new(kenv), Some(Box::new(InsCount)), cfg)?);
+    // The engine's own memory comes from the pool, as everything the dispatcher adds.
+    let scope = blocks.pool_scope();
+    let e = Engine::new(Box::new(kenv), Some(Box::new(InsCount)), cfg).map(Box::new);
+    drop(scope);
+    let mut e = e?;
     blocks.attach(&mut e);
+    let kmallocs_before = pool::atomic_kmallocs();
     let ep: *mut Engine = &mut *e;
     kinfo!(
         "dbt-selftest: code cache {cache:#x} ({} KB), per-CPU blocks at %gs:{gs:#x}, {thunks} thunks, IBT {}",
@@ -138,7 +158,7 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
     let mut insns_total = 0u64;
     let mut snprintf_entry = None;
     for c in cases() {
-        let entry = if test_native { 0 } else { translate(ep, c.f)? };
+        let entry = if test_native { 0 } else { translate(&blocks, ep, c.f)? };
         reset_counts(&blocks);
         let got = run_case(c.which, entry);
         let insns = counted(&blocks);
@@ -146,7 +166,11 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
             return Err(format!("{}: no instruction counted from the code cache", c.name));
         }
         check(&c, entry)?;
-        kinfo!("dbt-selftest: {} at {:#x} -> cache {entry:#x}: {got:#x}, {insns} instructions from the cache", c.name, c.f);
+        kinfo!(
+            "dbt-selftest: {} at {:#x} -> cache {entry:#x}: {got:#x}, {insns} instructions from the cache",
+            c.name,
+            c.f
+        );
         insns_total += insns;
         if c.name == "snprintf" {
             snprintf_entry = Some((c.which, entry));
@@ -164,9 +188,10 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
         for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
             let mut res: Result<(), String> = Ok(());
             let ep2 = ep as usize;
+            let b = &blocks;
             hw::run_on_cpu(cpu, || {
                 for c in cases() {
-                    let entry = translate(ep2 as *mut Engine, c.f).and_then(|en| check(&c, en));
+                    let entry = translate(b, ep2 as *mut Engine, c.f).and_then(|en| check(&c, en));
                     if let Err(m) = entry {
                         res = Err(m);
                         return;
@@ -190,13 +215,29 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
     if bad != 0 {
         return Err(format!("snprintf from the cache differed in {bad} of {STRESS_CALLS} calls"));
     }
+    let kmallocs = pool::atomic_kmallocs() - kmallocs_before;
+    if kmallocs != 0 {
+        return Err(format!(
+            "{kmallocs} kmalloc calls with interrupts off during translated runs (the dispatcher must \
+             allocate from its pool only)"
+        ));
+    }
     // SAFETY: the engine is live; nothing runs translated code now.
     let st = unsafe { Engine::locked(ep, |e| e.stats) };
+    let ps = pool::stats();
     let report = format!(
         "dbt-selftest passed: {n} kernel functions ({names}) ran from the code cache with native results, \
          on {cpus} CPUs and {STRESS_CALLS} calls with interrupts on; {} blocks, {} dispatches, {} links, \
-         {insns_total} instructions counted, gs offset {gs:#x}",
-        st.blocks, st.dispatches, st.links
+         {insns_total} instructions counted, gs offset {gs:#x}; dispatcher pool: {} allocations, \
+         peak {} KB of {} KB, largest {} B, 0 kmallocs with interrupts off, {} deferred frees",
+        st.blocks,
+        st.dispatches,
+        st.links,
+        ps.allocs,
+        ps.peak >> 10,
+        ps.size >> 10,
+        ps.largest,
+        pool::deferred_frees()
     );
     kinfo!("{report}");
     drop(e);
