@@ -401,7 +401,11 @@ impl Harness {
         let (ret, sentinel) = (asm::dbt_native_ret as *const () as u64, self.engine.stop_pc);
         let ok = ptrace_steps(f, args, self.stack_top(), true, &mut |r| {
             if out.len() < cap {
-                out.push((if r.rip == ret { sentinel } else { r.rip }, gprs_of(r)));
+                out.push((
+                    if r.rip == ret { sentinel } else { r.rip },
+                    gprs_of(r),
+                    r.eflags & crate::pcmap::ARITH_FLAGS,
+                ));
             }
         });
         ok && out.len() < cap
@@ -739,8 +743,9 @@ fn ptrace_count(f: u64, args: &[u64], stack_top: u64) -> Option<u64> {
     ok.then_some(count)
 }
 
-/// One native state: rip and the GPRs in [`GuestCtx`] order.
-pub type NativeStep = (u64, [u64; 16]);
+/// One native state: rip, the GPRs in [`GuestCtx`] order and the arithmetic
+/// flags ([`crate::pcmap::ARITH_FLAGS`] of rflags).
+pub type NativeStep = (u64, [u64; 16], u64);
 
 /// The GPRs of a ptrace register set in [`GuestCtx`] order.
 pub fn gprs_of(r: &libc::user_regs_struct) -> [u64; 16] {

@@ -41,6 +41,22 @@ pub enum Npc {
     RcxPlus(u64),
 }
 
+/// Where the native arithmetic flags (CF PF AF ZF SF OF) are, while a client
+/// snippet that clobbers live flags runs (`templates::Emit::snippet`: `lahf;
+/// seto al; push rax` before, `pop rax; add al,0x7f; sahf` after).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flags {
+    /// In rflags.
+    Live,
+    /// The `lahf`/`seto` image in the slot at `[rsp + off]`: SF ZF AF PF CF in
+    /// bits 15..8 as `lahf` stores them, OF as bit 0.
+    Stack(i16),
+    /// That image in rax.
+    Rax,
+    /// SF ZF AF PF CF in ah; OF in rflags.
+    Ah,
+}
+
 /// The native state from offset `off` of an area on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapEnt {
@@ -53,12 +69,22 @@ pub struct MapEnt {
     pub saved: u16,
     /// Offset from rsp of the highest-numbered saved register's slot.
     pub top: i16,
+    pub flags: Flags,
 }
 
 impl MapEnt {
     pub const fn at(pc: u64) -> MapEnt {
-        MapEnt { off: 0, npc: Npc::At(pc), sp: 0, saved: 0, top: 0 }
+        MapEnt { off: 0, npc: Npc::At(pc), sp: 0, saved: 0, top: 0, flags: Flags::Live }
     }
+}
+
+/// The arithmetic flags of rflags.
+pub const ARITH_FLAGS: u64 = 0x8D5;
+
+/// `rflags` with its arithmetic flags replaced by those of a `lahf`/`seto`
+/// image (`ah` = SF ZF 0 AF 0 PF 1 CF, `of` = bit 0: OF).
+fn with_image(rflags: u64, ah: u64, of: bool) -> u64 {
+    (rflags & !ARITH_FLAGS) | (ah & 0xD5) | if of { 0x800 } else { 0 }
 }
 
 /// What [`PcIndex::native_state`] found.
@@ -67,6 +93,11 @@ pub struct NativePc {
     pub pc: u64,
     /// Guest start of the fragment the cache address belongs to.
     pub fragment: u64,
+    /// The arithmetic flags in the rewritten rflags came from a client
+    /// snippet's save (the live ones were the snippet's). Elsewhere rflags is
+    /// the interrupted one: native wherever the flags are live (dead flags a
+    /// snippet clobbered without saving are not restored).
+    pub flags_saved: bool,
 }
 
 /// Immutable metadata of one fragment: its cache areas and their maps.
@@ -236,6 +267,19 @@ impl PcIndex {
             Npc::RcxPlus(k) => rcx.wrapping_add(k),
         };
         let rsp = regs.gpr[GuestCtx::RSP];
+        // Before the saved registers overwrite rax.
+        let rax = regs.gpr[GuestCtx::RAX];
+        regs.rflags = match e.flags {
+            Flags::Live => regs.rflags,
+            Flags::Stack(off) => {
+                // SAFETY: the map says the slot holds the flags image, on the
+                // interrupted stack (caller's contract).
+                let img = unsafe { core::ptr::read_volatile(rsp.wrapping_add(off as i64 as u64) as *const u64) };
+                with_image(regs.rflags, img >> 8, img & 1 != 0)
+            }
+            Flags::Rax => with_image(regs.rflags, rax >> 8, rax & 1 != 0),
+            Flags::Ah => with_image(regs.rflags, rax >> 8, regs.rflags & 0x800 != 0),
+        };
         let mut slot = rsp.wrapping_add(e.top as i64 as u64);
         for r in (0..16).rev() {
             if e.saved & (1 << r) != 0 {
@@ -247,6 +291,6 @@ impl PcIndex {
         }
         regs.gpr[GuestCtx::RSP] = rsp.wrapping_add(e.sp as i64 as u64);
         regs.rip = npc;
-        Some(NativePc { pc: npc, fragment: m.start })
+        Some(NativePc { pc: npc, fragment: m.start, flags_saved: e.flags != Flags::Live })
     }
 }

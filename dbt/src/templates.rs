@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
 
 use crate::client::Snippet;
-use crate::pcmap::{MapEnt, Npc};
+use crate::pcmap::{Flags, MapEnt, Npc};
 use crate::scratch::{OFF_EXIT_ENTRY, OFF_LOOKUP_HITS, OFF_MISS_ENTRY};
 
 pub(crate) const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
@@ -62,6 +62,8 @@ pub(crate) struct Emit {
     enc: Encoder,
     pub err: bool,
     pub bad: u64,
+    /// Where the native flags are (recorded by `st` in each map entry).
+    flags: Flags,
 }
 
 impl Emit {
@@ -74,6 +76,7 @@ impl Emit {
             enc: Encoder::new(64),
             err: false,
             bad: 0,
+            flags: Flags::Live,
         }
     }
     pub fn pc(&self) -> u64 {
@@ -81,7 +84,7 @@ impl Emit {
     }
     /// From here on the native state is `npc`, rsp + `sp`, `saved` at `top`.
     pub fn st(&mut self, npc: Npc, sp: i64, saved: u16, top: i64) {
-        let e = MapEnt { off: self.buf.len() as u32, npc, sp: sp as i32, saved, top: top as i16 };
+        let e = MapEnt { off: self.buf.len() as u32, npc, sp: sp as i32, saved, top: top as i16, flags: self.flags };
         match self.map.last_mut() {
             Some(l) if l.off == e.off => *l = e,
             Some(l) if MapEnt { off: e.off, ..*l } == e => {}
@@ -274,6 +277,7 @@ impl Emit {
             sp: fsp as i32,
             saved: FRAME_SAVED,
             top: 8,
+            flags: Flags::Live,
         });
         // ok: rcx is 0, the target is pc.
         self.st(Npc::At(pc), fsp, FRAME_SAVED, 8);
@@ -331,6 +335,8 @@ impl Emit {
             self.ins(Instruction::with1(Code::Seto_rm8, Register::AL));
             self.ins(Instruction::with1(Code::Push_r64, Register::RAX));
             sp += 8;
+            // From here until the sahf the native flags are in the image.
+            self.flags = Flags::Stack(0);
             self.st(Npc::At(pc), sp, saved, top + 8);
             // The client sees the guest's rax (its slot is right above).
             self.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, rsp_at(8)));
@@ -355,10 +361,15 @@ impl Emit {
         if save_flags {
             self.ins(Instruction::with1(Code::Pop_r64, Register::RAX));
             sp -= 8;
+            self.flags = Flags::Rax;
             self.st(Npc::At(pc), sp, saved, top);
             // al = 1 iff OF was set: al + 0x7f overflows exactly then.
             self.ins(Instruction::with2(Code::Add_rm8_imm8, Register::AL, 0x7fu32));
+            self.flags = Flags::Ah;
+            self.st(Npc::At(pc), sp, saved, top);
             self.ins(Ok(Instruction::with(Code::Sahf)));
+            self.flags = Flags::Live;
+            self.st(Npc::At(pc), sp, saved, top);
         }
         for r in regs.iter().rev() {
             self.ins(Instruction::with1(Code::Pop_r64, *r));

@@ -7,6 +7,8 @@
 //!   inscount that state (pc, rsp and all 16 GPRs) is one the native run
 //!   passes through (the ptrace single-step trace of the same call from the
 //!   same stack), for thousands of interrupt points per corpus function;
+//!   where the counter's snippet runs with the guest's flags saved, the
+//!   recovered arithmetic flags are the native ones too;
 //! * the handler itself runs translated code on the same thread (same engine,
 //!   same per-CPU block), and both the nested and the interrupted code give
 //!   the native results.
@@ -19,17 +21,39 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::{Duration, Instant};
 
+use dbt::client::client_slot;
 use dbt::corpus::{cases, BUF_LEN};
 use dbt::host::{gprs_of_mcontext, Harness, NativeStep, NestedRunner};
-use dbt::{GuestCtx, InsCount, PcIndex, StopKind};
+use dbt::{BlockInfo, Client, GuestCtx, InsCount, Inserts, PcIndex, Snippet, StopKind, Where};
+use iced_x86::{Code, Instruction};
+
+/// Inscount, plus a flags-clobbering snippet (`add gs:[client slot 15], 1`)
+/// before every instruction where flags are live, so that interrupts land
+/// inside snippets that keep the guest's flags saved on the stack.
+struct CountAndClobber(InsCount);
+
+impl Client for CountAndClobber {
+    fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
+        self.0.instrument(b, o);
+        for k in 0..b.insns.len() {
+            if b.flags_live[k] == 0 {
+                continue;
+            }
+            let Ok(add) = Instruction::with2(Code::Add_rm64_imm8, client_slot(15), 1i32) else { return };
+            o.insert(Where::Before(k), Snippet { code: vec![add], clobbers: vec![], clobbers_flags: true });
+        }
+    }
+}
 
 const MAX_RECS: usize = 1 << 15;
-/// Recovered states: native pc, then the 16 GPRs.
-struct Recs(UnsafeCell<[[u64; 17]; MAX_RECS]>);
+/// Recovered states: native pc, the 16 GPRs, the arithmetic flags, whether
+/// they came from a snippet's save (1) or are the interrupted ones (0).
+struct Recs(UnsafeCell<[[u64; 19]; MAX_RECS]>);
 // SAFETY: written only by the signal handler of the one running thread
 // (slots claimed with an atomic index), read after the runs.
 unsafe impl Sync for Recs {}
-static RECS: Recs = Recs(UnsafeCell::new([[0; 17]; MAX_RECS]));
+static RECS: Recs = Recs(UnsafeCell::new([[0; 19]; MAX_RECS]));
+static FLAGS_SAVED: AtomicU64 = AtomicU64::new(0);
 static N_RECS: AtomicUsize = AtomicUsize::new(0);
 static IN_CACHE: AtomicU64 = AtomicU64::new(0);
 static OUTSIDE: AtomicU64 = AtomicU64::new(0);
@@ -57,7 +81,8 @@ extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c
         OUTSIDE.fetch_add(1, Relaxed);
         return;
     }
-    let mut regs = GuestCtx { gpr: gprs_of_mcontext(m), rip, rflags: 0 };
+    let rflags = m.gregs[libc::REG_EFL as usize] as u64;
+    let mut regs = GuestCtx { gpr: gprs_of_mcontext(m), rip, rflags };
     // SAFETY: an interrupted CPU state with its stack intact below us.
     match unsafe { idx.native_state(&mut regs) } {
         None => {
@@ -68,9 +93,11 @@ extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c
             IN_CACHE.fetch_add(1, Relaxed);
             let k = N_RECS.fetch_add(1, Relaxed);
             if k < MAX_RECS {
-                let mut r = [0u64; 17];
+                let mut r = [0u64; 19];
                 r[0] = n.pc;
-                r[1..].copy_from_slice(&regs.gpr);
+                r[1..17].copy_from_slice(&regs.gpr);
+                r[17] = regs.rflags & dbt::pcmap::ARITH_FLAGS;
+                r[18] = n.flags_saved as u64;
                 // SAFETY: slot k is ours (claimed above).
                 unsafe { (*RECS.0.get())[k] = r };
             }
@@ -117,7 +144,7 @@ fn start_interrupter() -> std::thread::JoinHandle<()> {
     })
 }
 
-fn recorded() -> Vec<[u64; 17]> {
+fn recorded() -> Vec<[u64; 19]> {
     let n = N_RECS.load(Relaxed).min(MAX_RECS);
     // SAFETY: no handler runs (FIRE is off and pending signals were taken).
     unsafe { (&(*RECS.0.get()))[..n].to_vec() }
@@ -126,8 +153,9 @@ fn recorded() -> Vec<[u64; 17]> {
 #[test]
 fn interrupts_at_any_instruction_recover_native_state_and_may_nest() {
     let interrupter = start_interrupter();
-    // Phase 1: inscount; every recovered state is a state of the native run.
-    let mut h = Harness::new(Some(Box::new(InsCount)));
+    // Phase 1: inscount (and a flags-saving snippet wherever flags are live);
+    // every recovered state is a state of the native run.
+    let mut h = Harness::new(Some(Box::new(CountAndClobber(InsCount))));
     INDEX.store(h.engine.pc_index() as *mut PcIndex, Release);
     let mut buf = vec![0u8; BUF_LEN];
     let mut trace: Vec<NativeStep> = Vec::with_capacity(200_000);
@@ -164,23 +192,33 @@ fn interrupts_at_any_instruction_recover_native_state_and_may_nest() {
             runs += 1;
         }
         let points = IN_CACHE.load(Relaxed) - in0;
-        let states: HashSet<(u64, [u64; 16])> = trace.iter().copied().collect();
+        let states: HashSet<(u64, [u64; 16])> = trace.iter().map(|s| (s.0, s.1)).collect();
+        let with_flags: HashSet<NativeStep> = trace.iter().copied().collect();
         let recs = recorded();
         let mut bad = recs.iter().filter(|r| {
             let mut g = [0u64; 16];
-            g.copy_from_slice(&r[1..]);
-            !states.contains(&(r[0], g))
+            g.copy_from_slice(&r[1..17]);
+            // Flags are compared where they came from a save: elsewhere they
+            // are native only where live (a snippet may clobber dead ones).
+            if r[18] != 0 {
+                !with_flags.contains(&(r[0], g, r[17]))
+            } else {
+                !states.contains(&(r[0], g))
+            }
         });
         if let Some(r) = bad.next() {
             let near: Vec<_> = trace.iter().filter(|s| s.0 == r[0]).take(3).collect();
             panic!(
-                "{}: recovered state not in the native run: pc {:#x} gprs {:x?}\nnative states at that pc: {:x?}",
+                "{}: recovered state not in the native run: pc {:#x} gprs {:x?} flags {:#x} (from a save: {})\nnative states at that pc: {:x?}",
                 c.name,
                 r[0],
-                &r[1..],
+                &r[1..17],
+                r[17],
+                r[18] != 0,
                 near
             );
         }
+        FLAGS_SAVED.fetch_add(recs.iter().filter(|r| r[18] != 0).count() as u64, Relaxed);
         let pcs: HashSet<u64> = recs.iter().map(|r| r[0]).collect();
         let trace_pcs = trace.iter().map(|s| s.0).collect::<HashSet<_>>().len();
         eprintln!(
@@ -196,7 +234,14 @@ fn interrupts_at_any_instruction_recover_native_state_and_may_nest() {
         total_points += points;
     }
     assert_eq!(UNMAPPED.load(Relaxed), 0, "cache pc without a native state: {:#x}", FIRST_UNMAPPED.load(Relaxed));
-    eprintln!("phase 1: {total_points} interrupt points checked against the native runs");
+    let saved = FLAGS_SAVED.load(Relaxed);
+    eprintln!(
+        "phase 1: {total_points} interrupt points checked against the native runs, {saved} of them with the flags from a snippet's save"
+    );
+    assert!(
+        saved >= 100,
+        "only {saved} interrupt points inside a flags-saving snippet: the flags check saw too little"
+    );
 
     // Phase 2: the handler runs translated code itself (same engine, same
     // per-CPU block); interrupted and nested code both give native results.
