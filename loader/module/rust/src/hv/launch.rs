@@ -6,7 +6,7 @@ use core::arch::asm;
 use core::sync::atomic::Ordering;
 
 use vmx::segment;
-use vmx::vmcs::{ControlsIn, Dtr, HostIn, LaunchState, Op, Segment, Vmcs, VmcsError};
+use vmx::vmcs::{Dtr, HostIn, LaunchState, Op, Segment, Vmcs, VmcsError};
 
 use super::percpu::{PerCpu, GDT_CS, GDT_SS, GDT_TR};
 use super::root::{vmread_checked, vmwrite_checked, LAUNCH_ENTRY_FAILED};
@@ -200,7 +200,7 @@ pub fn launch(
     }
 
     let t0 = tsc();
-    let cr0 = (read_cr0() | c.cr0_fixed0) & c.cr0_fixed1;
+    let cr0 = c.vmx_cr0(read_cr0());
     // The fixed bits hold for `cr4` apart from VMXE (checked above).
     let cr4v = cr4 | CR4_VMXE;
     write_cr4(cr4v);
@@ -380,20 +380,7 @@ fn launch_state(pc: &PerCpu, c: &Controls, cr0: u64, cr4: u64) -> LaunchState {
     // SAFETY: PUSHF/POP on our own stack.
     unsafe { asm!("pushfq", "pop {}", out(reg) rflags, options(nomem, preserves_flags)) };
     LaunchState {
-        controls: ControlsIn {
-            pin: c.pin,
-            proc: c.proc,
-            proc2: c.proc2,
-            exit: c.exit,
-            entry: c.entry,
-            cr0_fixed0: c.cr0_fixed0,
-            cr0_unrestricted_free: c.cr0_unrestricted_free,
-            cr4_fixed0: c.cr4_fixed0,
-            vpid: (c.vpid != 0).then(|| c.vpid_base.wrapping_add(pc.ctl.cpu as u16)),
-            eptp: (c.eptp != 0).then_some(c.eptp),
-            msr_bitmap_pa: pc.phys_of(pc.msr_bitmap.as_ptr()),
-            shadow: c.shadow,
-        },
+        controls: c.launch_controls(pc.ctl.cpu, pc.phys_of(pc.msr_bitmap.as_ptr())),
         host: HostIn {
             cr3: c.host_cr3,
             cs: GDT_CS,

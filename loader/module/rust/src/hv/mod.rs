@@ -25,63 +25,10 @@ mod serial;
 pub mod shadow;
 
 use percpu::{PerCpu, PERCPU_ORDER};
-use vmx::caps::{CtlKind, RawCaps, VmxCaps};
-use vmx::controls::adjust_kind;
+use vmx::caps::{RawCaps, VmxCaps};
+pub use vmx::policy::Controls;
+use vmx::policy::{choose_controls, required};
 use vmx::preflight::{preflight, Features, Request};
-
-/// VMX controls and fixed bits chosen for a CPU (identical on all CPUs of a machine; each
-/// CPU computes its own and they are checked for equality).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Controls {
-    pub revision: u32,
-    pub pin: u32,
-    pub proc: u32,
-    pub proc2: u32,
-    pub exit: u32,
-    pub entry: u32,
-    pub cr0_fixed0: u64,
-    pub cr0_fixed1: u64,
-    pub cr4_fixed0: u64,
-    pub cr4_fixed1: u64,
-    /// CR0 bits the guest may clear (PE, PG with unrestricted guest; unused: 0).
-    pub cr0_unrestricted_free: u64,
-    pub vpid: u32,
-    pub vpid_base: u16,
-    /// NMI virtualization: "NMI exiting" + "virtual NMIs" on, NMI-window exiting usable.
-    pub vnmi: bool,
-    pub eptp: u64,
-    pub host_cr3: u64,
-    /// EPT capabilities (for building the map once, and for the CPUID state leaf).
-    pub ept: ::ept::EptCaps,
-    /// Shadow paging instead of EPT (`kdbt load --paging shadow`).
-    pub shadow: bool,
-    /// INVVPID types the shadow MMU's flushes may use.
-    pub flush: vmx::shadow_exit::FlushCaps,
-}
-
-/// What kdbt needs of every CPU. Optional features Linux may use natively (RDTSCP,
-/// INVPCID, XSAVES, user wait/pause) and VPID are enabled when present, so no guest
-/// instruction faults that would not fault natively.
-pub const REQUIRED_BASE: Features = Features::VMX
-    .union(Features::MSR_BITMAPS)
-    .union(Features::SECONDARY_CONTROLS)
-    .union(Features::HOST_64BIT)
-    .union(Features::GUEST_64BIT)
-    .union(Features::EFER_SWITCH)
-    .union(Features::PAT_SWITCH)
-    .union(Features::DEBUG_CONTROLS);
-/// What EPT mode needs on top of [`REQUIRED_BASE`].
-pub const REQUIRED: Features =
-    REQUIRED_BASE.union(Features::EPT).union(Features::EPT_PWL4).union(Features::EPT_WB).union(Features::INVEPT_ALL);
-/// What shadow paging needs on top of [`REQUIRED_BASE`]: CR3-load/store exiting, INVLPG
-/// exiting (INVPCID exits through it), and VPID with single-context INVVPID for the shadow
-/// MMU's TLB flushes (all-context for the launch).
-pub const REQUIRED_SHADOW: Features = REQUIRED_BASE
-    .union(Features::CR3_EXITING)
-    .union(Features::INVLPG_EXITING)
-    .union(Features::VPID)
-    .union(Features::INVVPID_SINGLE)
-    .union(Features::INVVPID_ALL);
 
 /// Parses the `fake_missing` module parameter: comma-separated [`Features`] names, any
 /// case (e.g. `ept,vpid`).
@@ -95,78 +42,6 @@ fn parse_mask(fake: &str) -> Result<Features, String> {
         }
     }
     Ok(mask)
-}
-
-/// Picks the VMCS controls for a CPU that passed preflight with `avail` features.
-pub fn choose_controls(caps: &VmxCaps, avail: Features, shadow: bool) -> Result<Controls, String> {
-    use x86::vmx::vmcs::control::{
-        EntryControls as En, ExitControls as Ex, PrimaryControls as P, SecondaryControls as S,
-    };
-    let err = |e: vmx::controls::MissingBits| alloc::format!("{e}");
-    let mut want = P::USE_MSR_BITMAPS | P::SECONDARY_CONTROLS;
-    if shadow {
-        want |= P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING | P::INVLPG_EXITING;
-    }
-    let proc = adjust_kind(CtlKind::Proc, &caps.proc, want.bits() as u64).map_err(err)?;
-    if !shadow && proc & (P::CR3_LOAD_EXITING | P::CR3_STORE_EXITING).bits() as u64 != 0 {
-        return Err(String::from("this CPU forces CR3-load/store exiting (no TRUE controls); kdbt needs them off"));
-    }
-    let mut want2 = S::empty();
-    for (f, c) in [
-        (Features::RDTSCP, S::ENABLE_RDTSCP),
-        (Features::INVPCID, S::ENABLE_INVPCID),
-        (Features::XSAVES, S::ENABLE_XSAVES_XRSTORS),
-    ] {
-        if avail.contains(f) {
-            want2 |= c;
-        }
-    }
-    if caps.proc2.may_set(S::ENABLE_USER_WAIT_PAUSE.bits() as u64) {
-        want2 |= S::ENABLE_USER_WAIT_PAUSE;
-    }
-    // NMI virtualization when the CPU offers all three controls: guest NMIs exit and are
-    // re-injected, and an NMI that cannot be delivered yet (the guest blocks NMIs, or it
-    // arrived in root mode) gets the NMI window instead of waiting for some later exit.
-    use x86::vmx::vmcs::control::PinbasedControls as Pin;
-    let nmi_pin = (Pin::NMI_EXITING | Pin::VIRTUAL_NMIS).bits() as u64;
-    let vnmi = caps.pin.may_set(nmi_pin) && caps.proc.may_set(P::NMI_WINDOW_EXITING.bits() as u64);
-    let vpid = avail.contains(Features::VPID | Features::INVVPID_ALL);
-    if vpid {
-        want2 |= S::ENABLE_VPID;
-    }
-    let exit = Ex::HOST_ADDRESS_SPACE_SIZE
-        | Ex::SAVE_DEBUG_CONTROLS
-        | Ex::SAVE_IA32_PAT
-        | Ex::LOAD_IA32_PAT
-        | Ex::SAVE_IA32_EFER
-        | Ex::LOAD_IA32_EFER;
-    let entry = En::LOAD_DEBUG_CONTROLS | En::IA32E_MODE_GUEST | En::LOAD_IA32_PAT | En::LOAD_IA32_EFER;
-    Ok(Controls {
-        revision: caps.basic.map_or(0, |b| b.revision_id),
-        pin: adjust_kind(CtlKind::Pin, &caps.pin, if vnmi { nmi_pin } else { 0 }).map_err(err)? as u32,
-        proc: proc as u32,
-        // EPT is switched on in `load`, once the identity map exists.
-        proc2: adjust_kind(CtlKind::Proc2, &caps.proc2, want2.bits() as u64).map_err(err)? as u32,
-        exit: adjust_kind(CtlKind::Exit, &caps.exit, exit.bits() as u64).map_err(err)? as u32,
-        entry: adjust_kind(CtlKind::Entry, &caps.entry, entry.bits() as u64).map_err(err)? as u32,
-        cr0_fixed0: caps.cr0_fixed.fixed0,
-        cr0_fixed1: if caps.cr0_fixed.present { caps.cr0_fixed.fixed1 } else { u64::MAX },
-        cr4_fixed0: caps.cr4_fixed.fixed0,
-        cr4_fixed1: if caps.cr4_fixed.present { caps.cr4_fixed.fixed1 } else { u64::MAX },
-        cr0_unrestricted_free: 0,
-        vpid: vpid as u32,
-        vpid_base: 1,
-        vnmi,
-        eptp: 0,
-        host_cr3: 0,
-        ept: ::ept::EptCaps::from_ept_vpid_cap(caps.ept_vpid.raw),
-        shadow,
-        flush: vmx::shadow_exit::FlushCaps {
-            individual_addr: caps.ept_vpid.invvpid_individual_addr,
-            retaining_globals: caps.ept_vpid.invvpid_single_context_retaining_globals,
-            ignore_user_invlpg: false,
-        },
-    })
 }
 
 struct Cpu {
@@ -403,10 +278,9 @@ fn fake_missing() -> String {
 /// controls, or every reason it can't be launched. Process context (allocates).
 fn preflight_cpu(raw: &RawCaps, native: Features, mask: Features, shadow: bool) -> Result<Controls, String> {
     let caps = VmxCaps::decode(raw);
-    let required = if shadow { REQUIRED_SHADOW } else { REQUIRED };
-    let req = Request { required: required | native, mask };
+    let req = Request { required: required(shadow) | native, mask };
     match preflight(&caps, raw.cr4, &req) {
-        Ok(cleared) => choose_controls(&caps, cleared.available, shadow),
+        Ok(cleared) => choose_controls(&caps, cleared.available, shadow).map_err(|e| alloc::format!("{e}")),
         Err(refusals) => {
             let mut s = String::new();
             for (i, r) in refusals.iter().enumerate() {
@@ -591,8 +465,7 @@ pub fn load(flags: u32) -> Result<(), String> {
     } else {
         let mut page = ept::build(controls.ept)?;
         let map = page.direct();
-        controls.eptp = map.eptp(false);
-        controls.proc2 |= x86::vmx::vmcs::control::SecondaryControls::ENABLE_EPT.bits();
+        controls.enable_ept(map.eptp(false));
         let stats = map.stats();
         kinfo!(
             "EPT identity map of {} GB: {} tables, {} x 1G + {} x 2M + {} x 4K pages; hypervisor memory {}",
