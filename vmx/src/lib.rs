@@ -5,6 +5,7 @@
 
 pub mod caps;
 pub mod controls;
+pub mod entry_check;
 pub mod exit;
 pub mod hypercall;
 pub mod policy;
