@@ -83,6 +83,14 @@ impl EptCaps {
     }
 }
 
+/// The EPT pointer of a 4-level map whose PML4 is at `pml4`: WB paging structures when
+/// allowed (else UC), page-walk length 4, A/D flags when asked for and supported.
+pub fn eptp_for(pml4: u64, caps: &EptCaps, enable_ad: bool) -> u64 {
+    let t = if caps.wb_allowed { MemType::Wb } else { MemType::Uc };
+    let ad = if enable_ad && caps.ad_bits { 1 << 6 } else { 0 };
+    pml4 | t.bits() | (3 << 3) | ad
+}
+
 /// Page sizes of a leaf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageSize {
@@ -302,9 +310,7 @@ impl<A: FrameAllocator> Ept<A> {
     /// The EPT pointer: WB paging-structure type when allowed (else UC), 4-level walk,
     /// accessed/dirty flags when `enable_ad` and supported.
     pub fn eptp(&self, enable_ad: bool) -> u64 {
-        let t = if self.caps.wb_allowed { MemType::Wb } else { MemType::Uc };
-        let ad = if enable_ad && self.caps.ad_bits { 1 << 6 } else { 0 };
-        self.pml4 | t.bits() | (3 << 3) | ad
+        eptp_for(self.pml4, &self.caps, enable_ad)
     }
 
     /// Physical address of the PML4 table.

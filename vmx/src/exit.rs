@@ -317,7 +317,7 @@ impl ExitCounters {
     }
 }
 
-const CR4_VMXE: u64 = 1 << 13;
+use crate::caps::CR4_VMXE;
 const RFLAGS_RF: u64 = 1 << 16;
 
 /// VM-entry interruption types.

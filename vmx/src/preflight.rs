@@ -427,10 +427,5 @@ pub fn native_needs(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Features {
     f
 }
 
-/// Convenience: [`preflight`] with CR4.VMXE taken from the caps' CR4 snapshot.
-pub fn preflight_snapshot(caps: &VmxCaps, req: &Request) -> Result<Cleared, Refusals> {
-    preflight(caps, caps.cr4, req)
-}
-
 #[cfg(test)]
 mod tests;

@@ -160,7 +160,7 @@ pub struct LaunchState {
     pub pat: u64,
 }
 
-pub const CR4_VMXE: u64 = 1 << 13;
+pub use crate::caps::CR4_VMXE;
 /// Index of GS in [`LaunchState::segments`].
 pub const SEG_GS: usize = 5;
 

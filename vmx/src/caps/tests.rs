@@ -32,7 +32,7 @@ impl VmxHw for FakeHw {
 
 /// A typical modern Intel CPU with true controls, EPT and VPID (hand-built, see the
 /// individual bits in the asserts below).
-const MODERN: &[(u32, u64)] = &[
+pub(crate) const MODERN: &[(u32, u64)] = &[
     (0x3a, 0x5),
     (0x480, 0x00da_0400_0000_0004),
     (0x481, 0x0000_007f_0000_0016),
@@ -54,7 +54,7 @@ const MODERN: &[(u32, u64)] = &[
     (0x491, 0x1),
 ];
 
-fn modern() -> RawCaps {
+pub(crate) fn modern() -> RawCaps {
     RawCaps::read(&FakeHw { vendor: b"GenuineIntel", cpuid1_ecx: 0x7ffa_fbff, cr4: 0x3706f0, msrs: MODERN }, 3)
 }
 

@@ -65,7 +65,7 @@ fn vmxe_already_set() {
     // From the snapshot too.
     let mut r = bochs();
     r.cr4 |= CR4_VMXE;
-    assert!(preflight_snapshot(&VmxCaps::decode(&r), &req(KDBT)).unwrap_err().contains(&Refusal::VmxAlreadyInUse));
+    assert!(preflight(&VmxCaps::decode(&r), r.cr4, &req(KDBT)).unwrap_err().contains(&Refusal::VmxAlreadyInUse));
 }
 
 #[test]

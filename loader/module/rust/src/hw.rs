@@ -77,11 +77,16 @@ impl vmx::caps::VmxHw for KernelHw {
     }
 
     fn read_cr4(&self) -> u64 {
-        let v: u64;
-        // SAFETY: reading CR4 at CPL 0 has no side effects.
-        unsafe { core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
-        v
+        read_cr4()
     }
+}
+
+/// This CPU's CR4.
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 at CPL 0 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
 }
 
 /// The CPU this runs on (stable only with preemption or interrupts off).

@@ -5,14 +5,14 @@
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
+use vmx::caps::CR4_VMXE;
 use vmx::segment;
-use vmx::vmcs::{ControlsIn, Dtr, HostIn, LaunchState, Op, Segment, Vmcs, VmcsError};
+use vmx::vmcs::{Dtr, HostIn, LaunchState, Op, Segment, Vmcs, VmcsError};
 
 use super::percpu::{PerCpu, GDT_CS, GDT_SS, GDT_TR};
 use super::root::{vmread_checked, vmwrite_checked, LAUNCH_ENTRY_FAILED};
 use super::{entry, Controls};
 
-const CR4_VMXE: u64 = 1 << 13;
 const MSR_FEATURE_CONTROL: u32 = 0x3a;
 const FC_LOCKED: u64 = 1 << 0;
 const FC_VMXON_OUTSIDE_SMX: u64 = 1 << 2;
@@ -85,12 +85,6 @@ fn read_cr3() -> u64 {
     unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
     v
 }
-pub fn read_cr4() -> u64 {
-    let v;
-    // SAFETY: as above.
-    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
-    v
-}
 fn write_cr4(v: u64) {
     // SAFETY: only called to set or clear CR4.VMXE (and fixed bits) around VMXON, with
     // interrupts off on this CPU.
@@ -102,12 +96,12 @@ fn rdmsr(msr: u32) -> u64 {
     unsafe { x86::msr::rdmsr(msr) }
 }
 
-/// The memory operand of SGDT/SIDT.
+/// The memory operand of SGDT/SIDT, LGDT/LIDT.
 #[repr(C, packed)]
 #[derive(Default)]
-struct RawDtr {
-    limit: u16,
-    base: u64,
+pub(super) struct RawDtr {
+    pub limit: u16,
+    pub base: u64,
 }
 
 fn sgdt() -> RawDtr {
@@ -178,7 +172,7 @@ pub fn launch(
     fail_on_purpose: bool,
     corrupt_vmwrite: Option<u32>,
 ) -> Result<(), LaunchError> {
-    let cr4 = read_cr4();
+    let cr4 = crate::hw::read_cr4();
     if cr4 & CR4_VMXE != 0 {
         return Err(LaunchError::VmxeAlreadySet);
     }
@@ -194,13 +188,13 @@ pub fn launch(
     if fc & FC_LOCKED == 0 {
         // Firmware left it unlocked: enable VMXON outside SMX and lock, as firmware should.
         // SAFETY: writing the architectural FEATURE_CONTROL bits while unlocked.
-        unsafe { x86::msr::wrmsr(MSR_FEATURE_CONTROL, fc | FC_LOCKED | FC_VMXON_OUTSIDE_SMX) };
+        unsafe { x86::msr::wrmsr(MSR_FEATURE_CONTROL, vmx::preflight::feature_control_lock_value(fc)) };
     } else if fc & FC_VMXON_OUTSIDE_SMX == 0 {
         return Err(LaunchError::FeatureControlLocked);
     }
 
     let t0 = tsc();
-    let cr0 = (read_cr0() | c.cr0_fixed0) & c.cr0_fixed1;
+    let cr0 = c.vmx_cr0(read_cr0());
     // The fixed bits hold for `cr4` apart from VMXE (checked above).
     let cr4v = cr4 | CR4_VMXE;
     write_cr4(cr4v);
@@ -250,7 +244,7 @@ pub fn launch(
     }
     // Nothing cached for this EPTP/VPID may survive from an earlier load.
     if c.eptp != 0 {
-        invept_all();
+        super::root::invept_all();
     }
     if c.vpid != 0 {
         invvpid_all();
@@ -291,13 +285,6 @@ pub fn launch(
             Err(err)
         }
     }
-}
-
-/// INVEPT, all-context type (checked available by preflight: Features::INVEPT_ALL).
-fn invept_all() {
-    let desc = [0u64; 2];
-    // SAFETY: VMX root operation; type 2 (all-context) with a valid descriptor.
-    unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
 }
 
 /// INVVPID, all-context type (only used when preflight found Features::INVVPID_ALL).
@@ -380,20 +367,7 @@ fn launch_state(pc: &PerCpu, c: &Controls, cr0: u64, cr4: u64) -> LaunchState {
     // SAFETY: PUSHF/POP on our own stack.
     unsafe { asm!("pushfq", "pop {}", out(reg) rflags, options(nomem, preserves_flags)) };
     LaunchState {
-        controls: ControlsIn {
-            pin: c.pin,
-            proc: c.proc,
-            proc2: c.proc2,
-            exit: c.exit,
-            entry: c.entry,
-            cr0_fixed0: c.cr0_fixed0,
-            cr0_unrestricted_free: c.cr0_unrestricted_free,
-            cr4_fixed0: c.cr4_fixed0,
-            vpid: (c.vpid != 0).then(|| c.vpid_base.wrapping_add(pc.ctl.cpu as u16)),
-            eptp: (c.eptp != 0).then_some(c.eptp),
-            msr_bitmap_pa: pc.phys_of(pc.msr_bitmap.as_ptr()),
-            shadow: c.shadow,
-        },
+        controls: c.launch_controls(pc.ctl.cpu, pc.phys_of(pc.msr_bitmap.as_ptr())),
         host: HostIn {
             cr3: c.host_cr3,
             cs: GDT_CS,

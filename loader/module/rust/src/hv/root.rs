@@ -7,6 +7,7 @@ use vmx::vmcs::VmFail;
 use x86::vmx::vmcs::guest;
 
 use super::entry;
+use super::launch::RawDtr;
 use super::percpu::{self, PerCpu};
 
 /// VMREAD of the current VMCS; 0 if the field does not exist (never for the fields kdbt
@@ -105,13 +106,20 @@ impl ExitHw for RootHw {
         entry::wrmsr_safe(msr, value)
     }
     fn invept_all(&mut self) {
-        let desc = [0u64; 2];
-        // SAFETY: VMX root operation; all-context INVEPT, which preflight required.
-        unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
+        invept_all();
     }
     fn ept_call(&mut self, call: vmx::hypercall::Call, arg: u64) -> u64 {
         super::ept::root_call(call, arg)
     }
+}
+
+/// INVEPT, all-context type (EPT mode only: preflight required Features::INVEPT_ALL).
+/// VMX root operation only.
+pub(super) fn invept_all() {
+    let desc = [0u64; 2];
+    // SAFETY: called in VMX root operation (the launcher after VMXON, root mode's exit
+    // handler); all-context INVEPT, which preflight required, with a valid descriptor.
+    unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc, options(nostack)) };
 }
 
 impl vmx::shadow_exit::ShadowHw for RootHw {
@@ -318,14 +326,9 @@ fn devirtualize(pc: &mut PerCpu) {
         pc.ctl.nmi_pending.store(1, Ordering::Relaxed);
     }
 
-    #[repr(C, packed)]
-    struct Dtr {
-        limit: u16,
-        base: u64,
-    }
-    let rw_gdt = Dtr { limit: gdt_limit, base: gdt_rw };
-    let ro_gdt = Dtr { limit: gdt_limit, base: gdt_base };
-    let idt = Dtr { limit: idt_limit, base: idt_base };
+    let rw_gdt = RawDtr { limit: gdt_limit, base: gdt_rw };
+    let ro_gdt = RawDtr { limit: gdt_limit, base: gdt_base };
+    let idt = RawDtr { limit: idt_limit, base: idt_base };
 
     // SAFETY: this is the architectural sequence for leaving VMX operation on this CPU
     // with the guest's (the kernel's) own state, every value read from the VMCS the CPU
