@@ -15,6 +15,7 @@ pub mod pcmap;
 pub mod pool;
 pub mod scratch;
 pub mod templates;
+pub mod ve;
 
 #[cfg(feature = "host")]
 pub mod host;

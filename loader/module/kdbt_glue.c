@@ -7,6 +7,7 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/module.h>
+#include <linux/vmalloc.h>
 #include <linux/kernel.h>
 #include <linux/miscdevice.h>
 #include <linux/fs.h>
@@ -90,6 +91,13 @@ void *kdbt_glue_alloc_pages(unsigned int order)
 void kdbt_glue_free_pages(void *ptr, unsigned int order)
 {
 	free_pages((unsigned long)ptr, order);
+}
+
+u64 kdbt_glue_vmalloc_to_phys(const void *ptr)
+{
+	struct page *p = vmalloc_to_page(ptr);
+
+	return p ? page_to_phys(p) + offset_in_page(ptr) : 0;
 }
 
 u64 kdbt_glue_virt_to_phys(const void *ptr)

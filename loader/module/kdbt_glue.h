@@ -52,6 +52,8 @@ void kdbt_glue_free(void *ptr);
 /* 2^order zeroed, physically contiguous pages; may sleep. */
 void *kdbt_glue_alloc_pages(unsigned int order);
 void kdbt_glue_free_pages(void *ptr, unsigned int order);
+/* Physical address of a vmalloc/module-space address (0 if unmapped). */
+u64 kdbt_glue_vmalloc_to_phys(const void *ptr);
 u64 kdbt_glue_virt_to_phys(const void *ptr);
 void *kdbt_glue_phys_to_virt(u64 phys);
 

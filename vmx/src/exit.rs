@@ -597,7 +597,41 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
             regs.rax = hw.ept_call(call, regs.rbx);
             Action::Resume
         }
+        Call::VeControl => {
+            regs.rax = ve_control(hw, regs.rbx);
+            Action::Resume
+        }
     }
+}
+
+/// [`Call::VeControl`] on this CPU's VMCS: with a page-aligned physical address, the
+/// virtualization-exception information area is set there, the EPTP index to 0, and
+/// "EPT-violation #VE" (secondary bit 18) switched on, so that an EPT violation on a
+/// page whose entry has "suppress #VE" clear is delivered to the guest as vector 20
+/// instead of exiting (SDM Vol. 3C 26.5.7); 0 switches it off. Refused unless EPT is on
+/// and the CPU allows the control.
+fn ve_control(hw: &mut impl ExitHw, info_pa: u64) -> u64 {
+    const EPT_VIOLATION_VE: u64 = 1 << 18;
+    const ENABLE_EPT: u64 = 1 << 1;
+    const ACTIVATE_SECONDARY: u64 = 1 << 31;
+    const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
+    let allowed1 = hw.rdmsr_safe(IA32_VMX_PROCBASED_CTLS2).map_or(0, |v| v >> 32);
+    let proc = hw.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+    let proc2 = hw.vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS);
+    if allowed1 & EPT_VIOLATION_VE == 0 || proc & ACTIVATE_SECONDARY == 0 || proc2 & ENABLE_EPT == 0 {
+        return hypercall::ERR_UNSUPPORTED;
+    }
+    if info_pa & 0xfff != 0 {
+        return hypercall::ERR_BAD_ARGUMENT;
+    }
+    if info_pa == 0 {
+        hw.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 & !EPT_VIOLATION_VE);
+    } else {
+        hw.vmwrite(control::VIRT_EXCEPTION_INFO_ADDR_FULL, info_pa);
+        hw.vmwrite(control::EPTP_INDEX, 0);
+        hw.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 | EPT_VIOLATION_VE);
+    }
+    hypercall::OK
 }
 
 /// MOV to CR0/CR4 that touched a host-owned bit (the guest/host masks). The guest's view
@@ -686,6 +720,34 @@ mod tests {
             self.msrs.insert(msr, value);
             true
         }
+    }
+
+    #[test]
+    fn ve_control_switches_the_control_and_sets_the_area() {
+        let vmcall = |f: &mut Fake, arg: u64| {
+            f.vmwrite(ro::EXIT_REASON, reason::VMCALL as u64);
+            let mut r = GuestRegs { rax: Call::VeControl.rax(), rbx: arg, ..Default::default() };
+            let mut ctx = ExitCtx::new(0, 0);
+            handle(f, &mut r, &mut ctx, &ExitCounters::default());
+            r.rax
+        };
+        let mut f = exit(reason::VMCALL, 3, 0);
+        f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, 1 << 31);
+        f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, 1 << 1);
+        // The CPU does not allow the control: refused, nothing written.
+        assert_eq!(vmcall(&mut f, 0x5000), hypercall::ERR_UNSUPPORTED);
+        assert_eq!(f.vmread(control::VIRT_EXCEPTION_INFO_ADDR_FULL), 0);
+        f.msrs.insert(0x48B, (1 << 18 | 1 << 1) << 32);
+        assert_eq!(vmcall(&mut f, 0x5008), hypercall::ERR_BAD_ARGUMENT);
+        assert_eq!(vmcall(&mut f, 0x5000), hypercall::OK);
+        assert_eq!(f.vmread(control::VIRT_EXCEPTION_INFO_ADDR_FULL), 0x5000);
+        assert_eq!(f.vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS), 1 << 18 | 1 << 1);
+        assert_eq!(vmcall(&mut f, 0), hypercall::OK);
+        assert_eq!(f.vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS), 1 << 1);
+        // Without EPT (shadow paging): refused.
+        f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, 0);
+        assert_eq!(vmcall(&mut f, 0x5000), hypercall::ERR_UNSUPPORTED);
+        assert_eq!(f.vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS), 0);
     }
 
     fn exit(reason: u32, len: u64, cpl: u8) -> Fake {

@@ -60,6 +60,9 @@ pub enum Call {
     /// The EPT permissions of the page at RBX (a software walk in root mode): RAX = R=1,
     /// W=2, X=4, or `ERR_BAD_ARGUMENT` when unmapped.
     EptQuery = 0x12,
+    /// EPT-violation #VE on this CPU: RBX = the physical address of a zeroed, page-aligned
+    /// virtualization-exception information area to turn it on, 0 to turn it off.
+    VeControl = 0x13,
     /// Shadow paging: apply the current policy of the guest-physical page in RBX to this
     /// CPU's shadow leaves (and flush); `ERR_UNSUPPORTED` under EPT.
     ShadowApplyPolicy = 0x20,
@@ -93,6 +96,7 @@ pub fn decode(rax: u64) -> Decoded {
         0x10 => Call::EptSetPerms,
         0x11 => Call::EptInvalidate,
         0x12 => Call::EptQuery,
+        0x13 => Call::VeControl,
         0x20 => Call::ShadowApplyPolicy,
         other => return Decoded::Unknown(other),
     })
@@ -111,6 +115,7 @@ mod tests {
             Call::EptSetPerms,
             Call::EptInvalidate,
             Call::EptQuery,
+            Call::VeControl,
             Call::ShadowApplyPolicy,
         ] {
             assert_eq!(decode(c.rax()), Decoded::Call(c));

@@ -43,6 +43,9 @@ pub struct Controls {
     pub shadow: bool,
     /// INVVPID types the shadow MMU's flushes may use.
     pub flush: FlushCaps,
+    /// EPT-violation #VE may be switched on ([`crate::hypercall::Call::VeControl`]): EPT
+    /// mode and the CPU allows secondary control bit 18.
+    pub ve: bool,
 }
 
 /// What kdbt needs of every CPU. Optional features Linux may use natively (RDTSCP,
@@ -168,6 +171,7 @@ pub fn choose_controls(caps: &VmxCaps, avail: Features, shadow: bool) -> Result<
             retaining_globals: caps.ept_vpid.invvpid_single_context_retaining_globals,
             ignore_user_invlpg: false,
         },
+        ve: !shadow && caps.ve(),
     })
 }
 

@@ -20,7 +20,7 @@ if [ "$EXPECT_VMX" != 1 ]; then
 fi
 
 # Shadow paging adds the policy-hook check.
-if [ "$KDBT_PAGING" = shadow ]; then plan 22; else plan 21; fi
+if [ "$KDBT_PAGING" = shadow ]; then plan 22; else plan 23; fi
 
 cpus_list() { seq 0 $((NCPUS - 1)); }
 
@@ -148,6 +148,23 @@ else
     info "$out"
     inv=$(echo "$out" | grep -o 'cpu[0-9]*_invept=[0-9]*' | tr '\n' ' ')
     if [ $rc -eq 0 ] && [ "$(echo "$inv" | wc -w)" = "$NCPUS" ]; then pass ept_perms_all_cpus $inv; else fail ept_perms_all_cpus rc=$rc; fi
+    # EPT steering: the kernel DBT's self-test, loaded, adds a native call of a page whose
+    # execute right is gone; the #VE it takes must bring it into the code cache.
+    out=$(kdbt dbt-selftest 2>&1); rc=$?
+    info "$out"
+    if [ $rc -eq 0 ] && echo "$out" | grep -q 'EPT steering: 1 #VE'; then
+        pass dbt_ve_steering insns=$(echo "$out" | sed -n 's/.*ran from the cache (\([0-9]*\) instructions).*/\1/p')
+    else
+        fail dbt_ve_steering rc=$rc
+    fi
+    # The same with the execute right left in place: the check must see a native run.
+    out=$(kdbt dbt-selftest --no-steer 2>&1); rc=$?
+    info "$out"
+    if [ $rc -ne 0 ] && echo "$out" | grep -q 'the call ran natively: 0 #VEs'; then
+        pass dbt_ve_catches_native rc=$rc
+    else
+        fail dbt_ve_catches_native rc=$rc
+    fi
 fi
 
 # CPU hotplug while loaded (needs a second CPU).

@@ -244,6 +244,9 @@ pub const DBT_SELFTEST_TEST_NATIVE: u32 = 1 << 0;
 /// with kmalloc instead of its pool (the check that no kmalloc ran with interrupts off
 /// must then fail).
 pub const DBT_SELFTEST_NO_POOL: u32 = 1 << 1;
+/// [`Command::flags`] of [`IOC_DBT_SELFTEST`], for tests only: the EPT steering check's
+/// target keeps its execute right (the check that it was caught by a #VE must then fail).
+pub const DBT_SELFTEST_NO_STEER: u32 = 1 << 2;
 
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {

@@ -124,6 +124,10 @@ enum Cmd {
         /// that nothing called kmalloc with interrupts off must fail).
         #[arg(long, hide = true)]
         no_pool: bool,
+        /// Test hook: the EPT steering check's target keeps its execute right (the check
+        /// that a #VE caught it must fail).
+        #[arg(long, hide = true)]
+        no_steer: bool,
     },
     /// Show the versions of the CLI and of the loaded module.
     Version,
@@ -161,7 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: shadow policy check passed: {}", Device::open()?.shadow_check(flags)?);
             Ok(())
         }
-        Cmd::DbtSelftest { module, test_native, no_pool } => {
+        Cmd::DbtSelftest { module, test_native, no_pool, no_steer } => {
             if !module::is_inserted() {
                 let path = match module {
                     Some(p) => p,
@@ -177,6 +181,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if no_pool {
                 flags |= kdbt_abi::DBT_SELFTEST_NO_POOL;
+            }
+            if no_steer {
+                flags |= kdbt_abi::DBT_SELFTEST_NO_STEER;
             }
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())

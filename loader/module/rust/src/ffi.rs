@@ -12,6 +12,7 @@ extern "C" {
     pub fn kdbt_glue_free(ptr: *mut c_void);
     pub fn kdbt_glue_alloc_pages(order: c_uint) -> *mut c_void;
     pub fn kdbt_glue_free_pages(ptr: *mut c_void, order: c_uint);
+    pub fn kdbt_glue_vmalloc_to_phys(ptr: *const c_void) -> u64;
     pub fn kdbt_glue_virt_to_phys(ptr: *const c_void) -> u64;
     pub fn kdbt_glue_phys_to_virt(phys: u64) -> *mut c_void;
 

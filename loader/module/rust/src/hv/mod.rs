@@ -94,3 +94,17 @@ pub fn is_loaded() -> bool {
     STATE.lock().is_some()
 }
 
+/// Why EPT-violation #VE cannot be switched on ([`vmx::hypercall::Call::VeControl`]),
+/// or `Ok` when kdbt is loaded with EPT on a CPU model that allows it.
+pub fn ve_unavailable() -> Result<(), &'static str> {
+    let guard = STATE.lock();
+    let Some(st) = guard.as_ref() else { return Err("kdbt is not loaded") };
+    if st.ept.is_none() {
+        return Err("kdbt runs with shadow paging (no EPT)");
+    }
+    if !st.controls.ve {
+        return Err("this CPU has no EPT-violation #VE");
+    }
+    Ok(())
+}
+

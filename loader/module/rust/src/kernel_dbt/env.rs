@@ -30,6 +30,10 @@ pub fn release() {
     IN_USE.store(false, Ordering::Release);
 }
 
+/// Pages at the end of the code cache that the engine never gets: the EPT-steering
+/// check's native target and its #VE entry stub ([`super::steer`]).
+pub const STEER_PAGES: u64 = 2;
+
 /// How far a code-cache address may be from what it must reach with a rel32.
 const REACH: u64 = (1 << 31) - (16 << 20);
 
@@ -78,6 +82,18 @@ impl KernelEnv {
         (self.x, self.size)
     }
 
+    /// The [`STEER_PAGES`] pages kept from the engine: (executable address, writable alias)
+    /// of the first; the others follow at 4 KB steps.
+    pub fn steer_pages(&self) -> (u64, u64) {
+        let off = self.engine_size();
+        (self.x + off, self.w + off)
+    }
+
+    /// Bytes of the cache the engine may have.
+    fn engine_size(&self) -> u64 {
+        self.size.saturating_sub(STEER_PAGES * 4096)
+    }
+
     pub fn thunks(&self) -> usize {
         self.thunks.len()
     }
@@ -103,7 +119,7 @@ impl Env for KernelEnv {
     fn alloc_code(&mut self, near: u64, size: usize) -> Option<u64> {
         let at = self.x + self.used.next_multiple_of(64);
         let end = at.checked_add(size as u64)?;
-        if end > self.x + self.size || !within(at, near) || !within(end, near) {
+        if end > self.x + self.engine_size() || !within(at, near) || !within(end, near) {
             return None;
         }
         self.used = end - self.x;
@@ -149,7 +165,9 @@ impl Env for KernelEnv {
     }
 
     fn native(&self, pc: u64) -> bool {
-        pc >= self.module_text.0 && pc < self.module_text.1
+        // The cache is a section of the module's text; code there that the engine did
+        // not place (the steering check's target) is translated like any kernel code.
+        pc >= self.module_text.0 && pc < self.module_text.1 && !(pc >= self.x && pc < self.x + self.size)
     }
 
     fn memory_left(&self) -> usize {

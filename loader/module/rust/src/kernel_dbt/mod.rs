@@ -7,3 +7,4 @@ pub mod env;
 pub mod percpu;
 pub mod pool;
 pub mod selftest;
+pub mod steer;

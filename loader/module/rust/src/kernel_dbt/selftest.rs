@@ -21,6 +21,7 @@ use dbt::{Config, Engine, InsCount};
 use super::env::{self, KernelEnv};
 use super::percpu::Blocks;
 use super::pool;
+use super::steer;
 use crate::{ffi, hw};
 
 /// Translated `snprintf` calls with interrupts on.
@@ -96,8 +97,8 @@ fn check(c: &Case, entry: u64) -> Result<(), String> {
 }
 
 pub fn run(flags: u32) -> Result<String, String> {
-    use kdbt_abi::{DBT_SELFTEST_NO_POOL, DBT_SELFTEST_TEST_NATIVE};
-    if flags & !(DBT_SELFTEST_TEST_NATIVE | DBT_SELFTEST_NO_POOL) != 0 {
+    use kdbt_abi::{DBT_SELFTEST_NO_POOL, DBT_SELFTEST_NO_STEER, DBT_SELFTEST_TEST_NATIVE};
+    if flags & !(DBT_SELFTEST_TEST_NATIVE | DBT_SELFTEST_NO_POOL | DBT_SELFTEST_NO_STEER) != 0 {
         return Err(format!("unknown self-test flags {flags:#x}"));
     }
     if !env::claim() {
@@ -108,7 +109,7 @@ pub fn run(flags: u32) -> Result<String, String> {
     dbt::warm_up();
     pool::set_enabled(flags & DBT_SELFTEST_NO_POOL == 0);
     let r = pool::Memory::take().map_err(String::from).and_then(|mem| {
-        let r = run_claimed(flags & DBT_SELFTEST_TEST_NATIVE != 0);
+        let r = run_claimed(flags & DBT_SELFTEST_TEST_NATIVE != 0, flags & DBT_SELFTEST_NO_STEER != 0);
         // The engine is gone: every pool block it had is back.
         let left = pool::stats().in_use;
         drop(mem);
@@ -124,9 +125,11 @@ pub fn run(flags: u32) -> Result<String, String> {
 }
 
 /// `test_native`: call the native functions where the translations were meant (a test
-/// hook: the check that instructions ran from the cache must fail).
-fn run_claimed(test_native: bool) -> Result<String, String> {
+/// hook: the check that instructions ran from the cache must fail). `no_steer`: the EPT
+/// steering check's target keeps its execute right (a test hook: that check must fail).
+fn run_claimed(test_native: bool, no_steer: bool) -> Result<String, String> {
     let kenv = KernelEnv::new()?;
+    let steer_pages = kenv.steer_pages();
     let (cache, cache_size, thunks) = (kenv.cache().0, kenv.cache().1, kenv.thunks());
     let blocks = Blocks::new()?;
     let gs = blocks.gs_offset().ok_or("per-CPU offset out of reach")?;
@@ -215,6 +218,20 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
     if bad != 0 {
         return Err(format!("snprintf from the cache differed in {bad} of {STRESS_CALLS} calls"));
     }
+    // EPT steering (kdbt loaded with EPT and #VE): native code that lost its execute
+    // right is caught by a #VE and runs from the cache.
+    let steering = match crate::hv::ve_unavailable() {
+        Err(why) => format!("EPT steering: not tested ({why})"),
+        Ok(()) => {
+            let s = steer::check(steer_pages, &blocks, no_steer, || counted(&blocks))?;
+            format!(
+                "EPT steering: {} #VE, a native call of a page without execute right ran from the cache \
+                 ({} instructions)",
+                s.ves, s.insns
+            )
+        }
+    };
+    kinfo!("dbt-selftest: {steering}");
     let kmallocs = pool::atomic_kmallocs() - kmallocs_before;
     if kmallocs != 0 {
         return Err(format!(
@@ -225,19 +242,24 @@ fn run_claimed(test_native: bool) -> Result<String, String> {
     // SAFETY: the engine is live; nothing runs translated code now.
     let st = unsafe { Engine::locked(ep, |e| e.stats) };
     let ps = pool::stats();
+    // The details for the kernel log; the report (what the CLI prints) must fit the
+    // ioctl's message.
+    kinfo!(
+        "dbt-selftest: functions {names}; gs offset {gs:#x}; pool largest {} B, {} deferred frees",
+        ps.largest,
+        pool::deferred_frees()
+    );
     let report = format!(
-        "dbt-selftest passed: {n} kernel functions ({names}) ran from the code cache with native results, \
+        "dbt-selftest passed: {n} kernel functions ran from the code cache with native results, \
          on {cpus} CPUs and {STRESS_CALLS} calls with interrupts on; {} blocks, {} dispatches, {} links, \
-         {insns_total} instructions counted, gs offset {gs:#x}; dispatcher pool: {} allocations, \
-         peak {} KB of {} KB, largest {} B, 0 kmallocs with interrupts off, {} deferred frees",
+         {insns_total} instructions counted; dispatcher pool: {} allocations, peak {} KB of {} KB, \
+         0 kmallocs with interrupts off; {steering}",
         st.blocks,
         st.dispatches,
         st.links,
         ps.allocs,
         ps.peak >> 10,
         ps.size >> 10,
-        ps.largest,
-        pool::deferred_frees()
     );
     kinfo!("{report}");
     drop(e);

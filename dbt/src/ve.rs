@@ -1,0 +1,84 @@
+//! Entry into the dispatcher from a virtualization exception (#VE, vector 20): the stub
+//! an environment points its IDT's gate 20 at when EPT makes native code not executable,
+//! so that an escape from the code cache lands in the dispatcher (issue 10's "EPT as
+//! catch-all"; the kernel's check is `loader/module/rust/src/kernel_dbt/steer.rs`).
+//!
+//! At entry the CPU has pushed, on the interrupted stack (kernel to kernel, IST 0, no
+//! error code), after aligning rsp down to 16: rip (the native pc whose fetch violated
+//! EPT), cs, rflags, rsp, ss. The stub re-arms the #VE information area (its busy word
+//! at offset 4; the CPU delivers no further #VE while it is non-zero), counts the event,
+//! and `iretq`s into the engine's miss entry with the state a lookup miss leaves (README,
+//! "ABI"): rsp = interrupted rsp - 16, `[rsp]` = the guest's rcx, `[rsp+8]` = its rdx,
+//! rcx = the native pc, every other register and rflags as interrupted. The two frame
+//! slots lie in the area the CPU's own frame occupied (dead once it is read), so nothing
+//! is ever written below the final rsp: interrupts may arrive at the miss entry at once.
+use alloc::vec::Vec;
+
+use iced_x86::code_asm::*;
+
+/// The #VE entry stub at `ip`: `info` is the information area's address, `count` a
+/// `u64` it increments (locked), `miss` the engine's miss entry (`Scratch::miss_entry`).
+pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64) -> Result<Vec<u8>, IcedError> {
+    // F = rsp at entry: [F] rip, [F+8] cs, [F+16] rflags, [F+24] rsp, [F+32] ss.
+    let mut a = CodeAssembler::new(64)?;
+    a.endbr64()?;
+    a.push(rax)?; // F-8
+    a.push(rcx)?; // F-16
+    a.push(rdx)?; // F-24
+    a.mov(rax, info)?;
+    a.mov(dword_ptr(rax + 4), 0)?;
+    a.mov(rax, count)?;
+    a.lock().inc(qword_ptr(rax))?;
+    // A new iret frame below, into the miss entry.
+    a.mov(rax, qword_ptr(rsp + 56))?; // ss (F+32)
+    a.push(rax)?;
+    a.mov(rax, qword_ptr(rsp + 56))?; // interrupted rsp (F+24)
+    a.sub(rax, 16)?;
+    a.push(rax)?;
+    a.push(qword_ptr(rsp + 56))?; // rflags (F+16)
+    a.push(qword_ptr(rsp + 56))?; // cs (F+8)
+    a.mov(rax, miss)?;
+    a.push(rax)?; // rsp = F-64
+                  // The lookup frame at the interrupted rsp - 16.
+    a.mov(rdx, qword_ptr(rsp + 24))?;
+    a.mov(rax, qword_ptr(rsp + 48))?; // guest rcx
+    a.mov(qword_ptr(rdx), rax)?;
+    a.mov(rax, qword_ptr(rsp + 40))?; // guest rdx
+    a.mov(qword_ptr(rdx + 8), rax)?;
+    a.mov(rcx, qword_ptr(rsp + 64))?; // native pc
+    a.mov(rax, qword_ptr(rsp + 56))?; // guest rax
+    a.iretq()?;
+    a.assemble(ip)
+}
+
+/// Loop count and multiplier of [`steer_target`].
+const ROUNDS: u32 = 37;
+const MUL: i32 = 0x4F1B_BCDD;
+
+/// A small native function (`extern "C" fn(u64) -> u64`, endbr64 first, a loop) at `ip`
+/// for steering checks: code that is neither the engine's nor the kernel's, so it can
+/// have a page of its own to take the execute right from.
+pub fn steer_target(ip: u64) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut top = a.create_label();
+    a.endbr64()?;
+    a.mov(rax, rdi)?;
+    a.mov(ecx, ROUNDS)?;
+    a.set_label(&mut top)?;
+    a.imul_3(rax, rax, MUL)?;
+    a.add(rax, rcx)?;
+    a.ror(rax, 7u32)?;
+    a.dec(ecx)?;
+    a.jne(top)?;
+    a.ret()?;
+    a.assemble(ip)
+}
+
+/// What [`steer_target`] returns for `n`.
+pub fn steer_model(n: u64) -> u64 {
+    let mut x = n;
+    for c in (1..=ROUNDS as u64).rev() {
+        x = x.wrapping_mul(MUL as i64 as u64).wrapping_add(c).rotate_right(7);
+    }
+    x
+}
