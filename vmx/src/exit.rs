@@ -482,7 +482,7 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx, sta
             Action::Resume
         }
         reason::TRIPLE_FAULT => Action::Fatal(Fatal::TripleFault, diag(hw, basic)),
-        reason::EPT_VIOLATION => Action::Fatal(Fatal::EptViolation, diag(hw, basic)),
+        reason::EPT_VIOLATION => ept_violation(hw, basic),
         reason::EPT_MISCONFIG => Action::Fatal(Fatal::EptMisconfig, diag(hw, basic)),
         _ => Action::Fatal(Fatal::Unexpected, diag(hw, basic)),
     }
@@ -604,6 +604,35 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
     }
 }
 
+/// An EPT violation. After kdbt raises a page's rights, a CPU may still use a translation
+/// it cached with the old ones until its INVEPT, which reaches it by IPI some time later
+/// (SDM Vol. 3C 29.4.3.1: raising rights does not invalidate cached translations, and a
+/// stale one may cause an EPT violation). So root mode looks the page up in the tables
+/// now: if they allow the access the qualification names (bits 0-2: read, write,
+/// fetch), the violation is stale; INVEPT on this CPU, and the access is retried when the
+/// guest resumes (its count is the exit count of reason 48: every other EPT violation is
+/// fatal). The same retry when the tables are busy (another CPU is changing them): a real
+/// violation comes back. Otherwise fatal, with kdbt's diagnostic.
+fn ept_violation(hw: &mut impl ExitHw, basic: u32) -> Action {
+    let q = hw.vmread(ro::EXIT_QUALIFICATION);
+    let gpa = hw.vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
+    let access = q & 7;
+    let now = hw.ept_call(Call::EptQuery, gpa);
+    let stale = now & (1 << 63) == 0 && access != 0 && now & access == access;
+    if stale || now == hypercall::ERR_BUSY {
+        hw.invept_all();
+        // An IRET that unblocked NMIs faulted (qualification bit 12, no event being
+        // delivered): the retried IRET unblocks them again, so they must be blocked until
+        // then (SDM Vol. 3C 28.2.3).
+        if q & (1 << 12) != 0 && hw.vmread(ro::IDT_VECTORING_INFO) & (1 << 31) == 0 {
+            let intr = hw.vmread(guest::INTERRUPTIBILITY_STATE);
+            hw.vmwrite(guest::INTERRUPTIBILITY_STATE, intr | 1 << 3); // blocking by NMI
+        }
+        return Action::Resume;
+    }
+    Action::Fatal(Fatal::EptViolation, diag(hw, basic))
+}
+
 /// [`Call::VeControl`] on this CPU's VMCS: with a page-aligned physical address, the
 /// virtualization-exception information area is set there, the EPTP index to 0, and
 /// "EPT-violation #VE" (secondary bit 18) switched on, so that an EPT violation on a
@@ -683,6 +712,8 @@ mod tests {
         msrs: BTreeMap<u32, u64>,
         wbinvd: u32,
         invept: u32,
+        /// What EptQuery answers (None: no map, unsupported).
+        ept_query: Option<u64>,
     }
 
     impl ExitHw for Fake {
@@ -710,6 +741,12 @@ mod tests {
         fn invept_all(&mut self) {
             self.invept += 1;
         }
+        fn ept_call(&mut self, call: Call, _arg: u64) -> u64 {
+            match (call, self.ept_query) {
+                (Call::EptQuery, Some(v)) => v,
+                _ => hypercall::ERR_UNSUPPORTED,
+            }
+        }
         fn rdmsr_safe(&mut self, msr: u32) -> Option<u64> {
             self.msrs.get(&msr).copied()
         }
@@ -720,6 +757,45 @@ mod tests {
             self.msrs.insert(msr, value);
             true
         }
+    }
+
+    #[test]
+    fn a_stale_ept_violation_is_retried_and_a_real_one_is_fatal() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        let violation = |q: u64, now: Option<u64>| {
+            let mut f = exit(reason::EPT_VIOLATION, 0, 0);
+            f.vmwrite(ro::GUEST_PHYSICAL_ADDR_FULL, 0x12_3000);
+            f.vmwrite(ro::EXIT_QUALIFICATION, q);
+            f.ept_query = now;
+            f
+        };
+        // A write (bit 1) to a page the tables now map RW: stale, INVEPT and retry.
+        let mut f = violation(0x182, Some(0b011));
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
+        assert_eq!((f.invept, f.vmread(guest::RIP)), (1, 0xffff_ffff_8100_0000), "retried, not skipped");
+        // A fetch (bit 2) from a page still not executable: fatal.
+        let mut f = violation(0x184, Some(0b011));
+        assert!(matches!(
+            handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats),
+            Action::Fatal(Fatal::EptViolation, _)
+        ));
+        assert_eq!(f.invept, 0);
+        // The tables busy: retried; a query error: fatal.
+        let mut f = violation(0x181, Some(hypercall::ERR_BUSY));
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
+        let mut f = violation(0x181, Some(hypercall::ERR_BAD_ARGUMENT));
+        assert!(matches!(
+            handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats),
+            Action::Fatal(Fatal::EptViolation, _)
+        ));
+        // A stale violation of an IRET that unblocked NMIs: blocked again for the retry.
+        let mut f = violation(0x1181, Some(0b001));
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
+        assert_eq!(f.vmread(guest::INTERRUPTIBILITY_STATE) & 8, 8);
+        let mut f = violation(0x181, Some(0b001));
+        assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
+        assert_eq!(f.vmread(guest::INTERRUPTIBILITY_STATE) & 8, 0);
     }
 
     #[test]

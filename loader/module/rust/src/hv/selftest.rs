@@ -126,6 +126,18 @@ pub fn ept_check() -> Result<String, String> {
         }
         let _ = write!(report, "{p} ");
     }
+    // A stale translation: the page readable only (INVEPT everywhere), read on one CPU so
+    // its TLB holds the read-only translation, then made writable *without* INVEPT (the
+    // window between a raise and the INVEPT IPIs) and written there. If the CPU uses its
+    // stale translation, the write violates EPT; root mode finds the tables allow it,
+    // INVEPTs and retries (before, any EPT violation was fatal).
+    let mut stale = None;
+    if result.is_ok() {
+        stale = Some(stale_violation_check(gpa, page));
+        if let Some(Err(e)) = &stale {
+            result = Err(e.clone());
+        }
+    }
     // Whatever happened, give the page back its identity-map rights before freeing it.
     let restore = set_page_perms(gpa, Perms::RWX);
     let after = inveptions();
@@ -137,7 +149,50 @@ pub fn ept_check() -> Result<String, String> {
     for ((cpu, b), (_, a)) in before.iter().zip(after.iter()) {
         let _ = write!(counts, " cpu{cpu}_invept={}", a - b);
     }
-    Ok(alloc::format!("page={gpa:#x} perms=[{}]{counts}", report.trim_end()))
+    let stale = stale.and_then(|s| s.ok()).unwrap_or(0);
+    Ok(alloc::format!("page={gpa:#x} perms=[{}]{counts} stale_violations_retried={stale}", report.trim_end()))
+}
+
+/// EPT-violation exits a virtualized CPU has taken.
+fn ept_violation_exits(cpu: u32) -> u64 {
+    let guard = STATE.lock();
+    let Some(st) = guard.as_ref() else { return 0 };
+    st.cpus
+        .get(cpu as usize)
+        .and_then(|c| c.as_ref())
+        .map_or(0, |c| c.shared().stats.snapshot().counts[vmx::exit::reason::EPT_VIOLATION as usize])
+}
+
+/// See [`ept_check`]: returns how many stale EPT violations root mode retried on this CPU
+/// (0 if the CPU re-walked the tables itself).
+fn stale_violation_check(gpa: u64, page: *mut u64) -> Result<u64, String> {
+    use ::ept::Perms;
+    set_page_perms(gpa, Perms::R)?;
+    let cpu = hw::this_cpu();
+    let before = ept_violation_exits(cpu);
+    // SAFETY: irq save/restore pair: the read, the raise and the write stay on this CPU.
+    let flags = unsafe { ffi::kdbt_glue_irq_save() };
+    let cpu_now = hw::this_cpu();
+    // SAFETY: our page, readable.
+    let v = unsafe { page.read_volatile() };
+    let r = hypercall(vmx::hypercall::Call::EptSetPerms, gpa | Perms::RW.bits() as u64);
+    if r & (1 << 63) == 0 {
+        // SAFETY: our page; EPT now allows the write (this CPU may not know yet).
+        unsafe { page.write_volatile(v ^ 1) };
+    }
+    // SAFETY: restores what irq_save returned.
+    unsafe { ffi::kdbt_glue_irq_restore(flags) };
+    if r & (1 << 63) != 0 {
+        return Err(alloc::format!("EptSetPerms RW on {gpa:#x} returned {r:#x}"));
+    }
+    // SAFETY: our page.
+    let w = unsafe { page.read_volatile() };
+    if w != v ^ 1 {
+        return Err(alloc::format!("{gpa:#x}: the write after the raise reads back {w:#x}, not {:#x}", v ^ 1));
+    }
+    // SAFETY: our page; put the pattern back for the caller.
+    unsafe { page.write_volatile(v) };
+    Ok(if cpu_now == cpu { ept_violation_exits(cpu) - before } else { 0 })
 }
 
 /// NMI counters of a virtualized CPU: (NMI exits, NMI-window exits, NMIs injected).
