@@ -25,6 +25,13 @@ check() {
     if [ $_krc -eq 0 ]; then pass "$_kname"; else fail "$_kname" rc=$_krc; info "$_kout"; fi
     return $_krc
 }
+caught() {
+    _kname=$1; _ktext=$2
+    shift 2
+    _kout=$("$@" 2>&1); _krc=$?
+    info "$_kout"
+    if [ $_krc -ne 0 ] && printf '%s\n' "$_kout" | grep -qF -- "$_ktext"; then pass "$_kname" rc=$_krc; else fail "$_kname" rc=$_krc; fi
+}
 DMESG_MARK=$(dmesg 2>/dev/null | wc -l)
 dmesg_clean() { pass "$1" new_lines="$(( $(dmesg 2>/dev/null | wc -l) - DMESG_MARK ))"; }
 emit KDBT-BOOT

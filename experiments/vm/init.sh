@@ -67,6 +67,15 @@ check() {
     if [ $_krc -eq 0 ]; then pass "$_kname"; else fail "$_kname" rc=$_krc; info "$_kout"; fi
     return $_krc
 }
+# caught NAME TEXT CMD...: a test hook that disables a mechanism must be caught: PASS if
+# CMD fails and its output contains TEXT; its output goes out as INFO lines either way.
+caught() {
+    local _kname=$1 _ktext=$2 _kout _krc
+    shift 2
+    _kout=$("$@" 2>&1); _krc=$?
+    info "$_kout"
+    if [ $_krc -ne 0 ] && printf '%s\n' "$_kout" | grep -qF -- "$_ktext"; then pass "$_kname" rc=$_krc; else fail "$_kname" rc=$_krc; fi
+}
 # Kernel log lines that mean trouble (our own KDBT- lines are excluded).
 BAD_DMESG='WARNING|Oops|BUG|general protection|Call Trace|Kernel panic|refcount_t|UBSAN|KASAN|segfault'
 # dmesg_mark: remember how long the kernel log is now (done once before the suite).

@@ -159,13 +159,7 @@ else
         fail dbt_ve_steering rc=$rc
     fi
     # The same with the execute right left in place: the check must see a native run.
-    out=$(kdbt dbt-selftest --no-steer 2>&1); rc=$?
-    info "$out"
-    if [ $rc -ne 0 ] && echo "$out" | grep -q 'the call ran natively: 0 #VEs'; then
-        pass dbt_ve_catches_native rc=$rc
-    else
-        fail dbt_ve_catches_native rc=$rc
-    fi
+    caught dbt_ve_catches_native 'the call ran natively: 0 #VEs' kdbt dbt-selftest --no-steer
 fi
 
 # CPU hotplug while loaded (needs a second CPU).
