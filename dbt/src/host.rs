@@ -34,8 +34,8 @@ pub struct HostEnv {
     /// Mappings of dispatcher entries (not cache regions: `spread` skips them).
     entry_maps: usize,
     /// Test hook: a pool of this many bytes ([`Env::memory_left`]): the
-    /// arena's growth from the first translation on is charged against it,
-    /// as a small kernel pool would be.
+    /// arena's blocks in use from the first translation on are charged
+    /// against it, as a small kernel pool would be.
     pub memory_budget: Option<usize>,
     /// Arena bytes in use at the first `memory_left` (the budget's zero).
     budget_base: core::cell::Cell<Option<usize>>,
@@ -194,6 +194,11 @@ impl Env for HostEnv {
     }
 
     fn memory_left(&self) -> usize {
+        // The arena is reserved on the first dispatcher-mode allocation; an engine
+        // driven outside the harness may ask before that.
+        if !crate::host_alloc::arena() {
+            return 0;
+        }
         let arena = &crate::host_alloc::ARENA;
         let Some(budget) = self.memory_budget else {
             return arena.bump_left();
@@ -607,15 +612,19 @@ unsafe extern "C" fn host_dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
     crate::host_alloc::with_dbt_alloc(|| {
         use crate::host_alloc::{ARENA, MAX_DISPATCH_GROWTH};
         use core::sync::atomic::Ordering;
-        let before = ARENA.stats().in_use;
         let dirs = crate::pcmap::REGION_DIR_BYTES.load(Ordering::Relaxed);
-        ARENA.mark();
+        let bump = ARENA.bump_used();
         // SAFETY: the caller's contract.
         let r = unsafe { crate::engine::dbt_rust_dispatch(s, f) };
-        // Region directories are sized with the region and checked against the
-        // memory left on their own (`Engine::region_for`).
-        let dirs = crate::pcmap::REGION_DIR_BYTES.load(Ordering::Relaxed).saturating_sub(dirs);
-        let grew = ARENA.peak_since_mark().saturating_sub(before).saturating_sub(dirs);
+        // What the bump pointer passed (blocks and their alignment padding: what
+        // `Pool::bump_left`, the engine's measure of memory left, loses). A dispatch that
+        // made a region (its directory is checked against the memory left on its own,
+        // `Engine::region_for`) is not measured.
+        let grew = if crate::pcmap::REGION_DIR_BYTES.load(Ordering::Relaxed) == dirs {
+            ARENA.bump_used().saturating_sub(bump)
+        } else {
+            0
+        };
         MAX_DISPATCH_GROWTH.fetch_max(grew, Ordering::Relaxed);
         r
     })

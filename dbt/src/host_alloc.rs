@@ -28,9 +28,9 @@ pub static LEAKED: AtomicUsize = AtomicUsize::new(0);
 /// check the dispatcher's fast path never allocates.
 pub static DISPATCHER_ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
-/// The most arena memory one dispatch had in use beyond what was live when
-/// it began, region directories apart (the host dispatcher measures every
-/// dispatch; meaningful when one thread dispatches).
+/// The most bump space of the arena one dispatch used up (blocks and their
+/// alignment padding; dispatches that made a region apart). The host
+/// dispatcher measures every dispatch; meaningful when one thread dispatches.
 pub static MAX_DISPATCH_GROWTH: AtomicUsize = AtomicUsize::new(0);
 
 /// Run `f` with dispatcher-side allocation.
@@ -42,7 +42,7 @@ pub fn with_dbt_alloc<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// The arena, its region reserved on first use (false: mmap failed).
-fn arena() -> bool {
+pub(crate) fn arena() -> bool {
     *ARENA_ONCE.call_once(|| {
         // SAFETY: reserving address space; pages are committed on first touch.
         let p = unsafe {

@@ -22,14 +22,17 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 /// Size classes: 16 B (2^4) up to 2^47.
 const CLASSES: usize = 48;
 const MIN_CLASS: u32 = 4;
+/// Alignment of the bump pointer's blocks at most (see [`Pool::alloc`]).
+const PAGE: usize = 4096;
 
 /// Bytes the pool must still hold, untouched by the bump pointer, for the
 /// engine to start another translation. One dispatch (a block's
 /// translation, its exit records and pc map, the growth of the engine's
 /// maps and vectors; a new region's pc-index directory is checked on its
-/// own) grew the pool by at most 20 KB over the host corpus with the
-/// inscount client (3548 blocks); `tests/dispatch_memory.rs` checks a
-/// quarter of this reserve as the bound on every run.
+/// own) used at most 18 KB of the pool's bump space, alignment padding
+/// included, over the host corpus with the inscount client (3,843 blocks);
+/// `tests/dispatch_memory.rs` checks a quarter of this reserve as the bound
+/// on every run.
 pub const TRANSLATE_RESERVE: usize = 128 << 10;
 
 /// What a pool has done (every field counts since [`Pool::init`]).
@@ -165,7 +168,14 @@ impl Pool {
             return core::ptr::null_mut();
         }
         let sz = 1usize << c;
-        let got = {
+        // Blocks are aligned to their class up to a page (so a block wastes at most
+        // a page's worth of bump space in padding); a request aligned beyond a page
+        // gets its own alignment from the bump pointer and never a free-list block.
+        let over_page = layout.align() > PAGE;
+        let align = if over_page { layout.align() } else { sz.min(PAGE) };
+        let got = if over_page {
+            0
+        } else {
             let mut f = self.free.lock();
             let head = f[c];
             if head != 0 {
@@ -180,9 +190,7 @@ impl Pool {
             let end = base + self.size.load(Ordering::Relaxed);
             loop {
                 let cur = self.next.load(Ordering::Acquire);
-                // Blocks are aligned to their size, so every alignment up to
-                // the class holds.
-                let Some(a) = cur.checked_add(sz - 1).map(|v| v & !(sz - 1)) else {
+                let Some(a) = cur.checked_add(align - 1).map(|v| v & !(align - 1)) else {
                     return core::ptr::null_mut();
                 };
                 if a.checked_add(sz).is_none_or(|e| e > end) {
@@ -218,8 +226,18 @@ impl Pool {
         self.in_use.fetch_sub(1 << c, Ordering::Relaxed);
     }
 
+    /// Bytes the bump pointer has passed (blocks, their alignment padding included).
+    pub fn bump_used(&self) -> usize {
+        let b = self.base.load(Ordering::Acquire);
+        if b == 0 {
+            return 0;
+        }
+        self.next.load(Ordering::Acquire).saturating_sub(b)
+    }
+
     /// Bytes the bump pointer has not handed out yet: what a large request
-    /// can still get (the free lists hold more, in their classes).
+    /// can still get, less at most a page of alignment padding (the free lists
+    /// hold more, in their classes).
     pub fn bump_left(&self) -> usize {
         let b = self.base.load(Ordering::Acquire);
         if b == 0 {

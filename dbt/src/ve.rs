@@ -12,20 +12,34 @@
 //! rcx = the native pc, every other register and rflags as interrupted. The two frame
 //! slots lie in the area the CPU's own frame occupied (dead once it is read), so nothing
 //! is ever written below the final rsp: interrupts may arrive at the miss entry at once.
+//!
+//! Only a fetch of the interrupted rip is a steering event (information area:
+//! qualification bit 2, guest-linear address = rip). Any other #VE (a data access, or a
+//! stale translation while #VE is on) goes, with every register and the CPU's frame as
+//! they were, to the environment's `fallback` (the kernel's switches #VE off and retries
+//! the access, so that a real violation exits to root mode's diagnostic).
 use alloc::vec::Vec;
 
 use iced_x86::code_asm::*;
 
 /// The #VE entry stub at `ip`: `info` is the information area's address, `count` a
-/// `u64` it increments (locked), `miss` the engine's miss entry (`Scratch::miss_entry`).
-pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64) -> Result<Vec<u8>, IcedError> {
+/// `u64` it increments (locked), `miss` the engine's miss entry (`Scratch::miss_entry`),
+/// `fallback` where a #VE that is not a fetch of rip goes (the CPU's frame at rsp).
+pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64, fallback: u64) -> Result<Vec<u8>, IcedError> {
     // F = rsp at entry: [F] rip, [F+8] cs, [F+16] rflags, [F+24] rsp, [F+32] ss.
     let mut a = CodeAssembler::new(64)?;
+    let mut other = a.create_label();
+    let mut fallback_at = a.create_label();
     a.endbr64()?;
     a.push(rax)?; // F-8
     a.push(rcx)?; // F-16
     a.push(rdx)?; // F-24
     a.mov(rax, info)?;
+    a.test(byte_ptr(rax + 8), 4)?; // qualification: instruction fetch
+    a.jz(other)?;
+    a.mov(rcx, qword_ptr(rax + 16))?; // guest-linear address
+    a.cmp(rcx, qword_ptr(rsp + 24))?; // the frame's rip
+    a.jne(other)?;
     a.mov(dword_ptr(rax + 4), 0)?;
     a.mov(rax, count)?;
     a.lock().inc(qword_ptr(rax))?;
@@ -48,6 +62,13 @@ pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64) -> Result<Vec<u8
     a.mov(rcx, qword_ptr(rsp + 64))?; // native pc
     a.mov(rax, qword_ptr(rsp + 56))?; // guest rax
     a.iretq()?;
+    a.set_label(&mut other)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.jmp(qword_ptr(fallback_at))?;
+    a.set_label(&mut fallback_at)?;
+    a.dq(&[fallback])?;
     a.assemble(ip)
 }
 
@@ -81,4 +102,22 @@ pub fn steer_model(n: u64) -> u64 {
         x = x.wrapping_mul(MUL as i64 as u64).wrapping_add(c).rotate_right(7);
     }
     x
+}
+
+/// A fallback for [`ve_entry_stub`] at `ip`: one VMCALL with rax = `call_rax` and
+/// rbx = `call_rbx` (the environment's hypercall that switches #VE off on this CPU), then
+/// `iretq` to retry the access with every register as interrupted, so that a real EPT
+/// violation now exits to the hypervisor instead.
+pub fn ve_fallback_stub(ip: u64, call_rax: u64, call_rbx: u64) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.endbr64()?;
+    a.push(rax)?;
+    a.push(rbx)?;
+    a.mov(rax, call_rax)?;
+    a.mov(rbx, call_rbx)?;
+    a.vmcall()?;
+    a.pop(rbx)?;
+    a.pop(rax)?;
+    a.iretq()?;
+    a.assemble(ip)
 }

@@ -31,7 +31,7 @@ fn one_dispatch_stays_well_inside_the_reserve() {
     let grew = MAX_DISPATCH_GROWTH.load(Ordering::Relaxed);
     let st = ARENA.stats();
     eprintln!(
-        "{} blocks, {} dispatches: largest growth in one dispatch {grew} B, largest request {} B, arena peak {} KB",
+        "{} blocks, {} dispatches: most bump space one dispatch used {grew} B, largest request {} B, arena peak {} KB",
         h.engine.stats.blocks,
         h.engine.stats.dispatches,
         st.largest,

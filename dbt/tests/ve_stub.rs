@@ -46,6 +46,23 @@ kdbt_ve_harness:
     mov rdx, 0x3333
     jmp r12
 
+    .globl kdbt_ve_fallback
+kdbt_ve_fallback:
+    mov [r15 + 104], rax
+    mov [r15 + 112], rcx
+    mov [r15 + 120], rdx
+    mov r14, [rsp]
+    mov [r15 + 8], rsp
+    mov [r15], r14
+    mov rsp, [r15 + 80]
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+
     .globl kdbt_ve_capture
 kdbt_ve_capture:
     mov [r15], rcx
@@ -72,6 +89,7 @@ kdbt_ve_capture:
 extern "C" {
     fn kdbt_ve_harness(stub: u64, out: *mut u64, misalign: u64);
     fn kdbt_ve_capture();
+    fn kdbt_ve_fallback();
 }
 
 /// `len` bytes of fresh read-write-execute memory.
@@ -98,16 +116,9 @@ fn ve_stub_enters_the_miss_entry_with_the_lookup_state() {
     let mut info = [0u32; 8];
     for misalign in [0u64, 8] {
         info[1] = 0xffff_ffff;
-        let stub = ve_entry_stub(
-            page as u64,
-            info.as_mut_ptr() as u64,
-            COUNT.as_ptr() as u64,
-            kdbt_ve_capture as *const () as u64,
-        )
-        .expect("stub assembles");
-        // SAFETY: our RWX page, large enough (checked).
-        assert!(stub.len() <= 4096);
-        unsafe { std::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len()) };
+        // A fetch (qualification bit 2) of the interrupted rip (0x4444).
+        (info[2], info[4], info[5]) = (4, 0x4444, 0);
+        stub_at(page, info.as_mut_ptr(), &COUNT);
         let before = COUNT.load(Ordering::Relaxed);
         let mut out = [0u64; 16];
         // SAFETY: the harness builds a #VE frame below its own stack and comes back
@@ -121,7 +132,48 @@ fn ve_stub_enters_the_miss_entry_with_the_lookup_state() {
         assert_eq!(out[4], 0x1111, "rax as interrupted");
         assert_eq!(out[5] & !0x10000, out[12] & !0x10000, "rflags as interrupted");
         assert_eq!(COUNT.load(Ordering::Relaxed), before + 1, "counted");
-        assert_eq!(info[1], 0, "busy word cleared");
+        // SAFETY: our array (the stub wrote it through a raw pointer).
+        assert_eq!(unsafe { info.as_ptr().add(1).read_volatile() }, 0, "busy word cleared");
+    }
+}
+
+/// The stub written into `page`, with its information area at `info` (which the stub
+/// writes: read it back with `read_volatile`).
+fn stub_at(page: *mut u8, info: *mut u32, count: &AtomicU64) -> Vec<u8> {
+    let stub = ve_entry_stub(
+        page as u64,
+        info as u64,
+        count.as_ptr() as u64,
+        kdbt_ve_capture as *const () as u64,
+        kdbt_ve_fallback as *const () as u64,
+    )
+    .expect("stub assembles");
+    assert!(stub.len() <= 4096);
+    // SAFETY: our RWX page, large enough (checked).
+    unsafe { std::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len()) };
+    stub
+}
+
+/// A #VE that is not a fetch of rip (a data access; a fetch elsewhere) reaches the
+/// fallback with the CPU's frame at rsp and every register as interrupted, uncounted.
+#[test]
+fn ve_stub_hands_anything_but_a_fetch_of_rip_to_the_fallback() {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let page = rwx(4096);
+    for (qual, gla) in [(2u32, 0x4444u32), (4, 0x5555), (1, 0)] {
+        let mut info = [0u32; 8];
+        info[1] = 0xffff_ffff;
+        (info[2], info[4]) = (qual, gla);
+        stub_at(page, info.as_mut_ptr(), &COUNT);
+        let mut out = [0u64; 16];
+        // SAFETY: as in the test above; the fallback comes back the same way.
+        unsafe { kdbt_ve_harness(page as u64, out.as_mut_ptr(), 0) };
+        assert_eq!(out[0], 0x4444, "[rsp] = the frame's rip (qualification {qual:#x})");
+        assert_eq!(out[1], (out[11] & !15) - 40, "rsp = the CPU's frame");
+        assert_eq!((out[13], out[14], out[15]), (0x1111, 0x2222, 0x3333), "rax, rcx, rdx as interrupted");
+        assert_eq!(COUNT.load(Ordering::Relaxed), 0, "not counted");
+        // SAFETY: as above.
+        assert_eq!(unsafe { info.as_ptr().add(1).read_volatile() }, 0xffff_ffff, "busy word left alone");
     }
 }
 

@@ -653,6 +653,12 @@ fn ve_control(hw: &mut impl ExitHw, info_pa: u64) -> u64 {
     if info_pa & 0xfff != 0 {
         return hypercall::ERR_BAD_ARGUMENT;
     }
+    // The CPU writes the area by physical address, past the guest's EPT view: only a page
+    // the guest may write itself (never hidden hypervisor memory).
+    let rw = hypercall::EPT_QUERY_R | hypercall::EPT_QUERY_W;
+    if info_pa != 0 && hw.ept_call(Call::EptQuery, info_pa) & (1 << 63 | rw) != rw {
+        return hypercall::ERR_BAD_ARGUMENT;
+    }
     if info_pa == 0 {
         hw.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 & !EPT_VIOLATION_VE);
     } else {
@@ -815,6 +821,12 @@ mod tests {
         assert_eq!(f.vmread(control::VIRT_EXCEPTION_INFO_ADDR_FULL), 0);
         f.msrs.insert(0x48B, (1 << 18 | 1 << 1) << 32);
         assert_eq!(vmcall(&mut f, 0x5008), hypercall::ERR_BAD_ARGUMENT);
+        // A page the guest cannot write (hidden hypervisor memory, or no map): refused.
+        assert_eq!(vmcall(&mut f, 0x5000), hypercall::ERR_BAD_ARGUMENT);
+        f.ept_query = Some(0b001);
+        assert_eq!(vmcall(&mut f, 0x5000), hypercall::ERR_BAD_ARGUMENT);
+        assert_eq!(f.vmread(control::VIRT_EXCEPTION_INFO_ADDR_FULL), 0);
+        f.ept_query = Some(0b111);
         assert_eq!(vmcall(&mut f, 0x5000), hypercall::OK);
         assert_eq!(f.vmread(control::VIRT_EXCEPTION_INFO_ADDR_FULL), 0x5000);
         assert_eq!(f.vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS), 1 << 18 | 1 << 1);

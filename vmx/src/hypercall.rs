@@ -38,6 +38,9 @@ pub const ERR_BUSY: u64 = 1 << 63 | 5;
 
 /// [`Call::EptSetPerms`] result bit: the tables changed, INVEPT every CPU.
 pub const EPT_CHANGED: u64 = 1 << 3;
+/// [`Call::EptQuery`]'s answer: the page's rights (bits 0-2: read, write, execute).
+pub const EPT_QUERY_R: u64 = 1 << 0;
+pub const EPT_QUERY_W: u64 = 1 << 1;
 
 /// Hypercall functions. Numbers are ABI: never reuse one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

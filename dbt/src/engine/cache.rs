@@ -29,9 +29,9 @@ impl Region {
 impl Engine {
     /// The region for code translated from `pc`, a new one if none is in
     /// reach. A new region needs its pc-index directory (a quarter of its
-    /// size) on top of the translation reserve: without that much dispatcher
-    /// memory the translation is refused (`NoMemory`); no code memory near
-    /// `pc` is `NoSpace`.
+    /// size, as a pool block) on top of the translation reserve: without that
+    /// much dispatcher memory the translation is refused (`NoMemory`); no
+    /// code memory near `pc` is `NoSpace`.
     pub(super) fn region_for(&mut self, pc: u64) -> Result<usize, StopKind> {
         let span = self.cfg.region_span.min(REACH);
         let near = |r: &Region| {

@@ -476,7 +476,7 @@ impl Engine {
         let mut spins = 0u32;
         while serving.load(Ordering::Acquire) != ticket {
             core::hint::spin_loop();
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins.is_multiple_of(128) {
                 relax();
             }

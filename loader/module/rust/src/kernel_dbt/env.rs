@@ -5,7 +5,7 @@
 //! native regions (this module's text: the code that calls into the cache and gets its
 //! results back).
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use dbt::{Env, Thunk};
 
@@ -25,8 +25,18 @@ pub fn claim() -> bool {
     IN_USE.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
 }
 
-/// Releases what [`claim`] took (once nothing can run from the cache any more).
+/// A writable alias whose environment was dropped with interrupts off (an engine that
+/// failed to build in dispatcher mode): vunmap may sleep, so [`release`] undoes it.
+static PENDING_UNALIAS: AtomicU64 = AtomicU64::new(0);
+
+/// Releases what [`claim`] took (once nothing can run from the cache any more; process
+/// context).
 pub fn release() {
+    let w = PENDING_UNALIAS.swap(0, Ordering::AcqRel);
+    if w != 0 {
+        // SAFETY: an alias from `KernelEnv::new` whose environment is gone.
+        unsafe { ffi::kdbt_glue_cache_unalias(w) };
+    }
     IN_USE.store(false, Ordering::Release);
 }
 
@@ -106,6 +116,10 @@ impl KernelEnv {
 
 impl Drop for KernelEnv {
     fn drop(&mut self) {
+        if super::pool::irqs_off() {
+            PENDING_UNALIAS.store(self.w, Ordering::Release);
+            return;
+        }
         // SAFETY: the alias made in `new`; the engine that wrote through it is gone.
         unsafe { ffi::kdbt_glue_cache_unalias(self.w) };
     }

@@ -107,7 +107,8 @@ pub fn in_dispatcher() -> bool {
     v != 0
 }
 
-fn irqs_off() -> bool {
+/// Whether interrupts are off on this CPU (RFLAGS.IF clear).
+pub fn irqs_off() -> bool {
     let f: u64;
     // SAFETY: reads rflags through the stack (push/pop, balanced).
     unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) f, options(preserves_flags)) };

@@ -13,13 +13,14 @@
 //! re-arms the information area, counts the event and enters the engine's miss entry as
 //! a lookup would (`rcx` = the native pc, the guest's rcx/rdx in a frame right below its
 //! rsp); the target then runs translated and returns through the dispatcher to its native
-//! caller. Everything is undone before interrupts come back on, so no other context ever
+//! caller. A #VE that is not a fetch of rip goes to a fallback that switches #VE off and
+//! retries the access (a real violation then exits to root mode's diagnostic). Everything is undone before interrupts come back on, so no other context ever
 //! sees the IDT copy (under KPTI it is not mapped in user page tables) or #VE enabled.
 use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use dbt::ve::{steer_model, steer_target, ve_entry_stub};
+use dbt::ve::{steer_model, steer_target, ve_entry_stub, ve_fallback_stub};
 
 use super::percpu::Blocks;
 use crate::{ffi, hv};
@@ -108,15 +109,20 @@ fn run(
         return Err("out of memory".into());
     }
     let target = steer_target(tx).map_err(|e| format!("assembling the target: {e}"))?;
-    let stub = ve_entry_stub(sx, info as u64, VE_COUNT.as_ptr() as u64, miss)
+    // The stub page: the entry stub, and at +2048 its fallback (#VE off, retry).
+    let fx = sx + 2048;
+    let fallback = ve_fallback_stub(fx, vmx::hypercall::Call::VeControl.rax(), 0)
+        .map_err(|e| format!("assembling the fallback: {e}"))?;
+    let stub = ve_entry_stub(sx, info as u64, VE_COUNT.as_ptr() as u64, miss, fx)
         .map_err(|e| format!("assembling the stub: {e}"))?;
-    if target.len() > 4096 || stub.len() > 4096 {
+    if target.len() > 4096 || stub.len() > 2048 || fallback.len() > 2048 {
         return Err("steering code larger than its page".into());
     }
     // SAFETY: the writable alias of the two pages the engine never gets.
     unsafe {
         core::ptr::copy_nonoverlapping(target.as_ptr(), tw as *mut u8, target.len());
         core::ptr::copy_nonoverlapping(stub.as_ptr(), sw as *mut u8, stub.len());
+        core::ptr::copy_nonoverlapping(fallback.as_ptr(), (sw + 2048) as *mut u8, fallback.len());
     }
     // SAFETY: the target just written, executable (module text), `extern "C" fn(u64) -> u64`.
     let f: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(tx as usize) };
