@@ -54,14 +54,7 @@ kdbt_ve_fallback:
     mov r14, [rsp]
     mov [r15 + 8], rsp
     mov [r15], r14
-    mov rsp, [r15 + 80]
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
-    ret
+    jmp 3f
 
     .globl kdbt_ve_capture
 kdbt_ve_capture:
@@ -75,6 +68,7 @@ kdbt_ve_capture:
     pushfq
     pop r14
     mov [r15 + 40], r14
+3:
     mov rsp, [r15 + 80]
     pop r15
     pop r14
