@@ -99,7 +99,7 @@ fn rdmsr(msr: u32) -> u64 {
 /// The memory operand of SGDT/SIDT, LGDT/LIDT.
 #[repr(C, packed)]
 #[derive(Default)]
-pub(super) struct RawDtr {
+pub(crate) struct RawDtr {
     pub limit: u16,
     pub base: u64,
 }
@@ -110,7 +110,7 @@ fn sgdt() -> RawDtr {
     unsafe { asm!("sgdt [{}]", in(reg) &mut d, options(nostack)) };
     d
 }
-fn sidt() -> RawDtr {
+pub(crate) fn sidt() -> RawDtr {
     let mut d = RawDtr::default();
     // SAFETY: SIDT stores 10 bytes into `d`.
     unsafe { asm!("sidt [{}]", in(reg) &mut d, options(nostack)) };

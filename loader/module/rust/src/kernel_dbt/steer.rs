@@ -14,8 +14,9 @@
 //! a lookup would (`rcx` = the native pc, the guest's rcx/rdx in a frame right below its
 //! rsp); the target then runs translated and returns through the dispatcher to its native
 //! caller. A #VE that is not a fetch of rip goes to a fallback that switches #VE off and
-//! retries the access (a real violation then exits to root mode's diagnostic). Everything is undone before interrupts come back on, so no other context ever
-//! sees the IDT copy (under KPTI it is not mapped in user page tables) or #VE enabled.
+//! retries the access (a real violation then exits to root mode's diagnostic). Everything
+//! is undone before interrupts come back on, so no other context ever sees the IDT copy
+//! (under KPTI it is not mapped in user page tables) or #VE enabled.
 use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use dbt::ve::{steer_model, steer_target, ve_entry_stub, ve_fallback_stub};
 
 use super::percpu::Blocks;
+use crate::hv::launch::{sidt, RawDtr};
 use crate::{ffi, hv};
 
 /// #VEs the stub has taken (since load).
@@ -31,22 +33,9 @@ static VE_COUNT: AtomicU64 = AtomicU64::new(0);
 /// The target's argument.
 const ARG: u64 = 0x6b64_6274_7665;
 
-#[repr(C, packed)]
-struct Dtr {
-    limit: u16,
-    base: u64,
-}
-
-fn sidt() -> Dtr {
-    let mut d = Dtr { limit: 0, base: 0 };
-    // SAFETY: stores the IDTR into `d`.
-    unsafe { core::arch::asm!("sidt [{}]", in(reg) &mut d, options(nostack)) };
-    d
-}
-
 /// # Safety
 /// `d` describes a valid IDT that stays mapped while it is loaded.
-unsafe fn lidt(d: &Dtr) {
+unsafe fn lidt(d: &RawDtr) {
     // SAFETY: the caller's contract.
     unsafe { core::arch::asm!("lidt [{}]", in(reg) d, options(nostack, readonly)) };
 }
@@ -156,7 +145,7 @@ fn run(
     let g = gate(sx, kcs);
     // SAFETY: gate 20 lies in our page (20 * 16 + 16 <= 4096).
     unsafe { core::ptr::copy_nonoverlapping(g.as_ptr() as *const u8, idt.add(20 * 16), 16) };
-    let copy = Dtr { limit: old.limit.max(20 * 16 + 15), base: idt as u64 };
+    let copy = RawDtr { limit: old.limit.max(20 * 16 + 15), base: idt as u64 };
     // SAFETY: a complete copy of the IDT in a page that outlives its use (restored below).
     unsafe { lidt(&copy) };
     let on = hv::hypercall(vmx::hypercall::Call::VeControl, info_pa);
