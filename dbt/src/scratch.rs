@@ -115,7 +115,14 @@ pub struct Scratch {
     pub env: u64, // 248
     /// The guest context the host harness enters with and gets back.
     pub ctx: GuestCtx, // 256 .. 400
-    pub _pad2: [u64; 14], // 400 .. 512
+    /// The environment's: linear address of this CPU's #VE information area
+    /// (read by the per-CPU #VE stub, [`crate::ve::ve_entry_stub_gs`]).
+    pub ve_info: u64, // 400
+    /// #VEs this CPU's stub steered into the dispatcher.
+    pub ve_count: u64, // 408
+    /// The environment's: dispatcher entries of this CPU.
+    pub dispatches: u64, // 416
+    pub _pad2: [u64; 11], // 424 .. 512
 }
 
 /// The client counter block, at `gs:[OFF_COUNTERS]`.
@@ -138,6 +145,8 @@ pub const OFF_MISS_ENTRY: i64 = 24;
 pub const OFF_LOOKUP_HITS: i64 = 96;
 pub const OFF_CLIENT: i64 = 112;
 pub const OFF_ENV: i64 = 248;
+pub const OFF_VE_INFO: i64 = 400;
+pub const OFF_VE_COUNT: i64 = 408;
 /// Offset of the counter block from the `%gs` base.
 pub const OFF_COUNTERS: i64 = 512;
 
@@ -159,6 +168,8 @@ const _: () = {
     assert!(offset_of!(Scratch, lookup_hits) == OFF_LOOKUP_HITS as usize);
     assert!(offset_of!(Scratch, client) == OFF_CLIENT as usize);
     assert!(offset_of!(Scratch, ctx) == 256);
+    assert!(offset_of!(Scratch, ve_info) == OFF_VE_INFO as usize);
+    assert!(offset_of!(Scratch, ve_count) == OFF_VE_COUNT as usize);
     assert!(size_of::<Scratch>() == 512);
     assert!(size_of::<Scratch>() <= 4096);
     assert!(size_of::<PerCpuArea>() == 4096);

@@ -22,10 +22,61 @@ use alloc::vec::Vec;
 
 use iced_x86::code_asm::*;
 
+/// Where the #VE stub finds a value: at an absolute address (the stub is one CPU's), or
+/// in the per-CPU block at `gs:[gs_base + offset]` (one stub for every CPU).
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    /// The value itself (information area, miss entry) or the counter's address.
+    Abs(u64),
+    /// `gs:[disp]` holds the value (the counter: is the value).
+    Gs(i64),
+}
+
 /// The #VE entry stub at `ip`: `info` is the information area's address, `count` a
 /// `u64` it increments (locked), `miss` the engine's miss entry (`Scratch::miss_entry`),
 /// `fallback` where a #VE that is not a fetch of rip goes (the CPU's frame at rsp).
 pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64, fallback: u64) -> Result<Vec<u8>, IcedError> {
+    stub(ip, Src::Abs(info), Src::Abs(count), Src::Abs(miss), fallback)
+}
+
+/// The #VE entry stub for every CPU at `ip`: each CPU's information area, #VE counter
+/// and miss entry are the fields `ve_info`, `ve_count` and `miss_entry` of its per-CPU
+/// block at `gs:[gs_base]` (`Config::gs_base`; a #VE only arrives in kernel mode, on
+/// the kernel's `%gs`). `lookup`: where the stub goes instead of the miss entry, with the
+/// same state (a [`ve_lookup`] routine: a pc steered before is found in the engine's
+/// lookup table without a dispatch). `fallback` as for [`ve_entry_stub`].
+pub fn ve_entry_stub_gs(ip: u64, gs_base: i32, lookup: Option<u64>, fallback: u64) -> Result<Vec<u8>, IcedError> {
+    use crate::scratch::{OFF_MISS_ENTRY, OFF_VE_COUNT, OFF_VE_INFO};
+    let g = gs_base as i64;
+    let to = lookup.map_or(Src::Gs(g + OFF_MISS_ENTRY), Src::Abs);
+    stub(ip, Src::Gs(g + OFF_VE_INFO), Src::Gs(g + OFF_VE_COUNT), to, fallback)
+}
+
+/// The end of an inline lookup at `ip`, for [`ve_entry_stub_gs`]: with the lookup-miss
+/// state (rcx = the native pc, the guest's rcx and rdx at rsp), `movzx edx, cx; jmp
+/// [rdx*8 + table]`, as translated code ends its lookups (`table`: the engine's lookup
+/// table, [`crate::ibl`], addressed as a sign-extended disp32). None if it is not.
+pub fn ve_lookup(ip: u64, table: u64) -> Option<Result<Vec<u8>, IcedError>> {
+    if !crate::ibl::reachable(table) {
+        return None;
+    }
+    let run = || {
+        let mut a = CodeAssembler::new(64)?;
+        a.movzx(edx, cx)?;
+        a.jmp(qword_ptr(rdx * 8 + table as i64 as i32))?;
+        a.assemble(ip)
+    };
+    Some(run())
+}
+
+fn load(a: &mut CodeAssembler, r: AsmRegister64, s: Src) -> Result<(), IcedError> {
+    match s {
+        Src::Abs(v) => a.mov(r, v),
+        Src::Gs(d) => a.mov(r, qword_ptr(d as u64).gs()),
+    }
+}
+
+fn stub(ip: u64, info: Src, count: Src, miss: Src, fallback: u64) -> Result<Vec<u8>, IcedError> {
     // F = rsp at entry: [F] rip, [F+8] cs, [F+16] rflags, [F+24] rsp, [F+32] ss.
     let mut a = CodeAssembler::new(64)?;
     let mut other = a.create_label();
@@ -34,15 +85,21 @@ pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64, fallback: u64) -
     a.push(rax)?; // F-8
     a.push(rcx)?; // F-16
     a.push(rdx)?; // F-24
-    a.mov(rax, info)?;
+    load(&mut a, rax, info)?;
     a.test(byte_ptr(rax + 8), 4)?; // qualification: instruction fetch
     a.jz(other)?;
     a.mov(rcx, qword_ptr(rax + 16))?; // guest-linear address
     a.cmp(rcx, qword_ptr(rsp + 24))?; // the frame's rip
     a.jne(other)?;
     a.mov(dword_ptr(rax + 4), 0)?;
-    a.mov(rax, count)?;
-    a.lock().inc(qword_ptr(rax))?;
+    match count {
+        Src::Abs(c) => {
+            a.mov(rax, c)?;
+            a.lock().inc(qword_ptr(rax))?;
+        }
+        // This CPU's own counter, interrupts off (an interrupt gate): no lock needed.
+        Src::Gs(d) => a.inc(qword_ptr(d as u64).gs())?,
+    }
     // A new iret frame below, into the miss entry.
     a.mov(rax, qword_ptr(rsp + 56))?; // ss (F+32)
     a.push(rax)?;
@@ -51,7 +108,7 @@ pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64, fallback: u64) -
     a.push(rax)?;
     a.push(qword_ptr(rsp + 56))?; // rflags (F+16)
     a.push(qword_ptr(rsp + 56))?; // cs (F+8)
-    a.mov(rax, miss)?;
+    load(&mut a, rax, miss)?;
     a.push(rax)?; // rsp = F-64
                   // The lookup frame at the interrupted rsp - 16.
     a.mov(rdx, qword_ptr(rsp + 24))?;

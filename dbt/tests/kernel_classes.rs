@@ -172,3 +172,50 @@ fn native_regions_are_left_not_translated() {
     assert_eq!(spans, vec![(p, p + 10), (h, h + 6)], "f ends at its call, h where the region begins");
     assert!(hs.engine.lookup(g).is_none() && hs.engine.lookup(h + 6).is_none(), "nothing native translated");
 }
+
+/// With `Config::native_fragments`, a native pc gets a fragment whose body jumps to it
+/// (so exits to it can be linked and returns to it hit the lookup table), with nothing
+/// of the region decoded or instrumented, and a block that runs into a region ends in a
+/// plain, linkable exit to it instead of a stop.
+#[test]
+fn native_fragments_jump_to_the_native_pc() {
+    // g (native): mov eax, 9; ret      h: mov eax, 5; nop; <native from here> mov eax, 6; ret
+    let mut code = vec![0xB8, 9, 0, 0, 0, 0xC3];
+    let h_off = 0x40;
+    code.resize(h_off, 0xCC);
+    code.extend_from_slice(&[0xB8, 5, 0, 0, 0, 0x90, 0xB8, 6, 0, 0, 0, 0xC3]);
+    let p = page_with(&code);
+    let (g, h) = (p, p + h_off as u64);
+    for on in [true, false] {
+        let mut env = HostEnv::new();
+        env.native = vec![(g, g + 6), (h + 6, h + 12)];
+        let cfg = Config { native_fragments: on, ..Config::default() };
+        let mut e = Engine::new(Box::new(env), Some(Box::new(dbt::InsCount)), cfg).unwrap();
+        if !on {
+            assert_eq!(e.fragment_for(g), Err(StopKind::Native), "without native fragments: a stop");
+            e.fragment_for(h).expect("h translates");
+            let recs = e.exit_records(h);
+            // SAFETY: records of a live fragment.
+            let stops: Vec<(u64, u64)> = recs.iter().map(|&r| unsafe { ((*r).target, (*r).stop) }).collect();
+            assert_eq!(stops, vec![(h + 6, StopKind::Native as u64)]);
+            continue;
+        }
+        e.fragment_for(g).expect("a native fragment");
+        let (entry, body) = e.entries().into_iter().find(|_| true).expect("one fragment");
+        assert!(entry <= body);
+        let v = emitted(&e);
+        let jmp = v.iter().find(|i| i.ip() >= body).expect("a body");
+        assert_eq!((jmp.mnemonic(), jmp.near_branch_target()), (Mnemonic::Jmp, g), "the body jumps to g: {v:?}");
+        assert!(!v.iter().any(|i| i.mnemonic() == Mnemonic::Mov && i.immediate32() == 9), "g was not copied");
+        assert_eq!(e.stats.guest_insns, 0, "nothing of g decoded");
+        e.fragment_for(h).expect("h translates");
+        let recs = e.exit_records(h);
+        // SAFETY: as above.
+        let stops: Vec<(u64, u64)> = recs.iter().map(|&r| unsafe { ((*r).target, (*r).stop) }).collect();
+        assert_eq!(stops, vec![(h + 6, 0)], "a plain exit into the region");
+        // SAFETY: the record of a live fragment; linking it makes the region's fragment.
+        let to = unsafe { e.take_exit(recs[0]) }.expect("the exit is taken");
+        assert_eq!(Some(to), e.lookup(h + 6), "to the region's native fragment");
+        assert_eq!(e.stats.links, 1, "and linked");
+    }
+}

@@ -8,7 +8,8 @@
 //! target against its model.
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dbt::ve::{steer_model, steer_target, ve_entry_stub};
+use dbt::scratch::Scratch;
+use dbt::ve::{steer_model, steer_target, ve_entry_stub, ve_entry_stub_gs, ve_lookup};
 
 std::arch::global_asm!(
     r#"
@@ -169,6 +170,103 @@ fn ve_stub_hands_anything_but_a_fetch_of_rip_to_the_fallback() {
         // SAFETY: as above.
         assert_eq!(unsafe { info.as_ptr().add(1).read_volatile() }, 0xffff_ffff, "busy word left alone");
     }
+}
+
+/// The per-CPU stub (one for every CPU, its information area, counter and miss entry in
+/// the `%gs` block) takes the same path, reading this thread's block.
+#[test]
+fn per_cpu_ve_stub_uses_its_gs_block() {
+    const GS_BASE: i32 = 0x2000;
+    let page = rwx(4096);
+    let mut info = [0u32; 8];
+    let block: &mut Scratch = Box::leak(Box::new(
+        // SAFETY: Scratch is plain integers: all-zero is a valid value.
+        unsafe { std::mem::zeroed::<Scratch>() },
+    ));
+    block.miss_entry = kdbt_ve_capture as *const () as u64;
+    block.ve_info = info.as_mut_ptr() as u64;
+    let base = (block as *mut Scratch as u64).wrapping_sub(GS_BASE as u64);
+    // SAFETY: sets this test thread's user %gs base (nothing in a Rust program uses %gs).
+    assert_eq!(unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1001, base) }, 0, "ARCH_SET_GS");
+    let stub =
+        ve_entry_stub_gs(page as u64, GS_BASE, None, kdbt_ve_fallback as *const () as u64).expect("stub assembles");
+    // SAFETY: our RWX page, large enough.
+    unsafe { std::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len()) };
+    for (qual, gla, steered) in [(4u32, 0x4444u32, true), (2, 0x4444, false), (4, 0x5555, false)] {
+        info[1] = 0xffff_ffff;
+        (info[2], info[4], info[5]) = (qual, gla, 0);
+        let mut out = [0u64; 16];
+        // SAFETY: as in the tests above.
+        unsafe { kdbt_ve_harness(page as u64, out.as_mut_ptr(), 0) };
+        let old_rsp = out[11];
+        // SAFETY: the block and the array, written by the stub through raw pointers.
+        let (count, busy) =
+            unsafe { (std::ptr::addr_of!(block.ve_count).read_volatile(), info.as_ptr().add(1).read_volatile()) };
+        if steered {
+            assert_eq!((out[0], out[1]), (0x4444, old_rsp - 16), "the miss entry's state");
+            assert_eq!((out[2], out[3], out[4]), (0x2222, 0x3333, 0x1111));
+            assert_eq!((count, busy), (1, 0), "counted in the block, busy word cleared");
+        } else {
+            assert_eq!((out[13], out[14], out[15]), (0x1111, 0x2222, 0x3333), "to the fallback as interrupted");
+            assert_eq!((count, busy), (1, 0xffff_ffff), "not counted (qualification {qual:#x}, linear {gla:#x})");
+        }
+    }
+}
+
+/// With a lookup routine, the per-CPU stub goes through the lookup table (indexed by
+/// the pc's low 16 bits) instead of the miss entry, with the same state.
+#[test]
+fn per_cpu_ve_stub_goes_through_the_lookup_table() {
+    const GS_BASE: i32 = 0x2000;
+    let page = rwx(4096);
+    // SAFETY: a fresh anonymous mapping in the low 2 GB (the table is addressed by a
+    // sign-extended disp32), never unmapped.
+    let table = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            dbt::ibl::IBL_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(table, libc::MAP_FAILED);
+    let t = table as *mut u64;
+    // SAFETY: entry 0x4444 of the table.
+    unsafe { t.add(0x4444).write(kdbt_ve_capture as *const () as u64) };
+    let mut info = [0u32; 8];
+    let block: &mut Scratch = Box::leak(Box::new(
+        // SAFETY: Scratch is plain integers: all-zero is a valid value.
+        unsafe { std::mem::zeroed::<Scratch>() },
+    ));
+    block.miss_entry = kdbt_ve_fallback as *const () as u64; // must not be taken
+    block.ve_info = info.as_mut_ptr() as u64;
+    let base = (block as *mut Scratch as u64).wrapping_sub(GS_BASE as u64);
+    // SAFETY: sets this test thread's user %gs base.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1001, base) }, 0, "ARCH_SET_GS");
+    let lookup = page as u64 + 2048;
+    let stub = ve_entry_stub_gs(page as u64, GS_BASE, Some(lookup), kdbt_ve_fallback as *const () as u64).unwrap();
+    let thunk = ve_lookup(lookup, table as u64).expect("table reachable").unwrap();
+    assert!(ve_lookup(lookup, 0x1_0000_0000).is_none(), "a table out of disp32 reach is refused");
+    // SAFETY: our RWX page: the stub, and the lookup at +2048.
+    unsafe {
+        std::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len());
+        std::ptr::copy_nonoverlapping(thunk.as_ptr(), page.add(2048), thunk.len());
+    }
+    let ip = info.as_mut_ptr();
+    // SAFETY: our array, which the stub reads through its raw pointer.
+    unsafe {
+        ip.add(1).write_volatile(0xffff_ffff);
+        ip.add(2).write_volatile(4);
+        ip.add(4).write_volatile(0x4444);
+    }
+    let mut out = [0u64; 16];
+    // SAFETY: as in the tests above.
+    unsafe { kdbt_ve_harness(page as u64, out.as_mut_ptr(), 0) };
+    let old_rsp = out[11];
+    assert_eq!((out[0], out[1]), (0x4444, old_rsp - 16), "the table's target got the miss entry's state");
+    assert_eq!((out[2], out[3], out[4]), (0x2222, 0x3333, 0x1111));
 }
 
 #[test]

@@ -39,6 +39,8 @@ pub(super) enum Term {
     Cti,
     /// Stop at pc with kind; the stop instruction is not in `insns`.
     Stop(StopKind, u64),
+    /// A native target's own fragment: jump to it (`Config::native_fragments`).
+    Native(u64),
 }
 
 pub(super) fn classify_stop(i: &Instruction) -> Option<StopKind> {
@@ -163,7 +165,9 @@ impl Engine {
             // A block ends where a native region begins; its exit leaves
             // translated code there (the region's entry is never linked).
             if cur != pc && self.env.native(cur) {
-                return done(insns, inline_jcc, Term::Stop(StopKind::Native, cur), cur, classes);
+                // With native fragments, a plain exit: linked to the native pc's fragment.
+                let t = if self.cfg.native_fragments { Term::Fall(cur) } else { Term::Stop(StopKind::Native, cur) };
+                return done(insns, inline_jcc, t, cur, classes);
             }
             let n = self.env.read_code(cur, &mut buf[..15]).min(15);
             let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);

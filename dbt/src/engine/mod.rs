@@ -307,6 +307,13 @@ pub struct Config {
     /// (kernel: the `alloc_percpu` offset of the block; host: the harness's
     /// [`crate::asm::HOST_GS_BASE`]).
     pub gs_base: i32,
+    /// A native target ([`Env::native`]) gets a fragment of its own whose body jumps to
+    /// it (`jmp rel32`; `jmp [rip]` beyond rel32 reach): exits to it are linked and
+    /// returns to it hit the lookup table, so leaving translated code for a native region
+    /// costs no dispatch after the first. Off: every such exit goes through the
+    /// dispatcher ([`StopKind::Native`]). Only for environments where native-ness of a pc
+    /// does not change while fragments live (invalidate what changes).
+    pub native_fragments: bool,
     /// What a CPU does while it waits for the engine lock, every 128 spins
     /// (kernel: nothing more, interrupts are off; host: yield the thread,
     /// whose lock holder may be preempted).
@@ -329,6 +336,7 @@ impl Default for Config {
             kernel: false,
             region_span: REACH,
             gs_base: crate::asm::HOST_GS_BASE,
+            native_fragments: false,
             relax: || {},
         }
     }

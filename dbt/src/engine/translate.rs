@@ -64,13 +64,24 @@ impl Engine {
 
     /// Translate the block at `pc`, place it, return its entry.
     pub(super) fn translate(&mut self, pc: u64) -> Result<u64, StopKind> {
-        if self.env.native(pc) {
+        let native = self.env.native(pc);
+        if native && !self.cfg.native_fragments {
             return Err(StopKind::Native);
         }
         if self.env.memory_left() < TRANSLATE_RESERVE {
             return Err(StopKind::NoMemory);
         }
-        let blk = self.decode_block(pc);
+        let blk = if native {
+            Block {
+                insns: Vec::new(),
+                inline_jcc: Vec::new(),
+                term: Term::Native(pc),
+                end: pc + 1,
+                classes: [0; KClass::COUNT],
+            }
+        } else {
+            self.decode_block(pc)
+        };
         for (n, c) in self.stats.kclass.iter_mut().zip(blk.classes.iter()) {
             *n += c;
         }
@@ -82,7 +93,7 @@ impl Engine {
         // basic blocks; its instruction indices are mapped to the fragment's).
         let mut ins = Inserts::default();
         let mut live = alloc::vec![ARITH; blk.insns.len() + 1];
-        for r in blk.basic_blocks() {
+        for r in blk.basic_blocks().into_iter().filter(|_| !native) {
             let l = flags_liveness(&blk.insns[r.clone()]);
             live[r.clone()].copy_from_slice(&l[..r.len()]);
             if let Some(c) = self.client.as_mut() {
@@ -215,6 +226,17 @@ impl Engine {
                 e.guest(at);
                 let x = new_exit(at, kind as u64);
                 Self::patch_jmp(&mut e, &mut fix, x);
+            }
+            Term::Native(at) => {
+                e.guest(at);
+                let rel = at.wrapping_sub(e.pc() + 5) as i64;
+                if rel == rel as i32 as i64 {
+                    e.ins(Instruction::with_branch(Code::Jmp_rel32_64, at));
+                } else {
+                    // jmp [rip+0]; dq at
+                    e.raw(&[0xFF, 0x25, 0, 0, 0, 0]);
+                    e.raw(&at.to_le_bytes());
+                }
             }
             Term::Cti => {
                 let k = n - 1;
