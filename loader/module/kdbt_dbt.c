@@ -18,6 +18,12 @@
 #include <linux/spinlock.h>
 #include <linux/version.h>
 #include <linux/sched.h>
+#include <linux/rculist.h>
+#include <linux/rcupdate.h>
+#include <linux/workqueue.h>
+#include <linux/cpu.h>
+#include <linux/preempt.h>
+#include <asm/pgtable.h>
 #if IS_ENABLED(CONFIG_CRC32)
 #include <linux/crc32.h>
 #endif
@@ -81,15 +87,113 @@ void kdbt_glue_pool_free(void *p)
 	vfree(p);
 }
 
-void kdbt_glue_module_text(u64 *base, u64 *size)
+static void kdbt_mod_text(struct module *m, u64 *base, u64 *size)
 {
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
-	*base = (u64)(uintptr_t)THIS_MODULE->mem[MOD_TEXT].base;
-	*size = THIS_MODULE->mem[MOD_TEXT].size;
+	*base = (u64)(uintptr_t)m->mem[MOD_TEXT].base;
+	*size = m->mem[MOD_TEXT].size;
 #else
-	*base = (u64)(uintptr_t)THIS_MODULE->core_layout.base;
-	*size = THIS_MODULE->core_layout.text_size;
+	*base = (u64)(uintptr_t)m->core_layout.base;
+	*size = m->core_layout.text_size;
 #endif
+}
+
+void kdbt_glue_module_text(u64 *base, u64 *size)
+{
+	kdbt_mod_text(THIS_MODULE, base, size);
+}
+
+/*
+ * The module list has no exported lookup (find_module is not exported): walk it from this
+ * module's own entry, as the kernel does, under RCU. Its head (`modules`, in the kernel's
+ * data) is the one entry whose container is not in module space (MODULES_VADDR..END;
+ * is_vmalloc_or_module_addr is not exported on 6.1).
+ */
+void *kdbt_glue_module_get(const char *name, u64 *base, u64 *size)
+{
+	struct list_head *pos;
+	struct module *found = NULL;
+
+	rcu_read_lock();
+	for (pos = rcu_dereference(list_next_rcu(&THIS_MODULE->list)); pos != &THIS_MODULE->list;
+	     pos = rcu_dereference(list_next_rcu(pos))) {
+		struct module *m = list_entry(pos, struct module, list);
+
+		if ((unsigned long)m < MODULES_VADDR || (unsigned long)m >= MODULES_END)
+			continue;
+		if (m->state == MODULE_STATE_LIVE && strcmp(m->name, name) == 0 && try_module_get(m)) {
+			found = m;
+			break;
+		}
+	}
+	rcu_read_unlock();
+	if (found)
+		kdbt_mod_text(found, base, size);
+	return found;
+}
+
+void kdbt_glue_module_put(void *module)
+{
+	if (module)
+		module_put(module);
+}
+
+u64 kdbt_glue_page_alias(u64 addr)
+{
+	unsigned int level;
+	pte_t *pte = lookup_address(addr, &level);
+	unsigned long pfn;
+	struct page *page;
+	void *alias;
+
+	if (!pte || !pte_present(*pte))
+		return 0;
+	pfn = pte_pfn(*pte);
+	if (level == PG_LEVEL_2M)
+		pfn += (addr & ~PMD_MASK) >> PAGE_SHIFT;
+	else if (level == PG_LEVEL_1G)
+		pfn += (addr & ~PUD_MASK) >> PAGE_SHIFT;
+	else if (level != PG_LEVEL_4K)
+		return 0;
+	if (!pfn_valid(pfn))
+		return 0;
+	page = pfn_to_page(pfn);
+	alias = vmap(&page, 1, VM_MAP, PAGE_KERNEL);
+	return (u64)(uintptr_t)alias;
+}
+
+static void kdbt_nop_work(struct work_struct *w)
+{
+}
+
+static DEFINE_PER_CPU(struct work_struct, kdbt_sync_work);
+
+/*
+ * Where kernel code cannot be preempted (PREEMPT_NONE or VOLUNTARY, also the dynamic
+ * modes of those), a task leaves the CPU only by calling schedule() and friends, which
+ * translated code reaches through native calls (its resume point is then native): a
+ * context switch on every CPU is enough, and a work item on each CPU forces one. With
+ * full preemption a task may sleep preempted inside translated code: RCU Tasks waits for
+ * every task's voluntary switch (slow, but only then).
+ */
+void kdbt_glue_sync_tasks(void)
+{
+	unsigned int cpu;
+
+	if (IS_ENABLED(CONFIG_PREEMPT_RT) || preempt_model_full()) {
+		synchronize_rcu_tasks();
+		return;
+	}
+	cpus_read_lock();
+	for_each_online_cpu(cpu) {
+		struct work_struct *w = per_cpu_ptr(&kdbt_sync_work, cpu);
+
+		INIT_WORK(w, kdbt_nop_work);
+		queue_work_on(cpu, system_wq, w);
+	}
+	for_each_online_cpu(cpu)
+		flush_work(per_cpu_ptr(&kdbt_sync_work, cpu));
+	cpus_read_unlock();
 }
 
 size_t kdbt_glue_read_kernel(void *dst, u64 src, size_t n)

@@ -146,5 +146,17 @@ u64 kdbt_glue_dbt_case_run(unsigned int which, u64 entry);
 const char *kdbt_glue_dbt_case_name(unsigned int which);
 /* The native kernel address case `which` calls (what the DBT translates). */
 u64 kdbt_glue_dbt_case_fn(unsigned int which);
+/* The loaded module called `name` (0-terminated), live, with a reference taken (so it
+ * cannot be unloaded until kdbt_glue_module_put), and in *base/*size its core text; NULL
+ * if there is none (or it is this module). Process context. */
+void *kdbt_glue_module_get(const char *name, u64 *base, u64 *size);
+void kdbt_glue_module_put(void *module);
+/* A writable alias (vmap) of the page holding kernel address `addr` (e.g. the IDT, which
+ * the kernel maps read-only), or 0; undone by kdbt_glue_cache_unalias. Process context. */
+u64 kdbt_glue_page_alias(u64 addr);
+/* Waits until no task can still be inside code it was running before: a context switch on
+ * every CPU where kernel code is not preemptible, RCU Tasks under full preemption.
+ * Process context; takes the CPU hotplug lock. */
+void kdbt_glue_sync_tasks(void);
 
 #endif

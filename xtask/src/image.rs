@@ -51,7 +51,33 @@ pub fn build_module(k: &Kernel, run_dir: &Path, out: &Path, log: &Path) -> Resul
         .context("building kdbt.ko failed")?;
     let ko = shadow.join("kdbt.ko");
     std::fs::copy(&ko, out).with_context(|| format!("no {} after make", ko.display()))?;
-    note(format!("kdbt.ko built in {:.0} s", t.secs()));
+    build_testmod(k, run_dir, &testmod_path(out), log)?;
+    note(format!("kdbt.ko and {TESTMOD}.ko built in {:.0} s", t.secs()));
+    Ok(())
+}
+
+/// The module the kernel DBT's suites translate (experiments/guest/kmod).
+pub const TESTMOD: &str = "kdbt_testmod";
+
+/// Where [`build_module`] puts the test module: beside kdbt.ko.
+pub fn testmod_path(ko: &Path) -> PathBuf {
+    ko.with_file_name(format!("{TESTMOD}.ko"))
+}
+
+/// Builds experiments/guest/kmod (a plain C module) against `k.kdir` in a copy under
+/// the run directory.
+fn build_testmod(k: &Kernel, run_dir: &Path, out: &Path, log: &Path) -> Result<()> {
+    let src = workspace_root().join("experiments/guest/kmod");
+    let dir = run_dir.join("testmod");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    for f in ["Kbuild", "kdbt_testmod.c"] {
+        std::fs::copy(src.join(f), dir.join(f)).with_context(|| format!("copy {}", src.join(f).display()))?;
+    }
+    run_logged(Command::new("make").arg("-C").arg(&k.kdir).arg(format!("M={}", dir.display())).arg("modules"), log)
+        .with_context(|| format!("building {TESTMOD}.ko failed"))?;
+    let ko = dir.join(format!("{TESTMOD}.ko"));
+    std::fs::copy(&ko, out).with_context(|| format!("no {} after make", ko.display()))?;
     Ok(())
 }
 
@@ -214,6 +240,9 @@ pub fn build_initramfs(spec: &InitrdSpec, run_dir: &Path) -> Result<PathBuf> {
         run(Command::new("strip").arg("--strip-debug").arg(&dst))?;
     }
     std::fs::copy(spec.ko, root.join("lib/modules/kdbt.ko"))?;
+    let tm = testmod_path(spec.ko);
+    std::fs::copy(&tm, root.join(format!("lib/modules/{TESTMOD}.ko")))
+        .with_context(|| format!("copy {}", tm.display()))?;
     let (init_text, suite_text, bodies) = init_script(spec.suite)?;
     let init = root.join("init");
     std::fs::write(&init, init_text)?;

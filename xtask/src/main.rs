@@ -597,9 +597,9 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
         tables.push(format!("{label}: {}\n", if ok { "PASS" } else { "FAIL" }));
         summary.push((label, ok));
     }
-    // Both suites in one boot per kernel: Debian kernels take minutes to boot in Bochs.
+    // The three suites in one boot per kernel: Debian kernels take minutes to boot in Bochs.
     let base = VmArgs {
-        suite: "smoke,hypervisor".into(),
+        suite: "smoke,hypervisor,dbt".into(),
         kernel: "small".into(),
         kdir: None,
         cpu_model: "corei7_skylake_x".into(),

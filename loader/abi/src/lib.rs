@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -248,6 +248,155 @@ pub const DBT_SELFTEST_NO_POOL: u32 = 1 << 1;
 /// target keeps its execute right (the check that it was caught by a #VE must then fail).
 pub const DBT_SELFTEST_NO_STEER: u32 = 1 << 2;
 
+/// Argument of [`IOC_DBT_START`]: run a module's code from the code cache (see the
+/// CLI's `kdbt start`). On failure the reason comes back in `message`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbtStart {
+    /// `size_of::<DbtStart>()`.
+    pub size: u32,
+    /// `DBT_START_*` test flags; other bits are refused.
+    pub flags: u32,
+    /// `DBT_CLIENT_*`.
+    pub client: u32,
+    pub _pad: u32,
+    /// The module whose text runs translated (NUL-padded name, as in /proc/modules).
+    pub module: [u8; 64],
+    /// Why the command failed (out), NUL-padded.
+    pub message: [u8; 480],
+}
+
+impl Default for DbtStart {
+    fn default() -> Self {
+        DbtStart {
+            size: core::mem::size_of::<DbtStart>() as u32,
+            flags: 0,
+            client: 0,
+            _pad: 0,
+            module: [0; 64],
+            message: [0; 480],
+        }
+    }
+}
+
+/// [`DbtStart::client`]: no instrumentation.
+pub const DBT_CLIENT_NULL: u32 = 0;
+/// [`DbtStart::client`]: count executed instructions per CPU.
+pub const DBT_CLIENT_INSCOUNT: u32 = 1;
+/// [`DbtStart::client`]: hit count of every executed block (`kdbt cov`).
+pub const DBT_CLIENT_BBCOV: u32 = 2;
+/// [`DbtStart::flags`], for tests only: the module's text keeps its execute right in EPT,
+/// so nothing steers native entries into the cache (the checks that its code ran
+/// translated must then fail).
+pub const DBT_START_TEST_NO_STEER: u32 = 1 << 0;
+
+/// Argument of [`IOC_DBT_STATS`]: the running translation's figures, and per CPU (like
+/// [`CapsQuery`]: a buffer of `capacity` [`DbtCpuStats`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbtStatsQuery {
+    pub size: u32,
+    pub entry_size: u32,
+    pub buf: u64,
+    pub capacity: u32,
+    pub count: u32,
+    /// 1 while started.
+    pub active: u32,
+    /// `DBT_CLIENT_*`.
+    pub client: u32,
+    /// The translated module (NUL-padded) and its text.
+    pub module: [u8; 64],
+    pub text_base: u64,
+    pub text_size: u64,
+    /// Engine figures (`dbt::Stats`).
+    pub blocks: u64,
+    pub guest_insns: u64,
+    pub dispatches: u64,
+    pub links: u64,
+    pub misses: u64,
+    pub invalidations: u64,
+    pub code_bytes: u64,
+    pub cache_bytes: u64,
+    /// The dispatcher's pool: peak and size in bytes.
+    pub pool_peak: u64,
+    pub pool_size: u64,
+}
+
+impl Default for DbtStatsQuery {
+    fn default() -> Self {
+        DbtStatsQuery {
+            size: core::mem::size_of::<DbtStatsQuery>() as u32,
+            entry_size: 0,
+            buf: 0,
+            capacity: 0,
+            count: 0,
+            active: 0,
+            client: 0,
+            module: [0; 64],
+            text_base: 0,
+            text_size: 0,
+            blocks: 0,
+            guest_insns: 0,
+            dispatches: 0,
+            links: 0,
+            misses: 0,
+            invalidations: 0,
+            code_bytes: 0,
+            cache_bytes: 0,
+            pool_peak: 0,
+            pool_size: 0,
+        }
+    }
+}
+
+/// One CPU's figures in [`IOC_DBT_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DbtCpuStats {
+    pub cpu: u32,
+    pub online: u32,
+    /// Native entries caught by EPT and steered into the cache (#VE).
+    pub steered: u64,
+    /// Dispatcher entries.
+    pub dispatches: u64,
+    /// Instructions executed from the cache (inscount; 0 with other clients).
+    pub insns: u64,
+    /// The last time this CPU left the cache: why (`dbt::StopKind` as a number: 8 is a
+    /// native target) and where.
+    pub last_exit_reason: u64,
+    pub last_exit_pc: u64,
+}
+
+/// Argument of [`IOC_DBT_COV`] (bbcov): `capacity` [`DbtCovEntry`] in `buf`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DbtCovQuery {
+    pub size: u32,
+    pub entry_size: u32,
+    pub buf: u64,
+    pub capacity: u32,
+    pub count: u32,
+}
+
+/// One executed block: its native address and how often it ran.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DbtCovEntry {
+    pub pc: u64,
+    pub hits: u64,
+}
+
+/// Starts translating a module's code (needs kdbt loaded with EPT and #VE); see
+/// [`DbtStart`].
+pub const IOC_DBT_START: u32 = iowr(0x11, core::mem::size_of::<DbtStart>());
+/// Stops it: every CPU back to native code, the cache released once nothing can be in
+/// it; see [`Command`].
+pub const IOC_DBT_STOP: u32 = iowr(0x12, core::mem::size_of::<Command>());
+/// The running translation's figures; see [`DbtStatsQuery`].
+pub const IOC_DBT_STATS: u32 = iowr(0x13, core::mem::size_of::<DbtStatsQuery>());
+/// bbcov's executed blocks; see [`DbtCovQuery`].
+pub const IOC_DBT_COV: u32 = iowr(0x14, core::mem::size_of::<DbtCovQuery>());
+
 /// Error numbers the module returns (negated, Linux style); the CLI maps them to messages.
 pub mod errno {
     pub const EPERM: i32 = 1;
@@ -302,6 +451,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<StatusQuery>(), 32);
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
+        assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 480);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 12 * 8);
+        assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
+        assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
     }
 
     #[test]

@@ -108,6 +108,15 @@ impl ListQuery for StatusQuery {
     }
 }
 
+impl ListQuery for kdbt_abi::DbtStatsQuery {
+    fn new(entry_size: u32, buf: u64, capacity: u32) -> Self {
+        kdbt_abi::DbtStatsQuery { entry_size, buf, capacity, ..Default::default() }
+    }
+    fn count(&self) -> u32 {
+        self.count
+    }
+}
+
 /// Outcome of a load/unload ioctl that the caller may want to treat specially.
 pub enum CommandError {
     /// Already loaded (load) / not loaded (unload).
@@ -183,6 +192,59 @@ impl Device {
                 bail!("{what}: the inserted module does not know it (older kdbt.ko?)")
             }
             Err(e) => Err(e).with_context(|| format!("{ioc_name} failed")),
+        }
+    }
+
+    /// `kdbt start`: Err(reason) if the module refused.
+    pub fn dbt_start(&self, module: &str, client: u32, flags: u32) -> Result<std::result::Result<(), String>> {
+        let mut c = kdbt_abi::DbtStart { client, flags, ..Default::default() };
+        if module.len() >= c.module.len() {
+            bail!("module name {module:?} is longer than {} bytes", c.module.len() - 1);
+        }
+        c.module[..module.len()].copy_from_slice(module.as_bytes());
+        match self.ioctl(kdbt_abi::IOC_DBT_START, &mut c) {
+            Ok(()) => Ok(Ok(())),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(Err(kdbt_abi::fixed_str_read(&c.message).to_string())),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+                bail!("the inserted module does not know `start` (older kdbt.ko?)")
+            }
+            Err(e) => Err(e).context("KDBT_IOC_DBT_START failed"),
+        }
+    }
+
+    /// `kdbt stop`: its report.
+    pub fn dbt_stop(&self) -> Result<String> {
+        self.check(kdbt_abi::IOC_DBT_STOP, "stop", "KDBT_IOC_DBT_STOP")
+    }
+
+    /// The running translation's figures and its per-CPU ones.
+    pub fn dbt_stats(&self) -> Result<(kdbt_abi::DbtStatsQuery, Vec<kdbt_abi::DbtCpuStats>)> {
+        self.list::<kdbt_abi::DbtStatsQuery, kdbt_abi::DbtCpuStats>(kdbt_abi::IOC_DBT_STATS, "KDBT_IOC_DBT_STATS")
+    }
+
+    /// bbcov's executed blocks (pc, hits).
+    pub fn dbt_cov(&self) -> Result<Vec<kdbt_abi::DbtCovEntry>> {
+        let mut capacity = 4096u32;
+        loop {
+            let mut buf = vec![kdbt_abi::DbtCovEntry::default(); capacity as usize];
+            let mut q = kdbt_abi::DbtCovQuery {
+                size: size_of::<kdbt_abi::DbtCovQuery>() as u32,
+                entry_size: size_of::<kdbt_abi::DbtCovEntry>() as u32,
+                buf: buf.as_mut_ptr() as u64,
+                capacity,
+                count: 0,
+            };
+            match self.ioctl(kdbt_abi::IOC_DBT_COV, &mut q) {
+                Ok(()) => {
+                    buf.truncate(q.count.min(capacity) as usize);
+                    return Ok(buf);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && q.count > capacity => capacity = q.count + 1024,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    bail!("no coverage: not started, or started without --client bbcov")
+                }
+                Err(e) => return Err(e).context("KDBT_IOC_DBT_COV failed"),
+            }
         }
     }
 

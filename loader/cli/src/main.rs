@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use vmx::caps::{RawCaps, VmxCaps};
 
+mod dbt;
 mod device;
 mod module;
 
@@ -129,6 +130,40 @@ enum Cmd {
         #[arg(long, hide = true)]
         no_steer: bool,
     },
+    /// Run a loaded module's code from the kernel DBT's code cache on every CPU, steered
+    /// there by EPT (needs `kdbt load` with EPT on a CPU with EPT-violation #VE).
+    Start {
+        /// The module to translate (its name in /proc/modules); it cannot be removed
+        /// until `kdbt stop`.
+        #[arg(long)]
+        module: String,
+        /// Instrumentation.
+        #[arg(long, value_enum, default_value = "null")]
+        client: dbt::ClientKind,
+        /// Test hook: leave the module's text executable, so nothing steers its native
+        /// entries into the cache (the checks that it ran translated must fail).
+        #[arg(long, hide = true)]
+        test_no_steer: bool,
+    },
+    /// Stop translating: every CPU runs the module natively again.
+    Stop,
+    /// The running translation: blocks, dispatches, links, per CPU the entries steered
+    /// by EPT (#VE), dispatcher entries and (inscount) instructions.
+    Stats {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// bbcov: the executed blocks with their hit counts, named through /proc/kallsyms,
+    /// hottest first.
+    Cov {
+        /// Sum per function instead of listing blocks.
+        #[arg(long)]
+        functions: bool,
+        /// Only the N hottest rows.
+        #[arg(long, value_name = "N")]
+        top: Option<usize>,
+    },
     /// Show the versions of the CLI and of the loaded module.
     Version,
 }
@@ -188,6 +223,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }
+        Cmd::Start { module, client, test_no_steer } => dbt::start(&module, client, test_no_steer),
+        Cmd::Stop => dbt::stop(),
+        Cmd::Stats { json } => dbt::stats(json),
+        Cmd::Cov { functions, top } => dbt::cov(functions, top),
         Cmd::NmiCheck => {
             println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);
             Ok(())

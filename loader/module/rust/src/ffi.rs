@@ -2,7 +2,7 @@
 //! Rust's view of `kdbt_glue.h` — the glue services (`kdbt_glue_*`). The entry points
 //! (`kdbt_rs_*`) are defined in `lib.rs`. Keep in step with the header: `cargo test -p xtask`
 //! compares the two.
-use core::ffi::{c_int, c_uint, c_ulong, c_void};
+use core::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
 
 extern "C" {
     pub fn kdbt_glue_log(level: c_int, msg: *const u8, len: usize);
@@ -48,6 +48,10 @@ extern "C" {
     pub fn kdbt_glue_pool_alloc(size: usize) -> *mut c_void;
     pub fn kdbt_glue_pool_free(p: *mut c_void);
     pub fn kdbt_glue_module_text(base: *mut u64, size: *mut u64);
+    pub fn kdbt_glue_module_get(name: *const c_char, base: *mut u64, size: *mut u64) -> *mut c_void;
+    pub fn kdbt_glue_module_put(module: *mut c_void);
+    pub fn kdbt_glue_page_alias(addr: u64) -> u64;
+    pub fn kdbt_glue_sync_tasks();
     pub fn kdbt_glue_read_kernel(dst: *mut c_void, src: u64, n: usize) -> usize;
     pub fn kdbt_glue_percpu_block(size: *mut usize) -> u64;
     pub fn kdbt_glue_per_cpu_ptr(pcp: u64, cpu: c_uint) -> u64;

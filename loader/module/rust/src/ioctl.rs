@@ -4,8 +4,9 @@ use alloc::vec::Vec;
 use core::mem::size_of;
 
 use kdbt_abi::{
-    errno, CapsQuery, Command, CpuStatus, StatusQuery, VersionInfo, IOC_CAPS, IOC_EPT_CHECK, IOC_EPT_VIOLATE, IOC_LOAD,
-    IOC_DBT_SELFTEST, IOC_NMI_CHECK, IOC_SHADOW_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
+    errno, CapsQuery, Command, CpuStatus, DbtCovEntry, DbtCovQuery, DbtCpuStats, DbtStart, DbtStatsQuery, StatusQuery,
+    VersionInfo, IOC_CAPS, IOC_DBT_COV, IOC_DBT_SELFTEST, IOC_DBT_START, IOC_DBT_STATS, IOC_DBT_STOP, IOC_EPT_CHECK,
+    IOC_EPT_VIOLATE, IOC_LOAD, IOC_NMI_CHECK, IOC_SHADOW_CHECK, IOC_STATUS, IOC_UNLOAD, IOC_VERSION,
 };
 use vmx::caps::RawCaps;
 
@@ -25,6 +26,10 @@ pub fn dispatch(cmd: u32, arg: u64) -> Result<i64> {
         IOC_EPT_VIOLATE => check(arg, hv::ept_violation_check, true),
         IOC_SHADOW_CHECK => check(arg, hv::shadow_policy_check, true),
         IOC_DBT_SELFTEST => check(arg, crate::kernel_dbt::selftest::run, false),
+        IOC_DBT_START => dbt_start(arg),
+        IOC_DBT_STOP => check(arg, |_| crate::kernel_dbt::session::stop(), false),
+        IOC_DBT_STATS => dbt_stats(arg),
+        IOC_DBT_COV => dbt_cov(arg),
         _ => Err(errno::ENOTTY),
     }
 }
@@ -49,6 +54,16 @@ unsafe impl Pod for Command {}
 unsafe impl Pod for StatusQuery {}
 // SAFETY: as above.
 unsafe impl Pod for CpuStatus {}
+// SAFETY: as above.
+unsafe impl Pod for DbtStart {}
+// SAFETY: as above.
+unsafe impl Pod for DbtStatsQuery {}
+// SAFETY: as above.
+unsafe impl Pod for DbtCpuStats {}
+// SAFETY: as above.
+unsafe impl Pod for DbtCovQuery {}
+// SAFETY: as above.
+unsafe impl Pod for DbtCovEntry {}
 
 fn copy_to_user<T: Pod>(to: u64, v: &[T]) -> Result<()> {
     let n = core::mem::size_of_val(v) as core::ffi::c_ulong;
@@ -211,4 +226,64 @@ fn check(
     c.message[..n].copy_from_slice(&text.as_bytes()[..n]);
     copy_to_user(arg, core::slice::from_ref(&c))?;
     r
+}
+
+/// `kdbt start`: the reason of a failure in [`DbtStart::message`].
+fn dbt_start(arg: u64) -> Result<i64> {
+    let mut c: DbtStart = copy_from_user(arg)?;
+    if c.size as usize != size_of::<DbtStart>() {
+        return Err(errno::EINVAL);
+    }
+    match crate::kernel_dbt::session::start(&c.module, c.client, c.flags) {
+        Ok(()) => Ok(0),
+        Err(msg) => {
+            c.message = [0; 480];
+            let n = msg.len().min(c.message.len() - 1);
+            c.message[..n].copy_from_slice(&msg.as_bytes()[..n]);
+            copy_to_user(arg, core::slice::from_ref(&c))?;
+            Err(errno::EIO)
+        }
+    }
+}
+
+fn dbt_stats(arg: u64) -> Result<i64> {
+    let mut q: DbtStatsQuery = copy_from_user(arg)?;
+    if q.size as usize != size_of::<DbtStatsQuery>() || q.entry_size as usize != size_of::<DbtCpuStats>() {
+        return Err(errno::EINVAL);
+    }
+    let mut out = Vec::new();
+    crate::kernel_dbt::session::stats(&mut q, &mut out).map_err(|_| errno::ENOMEM)?;
+    if out.len() > q.capacity as usize {
+        q.count = out.len() as u32;
+        copy_to_user(arg, core::slice::from_ref(&q))?;
+        return Err(errno::ENOSPC);
+    }
+    copy_to_user(q.buf, &out)?;
+    q.count = out.len() as u32;
+    copy_to_user(arg, core::slice::from_ref(&q))?;
+    Ok(0)
+}
+
+fn dbt_cov(arg: u64) -> Result<i64> {
+    let mut q: DbtCovQuery = copy_from_user(arg)?;
+    if q.size as usize != size_of::<DbtCovQuery>() || q.entry_size as usize != size_of::<DbtCovEntry>() {
+        return Err(errno::EINVAL);
+    }
+    let mut out = Vec::new();
+    crate::kernel_dbt::session::cov(&mut out).map_err(|e| {
+        if e == "out of memory" {
+            errno::ENOMEM
+        } else {
+            errno::ENOENT
+        }
+    })?;
+    if out.len() > q.capacity as usize {
+        q.count = out.len() as u32;
+        copy_to_user(arg, core::slice::from_ref(&q))?;
+        return Err(errno::ENOSPC);
+    }
+    copy_to_user(q.buf, &out)?;
+    q.count = out.len() as u32;
+    copy_to_user(arg, core::slice::from_ref(&q))?;
+    Ok(0)
 }

@@ -60,7 +60,10 @@ pub extern "C" fn kdbt_rs_exit() -> c_int {
 #[no_mangle]
 pub extern "C" fn kdbt_rs_cpu_online(cpu: u32) -> c_int {
     match hv::cpu_online(cpu) {
-        Ok(()) => 0,
+        Ok(()) => {
+            kernel_dbt::session::cpu_online(cpu);
+            0
+        }
         Err(_) => -(kdbt_abi::errno::EIO),
     }
 }

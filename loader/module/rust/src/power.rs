@@ -35,6 +35,8 @@ pub fn load(flags: u32) -> Result<(), String> {
 
 /// `kdbt unload` and every other unload: devirtualize, then disarm if nothing is left.
 pub fn unload() -> Result<(), String> {
+    // The kernel DBT first: its steering needs the hypervisor.
+    crate::kernel_dbt::session::stop_if_started();
     let r = hv::unload();
     sync_emergency();
     r

@@ -32,7 +32,7 @@ mod status;
 pub use hotplug::{cpu_offline, cpu_online};
 pub use lifecycle::{load, unload};
 use lifecycle::*;
-pub use perms::set_page_perms;
+pub use perms::{set_page_perms, set_pages_perms};
 use perms::*;
 pub use selftest::{ept_check, ept_violation_check, nmi_check, shadow_policy_check};
 pub use status::{fatal_message, fatal_pending, status};

@@ -92,6 +92,20 @@ pub fn set_page_perms(gpa: u64, perms: ::ept::Perms) -> Result<::ept::Perms, Str
     map_set(st, &[gpa & !0xfff], perms)
 }
 
+/// [`set_page_perms`] for many pages at once: one root-mode visit and one INVEPT round
+/// for all of them.
+pub fn set_pages_perms(gpas: &[u64], perms: ::ept::Perms) -> Result<(), String> {
+    if gpas.is_empty() {
+        return Ok(());
+    }
+    let _hp = hw::CpusReadGuard::lock();
+    let mut guard = STATE.lock();
+    let Some(st) = guard.as_mut() else { return Err(String::from("kdbt is not loaded")) };
+    ::ept::table::check_perms(perms, &st.controls.ept).map_err(|e| alloc::format!("{e}"))?;
+    let pages: alloc::vec::Vec<u64> = gpas.iter().map(|p| p & !0xfff).collect();
+    map_set(st, &pages, perms).map(|_| ())
+}
+
 /// The EPT permissions of the page at `gpa` (root mode walks the hidden tables).
 pub(super) fn query_perms(gpa: u64) -> Result<::ept::Perms, String> {
     let _hp = hw::CpusReadGuard::lock();

@@ -16,6 +16,11 @@ use crate::ffi;
 struct Table([u64; dbt::ibl::IBL_ENTRIES]);
 
 static mut TABLE: Table = Table([0; dbt::ibl::IBL_ENTRIES]);
+/// The lookup table's address (what translated code and the #VE stub index).
+pub fn table_addr() -> u64 {
+    core::ptr::addr_of!(TABLE) as u64
+}
+
 /// Whether an engine holds [`TABLE`] (or the code cache).
 static IN_USE: AtomicBool = AtomicBool::new(false);
 
@@ -23,6 +28,13 @@ static IN_USE: AtomicBool = AtomicBool::new(false);
 /// engine has them).
 pub fn claim() -> bool {
     IN_USE.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+}
+
+/// Set while a session stops: every target is native (the dispatcher drains).
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+pub fn set_draining(on: bool) {
+    DRAINING.store(on, Ordering::Release);
 }
 
 /// A writable alias whose environment was dropped with interrupts off (an engine that
@@ -56,6 +68,8 @@ pub struct KernelEnv {
     module_text: (u64, u64),
     thunks: Vec<(u64, Thunk)>,
     table_given: bool,
+    /// The only code translated, if set (`kdbt start --module`): everything else is native.
+    scope: Option<(u64, u64)>,
 }
 
 impl KernelEnv {
@@ -85,7 +99,12 @@ impl KernelEnv {
         if rt != 0 {
             thunks.push((rt, Thunk::Return));
         }
-        Ok(KernelEnv { x, size, w, used: 0, module_text: (base, base + len), thunks, table_given: false })
+        Ok(KernelEnv { x, size, w, used: 0, module_text: (base, base + len), thunks, table_given: false, scope: None })
+    }
+
+    /// Translates only `lo..hi` (a module's text); everything else runs natively.
+    pub fn set_scope(&mut self, lo: u64, hi: u64) {
+        self.scope = Some((lo, hi));
     }
 
     pub fn cache(&self) -> (u64, u64) {
@@ -179,6 +198,9 @@ impl Env for KernelEnv {
     }
 
     fn native(&self, pc: u64) -> bool {
+        if let Some((lo, hi)) = self.scope {
+            return DRAINING.load(Ordering::Acquire) || !(lo..hi).contains(&pc);
+        }
         // The cache is a section of the module's text; code there that the engine did
         // not place (the steering check's target) is translated like any kernel code.
         pc >= self.module_text.0 && pc < self.module_text.1 && !(pc >= self.x && pc < self.x + self.size)

@@ -1,10 +1,13 @@
 //! The kernel DBT: the engine (`dbt`) in the module, running kernel code from the code
-//! cache in the kernel's own context. Stage 1 (issue 10): the environment
-//! ([`env::KernelEnv`]), the per-CPU blocks ([`percpu::Blocks`]) and a self-test that
-//! runs kernel functions from the cache and compares them with native runs
-//! ([`selftest`]). Entry steering (IDT, LSTAR, EPT) comes next.
+//! cache in the kernel's own context. The environment ([`env::KernelEnv`]), the per-CPU
+//! blocks ([`percpu::Blocks`]), the dispatcher's memory ([`pool`]), a self-test that runs
+//! kernel functions from the cache and compares them with native runs ([`selftest`], with
+//! its one-CPU EPT steering check, [`steer`]), and `kdbt start --module`: a module's code
+//! from the cache on every CPU, steered there by EPT and #VE ([`session`]). The whole
+//! kernel (entry steering through the IDT and LSTAR) comes next.
 pub mod env;
 pub mod percpu;
 pub mod pool;
 pub mod selftest;
+pub mod session;
 pub mod steer;

@@ -209,6 +209,8 @@ impl Drop for Scope {
 /// interrupts off, `s` this CPU's block).
 pub unsafe extern "C" fn dispatch(s: *mut Scratch, f: *mut Frame) -> u64 {
     let on = ENABLED.load(Ordering::Relaxed);
+    // SAFETY: this CPU's block, interrupts off (the dispatcher's entry).
+    unsafe { (*s).dispatches = (*s).dispatches.wrapping_add(1) };
     if on {
         // SAFETY: this CPU's block; interrupts are off, so nothing else on this CPU
         // touches it until the matching decrement.

@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * kdbt_testmod: a module for the kernel DBT's tests (`kdbt start --module kdbt_testmod`).
+ *
+ * Reading /proc/kdbt_testmod runs the module's code in the reader's context: loops and
+ * branches, the kernel's sort() calling back into the module, string and formatting
+ * calls out to the kernel; it prints the results, which must be the same natively and
+ * translated. A pinned timer on every online CPU runs some of the code (no callbacks:
+ * in Bochs each #VE costs milliseconds of wall time) in softirq context once a second and
+ * counts the results that differ from the one computed natively at load ("mismatches",
+ * printed too, must stay 0).
+ */
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/proc_fs.h>
+#include <linux/seq_file.h>
+#include <linux/sort.h>
+#include <linux/timer.h>
+#include <linux/string.h>
+#include <linux/percpu.h>
+#include <linux/cpumask.h>
+#include <linux/atomic.h>
+#include <linux/jiffies.h>
+
+#define TM_N 24
+
+static noinline u64 tm_mix(u64 x, unsigned int rounds)
+{
+	unsigned int i;
+
+	for (i = 0; i < rounds; i++) {
+		x = x * 0x9e3779b97f4a7c15ULL + i;
+		if (x & 1)
+			x ^= x >> 29;
+		else
+			x = (x << 7) | (x >> 57);
+		switch (x % 5) {
+		case 0:
+			x += 0x1234;
+			break;
+		case 1:
+			x ^= 0xabcdef;
+			break;
+		case 3:
+			x = ~x;
+			break;
+		default:
+			x -= i;
+		}
+	}
+	return x;
+}
+
+static int tm_cmp(const void *a, const void *b)
+{
+	u32 x = *(const u32 *)a, y = *(const u32 *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static u64 tm_fnv(u64 h, const void *p, size_t n)
+{
+	const unsigned char *b = p;
+
+	while (n--)
+		h = (h ^ *b++) * 0x100000001b3ULL;
+	return h;
+}
+
+static noinline u64 tm_work(unsigned int seed)
+{
+	u32 v[TM_N];
+	char buf[96];
+	unsigned int i;
+	u32 r = seed * 2654435761U + 1;
+	u64 h = 0xcbf29ce484222325ULL;
+	int n;
+
+	for (i = 0; i < TM_N; i++) {
+		r = r * 1103515245U + 12345U;
+		v[i] = r >> 3;
+	}
+	sort(v, TM_N, sizeof(v[0]), tm_cmp, NULL);
+	h = tm_fnv(h, v, sizeof(v));
+	h ^= tm_mix(h ^ seed, 50 + seed % 7);
+	n = snprintf(buf, sizeof(buf), "kdbt %u %08x %s %llx", seed, v[TM_N / 2], "testmod", h);
+	h = tm_fnv(h ^ (u64)n ^ strlen(buf), buf, n);
+	return h;
+}
+
+static u64 tm_expected;
+static atomic_t tm_mismatches = ATOMIC_INIT(0);
+static atomic_t tm_ticks = ATOMIC_INIT(0);
+static DEFINE_PER_CPU(struct timer_list, tm_timer);
+static bool tm_stopping;
+
+static void tm_tick(struct timer_list *t)
+{
+	if (tm_mix(7, 64) != tm_expected)
+		atomic_inc(&tm_mismatches);
+	atomic_inc(&tm_ticks);
+	if (!READ_ONCE(tm_stopping))
+		mod_timer(t, jiffies + HZ);
+}
+
+static int tm_show(struct seq_file *m, void *v)
+{
+	unsigned int i;
+
+	for (i = 0; i < 8; i++)
+		seq_printf(m, "work%u %016llx\n", i, tm_work(i + 1));
+	seq_printf(m, "timer_mismatches %d\n", atomic_read(&tm_mismatches));
+	return 0;
+}
+
+static int __init tm_init(void)
+{
+	unsigned int cpu;
+
+	tm_expected = tm_mix(7, 64);
+	if (!proc_create_single("kdbt_testmod", 0444, NULL, tm_show))
+		return -ENOMEM;
+	for_each_online_cpu(cpu) {
+		struct timer_list *t = per_cpu_ptr(&tm_timer, cpu);
+
+		timer_setup(t, tm_tick, TIMER_PINNED);
+		t->expires = jiffies + HZ;
+		add_timer_on(t, cpu);
+	}
+	return 0;
+}
+
+static void __exit tm_exit(void)
+{
+	unsigned int cpu;
+
+	WRITE_ONCE(tm_stopping, true);
+	for_each_possible_cpu(cpu) {
+		struct timer_list *t = per_cpu_ptr(&tm_timer, cpu);
+
+		if (t->function)
+			del_timer_sync(t);
+	}
+	remove_proc_entry("kdbt_testmod", NULL);
+	pr_info("kdbt_testmod: %d timer runs, %d mismatches\n", atomic_read(&tm_ticks), atomic_read(&tm_mismatches));
+}
+
+module_init(tm_init);
+module_exit(tm_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("kdbt: code for the kernel DBT's tests to translate");

@@ -1,0 +1,154 @@
+# Suite "dbt": the kernel DBT translating a module on every CPU (`kdbt start --module`),
+# steered by EPT and #VE. The module is kdbt_testmod (experiments/guest/kmod): reading
+# /proc/kdbt_testmod runs its code in the reader's context, and a timer on every CPU runs
+# it in softirq context. Checks: its output identical natively, while started (inscount,
+# bbcov, null) and after; every CPU steered into the cache and counted instructions;
+# `kdbt cov` names the module's functions; the same with the execute right left in place
+# must fail; 20 start/stop cycles; CPU hotplug, nmi-check and unload while started; the
+# refusals. Sourced by /init (plan/pass/fail/info/check/caught, $NCPUS, $EXPECT_VMX).
+
+export KDBT_MODULE=/lib/modules/kdbt.ko
+TESTMOD=/lib/modules/kdbt_testmod.ko
+
+insmod "$TESTMOD" || { plan 1; fail testmod_insmod; exit 0; }
+tm() { cat /proc/kdbt_testmod; }
+tm > /tmp/tm.native
+
+# Without VT-x (QEMU TCG), or on shadow paging, `kdbt start` must refuse plainly.
+if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
+    plan 2
+    if [ "$EXPECT_VMX" = 1 ]; then kdbt load >/dev/null; else insmod "$KDBT_MODULE"; fi
+    out=$(kdbt start --module kdbt_testmod 2>&1); rc=$?
+    info "$out"
+    if [ $rc -ne 0 ] && echo "$out" | grep -q "needs the hypervisor loaded with EPT"; then
+        pass dbt_refuse_without_ept rc=$rc
+    else
+        fail dbt_refuse_without_ept rc=$rc
+    fi
+    tm > /tmp/tm.after
+    kdbt unload >/dev/null 2>&1 || rmmod kdbt
+    if cmp -s /tmp/tm.native /tmp/tm.after && rmmod kdbt_testmod; then pass dbt_refusal_changes_nothing; else fail dbt_refusal_changes_nothing; fi
+    exit 0
+fi
+
+plan 16
+
+# Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
+cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
+
+# The module's code, read on every CPU (taskset) with the timers running (no sleeps: in
+# Bochs with 2 CPUs guest idle time costs ~80x in wall time); its output must
+# be the native one, and every CPU must have been steered into the cache (and, with
+# inscount, counted instructions there). Dispatches may be 0 on a CPU: what another CPU
+# translated it finds through the lookup table.
+run_started() {
+    for c in $(seq 0 $((NCPUS - 1))); do
+        taskset -c "$c" cat /proc/kdbt_testmod > /tmp/tm.cpu$c || return 1
+        cmp /tmp/tm.native /tmp/tm.cpu$c || { echo "cpu$c: output differs"; cat /tmp/tm.cpu$c; return 1; }
+    done
+    kdbt stats
+    for c in $(seq 0 $((NCPUS - 1))); do
+        set -- $(cpu_figs "$c")
+        echo "cpu$c: steered=${1:-?} dispatches=${2:-?} instructions=${3:-none}"
+        [ "${1:-0}" -gt 0 ] || { echo "cpu$c: steered 0: the module ran natively"; return 1; }
+        if [ "$INSCOUNT" = 1 ]; then [ "${3:-0}" -gt 0 ] || { echo "cpu$c: no instruction counted"; return 1; }; fi
+    done
+}
+
+check dbt_load kdbt load
+out=$(kdbt start --module kdbt_testmod --client inscount 2>&1); rc=$?
+info "$out"
+if [ $rc -eq 0 ]; then pass dbt_start client=inscount; else fail dbt_start rc=$rc; fi
+INSCOUNT=1 run_started > /tmp/run.out 2>&1; rc=$?
+info "$(cat /tmp/run.out)"
+if [ $rc -eq 0 ]; then
+    pass dbt_module_from_cache_all_cpus $(grep '^cpu[0-9]*: steered=' /tmp/run.out | sed 's/^\(cpu[0-9]*\): /\1_/; s/ / \1_/g' | tr '\n' ' ')
+else
+    fail dbt_module_from_cache_all_cpus rc=$rc
+fi
+info "$(kdbt stats --json)"
+
+# Refusals while started.
+refusals() {
+    out=$(kdbt start --module kdbt_testmod 2>&1) && return 1
+    echo "second start: $out"; echo "$out" | grep -q "already started" || return 1
+    out=$(rmmod kdbt_testmod 2>&1) && return 1
+    echo "rmmod while started: $out"
+    out=$(kdbt dbt-selftest 2>&1) && return 1
+    echo "self-test while started: $out"; echo "$out" | grep -q "in use" || return 1
+}
+check dbt_refusals_started refusals
+
+# NMIs while started: delivered as ever.
+check dbt_nmi_check_started kdbt nmi-check
+
+# CPU hotplug while started: cpu1 goes offline and comes back, gets #VE again, and is
+# steered into the cache afterwards.
+if [ "$NCPUS" -ge 2 ]; then
+    hp() {
+        before=$(cpu_figs 1 | cut -d' ' -f1)
+        echo 0 > /sys/devices/system/cpu/cpu1/online || return 1
+        tm > /tmp/tm.off && cmp /tmp/tm.native /tmp/tm.off || return 1
+        echo 1 > /sys/devices/system/cpu/cpu1/online || return 1
+        taskset -c 1 cat /proc/kdbt_testmod > /tmp/tm.on && cmp /tmp/tm.native /tmp/tm.on || return 1
+        after=$(cpu_figs 1 | cut -d' ' -f1)
+        echo "cpu1 steered $before -> $after"
+        [ "${after:-0}" -gt "${before:-0}" ]
+    }
+    check dbt_hotplug_cpu1_started hp
+else
+    pass dbt_hotplug_cpu1_started skipped_single_cpu=1
+fi
+check dbt_stop kdbt stop
+tm > /tmp/tm.stopped
+check dbt_output_identical_after_stop cmp /tmp/tm.native /tmp/tm.stopped
+
+# bbcov: the module's functions, named through /proc/kallsyms.
+cov_check() {
+    kdbt start --module kdbt_testmod --client bbcov || return 1
+    tm > /tmp/tm.cov; cmp /tmp/tm.native /tmp/tm.cov || return 1
+    kdbt cov --functions > /tmp/cov.txt || return 1
+    kdbt stop >/dev/null || return 1
+    head -12 /tmp/cov.txt
+    # (tm_tick, the timer, runs once a second: not necessarily while this lasts.)
+    for f in tm_work tm_cmp tm_show tm_mix; do
+        grep -q " $f \[kdbt_testmod\]" /tmp/cov.txt || { echo "$f missing"; return 1; }
+    done
+}
+check dbt_bbcov_names_functions cov_check
+
+# The null client, and the check with the execute right left in place (a test hook):
+# nothing steers the module's entries, and the check must say so.
+INSCOUNT=0
+null_run() { kdbt start --module kdbt_testmod $1 >/dev/null || return 1; run_started; r=$?; kdbt stop >/dev/null; return $r; }
+check dbt_null_client null_run
+caught dbt_catches_native 'steered 0: the module ran natively' null_run --test-no-steer
+
+# 20 start/stop cycles with the module's code run between.
+cycles() {
+    i=0
+    while [ $i -lt 20 ]; do
+        kdbt start --module kdbt_testmod --client inscount >/dev/null || { echo "start $i failed"; return 1; }
+        tm > /tmp/tm.c && cmp /tmp/tm.native /tmp/tm.c || { echo "cycle $i: output differs"; return 1; }
+        kdbt stop >/dev/null || { echo "stop $i failed"; return 1; }
+        i=$((i + 1))
+    done
+}
+check dbt_cycles_20 cycles
+
+# Unload while started stops first; the module is free again and still right.
+unload_started() {
+    kdbt start --module kdbt_testmod >/dev/null || return 1
+    tm > /dev/null
+    kdbt unload || return 1
+    tm > /tmp/tm.unloaded && cmp /tmp/tm.native /tmp/tm.unloaded || return 1
+    grep -q '^timer_mismatches 0$' /tmp/tm.unloaded || return 1
+    rmmod kdbt_testmod
+}
+check dbt_unload_while_started unload_started
+
+out=$(kdbt start --module kdbt_testmod 2>&1); rc=$?
+if [ $rc -ne 0 ]; then pass dbt_refuse_not_loaded; else fail dbt_refuse_not_loaded; fi
+info "$out"
+check dbt_timer_no_mismatch grep -q '^timer_mismatches 0$' /tmp/tm.unloaded
+dmesg_clean dbt_dmesg_clean

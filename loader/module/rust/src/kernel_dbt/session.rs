@@ -1,0 +1,491 @@
+//! `kdbt start --module NAME` / `kdbt stop` / `kdbt stats` / `kdbt cov`: a loaded module's
+//! code runs from the code cache on every CPU, in whatever context the kernel calls it
+//! (system calls, timers in softirq context, any CPU), steered there by EPT.
+//!
+//! While started, the module's text pages are not executable in the guest's EPT view, and
+//! every virtualized CPU has EPT-violation #VE on (its own information page, through
+//! [`vmx::hypercall::Call::VeControl`]). The kernel's IDT, one page shared by every CPU and
+//! mapped read-only (also in KPTI's user page tables), gets a gate 20 that leads to kdbt's
+//! per-CPU #VE stub ([`dbt::ve::ve_entry_stub_gs`]) in a cache page the engine never
+//! gets; the gate is written through a writable alias of that page and put back at stop.
+//! So when native kernel code calls into the module (a file operation, a timer callback,
+//! a return from a kernel function the module called), the fetch violates EPT, the CPU
+//! delivers #VE without a VM exit, and the stub enters the dispatcher, which translates
+//! the module's code on demand; the translation runs until it leaves the module, which
+//! the environment declares native. Only a fetch of rip is steered: any other #VE goes
+//! to the fallback (#VE off on that CPU, the access retried, so that root mode reports a
+//! real violation).
+//!
+//! Stop: the text gets its execute right back (INVEPT on every CPU), the dispatcher
+//! drains (every target is native from then on), #VE goes off and gate 20 back, every
+//! link is cut, so a CPU still inside translated code leaves it at the end of its block.
+//! Then the glue waits until no task can still be inside: where kernel code is not
+//! preemptible (none/voluntary, Debian's default), a task leaves a CPU only through a
+//! call, whose resume point is native, so a context switch on every CPU is enough; under
+//! full preemption, an RCU Tasks grace period. Then an IPI to every CPU, and the engine is
+//! freed.
+//!
+//! What this stage does not do yet (issue 10): the whole kernel (entry code, interrupt
+//! handlers) from the cache; native pcs for fault handlers that read `regs->ip` inside
+//! translated module code (so a module's user-memory fault fixups do not work while
+//! started); write protection of translated text.
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use dbt::{BbCov, BlockInfo, Client, Config, Engine, InsCount, Inserts};
+use kdbt_abi::{DbtCovEntry, DbtCpuStats, DbtStatsQuery, DBT_CLIENT_BBCOV, DBT_CLIENT_INSCOUNT, DBT_CLIENT_NULL};
+use spin::Mutex;
+
+use super::env::{self, KernelEnv};
+use super::percpu::Blocks;
+use super::pool;
+use crate::hv::launch::sidt;
+use crate::{ffi, hv, hw};
+
+/// The running translation, if started (process context only: ioctls, hotplug, unload).
+static SESSION: Mutex<Option<Session>> = Mutex::new(None);
+
+/// bbcov, shared between the engine (which instruments through it) and `kdbt cov`.
+struct SharedCov(*mut BbCov);
+
+impl Client for SharedCov {
+    fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
+        // SAFETY: the BbCov outlives the engine (the session drops the engine first) and
+        // is used only under the engine lock.
+        unsafe { (*self.0).instrument(b, o) }
+    }
+}
+
+struct Session {
+    engine: Box<Engine>,
+    blocks: Blocks,
+    cov: Option<Box<BbCov>>,
+    client: u32,
+    name: [u8; 64],
+    module: *mut core::ffi::c_void,
+    text: (u64, u64),
+    /// Guest-physical pages of the module's text (execute right taken away).
+    pages: Vec<u64>,
+    steered: bool,
+    /// (cpu, information page) of every possible CPU.
+    info: Vec<(u32, *mut u8)>,
+    /// The IDT page's writable alias and gate 20 as it was.
+    idt_alias: u64,
+    old_gate: [u64; 2],
+    cache_bytes: u64,
+    _mem: pool::Memory,
+}
+
+// SAFETY: the raw pointers are the session's own memory (information pages, the module
+// reference, bbcov's map), used under SESSION's lock or by the dispatcher under the
+// engine's.
+unsafe impl Send for Session {}
+
+/// A 64-bit interrupt gate (present, DPL 0, IST 0) to `target` through selector `sel`.
+fn gate(target: u64, sel: u16) -> [u64; 2] {
+    let lo = (target & 0xffff) | (sel as u64) << 16 | 0x8E << 40 | ((target >> 16) & 0xffff) << 48;
+    [lo, target >> 32]
+}
+
+fn kernel_cs() -> u16 {
+    let cs: u16;
+    // SAFETY: reads CS.
+    unsafe { core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs
+}
+
+/// `f` with interrupts off on this CPU: the engine's lock is also taken by the
+/// dispatcher, which an interrupt on this CPU may enter.
+fn irqs_off<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: irq save/restore pair.
+    let flags = unsafe { ffi::kdbt_glue_irq_save() };
+    let r = f();
+    // SAFETY: restores what irq_save returned.
+    unsafe { ffi::kdbt_glue_irq_restore(flags) };
+    r
+}
+
+/// #VE on (`info_pa` != 0) or off on every online CPU.
+fn ve_everywhere(info: &[(u32, *mut u8)], on: bool) -> Result<(), String> {
+    let _hp = hw::CpusReadGuard::lock();
+    for &(cpu, page) in info.iter().filter(|c| hw::cpu_online(c.0)) {
+        // SAFETY: a page from alloc_pages (direct map).
+        let pa = if on { unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) } } else { 0 };
+        let mut r = 0;
+        hw::run_on_cpu(cpu, || r = hv::hypercall(vmx::hypercall::Call::VeControl, pa))
+            .map_err(|e| format!("cpu{cpu}: cannot run there (errno {e})"))?;
+        if r != vmx::hypercall::OK {
+            return Err(format!("cpu{cpu}: root mode refused #VE {}: {r:#x}", if on { "on" } else { "off" }));
+        }
+    }
+    Ok(())
+}
+
+/// `kdbt start`.
+pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
+    if flags & !kdbt_abi::DBT_START_TEST_NO_STEER != 0 {
+        return Err(format!("unknown start flags {flags:#x}"));
+    }
+    if ![DBT_CLIENT_NULL, DBT_CLIENT_INSCOUNT, DBT_CLIENT_BBCOV].contains(&client) {
+        return Err(format!("unknown client {client}"));
+    }
+    let len = name.iter().position(|&c| c == 0).ok_or("module name not terminated")?;
+    if len == 0 {
+        return Err("no module named".into());
+    }
+    let mod_name = core::str::from_utf8(&name[..len]).map_err(|_| "module name is not UTF-8")?;
+    if mod_name == kdbt_abi::MODULE_NAME {
+        return Err("kdbt cannot translate itself (its dispatcher is its own text)".into());
+    }
+    hv::ve_unavailable().map_err(|w| format!("kdbt start needs the hypervisor loaded with EPT and #VE: {w}"))?;
+    if SESSION.lock().is_some() {
+        return Err("already started (kdbt stop first)".into());
+    }
+    // The claim serializes starts (and self-tests); SESSION is not held while building,
+    // which takes the CPU hotplug lock (a CPU coming online takes SESSION under it).
+    if !env::claim() {
+        return Err("the kernel DBT's code cache is in use (a self-test is running)".into());
+    }
+    dbt::warm_up();
+    pool::set_enabled(true);
+    let r = pool::Memory::take().map_err(String::from).and_then(|mem| build(mod_name, name, client, flags, mem));
+    match r {
+        Ok(s) => {
+            kinfo!(
+                "dbt: started: module {mod_name} text {:#x}+{:#x} ({} pages) runs from the code cache",
+                s.text.0,
+                s.text.1 - s.text.0,
+                s.pages.len()
+            );
+            *SESSION.lock() = Some(s);
+            Ok(())
+        }
+        Err(e) => {
+            pool::drain_deferred();
+            env::release();
+            Err(e)
+        }
+    }
+}
+
+fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory) -> Result<Session, String> {
+    let cname: Vec<u8> = mod_name.bytes().chain(core::iter::once(0)).collect();
+    let (mut base, mut size) = (0u64, 0u64);
+    // SAFETY: a 0-terminated name and two out-pointers; the reference is put in Drop.
+    let module = unsafe { ffi::kdbt_glue_module_get(cname.as_ptr().cast(), &mut base, &mut size) };
+    if module.is_null() {
+        return Err(format!("no live module {mod_name} (see /proc/modules)"));
+    }
+    let mut kenv = match KernelEnv::new() {
+        Ok(k) => k,
+        Err(e) => {
+            // SAFETY: the reference just taken.
+            unsafe { ffi::kdbt_glue_module_put(module) };
+            return Err(e.into());
+        }
+    };
+    kenv.set_scope(base, base + size);
+    let (sx, sw) = kenv.steer_pages();
+    let cache_bytes = kenv.cache().1;
+    let blocks = match Blocks::new() {
+        Ok(b) => b,
+        Err(e) => {
+            // SAFETY: the reference just taken.
+            unsafe { ffi::kdbt_glue_module_put(module) };
+            return Err(e.into());
+        }
+    };
+    let gs = blocks.gs_offset().ok_or("per-CPU offset out of reach");
+    let cfg = Config {
+        kernel: true,
+        // SAFETY: plain getter.
+        ibt: unsafe { ffi::kdbt_glue_kernel_ibt() },
+        gs_base: *gs.as_ref().unwrap_or(&0),
+        hot_size: 512 << 10,
+        stub_size: 256 << 10,
+        max_hot_bytes: 512 << 10,
+        // Calls out of the module, and returns into the kernel, leave the cache through
+        // linked fragments and lookup hits, not a dispatch each.
+        native_fragments: true,
+        ..Config::default()
+    };
+    let mut cov = None;
+    let cl: Option<Box<dyn Client>> = match client {
+        DBT_CLIENT_INSCOUNT => Some(Box::new(InsCount)),
+        DBT_CLIENT_BBCOV => {
+            let mut c = Box::new(BbCov::new());
+            let p: *mut BbCov = &mut *c;
+            cov = Some(c);
+            Some(Box::new(SharedCov(p)))
+        }
+        _ => None,
+    };
+    let scope = blocks.pool_scope();
+    let e = gs.and_then(|_| Engine::new(Box::new(kenv), cl, cfg).map(Box::new)).map_err(String::from);
+    drop(scope);
+    let engine = match e {
+        Ok(e) => e,
+        Err(e) => {
+            // SAFETY: the reference just taken.
+            unsafe { ffi::kdbt_glue_module_put(module) };
+            return Err(e);
+        }
+    };
+    // From here on, dropping the session undoes whatever was done.
+    let mut s = Session {
+        engine,
+        blocks,
+        cov,
+        client,
+        name: [0; 64],
+        module,
+        text: (base, base + size),
+        pages: Vec::new(),
+        steered: false,
+        info: Vec::new(),
+        idt_alias: 0,
+        old_gate: [0; 2],
+        cache_bytes,
+        _mem: mem,
+    };
+    s.blocks.attach(&mut s.engine);
+    let gs = cfg.gs_base;
+    let n = name.len().min(63);
+    s.name[..n].copy_from_slice(&name[..n]);
+    // Text pages, and an information page per CPU.
+    for p in (base & !0xfff..base + size).step_by(4096) {
+        // SAFETY: module text (vmalloc'd module space), held by our reference.
+        let pa = unsafe { ffi::kdbt_glue_vmalloc_to_phys(p as *const _) };
+        if pa == 0 {
+            return Err(format!("{mod_name}: text page {p:#x} has no physical page"));
+        }
+        s.pages.try_reserve(1).map_err(|_| "out of memory")?;
+        s.pages.push(pa & !0xfff);
+    }
+    for (cpu, blk) in (0..hw::cpu_ids()).filter_map(|c| s.blocks.of_cpu(c).map(|b| (c, b))) {
+        // SAFETY: one zeroed page (a zero busy word: the CPU may deliver); freed in Drop.
+        let page = unsafe { ffi::kdbt_glue_alloc_pages(0) } as *mut u8;
+        if page.is_null() || s.info.try_reserve(1).is_err() {
+            if !page.is_null() {
+                // SAFETY: just allocated.
+                unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+            }
+            return Err("out of memory".into());
+        }
+        s.info.push((cpu, page));
+        // SAFETY: this CPU's block; nothing runs translated code yet.
+        unsafe { (*blk).ve_info = page as u64 };
+    }
+    // The #VE stub (+0), its lookup (+1024: a pc steered before is found in the lookup
+    // table, no dispatch) and its fallback (+2048), in the second steering page.
+    let (stub_x, stub_w) = (sx + 4096, sw + 4096);
+    let (lookup_x, fallback_x) = (stub_x + 1024, stub_x + 2048);
+    let fallback = dbt::ve::ve_fallback_stub(fallback_x, vmx::hypercall::Call::VeControl.rax(), 0)
+        .map_err(|e| format!("assembling the #VE fallback: {e}"))?;
+    let lookup = dbt::ve::ve_lookup(lookup_x, env::table_addr())
+        .ok_or("the lookup table is out of disp32 reach")?
+        .map_err(|e| format!("assembling the #VE lookup: {e}"))?;
+    let via_table = s.engine.cfg.inline_lookup.then_some(lookup_x);
+    let stub = dbt::ve::ve_entry_stub_gs(stub_x, gs, via_table, fallback_x)
+        .map_err(|e| format!("assembling the #VE stub: {e}"))?;
+    if stub.len() > 1024 || lookup.len() > 1024 || fallback.len() > 2048 {
+        return Err("#VE stub larger than its page".into());
+    }
+    // SAFETY: the writable alias of the steering page the engine never gets.
+    unsafe {
+        core::ptr::copy_nonoverlapping(stub.as_ptr(), stub_w as *mut u8, stub.len());
+        core::ptr::copy_nonoverlapping(lookup.as_ptr(), (stub_w + 1024) as *mut u8, lookup.len());
+        core::ptr::copy_nonoverlapping(fallback.as_ptr(), (stub_w + 2048) as *mut u8, fallback.len());
+    }
+    // Gate 20 of the IDT every CPU uses.
+    let idt = sidt();
+    let (idt_base, idt_limit) = (idt.base, idt.limit);
+    let mut same = true;
+    {
+        let _hp = hw::CpusReadGuard::lock();
+        for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
+            let mut b = 0;
+            hw::run_on_cpu(cpu, || b = sidt().base).map_err(|e| format!("cpu{cpu}: errno {e}"))?;
+            same &= b == idt_base;
+        }
+    }
+    if !same || idt_limit < 20 * 16 + 15 || idt_base & 0xfff != 0 {
+        return Err(format!("the CPUs do not share one page-aligned IDT (base {idt_base:#x}, limit {idt_limit:#x})"));
+    }
+    // SAFETY: process context; undone in Drop.
+    s.idt_alias = unsafe { ffi::kdbt_glue_page_alias(idt_base) };
+    if s.idt_alias == 0 {
+        return Err(format!("cannot map a writable alias of the IDT at {idt_base:#x}"));
+    }
+    let g = (s.idt_alias + 20 * 16) as *mut u64;
+    // SAFETY: gate 20 in the alias of the IDT page (16 bytes; no #VE is on yet, so no
+    // CPU reads it meanwhile).
+    unsafe {
+        s.old_gate = [g.read_volatile(), g.add(1).read_volatile()];
+        let new = gate(stub_x, kernel_cs());
+        g.add(1).write_volatile(new[1]);
+        g.write_volatile(new[0]);
+    }
+    ve_everywhere(&s.info, true)?;
+    if flags & kdbt_abi::DBT_START_TEST_NO_STEER == 0 {
+        hv::set_pages_perms(&s.pages, ::ept::Perms::RW).map_err(|e| format!("{mod_name}: text not executable: {e}"))?;
+        s.steered = true;
+    }
+    Ok(s)
+}
+
+impl Drop for Session {
+    /// Stop (see the module comment); each step runs even if an earlier one failed, and
+    /// failures are logged.
+    fn drop(&mut self) {
+        if self.steered {
+            if let Err(e) = hv::set_pages_perms(&self.pages, ::ept::Perms::RWX) {
+                kerr!("dbt stop: the module's text stays not executable: {e}");
+            }
+        }
+        env::set_draining(true);
+        if let Err(e) = ve_everywhere(&self.info, false) {
+            kerr!("dbt stop: {e}");
+        }
+        if self.idt_alias != 0 {
+            let g = (self.idt_alias + 20 * 16) as *mut u64;
+            // SAFETY: the alias of the IDT page; #VE is off on every CPU.
+            unsafe {
+                g.write_volatile(self.old_gate[0]);
+                g.add(1).write_volatile(self.old_gate[1]);
+                ffi::kdbt_glue_cache_unalias(self.idt_alias);
+            }
+        }
+        let ep: *mut Engine = &mut *self.engine;
+        // SAFETY: the live engine; its lock is taken with interrupts off.
+        irqs_off(|| unsafe { Engine::locked(ep, |e| e.invalidate_all()) });
+        // SAFETY: process context.
+        unsafe { ffi::kdbt_glue_sync_tasks() };
+        let _hp = hw::CpusReadGuard::lock();
+        for cpu in (0..hw::cpu_ids()).filter(|&c| hw::cpu_online(c)) {
+            let _ = hw::run_on_cpu(cpu, || {});
+        }
+        for &(_, page) in &self.info {
+            // SAFETY: our pages; #VE is off everywhere.
+            unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
+        }
+        // SAFETY: the reference taken at start.
+        unsafe { ffi::kdbt_glue_module_put(self.module) };
+    }
+}
+
+/// `kdbt stop`.
+pub fn stop() -> Result<String, String> {
+    let s = SESSION.lock().take().ok_or("not started")?;
+    let st = s.engine.stats;
+    let name = String::from(kdbt_abi::fixed_str_read(&s.name));
+    drop(s);
+    pool::drain_deferred();
+    env::set_draining(false);
+    env::release();
+    kinfo!("dbt: stopped ({name}: {} blocks, {} dispatches)", st.blocks, st.dispatches);
+    Ok(format!(
+        "stopped: {name} runs natively again ({} blocks were translated, {} dispatches)",
+        st.blocks, st.dispatches
+    ))
+}
+
+/// Stops if started (before `unload` devirtualizes).
+pub fn stop_if_started() {
+    if SESSION.lock().is_some() {
+        match stop() {
+            Ok(m) => kinfo!("dbt: {m}"),
+            Err(e) => kerr!("dbt: {e}"),
+        }
+    }
+}
+
+/// A CPU came online (and was virtualized) while started: #VE on there too.
+pub fn cpu_online(cpu: u32) {
+    let guard = SESSION.lock();
+    let Some(s) = guard.as_ref() else { return };
+    let Some(&(_, page)) = s.info.iter().find(|c| c.0 == cpu) else { return };
+    // SAFETY: a page from alloc_pages.
+    let pa = unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) };
+    let r = if hw::this_cpu() == cpu {
+        hv::hypercall(vmx::hypercall::Call::VeControl, pa)
+    } else {
+        let mut r = 0;
+        let _ = hw::run_on_cpu(cpu, || r = hv::hypercall(vmx::hypercall::Call::VeControl, pa));
+        r
+    };
+    if r != vmx::hypercall::OK {
+        kerr!("dbt: cpu{cpu} came online without #VE ({r:#x}): the module's code would fault there");
+    }
+}
+
+/// `kdbt stats`: the figures, and per CPU into `out`.
+pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'static str> {
+    let guard = SESSION.lock();
+    let Some(s) = guard.as_ref() else {
+        q.active = 0;
+        return Ok(());
+    };
+    q.active = 1;
+    q.client = s.client;
+    q.module = s.name;
+    (q.text_base, q.text_size) = (s.text.0, s.text.1 - s.text.0);
+    let ep = &*s.engine as *const Engine as *mut Engine;
+    // SAFETY: the live engine, its lock taken with interrupts off.
+    let st = irqs_off(|| unsafe { Engine::locked(ep, |e| e.stats) });
+    q.blocks = st.blocks;
+    q.guest_insns = st.guest_insns;
+    q.dispatches = st.dispatches;
+    q.links = st.links;
+    q.misses = st.misses;
+    q.invalidations = st.invalidations;
+    q.code_bytes = st.hot_bytes + st.stub_bytes;
+    q.cache_bytes = s.cache_bytes;
+    let ps = pool::stats();
+    (q.pool_peak, q.pool_size) = (ps.peak as u64, ps.size as u64);
+    for cpu in 0..hw::cpu_ids() {
+        let Some(b) = s.blocks.of_cpu(cpu) else { continue };
+        out.try_reserve(1).map_err(|_| "out of memory")?;
+        // SAFETY: a live block; the dispatcher may be updating its counters (a racy read
+        // gives a slightly stale figure).
+        let (ve, disp, insns, why, at) = unsafe {
+            let b = &*b;
+            let insns = if s.client == DBT_CLIENT_INSCOUNT { InsCount::total(b) } else { 0 };
+            (b.ve_count, b.dispatches, insns, b.exit_reason, b.exit_pc)
+        };
+        out.push(DbtCpuStats {
+            cpu,
+            online: hw::cpu_online(cpu) as u32,
+            steered: ve,
+            dispatches: disp,
+            insns,
+            last_exit_reason: why,
+            last_exit_pc: at,
+        });
+    }
+    Ok(())
+}
+
+/// `kdbt cov`: bbcov's executed blocks.
+pub fn cov(out: &mut Vec<DbtCovEntry>) -> Result<(), &'static str> {
+    let guard = SESSION.lock();
+    let s = guard.as_ref().ok_or("not started")?;
+    let cov = s.cov.as_ref().ok_or("started without --client bbcov")?;
+    let ep = &*s.engine as *const Engine as *mut Engine;
+    let p: *const BbCov = &**cov;
+    // The map is read under the engine lock (the dispatcher adds to it there); the result
+    // is copied out with interrupts on (allocation in process context).
+    let hits = irqs_off(|| {
+        // SAFETY: the live engine and its bbcov, read under the engine's lock; `hits`
+        // allocates: in dispatcher mode (interrupts off), from the pool.
+        let scope = s.blocks.pool_scope();
+        let h = unsafe { Engine::locked(ep, |_| (*p).hits()) };
+        drop(scope);
+        h
+    });
+    out.try_reserve(hits.len()).map_err(|_| "out of memory")?;
+    out.extend(hits.iter().map(|&(pc, hits)| DbtCovEntry { pc, hits }));
+    Ok(())
+}
