@@ -194,14 +194,28 @@ fn status(arg: u64) -> Result<i64> {
         out.push(s);
     });
     q.loaded = loaded as u32;
-    if out.len() > q.capacity as usize {
-        q.count = out.len() as u32;
-        copy_to_user(arg, core::slice::from_ref(&q))?;
+    let (buf, cap) = (q.buf, q.capacity);
+    reply_list(arg, &mut q, buf, cap, &out, |q, n| q.count = n)
+}
+
+/// The end of a list query: `out` into the caller's buffer `buf` of `capacity` entries
+/// and the header (its count set by `set_count`) back at `arg`; ENOSPC, with the count
+/// needed, when the buffer is too small.
+fn reply_list<Q: Pod, E: Pod>(
+    arg: u64,
+    q: &mut Q,
+    buf: u64,
+    capacity: u32,
+    out: &[E],
+    set_count: fn(&mut Q, u32),
+) -> Result<i64> {
+    set_count(q, out.len() as u32);
+    if out.len() > capacity as usize {
+        copy_to_user(arg, core::slice::from_ref(q))?;
         return Err(errno::ENOSPC);
     }
-    copy_to_user(q.buf, &out)?;
-    q.count = out.len() as u32;
-    copy_to_user(arg, core::slice::from_ref(&q))?;
+    copy_to_user(buf, out)?;
+    copy_to_user(arg, core::slice::from_ref(q))?;
     Ok(0)
 }
 
@@ -253,15 +267,8 @@ fn dbt_stats(arg: u64) -> Result<i64> {
     }
     let mut out = Vec::new();
     crate::kernel_dbt::session::stats(&mut q, &mut out).map_err(|_| errno::ENOMEM)?;
-    if out.len() > q.capacity as usize {
-        q.count = out.len() as u32;
-        copy_to_user(arg, core::slice::from_ref(&q))?;
-        return Err(errno::ENOSPC);
-    }
-    copy_to_user(q.buf, &out)?;
-    q.count = out.len() as u32;
-    copy_to_user(arg, core::slice::from_ref(&q))?;
-    Ok(0)
+    let (buf, cap) = (q.buf, q.capacity);
+    reply_list(arg, &mut q, buf, cap, &out, |q, n| q.count = n)
 }
 
 fn dbt_cov(arg: u64) -> Result<i64> {
@@ -277,13 +284,6 @@ fn dbt_cov(arg: u64) -> Result<i64> {
             errno::ENOENT
         }
     })?;
-    if out.len() > q.capacity as usize {
-        q.count = out.len() as u32;
-        copy_to_user(arg, core::slice::from_ref(&q))?;
-        return Err(errno::ENOSPC);
-    }
-    copy_to_user(q.buf, &out)?;
-    q.count = out.len() as u32;
-    copy_to_user(arg, core::slice::from_ref(&q))?;
-    Ok(0)
+    let (buf, cap) = (q.buf, q.capacity);
+    reply_list(arg, &mut q, buf, cap, &out, |q, n| q.count = n)
 }
