@@ -41,6 +41,7 @@ use spin::Mutex;
 use super::env::{self, KernelEnv};
 use super::percpu::Blocks;
 use super::pool;
+use super::steer::gate;
 use crate::hv::launch::sidt;
 use crate::{ffi, hv, hw};
 
@@ -82,12 +83,6 @@ struct Session {
 // reference, bbcov's map), used under SESSION's lock or by the dispatcher under the
 // engine's.
 unsafe impl Send for Session {}
-
-/// A 64-bit interrupt gate (present, DPL 0, IST 0) to `target` through selector `sel`.
-fn gate(target: u64, sel: u16) -> [u64; 2] {
-    let lo = (target & 0xffff) | (sel as u64) << 16 | 0x8E << 40 | ((target >> 16) & 0xffff) << 48;
-    [lo, target >> 32]
-}
 
 fn kernel_cs() -> u16 {
     let cs: u16;

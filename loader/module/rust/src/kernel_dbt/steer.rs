@@ -41,7 +41,7 @@ unsafe fn lidt(d: &RawDtr) {
 }
 
 /// A 64-bit interrupt gate (present, DPL 0, IST 0) to `target` through selector `sel`.
-fn gate(target: u64, sel: u16) -> [u64; 2] {
+pub(super) fn gate(target: u64, sel: u16) -> [u64; 2] {
     let lo = (target & 0xffff) | (sel as u64) << 16 | 0x8E << 40 | ((target >> 16) & 0xffff) << 48;
     [lo, target >> 32]
 }
