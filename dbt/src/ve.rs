@@ -14,10 +14,16 @@
 //! is ever written below the final rsp: interrupts may arrive at the miss entry at once.
 //!
 //! Only a fetch of the interrupted rip is a steering event (information area:
-//! qualification bit 2, guest-linear address = rip). Any other #VE (a data access, or a
-//! stale translation while #VE is on) goes, with every register and the CPU's frame as
-//! they were, to the environment's `fallback` (the kernel's switches #VE off and retries
-//! the access, so that a real violation exits to root mode's diagnostic).
+//! qualification bit 2, guest-linear address = rip). A write (qualification bit 1) goes,
+//! if the environment gives one, to its write handler, `extern "C" fn(gpa, gla) -> u64`,
+//! called on the interrupted stack (rsp aligned to 16, DF clear, every caller-saved
+//! register saved around it): it returns 0 when it has dealt with the write (the stub
+//! re-arms the information area and `iretq`s, so the write is retried with every
+//! register as interrupted), anything else to pass it on. Any other #VE (a read, a write
+//! the handler passed on, a stale translation while #VE is on) goes, with every register
+//! and the CPU's frame as they were, to the environment's `fallback` (the kernel's
+//! switches #VE off and retries the access, so that a real violation exits to root
+//! mode's diagnostic).
 use alloc::vec::Vec;
 
 use iced_x86::code_asm::*;
@@ -36,7 +42,7 @@ enum Src {
 /// `u64` it increments (locked), `miss` the engine's miss entry (`Scratch::miss_entry`),
 /// `fallback` where a #VE that is not a fetch of rip goes (the CPU's frame at rsp).
 pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64, fallback: u64) -> Result<Vec<u8>, IcedError> {
-    stub(ip, Src::Abs(info), Src::Abs(count), Src::Abs(miss), fallback)
+    stub(ip, Src::Abs(info), Src::Abs(count), Src::Abs(miss), None, fallback)
 }
 
 /// The #VE entry stub for every CPU at `ip`: each CPU's information area, #VE counter
@@ -44,12 +50,19 @@ pub fn ve_entry_stub(ip: u64, info: u64, count: u64, miss: u64, fallback: u64) -
 /// block at `gs:[gs_base]` (`Config::gs_base`; a #VE only arrives in kernel mode, on
 /// the kernel's `%gs`). `lookup`: where the stub goes instead of the miss entry, with the
 /// same state (a [`ve_lookup`] routine: a pc steered before is found in the engine's
-/// lookup table without a dispatch). `fallback` as for [`ve_entry_stub`].
-pub fn ve_entry_stub_gs(ip: u64, gs_base: i32, lookup: Option<u64>, fallback: u64) -> Result<Vec<u8>, IcedError> {
+/// lookup table without a dispatch). `write`: the write handler (module comment), called
+/// with a rel32 call, so within ±2 GB of the stub. `fallback` as for [`ve_entry_stub`].
+pub fn ve_entry_stub_gs(
+    ip: u64,
+    gs_base: i32,
+    lookup: Option<u64>,
+    write: Option<u64>,
+    fallback: u64,
+) -> Result<Vec<u8>, IcedError> {
     use crate::scratch::{OFF_MISS_ENTRY, OFF_VE_COUNT, OFF_VE_INFO};
     let g = gs_base as i64;
     let to = lookup.map_or(Src::Gs(g + OFF_MISS_ENTRY), Src::Abs);
-    stub(ip, Src::Gs(g + OFF_VE_INFO), Src::Gs(g + OFF_VE_COUNT), to, fallback)
+    stub(ip, Src::Gs(g + OFF_VE_INFO), Src::Gs(g + OFF_VE_COUNT), to, write, fallback)
 }
 
 /// The end of an inline lookup at `ip`, for [`ve_entry_stub_gs`]: with the lookup-miss
@@ -76,7 +89,7 @@ fn load(a: &mut CodeAssembler, r: AsmRegister64, s: Src) -> Result<(), IcedError
     }
 }
 
-fn stub(ip: u64, info: Src, count: Src, miss: Src, fallback: u64) -> Result<Vec<u8>, IcedError> {
+fn stub(ip: u64, info: Src, count: Src, miss: Src, write: Option<u64>, fallback: u64) -> Result<Vec<u8>, IcedError> {
     // F = rsp at entry: [F] rip, [F+8] cs, [F+16] rflags, [F+24] rsp, [F+32] ss.
     let mut a = CodeAssembler::new(64)?;
     let mut other = a.create_label();
@@ -119,7 +132,34 @@ fn stub(ip: u64, info: Src, count: Src, miss: Src, fallback: u64) -> Result<Vec<
     a.mov(rcx, qword_ptr(rsp + 64))?; // native pc
     a.mov(rax, qword_ptr(rsp + 56))?; // guest rax
     a.iretq()?;
-    a.set_label(&mut other)?;
+    a.set_label(&mut other)?; // rax = the information area, rax rcx rdx pushed
+    if let Some(handler) = write {
+        let mut plain = a.create_label();
+        a.test(byte_ptr(rax + 8), 2)?; // qualification: write
+        a.jz(plain)?;
+        for r in [rsi, rdi, r8, r9, r10, r11, rbp] {
+            a.push(r)?;
+        }
+        a.mov(rbp, rsp)?;
+        a.and(rsp, -16)?;
+        a.cld()?;
+        a.mov(rdi, qword_ptr(rax + 24))?; // guest-physical address
+        a.mov(rsi, qword_ptr(rax + 16))?; // guest-linear address
+        a.call(handler)?;
+        a.mov(rsp, rbp)?;
+        for r in [rbp, r11, r10, r9, r8, rdi, rsi] {
+            a.pop(r)?;
+        }
+        a.test(rax, rax)?;
+        a.jnz(plain)?;
+        load(&mut a, rax, info)?;
+        a.mov(dword_ptr(rax + 4), 0)?;
+        a.pop(rdx)?;
+        a.pop(rcx)?;
+        a.pop(rax)?;
+        a.iretq()?;
+        a.set_label(&mut plain)?;
+    }
     a.pop(rdx)?;
     a.pop(rcx)?;
     a.pop(rax)?;

@@ -40,7 +40,11 @@ kdbt_ve_harness:
     xor eax, eax
     mov ax, cs
     push rax
+    mov rax, [r15 + 64]
+    test rax, rax
+    jnz 1f
     mov rax, 0x4444
+1:
     push rax
     mov rax, 0x1111
     mov rcx, 0x2222
@@ -188,8 +192,8 @@ fn per_cpu_ve_stub_uses_its_gs_block() {
     let base = (block as *mut Scratch as u64).wrapping_sub(GS_BASE as u64);
     // SAFETY: sets this test thread's user %gs base (nothing in a Rust program uses %gs).
     assert_eq!(unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1001, base) }, 0, "ARCH_SET_GS");
-    let stub =
-        ve_entry_stub_gs(page as u64, GS_BASE, None, kdbt_ve_fallback as *const () as u64).expect("stub assembles");
+    let stub = ve_entry_stub_gs(page as u64, GS_BASE, None, None, kdbt_ve_fallback as *const () as u64)
+        .expect("stub assembles");
     // SAFETY: our RWX page, large enough.
     unsafe { std::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len()) };
     for (qual, gla, steered) in [(4u32, 0x4444u32, true), (2, 0x4444, false), (4, 0x5555, false)] {
@@ -246,7 +250,8 @@ fn per_cpu_ve_stub_goes_through_the_lookup_table() {
     // SAFETY: sets this test thread's user %gs base.
     assert_eq!(unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1001, base) }, 0, "ARCH_SET_GS");
     let lookup = page as u64 + 2048;
-    let stub = ve_entry_stub_gs(page as u64, GS_BASE, Some(lookup), kdbt_ve_fallback as *const () as u64).unwrap();
+    let stub =
+        ve_entry_stub_gs(page as u64, GS_BASE, Some(lookup), None, kdbt_ve_fallback as *const () as u64).unwrap();
     let thunk = ve_lookup(lookup, table as u64).expect("table reachable").unwrap();
     assert!(ve_lookup(lookup, 0x1_0000_0000).is_none(), "a table out of disp32 reach is refused");
     // SAFETY: our RWX page: the stub, and the lookup at +2048.
@@ -267,6 +272,97 @@ fn per_cpu_ve_stub_goes_through_the_lookup_table() {
     let old_rsp = out[11];
     assert_eq!((out[0], out[1]), (0x4444, old_rsp - 16), "the table's target got the miss entry's state");
     assert_eq!((out[2], out[3], out[4]), (0x2222, 0x3333, 0x1111));
+}
+
+/// A write #VE goes to the write handler with (guest-physical, guest-linear address):
+/// when it returns 0 the stub re-arms the information area and `iretq`s to the
+/// interrupted rip with every register and rsp as interrupted (the write is retried);
+/// otherwise the #VE goes to the fallback as any other. A fetch of rip still steers.
+#[test]
+fn per_cpu_ve_stub_hands_writes_to_the_write_handler() {
+    const GS_BASE: i32 = 0x2000;
+    static ARGS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    static VERDICT: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn on_write(gpa: u64, gla: u64) -> u64 {
+        ARGS[0].store(gpa, Ordering::Relaxed);
+        ARGS[1].store(gla, Ordering::Relaxed);
+        ARGS[2].fetch_add(1, Ordering::Relaxed);
+        VERDICT.load(Ordering::Relaxed)
+    }
+    let page = rwx(4096);
+    // The handler through a thunk on the stub's page (the stub's call is rel32).
+    let thunk_at = page as u64 + 3072;
+    let thunk = {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rax, on_write as *const () as u64).unwrap();
+        a.jmp(rax).unwrap();
+        a.assemble(thunk_at).unwrap()
+    };
+    let mut info = [0u32; 8];
+    let block: &mut Scratch = Box::leak(Box::new(
+        // SAFETY: Scratch is plain integers: all-zero is a valid value.
+        unsafe { std::mem::zeroed::<Scratch>() },
+    ));
+    block.miss_entry = kdbt_ve_capture as *const () as u64;
+    block.ve_info = info.as_mut_ptr() as u64;
+    let base = (block as *mut Scratch as u64).wrapping_sub(GS_BASE as u64);
+    // SAFETY: sets this test thread's user %gs base.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1001, base) }, 0, "ARCH_SET_GS");
+    let stub =
+        ve_entry_stub_gs(page as u64, GS_BASE, None, Some(thunk_at), kdbt_ve_fallback as *const () as u64).unwrap();
+    assert!(stub.len() <= 3072);
+    // SAFETY: our RWX page: the stub, and the thunk at +3072.
+    unsafe {
+        std::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len());
+        std::ptr::copy_nonoverlapping(thunk.as_ptr(), page.add(3072), thunk.len());
+    }
+    let capture = kdbt_ve_capture as *const () as u64;
+    for (verdict, misalign) in [(0u64, 0u64), (0, 8), (1, 0)] {
+        VERDICT.store(verdict, Ordering::Relaxed);
+        let calls = ARGS[2].load(Ordering::Relaxed);
+        info[1] = 0xffff_ffff;
+        // A write (qualification bit 1) of guest-linear 0x7000_1234, physical 0x5_6789_a234.
+        (info[2], info[4], info[5], info[6], info[7]) = (2, 0x7000_1234, 0, 0x6789_a234, 5);
+        let mut out = [0u64; 16];
+        // The interrupted rip: the capture routine (the write "retried").
+        out[8] = capture;
+        // SAFETY: as in the tests above.
+        unsafe { kdbt_ve_harness(page as u64, out.as_mut_ptr(), misalign) };
+        let old_rsp = out[11];
+        assert_eq!(ARGS[2].load(Ordering::Relaxed), calls + 1, "the handler ran once");
+        assert_eq!(ARGS[0].load(Ordering::Relaxed), 0x5_6789_a234, "gpa");
+        assert_eq!(ARGS[1].load(Ordering::Relaxed), 0x7000_1234, "gla");
+        // SAFETY: the block and the array, written by the stub through raw pointers.
+        let (count, busy) =
+            unsafe { (std::ptr::addr_of!(block.ve_count).read_volatile(), info.as_ptr().add(1).read_volatile()) };
+        assert_eq!(count, 0, "a write is not a steering event");
+        if verdict == 0 {
+            assert_eq!(out[0], 0x2222, "rcx as interrupted");
+            assert_eq!(out[4], 0x1111, "rax as interrupted");
+            assert_eq!(out[1], old_rsp, "rsp as interrupted (misalign {misalign})");
+            assert_eq!(out[5] & !0x10000, out[12] & !0x10000, "rflags as interrupted");
+            assert_eq!(busy, 0, "information area re-armed");
+        } else {
+            assert_eq!(out[0], capture, "[rsp] = the frame's rip: the fallback");
+            assert_eq!((out[13], out[14], out[15]), (0x1111, 0x2222, 0x3333), "to the fallback as interrupted");
+            assert_eq!(busy, 0xffff_ffff, "busy word left for the fallback");
+        }
+    }
+    // A fetch of rip is still steered, without the handler.
+    let calls = ARGS[2].load(Ordering::Relaxed);
+    let ip = info.as_mut_ptr();
+    // SAFETY: our array, which the stub reads through its raw pointer.
+    unsafe {
+        for (i, v) in [(1, 0xffff_ffff), (2, 4), (4, 0x4444), (5, 0)] {
+            ip.add(i).write_volatile(v);
+        }
+    }
+    let mut out = [0u64; 16];
+    // SAFETY: as above.
+    unsafe { kdbt_ve_harness(page as u64, out.as_mut_ptr(), 0) };
+    assert_eq!((out[0], out[1]), (0x4444, out[11] - 16), "steered");
+    assert_eq!(ARGS[2].load(Ordering::Relaxed), calls, "no handler call for a fetch");
 }
 
 #[test]

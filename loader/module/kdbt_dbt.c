@@ -23,6 +23,7 @@
 #include <linux/workqueue.h>
 #include <linux/cpu.h>
 #include <linux/preempt.h>
+#include <linux/irq_work.h>
 #include <asm/pgtable.h>
 #if IS_ENABLED(CONFIG_CRC32)
 #include <linux/crc32.h>
@@ -194,6 +195,29 @@ void kdbt_glue_sync_tasks(void)
 	for_each_online_cpu(cpu)
 		flush_work(per_cpu_ptr(&kdbt_sync_work, cpu));
 	cpus_read_unlock();
+}
+
+static void kdbt_wp_work_fn(struct work_struct *w)
+{
+	kdbt_rs_dbt_reprotect();
+}
+static DECLARE_WORK(kdbt_wp_work, kdbt_wp_work_fn);
+
+static void kdbt_wp_irq_work_fn(struct irq_work *w)
+{
+	queue_work(system_wq, &kdbt_wp_work);
+}
+static DEFINE_IRQ_WORK(kdbt_wp_irq_work, kdbt_wp_irq_work_fn);
+
+void kdbt_glue_wp_kick(void)
+{
+	irq_work_queue(&kdbt_wp_irq_work);
+}
+
+void kdbt_glue_wp_flush(void)
+{
+	irq_work_sync(&kdbt_wp_irq_work);
+	flush_work(&kdbt_wp_work);
 }
 
 size_t kdbt_glue_read_kernel(void *dst, u64 src, size_t n)

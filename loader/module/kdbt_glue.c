@@ -488,6 +488,7 @@ static void __exit kdbt_exit(void)
 	atomic_notifier_chain_unregister(&panic_notifier_list, &kdbt_panic_nb);
 	cpuhp_remove_state_nocalls(kdbt_hp_state);
 	unregister_nmi_handler(NMI_LOCAL, "kdbt");
+	kdbt_glue_wp_flush(); /* nothing can queue it any more (the DBT is stopped) */
 }
 
 module_init(kdbt_init);

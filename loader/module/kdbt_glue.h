@@ -158,5 +158,11 @@ u64 kdbt_glue_page_alias(u64 addr);
  * every CPU where kernel code is not preemptible, RCU Tasks under full preemption.
  * Process context; takes the CPU hotplug lock. */
 void kdbt_glue_sync_tasks(void);
+/* The re-protection of written text (kernel_dbt/wprotect.rs): kick queues its work item
+ * through an irq_work (any context, also the #VE handler's); flush waits until neither is
+ * queued or running (process context). The work calls kdbt_rs_dbt_reprotect. */
+void kdbt_glue_wp_kick(void);
+void kdbt_glue_wp_flush(void);
+void kdbt_rs_dbt_reprotect(void);
 
 #endif

@@ -9,6 +9,10 @@
  * in Bochs each #VE costs milliseconds of wall time) in softirq context once a second and
  * counts the results that differ from the one computed natively at load ("mismatches",
  * printed too, must stay 0).
+ *
+ * /proc/kdbt_testmod_key reads "on" or "off" as a static key (jump label) in the module's
+ * code says; writing 1 or 0 to it patches that code (text_poke), which the kernel DBT must
+ * notice while started: the next read must follow the new bytes, not an old translation.
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -21,6 +25,8 @@
 #include <linux/cpumask.h>
 #include <linux/atomic.h>
 #include <linux/jiffies.h>
+#include <linux/jump_label.h>
+#include <linux/uaccess.h>
 
 #define TM_N 24
 
@@ -113,6 +119,49 @@ static int tm_show(struct seq_file *m, void *v)
 	return 0;
 }
 
+static DEFINE_STATIC_KEY_FALSE(tm_key);
+
+static noinline const char *tm_keyed(void)
+{
+	if (static_branch_unlikely(&tm_key))
+		return "on";
+	return "off";
+}
+
+static int tm_key_show(struct seq_file *m, void *v)
+{
+	seq_printf(m, "%s\n", tm_keyed());
+	return 0;
+}
+
+static int tm_key_open(struct inode *inode, struct file *file)
+{
+	return single_open(file, tm_key_show, NULL);
+}
+
+static ssize_t tm_key_write(struct file *file, const char __user *buf, size_t n, loff_t *pos)
+{
+	char c;
+
+	if (n == 0 || get_user(c, buf))
+		return -EFAULT;
+	if (c == '1')
+		static_branch_enable(&tm_key);
+	else if (c == '0')
+		static_branch_disable(&tm_key);
+	else
+		return -EINVAL;
+	return n;
+}
+
+static const struct proc_ops tm_key_ops = {
+	.proc_open = tm_key_open,
+	.proc_read = seq_read,
+	.proc_write = tm_key_write,
+	.proc_lseek = seq_lseek,
+	.proc_release = single_release,
+};
+
 static int __init tm_init(void)
 {
 	unsigned int cpu;
@@ -120,6 +169,10 @@ static int __init tm_init(void)
 	tm_expected = tm_mix(7, 64);
 	if (!proc_create_single("kdbt_testmod", 0444, NULL, tm_show))
 		return -ENOMEM;
+	if (!proc_create("kdbt_testmod_key", 0644, NULL, &tm_key_ops)) {
+		remove_proc_entry("kdbt_testmod", NULL);
+		return -ENOMEM;
+	}
 	for_each_online_cpu(cpu) {
 		struct timer_list *t = per_cpu_ptr(&tm_timer, cpu);
 
@@ -141,6 +194,7 @@ static void __exit tm_exit(void)
 		if (t->function)
 			del_timer_sync(t);
 	}
+	remove_proc_entry("kdbt_testmod_key", NULL);
 	remove_proc_entry("kdbt_testmod", NULL);
 	pr_info("kdbt_testmod: %d timer runs, %d mismatches\n", atomic_read(&tm_ticks), atomic_read(&tm_mismatches));
 }

@@ -4,7 +4,8 @@
 # it in softirq context. Checks: its output identical natively, while started (inscount,
 # bbcov, null) and after; every CPU steered into the cache and counted instructions;
 # `kdbt cov` names the module's functions; the same with the execute right left in place
-# must fail; 20 start/stop cycles; CPU hotplug, nmi-check and unload while started; the
+# must fail; a static key patched while started takes effect (write protection and
+# invalidation; with invalidation off it must not); 20 start/stop cycles; CPU hotplug, nmi-check and unload while started; the
 # refusals. Sourced by /init (plan/pass/fail/info/check/caught, $NCPUS, $EXPECT_VMX).
 
 export KDBT_MODULE=/lib/modules/kdbt.ko
@@ -31,7 +32,7 @@ if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
     exit 0
 fi
 
-plan 16
+plan 18
 
 # Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
 cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
@@ -123,6 +124,48 @@ INSCOUNT=0
 null_run() { kdbt start --module kdbt_testmod $1 >/dev/null || return 1; run_started; r=$?; kdbt stop >/dev/null; return $r; }
 check dbt_null_client null_run
 caught dbt_catches_native 'steered 0: the module ran natively' null_run --test-no-steer
+
+# Consistency: the module's text is read-only in EPT while started, so a static key's
+# text_poke (writing 1 or 0 to /proc/kdbt_testmod_key) is caught before it completes and
+# the page's translations are invalidated; the page runs natively until it is made
+# read-only again, then is retranslated from its new bytes. Each read after the
+# re-protection must follow the key. With invalidation off (a test hook) the old
+# translation keeps running, and the check must say so.
+key() { cat /proc/kdbt_testmod_key; }
+reprotected() {
+    n=0
+    until kdbt stats | grep -q 'writable now 0$'; do
+        n=$((n + 1)); [ $n -lt 300 ] || { echo "the written page was never re-protected"; return 1; }
+    done
+}
+key_run() {
+    kdbt start --module kdbt_testmod $1 >/dev/null || return 1
+    r=0
+    got=$(key); echo "key off: read $got (translated)"; [ "$got" = off ] || r=1
+    for want in on off; do
+        [ $r -eq 0 ] || break
+        if [ $want = on ]; then echo 1 > /proc/kdbt_testmod_key || r=1; else echo 0 > /proc/kdbt_testmod_key || r=1; fi
+        reprotected || { r=1; break; }
+        got=$(key); echo "key $want: read $got"
+        [ "$got" = $want ] || { echo "key $want: a stale translation ran (read $got)"; r=1; }
+    done
+    kdbt stats | grep 'text writes' | tee /tmp/wp.txt
+    w=$(sed -n 's/.*text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/\1 \2/p' /tmp/wp.txt)
+    set -- $w
+    [ "${1:-0}" -gt 0 ] && [ "${2:-0}" -gt 0 ] || { echo "no text write caught and re-protected"; r=1; }
+    got=$(tm | cmp - /tmp/tm.native) || { echo "module output differs after the patches"; r=1; }
+    kdbt stop >/dev/null || r=1
+    return $r
+}
+key_run > /tmp/key.out 2>&1; rc=$?
+info "$(cat /tmp/key.out)"
+if [ $rc -eq 0 ]; then
+    pass dbt_static_key_takes_effect $(sed -n 's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p' /tmp/key.out)
+else
+    fail dbt_static_key_takes_effect rc=$rc
+fi
+caught dbt_catches_stale_translation 'a stale translation ran' key_run --test-no-invalidate
+echo 0 > /proc/kdbt_testmod_key
 
 # 20 start/stop cycles with the module's code run between.
 cycles() {

@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -289,6 +289,11 @@ pub const DBT_CLIENT_BBCOV: u32 = 2;
 /// so nothing steers native entries into the cache (the checks that its code ran
 /// translated must then fail).
 pub const DBT_START_TEST_NO_STEER: u32 = 1 << 0;
+/// [`DbtStart::flags`], for tests only: writes to the module's text are still caught and
+/// let through, but the translations of the written page are not invalidated (the checks
+/// that a patch of the text, e.g. a static key, takes effect while started must then
+/// fail).
+pub const DBT_START_TEST_NO_INVALIDATE: u32 = 1 << 1;
 
 /// Argument of [`IOC_DBT_STATS`]: the running translation's figures, and per CPU (like
 /// [`CapsQuery`]: a buffer of `capacity` [`DbtCpuStats`]).
@@ -320,6 +325,13 @@ pub struct DbtStatsQuery {
     /// The dispatcher's pool: peak and size in bytes.
     pub pool_peak: u64,
     pub pool_size: u64,
+    /// Writes to the translated text caught by EPT (#VE) and let through after the
+    /// written page's translations were invalidated.
+    pub write_faults: u64,
+    /// Written pages made read-only (and not executable) again afterwards.
+    pub reprotects: u64,
+    /// Text pages writable (and running natively) now, until their re-protection.
+    pub writable_pages: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -345,6 +357,9 @@ impl Default for DbtStatsQuery {
             cache_bytes: 0,
             pool_peak: 0,
             pool_size: 0,
+            write_faults: 0,
+            reprotects: 0,
+            writable_pages: 0,
         }
     }
 }
@@ -452,7 +467,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 12 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 15 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
     }

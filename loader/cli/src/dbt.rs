@@ -34,8 +34,14 @@ impl ClientKind {
     }
 }
 
-pub fn start(module: &str, client: ClientKind, test_no_steer: bool) -> Result<()> {
-    let flags = if test_no_steer { kdbt_abi::DBT_START_TEST_NO_STEER } else { 0 };
+pub fn start(module: &str, client: ClientKind, test_no_steer: bool, test_no_invalidate: bool) -> Result<()> {
+    let mut flags = 0;
+    if test_no_steer {
+        flags |= kdbt_abi::DBT_START_TEST_NO_STEER;
+    }
+    if test_no_invalidate {
+        flags |= kdbt_abi::DBT_START_TEST_NO_INVALIDATE;
+    }
     match Device::open()?.dbt_start(module, client.abi(), flags)? {
         Ok(()) => {
             println!("kdbt: started: {module}'s code runs from the code cache on every CPU (client {client:?})");
@@ -73,6 +79,7 @@ pub fn stats(json: bool) -> Result<()> {
             "links": q.links, "misses": q.misses, "invalidations": q.invalidations,
             "code_bytes": q.code_bytes, "cache_bytes": q.cache_bytes,
             "pool_peak": q.pool_peak, "pool_size": q.pool_size,
+            "write_faults": q.write_faults, "reprotects": q.reprotects, "writable_pages": q.writable_pages,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -101,6 +108,10 @@ pub fn stats(json: bool) -> Result<()> {
         q.invalidations,
         q.pool_peak >> 10,
         q.pool_size >> 10
+    );
+    println!(
+        "  text writes caught {} (translations invalidated), pages re-protected {}, writable now {}",
+        q.write_faults, q.reprotects, q.writable_pages
     );
     println!("  native regions: everything outside {module}'s text (this stage translates one module)");
     for c in cpus.iter().filter(|c| c.online != 0 || c.steered != 0 || c.dispatches != 0) {

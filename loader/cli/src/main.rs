@@ -144,6 +144,11 @@ enum Cmd {
         /// entries into the cache (the checks that it ran translated must fail).
         #[arg(long, hide = true)]
         test_no_steer: bool,
+        /// Test hook: writes to the module's text are let through without invalidating
+        /// the written page's translations (the checks that a patch takes effect must
+        /// fail).
+        #[arg(long, hide = true)]
+        test_no_invalidate: bool,
     },
     /// Stop translating: every CPU runs the module natively again.
     Stop,
@@ -223,7 +228,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }
-        Cmd::Start { module, client, test_no_steer } => dbt::start(&module, client, test_no_steer),
+        Cmd::Start { module, client, test_no_steer, test_no_invalidate } => {
+            dbt::start(&module, client, test_no_steer, test_no_invalidate)
+        }
         Cmd::Stop => dbt::stop(),
         Cmd::Stats { json } => dbt::stats(json),
         Cmd::Cov { functions, top } => dbt::cov(functions, top),

@@ -11,3 +11,4 @@ pub mod pool;
 pub mod selftest;
 pub mod session;
 pub mod steer;
+pub mod wprotect;

@@ -25,10 +25,13 @@
 //! full preemption, an RCU Tasks grace period. Then an IPI to every CPU, and the engine is
 //! freed.
 //!
+//! The text is also read-only in EPT while started: a write to it (a static key's
+//! `text_poke`) invalidates its translations first ([`wprotect`]).
+//!
 //! What this stage does not do yet (issue 10): the whole kernel (entry code, interrupt
 //! handlers) from the cache; native pcs for fault handlers that read `regs->ip` inside
 //! translated module code (so a module's user-memory fault fixups do not work while
-//! started); write protection of translated text.
+//! started).
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -42,6 +45,7 @@ use super::env::{self, KernelEnv};
 use super::percpu::Blocks;
 use super::pool;
 use super::steer::gate;
+use super::wprotect::{self, WriteGuard};
 use crate::hv::launch::sidt;
 use crate::{ffi, hv, hw};
 
@@ -61,7 +65,8 @@ impl Client for SharedCov {
 
 struct Session {
     engine: Box<Engine>,
-    blocks: Blocks,
+    /// Boxed: the write guard points at it.
+    blocks: Box<Blocks>,
     cov: Option<Box<BbCov>>,
     client: u32,
     name: [u8; 64],
@@ -70,6 +75,8 @@ struct Session {
     /// Guest-physical pages of the module's text (execute right taken away).
     pages: Vec<u64>,
     steered: bool,
+    /// Write protection of the text (published while started).
+    guard: Option<Box<WriteGuard>>,
     /// (cpu, information page) of every possible CPU.
     info: Vec<(u32, *mut u8)>,
     /// The IDT page's writable alias and gate 20 as it was.
@@ -120,7 +127,7 @@ fn ve_everywhere(info: &[(u32, *mut u8)], on: bool) -> Result<(), String> {
 
 /// `kdbt start`.
 pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
-    if flags & !kdbt_abi::DBT_START_TEST_NO_STEER != 0 {
+    if flags & !(kdbt_abi::DBT_START_TEST_NO_STEER | kdbt_abi::DBT_START_TEST_NO_INVALIDATE) != 0 {
         return Err(format!("unknown start flags {flags:#x}"));
     }
     if ![DBT_CLIENT_NULL, DBT_CLIENT_INSCOUNT, DBT_CLIENT_BBCOV].contains(&client) {
@@ -184,7 +191,7 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     kenv.set_scope(base, base + size);
     let (sx, sw) = kenv.steer_pages();
     let cache_bytes = kenv.cache().1;
-    let blocks = match Blocks::new() {
+    let blocks = match Blocks::new().map(Box::new) {
         Ok(b) => b,
         Err(e) => {
             // SAFETY: the reference just taken.
@@ -239,6 +246,7 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
         text: (base, base + size),
         pages: Vec::new(),
         steered: false,
+        guard: None,
         info: Vec::new(),
         idt_alias: 0,
         old_gate: [0; 2],
@@ -283,7 +291,8 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
         .ok_or("the lookup table is out of disp32 reach")?
         .map_err(|e| format!("assembling the #VE lookup: {e}"))?;
     let via_table = s.engine.cfg.inline_lookup.then_some(lookup_x);
-    let stub = dbt::ve::ve_entry_stub_gs(stub_x, gs, via_table, fallback_x)
+    let on_write = wprotect::kdbt_rs_ve_write as *const () as u64;
+    let stub = dbt::ve::ve_entry_stub_gs(stub_x, gs, via_table, Some(on_write), fallback_x)
         .map_err(|e| format!("assembling the #VE stub: {e}"))?;
     if stub.len() > 1024 || lookup.len() > 1024 || fallback.len() > 2048 {
         return Err("#VE stub larger than its page".into());
@@ -325,7 +334,14 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     }
     ve_everywhere(&s.info, true)?;
     if flags & kdbt_abi::DBT_START_TEST_NO_STEER == 0 {
-        hv::set_pages_perms(&s.pages, ::ept::Perms::RW).map_err(|e| format!("{mod_name}: text not executable: {e}"))?;
+        let invalidate = flags & kdbt_abi::DBT_START_TEST_NO_INVALIDATE == 0;
+        let ep: *mut Engine = &mut *s.engine;
+        let g = WriteGuard::new(&s.pages, base & !0xfff, ep, &*s.blocks, invalidate)?;
+        g.publish();
+        s.guard = Some(g);
+        // Not executable (steering) and not writable (write invalidation).
+        hv::set_pages_perms(&s.pages, ::ept::Perms::R)
+            .map_err(|e| format!("{mod_name}: text not executable and read-only: {e}"))?;
         s.steered = true;
     }
     Ok(s)
@@ -335,15 +351,25 @@ impl Drop for Session {
     /// Stop (see the module comment); each step runs even if an earlier one failed, and
     /// failures are logged.
     fn drop(&mut self) {
+        if let Some(g) = &self.guard {
+            // No re-protection after this (the text's rights are restored next).
+            g.retire();
+        }
         if self.steered {
             if let Err(e) = hv::set_pages_perms(&self.pages, ::ept::Perms::RWX) {
                 kerr!("dbt stop: the module's text stays not executable: {e}");
             }
         }
+        if self.guard.is_some() {
+            wprotect::unpublish();
+        }
         env::set_draining(true);
         if let Err(e) = ve_everywhere(&self.info, false) {
             kerr!("dbt stop: {e}");
         }
+        // Every CPU has taken an interrupt since the guard was unpublished: no #VE write
+        // handler runs with it, and what one queued last finds no guard.
+        wprotect::flush();
         if self.idt_alias != 0 {
             let g = (self.idt_alias + 20 * 16) as *mut u64;
             // SAFETY: the alias of the IDT page; #VE is off on every CPU.
@@ -440,6 +466,8 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     q.cache_bytes = s.cache_bytes;
     let ps = pool::stats();
     (q.pool_peak, q.pool_size) = (ps.peak as u64, ps.size as u64);
+    let wc = s.guard.as_ref().map(|g| g.counts()).unwrap_or_default();
+    (q.write_faults, q.reprotects, q.writable_pages) = (wc.writes, wc.reprotects, wc.writable);
     for cpu in 0..hw::cpu_ids() {
         let Some(b) = s.blocks.of_cpu(cpu) else { continue };
         out.try_reserve(1).map_err(|_| "out of memory")?;
