@@ -362,8 +362,10 @@ impl Harness {
     }
 
     fn with_config_inner(client: Option<Box<dyn Client>>, mut cfg: Config, env: HostEnv) -> Harness {
-        // Threads, unlike CPUs with interrupts off, get preempted holding the lock.
-        cfg.relax = std::thread::yield_now;
+        // Threads, unlike CPUs with interrupts off, get preempted holding the lock, or
+        // waiting in line for it (a ticket lock): sleeping, not yielding, gives the CPU to
+        // that thread on a host busy with other work.
+        cfg.relax = || std::thread::sleep(std::time::Duration::from_micros(20));
         let gstack = std::vec![0u8; 16 << 20];
         let mut engine = Box::new(Engine::new(Box::new(env), client, cfg).expect("host engine"));
         engine.stop_pc = asm::dbt_sentinel as *const () as u64;

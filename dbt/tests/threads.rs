@@ -67,12 +67,23 @@ fn three_cpus_run_while_another_invalidates() {
     // (on a fast, idle host the workers reach TRANSFERS within a second).
     let inval_rounds = Arc::new(AtomicU64::new(0));
     let inval = {
-        let (natives, stop, inval_rounds) = (natives.clone(), stop.clone(), inval_rounds.clone());
+        let (natives, stop, inval_rounds, runs) = (natives.clone(), stop.clone(), inval_rounds.clone(), runs.clone());
         std::thread::spawn(move || {
             let e = e;
             let (mut rounds, mut pending_max) = (0u64, 0usize);
             let mut waited = Duration::ZERO;
+            let mut runs_seen = 0;
             while !stop.load(Relaxed) {
+                // Paced by the workers' progress, not only by the clock: on a loaded host
+                // (CI, 2 cores) a ticket-lock convoy behind preempted threads would
+                // otherwise let the invalidator flush everything faster than the workers
+                // can finish a run, and the test would crawl.
+                let r = runs.load(Relaxed);
+                if r < runs_seen + WORKERS as u64 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                runs_seen = r;
                 let tw = Instant::now();
                 let (f, _, _) = natives[rounds as usize % natives.len()];
                 // SAFETY: the engine outlives this thread (joined before the

@@ -130,6 +130,13 @@ pub unsafe extern "C" fn kdbt_rs_fatal_message(buf: *mut u8, len: usize) -> usiz
     n
 }
 
+/// The kernel DBT's re-protection work (process context, the glue's work item): text pages
+/// written while started become read-only and not executable again.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_dbt_reprotect() {
+    kernel_dbt::wprotect::reprotect()
+}
+
 /// ioctl on `/dev/kdbt`, serialized by the glue's mutex, process context. `arg` is a user
 /// pointer. Returns >= 0 or -errno.
 #[no_mangle]

@@ -204,8 +204,7 @@ pub extern "C" fn kdbt_rs_ve_write(gpa: u64, _gla: u64) -> u64 {
 
 /// The re-protection work (process context, from the glue's work item): every written
 /// page read-only and not executable again, then its translations invalidated.
-#[no_mangle]
-pub extern "C" fn kdbt_rs_dbt_reprotect() {
+pub fn reprotect() {
     let g = GUARD.load(Ordering::Acquire);
     if g.is_null() {
         return;
