@@ -39,7 +39,12 @@ pub struct HostEnv {
     pub memory_budget: Option<usize>,
     /// Arena bytes in use at the first `memory_left` (the budget's zero).
     budget_base: core::cell::Cell<Option<usize>>,
+    /// Test hook: the environment's [`Env::deliver`].
+    pub deliver: Option<DeliverHook>,
 }
+
+/// A test's [`Env::deliver`]: (stop, pc, context) to the pc to continue at.
+pub type DeliverHook = fn(crate::StopKind, u64, &mut GuestCtx) -> Option<u64>;
 
 /// `size` bytes (rounded to pages) of memory mapped with `prot`, from `fd`
 /// (shared) or anonymous (private) when `fd` is -1, at an address within
@@ -191,6 +196,10 @@ impl Env for HostEnv {
 
     fn native(&self, pc: u64) -> bool {
         self.native.iter().any(|&(lo, hi)| pc >= lo && pc < hi)
+    }
+
+    fn deliver(&mut self, kind: crate::StopKind, pc: u64, ctx: &mut GuestCtx) -> Option<u64> {
+        self.deliver.and_then(|d| d(kind, pc, ctx))
     }
 
     fn memory_left(&self) -> usize {

@@ -219,3 +219,56 @@ fn native_fragments_jump_to_the_native_pc() {
         assert_eq!(e.stats.links, 1, "and linked");
     }
 }
+
+/// A stand-in for the kernel's #UD handler: what WARN's does to the context (the
+/// handler's own effect on rax stands for its work), then on after the `ud2`.
+fn deliver_ud(kind: StopKind, pc: u64, ctx: &mut dbt::GuestCtx) -> Option<u64> {
+    (kind == StopKind::Undefined).then(|| {
+        ctx.gpr[dbt::GuestCtx::RAX] += 100;
+        pc + 2
+    })
+}
+
+/// Delivers every stop to a "handler" that lies in a native region.
+fn deliver_to_native(_: StopKind, _: u64, ctx: &mut dbt::GuestCtx) -> Option<u64> {
+    ctx.gpr[dbt::GuestCtx::RAX] = 7;
+    Some(NATIVE_HANDLER.with(|h| h.get()))
+}
+
+thread_local!(static NATIVE_HANDLER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+
+#[test]
+fn the_environment_delivers_stops_it_cannot_leave_to_the_cpu() {
+    // mov eax, 1; ud2; add eax, 41; ret
+    let code = [0xB8, 1, 0, 0, 0, 0x0F, 0x0B, 0x83, 0xC0, 0x29, 0xC3];
+    let f = page_with(&code);
+    // No hook: the stop leaves at the ud2, as before.
+    let mut h = Harness::new(None);
+    let r = h.run(f, &[]);
+    assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Undefined, f + 5, 1));
+    assert_eq!(h.engine.stats.delivered, 0);
+
+    // Delivered: the context as the handler left it, and translated execution goes on
+    // where it said (past the ud2) up to the sentinel.
+    let mut env = HostEnv::new();
+    env.deliver = Some(deliver_ud);
+    let mut h = Harness::with_env(None, Config::default(), env);
+    let r = h.run(f, &[]);
+    assert_eq!((r.stop, r.rax), (StopKind::Sentinel, 1 + 100 + 41));
+    assert_eq!(h.engine.stats.delivered, 1);
+    // Again, from the cache: the block ending at the ud2 is translated once.
+    let r = h.run(f, &[]);
+    assert_eq!((r.stop, r.rax, h.engine.stats.delivered), (StopKind::Sentinel, 142, 2));
+
+    // A handler in a native region: the engine leaves there (no second delivery), with
+    // the rewritten context.
+    let handler = page_with(&[0xC3]);
+    NATIVE_HANDLER.with(|h| h.set(handler));
+    let mut env = HostEnv::new();
+    env.deliver = Some(deliver_to_native);
+    env.native = vec![(handler, handler + 1)];
+    let mut h = Harness::with_env(None, Config::default(), env);
+    let r = h.run(f, &[]);
+    assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Native, handler, 7));
+    assert_eq!(h.engine.stats.delivered, 1);
+}

@@ -63,7 +63,7 @@ impl Engine {
             // exit record, live or pending reclaim.
             let r = unsafe { &*rp };
             if r.stop != 0 {
-                return self.leave(s, f, r.stop, r.target);
+                return self.stop(s, f, r.stop, r.target);
             }
             (r.target, Some(rp))
         };
@@ -96,7 +96,26 @@ impl Engine {
                 }
                 entry
             }
-            Err(k) => self.leave(s, f, k as u64, target),
+            Err(k) => self.stop(s, f, k as u64, target),
+        }
+    }
+
+    /// A stop at guest `pc`: the environment may deliver it itself
+    /// ([`Env::deliver`]: the context rewritten, a new target), else it leaves.
+    fn stop(&mut self, s: &mut Scratch, f: &mut Frame, reason: u64, pc: u64) -> u64 {
+        let Some(kind) = StopKind::from_u64(reason) else { return self.leave(s, f, reason, pc) };
+        if kind == StopKind::Sentinel {
+            return self.leave(s, f, reason, pc);
+        }
+        let Some(to) = self.env.deliver(kind, pc, &mut f.ctx) else { return self.leave(s, f, reason, pc) };
+        self.stats.delivered += 1;
+        if to == self.stop_pc {
+            return self.leave(s, f, StopKind::Sentinel as u64, to);
+        }
+        match self.fragment_for(to) {
+            Ok(entry) => entry,
+            // No second delivery: the handler itself is a stop (a native region).
+            Err(k) => self.leave(s, f, k as u64, to),
         }
     }
 

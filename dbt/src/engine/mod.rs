@@ -91,6 +91,18 @@ pub trait Env {
     fn memory_left(&self) -> usize {
         usize::MAX
     }
+    /// A stop at `pc` ([`StopKind::Undefined`], [`StopKind::Breakpoint`],
+    /// [`StopKind::Invalid`], ...) that the environment cannot leave to the CPU at
+    /// its native address (kernel: translated text is not executable there, so
+    /// `ud2` would come straight back to the dispatcher): the environment may
+    /// deliver the exception itself as the CPU would at `pc`, rewriting `ctx` (the
+    /// guest's state at `pc`: native, a block boundary) and returning the guest pc
+    /// to continue at (the kernel's handler, reached natively as a native region
+    /// or translated). The engine continues there as at any other target. None:
+    /// the stop leaves to the environment at `pc` as usual.
+    fn deliver(&mut self, _kind: StopKind, _pc: u64, _ctx: &mut GuestCtx) -> Option<u64> {
+        None
+    }
 }
 
 /// Why translated execution stopped and control went back to the environment.
@@ -192,6 +204,8 @@ pub struct Stats {
     /// Kernel-class instructions met by the translator, by
     /// [`KClass`] (`kclass[KClass::Swapgs as usize]`, ...).
     pub kclass: [u64; KClass::COUNT],
+    /// Stops the environment delivered itself ([`Env::deliver`]).
+    pub delivered: u64,
 }
 
 struct Region {
@@ -315,8 +329,8 @@ pub struct Config {
     /// does not change while fragments live (invalidate what changes).
     pub native_fragments: bool,
     /// What a CPU does while it waits for the engine lock, every 128 spins
-    /// (kernel: nothing more, interrupts are off; host: yield the thread,
-    /// whose lock holder may be preempted).
+    /// (kernel: nothing more, interrupts are off; host: sleep a little, since the
+    /// lock holder, or the thread whose ticket is next, may be preempted).
     pub relax: fn(),
 }
 

@@ -162,6 +162,30 @@ static const struct proc_ops tm_key_ops = {
 	.proc_release = single_release,
 };
 
+/* A deliberate WARN in the module's own code (writing to /proc/kdbt_testmod_warn): while
+ * started its ud2 runs translated, and the kernel's report must still name the module's
+ * functions and go on. */
+static noinline int tm_warn(int n)
+{
+	WARN(1, "kdbt_testmod: deliberate warning %d\n", n);
+	return n + 1;
+}
+
+static atomic_t tm_warns = ATOMIC_INIT(0);
+
+static ssize_t tm_warn_write(struct file *file, const char __user *buf, size_t n, loff_t *pos)
+{
+	int k = atomic_inc_return(&tm_warns);
+
+	if (tm_warn(k) != k + 1)
+		return -EIO;
+	return n;
+}
+
+static const struct proc_ops tm_warn_ops = {
+	.proc_write = tm_warn_write,
+};
+
 static int __init tm_init(void)
 {
 	unsigned int cpu;
@@ -170,6 +194,11 @@ static int __init tm_init(void)
 	if (!proc_create_single("kdbt_testmod", 0444, NULL, tm_show))
 		return -ENOMEM;
 	if (!proc_create("kdbt_testmod_key", 0644, NULL, &tm_key_ops)) {
+		remove_proc_entry("kdbt_testmod", NULL);
+		return -ENOMEM;
+	}
+	if (!proc_create("kdbt_testmod_warn", 0200, NULL, &tm_warn_ops)) {
+		remove_proc_entry("kdbt_testmod_key", NULL);
 		remove_proc_entry("kdbt_testmod", NULL);
 		return -ENOMEM;
 	}
@@ -194,6 +223,7 @@ static void __exit tm_exit(void)
 		if (t->function)
 			del_timer_sync(t);
 	}
+	remove_proc_entry("kdbt_testmod_warn", NULL);
 	remove_proc_entry("kdbt_testmod_key", NULL);
 	remove_proc_entry("kdbt_testmod", NULL);
 	pr_info("kdbt_testmod: %d timer runs, %d mismatches\n", atomic_read(&tm_ticks), atomic_read(&tm_mismatches));

@@ -5,7 +5,8 @@
 # bbcov, null) and after; every CPU steered into the cache and counted instructions;
 # `kdbt cov` names the module's functions; the same with the execute right left in place
 # must fail; a static key patched while started takes effect (write protection and
-# invalidation; with invalidation off it must not); 20 start/stop cycles; CPU hotplug, nmi-check and unload while started; the
+# invalidation; with invalidation off it must not); a WARN in the module while started names
+# its native functions; 20 start/stop cycles; CPU hotplug, nmi-check and unload while started; the
 # refusals. Sourced by /init (plan/pass/fail/info/check/caught, $NCPUS, $EXPECT_VMX).
 
 export KDBT_MODULE=/lib/modules/kdbt.ko
@@ -32,7 +33,7 @@ if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
     exit 0
 fi
 
-plan 18
+plan 19
 
 # Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
 cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
@@ -166,6 +167,38 @@ else
 fi
 caught dbt_catches_stale_translation 'a stale translation ran' key_run --test-no-invalidate
 echo 0 > /proc/kdbt_testmod_key
+
+# Exceptions in translated code: a WARN in the module (writing to /proc/kdbt_testmod_warn)
+# while started. Its ud2 cannot run at its native address (not executable), so kdbt
+# delivers the #UD to the kernel's handler with the native pc: the write must succeed,
+# the report must name the module's functions (RIP and the caller in the trace) and show
+# no address inside kdbt.ko (the code cache, the dispatcher), and the module goes on
+# (its output is still the native one). The report is bracketed for dmesg_clean.
+warn_run() {
+    kdbt start --module kdbt_testmod --client inscount >/dev/null || return 1
+    r=0
+    printf '<5>KDBT-EXPECTED-BEGIN\n' > /dev/kmsg
+    echo 1 > /proc/kdbt_testmod_warn || { echo "the write failed"; r=1; }
+    printf '<5>KDBT-EXPECTED-END\n' > /dev/kmsg
+    dmesg | sed -n '/KDBT-EXPECTED-BEGIN/,/KDBT-EXPECTED-END/p' | tail -n 80 > /tmp/warn.txt
+    grep -E 'WARNING|RIP:|tm_warn|kdbt' /tmp/warn.txt | head -12
+    grep -q 'WARNING: .* tm_warn+0x.*\[kdbt_testmod\]' /tmp/warn.txt || { echo "no WARNING line naming tm_warn"; r=1; }
+    grep -q 'RIP: 0010:tm_warn+0x' /tmp/warn.txt || { echo "RIP does not name tm_warn"; r=1; }
+    grep -q ' tm_warn_write+0x' /tmp/warn.txt || { echo "the trace does not name the caller tm_warn_write"; r=1; }
+    if grep -v 'KDBT-EXPECTED' /tmp/warn.txt | grep -q '\[kdbt\]'; then echo "the report shows an address inside kdbt.ko"; r=1; fi
+    tm | cmp -s - /tmp/tm.native || { echo "module output differs after the WARN"; r=1; }
+    kdbt stop > /tmp/warn.stop || r=1
+    cat /tmp/warn.stop
+    grep -q ', [1-9][0-9]* exceptions delivered' /tmp/warn.stop || { echo "no exception delivered"; r=1; }
+    return $r
+}
+warn_run > /tmp/warn.out 2>&1; rc=$?
+info "$(cat /tmp/warn.out)"
+if [ $rc -eq 0 ]; then
+    pass dbt_warn_names_native_functions $(sed -n 's/.*, \([0-9]*\) exceptions delivered.*/delivered=\1/p' /tmp/warn.stop)
+else
+    fail dbt_warn_names_native_functions rc=$rc
+fi
 
 # 20 start/stop cycles with the module's code run between.
 cycles() {

@@ -7,7 +7,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use dbt::{Env, Thunk};
+use dbt::{Env, GuestCtx, StopKind, Thunk};
 
 use crate::ffi;
 
@@ -70,6 +70,16 @@ pub struct KernelEnv {
     table_given: bool,
     /// The only code translated, if set (`kdbt start --module`): everything else is native.
     scope: Option<(u64, u64)>,
+    /// The kernel's #UD and #BP handlers (IDT gates 6 and 3), for [`Env::deliver`].
+    handlers: Option<Handlers>,
+}
+
+/// Where the kernel's IDT sends #UD and #BP, and the selectors its frames carry.
+#[derive(Clone, Copy)]
+pub struct Handlers {
+    pub invalid_op: u64,
+    pub breakpoint: u64,
+    pub cs: u16,
 }
 
 impl KernelEnv {
@@ -99,12 +109,28 @@ impl KernelEnv {
         if rt != 0 {
             thunks.push((rt, Thunk::Return));
         }
-        Ok(KernelEnv { x, size, w, used: 0, module_text: (base, base + len), thunks, table_given: false, scope: None })
+        Ok(KernelEnv {
+            x,
+            size,
+            w,
+            used: 0,
+            module_text: (base, base + len),
+            thunks,
+            table_given: false,
+            scope: None,
+            handlers: None,
+        })
     }
 
     /// Translates only `lo..hi` (a module's text); everything else runs natively.
     pub fn set_scope(&mut self, lo: u64, hi: u64) {
         self.scope = Some((lo, hi));
+    }
+
+    /// Exceptions in the scope's translated code are delivered to these handlers
+    /// ([`Env::deliver`]).
+    pub fn set_handlers(&mut self, h: Handlers) {
+        self.handlers = Some(h);
     }
 
     pub fn cache(&self) -> (u64, u64) {
@@ -208,5 +234,47 @@ impl Env for KernelEnv {
 
     fn memory_left(&self) -> usize {
         super::pool::POOL.bump_left()
+    }
+
+    /// `ud2` (BUG/WARN), undecodable bytes and `int3` (kprobes, `text_poke_bp`) in the
+    /// module's text cannot run at their native address (not executable while started:
+    /// they would come straight back here), so the exception is delivered as the CPU
+    /// would deliver it there: an interrupt frame (ss, rsp, rflags, cs, rip) pushed on
+    /// the 16-byte aligned stack, IF/TF/NT/RF clear, on to the kernel's handler (native
+    /// kernel text). Its tables know the native pc (bug table, kprobes), WARN's
+    /// `regs->ip += 2` returns past the `ud2`, and that return comes back in by #VE.
+    fn deliver(&mut self, kind: StopKind, pc: u64, ctx: &mut GuestCtx) -> Option<u64> {
+        let (lo, hi) = self.scope?;
+        let h = self.handlers?;
+        if !(lo..hi).contains(&pc) || DRAINING.load(Ordering::Acquire) {
+            return None;
+        }
+        let (to, rip) = match kind {
+            StopKind::Undefined | StopKind::Invalid => (h.invalid_op, pc),
+            StopKind::Breakpoint => {
+                let mut b = [0u8; 1];
+                // int3 is a trap (rip after it); int1/into are left as they are.
+                if self.read_code(pc, &mut b) != 1 || b[0] != 0xCC {
+                    return None;
+                }
+                (h.breakpoint, pc + 1)
+            }
+            _ => return None,
+        };
+        if to == 0 {
+            return None;
+        }
+        let ss: u16;
+        // SAFETY: reads SS (the dispatcher runs on the interrupted context's SS).
+        unsafe { core::arch::asm!("mov {0:x}, ss", out(reg) ss, options(nomem, nostack, preserves_flags)) };
+        let rsp = ctx.gpr[GuestCtx::RSP];
+        let top = (rsp & !15) - 40;
+        let frame = [rip, h.cs as u64, ctx.rflags, rsp, ss as u64];
+        // SAFETY: the interrupted kernel stack below its rsp, where the CPU would push
+        // this frame (kernel code keeps nothing below rsp: no red zone).
+        unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), top as *mut u64, 5) };
+        ctx.gpr[GuestCtx::RSP] = top;
+        ctx.rflags &= !(1 << 9 | 1 << 8 | 1 << 14 | 1 << 16);
+        Some(to)
     }
 }

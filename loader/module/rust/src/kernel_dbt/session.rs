@@ -41,10 +41,10 @@ use dbt::{BbCov, BlockInfo, Client, Config, Engine, InsCount, Inserts};
 use kdbt_abi::{DbtCovEntry, DbtCpuStats, DbtStatsQuery, DBT_CLIENT_BBCOV, DBT_CLIENT_INSCOUNT, DBT_CLIENT_NULL};
 use spin::Mutex;
 
-use super::env::{self, KernelEnv};
+use super::env::{self, Handlers, KernelEnv};
 use super::percpu::Blocks;
 use super::pool;
-use super::steer::gate;
+use super::steer::{gate, gate_target};
 use super::wprotect::{self, WriteGuard};
 use crate::hv::launch::sidt;
 use crate::{ffi, hv, hw};
@@ -189,6 +189,15 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
         }
     };
     kenv.set_scope(base, base + size);
+    // The kernel's #UD and #BP handlers, for exceptions of the module's translated code.
+    let idt = sidt().base;
+    // SAFETY: gates 3 and 6 of the live IDT (read-only here; the kernel never changes them).
+    let g = |v: u64| unsafe {
+        [((idt + v * 16) as *const u64).read_volatile(), ((idt + v * 16 + 8) as *const u64).read_volatile()]
+    };
+    // A gate with an IST stack is not delivered on the interrupted stack (0: not delivered).
+    let target = |g: [u64; 2]| if (g[0] >> 32) & 7 == 0 { gate_target(g) } else { 0 };
+    kenv.set_handlers(Handlers { invalid_op: target(g(6)), breakpoint: target(g(3)), cs: kernel_cs() });
     let (sx, sw) = kenv.steer_pages();
     let cache_bytes = kenv.cache().1;
     let blocks = match Blocks::new().map(Box::new) {
@@ -406,10 +415,15 @@ pub fn stop() -> Result<String, String> {
     pool::drain_deferred();
     env::set_draining(false);
     env::release();
-    kinfo!("dbt: stopped ({name}: {} blocks, {} dispatches)", st.blocks, st.dispatches);
+    kinfo!(
+        "dbt: stopped ({name}: {} blocks, {} dispatches, {} exceptions delivered)",
+        st.blocks,
+        st.dispatches,
+        st.delivered
+    );
     Ok(format!(
-        "stopped: {name} runs natively again ({} blocks were translated, {} dispatches)",
-        st.blocks, st.dispatches
+        "stopped: {name} runs natively again ({} blocks were translated, {} dispatches, {} exceptions delivered)",
+        st.blocks, st.dispatches, st.delivered
     ))
 }
 

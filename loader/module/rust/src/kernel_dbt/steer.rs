@@ -46,6 +46,11 @@ pub(super) fn gate(target: u64, sel: u16) -> [u64; 2] {
     [lo, target >> 32]
 }
 
+/// Where a 64-bit gate (as [`gate`] encodes it) leads.
+pub(super) fn gate_target(g: [u64; 2]) -> u64 {
+    (g[0] & 0xffff) | ((g[0] >> 48) & 0xffff) << 16 | (g[1] & 0xffff_ffff) << 32
+}
+
 /// How the check went, for the self-test's report.
 pub struct Steered {
     pub ves: u64,
