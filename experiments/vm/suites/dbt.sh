@@ -57,6 +57,16 @@ run_started() {
     done
 }
 
+# check_figs NAME FILE SED CMD...: as check, but CMD's output always goes out as INFO lines,
+# and a pass carries the figures SED prints from FILE.
+check_figs() {
+    local name=$1 file=$2 expr=$3 rc
+    shift 3
+    "$@" > "/tmp/$name.out" 2>&1; rc=$?
+    info "$(cat "/tmp/$name.out")"
+    if [ $rc -eq 0 ]; then pass "$name" $(sed -n "$expr" "$file"); else fail "$name" rc=$rc; fi
+}
+
 check dbt_load kdbt load
 out=$(kdbt start --module kdbt_testmod --client inscount 2>&1); rc=$?
 info "$out"
@@ -158,13 +168,8 @@ key_run() {
     kdbt stop >/dev/null || r=1
     return $r
 }
-key_run > /tmp/key.out 2>&1; rc=$?
-info "$(cat /tmp/key.out)"
-if [ $rc -eq 0 ]; then
-    pass dbt_static_key_takes_effect $(sed -n 's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p' /tmp/key.out)
-else
-    fail dbt_static_key_takes_effect rc=$rc
-fi
+check_figs dbt_static_key_takes_effect /tmp/dbt_static_key_takes_effect.out \
+    's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p' key_run
 caught dbt_catches_stale_translation 'a stale translation ran' key_run --test-no-invalidate
 echo 0 > /proc/kdbt_testmod_key
 
@@ -192,13 +197,7 @@ warn_run() {
     grep -q ', [1-9][0-9]* exceptions delivered' /tmp/warn.stop || { echo "no exception delivered"; r=1; }
     return $r
 }
-warn_run > /tmp/warn.out 2>&1; rc=$?
-info "$(cat /tmp/warn.out)"
-if [ $rc -eq 0 ]; then
-    pass dbt_warn_names_native_functions $(sed -n 's/.*, \([0-9]*\) exceptions delivered.*/delivered=\1/p' /tmp/warn.stop)
-else
-    fail dbt_warn_names_native_functions rc=$rc
-fi
+check_figs dbt_warn_names_native_functions /tmp/warn.stop 's/.*, \([0-9]*\) exceptions delivered.*/delivered=\1/p' warn_run
 
 # 20 start/stop cycles with the module's code run between.
 cycles() {
