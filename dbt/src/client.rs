@@ -174,7 +174,24 @@ impl Client for InsCount {
 /// `bbcov`: every executed block with its hit count.
 #[derive(Default)]
 pub struct BbCov {
-    counters: BTreeMap<u64, Box<UnsafeCell<u64>>>,
+    counters: BTreeMap<u64, CovCounter>,
+}
+
+/// One block's counter and the length of its native bytes when last translated.
+struct CovCounter {
+    hits: Box<UnsafeCell<u64>>,
+    len: u32,
+}
+
+/// A block that executed: what `drcov`-style coverage files record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CovBlock {
+    /// Native address of the first instruction.
+    pub start: u64,
+    /// Native bytes of its instructions (of the latest translation if the block was
+    /// retranslated from new bytes; a stop instruction ending it is not counted).
+    pub len: u32,
+    pub hits: u64,
 }
 
 impl BbCov {
@@ -183,20 +200,26 @@ impl BbCov {
     }
     /// (block start, hits) for every block that executed at least once.
     pub fn hits(&self) -> Vec<(u64, u64)> {
+        self.blocks().iter().map(|b| (b.start, b.hits)).collect()
+    }
+    /// Every block that executed at least once, by address.
+    pub fn blocks(&self) -> Vec<CovBlock> {
         self.counters
             .iter()
             // SAFETY: reading a counter the translated code increments; the
             // caller reads results only when no translated code runs.
-            .map(|(k, v)| (*k, unsafe { *v.get() }))
-            .filter(|(_, n)| *n != 0)
+            .map(|(k, c)| CovBlock { start: *k, len: c.len, hits: unsafe { *c.hits.get() } })
+            .filter(|b| b.hits != 0)
             .collect()
     }
 }
 
 impl Client for BbCov {
     fn instrument(&mut self, b: &BlockInfo<'_>, o: &mut Inserts) {
-        let c = self.counters.entry(b.start).or_insert_with(|| Box::new(UnsafeCell::new(0)));
-        let addr = c.get() as u64;
+        let len = b.insns.last().map_or(0, |i| u32::try_from(i.next_ip().wrapping_sub(b.start)).unwrap_or(u32::MAX));
+        let c = self.counters.entry(b.start).or_insert_with(|| CovCounter { hits: Box::new(UnsafeCell::new(0)), len });
+        c.len = len;
+        let addr = c.hits.get() as u64;
         let Ok(a) = Instruction::with2(Code::Mov_r64_imm64, Register::RCX, addr) else { return };
         insert_counter_add(b, o, &[a], &[Register::RCX], MemoryOperand::with_base(Register::RCX), 1);
     }

@@ -463,12 +463,17 @@ impl Harness {
 
     /// bbcov results (valid with the `BbCov` client).
     pub fn bbcov_hits(&mut self) -> Vec<(u64, u64)> {
+        self.bbcov_blocks().iter().map(|b| (b.start, b.hits)).collect()
+    }
+
+    /// bbcov's blocks with their native lengths (valid with the `BbCov` client).
+    pub fn bbcov_blocks(&mut self) -> Vec<crate::client::CovBlock> {
         let Some(c) = self.engine.client_mut() else {
             return Vec::new();
         };
         let p = c as *mut dyn Client as *mut crate::client::BbCov;
         // SAFETY: callers only use this with a harness built with BbCov.
-        unsafe { (*p).hits() }
+        unsafe { (*p).blocks() }
     }
 
     /// Instructions counted by inscount (valid with the `InsCount` client).

@@ -20,7 +20,7 @@ pub mod ve;
 #[cfg(feature = "host")]
 pub mod host;
 
-pub use client::{BbCov, BlockInfo, Client, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
+pub use client::{BbCov, BlockInfo, Client, CovBlock, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
 pub use engine::{Config, Engine, Env, Stats, StopKind};
 pub use kclass::{KClass, Thunk};
 pub use pcmap::{NativePc, PcIndex};

@@ -32,6 +32,19 @@ fn bbcov_counts_block_hits() {
     assert_eq!(entry.1, 1);
     assert!(hits.iter().any(|(_, n)| *n == 10), "{hits:x?}");
     assert!(hits.iter().any(|(_, n)| *n >= 30), "{hits:x?}");
+    // Block lengths (what drcov files record): the entry block runs to its first branch.
+    let entry = three_blocks as *const () as u64;
+    // SAFETY: reading this test binary's own code.
+    let code = unsafe { core::slice::from_raw_parts(entry as *const u8, 256) };
+    let mut d = iced_x86::Decoder::with_ip(64, code, entry, iced_x86::DecoderOptions::NONE);
+    let first_branch = core::iter::from_fn(|| Some(d.decode()))
+        .find(|i| i.flow_control() != iced_x86::FlowControl::Next)
+        .expect("a branch in three_blocks");
+    let blocks = h.bbcov_blocks();
+    assert_eq!(blocks.len(), hits.len());
+    let b0 = blocks.iter().find(|b| b.start == entry).unwrap();
+    assert_eq!(b0.len as u64, first_branch.next_ip() - entry, "{blocks:x?}");
+    assert!(blocks.iter().all(|b| b.len > 0 && b.len < 256), "{blocks:x?}");
 }
 
 #[test]

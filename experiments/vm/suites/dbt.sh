@@ -3,7 +3,7 @@
 # /proc/kdbt_testmod runs its code in the reader's context, and a timer on every CPU runs
 # it in softirq context. Checks: its output identical natively, while started (inscount,
 # bbcov, null) and after; every CPU steered into the cache and counted instructions;
-# `kdbt cov` names the module's functions; the same with the execute right left in place
+# `kdbt cov` names the module's functions and writes a drcov file read back here; the same with the execute right left in place
 # must fail; a static key patched while started takes effect (write protection and
 # invalidation; with invalidation off it must not); a WARN in the module while started names
 # its native functions; 20 start/stop cycles; CPU hotplug, nmi-check and unload while started; the
@@ -33,7 +33,7 @@ if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
     exit 0
 fi
 
-plan 19
+plan 20
 
 # Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
 cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
@@ -120,6 +120,7 @@ cov_check() {
     kdbt start --module kdbt_testmod --client bbcov || return 1
     tm > /tmp/tm.cov; cmp /tmp/tm.native /tmp/tm.cov || return 1
     kdbt cov --functions > /tmp/cov.txt || return 1
+    kdbt cov --drcov /tmp/cov.drcov > /tmp/drcov.out || return 1
     kdbt stop >/dev/null || return 1
     head -12 /tmp/cov.txt
     # (tm_tick, the timer, runs once a second: not necessarily while this lasts.)
@@ -128,6 +129,33 @@ cov_check() {
     done
 }
 check dbt_bbcov_names_functions cov_check
+
+# The same blocks as a drcov file, read back here: the header, the module table naming
+# kdbt_testmod.ko, the count, and every 8-byte record (offset u32, length u16, module id
+# u16) inside the module's range.
+drcov_check() {
+    f=/tmp/cov.drcov
+    cat /tmp/drcov.out
+    n=$(sed -n 's/^kdbt cov: wrote \([0-9]*\) blocks.*/\1/p' /tmp/drcov.out)
+    [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "no blocks written"; return 1; }
+    [ "$(head -1 $f)" = "DRCOV VERSION: 2" ] || { echo "bad header"; return 1; }
+    grep -a -q "^BB Table: $n bbs\$" $f || { echo "BB Table does not say $n"; return 1; }
+    m=$(grep -a ', kdbt_testmod.ko$' $f) || { echo "kdbt_testmod.ko not in the module table"; return 1; }
+    echo "module: $m"
+    id=$(echo "$m" | cut -d, -f1 | tr -d ' ')
+    base=$(echo "$m" | cut -d, -f2 | tr -d ' '); end=$(echo "$m" | cut -d, -f3 | tr -d ' ')
+    # Module space is in the top 4 GB: the low 32 bits give the module's size.
+    size=$(( 0x${end#0xffffffff} - 0x${base#0xffffffff} ))
+    hdr=$(sed -n '1,/^BB Table: /p' $f | wc -c)
+    [ "$(wc -c < $f)" -eq $((hdr + 8 * n)) ] || { echo "size $(wc -c < $f) != $hdr + 8*$n"; return 1; }
+    od -An -v -tu2 -j "$hdr" $f | tr -s ' ' '\n' | grep -v '^$' > /tmp/drcov.words
+    awk -v id="$id" -v size="$size" -v want="$n" '
+        { w[NR % 4] = $1 }
+        NR % 4 == 0 { k++; off = w[1] + 65536 * w[2]; len = w[3]
+            if ($1 != id || len < 1 || len > 4096 || off + len > size) { bad++; print "bad record", k, off, len, $1 } }
+        END { print k " records, " bad + 0 " bad, module size " size; exit (bad > 0 || k != want) }' /tmp/drcov.words
+}
+check dbt_bbcov_drcov_file drcov_check
 
 # The null client, and the check with the execute right left in place (a test hook):
 # nothing steers the module's entries, and the check must say so.

@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -393,12 +393,15 @@ pub struct DbtCovQuery {
     pub count: u32,
 }
 
-/// One executed block: its native address and how often it ran.
+/// One executed block: its native address, how often it ran, and its native bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DbtCovEntry {
     pub pc: u64,
     pub hits: u64,
+    /// Length of the block's native instructions in bytes.
+    pub len: u32,
+    pub reserved: u32,
 }
 
 /// Starts translating a module's code (needs kdbt loaded with EPT and #VE); see
@@ -470,6 +473,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 15 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
+        assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `kdbt start`, `stop`, `stats` and `cov`: the kernel DBT's translation of a module.
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
 use crate::device::Device;
+use crate::kallsyms::Kallsyms;
 
 /// `kdbt start --client`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -143,63 +145,29 @@ fn stop_name(k: u64) -> &'static str {
     }
 }
 
-/// Symbols of `/proc/kallsyms`: address -> (name, module).
-pub struct Kallsyms {
-    syms: BTreeMap<u64, (String, Option<String>)>,
-}
-
-impl Kallsyms {
-    /// Parses kallsyms text ("address type name [module]"); text symbols only.
-    pub fn parse(text: &str) -> Kallsyms {
-        let mut syms = BTreeMap::new();
-        for line in text.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(a), Some(t), Some(name)) = (f.next(), f.next(), f.next()) else { continue };
-            if !matches!(t, "t" | "T" | "w" | "W") {
-                continue;
-            }
-            let Ok(addr) = u64::from_str_radix(a, 16) else { continue };
-            if addr == 0 {
-                continue;
-            }
-            let module = f.next().map(|m| m.trim_matches(|c| c == '[' || c == ']').to_string());
-            syms.entry(addr).or_insert((name.to_string(), module));
-        }
-        Kallsyms { syms }
-    }
-
-    /// Whether the addresses are real (kallsyms shows zeros to a reader without
-    /// CAP_SYSLOG, or under kptr_restrict).
-    pub fn is_empty(&self) -> bool {
-        self.syms.is_empty()
-    }
-
-    /// `name+0xoff [module]` of the symbol at or below `pc`.
-    pub fn name(&self, pc: u64) -> String {
-        match self.syms.range(..=pc).next_back() {
-            Some((a, (n, Some(m)))) => format!("{n}+{:#x} [{m}]", pc - a),
-            Some((a, (n, None))) => format!("{n}+{:#x}", pc - a),
-            None => format!("{pc:#x}"),
-        }
-    }
-
-    /// The function (with its module) holding `pc`.
-    pub fn function(&self, pc: u64) -> String {
-        match self.syms.range(..=pc).next_back() {
-            Some((_, (n, Some(m)))) => format!("{n} [{m}]"),
-            Some((_, (n, None))) => n.clone(),
-            None => format!("{pc:#x}"),
-        }
-    }
-}
-
-/// `kdbt cov`: executed blocks, hottest first, or per function.
-pub fn cov(functions: bool, top: Option<usize>) -> Result<()> {
+/// `kdbt cov`: executed blocks, hottest first, or per function; or (`drcov`) a drcov file.
+pub fn cov(functions: bool, top: Option<usize>, drcov: Option<&Path>) -> Result<()> {
     let hits = Device::open()?.dbt_cov()?;
     let text = std::fs::read_to_string("/proc/kallsyms").context("cannot read /proc/kallsyms")?;
     let ks = Kallsyms::parse(&text);
     if ks.is_empty() {
-        eprintln!("kdbt: /proc/kallsyms shows no addresses (kdbt needs root): blocks are listed by address");
+        let what = if drcov.is_some() { "no block can be placed in a module" } else { "blocks are listed by address" };
+        eprintln!("kdbt: /proc/kallsyms shows no addresses (kdbt needs root): {what}");
+    }
+    if let Some(path) = drcov {
+        let mods = std::fs::read_to_string("/proc/modules").context("cannot read /proc/modules")?;
+        let mods = crate::drcov::parse_proc_modules(&mods);
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        let w = crate::drcov::write(&mut f, &ks, &mods, &hits)
+            .and_then(|w| std::io::Write::flush(&mut f).map(|()| w))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("kdbt cov: wrote {} blocks in {} modules to {} (drcov 2)", w.blocks, w.modules, path.display());
+        if w.outside != 0 {
+            eprintln!("kdbt: {} blocks lie outside the kernel's text and every module: left out", w.outside);
+        }
+        return Ok(());
     }
     let rows = cov_rows(&ks, &hits, functions);
     let n = top.unwrap_or(rows.len());
@@ -238,32 +206,12 @@ pub fn cov_rows(ks: &Kallsyms, hits: &[kdbt_abi::DbtCovEntry], functions: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const KALLSYMS: &str = "\
-ffffffff81000000 T _stext
-ffffffff81001000 t do_one
-ffffffff81002000 D some_data
-ffffffffc0000000 t kdbt_testmod_work\t[kdbt_testmod]
-ffffffffc0000100 T kdbt_testmod_cmp\t[kdbt_testmod]
-0000000000000000 T hidden
-";
-
-    #[test]
-    fn kallsyms_names_kernel_and_module_text() {
-        let ks = Kallsyms::parse(KALLSYMS);
-        assert_eq!(ks.name(0xffffffff81001010), "do_one+0x10");
-        assert_eq!(ks.name(0xffffffffc0000104), "kdbt_testmod_cmp+0x4 [kdbt_testmod]");
-        assert_eq!(ks.function(0xffffffffc0000010), "kdbt_testmod_work [kdbt_testmod]");
-        // Data symbols are not functions: an address past do_one stays in do_one.
-        assert_eq!(ks.name(0xffffffff81002004), "do_one+0x1004");
-        assert_eq!(ks.name(0x1000), "0x1000");
-        assert!(Kallsyms::parse("0000000000000000 T x\n").is_empty());
-    }
+    use crate::kallsyms::tests::KALLSYMS;
 
     #[test]
     fn cov_rows_sum_per_function_hottest_first() {
         let ks = Kallsyms::parse(KALLSYMS);
-        let e = |pc, hits| kdbt_abi::DbtCovEntry { pc, hits };
+        let e = |pc, hits| kdbt_abi::DbtCovEntry { pc, hits, len: 4, reserved: 0 };
         let hits = [e(0xffffffffc0000000, 5), e(0xffffffffc0000020, 7), e(0xffffffffc0000100, 30)];
         let per = cov_rows(&ks, &hits, true);
         assert_eq!(per[0], ("kdbt_testmod_cmp [kdbt_testmod]".to_string(), 30, 0xffffffffc0000100));

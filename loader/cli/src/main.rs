@@ -7,6 +7,8 @@ use vmx::caps::{RawCaps, VmxCaps};
 
 mod dbt;
 mod device;
+mod drcov;
+mod kallsyms;
 mod module;
 
 use std::path::PathBuf;
@@ -168,6 +170,10 @@ enum Cmd {
         /// Only the N hottest rows.
         #[arg(long, value_name = "N")]
         top: Option<usize>,
+        /// Write the blocks to FILE in drcov format (module table from /proc/modules,
+        /// offsets from each module's base) instead of listing them.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["functions", "top"])]
+        drcov: Option<PathBuf>,
     },
     /// Show the versions of the CLI and of the loaded module.
     Version,
@@ -233,7 +239,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Stop => dbt::stop(),
         Cmd::Stats { json } => dbt::stats(json),
-        Cmd::Cov { functions, top } => dbt::cov(functions, top),
+        Cmd::Cov { functions, top, drcov } => dbt::cov(functions, top, drcov.as_deref()),
         Cmd::NmiCheck => {
             println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);
             Ok(())

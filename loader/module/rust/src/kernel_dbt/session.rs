@@ -518,11 +518,11 @@ pub fn cov(out: &mut Vec<DbtCovEntry>) -> Result<(), &'static str> {
         // SAFETY: the live engine and its bbcov, read under the engine's lock; `hits`
         // allocates: in dispatcher mode (interrupts off), from the pool.
         let scope = s.blocks.pool_scope();
-        let h = unsafe { Engine::locked(ep, |_| (*p).hits()) };
+        let h = unsafe { Engine::locked(ep, |_| (*p).blocks()) };
         drop(scope);
         h
     });
     out.try_reserve(hits.len()).map_err(|_| "out of memory")?;
-    out.extend(hits.iter().map(|&(pc, hits)| DbtCovEntry { pc, hits }));
+    out.extend(hits.iter().map(|b| DbtCovEntry { pc: b.start, hits: b.hits, len: b.len, reserved: 0 }));
     Ok(())
 }
