@@ -45,8 +45,16 @@ unsafe impl GlobalAlloc for KernelAllocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if pool::POOL.contains(ptr) {
+            // The pool's free lists are spin-locked, and the dispatcher (entered by a #VE
+            // in an interrupt on this CPU) takes the same lock: with interrupts on, such
+            // an interrupt while this CPU holds it would spin forever. So interrupts are
+            // off around the free, as they are in the dispatcher.
+            // SAFETY: irq save, restored right after on this CPU.
+            let flags = unsafe { ffi::kdbt_glue_irq_save() };
             // SAFETY: a pool block of this layout (the GlobalAlloc contract).
             unsafe { pool::POOL.dealloc(ptr, layout) };
+            // SAFETY: restores what irq_save returned.
+            unsafe { ffi::kdbt_glue_irq_restore(flags) };
         } else if pool::in_dispatcher() {
             // SAFETY: a kmalloc block (not the pool's) the caller is done with.
             unsafe { pool::defer_free(ptr) };

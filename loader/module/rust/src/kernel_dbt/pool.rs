@@ -6,7 +6,8 @@
 //! translated), so it must never call kmalloc or kfree. The dispatcher entry is wrapped
 //! ([`dispatch`]) so that this CPU's block has `Scratch::env` set while it runs; the
 //! global allocator ([`crate::kalloc`]) reads that flag through `%gs` and then allocates
-//! from [`POOL`]. Frees go by address: a pool block back to the pool (any context), a
+//! from [`POOL`]. Frees go by address: a pool block back to the pool (any context; the
+//! allocator turns interrupts off around its spin-locked free lists), a
 //! kmalloc block freed in dispatcher mode onto a deferred list that process context
 //! drains ([`drain_deferred`]). Code that builds or feeds the engine from process
 //! context (its construction, the self-test's translations) runs in a [`Scope`], so
