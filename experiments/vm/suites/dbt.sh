@@ -155,7 +155,7 @@ drcov_check() {
             if ($1 != id || len < 1 || len > 4096 || off + len > size) { bad++; print "bad record", k, off, len, $1 } }
         END { print k " records, " bad + 0 " bad, module size " size; exit (bad > 0 || k != want) }' /tmp/drcov.words
 }
-check dbt_bbcov_drcov_file drcov_check
+check_figs dbt_bbcov_drcov_file /tmp/dbt_bbcov_drcov_file.out 's/^\([0-9]*\) records, 0 bad, module size \([0-9]*\)$/records=\1 module_size=\2/p' drcov_check
 
 # The null client, and the check with the execute right left in place (a test hook):
 # nothing steers the module's entries, and the check must say so.
