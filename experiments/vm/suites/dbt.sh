@@ -33,7 +33,7 @@ if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
     exit 0
 fi
 
-plan 20
+plan 22
 
 # Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
 cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
@@ -79,6 +79,43 @@ else
     fail dbt_module_from_cache_all_cpus rc=$rc
 fi
 info "$(kdbt stats --json)"
+
+# inscount is exact and deterministic: N reads of the module's file on cpu0 (one ubench
+# process, no fork between reads) add N x k instructions, with the same k (within 1%) for
+# N = 8 and N = 16. ubench reads once more before its timed loop, so a run adds N + 1
+# reads. The module's timer runs on cpu0 too (~1,600 instructions a tick, once a second):
+# each N is measured three times and the fewest instructions kept.
+ins_cpu0() { set -- $(cpu_figs 0); echo "${3:-0}"; }
+# ins_per_read N: the fewest instructions per read of three runs of N reads.
+ins_per_read() {
+    local best=0 a b k i
+    for i in 1 2 3; do
+        a=$(ins_cpu0)
+        taskset -c 0 ubench --iters "$1" --reps 1 --only file_read > /dev/null || return 1
+        b=$(ins_cpu0)
+        k=$(( (b - a) / ($1 + 1) ))
+        if [ "$best" -eq 0 ] || [ "$k" -lt "$best" ]; then best=$k; fi
+    done
+    echo "$best"
+}
+ins_linear() {
+    local k1 k2 d
+    k1=$(ins_per_read 8) && k2=$(ins_per_read 16) || return 1
+    d=$(( k1 > k2 ? k1 - k2 : k2 - k1 ))
+    echo "inscount per read: k=$k1 (8 reads) k=$k2 (16 reads) diff=$d"
+    [ "$k1" -gt 0 ] && [ $(( d * 100 )) -le "$k1" ]
+}
+check_figs dbt_inscount_linear /tmp/dbt_inscount_linear.out 's/^inscount per read: k=\([0-9]*\) .* k=\([0-9]*\) .*/k8=\1 k16=\2/p' ins_linear
+
+# Bad user pointers through the module's code: its write handler's get_user and the read
+# path's copy to user fault in native kernel code, whose fixups return EFAULT to the
+# translated module while started (no oops), as they do natively.
+efault() {
+    taskset -c 0 badptr --write /proc/kdbt_testmod_key || return 1
+    taskset -c 0 badptr --read /proc/kdbt_testmod || return 1
+    [ "$(cat /proc/kdbt_testmod_key)" = off ] || { echo "the key changed"; return 1; }
+}
+check dbt_bad_user_pointers_efault efault
 
 # Refusals while started.
 refusals() {

@@ -11,6 +11,9 @@
 //! `tlb_walk` (random reads, one per 4 KB page, over a 64 MB array with transparent huge
 //! pages refused) and `macro` (a busybox shell script of pipelines: fork, exec, pipes, page
 //! faults and exits, as in a build).
+//! `file_read` (only with `--only`, `cargo xtask bench kernel-dbt`) opens a file, reads it to
+//! the end and closes it (`--file PATH`, default `/proc/kdbt_testmod`: the test module's
+//! code runs in the reader's context).
 //! With `UBENCH_STATUS_DIR=DIR` set, `kdbt status --summary` is saved to DIR/before and
 //! DIR/after around the repetitions of each benchmark (use it with one `--only` benchmark).
 use kdbt_guest::rdtsc;
@@ -20,20 +23,26 @@ fn main() {
     let mut exec_path = String::from("/bin/true");
     let mut only: Option<String> = None;
     let mut reps: u32 = 5;
+    let mut file = String::from("/proc/kdbt_testmod");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--iters", Some(v)) => iters = v.parse().unwrap_or_else(|_| die("--iters takes a number")),
             ("--exec", Some(v)) => exec_path = v.clone(),
+            ("--file", Some(v)) => file = v.clone(),
             ("--reps", Some(v)) => {
                 reps = v.parse().ok().filter(|&r| r > 0).unwrap_or_else(|| die("--reps takes a number > 0"))
             }
-            ("--only", Some(v)) if DEFAULT.contains(&v.as_str()) || PAGING.contains(&v.as_str()) => {
+            ("--only", Some(v)) if DEFAULT.contains(&v.as_str()) || PAGING.contains(&v.as_str()) || v == "file_read" => {
                 only = Some(v.clone())
             }
-            _ => die("usage: ubench [--iters N] [--reps R] [--exec PATH] [--only getppid|fork_exit|exec|page_fault|cpuid|mmap_munmap|pipe_pingpong|tlb_walk|macro]"),
+            _ => die("usage: ubench [--iters N] [--reps R] [--exec PATH] [--file PATH] [--only getppid|fork_exit|exec|page_fault|cpuid|mmap_munmap|pipe_pingpong|tlb_walk|macro|file_read]"),
         }
+    }
+    if only.as_deref() == Some("file_read") {
+        file_read(reps, iters, &file);
+        return;
     }
     if let Some(o) = only.as_deref().filter(|o| PAGING.contains(o)) {
         match o {
@@ -100,6 +109,25 @@ fn main() {
 const DEFAULT: [&str; 5] = ["getppid", "fork_exit", "exec", "page_fault", "cpuid"];
 /// The paging benchmarks: only with `--only`.
 const PAGING: [&str; 4] = ["mmap_munmap", "pipe_pingpong", "tlb_walk", "macro"];
+
+/// Opens `path`, reads it to the end and closes it, `iters` times per repetition; the bytes
+/// read must be the same every time (a changed or short read stops the benchmark).
+fn file_read(reps: u32, iters: u64, path: &str) {
+    use std::io::Read;
+    let read = || {
+        let mut v = Vec::with_capacity(4096);
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut v))
+            .unwrap_or_else(|e| die(&format!("cannot read {path}: {e}")));
+        v
+    };
+    let first = read();
+    report(reps, "file_read", iters, || {
+        if read() != first {
+            die(&format!("{path} read differently"));
+        }
+    });
+}
 
 /// Maps one private anonymous page, writes it (a page fault) and unmaps it (a TLB flush of
 /// that page), `iters` times per repetition.
