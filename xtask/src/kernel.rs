@@ -204,6 +204,10 @@ fn small(label: &str) -> Result<Kernel> {
     let frag_path = workspace_root().join("experiments/vm/small.config");
     let fragment =
         std::fs::read_to_string(&frag_path).with_context(|| format!("cannot read {}", frag_path.display()))?;
+    // Whoever asks for the small kernel (a Bochs run, the vmlinux corpus, which comes
+    // first in `cargo xtask test`) needs its source and build tools: on a fresh machine
+    // nothing else has installed them yet.
+    crate::deps::ensure(crate::deps::SMALL_KERNEL)?;
     let src_ver = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SMALL_SOURCE_PKG]))
         .context("linux-source-6.12 is not installed")?;
     let gcc = output(Command::new("gcc").arg("-dumpfullversion")).unwrap_or_default();
