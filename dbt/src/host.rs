@@ -41,6 +41,13 @@ pub struct HostEnv {
     budget_base: core::cell::Cell<Option<usize>>,
     /// Test hook: the environment's [`Env::deliver`].
     pub deliver: Option<DeliverHook>,
+    /// Fault sites ([`Env::fault_slot`]): native pcs given slots, each reported to
+    /// `on_fault_slot` (native pc, slot) before the engine uses it, as a kernel
+    /// environment registers the slot in its exception table.
+    pub fault_sites: Vec<u64>,
+    pub on_fault_slot: Option<fn(u64, u64)>,
+    /// The slot page (address, bytes handed out).
+    slot_page: Option<(u64, usize)>,
 }
 
 /// A test's [`Env::deliver`]: (stop, pc, context) to the pc to continue at.
@@ -200,6 +207,23 @@ impl Env for HostEnv {
 
     fn deliver(&mut self, kind: crate::StopKind, pc: u64, ctx: &mut GuestCtx) -> Option<u64> {
         self.deliver.and_then(|d| d(kind, pc, ctx))
+    }
+
+    fn fault_slot(&mut self, pc: u64, _len: usize) -> Option<u64> {
+        const PAGE: usize = 4096;
+        if !self.fault_sites.contains(&pc) {
+            return None;
+        }
+        if self.slot_page.is_none_or(|(_, used)| used + crate::FAULT_SLOT_BYTES > PAGE) {
+            self.slot_page = Some((self.alloc_code(pc, PAGE)?, 0));
+        }
+        let (page, used) = self.slot_page.as_mut()?;
+        let slot = *page + *used as u64;
+        *used += crate::FAULT_SLOT_BYTES;
+        if let Some(f) = self.on_fault_slot {
+            f(pc, slot);
+        }
+        Some(slot)
     }
 
     fn memory_left(&self) -> usize {

@@ -9,6 +9,7 @@ extern crate std;
 pub mod asm;
 pub mod client;
 pub mod engine;
+pub mod extable;
 pub mod ibl;
 pub mod kclass;
 pub mod pcmap;
@@ -21,7 +22,7 @@ pub mod ve;
 pub mod host;
 
 pub use client::{BbCov, BlockInfo, Client, CovBlock, InsCount, Inserts, MemTrace, NullClient, Snippet, Where};
-pub use engine::{Config, Engine, Env, Stats, StopKind};
+pub use engine::{Config, Engine, Env, Stats, StopKind, FAULT_SLOT_BYTES};
 pub use kclass::{KClass, Thunk};
 pub use pcmap::{NativePc, PcIndex};
 pub use scratch::{Frame, GuestCtx, Scratch};

@@ -139,6 +139,18 @@ void kdbt_glue_module_put(void *module)
 		module_put(module);
 }
 
+/*
+ * Exception tables (struct exception_table_entry: insn, fixup and data, the first two
+ * relative to their own fields), sorted by address since the module was loaded.
+ */
+u64 kdbt_glue_module_extable(void *module, u32 *count)
+{
+	struct module *m = module ? module : THIS_MODULE;
+
+	*count = m->num_exentries;
+	return (u64)(uintptr_t)m->extable;
+}
+
 u64 kdbt_glue_page_alias(u64 addr)
 {
 	unsigned int level;

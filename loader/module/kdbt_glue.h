@@ -147,10 +147,14 @@ const char *kdbt_glue_dbt_case_name(unsigned int which);
 /* The native kernel address case `which` calls (what the DBT translates). */
 u64 kdbt_glue_dbt_case_fn(unsigned int which);
 /* The loaded module called `name` (0-terminated), live, with a reference taken (so it
- * cannot be unloaded until kdbt_glue_module_put), and in *base/*size its core text; NULL
+ * cannot be unloaded until kdbt_glue_module_put), and in *base and *size its core text; NULL
  * if there is none (or it is this module). Process context. */
 void *kdbt_glue_module_get(const char *name, u64 *base, u64 *size);
 void kdbt_glue_module_put(void *module);
+/* The exception table of `module` (one from kdbt_glue_module_get; NULL: this module's own):
+ * its first entry (12 bytes each: relative insn and fixup, then the type and data word),
+ * and in *count how many. Sorted by address since the module's load. */
+u64 kdbt_glue_module_extable(void *module, u32 *count);
 /* A writable alias (vmap) of the page holding kernel address `addr` (e.g. the IDT, which
  * the kernel maps read-only), or 0; undone by kdbt_glue_cache_unalias. Process context. */
 u64 kdbt_glue_page_alias(u64 addr);

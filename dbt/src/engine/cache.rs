@@ -75,7 +75,7 @@ impl Engine {
         em: Emitted,
         ninsns: usize,
     ) -> Result<u64, StopKind> {
-        let Emitted { mut buf, fixups, exits, body_off, code_len, pads, map } = em;
+        let Emitted { mut buf, fixups, exits, body_off, code_len, pads, map, slots: fault_slots } = em;
         let code_len_bytes = buf.len();
         // Exit stubs, in the cold area.
         let mut recs: Vec<Box<ExitRecord>> = exits.into_iter().map(Box::new).collect();
@@ -129,7 +129,9 @@ impl Engine {
         // from this engine's region and nothing executes them yet. Slack after
         // the code: int3, never executed.
         buf.resize(hot_len as usize, 0xCC);
-        if !self.env.write_code(hot, &buf) || !self.env.write_code(stub, &stub_code) {
+        // Fault-site slots first: the fragment jumps to them once it is written.
+        let slots_ok = fault_slots.iter().all(|(at, code)| self.env.write_code(*at, code));
+        if !slots_ok || !self.env.write_code(hot, &buf) || !self.env.write_code(stub, &stub_code) {
             let r = &mut self.regions[ri];
             r.hot_free.push((hot, hot_len));
             if stub_total != 0 {

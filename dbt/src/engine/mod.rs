@@ -103,7 +103,27 @@ pub trait Env {
     fn deliver(&mut self, _kind: StopKind, _pc: u64, _ctx: &mut GuestCtx) -> Option<u64> {
         None
     }
+    /// Whether the instruction at `pc` (`len` bytes) is a *fault site*: one the
+    /// environment's exception tables know by its address (kernel: an
+    /// `__ex_table` entry of its module, as for a user access or `rdmsr_safe`),
+    /// so that a fault there continues at a fixup found by the faulting pc. If so,
+    /// the environment returns the code-cache address of a slot of
+    /// [`FAULT_SLOT_BYTES`] that it has registered under the same fixup (kernel: an
+    /// entry of its own exception table, rewritten before the slot is used); the
+    /// engine places the instruction alone there, followed by a jump back into the
+    /// fragment, and the fragment jumps to the slot in its place. The slot is the
+    /// engine's from then on and never reused by the environment while any fragment
+    /// may jump to it (kernel: until the session ends). None: not a fault site, or
+    /// no slot left (the instruction is copied in line as any other).
+    fn fault_slot(&mut self, _pc: u64, _len: usize) -> Option<u64> {
+        None
+    }
 }
+
+/// Bytes of a fault-site slot ([`Env::fault_slot`]): the instruction (at most 15
+/// bytes, re-encoded for the slot's address when RIP-relative) and a `jmp rel32`
+/// back, padded with `int3`.
+pub const FAULT_SLOT_BYTES: usize = 32;
 
 /// Why translated execution stopped and control went back to the environment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,6 +226,8 @@ pub struct Stats {
     pub kclass: [u64; KClass::COUNT],
     /// Stops the environment delivered itself ([`Env::deliver`]).
     pub delivered: u64,
+    /// Fault-site instructions placed in slots ([`Env::fault_slot`]).
+    pub fault_sites: u64,
 }
 
 struct Region {

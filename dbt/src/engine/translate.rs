@@ -20,6 +20,9 @@ pub(super) struct Emitted {
     pub(super) pads: Vec<usize>,
     /// The pc map of `buf`.
     pub(super) map: Vec<MapEnt>,
+    /// Fault-site slots ([`Env::fault_slot`]) and their code, written before the
+    /// fragment (nothing jumps to a slot until the fragment is in place).
+    pub(super) slots: Vec<(u64, Vec<u8>)>,
 }
 
 impl Engine {
@@ -89,6 +92,18 @@ impl Engine {
             return Err(StopKind::NoSpace);
         }
         let ri = self.region_for(pc)?;
+        // Fault sites get their slots once, before any emission attempt (a slot is
+        // the environment's registration of the instruction's fixup).
+        let body_end = if matches!(blk.term, Term::Cti) { blk.insns.len() - 1 } else { blk.insns.len() };
+        let slots: Vec<(usize, u64)> = if native {
+            Vec::new()
+        } else {
+            (0..body_end)
+                .filter(|k| !blk.inline_jcc.contains(k))
+                .filter_map(|k| self.env.fault_slot(blk.insns[k].ip(), blk.insns[k].len()).map(|s| (k, s)))
+                .collect()
+        };
+        self.stats.fault_sites += slots.len() as u64;
         // Flags liveness and instrumentation, per basic block (the client sees
         // basic blocks; its instruction indices are mapped to the fragment's).
         let mut ins = Inserts::default();
@@ -143,7 +158,7 @@ impl Engine {
                 }
                 return self.translate(pc);
             };
-            let em = self.emit_block(pc, &blk, &ins, &live, hot)?;
+            let em = self.emit_block(pc, &blk, &ins, &live, hot, &slots)?;
             if (em.buf.len() as u64) > hot_len_try {
                 // too small: give it back and retry with the real size
                 self.regions[ri].hot_free.push((hot, hot_len_try));
@@ -165,8 +180,10 @@ impl Engine {
         ins: &Inserts,
         live: &[u32],
         hot: u64,
+        slots: &[(usize, u64)],
     ) -> Result<Emitted, StopKind> {
         let mut e = Emit::new(hot);
+        let mut slot_code: Vec<(u64, Vec<u8>)> = Vec::new();
         if self.abi.ibl.is_some() {
             if self.cfg.ibt {
                 e.st(Npc::Rcx, 16 + self.abi.rz, 0b110, 8);
@@ -213,7 +230,26 @@ impl Engine {
                 Self::patch_jcc(&mut e, &mut fix, (i.condition_code() as u8).wrapping_sub(1), xt);
                 continue;
             }
-            self.copy_insn(&mut e, i);
+            match slots.iter().find(|(sk, _)| *sk == k) {
+                // A fault site: `jmp slot`, and the slot is the instruction and
+                // `jmp back`. The jump's map entry is the instruction's native pc.
+                Some(&(_, slot)) => {
+                    let rel = slot.wrapping_sub(e.pc() + 5) as i64;
+                    if rel != rel as i32 as i64 {
+                        return Err(StopKind::NoSpace);
+                    }
+                    e.ins(Instruction::with_branch(Code::Jmp_rel32_64, slot));
+                    let mut se = Emit::new(slot);
+                    self.copy_insn(&mut se, i);
+                    se.ins(Instruction::with_branch(Code::Jmp_rel32_64, e.pc()));
+                    if se.err || se.buf.len() > FAULT_SLOT_BYTES {
+                        return Err(StopKind::NoSpace);
+                    }
+                    se.buf.resize(FAULT_SLOT_BYTES, 0xCC);
+                    slot_code.push((slot, se.buf));
+                }
+                None => self.copy_insn(&mut e, i),
+            }
             after(&mut e, k);
         }
         match blk.term {
@@ -351,6 +387,6 @@ impl Engine {
             self.trace_bad.set(e.bad);
             return Err(StopKind::NoSpace);
         }
-        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len, pads, map: e.map })
+        Ok(Emitted { buf: e.buf, fixups: fix, exits, body_off, code_len, pads, map: e.map, slots: slot_code })
     }
 }

@@ -186,6 +186,52 @@ static const struct proc_ops tm_warn_ops = {
 	.proc_write = tm_warn_write,
 };
 
+/* User bytes read inline in the module (user_access_begin + unsafe_get_user: each access
+ * has an entry in this module's exception table). A bad pointer faults in the module's
+ * own code and its fixup returns -EFAULT; while started that access runs from kdbt's code
+ * cache, where the fault must still find a fixup. Writes the bytes' sum to the log. */
+static atomic64_t tm_usum = ATOMIC64_INIT(0);
+
+static noinline ssize_t tm_uaccess_write(struct file *file, const char __user *buf, size_t n, loff_t *pos)
+{
+	u64 sum = 0;
+	size_t i, len = min_t(size_t, n, 64);
+
+	if (!user_access_begin(buf, len))
+		return -EFAULT;
+	for (i = 0; i < len; i++) {
+		u8 c;
+
+		unsafe_get_user(c, buf + i, efault);
+		sum += c;
+	}
+	user_access_end();
+	atomic64_add(sum, &tm_usum);
+	return n;
+efault:
+	user_access_end();
+	return -EFAULT;
+}
+
+static int tm_uaccess_show(struct seq_file *m, void *v)
+{
+	seq_printf(m, "%lld\n", (long long)atomic64_read(&tm_usum));
+	return 0;
+}
+
+static int tm_uaccess_open(struct inode *inode, struct file *file)
+{
+	return single_open(file, tm_uaccess_show, NULL);
+}
+
+static const struct proc_ops tm_uaccess_ops = {
+	.proc_open = tm_uaccess_open,
+	.proc_read = seq_read,
+	.proc_write = tm_uaccess_write,
+	.proc_lseek = seq_lseek,
+	.proc_release = single_release,
+};
+
 static int __init tm_init(void)
 {
 	unsigned int cpu;
@@ -198,6 +244,12 @@ static int __init tm_init(void)
 		return -ENOMEM;
 	}
 	if (!proc_create("kdbt_testmod_warn", 0200, NULL, &tm_warn_ops)) {
+		remove_proc_entry("kdbt_testmod_key", NULL);
+		remove_proc_entry("kdbt_testmod", NULL);
+		return -ENOMEM;
+	}
+	if (!proc_create("kdbt_testmod_uaccess", 0644, NULL, &tm_uaccess_ops)) {
+		remove_proc_entry("kdbt_testmod_warn", NULL);
 		remove_proc_entry("kdbt_testmod_key", NULL);
 		remove_proc_entry("kdbt_testmod", NULL);
 		return -ENOMEM;
@@ -223,6 +275,7 @@ static void __exit tm_exit(void)
 		if (t->function)
 			del_timer_sync(t);
 	}
+	remove_proc_entry("kdbt_testmod_uaccess", NULL);
 	remove_proc_entry("kdbt_testmod_warn", NULL);
 	remove_proc_entry("kdbt_testmod_key", NULL);
 	remove_proc_entry("kdbt_testmod", NULL);

@@ -15,6 +15,8 @@ TESTMOD=/lib/modules/kdbt_testmod.ko
 insmod "$TESTMOD" || { plan 1; fail testmod_insmod; exit 0; }
 tm() { cat /proc/kdbt_testmod; }
 tm > /tmp/tm.native
+# The module's own user access with a bad pointer, natively (EFAULT by its fixup).
+UACCESS_NATIVE=$(badptr --write /proc/kdbt_testmod_uaccess 2>&1)
 
 # Without VT-x (QEMU TCG), or on shadow paging, `kdbt start` must refuse plainly.
 if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
@@ -107,15 +109,29 @@ ins_linear() {
 }
 check_figs dbt_inscount_linear /tmp/dbt_inscount_linear.out 's/^inscount per read: k=\([0-9]*\) .* k=\([0-9]*\) .*/k8=\1 k16=\2/p' ins_linear
 
-# Bad user pointers through the module's code: its write handler's get_user and the read
-# path's copy to user fault in native kernel code, whose fixups return EFAULT to the
-# translated module while started (no oops), as they do natively.
+# Bad user pointers through the module's code, while started (no oops), as natively: its
+# write handler's get_user and the read path's copy to user fault in native kernel code,
+# whose fixups return EFAULT to the translated module; the module's own inline user access
+# (unsafe_get_user, an entry in the module's exception table) faults in the code cache, in
+# the slot kdbt's exception table knows, and takes the module's fixup. A good write of two
+# bytes adds their sum.
 efault() {
     taskset -c 0 badptr --write /proc/kdbt_testmod_key || return 1
     taskset -c 0 badptr --read /proc/kdbt_testmod || return 1
     [ "$(cat /proc/kdbt_testmod_key)" = off ] || { echo "the key changed"; return 1; }
+    echo "natively: $UACCESS_NATIVE"
+    echo "$UACCESS_NATIVE" | grep -q ': EFAULT$' || return 1
+    local u0 slots
+    u0=$(cat /proc/kdbt_testmod_uaccess)
+    taskset -c 0 badptr --write /proc/kdbt_testmod_uaccess || return 1
+    printf 'AB' > /proc/kdbt_testmod_uaccess || return 1
+    [ "$(cat /proc/kdbt_testmod_uaccess)" -eq $((u0 + 131)) ] || { echo "sum $(cat /proc/kdbt_testmod_uaccess), want $((u0 + 131))"; return 1; }
+    kdbt stats | grep 'exception-table entries'
+    slots=$(kdbt stats | sed -n 's/.*fault sites translated into slots \([0-9]*\),.*/\1/p')
+    echo "fault_slots=$slots"
+    [ "${slots:-0}" -gt 0 ] || { echo "no fault site was translated"; return 1; }
 }
-check dbt_bad_user_pointers_efault efault
+check_figs dbt_bad_user_pointers_efault /tmp/dbt_bad_user_pointers_efault.out 's/^\(fault_slots=[0-9]*\)$/\1/p' efault
 
 # Refusals while started.
 refusals() {

@@ -294,6 +294,10 @@ pub const DBT_START_TEST_NO_STEER: u32 = 1 << 0;
 /// that a patch of the text, e.g. a static key, takes effect while started must then
 /// fail).
 pub const DBT_START_TEST_NO_INVALIDATE: u32 = 1 << 1;
+/// [`DbtStart::flags`], for tests only: fault sites get no slot (copied in line as other
+/// instructions: a fault of one while translated then finds no exception-table entry and
+/// oopses, which the checks of user-pointer faults in the module must show).
+pub const DBT_START_TEST_NO_FAULT_SLOTS: u32 = 1 << 2;
 
 /// Argument of [`IOC_DBT_STATS`]: the running translation's figures, and per CPU (like
 /// [`CapsQuery`]: a buffer of `capacity` [`DbtCpuStats`]).
@@ -332,6 +336,11 @@ pub struct DbtStatsQuery {
     pub reprotects: u64,
     /// Text pages writable (and running natively) now, until their re-protection.
     pub writable_pages: u64,
+    /// Fault sites: entries of the module's exception table; those translated into a
+    /// slot kdbt's own table knows; those copied in line because no slot was left.
+    pub fault_table: u64,
+    pub fault_slots: u64,
+    pub fault_unplaced: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -360,6 +369,9 @@ impl Default for DbtStatsQuery {
             write_faults: 0,
             reprotects: 0,
             writable_pages: 0,
+            fault_table: 0,
+            fault_slots: 0,
+            fault_unplaced: 0,
         }
     }
 }
@@ -470,7 +482,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 15 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 18 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
         assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);

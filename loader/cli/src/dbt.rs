@@ -36,13 +36,25 @@ impl ClientKind {
     }
 }
 
-pub fn start(module: &str, client: ClientKind, test_no_steer: bool, test_no_invalidate: bool) -> Result<()> {
+/// `kdbt start`'s hidden test hooks (each switches one mechanism off, so that the check
+/// of that mechanism must fail).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TestHooks {
+    pub no_steer: bool,
+    pub no_invalidate: bool,
+    pub no_fault_slots: bool,
+}
+
+pub fn start(module: &str, client: ClientKind, tests: TestHooks) -> Result<()> {
     let mut flags = 0;
-    if test_no_steer {
-        flags |= kdbt_abi::DBT_START_TEST_NO_STEER;
-    }
-    if test_no_invalidate {
-        flags |= kdbt_abi::DBT_START_TEST_NO_INVALIDATE;
+    for (on, bit) in [
+        (tests.no_steer, kdbt_abi::DBT_START_TEST_NO_STEER),
+        (tests.no_invalidate, kdbt_abi::DBT_START_TEST_NO_INVALIDATE),
+        (tests.no_fault_slots, kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS),
+    ] {
+        if on {
+            flags |= bit;
+        }
     }
     match Device::open()?.dbt_start(module, client.abi(), flags)? {
         Ok(()) => {
@@ -82,6 +94,7 @@ pub fn stats(json: bool) -> Result<()> {
             "code_bytes": q.code_bytes, "cache_bytes": q.cache_bytes,
             "pool_peak": q.pool_peak, "pool_size": q.pool_size,
             "write_faults": q.write_faults, "reprotects": q.reprotects, "writable_pages": q.writable_pages,
+            "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_unplaced": q.fault_unplaced,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -114,6 +127,10 @@ pub fn stats(json: bool) -> Result<()> {
     println!(
         "  text writes caught {} (translations invalidated), pages re-protected {}, writable now {}",
         q.write_faults, q.reprotects, q.writable_pages
+    );
+    println!(
+        "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}",
+        q.fault_table, q.fault_slots, q.fault_unplaced
     );
     println!("  native regions: everything outside {module}'s text (this stage translates one module)");
     for c in cpus.iter().filter(|c| c.online != 0 || c.steered != 0 || c.dispatches != 0) {

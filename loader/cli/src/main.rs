@@ -151,6 +151,11 @@ enum Cmd {
         /// fail).
         #[arg(long, hide = true)]
         test_no_invalidate: bool,
+        /// Test hook: the module's fault sites (instructions with exception-table
+        /// entries) are copied in line, without a slot kdbt's own table knows (a fault
+        /// of one while translated oopses: the user-pointer checks must fail).
+        #[arg(long, hide = true)]
+        test_no_fault_slots: bool,
     },
     /// Stop translating: every CPU runs the module natively again.
     Stop,
@@ -234,8 +239,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }
-        Cmd::Start { module, client, test_no_steer, test_no_invalidate } => {
-            dbt::start(&module, client, test_no_steer, test_no_invalidate)
+        Cmd::Start { module, client, test_no_steer, test_no_invalidate, test_no_fault_slots } => {
+            let tests = dbt::TestHooks {
+                no_steer: test_no_steer,
+                no_invalidate: test_no_invalidate,
+                no_fault_slots: test_no_fault_slots,
+            };
+            dbt::start(&module, client, tests)
         }
         Cmd::Stop => dbt::stop(),
         Cmd::Stats { json } => dbt::stats(json),

@@ -51,6 +51,7 @@ extern "C" {
     pub fn kdbt_glue_module_get(name: *const c_char, base: *mut u64, size: *mut u64) -> *mut c_void;
     pub fn kdbt_glue_module_put(module: *mut c_void);
     pub fn kdbt_glue_page_alias(addr: u64) -> u64;
+    pub fn kdbt_glue_module_extable(module: *mut c_void, count: *mut u32) -> u64;
     pub fn kdbt_glue_sync_tasks();
     pub fn kdbt_glue_wp_kick();
     pub fn kdbt_glue_wp_flush();

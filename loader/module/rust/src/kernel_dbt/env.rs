@@ -9,6 +9,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use dbt::{Env, GuestCtx, StopKind, Thunk};
 
+use super::faults::{FaultSites, FAULT_PAGES};
 use crate::ffi;
 
 /// The lookup table (`dbt::ibl::IBL_BYTES`), one per system.
@@ -72,6 +73,8 @@ pub struct KernelEnv {
     scope: Option<(u64, u64)>,
     /// The kernel's #UD and #BP handlers (IDT gates 6 and 3), for [`Env::deliver`].
     handlers: Option<Handlers>,
+    /// The session's fault sites (null: none).
+    faults: *mut FaultSites,
 }
 
 /// Where the kernel's IDT sends #UD and #BP, and the selectors its frames carry.
@@ -119,6 +122,7 @@ impl KernelEnv {
             table_given: false,
             scope: None,
             handlers: None,
+            faults: core::ptr::null_mut(),
         })
     }
 
@@ -137,25 +141,40 @@ impl KernelEnv {
         (self.x, self.size)
     }
 
-    /// The [`STEER_PAGES`] pages kept from the engine: (executable address, writable alias)
-    /// of the first; the others follow at 4 KB steps.
+    /// The [`STEER_PAGES`] pages kept from the engine, the cache's last: (executable
+    /// address, writable alias) of the first; the others follow at 4 KB steps.
     pub fn steer_pages(&self) -> (u64, u64) {
-        let off = self.engine_size();
+        let off = self.size.saturating_sub(STEER_PAGES * 4096);
         (self.x + off, self.w + off)
+    }
+
+    /// The fault-site slot area ([`super::faults`]): the [`FAULT_PAGES`] pages before the
+    /// steering pages (`KDBT_FAULT_OFF` in kdbt_cache.S).
+    pub fn fault_area(&self) -> u64 {
+        self.x + self.engine_size()
+    }
+
+    /// Fault sites get slots from `f` ([`Env::fault_slot`]); it must outlive the engine.
+    pub fn set_faults(&mut self, f: *mut FaultSites) {
+        self.faults = f;
     }
 
     /// Bytes of the cache the engine may have.
     fn engine_size(&self) -> u64 {
-        self.size.saturating_sub(STEER_PAGES * 4096)
+        self.size.saturating_sub((STEER_PAGES + FAULT_PAGES) * 4096)
     }
 
     pub fn thunks(&self) -> usize {
         self.thunks.len()
     }
 
+    /// The writable alias of `[at, at + len)`: inside what the engine was given, or
+    /// inside the fault-slot area.
     fn alias(&self, at: u64, len: u64) -> Option<u64> {
         let end = at.checked_add(len)?;
-        (at >= self.x && end <= self.x + self.used).then(|| self.w + (at - self.x))
+        let slots = self.fault_area();
+        let ok = (at >= self.x && end <= self.x + self.used) || (at >= slots && end <= slots + FAULT_PAGES * 4096);
+        ok.then(|| self.w + (at - self.x))
     }
 }
 
@@ -243,6 +262,15 @@ impl Env for KernelEnv {
     /// the 16-byte aligned stack, IF/TF/NT/RF clear, on to the kernel's handler (native
     /// kernel text). Its tables know the native pc (bug table, kprobes), WARN's
     /// `regs->ip += 2` returns past the `ud2`, and that return comes back in by #VE.
+    fn fault_slot(&mut self, pc: u64, _len: usize) -> Option<u64> {
+        if self.faults.is_null() || !self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) {
+            return None;
+        }
+        // SAFETY: the session's fault sites outlive the engine (`set_faults`), and the
+        // engine calls this under its lock only.
+        unsafe { (*self.faults).slot(pc) }
+    }
+
     fn deliver(&mut self, kind: StopKind, pc: u64, ctx: &mut GuestCtx) -> Option<u64> {
         let (lo, hi) = self.scope?;
         let h = self.handlers?;

@@ -6,6 +6,7 @@
 //! from the cache on every CPU, steered there by EPT and #VE ([`session`]). The whole
 //! kernel (entry steering through the IDT and LSTAR) comes next.
 pub mod env;
+pub mod faults;
 pub mod percpu;
 pub mod pool;
 pub mod selftest;

@@ -42,6 +42,7 @@ use kdbt_abi::{DbtCovEntry, DbtCpuStats, DbtStatsQuery, DBT_CLIENT_BBCOV, DBT_CL
 use spin::Mutex;
 
 use super::env::{self, Handlers, KernelEnv};
+use super::faults::FaultSites;
 use super::percpu::Blocks;
 use super::pool;
 use super::steer::{gate, gate_target};
@@ -65,6 +66,8 @@ impl Client for SharedCov {
 
 struct Session {
     engine: Box<Engine>,
+    /// Fault sites' slots (after the engine: dropped once it is gone).
+    faults: Box<FaultSites>,
     /// Boxed: the write guard points at it.
     blocks: Box<Blocks>,
     cov: Option<Box<BbCov>>,
@@ -127,7 +130,10 @@ fn ve_everywhere(info: &[(u32, *mut u8)], on: bool) -> Result<(), String> {
 
 /// `kdbt start`.
 pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
-    if flags & !(kdbt_abi::DBT_START_TEST_NO_STEER | kdbt_abi::DBT_START_TEST_NO_INVALIDATE) != 0 {
+    let known = kdbt_abi::DBT_START_TEST_NO_STEER
+        | kdbt_abi::DBT_START_TEST_NO_INVALIDATE
+        | kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS;
+    if flags & !known != 0 {
         return Err(format!("unknown start flags {flags:#x}"));
     }
     if ![DBT_CLIENT_NULL, DBT_CLIENT_INSCOUNT, DBT_CLIENT_BBCOV].contains(&client) {
@@ -189,6 +195,16 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
         }
     };
     kenv.set_scope(base, base + size);
+    let no_slots = flags & kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS != 0;
+    let mut faults = match FaultSites::new(module, kenv.fault_area(), no_slots) {
+        Ok(f) => Box::new(f),
+        Err(e) => {
+            // SAFETY: the reference just taken.
+            unsafe { ffi::kdbt_glue_module_put(module) };
+            return Err(e.into());
+        }
+    };
+    kenv.set_faults(&mut *faults);
     // The kernel's #UD and #BP handlers, for exceptions of the module's translated code.
     let idt = sidt().base;
     // SAFETY: gates 3 and 6 of the live IDT (read-only here; the kernel never changes them).
@@ -247,6 +263,7 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     // From here on, dropping the session undoes whatever was done.
     let mut s = Session {
         engine,
+        faults,
         blocks,
         cov,
         client,
@@ -482,6 +499,12 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     (q.pool_peak, q.pool_size) = (ps.peak as u64, ps.size as u64);
     let wc = s.guard.as_ref().map(|g| g.counts()).unwrap_or_default();
     (q.write_faults, q.reprotects, q.writable_pages) = (wc.writes, wc.reprotects, wc.writable);
+    // Read under the engine's lock (the translator updates them there).
+    let fp: *const FaultSites = &*s.faults;
+    // SAFETY: the session's fault sites, read under the engine's lock.
+    let (ft, fs, fu) =
+        irqs_off(|| unsafe { Engine::locked(ep, |_| ((*fp).sites() as u64, (*fp).placed as u64, (*fp).unplaced)) });
+    (q.fault_table, q.fault_slots, q.fault_unplaced) = (ft, fs, fu);
     for cpu in 0..hw::cpu_ids() {
         let Some(b) = s.blocks.of_cpu(cpu) else { continue };
         out.try_reserve(1).map_err(|_| "out of memory")?;

@@ -1,0 +1,161 @@
+//! Fault sites ([`dbt::Env::fault_slot`]): instructions of the translated module that have
+//! an entry in its exception table (inline user accesses such as `unsafe_get_user`,
+//! `rdmsr_safe`, `get_kernel_nofault`). When one faults the kernel looks the faulting pc
+//! up in the exception table of the module holding that pc; translated, the pc is a
+//! code-cache address in kdbt.ko, so kdbt's own table must know it.
+//!
+//! kdbt.ko carries one placeholder entry per slot of a small area at the end of the code
+//! cache (`kdbt_cache.S`: 512 slots of 32 bytes, type EX_TYPE_NONE). The engine asks for
+//! a slot for each fault site it translates; this module copies the site's own entry
+//! (fixup and type/data; the fixup stays the module's native address, which is not
+//! executable while started, so the fixup is steered back into the cache by #VE like any
+//! other entry) into the slot's entry, through a writable alias of the table's pages, and
+//! only then hands the slot out. Slots are not reused during a session (a CPU may still
+//! run an old fragment that jumps to its slot); when they run out, a fault site is copied
+//! in line as before (a fault there would oops) and counted. At the session's end, when
+//! nothing runs from the cache, the entries used are put back as they were.
+use alloc::vec::Vec;
+
+use dbt::extable::{self, Entry, DATA_OFF, ENTRY_BYTES, FIXUP_OFF};
+
+use crate::ffi;
+
+/// Slots in the area (`KDBT_FAULT_SLOTS` in kdbt_cache.S).
+pub const SLOTS: usize = FAULT_PAGES as usize * 4096 / dbt::FAULT_SLOT_BYTES;
+/// Pages of the slot area, right before the steering pages (`KDBT_FAULT_PAGES`).
+pub const FAULT_PAGES: u64 = 4;
+
+pub struct FaultSites {
+    /// The module's exception table, absolute, sorted by instruction.
+    sites: Vec<Entry>,
+    /// First slot's address.
+    area: u64,
+    /// kdbt's own entry for each slot (its address), by slot index.
+    entries: Vec<u64>,
+    /// Writable aliases of the pages holding those entries: (page, alias).
+    aliases: Vec<(u64, u64)>,
+    /// Slots handed out; fault sites copied in line because none was left.
+    pub placed: usize,
+    pub unplaced: u64,
+    /// Test hook (`kdbt start --test-no-fault-slots`): never hand out a slot.
+    disabled: bool,
+}
+
+/// The exception table at `base` with `n` entries, decoded.
+///
+/// # Safety
+/// `base` is a live exception table of `n` entries (a module's, held by a reference).
+unsafe fn read_table(base: u64, n: u32) -> Result<Vec<Entry>, &'static str> {
+    let mut v = Vec::new();
+    v.try_reserve(n as usize).map_err(|_| "out of memory")?;
+    for k in 0..n as u64 {
+        let at = base + k * ENTRY_BYTES;
+        let p = at as *const i32;
+        // SAFETY: the caller's contract: entry k of the table, three aligned i32.
+        let w = unsafe { [p.read_volatile(), p.add(1).read_volatile(), p.add(2).read_volatile()] };
+        v.push(extable::decode(at, w));
+    }
+    Ok(v)
+}
+
+impl FaultSites {
+    /// The fault sites of `module` (a reference from `kdbt_glue_module_get`), slots from
+    /// `area` (the code cache's slot pages). Process context (makes aliases).
+    pub fn new(module: *mut core::ffi::c_void, area: u64, disabled: bool) -> Result<FaultSites, &'static str> {
+        let (mut n, mut own_n) = (0u32, 0u32);
+        // SAFETY: the module is held by the caller's reference; NULL is this module.
+        let (base, own) = unsafe {
+            (
+                ffi::kdbt_glue_module_extable(module, &mut n),
+                ffi::kdbt_glue_module_extable(core::ptr::null_mut(), &mut own_n),
+            )
+        };
+        // SAFETY: both tables are live (the module's is held, ours is this module's).
+        let sites = if base == 0 { Vec::new() } else { unsafe { read_table(base, n)? } };
+        // SAFETY: as above.
+        let own_t = if own == 0 { Vec::new() } else { unsafe { read_table(own, own_n)? } };
+        let mut entries = Vec::new();
+        entries.try_reserve(SLOTS).map_err(|_| "out of memory")?;
+        for k in 0..SLOTS as u64 {
+            let slot = area + k * dbt::FAULT_SLOT_BYTES as u64;
+            match own_t.iter().position(|e| e.insn == slot) {
+                Some(i) => entries.push(own + i as u64 * ENTRY_BYTES),
+                None => return Err("kdbt.ko's exception table lacks the fault slots' entries"),
+            }
+        }
+        let mut f = FaultSites { sites, area, entries, aliases: Vec::new(), placed: 0, unplaced: 0, disabled };
+        let (lo, hi) = (f.entries[0] & !0xfff, (f.entries[SLOTS - 1] + ENTRY_BYTES - 1) & !0xfff);
+        for page in (lo..=hi).step_by(4096) {
+            f.aliases.try_reserve(1).map_err(|_| "out of memory")?;
+            // SAFETY: process context; a page of this module's exception table; undone in Drop.
+            let a = unsafe { ffi::kdbt_glue_page_alias(page) };
+            if a == 0 {
+                return Err("cannot map a writable alias of kdbt.ko's exception table");
+            }
+            f.aliases.push((page, a));
+        }
+        Ok(f)
+    }
+
+    /// Entries in the module's table.
+    pub fn sites(&self) -> usize {
+        self.sites.len()
+    }
+
+    /// The writable alias of the 4-byte field at `at` (entries are 4-byte aligned, so a
+    /// field never straddles pages).
+    fn field(&self, at: u64) -> Option<*mut i32> {
+        let page = at & !0xfff;
+        self.aliases.iter().find(|a| a.0 == page).map(|a| (a.1 + (at & 0xfff)) as *mut i32)
+    }
+
+    /// Rewrites slot `k`'s entry to continue at `fixup` with `data`.
+    fn set(&mut self, k: usize, fixup: u64, data: u32) -> bool {
+        let e = self.entries[k];
+        let (Some(f), Some(d), Some(rel)) =
+            (self.field(e + FIXUP_OFF), self.field(e + DATA_OFF), extable::fixup_field(e, fixup))
+        else {
+            return false;
+        };
+        // SAFETY: aligned fields of slot k's entry, through this session's alias. Nothing
+        // can fault at the slot meanwhile: it is handed out only after this.
+        unsafe {
+            f.write_volatile(rel);
+            d.write_volatile(data as i32);
+        }
+        true
+    }
+
+    /// A slot for the fault site at `pc`, its entry written ([`dbt::Env::fault_slot`]).
+    pub fn slot(&mut self, pc: u64) -> Option<u64> {
+        let e = *extable::find(&self.sites, pc)?;
+        if self.disabled || self.placed >= SLOTS {
+            self.unplaced += 1;
+            return None;
+        }
+        let k = self.placed;
+        if !self.set(k, e.fixup, e.data) {
+            self.unplaced += 1;
+            return None;
+        }
+        self.placed += 1;
+        Some(self.area + k as u64 * dbt::FAULT_SLOT_BYTES as u64)
+    }
+}
+
+impl Drop for FaultSites {
+    /// Puts the entries used back (type none, fixup the slot itself) and drops the
+    /// aliases; runs once nothing can execute from the cache (process context).
+    fn drop(&mut self) {
+        for k in 0..self.placed {
+            let slot = self.area + k as u64 * dbt::FAULT_SLOT_BYTES as u64;
+            if !self.set(k, slot, 0) {
+                kwarn!("dbt: fault slot {k}: its exception-table entry could not be put back");
+            }
+        }
+        for &(_, a) in &self.aliases {
+            // SAFETY: an alias from `new`, no longer used.
+            unsafe { ffi::kdbt_glue_cache_unalias(a) };
+        }
+    }
+}
