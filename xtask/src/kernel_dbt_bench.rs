@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Context, Result};
 
+use crate::paging::xml_escape;
 use crate::results::Check;
 
 /// The suite's modes, in its order; ratios are to `loaded` (the hypervisor beneath, the
@@ -140,10 +141,6 @@ pub fn svg(rows: &[Row], title: &str) -> String {
     }
     s.push_str("</svg>\n");
     s
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 #[cfg(test)]

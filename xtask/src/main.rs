@@ -261,15 +261,19 @@ fn bench_kernel_dbt(kernel: String, cpus: u32) -> Result<bool> {
     };
     write("table.txt", &text)?;
     write("ratios.svg", &kernel_dbt_bench::svg(&rows, &title))?;
-    let raw: String = r
-        .checks
-        .iter()
-        .filter(|c| c.name.starts_with("kernel_dbt_"))
-        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
-        .collect();
-    write("checks.txt", &raw)?;
+    write("checks.txt", &raw_checks(&r.checks, "kernel_dbt_"))?;
     println!("written: {}/{{table.txt,ratios.svg,checks.txt}}", dir.display());
     Ok(true)
+}
+
+/// The checks whose names start with `prefix`, one `name PASS|FAIL figures` line each (a
+/// benchmark's raw results, kept beside its table).
+fn raw_checks(checks: &[results::Check], prefix: &str) -> String {
+    checks
+        .iter()
+        .filter(|c| c.name.starts_with(prefix))
+        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
+        .collect()
 }
 
 /// `key=value` figure of a check.
@@ -358,13 +362,7 @@ fn bench_paging(kernel: String, cpus: u32, exit_cycles: u64) -> Result<bool> {
     let bochs_note = "(in Bochs RDTSC advances with executed instructions: ticks are instruction counts, and the\n \
          transition of a VM exit or a 2-D page walk costs ~0; the exit handler's own instructions are counted)";
     paging_report(&r.checks, &title, bochs_note, exit_cycles, &dir.join("table.txt"), &dir.join("ratios.svg"))?;
-    let raw: String = r
-        .checks
-        .iter()
-        .filter(|c| c.name.starts_with("paging_"))
-        .map(|c| format!("{} {} {}\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.figures))
-        .collect();
-    std::fs::write(dir.join("checks.txt"), raw)
+    std::fs::write(dir.join("checks.txt"), raw_checks(&r.checks, "paging_"))
         .with_context(|| format!("write {}", dir.join("checks.txt").display()))?;
     Ok(true)
 }
