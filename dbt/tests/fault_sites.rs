@@ -127,6 +127,27 @@ fn a_fault_in_a_slot_continues_at_its_fixup() {
     assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV, "status {status:#x}");
 
     rip_relative_fault_site();
+    native_return_slot(f);
+}
+
+/// With `Config::fault_slot_native_return` (the kernel's choice) the slot's jump out goes
+/// to the next instruction's native pc, not into the fragment (checked on the bytes: on
+/// the host the native pc would run natively).
+fn native_return_slot(f: u64) {
+    let mut env = HostEnv::new();
+    env.fault_sites = vec![f + SITE];
+    env.on_fault_slot = Some(record_slot);
+    let cfg = Config { fault_slot_native_return: true, ..Config::default() };
+    let mut h = Harness::with_env(None, cfg, env);
+    h.engine.fragment_for(f).expect("translated");
+    let slot = SLOT[0].load(SeqCst);
+    assert_eq!(SLOT[1].load(SeqCst), f + SITE);
+    // SAFETY: code-cache bytes of the slot.
+    let sb = unsafe { std::slice::from_raw_parts(slot as *const u8, 8) };
+    assert_eq!(&sb[..3], &CODE[SITE as usize..SITE as usize + 3]);
+    assert_eq!(sb[3], 0xE9);
+    let rel = i32::from_le_bytes(sb[4..8].try_into().unwrap()) as i64;
+    assert_eq!((slot + 8).wrapping_add_signed(rel), f + SITE + 3, "jumps to the next native pc");
 }
 
 /// A RIP-relative fault site is re-encoded for the slot's address.

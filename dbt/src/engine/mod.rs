@@ -110,11 +110,13 @@ pub trait Env {
     /// the environment returns the code-cache address of a slot of
     /// [`FAULT_SLOT_BYTES`] that it has registered under the same fixup (kernel: an
     /// entry of its own exception table, rewritten before the slot is used); the
-    /// engine places the instruction alone there, followed by a jump back into the
-    /// fragment, and the fragment jumps to the slot in its place. The slot is the
-    /// engine's from then on and never reused by the environment while any fragment
-    /// may jump to it (kernel: until the session ends). None: not a fault site, or
-    /// no slot left (the instruction is copied in line as any other).
+    /// engine places the instruction alone there at its native length `len` (so a
+    /// fixup that is the next instruction may be given as `slot + len`), followed by
+    /// a jump out (back into the fragment, or to the next native pc with
+    /// [`Config::fault_slot_native_return`]), and the fragment jumps to the slot in its
+    /// place. The slot is the engine's from then on and never reused by the
+    /// environment while any fragment may jump to it. None: not a fault site, or no
+    /// slot left (the instruction is copied in line as any other).
     fn fault_slot(&mut self, _pc: u64, _len: usize) -> Option<u64> {
         None
     }
@@ -122,7 +124,7 @@ pub trait Env {
 
 /// Bytes of a fault-site slot ([`Env::fault_slot`]): the instruction (at most 15
 /// bytes, re-encoded for the slot's address when RIP-relative) and a `jmp rel32`
-/// back, padded with `int3`.
+/// out, padded with `int3`.
 pub const FAULT_SLOT_BYTES: usize = 32;
 
 /// Why translated execution stopped and control went back to the environment.
@@ -350,6 +352,15 @@ pub struct Config {
     /// dispatcher ([`StopKind::Native`]). Only for environments where native-ness of a pc
     /// does not change while fragments live (invalidate what changes).
     pub native_fragments: bool,
+    /// Where a fault-site slot ([`Env::fault_slot`]) continues after its instruction:
+    /// off, back into its fragment (`jmp` to the next instruction's translation); on, to
+    /// the next instruction's *native* pc, for environments where native text steers
+    /// itself back into the cache (kernel: not executable in EPT, a #VE). On, a slot
+    /// depends on no fragment's memory: a task asleep in a fault at the slot (regs->ip
+    /// is the slot while a page fault on user memory sleeps) may resume after its
+    /// fragment was reclaimed, or after the session ended (then the native pc runs
+    /// natively). The price is one steering event per execution of a slot.
+    pub fault_slot_native_return: bool,
     /// What a CPU does while it waits for the engine lock, every 128 spins
     /// (kernel: nothing more, interrupts are off; host: sleep a little, since the
     /// lock holder, or the thread whose ticket is next, may be preempted).
@@ -373,6 +384,7 @@ impl Default for Config {
             region_span: REACH,
             gs_base: crate::asm::HOST_GS_BASE,
             native_fragments: false,
+            fault_slot_native_return: false,
             relax: || {},
         }
     }

@@ -231,8 +231,10 @@ impl Engine {
                 continue;
             }
             match slots.iter().find(|(sk, _)| *sk == k) {
-                // A fault site: `jmp slot`, and the slot is the instruction and
-                // `jmp back`. The jump's map entry is the instruction's native pc.
+                // A fault site: `jmp slot`, and the slot is the instruction and a
+                // `jmp` out (back into the fragment, or to the next native pc with
+                // `Config::fault_slot_native_return`). The jump's map entry is the
+                // instruction's native pc.
                 Some(&(_, slot)) => {
                     let rel = slot.wrapping_sub(e.pc() + 5) as i64;
                     if rel != rel as i32 as i64 {
@@ -241,7 +243,13 @@ impl Engine {
                     e.ins(Instruction::with_branch(Code::Jmp_rel32_64, slot));
                     let mut se = Emit::new(slot);
                     self.copy_insn(&mut se, i);
-                    se.ins(Instruction::with_branch(Code::Jmp_rel32_64, e.pc()));
+                    // At its native length (RIP-relative re-encodings keep it), so the
+                    // environment may point a fixup at `slot + len` (the jump out).
+                    if se.buf.len() != i.len() {
+                        return Err(StopKind::NoSpace);
+                    }
+                    let back = if self.cfg.fault_slot_native_return { i.next_ip() } else { e.pc() };
+                    se.ins(Instruction::with_branch(Code::Jmp_rel32_64, back));
                     if se.err || se.buf.len() > FAULT_SLOT_BYTES {
                         return Err(StopKind::NoSpace);
                     }

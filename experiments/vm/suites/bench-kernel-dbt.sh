@@ -4,9 +4,10 @@
 # the kernel's seq_printf, so every read leaves the module for native kernel code and comes
 # back by #VE), timed by `ubench --only file_read` on cpu0 in RDTSC ticks per read. Modes, in
 # one boot: kdbt unloaded, loaded (not started), and started with each client (null,
-# inscount, bbcov). One check per mode: kdbt_dbt_<mode> ticks= max= ops= reps= and, when
+# inscount, bbcov). One check per mode: kernel_dbt_<mode> ticks= max= ops= reps= and, when
 # started, the figures of cpu0 over the measured run (steered #VE, dispatcher entries,
-# inscount's instructions) and the engine's (blocks translated, links, lookup misses).
+# inscount's instructions) and the engine's (blocks translated, links, lookup misses;
+# cached_blocks: blocks translated since start).
 # In Bochs RDTSC advances with executed instructions: ticks are instruction counts, and
 # the delivery of a #VE costs ~0 in that clock (only the stub's instructions are counted).
 

@@ -121,9 +121,14 @@ efault() {
     [ "$(cat /proc/kdbt_testmod_key)" = off ] || { echo "the key changed"; return 1; }
     echo "natively: $UACCESS_NATIVE"
     echo "$UACCESS_NATIVE" | grep -q ': EFAULT$' || return 1
-    local u0 slots
+    local u0 slots s0 s1
     u0=$(cat /proc/kdbt_testmod_uaccess)
+    set -- $(cpu_figs 0); s0=${1:-0}
     taskset -c 0 badptr --write /proc/kdbt_testmod_uaccess || return 1
+    # It ran translated: cpu0 was steered into the cache meanwhile.
+    set -- $(cpu_figs 0); s1=${1:-0}
+    echo "cpu0 steered $s0 -> $s1 by the bad write"
+    [ "$s1" -gt "$s0" ] || { echo "the write did not enter the cache"; return 1; }
     printf 'AB' > /proc/kdbt_testmod_uaccess || return 1
     [ "$(cat /proc/kdbt_testmod_uaccess)" -eq $((u0 + 131)) ] || { echo "sum $(cat /proc/kdbt_testmod_uaccess), want $((u0 + 131))"; return 1; }
     kdbt stats | grep 'exception-table entries'
@@ -131,7 +136,7 @@ efault() {
     echo "fault_slots=$slots"
     [ "${slots:-0}" -gt 0 ] || { echo "no fault site was translated"; return 1; }
 }
-check_figs dbt_bad_user_pointers_efault /tmp/dbt_bad_user_pointers_efault.out 's/^\(fault_slots=[0-9]*\)$/\1/p' efault
+check_figs dbt_bad_user_pointers_efault /tmp/dbt_bad_user_pointers_efault.out 's/^\(fault_slots=[0-9]*\)$/\1/p; s/^cpu0 steered \([0-9]*\) -> \([0-9]*\) .*/steered_before=\1 steered_after=\2/p' efault
 
 # Refusals while started.
 refusals() {

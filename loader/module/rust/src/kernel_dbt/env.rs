@@ -255,6 +255,17 @@ impl Env for KernelEnv {
         super::pool::POOL.bump_left()
     }
 
+    /// The module's instructions with exception-table entries run from slots kdbt's own
+    /// table knows ([`super::faults`]).
+    fn fault_slot(&mut self, pc: u64, len: usize) -> Option<u64> {
+        if self.faults.is_null() || !self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) {
+            return None;
+        }
+        // SAFETY: the session's fault sites outlive the engine (`set_faults`), and the
+        // engine calls this under its lock only.
+        unsafe { (*self.faults).slot(pc, len) }
+    }
+
     /// `ud2` (BUG/WARN), undecodable bytes and `int3` (kprobes, `text_poke_bp`) in the
     /// module's text cannot run at their native address (not executable while started:
     /// they would come straight back here), so the exception is delivered as the CPU
@@ -262,15 +273,6 @@ impl Env for KernelEnv {
     /// the 16-byte aligned stack, IF/TF/NT/RF clear, on to the kernel's handler (native
     /// kernel text). Its tables know the native pc (bug table, kprobes), WARN's
     /// `regs->ip += 2` returns past the `ud2`, and that return comes back in by #VE.
-    fn fault_slot(&mut self, pc: u64, _len: usize) -> Option<u64> {
-        if self.faults.is_null() || !self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) {
-            return None;
-        }
-        // SAFETY: the session's fault sites outlive the engine (`set_faults`), and the
-        // engine calls this under its lock only.
-        unsafe { (*self.faults).slot(pc) }
-    }
-
     fn deliver(&mut self, kind: StopKind, pc: u64, ctx: &mut GuestCtx) -> Option<u64> {
         let (lo, hi) = self.scope?;
         let h = self.handlers?;

@@ -9,12 +9,22 @@
 //! a slot for each fault site it translates; this module copies the site's own entry
 //! (fixup and type/data; the fixup stays the module's native address, which is not
 //! executable while started, so the fixup is steered back into the cache by #VE like any
-//! other entry) into the slot's entry, through a writable alias of the table's pages, and
-//! only then hands the slot out. Slots are not reused during a session (a CPU may still
-//! run an old fragment that jumps to its slot); when they run out, a fault site is copied
-//! in line as before (a fault there would oops) and counted. At the session's end, when
-//! nothing runs from the cache, the entries used are put back as they were.
+//! other entry; a fixup that is the next instruction becomes the slot's jump out, as
+//! `EX_TYPE_ZEROPAD`'s handler measures the instruction as fixup − ip) into the slot's
+//! entry, through a writable alias of the table's pages, and only then hands the slot out.
+//!
+//! A slot jumps out to the next instruction's native pc
+//! (`Config::fault_slot_native_return`), so it depends on no fragment: a task asleep in a
+//! page fault at a slot (its saved ip is the slot) may resume after its fragment was
+//! reclaimed, or after the session ended (the native pc then runs natively), and a fault
+//! it takes then still finds its fixup, because entries are never put back. Slots are
+//! handed out round-robin over the module's life: never one twice in a session (when a
+//! session has used them all, further fault sites are copied in line and counted: a fault
+//! of one would oops), and across sessions the least recently used first, so a slot is
+//! reused only after all the others were. What remains: a task that sleeps in a fault at a
+//! slot through that many later translations would resume into another instruction.
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use dbt::extable::{self, Entry, DATA_OFF, ENTRY_BYTES, FIXUP_OFF};
 
@@ -24,6 +34,9 @@ use crate::ffi;
 pub const SLOTS: usize = FAULT_PAGES as usize * 4096 / dbt::FAULT_SLOT_BYTES;
 /// Pages of the slot area, right before the steering pages (`KDBT_FAULT_PAGES`).
 pub const FAULT_PAGES: u64 = 4;
+
+/// Slots handed out since the module was loaded (the next is this modulo [`SLOTS`]).
+static HANDED_OUT: AtomicUsize = AtomicUsize::new(0);
 
 pub struct FaultSites {
     /// The module's exception table, absolute, sorted by instruction.
@@ -126,33 +139,32 @@ impl FaultSites {
         true
     }
 
-    /// A slot for the fault site at `pc`, its entry written ([`dbt::Env::fault_slot`]).
-    pub fn slot(&mut self, pc: u64) -> Option<u64> {
+    /// A slot for the fault site at `pc` (`len` bytes), its entry written
+    /// ([`dbt::Env::fault_slot`]).
+    pub fn slot(&mut self, pc: u64, len: usize) -> Option<u64> {
         let e = *extable::find(&self.sites, pc)?;
         if self.disabled || self.placed >= SLOTS {
             self.unplaced += 1;
             return None;
         }
-        let k = self.placed;
-        if !self.set(k, e.fixup, e.data) {
+        // Only the engine (under its lock) hands slots out; the counter outlives sessions.
+        let k = HANDED_OUT.load(Ordering::Relaxed) % SLOTS;
+        let slot = self.area + k as u64 * dbt::FAULT_SLOT_BYTES as u64;
+        let fixup = if e.fixup == pc + len as u64 { slot + len as u64 } else { e.fixup };
+        if !self.set(k, fixup, e.data) {
             self.unplaced += 1;
             return None;
         }
+        HANDED_OUT.store(k + 1, Ordering::Relaxed);
         self.placed += 1;
-        Some(self.area + k as u64 * dbt::FAULT_SLOT_BYTES as u64)
+        Some(slot)
     }
 }
 
 impl Drop for FaultSites {
-    /// Puts the entries used back (type none, fixup the slot itself) and drops the
-    /// aliases; runs once nothing can execute from the cache (process context).
+    /// Drops the aliases (process context). The entries stay as they are (see the module
+    /// comment).
     fn drop(&mut self) {
-        for k in 0..self.placed {
-            let slot = self.area + k as u64 * dbt::FAULT_SLOT_BYTES as u64;
-            if !self.set(k, slot, 0) {
-                kwarn!("dbt: fault slot {k}: its exception-table entry could not be put back");
-            }
-        }
         for &(_, a) in &self.aliases {
             // SAFETY: an alias from `new`, no longer used.
             unsafe { ffi::kdbt_glue_cache_unalias(a) };

@@ -28,10 +28,13 @@
 //! The text is also read-only in EPT while started: a write to it (a static key's
 //! `text_poke`) invalidates its translations first ([`wprotect`]).
 //!
+//! A fault of a translated instruction that has an exception-table entry (an inline user
+//! access) takes its fixup: such instructions run from slots kdbt's own table knows
+//! ([`super::faults`]).
+//!
 //! What this stage does not do yet (issue 10): the whole kernel (entry code, interrupt
-//! handlers) from the cache; native pcs for fault handlers that read `regs->ip` inside
-//! translated module code (so a module's user-memory fault fixups do not work while
-//! started).
+//! handlers) from the cache; native pcs for other faults, interrupts and NMIs inside
+//! translated module code (their reports show code-cache addresses).
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -236,6 +239,9 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
         // Calls out of the module, and returns into the kernel, leave the cache through
         // linked fragments and lookup hits, not a dispatch each.
         native_fragments: true,
+        // Fault-site slots continue at the native pc (a #VE while started), so a task
+        // asleep in a fault at one never needs its fragment (see `faults`).
+        fault_slot_native_return: true,
         ..Config::default()
     };
     let mut cov = None;
