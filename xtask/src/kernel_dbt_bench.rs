@@ -28,6 +28,9 @@ pub struct Row {
     pub blocks: Option<u64>,
     pub misses: Option<u64>,
     pub cached_blocks: Option<u64>,
+    /// VM exits of the measured reads on every CPU (loaded modes), one `kdbt status` run's
+    /// own exits subtracted.
+    pub exits: Option<u64>,
 }
 
 fn get(figures: &str, key: &str) -> Option<u64> {
@@ -36,6 +39,11 @@ fn get(figures: &str, key: &str) -> Option<u64> {
 
 /// The rows of a run's checks (every mode must have passed with its figures).
 pub fn collect(checks: &[Check]) -> Result<Vec<Row>> {
+    let snapshot = checks
+        .iter()
+        .find(|c| c.name == "kernel_dbt_snapshot" && c.pass)
+        .and_then(|c| get(&c.figures, "exits"))
+        .context("no passing kernel_dbt_snapshot with exits=")?;
     MODES
         .iter()
         .map(|&mode| {
@@ -56,6 +64,7 @@ pub fn collect(checks: &[Check]) -> Result<Vec<Row>> {
                 blocks: get(&c.figures, "blocks"),
                 misses: get(&c.figures, "misses"),
                 cached_blocks: get(&c.figures, "cached_blocks"),
+                exits: get(&c.figures, "exits").map(|e| e.saturating_sub(snapshot)),
             })
         })
         .collect()
@@ -78,13 +87,21 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<9} {:>22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>9}",
-        "mode", "ticks/read [slowest]", "vs loaded", "#VE/read", "dispatch/rd", "insns/read", "new blocks", "in cache"
+        "{:<9} {:>22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>9} {:>12}",
+        "mode",
+        "ticks/read [slowest]",
+        "vs loaded",
+        "#VE/read",
+        "dispatch/rd",
+        "insns/read",
+        "new blocks",
+        "blocks",
+        "VM exits/rd"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<9} {:>22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>9}",
+            "{:<9} {:>22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>9} {:>12}",
             r.mode,
             format!("{} [{}]", r.ticks, r.max),
             ratio(rows, r).map_or("-".into(), |x| format!("{x:.2}x")),
@@ -93,6 +110,7 @@ pub fn table(rows: &[Row]) -> String {
             per_read(r.instructions, r.reads),
             r.blocks.map_or("-".into(), |b| b.to_string()),
             r.cached_blocks.map_or("-".into(), |b| b.to_string()),
+            per_read(r.exits, r.reads),
         );
     }
     s
@@ -154,10 +172,11 @@ mod tests {
     fn run() -> Vec<Check> {
         vec![
             check("kernel_dbt_unloaded", "ticks=900 max=950 ops=40 reps=5"),
-            check("kernel_dbt_loaded", "ticks=1000 max=1100 ops=40 reps=5"),
-            check("kernel_dbt_null", "ticks=2500 max=2600 ops=40 reps=5 steered=2000 dispatches=0 blocks=0 links=0 misses=0 cached_blocks=90"),
-            check("kernel_dbt_inscount", "ticks=3000 max=3100 ops=40 reps=5 steered=2000 dispatches=4 blocks=2 links=0 misses=0 cached_blocks=91 instructions=400000"),
-            check("kernel_dbt_bbcov", "ticks=3500 max=3600 ops=40 reps=5 steered=2000 dispatches=0 blocks=0 links=0 misses=0 cached_blocks=90"),
+            check("kernel_dbt_snapshot", "exits=60"),
+            check("kernel_dbt_loaded", "ticks=1000 max=1100 ops=40 reps=5 exits=60"),
+            check("kernel_dbt_null", "ticks=2500 max=2600 ops=40 reps=5 exits=260 steered=2000 dispatches=0 blocks=0 links=0 misses=0 cached_blocks=90"),
+            check("kernel_dbt_inscount", "ticks=3000 max=3100 ops=40 reps=5 exits=60 steered=2000 dispatches=4 blocks=2 links=0 misses=0 cached_blocks=91 instructions=400000"),
+            check("kernel_dbt_bbcov", "ticks=3500 max=3600 ops=40 reps=5 exits=60 steered=2000 dispatches=0 blocks=0 links=0 misses=0 cached_blocks=90"),
         ]
     }
 
@@ -170,6 +189,10 @@ mod tests {
         let t = table(&rows);
         let null = t.lines().find(|l| l.starts_with("null")).unwrap();
         assert!(null.contains("2.50x") && null.contains(" 10.00 "), "{null}");
+        // (260 - 60) exits over 200 reads; loaded: the snapshot's exits only.
+        assert!(null.ends_with(" 1.00"), "{null}");
+        assert_eq!(rows[1].exits, Some(0));
+        assert_eq!(rows[0].exits, None);
         let ins = t.lines().find(|l| l.starts_with("inscount")).unwrap();
         assert!(ins.contains("2000.00") && ins.contains(" 0.02 "), "{ins}");
         assert!(svg(&rows, "t").contains("null: 2.50x"));
@@ -178,11 +201,14 @@ mod tests {
     #[test]
     fn a_failed_or_missing_mode_is_an_error() {
         let mut c = run();
-        c[2].pass = false;
+        let null = c.iter_mut().find(|c| c.name == "kernel_dbt_null").unwrap();
+        null.pass = false;
         assert!(collect(&c).unwrap_err().to_string().contains("kernel_dbt_null failed"));
         let c: Vec<Check> = run().into_iter().filter(|c| c.name != "kernel_dbt_bbcov").collect();
         assert!(collect(&c).is_err());
         let c = vec![check("kernel_dbt_unloaded", "ticks=1")];
         assert!(collect(&c).is_err());
+        let c: Vec<Check> = run().into_iter().filter(|c| c.name != "kernel_dbt_snapshot").collect();
+        assert!(collect(&c).unwrap_err().to_string().contains("snapshot"));
     }
 }

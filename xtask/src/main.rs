@@ -247,7 +247,8 @@ fn bench_kernel_dbt(kernel: String, cpus: u32) -> Result<bool> {
     let text = format!(
         "{title}\na read of /proc/kdbt_testmod on cpu0 (the test module's code, 8 calls of its hash loop, and the\n\
          kernel's seq_printf), RDTSC ticks per read: fastest of {} repetitions, the slowest in brackets;\n\
-         per-read figures are cpu0's over the measured reads, after one warm-up read translated the module.\n\
+         per-read figures are cpu0's over the measured reads, after one warm-up read translated the module;\n\
+         VM exits are every CPU's over the same reads (one `kdbt status` run's own subtracted).\n\
          (in Bochs RDTSC advances with executed instructions: ticks are instruction counts, and a #VE's\n \
          delivery costs ~0 in that clock; only the stub's and dispatcher's instructions are counted)\n\n{table}",
         r.checks.iter().find_map(|c| figure(c, "reps")).unwrap_or("?")

@@ -8,11 +8,15 @@
 # started, the figures of cpu0 over the measured run (steered #VE, dispatcher entries,
 # inscount's instructions) and the engine's (blocks translated, links, lookup misses;
 # cached_blocks: blocks translated since start).
+# When loaded, also the VM exits of the measured reads (all CPUs; `kdbt status --summary`
+# saved by ubench right before the first repetition and right after the last: exits=
+# counts those plus one `kdbt status` run, which kernel_dbt_snapshot measures alone, two
+# runs back to back, for xtask to subtract).
 # In Bochs RDTSC advances with executed instructions: ticks are instruction counts, and
 # the delivery of a #VE costs ~0 in that clock (only the stub's instructions are counted).
 
 ITERS=40
-plan 5
+plan 6
 export KDBT_MODULE=/lib/modules/kdbt.ko
 TESTMOD=/lib/modules/kdbt_testmod.ko
 insmod "$TESTMOD" || { fail testmod_insmod; exit 0; }
@@ -21,6 +25,12 @@ insmod "$TESTMOD" || { fail testmod_insmod; exit 0; }
 cpu0_figs() { kdbt stats | sed -n "s/^  cpu0: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
 # json KEY: a top-level number of `kdbt stats --json`.
 json() { kdbt stats --json | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+# exits BEFORE AFTER: VM exits summed over CPUs, AFTER - BEFORE (`exits=` of each line).
+exits() {
+    awk 'NR == FNR { for (i = 1; i <= NF; i++) if ($i ~ /^exits=/) { split($i, kv, "="); b += kv[2]; nb++ } next }
+         { for (i = 1; i <= NF; i++) if ($i ~ /^exits=/) { split($i, kv, "="); a += kv[2]; na++ } }
+         END { if (nb == 0 || na == 0) print "missing"; else print a - b }' "$1" "$2"
+}
 # field KEY FILE: KEY's value on the ubench line.
 field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" "$2" | head -1; }
 
@@ -35,10 +45,17 @@ bench() {
         set -- $(cpu0_figs); local s0=${1:-0} d0=${2:-0} i0=${3:-0}
         local b0 l0 m0; b0=$(json blocks); l0=$(json links); m0=$(json misses)
     fi
-    taskset -c 0 ubench --iters $ITERS --only file_read > /tmp/ub 2>&1; local rc=$?
+    mkdir -p /tmp/st && rm -f /tmp/st/before /tmp/st/after
+    if [ "$mode" = unloaded ]; then
+        taskset -c 0 ubench --iters $ITERS --only file_read > /tmp/ub 2>&1
+    else
+        UBENCH_STATUS_DIR=/tmp/st taskset -c 0 ubench --iters $ITERS --only file_read > /tmp/ub 2>&1
+    fi
+    local rc=$?
+    [ "$mode" != unloaded ] && [ $rc -eq 0 ] && figs="exits=$(exits /tmp/st/before /tmp/st/after)"
     if [ -n "$client" ]; then
         set -- $(cpu0_figs)
-        figs="steered=$((${1:-0} - s0)) dispatches=$((${2:-0} - d0)) blocks=$(($(json blocks) - b0))"
+        figs="$figs steered=$((${1:-0} - s0)) dispatches=$((${2:-0} - d0)) blocks=$(($(json blocks) - b0))"
         figs="$figs links=$(($(json links) - l0)) misses=$(($(json misses) - m0)) cached_blocks=$(json blocks)"
         [ "$client" = inscount ] && figs="$figs instructions=$((${3:-0} - i0))"
         kdbt stop > /tmp/stop.out 2>&1 || { fail "kernel_dbt_$mode" stop_failed=1; info "$(cat /tmp/stop.out)"; return; }
@@ -54,9 +71,12 @@ taskset -c 0 ubench --iters 5 --reps 1 --only file_read > /dev/null 2>&1   # fir
 bench unloaded
 if ! kdbt load > /tmp/load.out 2>&1; then
     info "$(cat /tmp/load.out)"
-    for m in loaded null inscount bbcov; do fail "kernel_dbt_$m" load_failed=1; done
+    for m in snapshot loaded null inscount bbcov; do fail "kernel_dbt_$m" load_failed=1; done
     exit 0
 fi
+kdbt status --summary > /tmp/c0 2>&1
+kdbt status --summary > /tmp/c1 2>&1
+pass kernel_dbt_snapshot exits="$(exits /tmp/c0 /tmp/c1)"
 bench loaded
 bench null null
 bench inscount inscount
