@@ -130,10 +130,74 @@ pub fn keeps_next(i: &Instruction) -> bool {
     i.mnemonic() == Mnemonic::Sti
 }
 
+/// Most instructions a [`gs_window`] holds between its two `swapgs`.
+pub const GS_WINDOW_INSNS: usize = 6;
+
+/// A *`%gs` window* at the start of `bytes` (the code at `pc`): `swapgs`, at most
+/// [`GS_WINDOW_INSNS`] instructions that fall through, address no memory through
+/// rip or `%gs` and are not themselves kernel-class instructions but for
+/// `rdgsbase`/`wrgsbase`/`rdmsr`/`wrmsr`, then the closing `swapgs` (the kernel's
+/// `__rdgsbase_inactive`/`__wrgsbase_inactive`: `swapgs; rdgsbase rax; swapgs`).
+/// Its length in bytes. No translated instruction can run inside one (the exit stubs
+/// address the per-CPU block through `%gs`), so an environment runs a window as it is,
+/// from a copy that ends in a jump to `pc + len`.
+pub fn gs_window(bytes: &[u8], pc: u64) -> Option<usize> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let mut d = Decoder::with_ip(64, bytes, pc, DecoderOptions::NONE);
+    let first = d.decode();
+    if first.is_invalid() || classify(&first) != Some(KClass::Swapgs) {
+        return None;
+    }
+    for _ in 0..=GS_WINDOW_INSNS {
+        if !d.can_decode() {
+            return None;
+        }
+        let i = d.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        if classify(&i) == Some(KClass::Swapgs) {
+            return Some(d.position());
+        }
+        let plain = matches!(i.mnemonic(), Mnemonic::Rdgsbase | Mnemonic::Wrgsbase | Mnemonic::Rdmsr | Mnemonic::Wrmsr)
+            || classify(&i).is_none();
+        let memory = (0..i.op_count()).any(|k| i.op_kind(k) == iced_x86::OpKind::Memory);
+        let bad_memory = memory && (i.is_ip_rel_memory_operand() || i.memory_segment() == Register::GS);
+        if i.flow_control() != FlowControl::Next || !plain || bad_memory {
+            return None;
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions};
+
+    #[test]
+    fn gs_windows() {
+        let pc = 0xffff_ffff_8124_b947;
+        // swapgs; rdgsbase rax; swapgs; ret
+        let w = [0x0F, 0x01, 0xF8, 0xF3, 0x48, 0x0F, 0xAE, 0xC8, 0x0F, 0x01, 0xF8, 0xC3];
+        assert_eq!(gs_window(&w, pc), Some(11));
+        // swapgs; wrgsbase rdi; swapgs
+        assert_eq!(gs_window(&[0x0F, 0x01, 0xF8, 0xF3, 0x48, 0x0F, 0xAE, 0xDF, 0x0F, 0x01, 0xF8], pc), Some(11));
+        // Not a window: no closing swapgs in reach, a branch, a %gs or rip-relative access,
+        // a sysretq, or not starting with swapgs.
+        assert_eq!(gs_window(&w[..8], pc), None);
+        assert_eq!(gs_window(&[0x0F, 0x01, 0xF8, 0xC3, 0x0F, 0x01, 0xF8], pc), None);
+        assert_eq!(
+            gs_window(&[0x0F, 0x01, 0xF8, 0x65, 0x48, 0x8B, 0x04, 0x25, 0, 0, 0, 0, 0x0F, 0x01, 0xF8], pc),
+            None
+        );
+        assert_eq!(gs_window(&[0x0F, 0x01, 0xF8, 0x48, 0x8B, 0x05, 0, 0, 0, 0, 0x0F, 0x01, 0xF8], pc), None);
+        assert_eq!(gs_window(&[0x0F, 0x01, 0xF8, 0x48, 0x0F, 0x07], pc), None);
+        assert_eq!(gs_window(&w[3..], pc), None);
+        let long: alloc::vec::Vec<u8> =
+            [0x0F, 0x01, 0xF8].into_iter().chain([0x90; GS_WINDOW_INSNS + 1]).chain([0x0F, 0x01, 0xF8]).collect();
+        assert_eq!(gs_window(&long, pc), None);
+    }
 
     fn class_of(bytes: &[u8]) -> Option<KClass> {
         classify(&Decoder::with_ip(64, bytes, 0xffff_ffff_8100_0000, DecoderOptions::NONE).decode())

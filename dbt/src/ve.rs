@@ -13,11 +13,14 @@
 //! slots lie in the area the CPU's own frame occupied (dead once it is read), so nothing
 //! is ever written below the final rsp: interrupts may arrive at the miss entry at once.
 //!
-//! Only a fetch of the interrupted rip is a steering event (information area:
-//! qualification bit 2, guest-linear address = rip). A write (qualification bit 1) goes,
+//! Only a fetch of the interrupted rip's instruction is a steering event (information
+//! area: qualification bit 2, guest-linear address in `rip..=rip+15`: an instruction that
+//! begins on an executable page, a native region or a page written a moment ago, and
+//! ends on one that is not, faults at the second page's first byte). A write (qualification bit 1) goes,
 //! if the environment gives one, to its write handler, `extern "C" fn(gpa, gla) -> u64`,
 //! called on the interrupted stack (rsp aligned to 16, DF clear, every caller-saved
-//! register saved around it): it returns 0 when it has dealt with the write (the stub
+//! register saved around it, the information area re-armed: the handler may itself be
+//! steered into the cache): it returns 0 when it has dealt with the write (the stub
 //! re-arms the information area and `iretq`s, so the write is retried with every
 //! register as interrupted), anything else to pass it on. Any other #VE (a read, a write
 //! the handler passed on, a stale translation while #VE is on) goes, with every register
@@ -102,8 +105,9 @@ fn stub(ip: u64, info: Src, count: Src, miss: Src, write: Option<u64>, fallback:
     a.test(byte_ptr(rax + 8), 4)?; // qualification: instruction fetch
     a.jz(other)?;
     a.mov(rcx, qword_ptr(rax + 16))?; // guest-linear address
-    a.cmp(rcx, qword_ptr(rsp + 24))?; // the frame's rip
-    a.jne(other)?;
+    a.sub(rcx, qword_ptr(rsp + 24))?; // minus the frame's rip
+    a.cmp(rcx, 15)?; // the fetch of rip's instruction (it may begin on an executable page)
+    a.ja(other)?;
     a.mov(dword_ptr(rax + 4), 0)?;
     match count {
         Src::Abs(c) => {
@@ -145,13 +149,22 @@ fn stub(ip: u64, info: Src, count: Src, miss: Src, write: Option<u64>, fallback:
         a.cld()?;
         a.mov(rdi, qword_ptr(rax + 24))?; // guest-physical address
         a.mov(rsi, qword_ptr(rax + 16))?; // guest-linear address
+                                          // Re-armed before the call: the handler may run code that is itself steered
+                                          // (kernel text, not executable while started), whose #VE must be delivered.
+        a.mov(dword_ptr(rax + 4), 0)?;
         a.call(handler)?;
         a.mov(rsp, rbp)?;
         for r in [rbp, r11, r10, r9, r8, rdi, rsi] {
             a.pop(r)?;
         }
+        let mut handled = a.create_label();
         a.test(rax, rax)?;
-        a.jnz(plain)?;
+        a.jz(handled)?;
+        // Passed on: busy again, as the CPU left it, for the fallback.
+        load(&mut a, rax, info)?;
+        a.mov(dword_ptr(rax + 4), -1)?;
+        a.jmp(plain)?;
+        a.set_label(&mut handled)?;
         load(&mut a, rax, info)?;
         a.mov(dword_ptr(rax + 4), 0)?;
         a.pop(rdx)?;
