@@ -3,7 +3,8 @@ use std::collections::BTreeMap;
 
 /// Symbols of `/proc/kallsyms`: address -> (name, module).
 pub struct Kallsyms {
-    syms: BTreeMap<u64, (String, Option<String>)>,
+    /// (name, module, global).
+    syms: BTreeMap<u64, (String, Option<String>, bool)>,
 }
 
 impl Kallsyms {
@@ -21,7 +22,18 @@ impl Kallsyms {
                 continue;
             }
             let module = f.next().map(|m| m.trim_matches(|c| c == '[' || c == ']').to_string());
-            syms.entry(addr).or_insert((name.to_string(), module));
+            // Several names at one address (`__do_sys_getppid` and `__x64_sys_getppid`):
+            // the first global one wins, else the first.
+            let global = t.starts_with(|c: char| c.is_ascii_uppercase());
+            match syms.entry(addr) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((name.to_string(), module, global));
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) if global && !o.get().2 => {
+                    o.insert((name.to_string(), module, global));
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {}
+            }
         }
         Kallsyms { syms }
     }
@@ -35,28 +47,28 @@ impl Kallsyms {
     /// `name+0xoff [module]` of the symbol at or below `pc`.
     pub fn name(&self, pc: u64) -> String {
         match self.syms.range(..=pc).next_back() {
-            Some((a, (n, Some(m)))) => format!("{n}+{:#x} [{m}]", pc - a),
-            Some((a, (n, None))) => format!("{n}+{:#x}", pc - a),
+            Some((a, (n, Some(m), _))) => format!("{n}+{:#x} [{m}]", pc - a),
+            Some((a, (n, None, _))) => format!("{n}+{:#x}", pc - a),
             None => format!("{pc:#x}"),
         }
     }
 
     /// Address of the text symbol `name` (the kernel's own, not a module's).
     pub fn addr(&self, name: &str) -> Option<u64> {
-        self.syms.iter().find(|(_, (n, m))| n == name && m.is_none()).map(|(a, _)| *a)
+        self.syms.iter().find(|(_, (n, m, _))| n == name && m.is_none()).map(|(a, _)| *a)
     }
 
     /// Where `pc` is, by the symbol at or below it: `None` below every symbol, `Some(None)`
     /// in the kernel, `Some(Some(module))` in a module.
     pub fn module_of(&self, pc: u64) -> Option<Option<&str>> {
-        self.syms.range(..=pc).next_back().map(|(_, (_, m))| m.as_deref())
+        self.syms.range(..=pc).next_back().map(|(_, (_, m, _))| m.as_deref())
     }
 
     /// The function (with its module) holding `pc`.
     pub fn function(&self, pc: u64) -> String {
         match self.syms.range(..=pc).next_back() {
-            Some((_, (n, Some(m)))) => format!("{n} [{m}]"),
-            Some((_, (n, None))) => n.clone(),
+            Some((_, (n, Some(m), _))) => format!("{n} [{m}]"),
+            Some((_, (n, None, _))) => n.clone(),
             None => format!("{pc:#x}"),
         }
     }
@@ -85,6 +97,16 @@ ffffffffc0000100 T kdbt_testmod_cmp\t[kdbt_testmod]
         assert_eq!(ks.name(0xffffffff81002004), "do_one+0x1004");
         assert_eq!(ks.name(0x1000), "0x1000");
         assert!(Kallsyms::parse("0000000000000000 T x\n").is_empty());
+    }
+
+    #[test]
+    fn kallsyms_prefers_the_global_name_at_an_address() {
+        let ks = Kallsyms::parse(
+            "ffffffff8105088b t __do_sys_getppid\nffffffff8105088b T __x64_sys_getppid\nffffffff8105088b T later\n",
+        );
+        assert_eq!(ks.function(0xffffffff8105088b), "__x64_sys_getppid");
+        let ks = Kallsyms::parse("ffffffff81000000 t a\nffffffff81000000 t b\n");
+        assert_eq!(ks.function(0xffffffff81000000), "a");
     }
 
     #[test]
