@@ -10,7 +10,7 @@
  */
 #include <linux/objtool.h>
 
-#define KDBT_CACHE_SIZE (1024 * 1024)
+#define KDBT_CACHE_SIZE (8 * 1024 * 1024)
 /*
  * Fault-site slots (kernel_dbt/faults.rs): the pages before the last two (the EPT-steering
  * check's), 32 bytes a slot. Each slot has an entry in this module's exception table, so
@@ -21,7 +21,7 @@
  * references only into text sections.
  */
 #define KDBT_STEER_PAGES 2
-#define KDBT_FAULT_PAGES 4
+#define KDBT_FAULT_PAGES 64
 #define KDBT_FAULT_SLOT 32
 #define KDBT_FAULT_SLOTS (KDBT_FAULT_PAGES * 4096 / KDBT_FAULT_SLOT)
 #define KDBT_FAULT_OFF (KDBT_CACHE_SIZE - (KDBT_STEER_PAGES + KDBT_FAULT_PAGES) * 4096)

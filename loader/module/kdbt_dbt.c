@@ -16,6 +16,7 @@
 #include <linux/bitmap.h>
 #include <linux/timekeeping.h>
 #include <linux/spinlock.h>
+#include <linux/sched.h>
 #include <linux/version.h>
 #include <linux/sched.h>
 #include <linux/rculist.h>
@@ -309,6 +310,21 @@ u64 kdbt_glue_indirect_thunk(unsigned int reg)
 	return 0;
 }
 #endif
+
+/* An exported function of the kernel's text: `kdbt start --kernel` checks the text range
+ * user space read from /proc/kallsyms against it. */
+u64 kdbt_glue_kernel_function(void)
+{
+	return (u64)(uintptr_t)schedule;
+}
+
+/* The physical address of a page of the kernel's image (its text), __pa_symbol's. */
+u64 kdbt_glue_kernel_text_to_phys(u64 va)
+{
+	if (va < __START_KERNEL_map)
+		return 0;
+	return __pa_symbol(va);
+}
 
 u64 kdbt_glue_return_thunk(void)
 {

@@ -138,6 +138,8 @@ bool kdbt_glue_kernel_ibt(void);
  * 0 where the kernel has none; the return thunk likewise. */
 u64 kdbt_glue_indirect_thunk(unsigned int reg);
 u64 kdbt_glue_return_thunk(void);
+u64 kdbt_glue_kernel_function(void);
+u64 kdbt_glue_kernel_text_to_phys(u64 va);
 /* Self-test of the kernel DBT: the kernel function number `which` (0..) of the test
  * table, called at code-cache address `entry` (its translation) or natively (entry 0),
  * on the caller's stack; its result. `kdbt_glue_dbt_case_name` names it, 0-terminated,

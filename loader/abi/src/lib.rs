@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -260,11 +260,25 @@ pub struct DbtStart {
     /// `DBT_CLIENT_*`.
     pub client: u32,
     pub _pad: u32,
-    /// The module whose text runs translated (NUL-padded name, as in /proc/modules).
+    /// The module whose text runs translated (NUL-padded name, as in /proc/modules), or
+    /// [`KERNEL_SCOPE`] for the kernel's own text (`kdbt start --kernel`).
     pub module: [u8; 64],
+    /// With [`KERNEL_SCOPE`]: the kernel's text, `[_stext, _etext)`, and its entry text,
+    /// `[__entry_text_start, __entry_text_end)` (a native region: under KPTI it runs on
+    /// the user page tables, which do not map the code cache), as `/proc/kallsyms` gives
+    /// them; 0 otherwise.
+    pub kernel_text: [u64; 2],
+    pub entry_text: [u64; 2],
+    /// With [`KERNEL_SCOPE`]: the kernel's exception table, `[__start___ex_table,
+    /// __stop___ex_table)` (in `/proc/kallsyms` with `CONFIG_KALLSYMS_ALL`), or 0: then a
+    /// faulting access with a fixup in translated kernel code oopses.
+    pub ex_table: [u64; 2],
     /// Why the command failed (out), NUL-padded.
     pub message: [u8; 480],
 }
+
+/// [`DbtStart::module`] naming the kernel's own text.
+pub const KERNEL_SCOPE: &str = "vmlinux";
 
 impl Default for DbtStart {
     fn default() -> Self {
@@ -274,6 +288,9 @@ impl Default for DbtStart {
             client: 0,
             _pad: 0,
             module: [0; 64],
+            kernel_text: [0; 2],
+            entry_text: [0; 2],
+            ex_table: [0; 2],
             message: [0; 480],
         }
     }
@@ -481,7 +498,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<StatusQuery>(), 32);
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
-        assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 480);
+        assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 48 + 480);
         assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 18 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::device::Device;
+use crate::device::{Device, KernelRanges};
 use crate::kallsyms::Kallsyms;
 
 /// `kdbt start --client`.
@@ -46,22 +46,79 @@ pub struct TestHooks {
 }
 
 pub fn start(module: &str, client: ClientKind, tests: TestHooks) -> Result<()> {
-    let mut flags = 0;
-    for (on, bit) in [
-        (tests.no_steer, kdbt_abi::DBT_START_TEST_NO_STEER),
-        (tests.no_invalidate, kdbt_abi::DBT_START_TEST_NO_INVALIDATE),
-        (tests.no_fault_slots, kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS),
-    ] {
-        if on {
-            flags |= bit;
-        }
+    if module == kdbt_abi::KERNEL_SCOPE {
+        return start_kernel(client, tests);
     }
-    match Device::open()?.dbt_start(module, client.abi(), flags)? {
+    match Device::open()?.dbt_start(module, client.abi(), tests.flags(), None)? {
         Ok(()) => {
             println!("kdbt: started: {module}'s code runs from the code cache on every CPU (client {client:?})");
             Ok(())
         }
         Err(why) => bail!("cannot start: {why}"),
+    }
+}
+
+/// The kernel's text and entry text from `/proc/kallsyms` text (read as root:
+/// unprivileged readers see zeros). The names are looked up line by line: several
+/// symbols share these addresses.
+fn kernel_ranges(kallsyms: &str) -> Result<KernelRanges> {
+    let find = |n: &str| {
+        kallsyms
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (a, _, name) = (f.next()?, f.next()?, f.next()?);
+                (name == n && f.next().is_none()).then(|| u64::from_str_radix(a, 16).ok()).flatten()
+            })
+            .filter(|&a| a != 0)
+    };
+    let get = |n: &str| find(n).with_context(|| format!("/proc/kallsyms has no address for {n} (run as root)"));
+    let text = [get("_stext")?, get("_etext")?];
+    let entry = [get("__entry_text_start")?, get("__entry_text_end")?];
+    if text[0] >= text[1] || entry[0] < text[0] || entry[1] > text[1] || entry[0] > entry[1] {
+        bail!("/proc/kallsyms: implausible kernel text {:#x?} and entry text {:#x?}", text, entry);
+    }
+    let ex_table = match (find("__start___ex_table"), find("__stop___ex_table")) {
+        (Some(a), Some(b)) if a <= b => [a, b],
+        _ => [0, 0],
+    };
+    Ok(KernelRanges { text, entry, ex_table })
+}
+
+/// `kdbt start --kernel` (experimental: see the README's limitations).
+pub fn start_kernel(client: ClientKind, tests: TestHooks) -> Result<()> {
+    eprintln!("kdbt: warning: --kernel is experimental (see the README): it hangs Debian 6.12, and a cache reset with two CPUs online crashes");
+    let text = std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
+    let k = kernel_ranges(&text)?;
+    if k.ex_table == [0, 0] {
+        eprintln!("kdbt: warning: /proc/kallsyms has no __start___ex_table (CONFIG_KALLSYMS_ALL): a faulting access with a fixup in translated kernel code will oops");
+    }
+    match Device::open()?.dbt_start(kdbt_abi::KERNEL_SCOPE, client.abi(), tests.flags(), Some(k))? {
+        Ok(()) => {
+            println!(
+                "kdbt: started: the kernel's text ({:#x}+{:#x}) runs from the code cache on every CPU, entry text native (client {client:?})",
+                k.text[0],
+                k.text[1] - k.text[0]
+            );
+            Ok(())
+        }
+        Err(why) => bail!("cannot start: {why}"),
+    }
+}
+
+impl TestHooks {
+    fn flags(self) -> u32 {
+        let mut flags = 0;
+        for (on, bit) in [
+            (self.no_steer, kdbt_abi::DBT_START_TEST_NO_STEER),
+            (self.no_invalidate, kdbt_abi::DBT_START_TEST_NO_INVALIDATE),
+            (self.no_fault_slots, kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        flags
     }
 }
 
@@ -132,7 +189,11 @@ pub fn stats(json: bool) -> Result<()> {
         "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}",
         q.fault_table, q.fault_slots, q.fault_unplaced
     );
-    println!("  native regions: everything outside {module}'s text (this stage translates one module)");
+    if module == kdbt_abi::KERNEL_SCOPE {
+        println!("  native regions: the entry text, the pages of the retpoline and return thunks, every module");
+    } else {
+        println!("  native regions: everything outside {module}'s text (this stage translates one module)");
+    }
     for c in cpus.iter().filter(|c| c.online != 0 || c.steered != 0 || c.dispatches != 0) {
         print!("  cpu{}: steered {} (#VE), dispatches {}", c.cpu, c.steered, c.dispatches);
         if q.client == kdbt_abi::DBT_CLIENT_INSCOUNT {
@@ -236,5 +297,24 @@ mod tests {
         let blocks = cov_rows(&ks, &hits, false);
         assert_eq!(blocks.iter().map(|r| r.1).collect::<Vec<_>>(), [30, 7, 5]);
         assert_eq!(blocks[1].0, "kdbt_testmod_work+0x20 [kdbt_testmod]");
+    }
+}
+
+#[cfg(test)]
+mod kernel_range_tests {
+    use super::kernel_ranges;
+
+    #[test]
+    fn finds_names_sharing_an_address() {
+        let k = "ffffffff81000000 T _text\nffffffff81000000 T _stext\nffffffff81000000 T __entry_text_start\n\
+                 ffffffff81200000 T __entry_text_end\nffffffff82000000 T _etext\nffffffffc0000000 t _etext [m]\n";
+        let r = kernel_ranges(k).unwrap();
+        assert_eq!(r.text, [0xffffffff81000000, 0xffffffff82000000]);
+        assert_eq!(r.entry, [0xffffffff81000000, 0xffffffff81200000]);
+        assert_eq!(r.ex_table, [0, 0]);
+        let with = format!("{k}ffffffff82100000 R __start___ex_table\nffffffff82100c00 R __stop___ex_table\n");
+        assert_eq!(kernel_ranges(&with).unwrap().ex_table, [0xffffffff82100000, 0xffffffff82100c00]);
+        assert!(kernel_ranges(&k.replace("ffffffff82000000", "ffffffff80000000")).is_err());
+        assert!(kernel_ranges("0000000000000000 T _stext\n").is_err());
     }
 }

@@ -196,8 +196,19 @@ impl Device {
     }
 
     /// `kdbt start`: Err(reason) if the module refused.
-    pub fn dbt_start(&self, module: &str, client: u32, flags: u32) -> Result<std::result::Result<(), String>> {
+    /// `kernel`: the kernel's text, entry text and exception table (with
+    /// [`kdbt_abi::KERNEL_SCOPE`]).
+    pub fn dbt_start(
+        &self,
+        module: &str,
+        client: u32,
+        flags: u32,
+        kernel: Option<KernelRanges>,
+    ) -> Result<std::result::Result<(), String>> {
         let mut c = kdbt_abi::DbtStart { client, flags, ..Default::default() };
+        if let Some(k) = kernel {
+            (c.kernel_text, c.entry_text, c.ex_table) = (k.text, k.entry, k.ex_table);
+        }
         if module.len() >= c.module.len() {
             bail!("module name {module:?} is longer than {} bytes", c.module.len() - 1);
         }
@@ -253,4 +264,13 @@ impl Device {
         let (q, cpus) = self.list::<StatusQuery, CpuStatus>(IOC_STATUS, "KDBT_IOC_STATUS")?;
         Ok((q.loaded != 0, cpus))
     }
+}
+
+/// What `kdbt start --kernel` tells the module about the kernel (from /proc/kallsyms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelRanges {
+    pub text: [u64; 2],
+    pub entry: [u64; 2],
+    /// 0s: not in /proc/kallsyms.
+    pub ex_table: [u64; 2],
 }

@@ -137,8 +137,13 @@ enum Cmd {
     Start {
         /// The module to translate (its name in /proc/modules); it cannot be removed
         /// until `kdbt stop`.
-        #[arg(long)]
-        module: String,
+        #[arg(long, required_unless_present = "kernel", conflicts_with = "kernel")]
+        module: Option<String>,
+        /// Experimental (README, "What works today"): translate the kernel's own text
+        /// instead (its entry text and its thunks' pages stay native, modules run
+        /// natively). It runs a short workload on the small kernel and hangs on Debian 6.12.
+        #[arg(long, hide = true)]
+        kernel: bool,
         /// Instrumentation.
         #[arg(long, value_enum, default_value = "null")]
         client: dbt::ClientKind,
@@ -239,13 +244,16 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }
-        Cmd::Start { module, client, test_no_steer, test_no_invalidate, test_no_fault_slots } => {
+        Cmd::Start { module, kernel, client, test_no_steer, test_no_invalidate, test_no_fault_slots } => {
             let tests = dbt::TestHooks {
                 no_steer: test_no_steer,
                 no_invalidate: test_no_invalidate,
                 no_fault_slots: test_no_fault_slots,
             };
-            dbt::start(&module, client, tests)
+            match module {
+                Some(m) if !kernel => dbt::start(&m, client, tests),
+                _ => dbt::start_kernel(client, tests),
+            }
         }
         Cmd::Stop => dbt::stop(),
         Cmd::Stats { json } => dbt::stats(json),

@@ -63,6 +63,8 @@ extern "C" {
     pub fn kdbt_glue_kernel_ibt() -> bool;
     pub fn kdbt_glue_indirect_thunk(reg: c_uint) -> u64;
     pub fn kdbt_glue_return_thunk() -> u64;
+    pub fn kdbt_glue_kernel_function() -> u64;
+    pub fn kdbt_glue_kernel_text_to_phys(va: u64) -> u64;
     pub fn kdbt_glue_dbt_case_run(which: c_uint, entry: u64) -> u64;
     pub fn kdbt_glue_dbt_case_name(which: c_uint) -> *const u8;
     pub fn kdbt_glue_dbt_case_fn(which: c_uint) -> u64;

@@ -248,7 +248,7 @@ fn dbt_start(arg: u64) -> Result<i64> {
     if c.size as usize != size_of::<DbtStart>() {
         return Err(errno::EINVAL);
     }
-    match crate::kernel_dbt::session::start(&c.module, c.client, c.flags) {
+    match crate::kernel_dbt::session::start(&c) {
         Ok(()) => Ok(0),
         Err(msg) => {
             c.message = [0; 480];

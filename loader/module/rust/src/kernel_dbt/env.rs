@@ -69,8 +69,18 @@ pub struct KernelEnv {
     module_text: (u64, u64),
     thunks: Vec<(u64, Thunk)>,
     table_given: bool,
-    /// The only code translated, if set (`kdbt start --module`): everything else is native.
+    /// The only code translated, if set (`kdbt start --module`, `--kernel`): everything
+    /// else is native.
     scope: Option<(u64, u64)>,
+    /// Native regions inside the scope (the kernel's entry text, the pages of its
+    /// thunks): they keep their execute right and are never translated.
+    native_in_scope: Vec<(u64, u64)>,
+    /// The scope is the kernel's own text, which is always mapped: read directly (the
+    /// dispatcher must not call kernel code, which is not executable while started).
+    direct_read: bool,
+    /// `%gs` windows met so far and their copies (native pc, copy): see
+    /// [`KernelEnv::gs_window_copy`].
+    gs_copies: Vec<(u64, u64)>,
     /// The kernel's #UD and #BP handlers (IDT gates 6 and 3), for [`Env::deliver`].
     handlers: Option<Handlers>,
     /// The session's fault sites (null: none).
@@ -121,6 +131,9 @@ impl KernelEnv {
             thunks,
             table_given: false,
             scope: None,
+            native_in_scope: Vec::new(),
+            direct_read: false,
+            gs_copies: Vec::new(),
             handlers: None,
             faults: core::ptr::null_mut(),
         })
@@ -129,6 +142,21 @@ impl KernelEnv {
     /// Translates only `lo..hi` (a module's text); everything else runs natively.
     pub fn set_scope(&mut self, lo: u64, hi: u64) {
         self.scope = Some((lo, hi));
+    }
+
+    /// Translates the kernel's text `lo..hi` but for `native` (page-aligned ranges that
+    /// keep their execute right); its bytes are read directly.
+    pub fn set_kernel_scope(&mut self, lo: u64, hi: u64, native: Vec<(u64, u64)>) {
+        self.scope = Some((lo, hi));
+        self.native_in_scope = native;
+        self.direct_read = true;
+    }
+
+    /// The retpoline and return thunks this environment maps to templates (their
+    /// addresses: the kernel's text pages holding them must stay executable, since
+    /// kdbt's own code and the entry text call them natively).
+    pub fn thunk_addrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.thunks.iter().map(|t| t.0)
     }
 
     /// Exceptions in the scope's translated code are delivered to these handlers
@@ -205,6 +233,16 @@ impl Env for KernelEnv {
     }
 
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
+        if let (true, Some((lo, hi))) = (self.direct_read, self.scope) {
+            if !(lo..hi).contains(&pc) {
+                return 0;
+            }
+            let n = buf.len().min((hi - pc) as usize);
+            // SAFETY: `pc..pc+n` lies inside the kernel's text, mapped for the kernel's
+            // life (the session checked the range against the kernel's own addresses).
+            unsafe { core::ptr::copy_nonoverlapping(pc as *const u8, buf.as_mut_ptr(), n) };
+            return n;
+        }
         // SAFETY: `buf` is valid for its length; the glue reads with
         // copy_from_kernel_nofault (an unmapped `pc` reads short, never faults).
         unsafe { ffi::kdbt_glue_read_kernel(buf.as_mut_ptr().cast(), pc, buf.len()) }
@@ -244,7 +282,9 @@ impl Env for KernelEnv {
 
     fn native(&self, pc: u64) -> bool {
         if let Some((lo, hi)) = self.scope {
-            return DRAINING.load(Ordering::Acquire) || !(lo..hi).contains(&pc);
+            return DRAINING.load(Ordering::Acquire)
+                || !(lo..hi).contains(&pc)
+                || self.native_in_scope.iter().any(|r| (r.0..r.1).contains(&pc));
         }
         // The cache is a section of the module's text; code there that the engine did
         // not place (the steering check's target) is translated like any kernel code.
@@ -280,6 +320,7 @@ impl Env for KernelEnv {
             return None;
         }
         let (to, rip) = match kind {
+            StopKind::Privileged => return self.iret_in_kernel(pc, ctx, h.cs).or_else(|| self.gs_window_copy(pc)),
             StopKind::Undefined | StopKind::Invalid => (h.invalid_op, pc),
             StopKind::Breakpoint => {
                 let mut b = [0u8; 1];
@@ -306,5 +347,59 @@ impl Env for KernelEnv {
         ctx.gpr[GuestCtx::RSP] = top;
         ctx.rflags &= !(1 << 9 | 1 << 8 | 1 << 14 | 1 << 16);
         Some(to)
+    }
+}
+
+impl KernelEnv {
+    /// A `%gs` window at `pc` ([`dbt::kclass::gs_window`]: `swapgs; rdgsbase rax;
+    /// swapgs` in the kernel's `__rdgsbase_inactive`) cannot be translated (no inserted
+    /// instruction may run on the user's `%gs`) and cannot run at its native address (not
+    /// executable while started): it runs from a copy in the code cache, made once per
+    /// window, that ends in a jump to the native pc after it (which comes back in by
+    /// #VE, on the kernel's `%gs` again). The copy is outside the engine's regions, so no
+    /// reset reuses it while a CPU may be inside.
+    fn gs_window_copy(&mut self, pc: u64) -> Option<u64> {
+        if let Some(&(_, at)) = self.gs_copies.iter().find(|c| c.0 == pc) {
+            return Some(at);
+        }
+        let mut b = [0u8; 64];
+        let n = self.read_code(pc, &mut b[..59]);
+        let len = dbt::kclass::gs_window(&b[..n], pc)?;
+        self.gs_copies.try_reserve(1).ok()?;
+        let at = self.alloc_code(pc, len + 5)?;
+        let rel = (pc + len as u64).wrapping_sub(at + len as u64 + 5) as i64;
+        let rel = i32::try_from(rel).ok()?;
+        b[len] = 0xE9;
+        b[len + 1..len + 5].copy_from_slice(&rel.to_le_bytes());
+        if !self.write_code(at, &b[..len + 5]) {
+            return None;
+        }
+        self.gs_copies.push((pc, at));
+        Some(at)
+    }
+
+    /// `iretq` to kernel code in the scope's text (`sync_core`'s `iret_to_self`: the
+    /// kernel's entry text, which holds the others, is native): it cannot run at its
+    /// native address (not executable while started), so the dispatcher does what it
+    /// does: rip, cs, rflags, rsp, ss popped from the guest's stack, on at rip (which
+    /// is then translated). None (the stop stays a stop) for any other privileged
+    /// instruction, or a frame that leaves the kernel's code segment.
+    fn iret_in_kernel(&self, pc: u64, ctx: &mut GuestCtx, cs: u16) -> Option<u64> {
+        let mut b = [0u8; 2];
+        if self.read_code(pc, &mut b) != 2 || b != [0x48, 0xCF] {
+            return None;
+        }
+        let rsp = ctx.gpr[GuestCtx::RSP];
+        let mut f = [0u64; 5];
+        // SAFETY: the guest's kernel stack at its rsp, where the iretq would pop its
+        // frame (an `iretq` in kernel text with a short stack would fault natively too;
+        // copy_from_kernel_nofault is kernel code, not callable here).
+        unsafe { core::ptr::copy_nonoverlapping(rsp as *const u64, f.as_mut_ptr(), 5) };
+        if f[1] as u16 != cs {
+            return None;
+        }
+        ctx.rflags = f[2];
+        ctx.gpr[GuestCtx::RSP] = f[3];
+        Some(f[0])
     }
 }

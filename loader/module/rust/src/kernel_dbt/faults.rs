@@ -5,7 +5,7 @@
 //! code-cache address in kdbt.ko, so kdbt's own table must know it.
 //!
 //! kdbt.ko carries one placeholder entry per slot of a small area at the end of the code
-//! cache (`kdbt_cache.S`: 512 slots of 32 bytes, type EX_TYPE_NONE). The engine asks for
+//! cache (`kdbt_cache.S`: 8192 slots of 32 bytes, type EX_TYPE_NONE). The engine asks for
 //! a slot for each fault site it translates; this module copies the site's own entry
 //! (fixup and type/data; the fixup stays the module's native address, which is not
 //! executable while started, so the fixup is steered back into the cache by #VE like any
@@ -33,7 +33,7 @@ use crate::ffi;
 /// Slots in the area (`KDBT_FAULT_SLOTS` in kdbt_cache.S).
 pub const SLOTS: usize = FAULT_PAGES as usize * 4096 / dbt::FAULT_SLOT_BYTES;
 /// Pages of the slot area, right before the steering pages (`KDBT_FAULT_PAGES`).
-pub const FAULT_PAGES: u64 = 4;
+pub const FAULT_PAGES: u64 = 64;
 
 /// Slots handed out since the module was loaded (the next is this modulo [`SLOTS`]).
 static HANDED_OUT: AtomicUsize = AtomicUsize::new(0);
@@ -75,25 +75,38 @@ impl FaultSites {
     /// The fault sites of `module` (a reference from `kdbt_glue_module_get`), slots from
     /// `area` (the code cache's slot pages). Process context (makes aliases).
     pub fn new(module: *mut core::ffi::c_void, area: u64, disabled: bool) -> Result<FaultSites, &'static str> {
-        let (mut n, mut own_n) = (0u32, 0u32);
-        // SAFETY: the module is held by the caller's reference; NULL is this module.
-        let (base, own) = unsafe {
-            (
-                ffi::kdbt_glue_module_extable(module, &mut n),
-                ffi::kdbt_glue_module_extable(core::ptr::null_mut(), &mut own_n),
-            )
-        };
-        // SAFETY: both tables are live (the module's is held, ours is this module's).
+        let mut n = 0u32;
+        // SAFETY: the module is held by the caller's reference.
+        let base = unsafe { ffi::kdbt_glue_module_extable(module, &mut n) };
+        // SAFETY: the module's table is live (held).
         let sites = if base == 0 { Vec::new() } else { unsafe { read_table(base, n)? } };
+        Self::with_sites(sites, area, disabled)
+    }
+
+    /// The fault sites of the kernel's own exception table, `n` entries at `base` (the
+    /// kernel image's: checked by the caller to lie in it, 4-byte aligned).
+    pub fn of_kernel(base: u64, n: u32, area: u64, disabled: bool) -> Result<FaultSites, &'static str> {
+        // SAFETY: the caller's check: the kernel's table, mapped for the kernel's life.
+        let mut sites = unsafe { read_table(base, n)? };
+        // The build sorts it (sorttable); the lookup is a binary search either way.
+        sites.sort_unstable_by_key(|e| e.insn);
+        Self::with_sites(sites, area, disabled)
+    }
+
+    fn with_sites(sites: Vec<Entry>, area: u64, disabled: bool) -> Result<FaultSites, &'static str> {
+        let mut own_n = 0u32;
+        // SAFETY: NULL is this module.
+        let own = unsafe { ffi::kdbt_glue_module_extable(core::ptr::null_mut(), &mut own_n) };
         // SAFETY: as above.
         let own_t = if own == 0 { Vec::new() } else { unsafe { read_table(own, own_n)? } };
         let mut entries = Vec::new();
         entries.try_reserve(SLOTS).map_err(|_| "out of memory")?;
         for k in 0..SLOTS as u64 {
             let slot = area + k * dbt::FAULT_SLOT_BYTES as u64;
-            match own_t.iter().position(|e| e.insn == slot) {
-                Some(i) => entries.push(own + i as u64 * ENTRY_BYTES),
-                None => return Err("kdbt.ko's exception table lacks the fault slots' entries"),
+            // The loader sorted the table by address (sort_extable).
+            match own_t.binary_search_by_key(&slot, |e| e.insn) {
+                Ok(i) => entries.push(own + i as u64 * ENTRY_BYTES),
+                Err(_) => return Err("kdbt.ko's exception table lacks the fault slots' entries"),
             }
         }
         let mut f = FaultSites { sites, area, entries, aliases: Vec::new(), placed: 0, unplaced: 0, disabled };

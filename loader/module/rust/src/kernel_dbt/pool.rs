@@ -28,6 +28,9 @@ pub static POOL: Pool = Pool::new();
 /// Bytes of the pool: the self-test engine's region directories (a quarter of its
 /// 768 KB cache) need 256 KB, the translation reserve 128 KB; the rest is blocks.
 pub const POOL_BYTES: usize = 4 << 20;
+/// Bytes of the pool when the kernel's own text is translated (`kdbt start --kernel`):
+/// thousands of fragments' records and pc maps.
+pub const KERNEL_POOL_BYTES: usize = 64 << 20;
 
 /// `%gs` offset of every CPU's `Scratch::env` (0: no engine's blocks exist).
 static FLAG_OFF: AtomicU64 = AtomicU64::new(0);
@@ -45,15 +48,16 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Hands [`POOL`] `POOL_BYTES` of fresh vmalloc memory (process context).
-    pub fn take() -> Result<Memory, &'static str> {
+    /// Hands [`POOL`] `bytes` ([`POOL_BYTES`], [`KERNEL_POOL_BYTES`]) of fresh vmalloc
+    /// memory (process context).
+    pub fn take(bytes: usize) -> Result<Memory, &'static str> {
         // SAFETY: process context; freed in Drop.
-        let base = unsafe { ffi::kdbt_glue_pool_alloc(POOL_BYTES) } as *mut u8;
+        let base = unsafe { ffi::kdbt_glue_pool_alloc(bytes) } as *mut u8;
         if base.is_null() {
             return Err("no memory for the dispatcher's pool (vmalloc)");
         }
         // SAFETY: a fresh vmalloc region, the pool's until Drop releases it.
-        if !unsafe { POOL.init(base as usize, POOL_BYTES) } {
+        if !unsafe { POOL.init(base as usize, bytes) } {
             // SAFETY: just allocated, never handed out.
             unsafe { ffi::kdbt_glue_pool_free(base.cast()) };
             return Err("the dispatcher's pool is in use (or kept since a run that left blocks in it)");

@@ -108,7 +108,7 @@ pub fn run(flags: u32) -> Result<String, String> {
     // with kmalloc, not in the pool.
     dbt::warm_up();
     pool::set_enabled(flags & DBT_SELFTEST_NO_POOL == 0);
-    let r = pool::Memory::take().map_err(String::from).and_then(|mem| {
+    let r = pool::Memory::take(pool::POOL_BYTES).map_err(String::from).and_then(|mem| {
         let r = run_claimed(flags & DBT_SELFTEST_TEST_NATIVE != 0, flags & DBT_SELFTEST_NO_STEER != 0);
         // The engine is gone: every pool block it had is back.
         let left = pool::stats().in_use;

@@ -32,6 +32,20 @@
 //! access) takes its fixup: such instructions run from slots kdbt's own table knows
 //! ([`super::faults`]).
 //!
+//! `kdbt start --kernel` (experimental) does the same for the kernel's own text,
+//! `[_stext, _etext)` as `/proc/kallsyms` gives it: every page of it loses its execute
+//! right but the entry text's (under KPTI it runs on the user page tables, which do not
+//! map the cache) and the pages of the retpoline and return thunks (kdbt's own code calls
+//! them). Every entry from entry text into C (system calls, interrupts, exceptions), every
+//! return of a task that slept natively, lands in the dispatcher by #VE. The dispatcher
+//! then never calls kernel code: it reads the text directly. Instructions the translator
+//! stops at are carried out for it ([`KernelEnv`]'s `deliver`): `iretq` to kernel code
+//! (`sync_core`) is emulated, a `%gs` window (`swapgs; rdgsbase; swapgs`) runs from a
+//! copy. Faults take their fixups through slots, as for a module, when `kdbt start` found
+//! the kernel's exception table in `/proc/kallsyms` (it is not exported). Not yet: a cache
+//! reset with more than one CPU online, fast paths (every entry from entry text costs a
+//! #VE), Debian 6.12 (it hangs after start), modules (native).
+//!
 //! What this stage does not do yet (issue 10): the whole kernel (entry code, interrupt
 //! handlers) from the cache; native pcs for other faults, interrupts and NMIs inside
 //! translated module code (their reports show code-cache addresses).
@@ -69,16 +83,18 @@ impl Client for SharedCov {
 
 struct Session {
     engine: Box<Engine>,
-    /// Fault sites' slots (after the engine: dropped once it is gone).
-    faults: Box<FaultSites>,
+    /// Fault sites' slots (after the engine: dropped once it is gone); none for the
+    /// kernel's text (its exception table is not exported).
+    faults: Option<Box<FaultSites>>,
     /// Boxed: the write guard points at it.
     blocks: Box<Blocks>,
     cov: Option<Box<BbCov>>,
     client: u32,
     name: [u8; 64],
+    /// The module's reference (null: the kernel's text).
     module: *mut core::ffi::c_void,
     text: (u64, u64),
-    /// Guest-physical pages of the module's text (execute right taken away).
+    /// Guest-physical pages of the text whose execute right is taken away.
     pages: Vec<u64>,
     steered: bool,
     /// Write protection of the text (published while started).
@@ -131,8 +147,57 @@ fn ve_everywhere(info: &[(u32, *mut u8)], on: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// What `kdbt start` translates.
+#[derive(Clone, Copy)]
+enum Scope {
+    Module,
+    /// The kernel's text, its entry text (native) and its exception table (entries,
+    /// count; 0: unknown).
+    Kernel {
+        text: (u64, u64),
+        entry: (u64, u64),
+        extable: (u64, u32),
+    },
+}
+
+/// The kernel's text as `kdbt start --kernel` gives it (from /proc/kallsyms), checked
+/// against what the kernel itself says: a page-aligned start in the kernel's image
+/// mapping, and the addresses of the kernel's thunks and of an exported function
+/// inside.
+fn kernel_scope(text: [u64; 2], entry: [u64; 2], ex: [u64; 2]) -> Result<Scope, String> {
+    const IMAGE: u64 = 0xffff_ffff_8000_0000;
+    let (lo, hi) = (text[0], text[1]);
+    let sane = lo >= IMAGE && lo & 0xfff == 0 && lo < hi && hi - lo <= 256 << 20;
+    let inside = |a: u64| (lo..hi).contains(&a);
+    // SAFETY: plain getter.
+    let known = unsafe { ffi::kdbt_glue_kernel_function() };
+    if !sane || !inside(known) {
+        return Err(format!("{lo:#x}..{hi:#x} is not the kernel's text (it holds {known:#x})"));
+    }
+    if !(entry[0] <= entry[1] && inside(entry[0]) && entry[1] <= hi) {
+        return Err(format!("entry text {:#x}..{:#x} is not inside the kernel's text", entry[0], entry[1]));
+    }
+    // An exception table in the kernel's image after its text, of whole 12-byte entries.
+    let n = (ex[1].wrapping_sub(ex[0])) / 12;
+    let extable = if ex == [0, 0] {
+        (0, 0)
+    } else if ex[0] >= hi
+        && ex[0] <= ex[1]
+        && ex[1] - ex[0] <= 12 << 20
+        && ex[0] & 3 == 0
+        && (ex[1] - ex[0]).is_multiple_of(12)
+    {
+        (ex[0], n as u32)
+    } else {
+        return Err(format!("{:#x}..{:#x} is not an exception table after the kernel's text", ex[0], ex[1]));
+    };
+    // Whole pages: what shares a page with entry text keeps its execute right with it.
+    Ok(Scope::Kernel { text: (lo, hi), entry: (entry[0] & !0xfff, entry[1].next_multiple_of(4096)), extable })
+}
+
 /// `kdbt start`.
-pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
+pub fn start(c: &kdbt_abi::DbtStart) -> Result<(), String> {
+    let (name, client, flags) = (&c.module[..], c.client, c.flags);
     let known = kdbt_abi::DBT_START_TEST_NO_STEER
         | kdbt_abi::DBT_START_TEST_NO_INVALIDATE
         | kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS;
@@ -150,6 +215,11 @@ pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
     if mod_name == kdbt_abi::MODULE_NAME {
         return Err("kdbt cannot translate itself (its dispatcher is its own text)".into());
     }
+    let scope = if mod_name == kdbt_abi::KERNEL_SCOPE {
+        kernel_scope(c.kernel_text, c.entry_text, c.ex_table)?
+    } else {
+        Scope::Module
+    };
     hv::ve_unavailable().map_err(|w| format!("kdbt start needs the hypervisor loaded with EPT and #VE: {w}"))?;
     if SESSION.lock().is_some() {
         return Err("already started (kdbt stop first)".into());
@@ -161,11 +231,14 @@ pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
     }
     dbt::warm_up();
     pool::set_enabled(true);
-    let r = pool::Memory::take().map_err(String::from).and_then(|mem| build(mod_name, name, client, flags, mem));
+    let bytes = if matches!(scope, Scope::Kernel { .. }) { pool::KERNEL_POOL_BYTES } else { pool::POOL_BYTES };
+    let r = pool::Memory::take(bytes)
+        .map_err(String::from)
+        .and_then(|mem| build(scope, mod_name, name, client, flags, mem));
     match r {
         Ok(s) => {
             kinfo!(
-                "dbt: started: module {mod_name} text {:#x}+{:#x} ({} pages) runs from the code cache",
+                "dbt: started: {mod_name} text {:#x}+{:#x} ({} pages not executable) runs from the code cache",
                 s.text.0,
                 s.text.1 - s.text.0,
                 s.pages.len()
@@ -181,33 +254,77 @@ pub fn start(name: &[u8], client: u32, flags: u32) -> Result<(), String> {
     }
 }
 
-fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory) -> Result<Session, String> {
-    let cname: Vec<u8> = mod_name.bytes().chain(core::iter::once(0)).collect();
+fn build(
+    scope: Scope,
+    mod_name: &str,
+    name: &[u8],
+    client: u32,
+    flags: u32,
+    mem: pool::Memory,
+) -> Result<Session, String> {
     let (mut base, mut size) = (0u64, 0u64);
-    // SAFETY: a 0-terminated name and two out-pointers; the reference is put in Drop.
-    let module = unsafe { ffi::kdbt_glue_module_get(cname.as_ptr().cast(), &mut base, &mut size) };
-    if module.is_null() {
-        return Err(format!("no live module {mod_name} (see /proc/modules)"));
+    let mut module = core::ptr::null_mut();
+    if let Scope::Kernel { text, .. } = scope {
+        (base, size) = (text.0, text.1 - text.0);
+    } else {
+        let cname: Vec<u8> = mod_name.bytes().chain(core::iter::once(0)).collect();
+        // SAFETY: a 0-terminated name and two out-pointers; the reference is put in Drop
+        // (or below on failure).
+        module = unsafe { ffi::kdbt_glue_module_get(cname.as_ptr().cast(), &mut base, &mut size) };
+        if module.is_null() {
+            return Err(format!("no live module {mod_name} (see /proc/modules)"));
+        }
     }
+    let put = || {
+        if !module.is_null() {
+            // SAFETY: the reference just taken.
+            unsafe { ffi::kdbt_glue_module_put(module) };
+        }
+    };
     let mut kenv = match KernelEnv::new() {
         Ok(k) => k,
         Err(e) => {
-            // SAFETY: the reference just taken.
-            unsafe { ffi::kdbt_glue_module_put(module) };
+            put();
             return Err(e.into());
         }
     };
-    kenv.set_scope(base, base + size);
+    // Pages that keep their execute right (kernel: the entry text, and the pages of the
+    // thunks kdbt's own code and the entry text call).
+    let mut native: Vec<(u64, u64)> = Vec::new();
+    let mut faults = None;
     let no_slots = flags & kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS != 0;
-    let mut faults = match FaultSites::new(module, kenv.fault_area(), no_slots) {
-        Ok(f) => Box::new(f),
-        Err(e) => {
-            // SAFETY: the reference just taken.
-            unsafe { ffi::kdbt_glue_module_put(module) };
-            return Err(e.into());
+    if let Scope::Kernel { text, entry, extable } = scope {
+        if extable.0 != 0 {
+            let mut f = match FaultSites::of_kernel(extable.0, extable.1, kenv.fault_area(), no_slots) {
+                Ok(f) => Box::new(f),
+                Err(e) => return Err(e.into()),
+            };
+            kenv.set_faults(&mut *f);
+            faults = Some(f);
         }
-    };
-    kenv.set_faults(&mut *faults);
+        if native.try_reserve(kenv.thunks() + 1).is_err() {
+            return Err("out of memory".into());
+        }
+        native.push(entry);
+        for t in kenv.thunk_addrs() {
+            let p = t & !0xfff;
+            if !native.iter().any(|r| (r.0..r.1).contains(&p)) {
+                native.push((p, p + 4096));
+            }
+        }
+        kenv.set_kernel_scope(text.0, text.1, native.clone());
+    } else {
+        kenv.set_scope(base, base + size);
+        let mut f = match FaultSites::new(module, kenv.fault_area(), no_slots) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                put();
+                return Err(e.into());
+            }
+        };
+        kenv.set_faults(&mut *f);
+        faults = Some(f);
+    }
     // The kernel's #UD and #BP handlers, for exceptions of the module's translated code.
     let idt = sidt().base;
     // SAFETY: gates 3 and 6 of the live IDT (read-only here; the kernel never changes them).
@@ -222,20 +339,22 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     let blocks = match Blocks::new().map(Box::new) {
         Ok(b) => b,
         Err(e) => {
-            // SAFETY: the reference just taken.
-            unsafe { ffi::kdbt_glue_module_put(module) };
+            put();
             return Err(e.into());
         }
     };
     let gs = blocks.gs_offset().ok_or("per-CPU offset out of reach");
+    // The kernel's text needs megabytes of translations (a reset under another CPU is
+    // not safe yet, see the README's limitations); a module, a few KB.
+    let hot = if module.is_null() { 5 << 20 } else { 512 << 10 };
     let cfg = Config {
         kernel: true,
         // SAFETY: plain getter.
         ibt: unsafe { ffi::kdbt_glue_kernel_ibt() },
         gs_base: *gs.as_ref().unwrap_or(&0),
-        hot_size: 512 << 10,
-        stub_size: 256 << 10,
-        max_hot_bytes: 512 << 10,
+        hot_size: hot,
+        stub_size: hot / 2,
+        max_hot_bytes: hot,
         // Calls out of the module, and returns into the kernel, leave the cache through
         // linked fragments and lookup hits, not a dispatch each.
         native_fragments: true,
@@ -261,8 +380,7 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     let engine = match e {
         Ok(e) => e,
         Err(e) => {
-            // SAFETY: the reference just taken.
-            unsafe { ffi::kdbt_glue_module_put(module) };
+            put();
             return Err(e);
         }
     };
@@ -289,15 +407,26 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     let gs = cfg.gs_base;
     let n = name.len().min(63);
     s.name[..n].copy_from_slice(&name[..n]);
-    // Text pages, and an information page per CPU.
+    // Text pages (all of them for the write guard, which indexes them from the first;
+    // those not native lose their execute right), and an information page per CPU.
+    let mut all = Vec::new();
     for p in (base & !0xfff..base + size).step_by(4096) {
-        // SAFETY: module text (vmalloc'd module space), held by our reference.
-        let pa = unsafe { ffi::kdbt_glue_vmalloc_to_phys(p as *const _) };
+        let pa = if module.is_null() {
+            // SAFETY: a page of the kernel's text (checked in `kernel_scope`).
+            unsafe { ffi::kdbt_glue_kernel_text_to_phys(p) }
+        } else {
+            // SAFETY: module text (vmalloc'd module space), held by our reference.
+            unsafe { ffi::kdbt_glue_vmalloc_to_phys(p as *const _) }
+        };
         if pa == 0 {
             return Err(format!("{mod_name}: text page {p:#x} has no physical page"));
         }
-        s.pages.try_reserve(1).map_err(|_| "out of memory")?;
-        s.pages.push(pa & !0xfff);
+        all.try_reserve(1).map_err(|_| "out of memory")?;
+        all.push(pa & !0xfff);
+        if !native.iter().any(|r| (r.0..r.1).contains(&p)) {
+            s.pages.try_reserve(1).map_err(|_| "out of memory")?;
+            s.pages.push(pa & !0xfff);
+        }
     }
     for (cpu, blk) in (0..hw::cpu_ids()).filter_map(|c| s.blocks.of_cpu(c).map(|b| (c, b))) {
         // SAFETY: one zeroed page (a zero busy word: the CPU may deliver); freed in Drop.
@@ -368,7 +497,7 @@ fn build(mod_name: &str, name: &[u8], client: u32, flags: u32, mem: pool::Memory
     if flags & kdbt_abi::DBT_START_TEST_NO_STEER == 0 {
         let invalidate = flags & kdbt_abi::DBT_START_TEST_NO_INVALIDATE == 0;
         let ep: *mut Engine = &mut *s.engine;
-        let g = WriteGuard::new(&s.pages, base & !0xfff, ep, &*s.blocks, invalidate)?;
+        let g = WriteGuard::new(&all, base & !0xfff, ep, &*s.blocks, invalidate)?;
         g.publish();
         s.guard = Some(g);
         // Not executable (steering) and not writable (write invalidation).
@@ -424,8 +553,10 @@ impl Drop for Session {
             // SAFETY: our pages; #VE is off everywhere.
             unsafe { ffi::kdbt_glue_free_pages(page.cast(), 0) };
         }
-        // SAFETY: the reference taken at start.
-        unsafe { ffi::kdbt_glue_module_put(self.module) };
+        if !self.module.is_null() {
+            // SAFETY: the reference taken at start.
+            unsafe { ffi::kdbt_glue_module_put(self.module) };
+        }
     }
 }
 
@@ -506,11 +637,13 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     let wc = s.guard.as_ref().map(|g| g.counts()).unwrap_or_default();
     (q.write_faults, q.reprotects, q.writable_pages) = (wc.writes, wc.reprotects, wc.writable);
     // Read under the engine's lock (the translator updates them there).
-    let fp: *const FaultSites = &*s.faults;
-    // SAFETY: the session's fault sites, read under the engine's lock.
-    let (ft, fs, fu) =
-        irqs_off(|| unsafe { Engine::locked(ep, |_| ((*fp).sites() as u64, (*fp).placed as u64, (*fp).unplaced)) });
-    (q.fault_table, q.fault_slots, q.fault_unplaced) = (ft, fs, fu);
+    if let Some(f) = &s.faults {
+        let fp: *const FaultSites = &**f;
+        // SAFETY: the session's fault sites, read under the engine's lock.
+        let (ft, fs, fu) =
+            irqs_off(|| unsafe { Engine::locked(ep, |_| ((*fp).sites() as u64, (*fp).placed as u64, (*fp).unplaced)) });
+        (q.fault_table, q.fault_slots, q.fault_unplaced) = (ft, fs, fu);
+    }
     for cpu in 0..hw::cpu_ids() {
         let Some(b) = s.blocks.of_cpu(cpu) else { continue };
         out.try_reserve(1).map_err(|_| "out of memory")?;
