@@ -1,4 +1,5 @@
 # Suite "dbt": the kernel DBT translating a module on every CPU (`kdbt start --module`),
+# then (experimental) the kernel's own text (`kdbt start --kernel`),
 # steered by EPT and #VE. The module is kdbt_testmod (experiments/guest/kmod): reading
 # /proc/kdbt_testmod runs its code in the reader's context, and a timer on every CPU runs
 # it in softirq context. Checks: its output identical natively, while started (inscount,
@@ -35,7 +36,7 @@ if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
     exit 0
 fi
 
-plan 22
+plan 24
 
 # Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
 cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
@@ -296,6 +297,46 @@ cycles() {
     done
 }
 check dbt_cycles_20 cycles
+
+# The kernel's own text from the cache (`kdbt start --kernel`, experimental): every CPU
+# steered, a workload's output identical to its native run (forks, getppid, a bad user
+# pointer, file reads), and bbcov names kernel functions that must have run: the
+# system-call, page-fault, scheduler and timer paths, all entered from native entry text,
+# so only EPT steering brings them in. With the execute right left in place
+# (--test-no-steer) nothing is steered and the check must fail.
+kwork() {
+    sha256sum /lib/modules/kdbt_testmod.ko; ls -l /lib/modules | wc -l
+    for i in 1 2 3; do sh -c 'echo forked'; done
+    yes | head -c 200000 | wc -c
+    ubench --iters 20 --reps 1 --only getppid > /dev/null && echo getppid
+    badptr --write /proc/version 2>&1 | head -1
+}
+kwork > /tmp/kwork.native 2>&1
+kernel_run() {
+    kdbt start --kernel --client bbcov $1 2>&1 || return 1
+    kwork > /tmp/kwork.started 2>&1
+    kdbt stats > /tmp/kstats 2>&1
+    kdbt cov --functions > /tmp/kcov 2>&1
+    kdbt stop || return 1
+    r=0
+    cmp /tmp/kwork.native /tmp/kwork.started || { echo "the workload's output differs:"; cat /tmp/kwork.started; r=1; }
+    cat /tmp/kstats
+    for c in $(seq 0 $((NCPUS - 1))); do
+        n=$(sed -n "s/^  cpu$c: steered \([0-9]*\) (#VE).*/\1/p" /tmp/kstats)
+        [ "${n:-0}" -gt 0 ] || { echo "cpu$c: steered 0: the kernel ran natively"; r=1; }
+    done
+    echo "$(wc -l < /tmp/kcov) functions in kdbt cov"; head -8 /tmp/kcov
+    # The scheduler as `__schedule`, or `schedule` where `__schedule` is inlined.
+    for f in do_syscall_64 exc_page_fault '_*schedule' sysvec_apic_timer_interrupt; do
+        grep -q " $f\$" /tmp/kcov || { echo "kdbt cov lacks $f"; r=1; }
+    done
+    grep -q " __x64_sys_getppid\$" /tmp/kcov && echo "kdbt cov names __x64_sys_getppid" || echo "kdbt cov: no block starts at __x64_sys_getppid"
+    kwork > /tmp/kwork.after 2>&1; cmp /tmp/kwork.native /tmp/kwork.after || { echo "output differs after stop"; r=1; }
+    return $r
+}
+check_figs dbt_kernel_runs_translated /tmp/dbt_kernel_runs_translated.out \
+    's/^  blocks \([0-9]*\) .*/blocks=\1/p; s/^\([0-9]*\) functions in kdbt cov$/functions=\1/p' kernel_run
+caught dbt_kernel_catches_native 'steered 0: the kernel ran natively' kernel_run --test-no-steer
 
 # Unload while started stops first; the module is free again and still right.
 unload_started() {

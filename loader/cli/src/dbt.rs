@@ -87,7 +87,7 @@ fn kernel_ranges(kallsyms: &str) -> Result<KernelRanges> {
 
 /// `kdbt start --kernel` (experimental: see the README's limitations).
 pub fn start_kernel(client: ClientKind, tests: TestHooks) -> Result<()> {
-    eprintln!("kdbt: warning: --kernel is experimental (see the README): it hangs Debian 6.12, and a cache reset with two CPUs online crashes");
+    eprintln!("kdbt: warning: --kernel is experimental (see the README): every kernel entry costs a #VE, and a cache reset with two CPUs online crashes");
     let text = std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
     let k = kernel_ranges(&text)?;
     if k.ex_table == [0, 0] {

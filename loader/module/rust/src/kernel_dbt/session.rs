@@ -44,7 +44,7 @@
 //! copy. Faults take their fixups through slots, as for a module, when `kdbt start` found
 //! the kernel's exception table in `/proc/kallsyms` (it is not exported). Not yet: a cache
 //! reset with more than one CPU online, fast paths (every entry from entry text costs a
-//! #VE), Debian 6.12 (it hangs after start), modules (native).
+//! #VE), modules (native).
 //!
 //! What this stage does not do yet (issue 10): the whole kernel (entry code, interrupt
 //! handlers) from the cache; native pcs for other faults, interrupts and NMIs inside
