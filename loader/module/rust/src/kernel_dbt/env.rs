@@ -382,7 +382,8 @@ impl KernelEnv {
     /// kernel's entry text, which holds the others, is native): it cannot run at its
     /// native address (not executable while started), so the dispatcher does what it
     /// does: rip, cs, rflags, rsp, ss popped from the guest's stack, on at rip (which
-    /// is then translated). None (the stop stays a stop) for any other privileged
+    /// is then translated). The emulation does not serialize as `iretq` does (a known
+    /// gap, in the README). None (the stop stays a stop) for any other privileged
     /// instruction, or a frame that leaves the kernel's code segment.
     fn iret_in_kernel(&self, pc: u64, ctx: &mut GuestCtx, cs: u16) -> Option<u64> {
         let mut b = [0u8; 2];

@@ -46,9 +46,8 @@
 //! reset with more than one CPU online, fast paths (every entry from entry text costs a
 //! #VE), modules (native).
 //!
-//! What this stage does not do yet (issue 10): the whole kernel (entry code, interrupt
-//! handlers) from the cache; native pcs for other faults, interrupts and NMIs inside
-//! translated module code (their reports show code-cache addresses).
+//! What this stage does not do yet (issue 10): native pcs for other faults, interrupts
+//! and NMIs inside translated code (their reports show code-cache addresses).
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -84,7 +83,7 @@ impl Client for SharedCov {
 struct Session {
     engine: Box<Engine>,
     /// Fault sites' slots (after the engine: dropped once it is gone); none for the
-    /// kernel's text (its exception table is not exported).
+    /// kernel's text when `/proc/kallsyms` did not show its exception table.
     faults: Option<Box<FaultSites>>,
     /// Boxed: the write guard points at it.
     blocks: Box<Blocks>,
@@ -160,10 +159,10 @@ enum Scope {
     },
 }
 
-/// The kernel's text as `kdbt start --kernel` gives it (from /proc/kallsyms), checked
-/// against what the kernel itself says: a page-aligned start in the kernel's image
-/// mapping, and the addresses of the kernel's thunks and of an exported function
-/// inside.
+/// The kernel's text, entry text and exception table as `kdbt start --kernel` gives
+/// them (from /proc/kallsyms), checked against what the kernel itself says: a
+/// page-aligned start in the kernel's image mapping with an exported function inside,
+/// the entry text inside, the table after the text in whole entries.
 fn kernel_scope(text: [u64; 2], entry: [u64; 2], ex: [u64; 2]) -> Result<Scope, String> {
     const IMAGE: u64 = 0xffff_ffff_8000_0000;
     let (lo, hi) = (text[0], text[1]);
