@@ -1,5 +1,6 @@
-//! The EPT identity map: building it, walking it in software, and changing the
-//! permissions of single 4 KiB pages (splitting 1 GiB and 2 MiB pages on demand).
+//! The EPT identity map: building it, walking it in software, changing the permissions
+//! of single 4 KiB pages and mapping single 4 KiB pages elsewhere (splitting 1 GiB and
+//! 2 MiB pages on demand).
 //!
 //! Paging structures are reached only through [`FrameAllocator`], so this code has no
 //! `unsafe` and is tested on the host against fake physical memory.
@@ -137,6 +138,9 @@ pub enum EptError {
     BadFrame(u64),
     /// A paging-structure entry has a form this code never writes.
     Corrupt { level: u8, entry: u64 },
+    /// The host-physical address of a remap ([`Ept::remap_4k`]) is not 4 KiB-aligned or
+    /// not below the map's limit.
+    BadTarget(u64),
 }
 
 impl fmt::Display for EptError {
@@ -149,6 +153,9 @@ impl fmt::Display for EptError {
             EptError::ExecuteOnlyUnsupported => f.write_str("execute-only EPT pages are not supported by this CPU"),
             EptError::BadFrame(pa) => write!(f, "frame allocator returned an unusable address {pa:#x}"),
             EptError::Corrupt { level, entry } => write!(f, "unexpected EPT entry {entry:#x} at level {level}"),
+            EptError::BadTarget(hpa) => {
+                write!(f, "host-physical address {hpa:#x} is not a page below the EPT map's limit")
+            }
         }
     }
 }
@@ -455,6 +462,43 @@ impl<A: FrameAllocator> Ept<A> {
             e = self.alloc.read_entry(table, i);
         }
         let new = make_leaf(e & ADDR_MASK, perms, entry_type(e), false) | (e & IPAT);
+        self.alloc.write_entry(table, i, new);
+        Ok(true)
+    }
+
+    /// Maps the 4 KiB page holding `gpa` to the host-physical page `hpa` with `perms`,
+    /// splitting a 1 GiB or 2 MiB page into smaller ones if needed (the rest keep their
+    /// translation, type and permissions, as with [`Ept::set_perms_4k`]). The leaf keeps
+    /// the memory type and ignore-PAT bit `gpa` had (its MTRR type): `hpa` should be
+    /// memory of the same type. `hpa == gpa & !0xfff` restores the identity mapping.
+    /// Returns whether the map changed, i.e. whether the caller must INVEPT on every CPU.
+    /// Refused without any change: the [`Ept::set_perms_4k`] refusals, and an `hpa` that
+    /// is not 4 KiB-aligned or not below [`Ept::limit`] ([`EptError::BadTarget`]). On
+    /// allocation failure the mapping is unchanged (a 1 GiB -> 2 MiB split already done
+    /// stays, as with [`Ept::set_perms_4k`]).
+    pub fn remap_4k(&mut self, gpa: u64, hpa: u64, perms: Perms) -> Result<bool, EptError> {
+        check_perms(perms, &self.caps)?;
+        if hpa & (PAGE_SIZE - 1) != 0 || hpa >= self.limit {
+            return Err(EptError::BadTarget(hpa));
+        }
+        let (mut table, mut i, mut level, mut e) = self.walk(gpa)?;
+        let size = match level {
+            3 => SIZE_1G,
+            2 => SIZE_2M,
+            _ => PAGE_SIZE,
+        };
+        let now = (e & ADDR_MASK & !(size - 1)) + (gpa & (size - 1) & !(PAGE_SIZE - 1));
+        if now == hpa && entry_perms(e) == perms {
+            return Ok(false);
+        }
+        while level > 1 {
+            let new = self.split(table, i, level, e)?;
+            level -= 1;
+            table = new;
+            i = idx(gpa, level);
+            e = self.alloc.read_entry(table, i);
+        }
+        let new = make_leaf(hpa, perms, entry_type(e), false) | (e & IPAT);
         self.alloc.write_entry(table, i, new);
         Ok(true)
     }

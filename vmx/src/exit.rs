@@ -72,11 +72,12 @@ pub trait ExitHw {
     fn wrmsr_safe(&mut self, msr: u32, value: u64) -> bool;
     /// INVEPT all-context: drops every EPT-derived translation this CPU caches.
     fn invept_all(&mut self);
-    /// Serves [`Call::EptSetPerms`] and [`Call::EptQuery`] (argument: the guest's RBX;
-    /// returns the guest's RAX). Root mode holds the EPT tables, hidden from the guest;
-    /// without a map (shadow paging, tests) they are unsupported.
-    fn ept_call(&mut self, call: Call, arg: u64) -> u64 {
-        let _ = (call, arg);
+    /// Serves [`Call::EptSetPerms`], [`Call::EptQuery`] and [`Call::EptRemap`] (arguments:
+    /// the guest's RBX and RCX, `rcx` used by [`Call::EptRemap`] only; returns the guest's
+    /// RAX). Root mode holds the EPT tables, hidden from the guest; without a map (shadow
+    /// paging, tests) they are unsupported.
+    fn ept_call(&mut self, call: Call, rbx: u64, rcx: u64) -> u64 {
+        let _ = (call, rbx, rcx);
         hypercall::ERR_UNSUPPORTED
     }
 }
@@ -593,8 +594,8 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
             regs.rax = hypercall::ERR_UNSUPPORTED;
             Action::Resume
         }
-        Call::EptSetPerms | Call::EptQuery => {
-            regs.rax = hw.ept_call(call, regs.rbx);
+        Call::EptSetPerms | Call::EptQuery | Call::EptRemap => {
+            regs.rax = hw.ept_call(call, regs.rbx, regs.rcx);
             Action::Resume
         }
         Call::VeControl => {
@@ -617,7 +618,7 @@ fn ept_violation(hw: &mut impl ExitHw, basic: u32) -> Action {
     let q = hw.vmread(ro::EXIT_QUALIFICATION);
     let gpa = hw.vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
     let access = q & 7;
-    let now = hw.ept_call(Call::EptQuery, gpa);
+    let now = hw.ept_call(Call::EptQuery, gpa, 0);
     let stale = now & (1 << 63) == 0 && access != 0 && now & access == access;
     if stale || now == hypercall::ERR_BUSY {
         hw.invept_all();
@@ -656,7 +657,7 @@ fn ve_control(hw: &mut impl ExitHw, info_pa: u64) -> u64 {
     // The CPU writes the area by physical address, past the guest's EPT view: only a page
     // the guest may write itself (never hidden hypervisor memory).
     let rw = hypercall::EPT_QUERY_R | hypercall::EPT_QUERY_W;
-    if info_pa != 0 && hw.ept_call(Call::EptQuery, info_pa) & (1 << 63 | rw) != rw {
+    if info_pa != 0 && hw.ept_call(Call::EptQuery, info_pa, 0) & (1 << 63 | rw) != rw {
         return hypercall::ERR_BAD_ARGUMENT;
     }
     if info_pa == 0 {
@@ -720,6 +721,10 @@ mod tests {
         invept: u32,
         /// What EptQuery answers (None: no map, unsupported).
         ept_query: Option<u64>,
+        /// Every `ept_call` other than EptQuery: (call, RBX, RCX), answered with
+        /// `ept_answer` (None: unsupported).
+        ept_calls: Vec<(Call, u64, u64)>,
+        ept_answer: Option<u64>,
     }
 
     impl ExitHw for Fake {
@@ -747,10 +752,14 @@ mod tests {
         fn invept_all(&mut self) {
             self.invept += 1;
         }
-        fn ept_call(&mut self, call: Call, _arg: u64) -> u64 {
+        fn ept_call(&mut self, call: Call, rbx: u64, rcx: u64) -> u64 {
             match (call, self.ept_query) {
                 (Call::EptQuery, Some(v)) => v,
-                _ => hypercall::ERR_UNSUPPORTED,
+                (Call::EptQuery, None) => hypercall::ERR_UNSUPPORTED,
+                _ => {
+                    self.ept_calls.push((call, rbx, rcx));
+                    self.ept_answer.unwrap_or(hypercall::ERR_UNSUPPORTED)
+                }
             }
         }
         fn rdmsr_safe(&mut self, msr: u32) -> Option<u64> {
@@ -1027,6 +1036,35 @@ mod tests {
         let mut r = GuestRegs { rax: Call::EptQuery.rax(), rbx: 0x1000, ..Default::default() };
         handle(&mut f, &mut r, &mut ctx, &stats);
         assert_eq!(r.rax, hypercall::ERR_UNSUPPORTED);
+    }
+
+    #[test]
+    fn ept_remap_reaches_ept_call_with_rbx_and_rcx() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        let answer = hypercall::EPT_CHANGED | 7;
+        let mut f = exit(reason::VMCALL, 3, 0);
+        f.ept_answer = Some(answer);
+        let mut r = GuestRegs { rax: Call::EptRemap.rax(), rbx: 0x1234_5005, rcx: 0x6789_a000, ..Default::default() };
+        assert_eq!(handle(&mut f, &mut r, &mut ctx, &stats), Action::Resume);
+        assert_eq!(f.ept_calls, [(Call::EptRemap, 0x1234_5005, 0x6789_a000)]);
+        assert_eq!((r.rax, r.rbx, r.rcx), (answer, 0x1234_5005, 0x6789_a000));
+        assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0003);
+        // EptSetPerms is passed RCX too (root mode ignores it).
+        let mut f = exit(reason::VMCALL, 3, 0);
+        let mut r = GuestRegs { rax: Call::EptSetPerms.rax(), rbx: 0x5003, rcx: 9, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx, &stats);
+        assert_eq!(
+            (f.ept_calls.as_slice(), r.rax),
+            ([(Call::EptSetPerms, 0x5003, 9)].as_slice(), hypercall::ERR_UNSUPPORTED)
+        );
+        // From CPL 3: #UD, root mode's tables untouched.
+        let mut f = exit(reason::VMCALL, 3, 3);
+        f.ept_answer = Some(answer);
+        let mut r = GuestRegs { rax: Call::EptRemap.rax(), rbx: 0x1234_5005, rcx: 0x6789_a000, ..Default::default() };
+        handle(&mut f, &mut r, &mut ctx, &stats);
+        assert!(f.ept_calls.is_empty());
+        assert_eq!(injected(&f), Some((VECTOR_UD, None)));
     }
 
     #[test]

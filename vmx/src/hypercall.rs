@@ -31,12 +31,14 @@ pub const OK: u64 = 0;
 pub const ERR_UNKNOWN_CALL: u64 = 1 << 63 | 1;
 pub const ERR_BAD_ARGUMENT: u64 = 1 << 63 | 2;
 pub const ERR_UNSUPPORTED: u64 = 1 << 63 | 3;
-/// Root mode has no spare frame left for an EPT split ([`Call::EptSetPerms`]).
+/// Root mode has no spare frame left for an EPT split ([`Call::EptSetPerms`],
+/// [`Call::EptRemap`]).
 pub const ERR_OUT_OF_FRAMES: u64 = 1 << 63 | 4;
 /// Another CPU's root mode is changing the EPT tables right now: retry.
 pub const ERR_BUSY: u64 = 1 << 63 | 5;
 
-/// [`Call::EptSetPerms`] result bit: the tables changed, INVEPT every CPU.
+/// [`Call::EptSetPerms`] and [`Call::EptRemap`] result bit: the tables changed, INVEPT
+/// every CPU.
 pub const EPT_CHANGED: u64 = 1 << 3;
 /// [`Call::EptQuery`]'s answer: the page's rights (bits 0-2: read, write, execute).
 pub const EPT_QUERY_R: u64 = 1 << 0;
@@ -66,6 +68,14 @@ pub enum Call {
     /// EPT-violation #VE on this CPU: RBX = the physical address of a zeroed, page-aligned
     /// virtualization-exception information area to turn it on, 0 to turn it off.
     VeControl = 0x13,
+    /// Maps the 4 KB guest-physical page at RBX & !0xfff to the host-physical page in RCX
+    /// (4 KB-aligned, below the map's limit) with the EPT permissions RBX & 7 (R=1, W=2,
+    /// X=4), in root mode (splits as for [`Call::EptSetPerms`]); the entry keeps the guest
+    /// page's memory type. RCX = the page itself restores the identity mapping. Neither
+    /// page may be hypervisor memory hidden from the guest. RAX: the previous permissions
+    /// | [`EPT_CHANGED`] if the tables changed (the caller then runs
+    /// [`Call::EptInvalidate`] on every CPU), or an `ERR_*`.
+    EptRemap = 0x14,
     /// Shadow paging: apply the current policy of the guest-physical page in RBX to this
     /// CPU's shadow leaves (and flush); `ERR_UNSUPPORTED` under EPT.
     ShadowApplyPolicy = 0x20,
@@ -100,6 +110,7 @@ pub fn decode(rax: u64) -> Decoded {
         0x11 => Call::EptInvalidate,
         0x12 => Call::EptQuery,
         0x13 => Call::VeControl,
+        0x14 => Call::EptRemap,
         0x20 => Call::ShadowApplyPolicy,
         other => return Decoded::Unknown(other),
     })
@@ -119,6 +130,7 @@ mod tests {
             Call::EptInvalidate,
             Call::EptQuery,
             Call::VeControl,
+            Call::EptRemap,
             Call::ShadowApplyPolicy,
         ] {
             assert_eq!(decode(c.rax()), Decoded::Call(c));
@@ -132,5 +144,6 @@ mod tests {
     fn signature_spells_kdbt() {
         assert_eq!(&SIGNATURE_WORD.to_le_bytes(), b"kdbt");
         assert_eq!(Call::Devirtualize.rax(), 0x7462_646b_0000_0003);
+        assert_eq!(Call::EptRemap.rax(), 0x7462_646b_0000_0014);
     }
 }

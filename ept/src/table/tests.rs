@@ -416,3 +416,146 @@ fn unusable_frames_are_refused_and_returned() {
     assert!(matches!(e, EptError::BadFrame(pa) if pa & 0xfff == 8), "{e:?}");
     assert_eq!(a.0.live(), 0);
 }
+
+/// Every leaf of `[0, limit)` identity-mapped, RWX and of its MTRR type, except the 4 KiB
+/// pages in `remapped`, which must keep only their MTRR type.
+fn check_identity_except(ept: &Ept<FakeMem>, raw: &Raw, remapped: &[u64]) {
+    let remapped: HashSet<u64> = remapped.iter().copied().collect();
+    let mut gpa = 0;
+    while gpa < ept.limit() {
+        let t = ept.translate(gpa).unwrap();
+        assert_eq!(t.memtype, naive(raw, gpa), "{gpa:#x}");
+        if !remapped.contains(&gpa) {
+            assert_eq!((t.hpa, t.perms), (gpa, Perms::RWX), "{gpa:#x}");
+        }
+        gpa += t.page_size.bytes();
+    }
+}
+
+#[test]
+fn remap_inside_1g_page_splits_and_round_trips() {
+    let raw = wb_default_uc_hole();
+    let mut ept = build(&raw, 8 * GIB, ALL);
+    let target = 5 * GIB + 7 * MIB + 0x3000;
+    let hpa = 0x1234_5000;
+    assert_eq!(ept.translate(target).unwrap().page_size, PageSize::Size1G);
+    let before = ept.stats();
+    assert_eq!(ept.remap_4k(target + 0x123, hpa, Perms::RX), Ok(true));
+    let after = ept.stats();
+    assert_eq!(after.pages_1g, before.pages_1g - 1);
+    assert_eq!(after.pages_2m, before.pages_2m + 511);
+    assert_eq!(after.pages_4k, before.pages_4k + 512);
+    assert_eq!(after.tables, before.tables + 2);
+    let t = ept.translate(target).unwrap();
+    assert_eq!((t.hpa, t.perms, t.memtype, t.page_size), (hpa, Perms::RX, MemType::Wb, PageSize::Size4K));
+    // An offset inside the page lands at the same offset of the new host page.
+    assert_eq!(ept.translate(target + 0xfff).unwrap().hpa, hpa + 0xfff);
+    // Neighbours keep identity and rights.
+    for a in [target - 4096, target + 4096] {
+        let t = ept.translate(a).unwrap();
+        assert_eq!((t.hpa, t.perms, t.page_size), (a, Perms::RWX, PageSize::Size4K), "{a:#x}");
+    }
+    assert_eq!(ept.translate(5 * GIB).unwrap().page_size, PageSize::Size2M);
+    check_identity_except(&ept, &raw, &[target]);
+    // The same remap again: nothing to do, no INVEPT.
+    assert_eq!(ept.remap_4k(target, hpa, Perms::RX), Ok(false));
+    assert_eq!(ept.stats(), after);
+    // Only the rights, or only the target, changing is a change; every valid set of
+    // rights keeps the address (none included).
+    for p in [Perms::NONE, Perms::R, Perms::RW, Perms::X, Perms::RWX, Perms::RX] {
+        assert_eq!(ept.remap_4k(target, hpa, p), Ok(true), "{p}");
+        let t = ept.translate(target).unwrap();
+        assert_eq!((t.hpa, t.perms, t.memtype), (hpa, p, MemType::Wb), "{p}");
+    }
+    assert_eq!(ept.remap_4k(target, hpa + 4096, Perms::RX), Ok(true));
+    assert_eq!(ept.translate(target).unwrap().hpa, hpa + 4096);
+    // Back to the identity, RWX: the whole map is the identity map again.
+    assert_eq!(ept.remap_4k(target, target, Perms::RWX), Ok(true));
+    check_whole_space_except(&ept, &raw, &[]);
+    assert_eq!(ept.remap_4k(target, target, Perms::RWX), Ok(false));
+    assert_eq!(ept.stats(), after);
+    let tables = after.tables as usize;
+    let mem = ept.destroy();
+    assert_eq!((mem.live(), mem.freed), (0, tables));
+}
+
+#[test]
+fn remap_inside_2m_page_keeps_type_and_ipat() {
+    let raw = overlapping();
+    let mut ept = build(&raw, 6 * GIB, ALL);
+    let wt = GIB + 2 * MIB + 0x5000;
+    assert_eq!(ept.translate(wt).unwrap().page_size, PageSize::Size2M);
+    // The leaf's type is the guest page's (WT here), wherever it now points.
+    assert_eq!(ept.remap_4k(wt, 0x3000, Perms::RX), Ok(true));
+    let t = ept.translate(wt).unwrap();
+    assert_eq!(
+        (t.hpa, t.perms, t.memtype, t.page_size, t.ignore_pat),
+        (0x3000, Perms::RX, MemType::Wt, PageSize::Size4K, false)
+    );
+    for a in [wt - 4096, wt + 4096, GIB + 2 * MIB, GIB + 4 * MIB - 4096] {
+        let t = ept.translate(a).unwrap();
+        assert_eq!((t.hpa, t.perms, t.memtype, t.page_size), (a, Perms::RWX, MemType::Wt, PageSize::Size4K), "{a:#x}");
+    }
+    check_identity_except(&ept, &raw, &[wt & !0xfff]);
+    // A leaf with ignore-PAT set keeps it.
+    let (table, i, level, e) = ept.walk(wt).unwrap();
+    assert_eq!(level, 1);
+    ept.alloc.write_entry(table, i, e | IPAT);
+    assert_eq!(ept.remap_4k(wt, wt & !0xfff, Perms::RWX), Ok(true));
+    let t = ept.translate(wt).unwrap();
+    assert_eq!((t.hpa, t.perms, t.memtype, t.ignore_pat), (wt & !0xfff, Perms::RWX, MemType::Wt, true));
+}
+
+#[test]
+fn identity_remap_of_a_large_page_changes_nothing() {
+    let mut ept = build(&wb_default_uc_hole(), 2 * GIB, ALL);
+    let before = ept.stats();
+    assert_eq!(ept.remap_4k(GIB + 4096, GIB + 4096, Perms::RWX), Ok(false));
+    assert_eq!(ept.remap_4k(GIB + 3 * MIB + 0x42, GIB + 3 * MIB, Perms::RWX), Ok(false));
+    assert_eq!(ept.stats(), before);
+}
+
+#[test]
+fn invalid_remaps_refused_without_change() {
+    let raw = wb_default_uc_hole();
+    let caps = EptCaps { execute_only: false, ..ALL };
+    let mut ept = build(&raw, 2 * GIB, caps);
+    let before = ept.stats();
+    let a = GIB + 12 * MIB;
+    assert_eq!(ept.remap_4k(a, 0x5001, Perms::RX), Err(EptError::BadTarget(0x5001)));
+    assert_eq!(ept.remap_4k(a, 0x5800, Perms::RX), Err(EptError::BadTarget(0x5800)));
+    assert_eq!(ept.remap_4k(a, 2 * GIB, Perms::RX), Err(EptError::BadTarget(2 * GIB)));
+    let top = !0xfff_u64;
+    assert_eq!(ept.remap_4k(a, top, Perms::RX), Err(EptError::BadTarget(top)));
+    assert_eq!(ept.remap_4k(a, 0x5000, Perms::W), Err(EptError::InvalidPerms(Perms::W)));
+    assert_eq!(ept.remap_4k(a, 0x5000, Perms::W | Perms::X), Err(EptError::InvalidPerms(Perms::W | Perms::X)));
+    assert_eq!(ept.remap_4k(a, 0x5000, Perms::X), Err(EptError::ExecuteOnlyUnsupported));
+    assert_eq!(ept.remap_4k(2 * GIB, 0x5000, Perms::R), Err(EptError::NotMapped));
+    assert_eq!(ept.remap_4k(u64::MAX, 0x5000, Perms::R), Err(EptError::NotMapped));
+    assert_eq!(ept.stats(), before);
+    check_whole_space(&ept, &raw, caps);
+    // The last page below the limit is a valid target.
+    assert_eq!(ept.remap_4k(a, 2 * GIB - 4096, Perms::RX), Ok(true));
+    assert_eq!(ept.translate(a).unwrap().hpa, 2 * GIB - 4096);
+    assert_eq!(
+        format!("{}", EptError::BadTarget(0x5001)),
+        "host-physical address 0x5001 is not a page below the EPT map's limit"
+    );
+}
+
+#[test]
+fn out_of_memory_during_remap_changes_nothing() {
+    let raw = wb_default_uc_hole();
+    let mut ept = build(&raw, 8 * GIB, ALL);
+    let a = 6 * GIB + 4096;
+    ept.alloc.budget = Some(0);
+    assert_eq!(ept.remap_4k(a, 0x7000, Perms::RX), Err(EptError::OutOfMemory));
+    assert_eq!(ept.translate(a).unwrap().page_size, PageSize::Size1G);
+    // One frame: 1 GiB -> 2 MiB done (translations unchanged), 2 MiB -> 4 KiB fails.
+    ept.alloc.budget = Some(1);
+    assert_eq!(ept.remap_4k(a, 0x7000, Perms::RX), Err(EptError::OutOfMemory));
+    check_whole_space_except(&ept, &raw, &[]);
+    ept.alloc.budget = None;
+    assert_eq!(ept.remap_4k(a, 0x7000, Perms::RX), Ok(true));
+    assert_eq!(ept.translate(a).map(|t| (t.hpa, t.perms)), Some((0x7000, Perms::RX)));
+}

@@ -6,9 +6,9 @@
 //! block and the host page-table root get no EPT rights, so the guest can neither read
 //! nor write them. Root mode does not run under EPT and reaches them through the kernel's
 //! direct map. Consequently, once a CPU is virtualized, every read or change of the tables
-//! goes through a hypercall ([`Call::EptSetPerms`], [`Call::EptQuery`]) served here in
-//! root mode, and root mode takes the frames for splits from a pool of spare frames
-//! hidden in advance (root mode never allocates).
+//! goes through a hypercall ([`Call::EptSetPerms`], [`Call::EptQuery`],
+//! [`Call::EptRemap`]) served here in root mode, and root mode takes the frames for splits
+//! from a pool of spare frames hidden in advance (root mode never allocates).
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
@@ -264,25 +264,70 @@ fn with_root_map<R>(f: impl FnOnce(&mut Map) -> R) -> Option<R> {
     Some(r)
 }
 
-/// Root mode: serves [`Call::EptSetPerms`] and [`Call::EptQuery`].
-pub fn root_call(call: Call, arg: u64) -> u64 {
-    let gpa = arg & !0xfff;
+/// Whether one of `pages` (page-aligned) is hypervisor memory the map knows of: one of its
+/// paging structures or spare frames, or, as recorded while hiding is on, a per-CPU block,
+/// the host page-table root or the map's state page. Root mode may call it (no kernel
+/// call, no allocation); one walk of the tables for all of `pages`.
+pub fn hypervisor_memory(m: &Map, pages: &[u64]) -> bool {
+    let recorded = |pa: &AtomicU64, page: u64| {
+        let pa = pa.load(Ordering::Relaxed);
+        pa != 0 && pa == page
+    };
+    let named = pages.iter().any(|&page| {
+        m.allocator().pool().contains(&page)
+            || recorded(&HOST_PML4, page)
+            || recorded(&MAP_PAGE, page)
+            || ::ept::hide::find_in_blocks(
+                BLOCKS.iter().map(|b| b.load(Ordering::Relaxed)),
+                super::percpu::PERCPU_SIZE as u64,
+                page,
+                super::percpu::page_object,
+            )
+            .is_some()
+    });
+    let mut table = false;
+    if !named {
+        m.for_each_table(|t| table |= pages.contains(&t));
+    }
+    named || table
+}
+
+/// The answer of [`Call::EptSetPerms`] and [`Call::EptRemap`]: the previous permissions
+/// `old` and whether the tables changed, or the error.
+fn change_result(old: Perms, r: Result<bool, ::ept::EptError>) -> u64 {
+    match r {
+        Ok(changed) => old.bits() as u64 | if changed { hypercall::EPT_CHANGED } else { 0 },
+        Err(::ept::EptError::OutOfMemory) => hypercall::ERR_OUT_OF_FRAMES,
+        Err(_) => hypercall::ERR_BAD_ARGUMENT,
+    }
+}
+
+/// Root mode: serves [`Call::EptSetPerms`], [`Call::EptQuery`] and [`Call::EptRemap`]
+/// (`rbx`, `rcx`: the guest's registers). [`Call::EptRemap`] is refused
+/// (`ERR_BAD_ARGUMENT`) when either page is hypervisor memory ([`hypervisor_memory`]): a
+/// hidden page keeps its identity mapping without rights, and no other guest page may map
+/// one.
+pub fn root_call(call: Call, rbx: u64, rcx: u64) -> u64 {
+    let gpa = rbx & !0xfff;
+    let perms = Perms::from_bits_truncate((rbx & 7) as u8);
     let busy = || if ROOT_MAP.load(Ordering::Acquire).is_null() { hypercall::ERR_UNSUPPORTED } else { hypercall::ERR_BUSY };
     match call {
         Call::EptQuery => with_root_map(|m| m.perms_of(gpa).map_or(hypercall::ERR_BAD_ARGUMENT, |p| p.bits() as u64))
             .unwrap_or_else(busy),
-        Call::EptSetPerms => {
-            let perms = Perms::from_bits_truncate((arg & 7) as u8);
-            with_root_map(|m| {
-                let Some(old) = m.perms_of(gpa) else { return hypercall::ERR_BAD_ARGUMENT };
-                match m.set_perms_4k(gpa, perms) {
-                    Ok(changed) => old.bits() as u64 | if changed { hypercall::EPT_CHANGED } else { 0 },
-                    Err(::ept::EptError::OutOfMemory) => hypercall::ERR_OUT_OF_FRAMES,
-                    Err(_) => hypercall::ERR_BAD_ARGUMENT,
-                }
-            })
-            .unwrap_or_else(busy)
-        }
+        Call::EptSetPerms => with_root_map(|m| {
+            let Some(old) = m.perms_of(gpa) else { return hypercall::ERR_BAD_ARGUMENT };
+            change_result(old, m.set_perms_4k(gpa, perms))
+        })
+        .unwrap_or_else(busy),
+        Call::EptRemap => with_root_map(|m| {
+            let Some(old) = m.perms_of(gpa) else { return hypercall::ERR_BAD_ARGUMENT };
+            // A misaligned RCX is refused by remap_4k; its page is checked here.
+            if hypervisor_memory(m, &[gpa, rcx & !0xfff]) {
+                return hypercall::ERR_BAD_ARGUMENT;
+            }
+            change_result(old, m.remap_4k(gpa, rcx, perms))
+        })
+        .unwrap_or_else(busy),
         _ => hypercall::ERR_UNSUPPORTED,
     }
 }

@@ -32,7 +32,7 @@ mod status;
 pub use hotplug::{cpu_offline, cpu_online};
 pub use lifecycle::{load, unload};
 use lifecycle::*;
-pub use perms::{set_page_perms, set_pages_perms};
+pub use perms::{remap_pages, set_page_perms, set_pages_perms};
 use perms::*;
 pub use selftest::{ept_check, ept_violation_check, nmi_check, shadow_policy_check};
 pub use status::{fatal_message, fatal_pending, status};
@@ -86,6 +86,19 @@ pub fn hypercall(call: vmx::hypercall::Call, arg: u64) -> u64 {
     // so callers only use it on CPUs kdbt virtualized.
     unsafe {
         core::arch::asm!("xchg {a}, rbx", "vmcall", "xchg {a}, rbx", a = inout(reg) arg => _, inout("rax") rax, options(nostack));
+    }
+    rax
+}
+
+/// VMCALL from the current CPU (CPL 0) with two arguments, in RBX and RCX.
+pub fn hypercall2(call: vmx::hypercall::Call, rbx: u64, rcx: u64) -> u64 {
+    let mut rax = call.rax();
+    // SAFETY: as in `hypercall`: VMCALL in VMX non-root operation exits to kdbt's handler,
+    // which implements `call` and returns in RAX (RBX and RCX are declared clobbered, so
+    // a call may write them); callers only use it on CPUs kdbt virtualized.
+    unsafe {
+        core::arch::asm!("xchg {a}, rbx", "vmcall", "xchg {a}, rbx", a = inout(reg) rbx => _, inout("rax") rax,
+                         inout("rcx") rcx => _, options(nostack));
     }
     rax
 }

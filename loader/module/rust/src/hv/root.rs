@@ -108,8 +108,8 @@ impl ExitHw for RootHw {
     fn invept_all(&mut self) {
         invept_all();
     }
-    fn ept_call(&mut self, call: vmx::hypercall::Call, arg: u64) -> u64 {
-        super::ept::root_call(call, arg)
+    fn ept_call(&mut self, call: vmx::hypercall::Call, rbx: u64, rcx: u64) -> u64 {
+        super::ept::root_call(call, rbx, rcx)
     }
 }
 
