@@ -41,6 +41,9 @@ pub struct HostEnv {
     budget_base: core::cell::Cell<Option<usize>>,
     /// Test hook: the environment's [`Env::deliver`].
     pub deliver: Option<DeliverHook>,
+    /// Test hook ([`Env::native_now`]): a `[lo, hi)` range that runs natively for now,
+    /// shared so a test can change it while the engine owns the environment.
+    pub native_now: std::sync::Arc<[core::sync::atomic::AtomicU64; 2]>,
     /// Fault sites ([`Env::fault_slot`]): native pcs given slots, each reported to
     /// `on_fault_slot` (native pc, slot) before the engine uses it, as a kernel
     /// environment registers the slot in its exception table.
@@ -207,6 +210,11 @@ impl Env for HostEnv {
 
     fn deliver(&mut self, kind: crate::StopKind, pc: u64, ctx: &mut GuestCtx) -> Option<u64> {
         self.deliver.and_then(|d| d(kind, pc, ctx))
+    }
+
+    fn native_now(&mut self, pc: u64) -> bool {
+        use core::sync::atomic::Ordering::Relaxed;
+        (self.native_now[0].load(Relaxed)..self.native_now[1].load(Relaxed)).contains(&pc)
     }
 
     fn fault_slot(&mut self, pc: u64, _len: usize) -> Option<u64> {

@@ -9,6 +9,7 @@ extern crate std;
 pub mod asm;
 pub mod client;
 pub mod engine;
+pub mod entry_calls;
 pub mod extable;
 pub mod ibl;
 pub mod kclass;

@@ -409,6 +409,8 @@ pub fn reg64(k: usize) -> Register {
 pub(crate) enum Operand {
     Reg(Register),
     Mem(MemoryOperand),
+    /// A known target (a fault slot's way back: the next instruction's native pc).
+    Imm(u64),
 }
 
 impl Operand {
@@ -436,6 +438,10 @@ impl Operand {
                 e.ins(Instruction::with2(Code::Lea_r64_m, Register::RCX, rsp_at(moved)));
             }
             Operand::Reg(r) => e.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, *r)),
+            Operand::Imm(v) if *v as i64 == *v as i64 as i32 as i64 => {
+                e.ins(Instruction::with2(Code::Mov_rm64_imm32, Register::RCX, *v as i64))
+            }
+            Operand::Imm(v) => e.ins(Instruction::with2(Code::Mov_r64_imm64, Register::RCX, *v)),
             Operand::Mem(m) => {
                 let mut m = *m;
                 if m.base == Register::RSP {

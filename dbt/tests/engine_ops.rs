@@ -60,6 +60,31 @@ fn invalidation_unlinks_and_retranslates() {
 }
 
 #[test]
+fn a_target_native_for_now_is_left_untranslated_and_unlinked() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_p, a, b) = call_pair();
+    let env = dbt::host::HostEnv::new();
+    let range = env.native_now.clone();
+    let mut h = Harness::with_env(Some(Box::new(NullClient)), Config::default(), env);
+    // B is being written: A runs translated, its call of B leaves at B.
+    range[0].store(b, Relaxed);
+    range[1].store(b + 6, Relaxed);
+    let r = h.run(a, &[]);
+    assert_eq!((r.stop, r.stop_pc), (StopKind::Native, b));
+    assert!(h.engine.lookup(b).is_none(), "nothing translated for B");
+    assert_eq!(h.engine.stats.native_now, 1);
+    let r = h.run(a, &[]);
+    assert_eq!((r.stop, r.stop_pc), (StopKind::Native, b), "nothing linked to B either");
+    assert_eq!(h.engine.stats.native_now, 2);
+    // Re-protected: B is translated and linked as usual.
+    range[1].store(0, Relaxed);
+    assert_eq!(h.run(a, &[]).rax, 11);
+    assert!(h.engine.lookup(b).is_some());
+    assert_eq!(h.run(a, &[]).rax, 11);
+    assert_eq!(h.engine.stats.native_now, 2);
+}
+
+#[test]
 fn capacity_limit_resets_and_stays_correct() {
     let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };
     let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);

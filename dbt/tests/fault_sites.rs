@@ -130,24 +130,35 @@ fn a_fault_in_a_slot_continues_at_its_fixup() {
     native_return_slot(f);
 }
 
-/// With `Config::fault_slot_native_return` (the kernel's choice) the slot's jump out goes
-/// to the next instruction's native pc, not into the fragment (checked on the bytes: on
-/// the host the native pc would run natively).
+/// With `Config::fault_slot_native_return` (the kernel's choice) the slot depends on no
+/// fragment: after its instruction it looks the next instruction's native pc up in the
+/// shared table (a lookup frame, as an indirect jump builds), so the run goes on in the
+/// cache (here the next pc, mid-fragment, is a miss and gets its own fragment); without
+/// the table it would jump to the native pc (kernel: a #VE back in; on the host the
+/// native code would escape the cache and return to the sentinel natively).
 fn native_return_slot(f: u64) {
     let mut env = HostEnv::new();
     env.fault_sites = vec![f + SITE];
     env.on_fault_slot = Some(record_slot);
     let cfg = Config { fault_slot_native_return: true, ..Config::default() };
     let mut h = Harness::with_env(None, cfg, env);
-    h.engine.fragment_for(f).expect("translated");
+    let good = Box::new(37u64);
+    let r = h.run(f, &[&*good as *const u64 as u64]);
+    assert_eq!((r.stop, r.rax), (StopKind::Sentinel, 42));
     let slot = SLOT[0].load(SeqCst);
     assert_eq!(SLOT[1].load(SeqCst), f + SITE);
+    assert!(h.engine.lookup(f + SITE + 3).is_some(), "the next pc was reached through the lookup, translated");
     // SAFETY: code-cache bytes of the slot.
-    let sb = unsafe { std::slice::from_raw_parts(slot as *const u8, 8) };
+    let sb = unsafe { std::slice::from_raw_parts(slot as *const u8, dbt::FAULT_SLOT_BYTES) };
     assert_eq!(&sb[..3], &CODE[SITE as usize..SITE as usize + 3]);
-    assert_eq!(sb[3], 0xE9);
-    let rel = i32::from_le_bytes(sb[4..8].try_into().unwrap()) as i64;
-    assert_eq!((slot + 8).wrapping_add_signed(rel), f + SITE + 3, "jumps to the next native pc");
+    let mut d = iced_x86::Decoder::with_ip(64, &sb[3..], slot + 3, iced_x86::DecoderOptions::NONE);
+    let tail: Vec<_> = (0..6).map(|_| d.decode()).collect();
+    use iced_x86::{Mnemonic::*, Register};
+    let m: Vec<_> = tail.iter().map(|i| i.mnemonic()).collect();
+    assert_eq!(m, [Lea, Push, Push, Mov, Movzx, Jmp], "{tail:?}");
+    assert_eq!((tail[2].op0_register(), tail[3].op0_register()), (Register::RCX, Register::RCX));
+    assert_eq!(tail[3].immediate(1), f + SITE + 3, "the lookup's target is the next native pc");
+    assert!(tail.iter().all(|i| i.rflags_modified() == 0));
 }
 
 /// A RIP-relative fault site is re-encoded for the slot's address.

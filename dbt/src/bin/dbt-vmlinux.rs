@@ -427,6 +427,49 @@ fn translate_function(
     first_ok
 }
 
+/// The direct calls and jumps of the entry text (`__entry_text_start`..`_end` in the
+/// map) into the rest of the text, as the kernel DBT redirects them
+/// ([`dbt::entry_calls`]): the whole range must decode, and `do_syscall_64` (the
+/// system-call path) must be among the targets. Prints one line.
+fn entry_redirects(image: &Image, sym: &Symbols, map: &str) -> bool {
+    let addr = |name: &str| {
+        map.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            let a = u64::from_str_radix(w.next()?, 16).ok()?;
+            (w.nth(1)? == name).then_some(a)
+        })
+    };
+    let (Some(lo), Some(hi)) = (addr("__entry_text_start"), addr("__entry_text_end")) else {
+        println!("entry text: no __entry_text_start/_end in the map");
+        return false;
+    };
+    let mut code = vec![0u8; hi.saturating_sub(lo) as usize];
+    if image.read(lo, &mut code) != code.len() {
+        println!("entry text {lo:#x}..{hi:#x}: not in the image");
+        return false;
+    }
+    let text = |t: u64| !(lo..hi).contains(&t) && !sym.thunks.contains_key(&t) && image.read(t, &mut [0u8; 1]) == 1;
+    match dbt::entry_calls::direct_sites(&code, lo, text) {
+        Err(pc) => {
+            println!("entry text: undecodable at {pc:#x} (+{:#x})", pc - lo);
+            false
+        }
+        Ok(sites) => {
+            let targets: BTreeSet<u64> = sites.iter().map(|s| s.target).collect();
+            let sys = addr("do_syscall_64");
+            let found = sys.is_some_and(|a| targets.contains(&a));
+            println!(
+                "entry text: {} bytes, {} direct calls/jumps into the text to {} targets, do_syscall_64 among them: {}",
+                code.len(),
+                sites.len(),
+                targets.len(),
+                if found { "yes" } else { "NO" }
+            );
+            found
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 3 {
@@ -547,14 +590,21 @@ fn main() -> ExitCode {
     for u in t.unmapped.iter().take(20) {
         println!("UNMAPPED {u}");
     }
-    if t.panics.is_empty() && t.undecodable.is_empty() && t.unmapped.is_empty() && t.translated > 0 {
+    let entry_ok = if args[2] == "--no-symbols" {
+        println!("entry text: no symbols, not checked");
+        true
+    } else {
+        entry_redirects(&image, &sym, &String::from_utf8_lossy(&map))
+    };
+    if t.panics.is_empty() && t.undecodable.is_empty() && t.unmapped.is_empty() && t.translated > 0 && entry_ok {
         ExitCode::SUCCESS
     } else {
         println!(
-            "FAILED: {} panics, {} undecodable fragments, {} unmapped instructions",
+            "FAILED: {} panics, {} undecodable fragments, {} unmapped instructions{}",
             t.panics.len(),
             t.undecodable.len(),
-            t.unmapped.len()
+            t.unmapped.len(),
+            if entry_ok { "" } else { ", entry text not redirectable" }
         );
         ExitCode::FAILURE
     }

@@ -82,6 +82,12 @@ impl Engine {
             }
             return target;
         }
+        // A page being written runs natively until the environment re-protects it:
+        // nothing is translated or linked for it meanwhile.
+        if self.env.native_now(target) {
+            self.stats.native_now += 1;
+            return self.leave(s, f, StopKind::Native as u64, target);
+        }
         // SAFETY: `rp` is the record a stub passed (see above).
         let r = match rec {
             Some(rp) => unsafe { self.take_exit(rp) },

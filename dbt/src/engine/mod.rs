@@ -83,6 +83,18 @@ pub trait Env {
     fn native(&self, _pc: u64) -> bool {
         false
     }
+    /// Whether `pc` must run natively *for now*: its page is being written (kernel:
+    /// a `text_poke` burst; the page is writable and executable in EPT until the
+    /// environment re-protects it and invalidates its translations again), so a
+    /// translation made now could copy bytes in the middle of a patch (an `int3` whose
+    /// handler then finds the patch done). Asked at every dispatch before anything is
+    /// translated or linked for `pc`, never cached: the dispatch leaves at `pc`
+    /// ([`StopKind::Native`]) with nothing recorded. The environment makes sure the
+    /// native run can fetch there (kernel: an INVEPT on this CPU, whose cached EPT
+    /// translation may still say not executable).
+    fn native_now(&mut self, _pc: u64) -> bool {
+        false
+    }
     /// Bytes the dispatcher's memory (the environment's [`crate::pool::Pool`])
     /// can still hand out in one piece. Below [`TRANSLATE_RESERVE`] the engine
     /// refuses to translate ([`StopKind::NoMemory`]) instead of failing an
@@ -228,6 +240,9 @@ pub struct Stats {
     pub kclass: [u64; KClass::COUNT],
     /// Stops the environment delivered itself ([`Env::deliver`]).
     pub delivered: u64,
+    /// Dispatches that left at once because the target runs natively for now
+    /// ([`Env::native_now`]).
+    pub native_now: u64,
     /// Fault-site instructions placed in slots ([`Env::fault_slot`]).
     pub fault_sites: u64,
 }

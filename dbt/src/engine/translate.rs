@@ -249,7 +249,20 @@ impl Engine {
                         return Err(StopKind::NoSpace);
                     }
                     let back = if self.cfg.fault_slot_native_return { i.next_ip() } else { e.pc() };
-                    se.ins(Instruction::with_branch(Code::Jmp_rel32_64, back));
+                    if self.cfg.fault_slot_native_return {
+                        // Back through the lookup (a table hit when the next pc is
+                        // translated: no steering event), if that fits the slot; the
+                        // lookup depends on no fragment either.
+                        let mut le = Emit::new(se.pc());
+                        le.ind_lookup(&self.abi, back, None, 0, &Operand::Imm(back));
+                        if !le.err && se.buf.len() + le.buf.len() <= FAULT_SLOT_BYTES {
+                            se.buf.extend_from_slice(&le.buf);
+                        } else {
+                            se.ins(Instruction::with_branch(Code::Jmp_rel32_64, back));
+                        }
+                    } else {
+                        se.ins(Instruction::with_branch(Code::Jmp_rel32_64, back));
+                    }
                     if se.err || se.buf.len() > FAULT_SLOT_BYTES {
                         return Err(StopKind::NoSpace);
                     }
