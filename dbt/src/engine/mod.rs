@@ -374,7 +374,9 @@ pub struct Config {
     /// depends on no fragment's memory: a task asleep in a fault at the slot (regs->ip
     /// is the slot while a page fault on user memory sleeps) may resume after its
     /// fragment was reclaimed, or after the session ended (then the native pc runs
-    /// natively). The price is one steering event per execution of a slot.
+    /// natively). The way there is a lookup of that pc in the shared table when the
+    /// slot has room for it (a hit when the pc is translated: no steering event), else
+    /// a jump to it (one steering event per execution of the slot).
     pub fault_slot_native_return: bool,
     /// What a CPU does while it waits for the engine lock, every 128 spins
     /// (kernel: nothing more, interrupts are off; host: sleep a little, since the
