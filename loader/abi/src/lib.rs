@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -315,6 +315,10 @@ pub const DBT_START_TEST_NO_INVALIDATE: u32 = 1 << 1;
 /// instructions: a fault of one while translated then finds no exception-table entry and
 /// oopses, which the checks of user-pointer faults in the module must show).
 pub const DBT_START_TEST_NO_FAULT_SLOTS: u32 = 1 << 2;
+/// [`DbtStart::flags`], for tests only (kernel scope): the entry text runs as booted, its
+/// calls into the kernel's text not redirected into the cache, so each one is steered by
+/// a #VE (the check that a steady system-call loop is steered 0 times must then fail).
+pub const DBT_START_TEST_NO_REDIRECT: u32 = 1 << 3;
 
 /// Argument of [`IOC_DBT_STATS`]: the running translation's figures, and per CPU (like
 /// [`CapsQuery`]: a buffer of `capacity` [`DbtCpuStats`]).
@@ -358,6 +362,12 @@ pub struct DbtStatsQuery {
     pub fault_table: u64,
     pub fault_slots: u64,
     pub fault_unplaced: u64,
+    /// Kernel scope: direct calls and jumps of the entry text into the kernel's text that
+    /// enter the cache through trampolines, their distinct targets, and entry pages mapped
+    /// back to the kernel's own by a write.
+    pub entry_sites: u64,
+    pub entry_targets: u64,
+    pub entry_reverted: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -389,6 +399,9 @@ impl Default for DbtStatsQuery {
             fault_table: 0,
             fault_slots: 0,
             fault_unplaced: 0,
+            entry_sites: 0,
+            entry_targets: 0,
+            entry_reverted: 0,
         }
     }
 }
@@ -499,7 +512,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 48 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 18 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 21 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
         assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);

@@ -43,6 +43,7 @@ pub struct TestHooks {
     pub no_steer: bool,
     pub no_invalidate: bool,
     pub no_fault_slots: bool,
+    pub no_redirect: bool,
 }
 
 pub fn start(module: &str, client: ClientKind, tests: TestHooks) -> Result<()> {
@@ -87,7 +88,7 @@ fn kernel_ranges(kallsyms: &str) -> Result<KernelRanges> {
 
 /// `kdbt start --kernel` (experimental: see the README's limitations).
 pub fn start_kernel(client: ClientKind, tests: TestHooks) -> Result<()> {
-    eprintln!("kdbt: warning: --kernel is experimental (see the README): every kernel entry costs a #VE, and a cache reset with two CPUs online crashes");
+    eprintln!("kdbt: warning: --kernel is experimental (see the README): a cache reset with two CPUs online crashes");
     let text = std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
     let k = kernel_ranges(&text)?;
     if k.ex_table == [0, 0] {
@@ -96,9 +97,10 @@ pub fn start_kernel(client: ClientKind, tests: TestHooks) -> Result<()> {
     match Device::open()?.dbt_start(kdbt_abi::KERNEL_SCOPE, client.abi(), tests.flags(), Some(k))? {
         Ok(()) => {
             println!(
-                "kdbt: started: the kernel's text ({:#x}+{:#x}) runs from the code cache on every CPU, entry text native (client {client:?})",
+                "kdbt: started: the kernel's text ({:#x}+{:#x}) runs from the code cache on every CPU, entry text native{} (client {client:?})",
                 k.text[0],
-                k.text[1] - k.text[0]
+                k.text[1] - k.text[0],
+                if tests.no_redirect { ", its calls into the text steered by #VE" } else { ", its calls into the text redirected" }
             );
             Ok(())
         }
@@ -113,6 +115,7 @@ impl TestHooks {
             (self.no_steer, kdbt_abi::DBT_START_TEST_NO_STEER),
             (self.no_invalidate, kdbt_abi::DBT_START_TEST_NO_INVALIDATE),
             (self.no_fault_slots, kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS),
+            (self.no_redirect, kdbt_abi::DBT_START_TEST_NO_REDIRECT),
         ] {
             if on {
                 flags |= bit;
@@ -152,6 +155,7 @@ pub fn stats(json: bool) -> Result<()> {
             "pool_peak": q.pool_peak, "pool_size": q.pool_size,
             "write_faults": q.write_faults, "reprotects": q.reprotects, "writable_pages": q.writable_pages,
             "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_unplaced": q.fault_unplaced,
+            "entry_sites": q.entry_sites, "entry_targets": q.entry_targets, "entry_reverted": q.entry_reverted,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -191,6 +195,14 @@ pub fn stats(json: bool) -> Result<()> {
     );
     if module == kdbt_abi::KERNEL_SCOPE {
         println!("  native regions: the entry text, the pages of the retpoline and return thunks, every module");
+        if q.entry_sites > 0 {
+            println!(
+                "  entry text: {} direct calls/jumps into the text enter the cache through {} trampolines (no #VE); pages mapped back by writes {}",
+                q.entry_sites, q.entry_targets, q.entry_reverted
+            );
+        } else {
+            println!("  entry text: as booted, every call from it into the text is steered by #VE");
+        }
     } else {
         println!("  native regions: everything outside {module}'s text (this stage translates one module)");
     }

@@ -161,6 +161,11 @@ enum Cmd {
         /// of one while translated oopses: the user-pointer checks must fail).
         #[arg(long, hide = true)]
         test_no_fault_slots: bool,
+        /// Test hook (--kernel): the entry text's calls into the kernel's text are not
+        /// redirected into the cache, so each is steered by a #VE (the check that a
+        /// system-call loop is steered 0 times must fail).
+        #[arg(long, hide = true)]
+        test_no_redirect: bool,
     },
     /// Stop translating: every CPU runs the module natively again.
     Stop,
@@ -244,11 +249,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("kdbt: {}", Device::open()?.dbt_selftest(flags)?);
             Ok(())
         }
-        Cmd::Start { module, kernel, client, test_no_steer, test_no_invalidate, test_no_fault_slots } => {
+        Cmd::Start {
+            module,
+            kernel,
+            client,
+            test_no_steer,
+            test_no_invalidate,
+            test_no_fault_slots,
+            test_no_redirect,
+        } => {
             let tests = dbt::TestHooks {
                 no_steer: test_no_steer,
                 no_invalidate: test_no_invalidate,
                 no_fault_slots: test_no_fault_slots,
+                no_redirect: test_no_redirect,
             };
             match module {
                 Some(m) if !kernel => dbt::start(&m, client, tests),

@@ -81,6 +81,9 @@ pub struct KernelEnv {
     /// `%gs` windows met so far and their copies (native pc, copy): see
     /// [`KernelEnv::gs_window_copy`].
     gs_copies: Vec<(u64, u64)>,
+    /// The lookup routine (a lookup frame in, rcx = the native target:
+    /// `dbt::ve::ve_lookup`), where copies continue; 0: none (they jump to the native pc).
+    lookup: u64,
     /// The kernel's #UD and #BP handlers (IDT gates 6 and 3), for [`Env::deliver`].
     handlers: Option<Handlers>,
     /// The session's fault sites (null: none).
@@ -134,6 +137,7 @@ impl KernelEnv {
             native_in_scope: Vec::new(),
             direct_read: false,
             gs_copies: Vec::new(),
+            lookup: 0,
             handlers: None,
             faults: core::ptr::null_mut(),
         })
@@ -163,6 +167,12 @@ impl KernelEnv {
     /// ([`Env::deliver`]).
     pub fn set_handlers(&mut self, h: Handlers) {
         self.handlers = Some(h);
+    }
+
+    /// Copies of `%gs` windows continue through the lookup routine at `at` (written
+    /// before anything runs translated).
+    pub fn set_lookup(&mut self, at: u64) {
+        self.lookup = at;
     }
 
     pub fn cache(&self) -> (u64, u64) {
@@ -297,6 +307,12 @@ impl Env for KernelEnv {
 
     /// The module's instructions with exception-table entries run from slots kdbt's own
     /// table knows ([`super::faults`]).
+    /// A page of the text being written runs natively until re-protected
+    /// ([`super::wprotect::native_now`]).
+    fn native_now(&mut self, pc: u64) -> bool {
+        self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) && super::wprotect::native_now(pc)
+    }
+
     fn fault_slot(&mut self, pc: u64, len: usize) -> Option<u64> {
         if self.faults.is_null() || !self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) {
             return None;
@@ -355,23 +371,30 @@ impl KernelEnv {
     /// swapgs` in the kernel's `__rdgsbase_inactive`) cannot be translated (no inserted
     /// instruction may run on the user's `%gs`) and cannot run at its native address (not
     /// executable while started): it runs from a copy in the code cache, made once per
-    /// window, that ends in a jump to the native pc after it (which comes back in by
-    /// #VE, on the kernel's `%gs` again). The copy is outside the engine's regions, so no
-    /// reset reuses it while a CPU may be inside.
+    /// window, that ends in the lookup of the native pc after it (on the kernel's `%gs`
+    /// again: a table hit when that pc is translated; without a lookup routine, a jump
+    /// to the native pc, which comes back in by #VE). The copy is outside the engine's
+    /// regions, so no reset reuses it while a CPU may be inside.
     fn gs_window_copy(&mut self, pc: u64) -> Option<u64> {
         if let Some(&(_, at)) = self.gs_copies.iter().find(|c| c.0 == pc) {
             return Some(at);
         }
-        let mut b = [0u8; 64];
+        let mut b = [0u8; 80];
         let n = self.read_code(pc, &mut b[..59]);
         let len = dbt::kclass::gs_window(&b[..n], pc)?;
         self.gs_copies.try_reserve(1).ok()?;
-        let at = self.alloc_code(pc, len + 5)?;
-        let rel = (pc + len as u64).wrapping_sub(at + len as u64 + 5) as i64;
-        let rel = i32::try_from(rel).ok()?;
-        b[len] = 0xE9;
-        b[len + 1..len + 5].copy_from_slice(&rel.to_le_bytes());
-        if !self.write_code(at, &b[..len + 5]) {
+        let tail = if self.lookup != 0 { dbt::entry_calls::TRAMPOLINE_BYTES } else { 5 };
+        let at = self.alloc_code(pc, len + tail)?;
+        let next = pc + len as u64;
+        if self.lookup != 0 {
+            let t = dbt::entry_calls::trampoline(at + len as u64, next, self.lookup)?;
+            b[len..len + tail].copy_from_slice(&t);
+        } else {
+            let rel = i32::try_from(next.wrapping_sub(at + len as u64 + 5) as i64).ok()?;
+            b[len] = 0xE9;
+            b[len + 1..len + 5].copy_from_slice(&rel.to_le_bytes());
+        }
+        if !self.write_code(at, &b[..len + tail]) {
             return None;
         }
         self.gs_copies.push((pc, at));

@@ -3,12 +3,14 @@
 //! blocks ([`percpu::Blocks`]), the dispatcher's memory ([`pool`]), a self-test that runs
 //! kernel functions from the cache and compares them with native runs ([`selftest`], with
 //! its one-CPU EPT steering check, [`steer`]), and `kdbt start --module`: a module's code
-//! from the cache on every CPU, steered there by EPT and #VE ([`session`]). The whole
-//! kernel (entry steering through the IDT and LSTAR) comes next.
+//! from the cache on every CPU, steered there by EPT and #VE ([`session`]), and
+//! (experimental) `kdbt start --kernel`, the kernel's own text, whose entry text reaches
+//! the cache through redirected calls ([`redirect`]) and #VE.
 pub mod env;
 pub mod faults;
 pub mod percpu;
 pub mod pool;
+pub mod redirect;
 pub mod selftest;
 pub mod session;
 pub mod steer;

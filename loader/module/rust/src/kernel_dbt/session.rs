@@ -36,15 +36,17 @@
 //! `[_stext, _etext)` as `/proc/kallsyms` gives it: every page of it loses its execute
 //! right but the entry text's (under KPTI it runs on the user page tables, which do not
 //! map the cache) and the pages of the retpoline and return thunks (kdbt's own code calls
-//! them). Every entry from entry text into C (system calls, interrupts, exceptions), every
-//! return of a task that slept natively, lands in the dispatcher by #VE. The dispatcher
+//! them). The entry text runs a copy whose direct calls and jumps into the text (system
+//! calls, interrupts, exceptions, `ret_from_fork`) enter the cache through trampolines
+//! ([`super::redirect`]); what else reaches native text (a return of a task that slept
+//! natively, an indirect call from entry text) lands in the dispatcher by #VE. The dispatcher
 //! then never calls kernel code: it reads the text directly. Instructions the translator
 //! stops at are carried out for it ([`KernelEnv`]'s `deliver`): `iretq` to kernel code
 //! (`sync_core`) is emulated, a `%gs` window (`swapgs; rdgsbase; swapgs`) runs from a
 //! copy. Faults take their fixups through slots, as for a module, when `kdbt start` found
 //! the kernel's exception table in `/proc/kallsyms` (it is not exported). Not yet: a cache
-//! reset with more than one CPU online, fast paths (every entry from entry text costs a
-//! #VE), modules (native).
+//! reset with more than one CPU online, IDT gates and LSTAR into the cache (the entry
+//! text itself stays native), modules (native).
 //!
 //! What this stage does not do yet (issue 10): native pcs for other faults, interrupts
 //! and NMIs inside translated code (their reports show code-cache addresses).
@@ -61,6 +63,7 @@ use super::env::{self, Handlers, KernelEnv};
 use super::faults::FaultSites;
 use super::percpu::Blocks;
 use super::pool;
+use super::redirect::Redirect;
 use super::steer::{gate, gate_target};
 use super::wprotect::{self, WriteGuard};
 use crate::hv::launch::sidt;
@@ -98,6 +101,8 @@ struct Session {
     steered: bool,
     /// Write protection of the text (published while started).
     guard: Option<Box<WriteGuard>>,
+    /// The kernel's entry text running a copy whose calls enter the cache (kernel scope).
+    redirect: Option<Box<Redirect>>,
     /// (cpu, information page) of every possible CPU.
     info: Vec<(u32, *mut u8)>,
     /// The IDT page's writable alias and gate 20 as it was.
@@ -150,11 +155,12 @@ fn ve_everywhere(info: &[(u32, *mut u8)], on: bool) -> Result<(), String> {
 #[derive(Clone, Copy)]
 enum Scope {
     Module,
-    /// The kernel's text, its entry text (native) and its exception table (entries,
-    /// count; 0: unknown).
+    /// The kernel's text, its entry text (native: its whole pages, and exactly) and its
+    /// exception table (entries, count; 0: unknown).
     Kernel {
         text: (u64, u64),
         entry: (u64, u64),
+        entry_exact: (u64, u64),
         extable: (u64, u32),
     },
 }
@@ -191,7 +197,12 @@ fn kernel_scope(text: [u64; 2], entry: [u64; 2], ex: [u64; 2]) -> Result<Scope, 
         return Err(format!("{:#x}..{:#x} is not an exception table after the kernel's text", ex[0], ex[1]));
     };
     // Whole pages: what shares a page with entry text keeps its execute right with it.
-    Ok(Scope::Kernel { text: (lo, hi), entry: (entry[0] & !0xfff, entry[1].next_multiple_of(4096)), extable })
+    Ok(Scope::Kernel {
+        text: (lo, hi),
+        entry: (entry[0] & !0xfff, entry[1].next_multiple_of(4096)),
+        entry_exact: (entry[0], entry[1]),
+        extable,
+    })
 }
 
 /// `kdbt start`.
@@ -199,7 +210,8 @@ pub fn start(c: &kdbt_abi::DbtStart) -> Result<(), String> {
     let (name, client, flags) = (&c.module[..], c.client, c.flags);
     let known = kdbt_abi::DBT_START_TEST_NO_STEER
         | kdbt_abi::DBT_START_TEST_NO_INVALIDATE
-        | kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS;
+        | kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS
+        | kdbt_abi::DBT_START_TEST_NO_REDIRECT;
     if flags & !known != 0 {
         return Err(format!("unknown start flags {flags:#x}"));
     }
@@ -292,7 +304,7 @@ fn build(
     let mut native: Vec<(u64, u64)> = Vec::new();
     let mut faults = None;
     let no_slots = flags & kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS != 0;
-    if let Scope::Kernel { text, entry, extable } = scope {
+    if let Scope::Kernel { text, entry, extable, .. } = scope {
         if extable.0 != 0 {
             let mut f = match FaultSites::of_kernel(extable.0, extable.1, kenv.fault_area(), no_slots) {
                 Ok(f) => Box::new(f),
@@ -334,6 +346,8 @@ fn build(
     let target = |g: [u64; 2]| if (g[0] >> 32) & 7 == 0 { gate_target(g) } else { 0 };
     kenv.set_handlers(Handlers { invalid_op: target(g(6)), breakpoint: target(g(3)), cs: kernel_cs() });
     let (sx, sw) = kenv.steer_pages();
+    // The #VE lookup routine's place (written below, before anything runs translated).
+    kenv.set_lookup(sx + 4096 + 1024);
     let cache_bytes = kenv.cache().1;
     let blocks = match Blocks::new().map(Box::new) {
         Ok(b) => b,
@@ -373,9 +387,9 @@ fn build(
         }
         _ => None,
     };
-    let scope = blocks.pool_scope();
+    let in_pool = blocks.pool_scope();
     let e = gs.and_then(|_| Engine::new(Box::new(kenv), cl, cfg).map(Box::new)).map_err(String::from);
-    drop(scope);
+    drop(in_pool);
     let engine = match e {
         Ok(e) => e,
         Err(e) => {
@@ -396,6 +410,7 @@ fn build(
         pages: Vec::new(),
         steered: false,
         guard: None,
+        redirect: None,
         info: Vec::new(),
         idt_alias: 0,
         old_gate: [0; 2],
@@ -503,6 +518,15 @@ fn build(
         hv::set_pages_perms(&s.pages, ::ept::Perms::R)
             .map_err(|e| format!("{mod_name}: text not executable and read-only: {e}"))?;
         s.steered = true;
+        // The entry text's calls into the text, through trampolines in the first steering
+        // page (which a session does not use otherwise) into the lookup.
+        let redirect = flags & kdbt_abi::DBT_START_TEST_NO_REDIRECT == 0;
+        if let (true, Scope::Kernel { text, entry, entry_exact, .. }) = (redirect, scope) {
+            let translated = |t: u64| (text.0..text.1).contains(&t) && !native.iter().any(|r| (r.0..r.1).contains(&t));
+            let r = Redirect::build(entry, entry_exact, translated, (sx, sw, 4096), lookup_x)?;
+            let r = s.redirect.insert(Box::new(r));
+            r.map().map_err(|e| format!("entry text: running its copy: {e}"))?;
+        }
     }
     Ok(s)
 }
@@ -518,6 +542,12 @@ impl Drop for Session {
         if self.steered {
             if let Err(e) = hv::set_pages_perms(&self.pages, ::ept::Perms::RWX) {
                 kerr!("dbt stop: the module's text stays not executable: {e}");
+            }
+        }
+        if let Some(mut r) = self.redirect.take() {
+            if let Err(e) = r.unmap() {
+                kerr!("dbt stop: the entry text keeps running its copy (kept, not freed): {e}");
+                Box::leak(r);
             }
         }
         if self.guard.is_some() {
@@ -635,6 +665,10 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     (q.pool_peak, q.pool_size) = (ps.peak as u64, ps.size as u64);
     let wc = s.guard.as_ref().map(|g| g.counts()).unwrap_or_default();
     (q.write_faults, q.reprotects, q.writable_pages) = (wc.writes, wc.reprotects, wc.writable);
+    if let Some(r) = &s.redirect {
+        (q.entry_sites, q.entry_targets) = (r.sites, r.targets);
+        q.entry_reverted = r.writes.load(core::sync::atomic::Ordering::Relaxed);
+    }
     // Read under the engine's lock (the translator updates them there).
     if let Some(f) = &s.faults {
         let fp: *const FaultSites = &**f;

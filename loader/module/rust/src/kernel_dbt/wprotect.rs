@@ -173,10 +173,15 @@ fn ept_call(call: Call, arg: u64) -> u64 {
 
 /// The #VE stub's write handler (`dbt::ve::ve_entry_stub_gs`): a write of guest-physical
 /// `gpa` violated EPT. 0: the page's translations are gone and the page is writable on
-/// this CPU (the write is retried); 1: not translated text, or root mode refused (the
-/// stub's fallback then lets root mode report the violation).
+/// this CPU, or it was an entry page running its copy, now mapped back
+/// ([`super::redirect::revert_on_write`]): the write is retried; 1: not translated text,
+/// or root mode refused (the stub's fallback then lets root mode report the violation).
 #[no_mangle]
 pub extern "C" fn kdbt_rs_ve_write(gpa: u64, _gla: u64) -> u64 {
+    // An entry page running its copy goes back to the kernel's own page first.
+    if super::redirect::revert_on_write(gpa) {
+        return 0;
+    }
     let g = GUARD.load(Ordering::Acquire);
     if g.is_null() {
         return 1;
@@ -200,6 +205,38 @@ pub extern "C" fn kdbt_rs_ve_write(gpa: u64, _gla: u64) -> u64 {
         unsafe { ffi::kdbt_glue_wp_kick() };
     }
     0
+}
+
+/// [`dbt::Env::native_now`] (the dispatcher, interrupts off): whether text at `pc` is in
+/// a page written and not yet re-protected. Such a page is writable and executable in
+/// EPT, but this CPU may still hold its old, not executable, EPT translation (only the
+/// writer's CPU ran INVEPT), so a native run would come straight back by #VE: INVEPT
+/// here first. Without this, a CPU steered into the page mid-patch translated the
+/// `int3` of `text_poke_bp`, whose stop then found the patch done and left to the native
+/// pc, was steered back, and so on, with interrupts off (in `__schedule`), while the
+/// writer waited for it in `text_poke_sync`. Not for a pc in the last 15 bytes of the
+/// page when the next page is not written too (an instruction there may straddle into
+/// it): that one is translated (from the page's bytes now; the re-protection
+/// invalidates it again).
+pub fn native_now(pc: u64) -> bool {
+    let g = GUARD.load(Ordering::Acquire);
+    if g.is_null() {
+        return false;
+    }
+    // SAFETY: as in `kdbt_rs_ve_write`: a published guard outlives every dispatcher
+    // that may still read it.
+    let g = unsafe { &*g };
+    let Some(i) = pc.checked_sub(g.va0).map(|o| (o / 4096) as usize) else { return false };
+    let dirty = |i: usize| g.dirty.get(i).is_some_and(|d| d.load(Ordering::Acquire));
+    if !dirty(i) {
+        return false;
+    }
+    // An instruction that may straddle into the next page cannot run natively unless
+    // that page is executable too: its fetch would be steered back here, for ever.
+    if pc & 0xfff > 0x1000 - 16 && !dirty(i + 1) {
+        return false;
+    }
+    hv::hypercall(Call::EptInvalidate, 0) == OK
 }
 
 /// The re-protection work (process context, from the glue's work item): every written
