@@ -440,6 +440,26 @@ impl<A: FrameAllocator> Ept<A> {
         Ok(new)
     }
 
+    /// The 4 KiB leaf for `gpa` (table, index, entry), splitting the large leaf `e` the
+    /// walk found (at `table[i]`, `level`) down to it if needed.
+    fn split_to_4k(
+        &mut self,
+        gpa: u64,
+        mut table: u64,
+        mut i: usize,
+        mut level: u8,
+        mut e: u64,
+    ) -> Result<(u64, usize, u64), EptError> {
+        while level > 1 {
+            let new = self.split(table, i, level, e)?;
+            level -= 1;
+            table = new;
+            i = idx(gpa, level);
+            e = self.alloc.read_entry(table, i);
+        }
+        Ok((table, i, e))
+    }
+
     /// Sets the permissions of the 4 KiB page holding `gpa`, splitting a 1 GiB or 2 MiB
     /// page into smaller ones if needed (the rest keep their type and permissions).
     /// Returns whether the map changed, i.e. whether the caller must INVEPT on every CPU
@@ -450,17 +470,11 @@ impl<A: FrameAllocator> Ept<A> {
     /// INVEPT is needed for it).
     pub fn set_perms_4k(&mut self, gpa: u64, perms: Perms) -> Result<bool, EptError> {
         check_perms(perms, &self.caps)?;
-        let (mut table, mut i, mut level, mut e) = self.walk(gpa)?;
+        let (table, i, level, e) = self.walk(gpa)?;
         if entry_perms(e) == perms {
             return Ok(false);
         }
-        while level > 1 {
-            let new = self.split(table, i, level, e)?;
-            level -= 1;
-            table = new;
-            i = idx(gpa, level);
-            e = self.alloc.read_entry(table, i);
-        }
+        let (table, i, e) = self.split_to_4k(gpa, table, i, level, e)?;
         let new = make_leaf(e & ADDR_MASK, perms, entry_type(e), false) | (e & IPAT);
         self.alloc.write_entry(table, i, new);
         Ok(true)
@@ -481,7 +495,7 @@ impl<A: FrameAllocator> Ept<A> {
         if hpa & (PAGE_SIZE - 1) != 0 || hpa >= self.limit {
             return Err(EptError::BadTarget(hpa));
         }
-        let (mut table, mut i, mut level, mut e) = self.walk(gpa)?;
+        let (table, i, level, e) = self.walk(gpa)?;
         let size = match level {
             3 => SIZE_1G,
             2 => SIZE_2M,
@@ -491,13 +505,7 @@ impl<A: FrameAllocator> Ept<A> {
         if now == hpa && entry_perms(e) == perms {
             return Ok(false);
         }
-        while level > 1 {
-            let new = self.split(table, i, level, e)?;
-            level -= 1;
-            table = new;
-            i = idx(gpa, level);
-            e = self.alloc.read_entry(table, i);
-        }
+        let (table, i, e) = self.split_to_4k(gpa, table, i, level, e)?;
         let new = make_leaf(hpa, perms, entry_type(e), false) | (e & IPAT);
         self.alloc.write_entry(table, i, new);
         Ok(true)
