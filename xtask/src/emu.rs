@@ -264,9 +264,13 @@ fn start(m: &Machine) -> Result<Running> {
         Emulator::Qemu => {
             let log = std::fs::File::create(dir.join("qemu.log"))?;
             let log2 = log.try_clone()?;
+            // One TCG thread for all vCPUs: with a thread per vCPU (MTTCG) a Debian 6.12 boot
+            // once died before kdbt was loaded, on an int3 of a finished text_poke_bp in
+            // sched_clock_cpu (CI of a85ac02, 2026-12-07): the other vCPU still ran the
+            // patched translation. Round-robin vCPUs still interleave at block boundaries.
             let child = Command::new("qemu-system-x86_64")
                 .current_dir(dir)
-                .args(["-accel", "tcg", "-cpu", "max"])
+                .args(["-accel", "tcg,thread=single", "-cpu", "max"])
                 .args(["-smp", &m.cpus.to_string(), "-m", &m.mem_mb.to_string()])
                 .arg("-cdrom")
                 .arg(m.iso)
