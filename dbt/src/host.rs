@@ -44,6 +44,9 @@ pub struct HostEnv {
     /// Test hook ([`Env::native_now`]): a `[lo, hi)` range that runs natively for now,
     /// shared so a test can change it while the engine owns the environment.
     pub native_now: std::sync::Arc<[core::sync::atomic::AtomicU64; 2]>,
+    /// Test hook ([`Env::quiescent_entry`]): while set, dispatcher entries are not
+    /// quiescent points, as in a kernel interrupt handler over translated code.
+    pub nested: std::sync::Arc<core::sync::atomic::AtomicBool>,
     /// Fault sites ([`Env::fault_slot`]): native pcs given slots, each reported to
     /// `on_fault_slot` (native pc, slot) before the engine uses it, as a kernel
     /// environment registers the slot in its exception table.
@@ -215,6 +218,10 @@ impl Env for HostEnv {
     fn native_now(&mut self, pc: u64) -> bool {
         use core::sync::atomic::Ordering::Relaxed;
         (self.native_now[0].load(Relaxed)..self.native_now[1].load(Relaxed)).contains(&pc)
+    }
+
+    fn quiescent_entry(&self, _ctx: &GuestCtx) -> bool {
+        !self.nested.load(core::sync::atomic::Ordering::Relaxed)
     }
 
     fn fault_slot(&mut self, pc: u64, _len: usize) -> Option<u64> {

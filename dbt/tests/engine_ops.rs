@@ -84,6 +84,60 @@ fn a_target_native_for_now_is_left_untranslated_and_unlinked() {
     assert_eq!(h.engine.stats.native_now, 2);
 }
 
+/// Dispatches in a handler that interrupted translated code (`Env::quiescent_entry`
+/// false: a kernel interrupt) are no quiescent point: an invalidated fragment keeps its
+/// space, which the interrupted code may return into, until a dispatch at base level.
+#[test]
+fn dispatches_in_a_handler_over_translated_code_reclaim_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_p, a, b) = call_pair();
+    let env = dbt::host::HostEnv::new();
+    let nested = env.nested.clone();
+    let mut h = Harness::with_env(Some(Box::new(NullClient)), Config::default(), env);
+    assert_eq!(h.run(a, &[]).rax, 11);
+    assert_eq!(h.engine.invalidate(b + 1, b + 2), 1);
+    assert_eq!(h.engine.pending_count(), 1);
+    nested.store(true, Relaxed);
+    let before = h.engine.stats.dispatches;
+    for _ in 0..200 {
+        assert_eq!(h.run(a, &[]).rax, 11);
+    }
+    assert!(h.engine.stats.dispatches - before >= 128, "reclaim was tried: {:?}", h.engine.stats);
+    assert_eq!(h.engine.pending_count(), 1, "reclaimed under a handler");
+    // A quiescent point outside the dispatcher (kernel: a work item on that CPU).
+    let s: *mut dbt::scratch::Scratch = h.scratch();
+    // SAFETY: the harness's own registered block; nothing runs translated now.
+    assert_eq!(unsafe { h.engine.note_quiescent(s) }, 0);
+    assert_eq!(h.engine.invalidate(b + 1, b + 2), 1);
+    nested.store(false, Relaxed);
+    for _ in 0..200 {
+        assert_eq!(h.run(a, &[]).rax, 11);
+    }
+    assert_eq!(h.engine.pending_count(), 0, "reclaimed at base level");
+}
+
+/// A capacity reset from a handler over translated code invalidates instead of
+/// flushing, even with no other CPU in the cache: the interrupted fragment survives.
+#[test]
+fn a_capacity_reset_in_a_handler_over_translated_code_never_flushes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };
+    let env = dbt::host::HostEnv::new();
+    env.nested.store(true, Relaxed);
+    let mut h = Harness::with_env(Some(Box::new(NullClient)), cfg, env);
+    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
+        let mut nb = vec![0u8; BUF_LEN];
+        let mut tb = vec![0u8; BUF_LEN];
+        let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
+        let t = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
+        assert_eq!(t.stop, StopKind::Sentinel);
+        assert_eq!(t.rax, n.rax, "{}", c.name);
+        assert!(nb == tb);
+    }
+    let s = h.engine.stats;
+    assert!(s.resets > 0 && s.flushes == 0, "{s:?}");
+}
+
 #[test]
 fn capacity_limit_resets_and_stays_correct() {
     let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };

@@ -25,6 +25,7 @@
 #include <linux/cpu.h>
 #include <linux/preempt.h>
 #include <linux/irq_work.h>
+#include <linux/mutex.h>
 #include <asm/pgtable.h>
 #if IS_ENABLED(CONFIG_CRC32)
 #include <linux/crc32.h>
@@ -176,6 +177,11 @@ u64 kdbt_glue_page_alias(u64 addr)
 	return (u64)(uintptr_t)alias;
 }
 
+static bool kdbt_preempt_full(void)
+{
+	return IS_ENABLED(CONFIG_PREEMPT_RT) || preempt_model_full();
+}
+
 static void kdbt_nop_work(struct work_struct *w)
 {
 }
@@ -194,7 +200,7 @@ void kdbt_glue_sync_tasks(void)
 {
 	unsigned int cpu;
 
-	if (IS_ENABLED(CONFIG_PREEMPT_RT) || preempt_model_full()) {
+	if (kdbt_preempt_full()) {
 		synchronize_rcu_tasks();
 		return;
 	}
@@ -231,6 +237,39 @@ void kdbt_glue_wp_flush(void)
 {
 	irq_work_sync(&kdbt_wp_irq_work);
 	flush_work(&kdbt_wp_work);
+}
+
+bool kdbt_glue_dbt_quiescent_context(void)
+{
+	return in_task() && !kdbt_preempt_full();
+}
+
+static void kdbt_quiesce_work_fn(struct work_struct *w)
+{
+	kdbt_rs_dbt_quiesce_here();
+}
+
+static DEFINE_PER_CPU(struct work_struct, kdbt_quiesce_work);
+static DEFINE_MUTEX(kdbt_quiesce_lock);
+
+void kdbt_glue_dbt_quiesce_cpus(void)
+{
+	static struct cpumask queued;
+	unsigned int cpu;
+
+	if (kdbt_preempt_full())
+		return;
+	mutex_lock(&kdbt_quiesce_lock);
+	cpumask_copy(&queued, cpu_online_mask);
+	for_each_cpu(cpu, &queued) {
+		struct work_struct *w = per_cpu_ptr(&kdbt_quiesce_work, cpu);
+
+		INIT_WORK(w, kdbt_quiesce_work_fn);
+		queue_work_on(cpu, system_wq, w);
+	}
+	for_each_cpu(cpu, &queued)
+		flush_work(per_cpu_ptr(&kdbt_quiesce_work, cpu));
+	mutex_unlock(&kdbt_quiesce_lock);
 }
 
 size_t kdbt_glue_read_kernel(void *dst, u64 src, size_t n)

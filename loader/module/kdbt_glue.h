@@ -170,5 +170,16 @@ void kdbt_glue_sync_tasks(void);
 void kdbt_glue_wp_kick(void);
 void kdbt_glue_wp_flush(void);
 void kdbt_rs_dbt_reprotect(void);
+/* Whether a dispatch on this CPU now may count as a quiescent point of the CPU (nothing
+ * translated interrupted beneath it): task context (no hard interrupt, NMI or softirq
+ * handler) where kernel code is not preemptible. Never under full preemption, where a
+ * task can sleep preempted inside translated code. Any context. */
+bool kdbt_glue_dbt_quiescent_context(void);
+/* A quiescent point on every online CPU: a work item on each (task context, between other
+ * tasks, where kernel code is not preemptible: nothing translated is below it), which
+ * calls kdbt_rs_dbt_quiesce_here; waits for them. Nothing under full preemption. Process
+ * context; takes no lock (a CPU going offline meanwhile runs its item elsewhere). */
+void kdbt_glue_dbt_quiesce_cpus(void);
+void kdbt_rs_dbt_quiesce_here(void);
 
 #endif

@@ -31,15 +31,22 @@ impl Engine {
     /// to return to the environment (reason in `s.exit_reason`, the guest
     /// context in `s.ctx`).
     pub fn dispatch(&mut self, s: &mut Scratch, f: &mut Frame) -> u64 {
-        // This CPU has left whatever fragment it was in (but the exit record
-        // it passed stays in use until the end of this dispatch).
-        s.epoch = s.epoch.wrapping_add(1);
+        // At a quiescent entry this CPU has left whatever fragment it was in
+        // (but the exit record it passed stays in use until the end of this
+        // dispatch). Not in a handler that interrupted translated code: that
+        // fragment is resumed when the handler returns.
+        let quiescent = self.env.quiescent_entry(&f.ctx);
+        if quiescent {
+            s.epoch = s.epoch.wrapping_add(1);
+        }
         self.current = s;
+        self.current_quiescent = quiescent;
         let to = self.dispatch_inner(s, f);
-        // Done with the record: now this CPU is quiescent for every pending
-        // fragment (it resumes at a live entry or leaves).
+        // Done with the record: now a quiescent CPU is quiescent for every
+        // pending fragment (it resumes at a live entry or leaves); a nested
+        // one only for what its last quiescent entry already passed.
         if !self.pending.is_empty() && self.stats.dispatches.is_multiple_of(64) {
-            self.reclaim_quiescent(s);
+            self.reclaim_quiescent(if quiescent { s } else { core::ptr::null() });
         }
         to
     }

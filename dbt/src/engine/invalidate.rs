@@ -113,6 +113,22 @@ impl Engine {
         self.pending.len()
     }
 
+    /// The CPU of block `s` is at a quiescent point outside the dispatcher
+    /// (kernel: a work item of its own, in task context, where nothing
+    /// translated lies interrupted beneath it): counts as a dispatch at base
+    /// level would for quiescence, then reclaims what that frees. Returns how
+    /// many invalidated fragments stay pending.
+    ///
+    /// # Safety
+    /// `s` is a block registered with this engine ([`Engine::attach_cpu`]) of
+    /// the calling CPU, which is at such a point.
+    pub unsafe fn note_quiescent(&mut self, s: *mut Scratch) -> usize {
+        // SAFETY: the caller's contract: this CPU's registered block; the
+        // engine lock orders this with other CPUs' reads.
+        unsafe { (*s).epoch = (*s).epoch.wrapping_add(1) };
+        self.reclaim_quiescent(s)
+    }
+
     pub(super) fn reclaim_if(&mut self, quiescent: impl Fn(&Pending) -> bool) {
         let mut keep = Vec::new();
         for p in core::mem::take(&mut self.pending) {
@@ -184,7 +200,8 @@ impl Engine {
     /// Makes room when the cache is full: a reset, except with cached returns,
     /// where stacks may hold pads a reset would free (then nothing: the caller
     /// stops with `NoSpace`). The reset never frees code another CPU may be
-    /// running: when every other CPU is outside translated code it flushes;
+    /// running: when every other CPU is outside translated code (and this one
+    /// is not in a handler over it, [`Env::quiescent_entry`]) it flushes;
     /// otherwise it invalidates everything and reclaims what is quiescent
     /// (the rest comes back at later dispatches).
     pub(super) fn make_room(&mut self) -> bool {
@@ -192,7 +209,9 @@ impl Engine {
             return false;
         }
         self.stats.resets += 1;
-        if self.alone(self.current) {
+        // A CPU in a handler over translated code is not outside it: never a
+        // flush then, whatever the other CPUs do.
+        if (self.current.is_null() || self.current_quiescent) && self.alone(self.current) {
             // A flush bumps the generation: the dispatcher then leaves the
             // (freed) exit record it holds alone.
             self.flush();

@@ -95,6 +95,18 @@ pub trait Env {
     fn native_now(&mut self, _pc: u64) -> bool {
         false
     }
+    /// Whether this dispatcher entry, whose guest context is `ctx`, is a *quiescent
+    /// point* of this CPU: nothing translated lies interrupted beneath it on this CPU, so
+    /// the CPU has left every fragment it was in and invalidated fragments may be
+    /// reclaimed as far as it is concerned. False where the guest may be running a
+    /// handler that interrupted translated code (kernel: hard interrupt, NMI or softirq
+    /// context, interrupts off; any context under full preemption, where a task can
+    /// sleep preempted in the cache): the interrupted fragment must outlive the handler,
+    /// which returns into it. Then this entry neither advances the CPU's epoch nor counts
+    /// the CPU as quiescent (no reclaim on its behalf, no flush in a capacity reset).
+    fn quiescent_entry(&self, _ctx: &GuestCtx) -> bool {
+        true
+    }
     /// Bytes the dispatcher's memory (the environment's [`crate::pool::Pool`])
     /// can still hand out in one piece. Below [`TRANSLATE_RESERVE`] the engine
     /// refuses to translate ([`StopKind::NoMemory`]) instead of failing an
@@ -447,6 +459,9 @@ pub struct Engine {
     tramp_metas: Vec<Box<FragMeta>>,
     /// The per-CPU block of the CPU in the dispatcher (null outside it).
     current: *const Scratch,
+    /// Whether the current dispatcher entry is a quiescent point of its CPU
+    /// ([`Env::quiescent_entry`]).
+    current_quiescent: bool,
     /// The generated dispatcher entries in the code cache (exit entry, miss
     /// entry, bytes): see [`crate::asm::entry_code`].
     entry_code: (u64, u64, u64),
@@ -506,6 +521,7 @@ impl Engine {
             index: Box::default(),
             tramp_metas: Vec::new(),
             current: core::ptr::null(),
+            current_quiescent: false,
             lock: [AtomicU32::new(0), AtomicU32::new(0)],
             cfg,
             env,
@@ -590,6 +606,11 @@ impl Engine {
     /// Client access (e.g. to read bbcov results).
     pub fn client_mut(&mut self) -> Option<&mut (dyn Client + 'static)> {
         self.client.as_deref_mut()
+    }
+
+    /// Invalidated fragments whose space waits for quiescence.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
     }
 
     pub fn fragment_count(&self) -> usize {

@@ -34,6 +34,14 @@ reprotected() {
         n=$((n + 1)); [ $n -lt 300 ] || { echo "the written page was never re-protected"; return 1; }
     done
 }
+# Until the space of every invalidated block is reusable (each CPU passed a quiescent point
+# since: the re-protection work's quiescence pass makes sure of that).
+reclaimed() {
+    n=0
+    until kdbt stats | grep -q 'of which 0 wait'; do
+        n=$((n + 1)); [ $n -lt 300 ] || return 1
+    done
+}
 check dbt_load kdbt load
 
 # One kernel session (inscount) for two checks, and one with both mechanisms off for the
@@ -75,9 +83,11 @@ key_part() {
     schedstats 0 || { echo "schedstats off: the counters advance"; return 1; }
     schedstats 1 || { echo "schedstats on: a stale translation ran (the counters stand still)"; return 1; }
     schedstats 0 || { echo "schedstats off again: a stale translation ran (the counters advance)"; return 1; }
-    kdbt stats | grep 'text writes' | tee /tmp/wp.txt
+    reclaimed || { kdbt stats | grep 'blocks invalidated'; echo "invalidated blocks never became reusable"; return 1; }
+    kdbt stats | grep 'text writes\|blocks invalidated' | tee /tmp/wp.txt
     set -- $(sed -n 's/.*text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/\1 \2/p' /tmp/wp.txt)
     [ "${1:-0}" -gt 0 ] && [ "${2:-0}" -gt 0 ] || { echo "no text write caught and re-protected"; return 1; }
+    grep -q 'blocks invalidated [1-9]' /tmp/wp.txt || { echo "no block invalidated"; return 1; }
 }
 STATS_CPU=$((NCPUS - 1))
 # cpu0's "instructions steered" (the latter: #VEs).
@@ -133,7 +143,7 @@ caught_in() {
 kernel_key_ins > /tmp/kki.out 2>&1
 info "$(cat /tmp/kki.out)"
 verdict dbt_kernel_static_key_takes_effect /tmp/kki.out 'key: ok' \
-    's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p'
+    's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p; s/^  blocks invalidated \([0-9]*\), of which \([0-9]*\) wait.*/invalidated=\1 pending=\2/p'
 verdict dbt_kernel_inscount_getppid /tmp/kki.out 'inscount: ok' \
     's/^inscount per getppid: k=\([0-9]*\) .* k=\([0-9]*\) .* \(ticks_native=[0-9]*\) \(ticks_started=[0-9]*\)$/k100000=\1 k200000=\2 \3 \4/p; s/^200000 getppid calls add \(-*[0-9]*\) #VEs.*/loop_ves=\1/p'
 kernel_key_ins --test-no-invalidate --test-no-redirect > /tmp/kkc.out 2>&1

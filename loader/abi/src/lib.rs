@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -368,6 +368,10 @@ pub struct DbtStatsQuery {
     pub entry_sites: u64,
     pub entry_targets: u64,
     pub entry_reverted: u64,
+    /// Blocks invalidated (by writes, resets) and, of those, how many still wait for every
+    /// CPU's quiescent point before their space is reused.
+    pub invalidated_blocks: u64,
+    pub pending_blocks: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -402,6 +406,8 @@ impl Default for DbtStatsQuery {
             entry_sites: 0,
             entry_targets: 0,
             entry_reverted: 0,
+            invalidated_blocks: 0,
+            pending_blocks: 0,
         }
     }
 }

@@ -156,6 +156,7 @@ pub fn stats(json: bool) -> Result<()> {
             "write_faults": q.write_faults, "reprotects": q.reprotects, "writable_pages": q.writable_pages,
             "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_unplaced": q.fault_unplaced,
             "entry_sites": q.entry_sites, "entry_targets": q.entry_targets, "entry_reverted": q.entry_reverted,
+            "invalidated_blocks": q.invalidated_blocks, "pending_blocks": q.pending_blocks,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -188,6 +189,10 @@ pub fn stats(json: bool) -> Result<()> {
     println!(
         "  text writes caught {} (translations invalidated), pages re-protected {}, writable now {}",
         q.write_faults, q.reprotects, q.writable_pages
+    );
+    println!(
+        "  blocks invalidated {}, of which {} wait for a quiescent point of every CPU before their space is reused",
+        q.invalidated_blocks, q.pending_blocks
     );
     println!(
         "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}",

@@ -137,6 +137,13 @@ pub extern "C" fn kdbt_rs_dbt_reprotect() {
     kernel_dbt::wprotect::reprotect()
 }
 
+/// A work item of the kernel DBT's quiescence pass (task context, on each online CPU):
+/// this CPU is at a quiescent point.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_dbt_quiesce_here() {
+    kernel_dbt::wprotect::quiesce_here()
+}
+
 /// ioctl on `/dev/kdbt`, serialized by the glue's mutex, process context. `arg` is a user
 /// pointer. Returns >= 0 or -errno.
 #[no_mangle]

@@ -309,6 +309,18 @@ impl Env for KernelEnv {
     /// table knows ([`super::faults`]).
     /// A page of the text being written runs natively until re-protected
     /// ([`super::wprotect::native_now`]).
+    /// Interrupts on and task context (no hard interrupt, NMI or softirq handler), kernel
+    /// code not preemptible: nothing translated is interrupted beneath this dispatch on
+    /// this CPU. Interrupts off covers the windows of an interrupt's entry and exit before
+    /// and after the handler's count is raised (the gate cleared IF; `iret` sets it), where
+    /// the interrupted code may be translated. Exceptions that the dispatcher delivers
+    /// itself (`deliver`) leave a native pc in their frame; a user access that faults is
+    /// in a fault slot, which depends on no fragment.
+    fn quiescent_entry(&self, ctx: &dbt::scratch::GuestCtx) -> bool {
+        // SAFETY: reads this CPU's preemption count, any context.
+        ctx.rflags & (1 << 9) != 0 && unsafe { ffi::kdbt_glue_dbt_quiescent_context() }
+    }
+
     fn native_now(&mut self, pc: u64) -> bool {
         self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) && super::wprotect::native_now(pc)
     }

@@ -96,11 +96,16 @@ impl Blocks {
 
     /// Registers every CPU's block and stack with `e` (before anything runs).
     pub fn attach(&self, e: &mut dbt::Engine) {
-        for &(_, blk, stack) in &self.cpus {
+        for &(cpu, blk, stack) in &self.cpus {
             // SAFETY: the block and stack live as long as `self`, which the caller keeps
             // until the engine is dropped; attach_cpu initializes the block.
             unsafe {
                 e.attach_cpu(blk, stack + DSTACK_BYTES);
+                // The kernel cannot see a CPU leave translated code (native fragments leave
+                // without a dispatch), so an online CPU is never "outside": its quiescence
+                // is its epoch's (dispatches at base level, the quiescence pass). A CPU
+                // offline now runs nothing until `set_online`.
+                (*blk).outside = !hw::cpu_online(cpu) as u64;
                 (*blk).counters_ptr = blk as u64 + dbt::scratch::OFF_COUNTERS as u64;
                 // Kernel code outside kernel_fpu_begin() leaves the FPU/SIMD state to
                 // user space, and the dispatcher (soft-float) never touches it.
@@ -108,6 +113,14 @@ impl Blocks {
                 // The dispatcher runs in dispatcher mode (its allocations from the pool).
                 (*blk).rust_dispatch = super::pool::dispatch as *const () as usize as u64;
             }
+        }
+    }
+
+    /// `cpu` came online: it may run translated code from now on (before its #VE is on).
+    pub fn set_online(&self, cpu: u32) {
+        if let Some(b) = self.of_cpu(cpu) {
+            // SAFETY: a live block; other CPUs read the word with volatile reads.
+            unsafe { core::ptr::write_volatile(&mut (*b).outside, 0) };
         }
     }
 

@@ -625,6 +625,7 @@ pub fn cpu_online(cpu: u32) {
     let guard = SESSION.lock();
     let Some(s) = guard.as_ref() else { return };
     let Some(&(_, page)) = s.info.iter().find(|c| c.0 == cpu) else { return };
+    s.blocks.set_online(cpu);
     // SAFETY: a page from alloc_pages.
     let pa = unsafe { ffi::kdbt_glue_virt_to_phys(page as *const _) };
     let r = if hw::this_cpu() == cpu {
@@ -652,13 +653,14 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     (q.text_base, q.text_size) = (s.text.0, s.text.1 - s.text.0);
     let ep = &*s.engine as *const Engine as *mut Engine;
     // SAFETY: the live engine, its lock taken with interrupts off.
-    let st = irqs_off(|| unsafe { Engine::locked(ep, |e| e.stats) });
+    let (st, pending) = irqs_off(|| unsafe { Engine::locked(ep, |e| (e.stats, e.pending_count())) });
     q.blocks = st.blocks;
     q.guest_insns = st.guest_insns;
     q.dispatches = st.dispatches;
     q.links = st.links;
     q.misses = st.misses;
     q.invalidations = st.invalidations;
+    (q.invalidated_blocks, q.pending_blocks) = (st.invalidated_blocks, pending as u64);
     q.code_bytes = st.hot_bytes + st.stub_bytes;
     q.cache_bytes = s.cache_bytes;
     let ps = pool::stats();

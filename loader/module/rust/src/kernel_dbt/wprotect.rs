@@ -18,6 +18,10 @@
 //!    invalidates the page's translations a second time: a CPU that steered into it
 //!    through a stale EPT translation meanwhile may have translated bytes in the middle
 //!    of a patch. The next execution retranslates from the new bytes.
+//! 5. the same work then runs a quiescence pass: a work item on every online CPU, each
+//!    a quiescent point of its CPU ([`quiesce_here`]), so that the space of the
+//!    invalidated translations is reused soon, not when each CPU next dispatches outside
+//!    an interrupt handler (an idle CPU may not for long).
 //!
 //! So a page written often costs a #VE and a re-protection per burst of writes (a
 //! burst: until the work runs). A write to a page that is not translated text goes to
@@ -34,7 +38,7 @@ use dbt::Engine;
 use vmx::hypercall::{Call, ERR_BUSY, OK};
 
 use super::percpu::Blocks;
-use crate::{ffi, hv};
+use crate::{ffi, hv, hw};
 
 /// The running session's guard, read by the #VE write handler (interrupts off) and the
 /// re-protection work; null when not started.
@@ -201,9 +205,14 @@ pub extern "C" fn kdbt_rs_ve_write(gpa: u64, _gla: u64) -> u64 {
     g.writes.fetch_add(1, Ordering::Relaxed);
     if !g.dirty[i].swap(true, Ordering::AcqRel) {
         g.writable.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: irq_work_queue, safe in any context.
-        unsafe { ffi::kdbt_glue_wp_kick() };
     }
+    // Always, not only when the page was clean: a re-protection that took the page's
+    // mark before this write's RWX may overwrite it with its R (the write then faults
+    // again, comes here) or not (the page stays writable, and only a later run sees the
+    // mark). An irq_work already queued is not queued twice; one queued while the work
+    // runs queues it again.
+    // SAFETY: irq_work_queue, safe in any context.
+    unsafe { ffi::kdbt_glue_wp_kick() };
     0
 }
 
@@ -240,7 +249,10 @@ pub fn native_now(pc: u64) -> bool {
 }
 
 /// The re-protection work (process context, from the glue's work item): every written
-/// page read-only and not executable again, then its translations invalidated.
+/// page read-only and not executable again, then its translations invalidated; then a
+/// quiescence pass, so that the space of what was invalidated (now and by the writes)
+/// can be reused: a CPU that only runs linked code, or only dispatches in interrupt
+/// handlers, would otherwise hold it back indefinitely.
 pub fn reprotect() {
     let g = GUARD.load(Ordering::Acquire);
     if g.is_null() {
@@ -248,14 +260,46 @@ pub fn reprotect() {
     }
     // SAFETY: the session unpublishes the guard and flushes this work before freeing it.
     let g = unsafe { &*g };
+    // Outside the lock: the pass sleeps, and the session's `retire` spins on the lock.
+    if reprotect_written(g) && g.invalidate {
+        // SAFETY: process context.
+        unsafe { ffi::kdbt_glue_dbt_quiesce_cpus() };
+    }
+}
+
+/// One of the glue's quiescence work items, on its CPU (task context between other tasks:
+/// nothing translated lies interrupted beneath it where kernel code is not preemptible;
+/// the glue runs none under full preemption): the CPU counts as having left every
+/// fragment, and what that frees is reclaimed.
+pub fn quiesce_here() {
+    let g = GUARD.load(Ordering::Acquire);
+    if g.is_null() {
+        return;
+    }
+    // SAFETY: as in `reprotect`: the pass runs inside that work, which the session
+    // flushes before freeing the guard.
+    let g = unsafe { &*g };
+    // SAFETY: the blocks outlive the guard (see `WriteGuard::new`).
+    let blocks = unsafe { &*g.blocks };
+    let scope = blocks.pool_scope();
+    if let Some(s) = blocks.of_cpu(hw::this_cpu()) {
+        // SAFETY: the live engine, its lock taken with interrupts off (the scope keeps
+        // them off, so this is still the CPU of `s`), at this CPU's quiescent point.
+        unsafe { Engine::locked(g.engine, |e| e.note_quiescent(s)) };
+    }
+    drop(scope);
+}
+
+/// [`reprotect`]'s part under the lock; whether any page was re-protected.
+fn reprotect_written(g: &WriteGuard) -> bool {
     let _l = REPROTECT.lock();
     if g.retired.load(Ordering::Acquire) {
-        return;
+        return false;
     }
     let (mut idx, mut gpas) = (Vec::new(), Vec::new());
     if idx.try_reserve_exact(g.pages.len()).is_err() || gpas.try_reserve_exact(g.pages.len()).is_err() {
         kerr!("dbt: out of memory: written text pages stay writable and native");
-        return;
+        return false;
     }
     for (i, d) in g.dirty.iter().enumerate() {
         if d.swap(false, Ordering::AcqRel) {
@@ -264,18 +308,19 @@ pub fn reprotect() {
         }
     }
     if idx.is_empty() {
-        return;
+        return false;
     }
     if let Err(e) = hv::set_pages_perms(&gpas, ::ept::Perms::R) {
         kerr!("dbt: {} written text page(s) stay writable and native: {e}", idx.len());
         for &i in &idx {
             g.dirty[i].store(true, Ordering::Release);
         }
-        return;
+        return false;
     }
     for &i in &idx {
         g.invalidate_page(i);
     }
     g.writable.fetch_sub(idx.len() as u64, Ordering::Relaxed);
     g.reprotects.fetch_add(idx.len() as u64, Ordering::Relaxed);
+    true
 }
