@@ -138,6 +138,24 @@ fn a_capacity_reset_in_a_handler_over_translated_code_never_flushes() {
     assert!(s.resets > 0 && s.flushes == 0, "{s:?}");
 }
 
+/// A full cache whose reset frees nothing (every fragment pending: here the dispatch is
+/// in a handler over translated code) ends the translation with `NoSpace`, to be retried
+/// later. Before, the allocator reset again and again, recursing until the dispatcher's
+/// stack overflowed.
+#[test]
+fn a_full_cache_whose_reset_frees_nothing_stops_with_no_space() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cfg = Config { hot_size: 64 << 10, stub_size: 32 << 10, max_hot_bytes: 1 << 30, ..Config::default() };
+    let env = dbt::host::HostEnv::new();
+    env.nested.store(true, Relaxed);
+    let mut h = Harness::with_env(Some(Box::new(NullClient)), cfg, env);
+    let c = cases().into_iter().find(|c| c.name == "regex").expect("the regex case");
+    let mut tb = vec![0u8; BUF_LEN];
+    let t = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
+    assert_eq!(t.stop, StopKind::NoSpace, "{:?}", h.engine.stats);
+    assert!(h.engine.stats.resets > 0 && h.engine.pending_count() > 0);
+}
+
 #[test]
 fn capacity_limit_resets_and_stays_correct() {
     let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };

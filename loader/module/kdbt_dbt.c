@@ -239,9 +239,14 @@ void kdbt_glue_wp_flush(void)
 	flush_work(&kdbt_wp_work);
 }
 
-bool kdbt_glue_dbt_quiescent_context(void)
+bool kdbt_glue_preempt_full(void)
 {
-	return in_task() && !kdbt_preempt_full();
+	return kdbt_preempt_full();
+}
+
+bool kdbt_glue_in_task(void)
+{
+	return in_task();
 }
 
 static void kdbt_quiesce_work_fn(struct work_struct *w)

@@ -170,11 +170,12 @@ void kdbt_glue_sync_tasks(void);
 void kdbt_glue_wp_kick(void);
 void kdbt_glue_wp_flush(void);
 void kdbt_rs_dbt_reprotect(void);
-/* Whether a dispatch on this CPU now may count as a quiescent point of the CPU (nothing
- * translated interrupted beneath it): task context (no hard interrupt, NMI or softirq
- * handler) where kernel code is not preemptible. Never under full preemption, where a
- * task can sleep preempted inside translated code. Any context. */
-bool kdbt_glue_dbt_quiescent_context(void);
+/* Whether kernel code is preemptible (full preemption or RT; with PREEMPT_DYNAMIC a call
+ * into the kernel: process context only, never from the dispatcher). */
+bool kdbt_glue_preempt_full(void);
+/* Task context: no hard interrupt, NMI or softirq handler runs on this CPU (inline reads
+ * of the preemption count only, so the dispatcher may call it). */
+bool kdbt_glue_in_task(void);
 /* A quiescent point on every online CPU: a work item on each (task context, between other
  * tasks, where kernel code is not preemptible: nothing translated is below it), which
  * calls kdbt_rs_dbt_quiesce_here; waits for them. Nothing under full preemption. Process

@@ -93,7 +93,7 @@ impl Engine {
         };
         let Some(stub) = stub else {
             self.regions[ri].hot_free.push((hot, hot_len));
-            if !self.make_room() {
+            if self.make_room() != Some(true) {
                 return Err(StopKind::NoSpace);
             }
             return self.translate(pc);

@@ -203,10 +203,13 @@ impl Engine {
     /// running: when every other CPU is outside translated code (and this one
     /// is not in a handler over it, [`Env::quiescent_entry`]) it flushes;
     /// otherwise it invalidates everything and reclaims what is quiescent
-    /// (the rest comes back at later dispatches).
-    pub(super) fn make_room(&mut self) -> bool {
+    /// (the rest comes back at later dispatches). None: refused; else whether
+    /// space came back (a caller whose allocation failed retries only then:
+    /// otherwise it would reset again and again, recursing, while the space it
+    /// needs waits for other CPUs, which wait for the engine's lock).
+    pub(super) fn make_room(&mut self) -> Option<bool> {
         if self.cfg.cached_returns {
-            return false;
+            return None;
         }
         self.stats.resets += 1;
         // A CPU in a handler over translated code is not outside it: never a
@@ -215,12 +218,13 @@ impl Engine {
             // A flush bumps the generation: the dispatcher then leaves the
             // (freed) exit record it holds alone.
             self.flush();
+            Some(true)
         } else {
             self.invalidate_all();
+            let pending = self.pending.len();
             // Not exempting the current CPU: the exit record it is being
             // dispatched for may belong to a fragment just invalidated.
-            self.reclaim_quiescent(core::ptr::null());
+            Some(self.reclaim_quiescent(core::ptr::null()) < pending)
         }
-        true
     }
 }

@@ -88,7 +88,8 @@ impl Engine {
         for (n, c) in self.stats.kclass.iter_mut().zip(blk.classes.iter()) {
             *n += c;
         }
-        if self.hot_total > self.cfg.max_hot_bytes && !self.make_room() {
+        // Over the limit: reset (what is still pending then needs no space now).
+        if self.hot_total > self.cfg.max_hot_bytes && self.make_room().is_none() {
             return Err(StopKind::NoSpace);
         }
         let ri = self.region_for(pc)?;
@@ -153,7 +154,7 @@ impl Engine {
                 Region::alloc(&mut r.hot_free, &mut r.hot_used, r.base, r.hot_size, hot_len_try)
             };
             let Some(hot) = hot else {
-                if attempt > 3 || !self.make_room() {
+                if attempt > 3 || self.make_room() != Some(true) {
                     return Err(StopKind::NoSpace);
                 }
                 return self.translate(pc);

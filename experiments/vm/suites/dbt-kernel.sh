@@ -1,12 +1,12 @@
-# Suite "dbt-kernel" (by hand: `cargo xtask vm --suite dbt-kernel`; not in `cargo xtask
-# test` yet): the kernel's own text from the cache (`kdbt start --kernel`) with a static
-# key of the kernel taking effect and inscount over getppid calls, each with its
-# mechanism off failing. Out of `cargo xtask test` because a run in CI (small kernel,
-# 2026-12-07) crashed in the static-key session: a jump to a heap address in
-# copy_process while sched_schedstats was being patched (suspected: the re-protection
-# work clears a page's dirty flag before the page is read-only again, so a CPU may
-# translate bytes in the middle of a patch and run them before the invalidation that
-# follows). Sourced by /init (plan/pass/fail/info, $NCPUS, $EXPECT_VMX).
+# Suite "dbt-kernel": the kernel's own text from the cache (`kdbt start --kernel`) with a
+# static key of the kernel taking effect (and the space of what its patching invalidated
+# reusable afterwards) and inscount over getppid calls, each with its mechanism off
+# failing. Out of suite `dbt` since a CI run (small kernel, 2026-12-07) crashed in the
+# static-key session: a jump to a heap address in copy_process while sched_schedstats was
+# being patched. The cause: every CPU counted as outside translated code, so invalidated
+# translations were reclaimed, and their space reused, while CPUs still ran them (fixed:
+# see Env::quiescent_entry and the README). Sourced by /init (plan/pass/fail/info,
+# $NCPUS, $EXPECT_VMX).
 
 export KDBT_MODULE=/lib/modules/kdbt.ko
 TESTMOD=/lib/modules/kdbt_testmod.ko
@@ -105,18 +105,21 @@ kins_run() {
     done
     echo "$bi $bs"
 }
+hundredths() { printf '%d.%02d' $(($1 / 100)) $(($1 % 100)); }
 ins_part() {
     taskset -c 0 ubench --iters 100 --reps 1 --only getppid > /dev/null || return 1   # warm the cache
     r0=$(kins_run 0) && r1=$(kins_run 10000) && r2=$(kins_run 20000) || return 1
     t=$(taskset -c 0 ubench --iters 1000 --reps 3 --only getppid | sed -n 's/.* ticks_per_op=\([0-9]*\).*/\1/p')
     set -- $r0; i0=$1 s0=$2; set -- $r1; i1=$1; set -- $r2; i2=$1 s2=$2
-    k1=$(( (i1 - i0) / 100000 )); k2=$(( (i2 - i0) / 200000 ))
-    d=$(( k1 > k2 ? k1 - k2 : k2 - k1 ))
+    # k in hundredths of an instruction (no rounding of its own in the 1% comparison).
+    c1=$(( (i1 - i0) / 1000 )); c2=$(( (i2 - i0) / 2000 ))
+    d=$(( c1 > c2 ? c1 - c2 : c2 - c1 ))
+    k1=$(hundredths $c1); k2=$(hundredths $c2)
     echo "fixed cost of a run: $i0 instructions, $s0 #VEs"
     echo "200000 getppid calls add $((s2 - s0)) #VEs (runs of 1 call: $s0, of 200001: $s2)"
-    echo "inscount per getppid: k=$k1 (100000 calls) k=$k2 (200000 calls) diff=$d ticks_native=$GETPPID_NATIVE ticks_started=$t"
+    echo "inscount per getppid: k=$k1 (100000 calls) k=$k2 (200000 calls) diff=$(hundredths $d) ticks_native=$GETPPID_NATIVE ticks_started=$t"
     r=0
-    [ "$k1" -gt 0 ] && [ $(( d * 100 )) -le "$k1" ] || { echo "k is not linear"; r=1; }
+    [ "$c1" -gt 0 ] && [ $(( d * 100 )) -le "$c1" ] || { echo "k is not linear"; r=1; }
     [ $((s2 - s0)) -le 10 ] || { echo "the system-call loop was steered by #VE"; r=1; }
     return $r
 }
@@ -145,7 +148,7 @@ info "$(cat /tmp/kki.out)"
 verdict dbt_kernel_static_key_takes_effect /tmp/kki.out 'key: ok' \
     's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p; s/^  blocks invalidated \([0-9]*\), of which \([0-9]*\) wait.*/invalidated=\1 pending=\2/p'
 verdict dbt_kernel_inscount_getppid /tmp/kki.out 'inscount: ok' \
-    's/^inscount per getppid: k=\([0-9]*\) .* k=\([0-9]*\) .* \(ticks_native=[0-9]*\) \(ticks_started=[0-9]*\)$/k100000=\1 k200000=\2 \3 \4/p; s/^200000 getppid calls add \(-*[0-9]*\) #VEs.*/loop_ves=\1/p'
+    's/^inscount per getppid: k=\([0-9.]*\) .* k=\([0-9.]*\) .* \(ticks_native=[0-9]*\) \(ticks_started=[0-9]*\)$/k100000=\1 k200000=\2 \3 \4/p; s/^200000 getppid calls add \(-*[0-9]*\) #VEs.*/loop_ves=\1/p'
 kernel_key_ins --test-no-invalidate --test-no-redirect > /tmp/kkc.out 2>&1
 info "$(cat /tmp/kkc.out)"
 caught_in dbt_kernel_catches_stale_translation /tmp/kkc.out 'key: ok' 'a stale translation ran'

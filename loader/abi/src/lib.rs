@@ -319,6 +319,11 @@ pub const DBT_START_TEST_NO_FAULT_SLOTS: u32 = 1 << 2;
 /// calls into the kernel's text not redirected into the cache, so each one is steered by
 /// a #VE (the check that a steady system-call loop is steered 0 times must then fail).
 pub const DBT_START_TEST_NO_REDIRECT: u32 = 1 << 3;
+/// [`DbtStart::flags`], for tests only: the cache's capacity limit is a few hundred KB
+/// (kernel scope; a few KB for a module), far below the working set, so the engine
+/// resets its cache again and again (each reset invalidates everything while other CPUs
+/// run translated code, whose space comes back at their quiescent points).
+pub const DBT_START_TEST_SMALL_CACHE: u32 = 1 << 4;
 
 /// Argument of [`IOC_DBT_STATS`]: the running translation's figures, and per CPU (like
 /// [`CapsQuery`]: a buffer of `capacity` [`DbtCpuStats`]).
@@ -372,6 +377,8 @@ pub struct DbtStatsQuery {
     /// CPU's quiescent point before their space is reused.
     pub invalidated_blocks: u64,
     pub pending_blocks: u64,
+    /// Capacity resets of the cache.
+    pub resets: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -408,6 +415,7 @@ impl Default for DbtStatsQuery {
             entry_reverted: 0,
             invalidated_blocks: 0,
             pending_blocks: 0,
+            resets: 0,
         }
     }
 }

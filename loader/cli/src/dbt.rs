@@ -44,6 +44,7 @@ pub struct TestHooks {
     pub no_invalidate: bool,
     pub no_fault_slots: bool,
     pub no_redirect: bool,
+    pub small_cache: bool,
 }
 
 pub fn start(module: &str, client: ClientKind, tests: TestHooks) -> Result<()> {
@@ -88,7 +89,7 @@ fn kernel_ranges(kallsyms: &str) -> Result<KernelRanges> {
 
 /// `kdbt start --kernel` (experimental: see the README's limitations).
 pub fn start_kernel(client: ClientKind, tests: TestHooks) -> Result<()> {
-    eprintln!("kdbt: warning: --kernel is experimental (see the README): a cache reset with two CPUs online crashes");
+    eprintln!("kdbt: warning: --kernel is experimental (see the README): a cache reset with two CPUs online hangs");
     let text = std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
     let k = kernel_ranges(&text)?;
     if k.ex_table == [0, 0] {
@@ -116,6 +117,7 @@ impl TestHooks {
             (self.no_invalidate, kdbt_abi::DBT_START_TEST_NO_INVALIDATE),
             (self.no_fault_slots, kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS),
             (self.no_redirect, kdbt_abi::DBT_START_TEST_NO_REDIRECT),
+            (self.small_cache, kdbt_abi::DBT_START_TEST_SMALL_CACHE),
         ] {
             if on {
                 flags |= bit;
@@ -156,7 +158,7 @@ pub fn stats(json: bool) -> Result<()> {
             "write_faults": q.write_faults, "reprotects": q.reprotects, "writable_pages": q.writable_pages,
             "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_unplaced": q.fault_unplaced,
             "entry_sites": q.entry_sites, "entry_targets": q.entry_targets, "entry_reverted": q.entry_reverted,
-            "invalidated_blocks": q.invalidated_blocks, "pending_blocks": q.pending_blocks,
+            "invalidated_blocks": q.invalidated_blocks, "pending_blocks": q.pending_blocks, "resets": q.resets,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -191,8 +193,8 @@ pub fn stats(json: bool) -> Result<()> {
         q.write_faults, q.reprotects, q.writable_pages
     );
     println!(
-        "  blocks invalidated {}, of which {} wait for a quiescent point of every CPU before their space is reused",
-        q.invalidated_blocks, q.pending_blocks
+        "  blocks invalidated {}, of which {} wait for a quiescent point of every CPU before their space is reused; cache resets {}",
+        q.invalidated_blocks, q.pending_blocks, q.resets
     );
     println!(
         "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}",

@@ -166,6 +166,10 @@ enum Cmd {
         /// system-call loop is steered 0 times must fail).
         #[arg(long, hide = true)]
         test_no_redirect: bool,
+        /// Test hook: a cache capacity limit far below the working set, so the cache is
+        /// reset again and again while other CPUs run translated code.
+        #[arg(long, hide = true)]
+        test_small_cache: bool,
     },
     /// Stop translating: every CPU runs the module natively again.
     Stop,
@@ -257,12 +261,14 @@ fn run(cli: Cli) -> Result<()> {
             test_no_invalidate,
             test_no_fault_slots,
             test_no_redirect,
+            test_small_cache,
         } => {
             let tests = dbt::TestHooks {
                 no_steer: test_no_steer,
                 no_invalidate: test_no_invalidate,
                 no_fault_slots: test_no_fault_slots,
                 no_redirect: test_no_redirect,
+                small_cache: test_small_cache,
             };
             match module {
                 Some(m) if !kernel => dbt::start(&m, client, tests),

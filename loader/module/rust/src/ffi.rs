@@ -55,7 +55,8 @@ extern "C" {
     pub fn kdbt_glue_sync_tasks();
     pub fn kdbt_glue_wp_kick();
     pub fn kdbt_glue_wp_flush();
-    pub fn kdbt_glue_dbt_quiescent_context() -> bool;
+    pub fn kdbt_glue_preempt_full() -> bool;
+    pub fn kdbt_glue_in_task() -> bool;
     pub fn kdbt_glue_dbt_quiesce_cpus();
     pub fn kdbt_glue_read_kernel(dst: *mut c_void, src: u64, n: usize) -> usize;
     pub fn kdbt_glue_percpu_block(size: *mut usize) -> u64;

@@ -88,6 +88,9 @@ pub struct KernelEnv {
     handlers: Option<Handlers>,
     /// The session's fault sites (null: none).
     faults: *mut FaultSites,
+    /// Kernel code is preemptible (full preemption or RT), asked once here: no dispatch
+    /// is then a quiescent point ([`Env::quiescent_entry`]).
+    preempt_full: bool,
 }
 
 /// Where the kernel's IDT sends #UD and #BP, and the selectors its frames carry.
@@ -140,6 +143,8 @@ impl KernelEnv {
             lookup: 0,
             handlers: None,
             faults: core::ptr::null_mut(),
+            // SAFETY: process context (under PREEMPT_DYNAMIC a call into the kernel).
+            preempt_full: unsafe { ffi::kdbt_glue_preempt_full() },
         })
     }
 
@@ -317,8 +322,8 @@ impl Env for KernelEnv {
     /// itself (`deliver`) leave a native pc in their frame; a user access that faults is
     /// in a fault slot, which depends on no fragment.
     fn quiescent_entry(&self, ctx: &dbt::scratch::GuestCtx) -> bool {
-        // SAFETY: reads this CPU's preemption count, any context.
-        ctx.rflags & (1 << 9) != 0 && unsafe { ffi::kdbt_glue_dbt_quiescent_context() }
+        // SAFETY: inline reads of this CPU's preemption count (no kernel code), any context.
+        !self.preempt_full && ctx.rflags & (1 << 9) != 0 && unsafe { ffi::kdbt_glue_in_task() }
     }
 
     fn native_now(&mut self, pc: u64) -> bool {

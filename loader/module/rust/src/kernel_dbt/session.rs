@@ -211,7 +211,8 @@ pub fn start(c: &kdbt_abi::DbtStart) -> Result<(), String> {
     let known = kdbt_abi::DBT_START_TEST_NO_STEER
         | kdbt_abi::DBT_START_TEST_NO_INVALIDATE
         | kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS
-        | kdbt_abi::DBT_START_TEST_NO_REDIRECT;
+        | kdbt_abi::DBT_START_TEST_NO_REDIRECT
+        | kdbt_abi::DBT_START_TEST_SMALL_CACHE;
     if flags & !known != 0 {
         return Err(format!("unknown start flags {flags:#x}"));
     }
@@ -367,7 +368,7 @@ fn build(
         gs_base: *gs.as_ref().unwrap_or(&0),
         hot_size: hot,
         stub_size: hot / 2,
-        max_hot_bytes: hot,
+        max_hot_bytes: if flags & kdbt_abi::DBT_START_TEST_SMALL_CACHE != 0 { hot / 20 } else { hot },
         // Calls out of the module, and returns into the kernel, leave the cache through
         // linked fragments and lookup hits, not a dispatch each.
         native_fragments: true,
@@ -660,7 +661,7 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     q.links = st.links;
     q.misses = st.misses;
     q.invalidations = st.invalidations;
-    (q.invalidated_blocks, q.pending_blocks) = (st.invalidated_blocks, pending as u64);
+    (q.invalidated_blocks, q.pending_blocks, q.resets) = (st.invalidated_blocks, pending as u64, st.resets);
     q.code_bytes = st.hot_bytes + st.stub_bytes;
     q.cache_bytes = s.cache_bytes;
     let ps = pool::stats();
