@@ -29,6 +29,20 @@ fn call_pair() -> (*mut u8, u64, u64) {
     (p, a, b)
 }
 
+/// The regex and miniz_oxide corpus cases, translated, give their native results (enough
+/// code to fill a small cache several times).
+fn regex_and_miniz_match_native(h: &mut Harness) {
+    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
+        let mut nb = vec![0u8; BUF_LEN];
+        let mut tb = vec![0u8; BUF_LEN];
+        let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
+        let t = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
+        assert_eq!(t.stop, StopKind::Sentinel);
+        assert_eq!(t.rax, n.rax, "{}", c.name);
+        assert!(nb == tb);
+    }
+}
+
 #[test]
 fn invalidation_unlinks_and_retranslates() {
     let (p, a, b) = call_pair();
@@ -125,15 +139,7 @@ fn a_capacity_reset_in_a_handler_over_translated_code_never_flushes() {
     let env = dbt::host::HostEnv::new();
     env.nested.store(true, Relaxed);
     let mut h = Harness::with_env(Some(Box::new(NullClient)), cfg, env);
-    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
-        let t = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(t.stop, StopKind::Sentinel);
-        assert_eq!(t.rax, n.rax, "{}", c.name);
-        assert!(nb == tb);
-    }
+    regex_and_miniz_match_native(&mut h);
     let s = h.engine.stats;
     assert!(s.resets > 0 && s.flushes == 0, "{s:?}");
 }
@@ -160,15 +166,7 @@ fn a_full_cache_whose_reset_frees_nothing_stops_with_no_space() {
 fn capacity_limit_resets_and_stays_correct() {
     let cfg = Config { max_hot_bytes: 64 << 10, ..Config::default() };
     let mut h = Harness::with_config(Some(Box::new(NullClient)), cfg);
-    for c in cases().into_iter().filter(|c| c.name == "regex" || c.name == "miniz_oxide") {
-        let mut nb = vec![0u8; BUF_LEN];
-        let mut tb = vec![0u8; BUF_LEN];
-        let n = h.run_native(c.addr(), &[nb.as_mut_ptr() as u64, c.test_n]);
-        let t = h.run(c.addr(), &[tb.as_mut_ptr() as u64, c.test_n]);
-        assert_eq!(t.stop, StopKind::Sentinel);
-        assert_eq!(t.rax, n.rax, "{}", c.name);
-        assert!(nb == tb);
-    }
+    regex_and_miniz_match_native(&mut h);
     assert!(h.engine.stats.resets > 0, "{:?}", h.engine.stats);
 }
 

@@ -100,6 +100,28 @@ dmesg_clean() {
     fi
 }
 
+# The kernel DBT's workload (suites dbt and dbt-kernel), whose output must be the same
+# natively and while the kernel runs from the cache; kwork_tree first makes its tree.
+kwork_tree() {
+    local i
+    mkdir -p /tmp/ktree
+    for i in 1 2 3 4 5 6 7 8; do
+        mkdir -p /tmp/ktree/d$i && echo $i > /tmp/ktree/d$i/f && cp /lib/modules/kdbt_testmod.ko /tmp/ktree/d$i/
+    done
+}
+kwork() {
+    local i
+    sha256sum /lib/modules/kdbt_testmod.ko; ls -l /lib/modules | wc -l
+    for i in 1 2 3; do sh -c 'echo forked'; done
+    yes | head -c 200000 | wc -c
+    ubench --iters 20 --reps 1 --only getppid > /dev/null && echo getppid
+    badptr --write /proc/version 2>&1 | head -1
+    # A file written, fsynced and read back; find and tar+gzip over a tree on tmpfs.
+    dd if=/lib/modules/kdbt_testmod.ko of=/tmp/kw.bin conv=fsync 2>/dev/null && sha256sum < /tmp/kw.bin
+    find /tmp/ktree | sort | wc -l
+    tar -cf - -C /tmp/ktree . | gzip -1 | sha256sum
+}
+
 info "suite=$SUITE kernel=$(uname -r) cpus_expected=$NCPUS expect_vmx=$EXPECT_VMX"
 
 dmesg_mark

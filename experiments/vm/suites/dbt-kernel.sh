@@ -9,24 +9,11 @@
 # $NCPUS, $EXPECT_VMX).
 
 export KDBT_MODULE=/lib/modules/kdbt.ko
-TESTMOD=/lib/modules/kdbt_testmod.ko
 if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then plan 1; fail dbt_kernel_needs_vmx_and_ept; exit 0; fi
 plan 5
 # One getppid natively (kdbt not loaded) in RDTSC ticks, for the kernel inscount check.
 GETPPID_NATIVE=$(taskset -c 0 ubench --iters 1000 --reps 3 --only getppid | sed -n 's/.* ticks_per_op=\([0-9]*\).*/\1/p')
-mkdir -p /tmp/ktree
-for i in 1 2 3 4 5 6 7 8; do mkdir -p /tmp/ktree/d$i && echo $i > /tmp/ktree/d$i/f && cp "$TESTMOD" /tmp/ktree/d$i/; done
-kwork() {
-    sha256sum /lib/modules/kdbt_testmod.ko; ls -l /lib/modules | wc -l
-    for i in 1 2 3; do sh -c 'echo forked'; done
-    yes | head -c 200000 | wc -c
-    ubench --iters 20 --reps 1 --only getppid > /dev/null && echo getppid
-    badptr --write /proc/version 2>&1 | head -1
-    # A file written, fsynced and read back; find and tar+gzip over a tree on tmpfs.
-    dd if="$TESTMOD" of=/tmp/kw.bin conv=fsync 2>/dev/null && sha256sum < /tmp/kw.bin
-    find /tmp/ktree | sort | wc -l
-    tar -cf - -C /tmp/ktree . | gzip -1 | sha256sum
-}
+kwork_tree
 kwork > /tmp/kwork.native 2>&1
 reprotected() {
     n=0
@@ -42,7 +29,7 @@ reclaimed() {
         n=$((n + 1)); [ $n -lt 300 ] || return 1
     done
 }
-check dbt_load kdbt load
+check dbt_kernel_load kdbt load
 
 # One kernel session (inscount) for two checks, and one with both mechanisms off for the
 # two that must fail (a kernel session costs minutes of wall time on Debian in Bochs).

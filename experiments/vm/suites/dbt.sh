@@ -306,19 +306,7 @@ check dbt_cycles_20 cycles
 # page-fault, scheduler and timer paths, all entered from native entry text,
 # so only EPT steering brings them in. With the execute right left in place
 # (--test-no-steer) nothing is steered and the check must fail.
-mkdir -p /tmp/ktree
-for i in 1 2 3 4 5 6 7 8; do mkdir -p /tmp/ktree/d$i && echo $i > /tmp/ktree/d$i/f && cp "$TESTMOD" /tmp/ktree/d$i/; done
-kwork() {
-    sha256sum /lib/modules/kdbt_testmod.ko; ls -l /lib/modules | wc -l
-    for i in 1 2 3; do sh -c 'echo forked'; done
-    yes | head -c 200000 | wc -c
-    ubench --iters 20 --reps 1 --only getppid > /dev/null && echo getppid
-    badptr --write /proc/version 2>&1 | head -1
-    # A file written, fsynced and read back; find and tar+gzip over a tree on tmpfs.
-    dd if="$TESTMOD" of=/tmp/kw.bin conv=fsync 2>/dev/null && sha256sum < /tmp/kw.bin
-    find /tmp/ktree | sort | wc -l
-    tar -cf - -C /tmp/ktree . | gzip -1 | sha256sum
-}
+kwork_tree
 kwork > /tmp/kwork.native 2>&1
 kernel_run() {
     kdbt start --kernel --client bbcov $1 2>&1 || return 1
