@@ -654,7 +654,7 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
         paging: Paging::Ept,
     };
     let mut runs = vec![
-        // The small kernel's boot also runs the kernel-scope DBT checks (about 4 minutes
+        // The small kernel's boot also runs the kernel-scope DBT checks (about 1.5 minutes
         // more; Debian 6.12's would add 8, so they run there by hand).
         VmArgs { suite: "smoke,hypervisor,dbt,dbt-kernel".into(), timeout: Some(1500), ..base.clone() },
         // A fatal exit panics the guest, which ends its boot: a boot of its own (1 CPU).
