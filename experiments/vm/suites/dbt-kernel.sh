@@ -45,13 +45,13 @@ check dbt_kernel_load kdbt load
 #
 # inscount over the kernel, and the entry fast path: N getppid calls on cpu0 (one ubench
 # process, pinned; `kdbt stats` read from another CPU) add N x k instructions, with the
-# same k (within 1%) for N = 100,000 and 200,000; the fixed cost of a run (exec, exit, one
-# call) is measured alone and subtracted. Each figure is the fewest of three runs. k
+# same k (within 1%) for N = 200,000 and 400,000; the fixed cost of a run (exec, exit, one
+# call) is measured alone and subtracted. Each figure is the fewest of five runs. k
 # counts the translated kernel instructions on cpu0 per call: those of the system call
 # (do_syscall_64 on; the native entry text and kdbt's trampolines and dispatcher are not
 # counted) and the timer interrupts' share; beside it, the RDTSC ticks of one getppid
 # natively and while started. The calls must add (almost) no #VE: at most 1 per 20,000
-# calls (measured: 4 per 100,000 on the small kernel, none on Debian 6.12):
+# calls (measured: 0 per 200,000 on the small kernel, 1 on Debian 6.12):
 # the entry text's `call do_syscall_64` enters the cache through its trampoline
 # (redirected entry text), so the system calls themselves are never steered. With the
 # redirect off (--test-no-redirect) each call is, and the check must say so.
@@ -79,11 +79,14 @@ key_part() {
 STATS_CPU=$((NCPUS - 1))
 # cpu0's "instructions steered" (the latter: #VEs).
 kfigs() { taskset -c $STATS_CPU kdbt stats | sed -n "s/^  cpu0: steered \([0-9]*\) (#VE), .*, instructions \([0-9]*\).*/\2 \1/p"; }
-# kins_run ITERS: the fewest cpu0 instructions, and the fewest #VEs, of three runs of
-# ubench --iters ITERS (10 x ITERS getppid calls).
+# kins_run ITERS: the fewest cpu0 instructions, and the fewest #VEs, of $KREPS runs of
+# ubench --iters ITERS (10 x ITERS getppid calls): the fewest filters out what else ran
+# on cpu0 meanwhile.
+KREPS=5
 kins_run() {
-    local n=$1 bi=0 bs=-1 i a1 a2 b1 b2
-    for i in 1 2 3; do
+    local n=$1 bi=0 bs=-1 i=0 a1 a2 b1 b2
+    while [ $i -lt $KREPS ]; do
+        i=$((i + 1))
         set -- $(kfigs); a1=${1:-0} a2=${2:-0}
         taskset -c 0 ubench --iters "$n" --reps 1 --only getppid > /dev/null 2>&1 || return 1
         set -- $(kfigs); b1=${1:-0} b2=${2:-0}
@@ -95,19 +98,19 @@ kins_run() {
 hundredths() { printf '%d.%02d' $(($1 / 100)) $(($1 % 100)); }
 ins_part() {
     taskset -c 0 ubench --iters 100 --reps 1 --only getppid > /dev/null || return 1   # warm the cache
-    r0=$(kins_run 0) && r1=$(kins_run 10000) && r2=$(kins_run 20000) || return 1
+    r0=$(kins_run 0) && r1=$(kins_run 20000) && r2=$(kins_run 40000) || return 1
     t=$(taskset -c 0 ubench --iters 1000 --reps 3 --only getppid | sed -n 's/.* ticks_per_op=\([0-9]*\).*/\1/p')
     set -- $r0; i0=$1 s0=$2; set -- $r1; i1=$1; set -- $r2; i2=$1 s2=$2
     # k in hundredths of an instruction (no rounding of its own in the 1% comparison).
-    c1=$(( (i1 - i0) / 1000 )); c2=$(( (i2 - i0) / 2000 ))
+    c1=$(( (i1 - i0) / 2000 )); c2=$(( (i2 - i0) / 4000 ))
     d=$(( c1 > c2 ? c1 - c2 : c2 - c1 ))
     k1=$(hundredths $c1); k2=$(hundredths $c2)
     echo "fixed cost of a run: $i0 instructions, $s0 #VEs"
-    echo "200000 getppid calls add $((s2 - s0)) #VEs (runs of 1 call: $s0, of 200001: $s2)"
-    echo "inscount per getppid: k=$k1 (100000 calls) k=$k2 (200000 calls) diff=$(hundredths $d) ticks_native=$GETPPID_NATIVE ticks_started=$t"
+    echo "400000 getppid calls add $((s2 - s0)) #VEs (runs of 1 call: $s0, of 400001: $s2)"
+    echo "inscount per getppid: k=$k1 (200000 calls) k=$k2 (400000 calls) diff=$(hundredths $d) ticks_native=$GETPPID_NATIVE ticks_started=$t"
     r=0
     [ "$c1" -gt 0 ] && [ $(( d * 100 )) -le "$c1" ] || { echo "k is not linear"; r=1; }
-    [ $((s2 - s0)) -le 10 ] || { echo "the system-call loop was steered by #VE"; r=1; }
+    [ $((s2 - s0)) -le 20 ] || { echo "the system-call loop was steered by #VE"; r=1; }
     return $r
 }
 # kernel_key_ins FLAGS: both parts in one session; "key: ok" / "inscount: ok" for each
@@ -135,7 +138,9 @@ info "$(cat /tmp/kki.out)"
 verdict dbt_kernel_static_key_takes_effect /tmp/kki.out 'key: ok' \
     's/^  text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/writes=\1 reprotected=\2/p; s/^  blocks invalidated \([0-9]*\), of which \([0-9]*\) wait.*/invalidated=\1 pending=\2/p'
 verdict dbt_kernel_inscount_getppid /tmp/kki.out 'inscount: ok' \
-    's/^inscount per getppid: k=\([0-9.]*\) .* k=\([0-9.]*\) .* \(ticks_native=[0-9]*\) \(ticks_started=[0-9]*\)$/k100000=\1 k200000=\2 \3 \4/p; s/^200000 getppid calls add \(-*[0-9]*\) #VEs.*/loop_ves=\1/p'
+    's/^inscount per getppid: k=\([0-9.]*\) .* k=\([0-9.]*\) .* \(ticks_native=[0-9]*\) \(ticks_started=[0-9]*\)$/k200000=\1 k400000=\2 \3 \4/p; s/^400000 getppid calls add \(-*[0-9]*\) #VEs.*/loop_ves=\1/p'
+# One run per N is enough to see every call steered (each a #VE: slow in Bochs).
+KREPS=1
 kernel_key_ins --test-no-invalidate --test-no-redirect > /tmp/kkc.out 2>&1
 info "$(cat /tmp/kkc.out)"
 caught_in dbt_kernel_catches_stale_translation /tmp/kkc.out 'key: ok' 'a stale translation ran'
