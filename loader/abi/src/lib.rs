@@ -526,7 +526,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 48 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 21 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 24 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
         assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);
