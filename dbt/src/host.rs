@@ -52,6 +52,9 @@ pub struct HostEnv {
     /// environment registers the slot in its exception table.
     pub fault_sites: Vec<u64>,
     pub on_fault_slot: Option<fn(u64, u64)>,
+    /// Test hook: called with the pc of each [`Env::read_code`] after the read, as a
+    /// writer on another CPU may change the code right after the engine read it.
+    pub after_read: Option<fn(u64)>,
     /// The slot page (address, bytes handed out).
     slot_page: Option<(u64, usize)>,
 }
@@ -124,6 +127,32 @@ pub fn rwx_near(near: u64, size: usize) -> Option<u64> {
 }
 
 impl HostEnv {
+    /// [`Env::read_code`] itself: what is readable at `pc` (up to `buf.len()` bytes).
+    fn read_code_now(&self, pc: u64, buf: &mut [u8]) -> usize {
+        // Read up to the end of the page, and the next page only if it is
+        // mapped (mincore-free check: process_vm_readv never faults).
+        let iov_local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let iov_remote = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: process_vm_readv on our own pid copies what is readable
+        // and reports failures instead of faulting.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &iov_local, 1, &iov_remote, 1, 0) };
+        if n > 0 {
+            return n as usize;
+        }
+        // Partial (crossing into an unmapped page): read up to the page end.
+        let till_page = (0x1000 - (pc & 0xfff)) as usize;
+        if till_page < buf.len() {
+            let l = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: till_page };
+            let r = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: till_page };
+            // SAFETY: as above.
+            let n = unsafe { libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0) };
+            if n > 0 {
+                return n as usize;
+            }
+        }
+        0
+    }
+
     pub fn new() -> HostEnv {
         HostEnv::default()
     }
@@ -284,28 +313,11 @@ impl Env for HostEnv {
     }
 
     fn read_code(&self, pc: u64, buf: &mut [u8]) -> usize {
-        // Read up to the end of the page, and the next page only if it is
-        // mapped (mincore-free check: process_vm_readv never faults).
-        let iov_local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-        let iov_remote = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: buf.len() };
-        // SAFETY: process_vm_readv on our own pid copies what is readable
-        // and reports failures instead of faulting.
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &iov_local, 1, &iov_remote, 1, 0) };
-        if n > 0 {
-            return n as usize;
+        let n = self.read_code_now(pc, buf);
+        if let Some(f) = self.after_read {
+            f(pc);
         }
-        // Partial (crossing into an unmapped page): read up to the page end.
-        let till_page = (0x1000 - (pc & 0xfff)) as usize;
-        if till_page < buf.len() {
-            let l = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: till_page };
-            let r = libc::iovec { iov_base: pc as *mut libc::c_void, iov_len: till_page };
-            // SAFETY: as above.
-            let n = unsafe { libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0) };
-            if n > 0 {
-                return n as usize;
-            }
-        }
-        0
+        n
     }
 }
 

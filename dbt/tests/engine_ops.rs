@@ -170,6 +170,46 @@ fn capacity_limit_resets_and_stays_correct() {
     assert!(h.engine.stats.resets > 0, "{:?}", h.engine.stats);
 }
 
+/// The pc whose first byte `int3_after_first_read` overwrites with `int3`.
+static POKE_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A [`dbt::host::HostEnv::after_read`] hook: a writer puts `int3` over the first byte
+/// of the instruction at `POKE_AT` right after the engine first read it, as
+/// `text_poke_bp` does on another CPU.
+fn int3_after_first_read(pc: u64) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if pc != 0 && POKE_AT.compare_exchange(pc, 0, SeqCst, SeqCst).is_ok() {
+        // SAFETY: the test's RWX code page.
+        unsafe { *(pc as *mut u8) = 0xCC };
+    }
+}
+
+/// A translation copies the bytes its instructions were decoded from, not what the code
+/// holds when the copy is made: with the code read again for the copy, the `int3`
+/// written meanwhile ran from the cache (a SIGTRAP here; in the kernel, an `int3` whose
+/// handler knew no such pc).
+#[test]
+fn a_translation_copies_the_bytes_it_decoded() {
+    let p = code_page();
+    // nop (66 90); mov eax, 42; ret
+    let code = [0x66u8, 0x90, 0xB8, 42, 0, 0, 0, 0xC3];
+    // SAFETY: our page.
+    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), p, code.len()) };
+    let mut env = dbt::host::HostEnv::new();
+    env.after_read = Some(int3_after_first_read);
+    let mut h = Harness::with_env(Some(Box::new(NullClient)), Config::default(), env);
+    POKE_AT.store(p as u64, std::sync::atomic::Ordering::SeqCst);
+    let r = h.run(p as u64, &[]);
+    assert_eq!(POKE_AT.load(std::sync::atomic::Ordering::SeqCst), 0, "the writer wrote");
+    assert_eq!((r.stop, r.rax), (StopKind::Sentinel, 42), "the code as decoded ran");
+    // SAFETY: our page.
+    assert_eq!(unsafe { *p }, 0xCC);
+    // Invalidated (as a write to translated code is): the new bytes are translated.
+    assert_eq!(h.engine.invalidate(p as u64, p as u64 + 1), 1);
+    let r = h.run(p as u64, &[]);
+    assert_eq!((r.stop, r.stop_pc), (StopKind::Breakpoint, p as u64));
+}
+
 #[test]
 fn stops_on_int3_ud2_and_invalid_bytes() {
     let p = code_page();

@@ -9,6 +9,11 @@ use super::*;
 /// fall-through is the next one (an extended block).
 pub(super) struct Block {
     pub(super) insns: Vec<Instruction>,
+    /// The bytes of `insns` as decoded (they are consecutive from the first one's pc):
+    /// what the translation copies. Reading the guest's code again for the copy could
+    /// see other bytes (kernel text written meanwhile, e.g. the `int3` of `text_poke_bp`
+    /// over the first byte of an instruction decoded before it).
+    pub(super) code: Vec<u8>,
     /// Indices of the conditional branches that end a basic block inside the
     /// fragment (their fall-through path continues inline).
     pub(super) inline_jcc: Vec<usize>,
@@ -19,6 +24,12 @@ pub(super) struct Block {
 }
 
 impl Block {
+    /// The bytes `i` (one of `insns`) was decoded from.
+    pub(super) fn bytes_of(&self, i: &Instruction) -> Option<&[u8]> {
+        let off = i.ip().checked_sub(self.insns.first()?.ip())? as usize;
+        self.code.get(off..off.checked_add(i.len())?)
+    }
+
     /// Index ranges of the basic blocks.
     pub(super) fn basic_blocks(&self) -> Vec<core::ops::Range<usize>> {
         let mut v = Vec::with_capacity(self.inline_jcc.len() + 1);
@@ -150,30 +161,31 @@ pub(super) fn shift_may_be_zero(i: &Instruction) -> bool {
 impl Engine {
     pub(super) fn decode_block(&self, pc: u64) -> Block {
         let mut insns = Vec::new();
+        let mut code = Vec::new();
         let mut inline_jcc = Vec::new();
         let mut cur = pc;
         let mut buf = [0u8; 16];
         let mut classes = [0u64; KClass::COUNT];
-        let done = |insns, inline_jcc, term, end, classes| Block { insns, inline_jcc, term, end, classes };
+        let done = |insns, code, inline_jcc, term, end, classes| Block { insns, code, inline_jcc, term, end, classes };
         loop {
             // A block never ends right after `sti` (its interrupt shadow must
             // cover the guest's next instruction, e.g. `sti; hlt`).
             let after_sti = insns.last().is_some_and(kclass::keeps_next);
             if !after_sti && (insns.len() >= self.cfg.max_block_insns || (cur - pc) as usize > MAX_BLOCK_BYTES) {
-                return done(insns, inline_jcc, Term::Fall(cur), cur, classes);
+                return done(insns, code, inline_jcc, Term::Fall(cur), cur, classes);
             }
             // A block ends where a native region begins; its exit leaves
             // translated code there (the region's entry is never linked).
             if cur != pc && self.env.native(cur) {
                 // With native fragments, a plain exit: linked to the native pc's fragment.
                 let t = if self.cfg.native_fragments { Term::Fall(cur) } else { Term::Stop(StopKind::Native, cur) };
-                return done(insns, inline_jcc, t, cur, classes);
+                return done(insns, code, inline_jcc, t, cur, classes);
             }
             let n = self.env.read_code(cur, &mut buf[..15]).min(15);
             let mut d = Decoder::with_ip(64, &buf[..n], cur, DecoderOptions::NONE);
             let mut i = d.decode();
             if i.is_invalid() {
-                return done(insns, inline_jcc, Term::Stop(StopKind::Invalid, cur), cur + 1, classes);
+                return done(insns, code, inline_jcc, Term::Stop(StopKind::Invalid, cur), cur + 1, classes);
             }
             if let Some(c) = kclass::classify(&i) {
                 classes[c as usize] += 1;
@@ -184,10 +196,11 @@ impl Engine {
                 i = t;
             }
             if let Some(k) = classify_stop(&i) {
-                return done(insns, inline_jcc, Term::Stop(k, cur), i.next_ip(), classes);
+                return done(insns, code, inline_jcc, Term::Stop(k, cur), i.next_ip(), classes);
             }
             let cti = is_cti(&i);
             cur = i.next_ip();
+            code.extend_from_slice(&buf[..i.len()]);
             insns.push(i);
             if cti {
                 let jcc_rel32able = i.flow_control() == FlowControl::ConditionalBranch
@@ -199,7 +212,7 @@ impl Engine {
                     inline_jcc.push(insns.len() - 1);
                     continue;
                 }
-                return done(insns, inline_jcc, Term::Cti, cur, classes);
+                return done(insns, code, inline_jcc, Term::Cti, cur, classes);
             }
         }
     }

@@ -46,22 +46,19 @@ impl Engine {
         Self::patch_branch(e, fix, &[0x0F, 0x80 | (cc & 15)], exit);
     }
 
-    /// Copy a non-control-transfer instruction: original bytes unless it is
-    /// RIP-relative (then re-encoded by iced for its new address).
-    pub(super) fn copy_insn(&self, e: &mut Emit, i: &Instruction) {
+    /// Copy a non-control-transfer instruction of `blk`: the bytes it was decoded
+    /// from unless it is RIP-relative (then re-encoded by iced for its new address).
+    pub(super) fn copy_insn(e: &mut Emit, blk: &Block, i: &Instruction) {
         if i.code() == Code::Retnq {
             // Also a `jmp __x86_return_thunk` recognized as a return.
             e.raw(&[0xC3]);
         } else if i.is_ip_rel_memory_operand() {
             e.ins(Ok(*i));
         } else {
-            let mut b = [0u8; 16];
-            let n = self.env.read_code(i.ip(), &mut b[..i.len()]);
-            if n < i.len() {
-                e.err = true;
-                return;
+            match blk.bytes_of(i) {
+                Some(b) => e.raw(b),
+                None => e.err = true,
             }
-            e.raw(&b[..i.len()]);
         }
     }
 
@@ -77,6 +74,7 @@ impl Engine {
         let blk = if native {
             Block {
                 insns: Vec::new(),
+                code: Vec::new(),
                 inline_jcc: Vec::new(),
                 term: Term::Native(pc),
                 end: pc + 1,
@@ -243,7 +241,7 @@ impl Engine {
                     }
                     e.ins(Instruction::with_branch(Code::Jmp_rel32_64, slot));
                     let mut se = Emit::new(slot);
-                    self.copy_insn(&mut se, i);
+                    Self::copy_insn(&mut se, blk, i);
                     // At its native length (RIP-relative re-encodings keep it), so the
                     // environment may point a fixup at `slot + len` (the jump out).
                     if se.buf.len() != i.len() {
@@ -270,7 +268,7 @@ impl Engine {
                     se.buf.resize(FAULT_SLOT_BYTES, 0xCC);
                     slot_code.push((slot, se.buf));
                 }
-                None => self.copy_insn(&mut e, i),
+                None => Self::copy_insn(&mut e, blk, i),
             }
             after(&mut e, k);
         }
@@ -396,7 +394,7 @@ impl Engine {
                     // Cached returns: the stack holds a pad; return natively to it.
                     FlowControl::Return if self.cfg.cached_returns => {
                         e.guest(i.ip());
-                        self.copy_insn(&mut e, i)
+                        Self::copy_insn(&mut e, blk, i)
                     }
                     FlowControl::Return => e.ret_lookup(&self.abi, i.ip()),
                     _ => return Err(StopKind::Unsupported),
