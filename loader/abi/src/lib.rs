@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -379,6 +379,9 @@ pub struct DbtStatsQuery {
     pub pending_blocks: u64,
     /// Capacity resets of the cache.
     pub resets: u64,
+    /// Quiescence passes the reclaim tick ran (a work item on every CPU, while
+    /// invalidated blocks waited).
+    pub quiesce_passes: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -416,6 +419,7 @@ impl Default for DbtStatsQuery {
             invalidated_blocks: 0,
             pending_blocks: 0,
             resets: 0,
+            quiesce_passes: 0,
         }
     }
 }
@@ -526,7 +530,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 48 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 24 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 25 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
         assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);

@@ -159,6 +159,7 @@ pub fn stats(json: bool) -> Result<()> {
             "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_unplaced": q.fault_unplaced,
             "entry_sites": q.entry_sites, "entry_targets": q.entry_targets, "entry_reverted": q.entry_reverted,
             "invalidated_blocks": q.invalidated_blocks, "pending_blocks": q.pending_blocks, "resets": q.resets,
+            "quiesce_passes": q.quiesce_passes,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -193,8 +194,9 @@ pub fn stats(json: bool) -> Result<()> {
         q.write_faults, q.reprotects, q.writable_pages
     );
     println!(
-        "  blocks invalidated {}, of which {} wait for a quiescent point of every CPU before their space is reused; cache resets {}",
-        q.invalidated_blocks, q.pending_blocks, q.resets
+        "  blocks invalidated {}, of which {} wait for a quiescent point of every CPU before their space is reused; \
+         cache resets {}; quiescence passes {}",
+        q.invalidated_blocks, q.pending_blocks, q.resets, q.quiesce_passes
     );
     println!(
         "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}",

@@ -166,8 +166,9 @@ enum Cmd {
         /// system-call loop is steered 0 times must fail).
         #[arg(long, hide = true)]
         test_no_redirect: bool,
-        /// Test hook: a cache capacity limit far below the working set, so the cache is
-        /// reset again and again while other CPUs run translated code.
+        /// Test hook: a cache capacity limit of a fifth of the cache (1 MB for the
+        /// kernel), below a workload's translations, so the cache is reset while other
+        /// CPUs run translated code.
         #[arg(long, hide = true)]
         test_small_cache: bool,
     },

@@ -144,6 +144,13 @@ pub extern "C" fn kdbt_rs_dbt_quiesce_here() {
     kernel_dbt::wprotect::quiesce_here()
 }
 
+/// The kernel DBT's reclaim tick (process context, the glue's delayed work): a
+/// quiescence pass when invalidated translations wait. Whether to tick again.
+#[no_mangle]
+pub extern "C" fn kdbt_rs_dbt_reclaim_tick() -> bool {
+    kernel_dbt::wprotect::reclaim_tick()
+}
+
 /// ioctl on `/dev/kdbt`, serialized by the glue's mutex, process context. `arg` is a user
 /// pointer. Returns >= 0 or -errno.
 #[no_mangle]

@@ -358,8 +358,7 @@ fn build(
         }
     };
     let gs = blocks.gs_offset().ok_or("per-CPU offset out of reach");
-    // The kernel's text needs megabytes of translations (a reset under another CPU is
-    // not safe yet, see the README's limitations); a module, a few KB.
+    // The kernel's text needs megabytes of translations; a module, a few KB.
     let hot = if module.is_null() { 5 << 20 } else { 512 << 10 };
     let cfg = Config {
         kernel: true,
@@ -368,7 +367,9 @@ fn build(
         gs_base: *gs.as_ref().unwrap_or(&0),
         hot_size: hot,
         stub_size: hot / 2,
-        max_hot_bytes: if flags & kdbt_abi::DBT_START_TEST_SMALL_CACHE != 0 { hot / 20 } else { hot },
+        // A reset leaves a quarter of the cache to translate into while the space it
+        // invalidated waits for every CPU's quiescent point (the reclaim tick's pass).
+        max_hot_bytes: if flags & kdbt_abi::DBT_START_TEST_SMALL_CACHE != 0 { hot / 5 } else { hot - hot / 4 },
         // Calls out of the module, and returns into the kernel, leave the cache through
         // linked fragments and lookup hits, not a dispatch each.
         native_fragments: true,
@@ -668,6 +669,7 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     (q.pool_peak, q.pool_size) = (ps.peak as u64, ps.size as u64);
     let wc = s.guard.as_ref().map(|g| g.counts()).unwrap_or_default();
     (q.write_faults, q.reprotects, q.writable_pages) = (wc.writes, wc.reprotects, wc.writable);
+    q.quiesce_passes = wc.quiesce_passes;
     if let Some(r) = &s.redirect {
         (q.entry_sites, q.entry_targets) = (r.sites, r.targets);
         q.entry_reverted = r.writes.load(core::sync::atomic::Ordering::Relaxed);

@@ -62,6 +62,8 @@ pub struct WriteGuard {
     writes: AtomicU64,
     reprotects: AtomicU64,
     writable: AtomicU64,
+    /// Quiescence passes run by the reclaim tick.
+    ticks: AtomicU64,
 }
 
 // SAFETY: the engine and blocks outlive the guard (the session unpublishes it and waits
@@ -76,6 +78,7 @@ pub struct Counts {
     pub writes: u64,
     pub reprotects: u64,
     pub writable: u64,
+    pub quiesce_passes: u64,
 }
 
 impl WriteGuard {
@@ -105,6 +108,7 @@ impl WriteGuard {
             writes: AtomicU64::new(0),
             reprotects: AtomicU64::new(0),
             writable: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
         }))
     }
 
@@ -112,6 +116,8 @@ impl WriteGuard {
     /// read-only).
     pub fn publish(&self) {
         GUARD.store(self as *const WriteGuard as *mut WriteGuard, Ordering::Release);
+        // SAFETY: process context.
+        unsafe { ffi::kdbt_glue_reclaim_tick(true) };
     }
 
     /// No re-protection from now on (process context; waits for one in progress). Writes
@@ -128,6 +134,7 @@ impl WriteGuard {
             writes: self.writes.load(Ordering::Relaxed),
             reprotects: self.reprotects.load(Ordering::Relaxed),
             writable: self.writable.load(Ordering::Relaxed),
+            quiesce_passes: self.ticks.load(Ordering::Relaxed),
         }
     }
 
@@ -153,6 +160,8 @@ impl WriteGuard {
 /// has taken an interrupt (the session switches #VE off on each CPU next).
 pub fn unpublish() {
     GUARD.store(core::ptr::null_mut(), Ordering::Release);
+    // SAFETY: process context; a tick running now finds no guard and stops.
+    unsafe { ffi::kdbt_glue_reclaim_tick(false) };
     flush();
 }
 
@@ -288,6 +297,40 @@ pub fn quiesce_here() {
         unsafe { Engine::locked(g.engine, |e| e.note_quiescent(s)) };
     }
     drop(scope);
+}
+
+/// The reclaim tick (the glue's delayed work, every few milliseconds while a guard is
+/// published): when invalidated translations wait for quiescence, a quiescence pass.
+/// Otherwise their space waits for each CPU's next dispatch at a quiescent point or for
+/// the next text write's pass; a CPU that only dispatches in interrupt handlers or with
+/// interrupts off (an idle one) could hold a reset's space back until the rest of the
+/// cache is used up, and a full cache stops every CPU that needs a new translation.
+/// Rarely needed: in the suite's reset runs a dispatch at base level came first all but
+/// once. Returns whether to tick again (false once the guard is gone).
+pub fn reclaim_tick() -> bool {
+    let g = GUARD.load(Ordering::Acquire);
+    if g.is_null() {
+        return false;
+    }
+    // SAFETY: the session cancels this work (waiting for it) when it unpublishes the
+    // guard, before freeing it.
+    let g = unsafe { &*g };
+    if !g.invalidate || g.retired.load(Ordering::Acquire) {
+        return true;
+    }
+    // SAFETY: the blocks outlive the guard (see `WriteGuard::new`).
+    let blocks = unsafe { &*g.blocks };
+    let scope = blocks.pool_scope();
+    // SAFETY: the live engine, its lock taken with interrupts off (the scope keeps them
+    // off).
+    let pending = unsafe { Engine::locked(g.engine, |e| e.pending_count()) };
+    drop(scope);
+    if pending != 0 {
+        g.ticks.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: process context (the glue's work).
+        unsafe { ffi::kdbt_glue_dbt_quiesce_cpus() };
+    }
+    true
 }
 
 /// [`reprotect`]'s part under the lock; whether any page was re-protected.
