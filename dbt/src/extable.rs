@@ -40,12 +40,75 @@ pub fn fixup_field(at: u64, fixup: u64) -> Option<i32> {
 /// The entry for `pc` in `table`, sorted by `insn` (the kernel's own search is a binary
 /// search over the same order).
 pub fn find(table: &[Entry], pc: u64) -> Option<&Entry> {
-    table.binary_search_by_key(&pc, |e| e.insn).ok().map(|i| &table[i])
+    index_of(table, pc).map(|i| &table[i])
+}
+
+/// The index of [`find`]'s entry.
+pub fn index_of(table: &[Entry], pc: u64) -> Option<usize> {
+    table.binary_search_by_key(&pc, |e| e.insn).ok()
+}
+
+/// The slot each fault site of a table was last given, with the bytes it was translated
+/// from (a 64-bit FNV-1a hash of them): a retranslation of the same instruction, after
+/// an invalidation or a cache reset, gets the same slot again instead of a new one (the
+/// engine writes the same code there, as its slots continue at the next native pc),
+/// so that a session's slots are not used up by retranslations. Other bytes at the same
+/// pc (the text was patched) get a new slot: a task asleep in a fault at the old one
+/// resumes into the old instruction's slot, unchanged.
+pub struct SlotMemo {
+    /// By site index: slot + 1 (0: none yet) and the bytes' hash.
+    by_site: alloc::vec::Vec<(u32, u64)>,
+}
+
+impl SlotMemo {
+    /// A memo for a table of `sites` entries; None when out of memory.
+    pub fn new(sites: usize) -> Option<SlotMemo> {
+        let mut by_site = alloc::vec::Vec::new();
+        by_site.try_reserve_exact(sites).ok()?;
+        by_site.resize(sites, (0, 0));
+        Some(SlotMemo { by_site })
+    }
+
+    fn hash(bytes: &[u8]) -> u64 {
+        bytes
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64 ^ bytes.len() as u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    }
+
+    /// The slot site `site` was given for these `bytes`, if any.
+    pub fn get(&self, site: usize, bytes: &[u8]) -> Option<usize> {
+        let &(k, h) = self.by_site.get(site)?;
+        (k != 0 && h == Self::hash(bytes)).then(|| k as usize - 1)
+    }
+
+    /// Site `site`, translated from `bytes`, was given `slot`.
+    pub fn put(&mut self, site: usize, bytes: &[u8], slot: usize) {
+        if let (Some(e), Ok(k)) = (self.by_site.get_mut(site), u32::try_from(slot + 1)) {
+            *e = (k, Self::hash(bytes));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_site_gets_its_slot_again_for_the_same_bytes_only() {
+        let mut m = SlotMemo::new(3).unwrap();
+        let mov = [0x8b, 0x07];
+        assert_eq!(m.get(1, &mov), None);
+        m.put(1, &mov, 7);
+        assert_eq!(m.get(1, &mov), Some(7));
+        assert_eq!(m.get(0, &mov), None, "another site");
+        assert_eq!(m.get(1, &[0x8b, 0x06]), None, "patched bytes");
+        assert_eq!(m.get(1, &[0x8b, 0x07, 0x90]), None, "another length");
+        assert_eq!(m.get(5, &mov), None, "out of the table");
+        m.put(5, &mov, 1);
+        m.put(1, &[0x8b, 0x06], 0);
+        assert_eq!(m.get(1, &[0x8b, 0x06]), Some(0));
+        assert_eq!(m.get(1, &mov), None);
+    }
 
     #[test]
     fn entries_decode_relative_to_their_fields_and_round_trip() {

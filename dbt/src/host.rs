@@ -253,7 +253,7 @@ impl Env for HostEnv {
         !self.nested.load(core::sync::atomic::Ordering::Relaxed)
     }
 
-    fn fault_slot(&mut self, pc: u64, _len: usize) -> Option<u64> {
+    fn fault_slot(&mut self, pc: u64, _bytes: &[u8]) -> Option<u64> {
         const PAGE: usize = 4096;
         if !self.fault_sites.contains(&pc) {
             return None;

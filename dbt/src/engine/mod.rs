@@ -127,21 +127,24 @@ pub trait Env {
     fn deliver(&mut self, _kind: StopKind, _pc: u64, _ctx: &mut GuestCtx) -> Option<u64> {
         None
     }
-    /// Whether the instruction at `pc` (`len` bytes) is a *fault site*: one the
+    /// Whether the instruction at `pc` (decoded from `bytes`) is a *fault site*: one the
     /// environment's exception tables know by its address (kernel: an
     /// `__ex_table` entry of its module, as for a user access or `rdmsr_safe`),
     /// so that a fault there continues at a fixup found by the faulting pc. If so,
     /// the environment returns the code-cache address of a slot of
     /// [`FAULT_SLOT_BYTES`] that it has registered under the same fixup (kernel: an
     /// entry of its own exception table, rewritten before the slot is used); the
-    /// engine places the instruction alone there at its native length `len` (so a
-    /// fixup that is the next instruction may be given as `slot + len`), followed by
+    /// engine places the instruction alone there at its native length (so a fixup
+    /// that is the next instruction may be given as `slot + bytes.len()`), followed by
     /// a jump out (back into the fragment, or to the next native pc with
     /// [`Config::fault_slot_native_return`]), and the fragment jumps to the slot in its
-    /// place. The slot is the engine's from then on and never reused by the
-    /// environment while any fragment may jump to it. None: not a fault site, or no
+    /// place. The slot is the engine's from then on and never given to another
+    /// instruction while any fragment may jump to it. With
+    /// [`Config::fault_slot_native_return`] the slot's code depends only on `pc` and
+    /// `bytes`, so the environment may give the same slot again for the same pc and
+    /// bytes (the engine rewrites the same code there). None: not a fault site, or no
     /// slot left (the instruction is copied in line as any other).
-    fn fault_slot(&mut self, _pc: u64, _len: usize) -> Option<u64> {
+    fn fault_slot(&mut self, _pc: u64, _bytes: &[u8]) -> Option<u64> {
         None
     }
 }

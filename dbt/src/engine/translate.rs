@@ -99,7 +99,10 @@ impl Engine {
         } else {
             (0..body_end)
                 .filter(|k| !blk.inline_jcc.contains(k))
-                .filter_map(|k| self.env.fault_slot(blk.insns[k].ip(), blk.insns[k].len()).map(|s| (k, s)))
+                .filter_map(|k| {
+                    let i = &blk.insns[k];
+                    blk.bytes_of(i).and_then(|b| self.env.fault_slot(i.ip(), b)).map(|s| (k, s))
+                })
                 .collect()
         };
         self.stats.fault_sites += slots.len() as u64;

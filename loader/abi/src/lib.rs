@@ -382,6 +382,8 @@ pub struct DbtStatsQuery {
     /// Quiescence passes the reclaim tick ran (a work item on every CPU, while
     /// invalidated blocks waited).
     pub quiesce_passes: u64,
+    /// Translations of a fault site that got the slot it was given before (same bytes).
+    pub fault_slots_again: u64,
 }
 
 impl Default for DbtStatsQuery {
@@ -420,6 +422,7 @@ impl Default for DbtStatsQuery {
             pending_blocks: 0,
             resets: 0,
             quiesce_passes: 0,
+            fault_slots_again: 0,
         }
     }
 }
@@ -530,7 +533,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 48 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 25 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 26 * 8);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
         assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);

@@ -89,7 +89,11 @@ fn kernel_ranges(kallsyms: &str) -> Result<KernelRanges> {
 
 /// `kdbt start --kernel` (experimental: see the README's limitations).
 pub fn start_kernel(client: ClientKind, tests: TestHooks) -> Result<()> {
-    eprintln!("kdbt: warning: --kernel is experimental (see the README): a cache reset with two CPUs online hangs");
+    eprintln!(
+        "kdbt: warning: --kernel is experimental (see the README): the entry code itself runs natively, \
+         modules too, and an interrupt or a fault in translated code (except at an exception-table site, BUG, WARN or int3) \
+         shows the kernel a code-cache pc"
+    );
     let text = std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
     let k = kernel_ranges(&text)?;
     if k.ex_table == [0, 0] {
@@ -156,7 +160,8 @@ pub fn stats(json: bool) -> Result<()> {
             "code_bytes": q.code_bytes, "cache_bytes": q.cache_bytes,
             "pool_peak": q.pool_peak, "pool_size": q.pool_size,
             "write_faults": q.write_faults, "reprotects": q.reprotects, "writable_pages": q.writable_pages,
-            "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_unplaced": q.fault_unplaced,
+            "fault_table": q.fault_table, "fault_slots": q.fault_slots, "fault_slots_again": q.fault_slots_again,
+            "fault_unplaced": q.fault_unplaced,
             "entry_sites": q.entry_sites, "entry_targets": q.entry_targets, "entry_reverted": q.entry_reverted,
             "invalidated_blocks": q.invalidated_blocks, "pending_blocks": q.pending_blocks, "resets": q.resets,
             "quiesce_passes": q.quiesce_passes,
@@ -199,8 +204,9 @@ pub fn stats(json: bool) -> Result<()> {
         q.invalidated_blocks, q.pending_blocks, q.resets, q.quiesce_passes
     );
     println!(
-        "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}",
-        q.fault_table, q.fault_slots, q.fault_unplaced
+        "  exception-table entries {}: fault sites translated into slots {}, copied in line (no slot) {}; \
+         retranslations given their slot again {}",
+        q.fault_table, q.fault_slots, q.fault_unplaced, q.fault_slots_again
     );
     if module == kdbt_abi::KERNEL_SCOPE {
         println!("  native regions: the entry text, the pages of the retpoline and return thunks, every module");

@@ -330,13 +330,13 @@ impl Env for KernelEnv {
         self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) && super::wprotect::native_now(pc)
     }
 
-    fn fault_slot(&mut self, pc: u64, len: usize) -> Option<u64> {
+    fn fault_slot(&mut self, pc: u64, bytes: &[u8]) -> Option<u64> {
         if self.faults.is_null() || !self.scope.is_some_and(|(lo, hi)| (lo..hi).contains(&pc)) {
             return None;
         }
         // SAFETY: the session's fault sites outlive the engine (`set_faults`), and the
         // engine calls this under its lock only.
-        unsafe { (*self.faults).slot(pc, len) }
+        unsafe { (*self.faults).slot(pc, bytes) }
     }
 
     /// `ud2` (BUG/WARN), undecodable bytes and `int3` (kprobes, `text_poke_bp`) in the

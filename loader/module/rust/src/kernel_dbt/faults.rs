@@ -18,15 +18,17 @@
 //! page fault at a slot (its saved ip is the slot) may resume after its fragment was
 //! reclaimed, or after the session ended (the native pc then runs natively), and a fault
 //! it takes then still finds its fixup, because entries are never put back. Slots are
-//! handed out round-robin over the module's life: never one twice in a session (when a
-//! session has used them all, further fault sites are copied in line and counted: a fault
-//! of one would oops), and across sessions the least recently used first, so a slot is
+//! handed out round-robin over the module's life: never one to two instructions in a
+//! session (a retranslation of a site from the same bytes, after an invalidation or a
+//! cache reset, gets its slot again, `dbt::extable::SlotMemo`; when a session has used
+//! them all, further fault sites are copied in line and counted: a fault of one would
+//! oops), and across sessions the least recently used first, so a slot is
 //! reused only after all the others were. What remains: a task that sleeps in a fault at a
 //! slot through that many later translations would resume into another instruction.
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use dbt::extable::{self, Entry, DATA_OFF, ENTRY_BYTES, FIXUP_OFF};
+use dbt::extable::{self, Entry, SlotMemo, DATA_OFF, ENTRY_BYTES, FIXUP_OFF};
 
 use crate::ffi;
 
@@ -47,8 +49,12 @@ pub struct FaultSites {
     entries: Vec<u64>,
     /// Writable aliases of the pages holding those entries: (page, alias).
     aliases: Vec<(u64, u64)>,
-    /// Slots handed out; fault sites copied in line because none was left.
+    /// The slot each site was last given, for its retranslations.
+    memo: SlotMemo,
+    /// Slots handed out; translations of a site that got its slot again; fault sites
+    /// copied in line because none was left.
     pub placed: usize,
+    pub again: u64,
     pub unplaced: u64,
     /// Test hook (`kdbt start --test-no-fault-slots`): never hand out a slot.
     disabled: bool,
@@ -109,7 +115,9 @@ impl FaultSites {
                 Err(_) => return Err("kdbt.ko's exception table lacks the fault slots' entries"),
             }
         }
-        let mut f = FaultSites { sites, area, entries, aliases: Vec::new(), placed: 0, unplaced: 0, disabled };
+        let memo = SlotMemo::new(sites.len()).ok_or("out of memory")?;
+        let mut f =
+            FaultSites { sites, area, entries, aliases: Vec::new(), memo, placed: 0, again: 0, unplaced: 0, disabled };
         let (lo, hi) = (f.entries[0] & !0xfff, (f.entries[SLOTS - 1] + ENTRY_BYTES - 1) & !0xfff);
         for page in (lo..=hi).step_by(4096) {
             f.aliases.try_reserve(1).map_err(|_| "out of memory")?;
@@ -152,11 +160,22 @@ impl FaultSites {
         true
     }
 
-    /// A slot for the fault site at `pc` (`len` bytes), its entry written
-    /// ([`dbt::Env::fault_slot`]).
-    pub fn slot(&mut self, pc: u64, len: usize) -> Option<u64> {
-        let e = *extable::find(&self.sites, pc)?;
-        if self.disabled || self.placed >= SLOTS {
+    /// A slot for the fault site at `pc` (decoded from `bytes`), its entry written
+    /// ([`dbt::Env::fault_slot`]): the one it was given before for the same bytes, else
+    /// a new one.
+    pub fn slot(&mut self, pc: u64, bytes: &[u8]) -> Option<u64> {
+        let i = extable::index_of(&self.sites, pc)?;
+        let e = self.sites[i];
+        let len = bytes.len();
+        if self.disabled {
+            self.unplaced += 1;
+            return None;
+        }
+        if let Some(k) = self.memo.get(i, bytes) {
+            self.again += 1;
+            return Some(self.area + k as u64 * dbt::FAULT_SLOT_BYTES as u64);
+        }
+        if self.placed >= SLOTS {
             self.unplaced += 1;
             return None;
         }
@@ -169,6 +188,7 @@ impl FaultSites {
             return None;
         }
         HANDED_OUT.store(k + 1, Ordering::Relaxed);
+        self.memo.put(i, bytes, k);
         self.placed += 1;
         Some(slot)
     }

@@ -678,9 +678,10 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     if let Some(f) = &s.faults {
         let fp: *const FaultSites = &**f;
         // SAFETY: the session's fault sites, read under the engine's lock.
-        let (ft, fs, fu) =
-            irqs_off(|| unsafe { Engine::locked(ep, |_| ((*fp).sites() as u64, (*fp).placed as u64, (*fp).unplaced)) });
-        (q.fault_table, q.fault_slots, q.fault_unplaced) = (ft, fs, fu);
+        let (ft, fs, fa, fu) = irqs_off(|| unsafe {
+            Engine::locked(ep, |_| ((*fp).sites() as u64, (*fp).placed as u64, (*fp).again, (*fp).unplaced))
+        });
+        (q.fault_table, q.fault_slots, q.fault_slots_again, q.fault_unplaced) = (ft, fs, fa, fu);
     }
     for cpu in 0..hw::cpu_ids() {
         let Some(b) = s.blocks.of_cpu(cpu) else { continue };
