@@ -277,23 +277,21 @@ void kdbt_glue_dbt_quiesce_cpus(void)
 	mutex_unlock(&kdbt_quiesce_lock);
 }
 
-/* Often enough that a cache reset's space comes back long before the rest of the cache
- * is used (tens of thousands of blocks), rarely enough to cost nothing when idle. */
-#define KDBT_RECLAIM_TICK_MS 10
-
 static void kdbt_reclaim_tick_fn(struct work_struct *w);
 static DECLARE_DELAYED_WORK(kdbt_reclaim_tick_work, kdbt_reclaim_tick_fn);
 
 static void kdbt_reclaim_tick_fn(struct work_struct *w)
 {
-	if (kdbt_rs_dbt_reclaim_tick())
-		schedule_delayed_work(&kdbt_reclaim_tick_work, msecs_to_jiffies(KDBT_RECLAIM_TICK_MS));
+	unsigned int ms = kdbt_rs_dbt_reclaim_tick();
+
+	if (ms)
+		schedule_delayed_work(&kdbt_reclaim_tick_work, msecs_to_jiffies(ms));
 }
 
 void kdbt_glue_reclaim_tick(bool on)
 {
 	if (on)
-		schedule_delayed_work(&kdbt_reclaim_tick_work, msecs_to_jiffies(KDBT_RECLAIM_TICK_MS));
+		schedule_delayed_work(&kdbt_reclaim_tick_work, msecs_to_jiffies(1000));
 	else
 		cancel_delayed_work_sync(&kdbt_reclaim_tick_work);
 }

@@ -182,10 +182,10 @@ bool kdbt_glue_in_task(void);
  * context; takes no lock (a CPU going offline meanwhile runs its item elsewhere). */
 void kdbt_glue_dbt_quiesce_cpus(void);
 void kdbt_rs_dbt_quiesce_here(void);
-/* The reclaim tick: a delayed work every KDBT_RECLAIM_TICK_MS that calls
- * kdbt_rs_dbt_reclaim_tick and runs again while it returns true; on starts it, off cancels
- * it and waits for one running (process context). */
+/* The reclaim tick: a delayed work that calls kdbt_rs_dbt_reclaim_tick and runs again
+ * after as many milliseconds as it returns (0: no more); on starts it (first in 1 s), off
+ * cancels it and waits for one running (process context). */
 void kdbt_glue_reclaim_tick(bool on);
-bool kdbt_rs_dbt_reclaim_tick(void);
+unsigned int kdbt_rs_dbt_reclaim_tick(void);
 
 #endif

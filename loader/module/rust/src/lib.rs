@@ -145,9 +145,10 @@ pub extern "C" fn kdbt_rs_dbt_quiesce_here() {
 }
 
 /// The kernel DBT's reclaim tick (process context, the glue's delayed work): a
-/// quiescence pass when invalidated translations wait. Whether to tick again.
+/// quiescence pass when invalidated translations wait. Milliseconds to the next tick (0:
+/// no more).
 #[no_mangle]
-pub extern "C" fn kdbt_rs_dbt_reclaim_tick() -> bool {
+pub extern "C" fn kdbt_rs_dbt_reclaim_tick() -> core::ffi::c_uint {
     kernel_dbt::wprotect::reclaim_tick()
 }
 

@@ -299,24 +299,24 @@ pub fn quiesce_here() {
     drop(scope);
 }
 
-/// The reclaim tick (the glue's delayed work, every few milliseconds while a guard is
-/// published): when invalidated translations wait for quiescence, a quiescence pass.
-/// Otherwise their space waits for each CPU's next dispatch at a quiescent point or for
-/// the next text write's pass; a CPU that only dispatches in interrupt handlers or with
-/// interrupts off (an idle one) could hold a reset's space back until the rest of the
-/// cache is used up, and a full cache stops every CPU that needs a new translation.
-/// Rarely needed: in the suite's reset runs a dispatch at base level came first all but
-/// once. Returns whether to tick again (false once the guard is gone).
-pub fn reclaim_tick() -> bool {
+/// The reclaim tick (the glue's delayed work while a guard is published): when
+/// invalidated translations wait for quiescence, a quiescence pass. Otherwise their space
+/// waits for each CPU's next dispatch at a quiescent point or for the next text write's
+/// pass; a CPU that only dispatches in interrupt handlers or with interrupts off (an idle
+/// one) could hold a reset's space back until the rest of the cache is used up, and a
+/// full cache stops every CPU that needs a new translation. Rarely needed: in the suite's
+/// reset runs a dispatch at base level came first all but once. Milliseconds to the next
+/// tick: [`TICK_BUSY_MS`] after a pass, else [`TICK_IDLE_MS`]; 0 once the guard is gone.
+pub fn reclaim_tick() -> u32 {
     let g = GUARD.load(Ordering::Acquire);
     if g.is_null() {
-        return false;
+        return 0;
     }
     // SAFETY: the session cancels this work (waiting for it) when it unpublishes the
     // guard, before freeing it.
     let g = unsafe { &*g };
     if !g.invalidate || g.retired.load(Ordering::Acquire) {
-        return true;
+        return TICK_IDLE_MS;
     }
     // SAFETY: the blocks outlive the guard (see `WriteGuard::new`).
     let blocks = unsafe { &*g.blocks };
@@ -325,13 +325,24 @@ pub fn reclaim_tick() -> bool {
     // off).
     let pending = unsafe { Engine::locked(g.engine, |e| e.pending_count()) };
     drop(scope);
-    if pending != 0 {
-        g.ticks.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: process context (the glue's work).
-        unsafe { ffi::kdbt_glue_dbt_quiesce_cpus() };
+    if pending == 0 {
+        return TICK_IDLE_MS;
     }
-    true
+    g.ticks.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: process context (the glue's work).
+    unsafe { ffi::kdbt_glue_dbt_quiesce_cpus() };
+    TICK_BUSY_MS
 }
+
+/// The reclaim tick's period while nothing waits. Each tick costs a few #VEs (kdbt's own
+/// code runs natively, and its calls into the kernel's text and the work's return into
+/// it are steered) and the timer and workqueue's kernel work: every 10 ms that was 632
+/// #VEs and 10 more counted instructions per getppid in suite dbt-kernel's inscount
+/// check on the small kernel.
+const TICK_IDLE_MS: u32 = 1000;
+/// The period while a pass freed something late: a reset's space comes back within
+/// milliseconds, long before the rest of the cache is used.
+const TICK_BUSY_MS: u32 = 10;
 
 /// [`reprotect`]'s part under the lock; whether any page was re-protected.
 fn reprotect_written(g: &WriteGuard) -> bool {
