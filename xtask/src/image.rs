@@ -126,6 +126,8 @@ pub struct InitrdSpec<'a> {
     pub suite: &'a str,
     pub ko: &'a Path,
     pub bins: &'a [PathBuf],
+    /// Copied over the guest's root last (`cargo xtask vm --extra-root`).
+    pub extra_root: Option<&'a Path>,
 }
 
 fn busybox() -> Result<PathBuf> {
@@ -254,6 +256,14 @@ pub fn build_initramfs(spec: &InitrdSpec, run_dir: &Path) -> Result<PathBuf> {
         std::fs::write(root.join("suites").join(format!("{name}.sh")), body)?;
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    if let Some(extra) = spec.extra_root {
+        if !extra.is_dir() {
+            bail!("--extra-root {}: not a directory", extra.display());
+        }
+        note(format!("copying {} into the guest's root", extra.display()));
+        run(Command::new("cp").arg("-a").arg(extra.join(".")).arg(&root))
+            .with_context(|| format!("copying {} into the initramfs", extra.display()))?;
+    }
 
     let out = run_dir.join("initrd.gz");
     let cmd = format!(

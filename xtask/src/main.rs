@@ -70,6 +70,10 @@ struct VmArgs {
     /// `kdbt.paging=` on the kernel command line; /init exports it as $KDBT_PAGING.
     #[arg(long, value_enum, default_value = "ept")]
     paging: Paging,
+    /// A directory whose tree is copied into the guest's root file system (a third-party
+    /// program and its shared libraries, for a suite of your own to run).
+    #[arg(long)]
+    extra_root: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -208,6 +212,7 @@ fn real_main(cli: Cli) -> Result<bool> {
                 inject_fail: false,
                 append: String::new(),
                 paging: Paging::Ept,
+                extra_root: None,
             };
             let mut ctx = Ctx::default();
             let r = vm_run(&mut ctx, &a, true)?;
@@ -298,6 +303,7 @@ fn bench_run(suite: &str, kernel: String, cpus: u32, timeout: Option<u64>) -> Re
         inject_fail: false,
         append: String::new(),
         paging: Paging::Ept,
+        extra_root: None,
     };
     let r = vm_run(&mut Ctx::default(), &a, false)?;
     if !r.passed {
@@ -533,7 +539,10 @@ fn vm_run(ctx: &mut Ctx, a: &VmArgs, show_info: bool) -> Result<RunReport> {
     image::build_module(&k, &dir, &ko, &mlog)?;
 
     let inject = a.inject_fail || inject_from_env();
-    let initrd = image::build_initramfs(&image::InitrdSpec { suite: &a.suite, ko: &ko, bins: &bins }, &dir)?;
+    let initrd = image::build_initramfs(
+        &image::InitrdSpec { suite: &a.suite, ko: &ko, bins: &bins, extra_root: a.extra_root.as_deref() },
+        &dir,
+    )?;
     let cmd = cmdline(a.emulator, a.cpus, &a.suite, inject, &a.append, a.paging);
     note(format!("cmdline: {cmd}"));
     let iso = image::build_iso(&k.vmlinuz, &initrd, &cmd, &dir)?;
@@ -652,6 +661,7 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
         inject_fail,
         append: String::new(),
         paging: Paging::Ept,
+        extra_root: None,
     };
     let mut runs = vec![
         // The small kernel's boot also runs the kernel-scope DBT checks (~5 minutes
