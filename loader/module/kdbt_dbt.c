@@ -26,6 +26,9 @@
 #include <linux/preempt.h>
 #include <linux/irq_work.h>
 #include <linux/mutex.h>
+#include <linux/kdebug.h>
+#include <linux/notifier.h>
+#include <asm/unwind.h>
 #include <asm/pgtable.h>
 #if IS_ENABLED(CONFIG_CRC32)
 #include <linux/crc32.h>
@@ -294,6 +297,89 @@ void kdbt_glue_reclaim_tick(bool on)
 		schedule_delayed_work(&kdbt_reclaim_tick_work, msecs_to_jiffies(1000));
 	else
 		cancel_delayed_work_sync(&kdbt_reclaim_tick_work);
+}
+
+/*
+ * The native state of an oops in translated code, after the kernel's report: since the
+ * kernel prints the registers and the trace before it calls the die notifiers, their RIP
+ * is the code cache's (kdbt_cache_start+...); these lines give the native rip, registers
+ * and the trace unwound from them.
+ */
+static void kdbt_oops_native_report(unsigned long cache_pc, struct pt_regs *n)
+{
+	struct unwind_state st;
+	unsigned long a;
+	int i = 0;
+
+	pr_emerg("the oops above is in translated code, at code-cache address %px; the native state there:\n",
+		 (void *)cache_pc);
+	pr_emerg("RIP: %04x:%pS\n", (unsigned int)n->cs, (void *)n->ip);
+	pr_emerg("RSP: %016lx EFLAGS: %08lx\n", n->sp, n->flags);
+	pr_emerg("RAX: %016lx RBX: %016lx RCX: %016lx\n", n->ax, n->bx, n->cx);
+	pr_emerg("RDX: %016lx RSI: %016lx RDI: %016lx\n", n->dx, n->si, n->di);
+	pr_emerg("RBP: %016lx R08: %016lx R09: %016lx\n", n->bp, n->r8, n->r9);
+	pr_emerg("R10: %016lx R11: %016lx R12: %016lx\n", n->r10, n->r11, n->r12);
+	pr_emerg("R13: %016lx R14: %016lx R15: %016lx\n", n->r13, n->r14, n->r15);
+	pr_emerg("native call trace:\n");
+	for (unwind_start(&st, current, n, NULL); !unwind_done(&st) && i < 32; unwind_next_frame(&st), i++) {
+		a = unwind_get_return_address(&st);
+		if (!a)
+			break;
+		if (i == 0)
+			pr_emerg(" %pS\n", (void *)a);
+		else
+			pr_emerg(" %pB\n", (void *)a);
+	}
+	pr_emerg("end of the native state\n");
+}
+
+/*
+ * DIE_OOPS (interrupts off, before the oops ends the task or panics): if rip is in
+ * translated code, report the native state and put it into the oops' registers, which
+ * later readers (kdump's crash_kexec, debuggers) take.
+ */
+static int kdbt_die_cb(struct notifier_block *nb, unsigned long val, void *data)
+{
+	struct die_args *a = data;
+	struct pt_regs *r = a ? a->regs : NULL;
+	struct pt_regs n;
+	u64 g[18];
+	int m;
+
+	if (val != DIE_OOPS || !r || user_mode(r))
+		return NOTIFY_DONE;
+	g[0] = r->ax; g[1] = r->cx; g[2] = r->dx; g[3] = r->bx;
+	g[4] = r->sp; g[5] = r->bp; g[6] = r->si; g[7] = r->di;
+	g[8] = r->r8; g[9] = r->r9; g[10] = r->r10; g[11] = r->r11;
+	g[12] = r->r12; g[13] = r->r13; g[14] = r->r14; g[15] = r->r15;
+	g[16] = r->ip; g[17] = r->flags;
+	m = kdbt_rs_dbt_oops_regs(g);
+	if (m < 0)
+		return NOTIFY_DONE;
+	if (m == 0) {
+		pr_emerg("the oops above is at code-cache address %px, which no live translation covers\n",
+			 (void *)r->ip);
+		return NOTIFY_DONE;
+	}
+	n = *r;
+	n.ax = g[0]; n.cx = g[1]; n.dx = g[2]; n.bx = g[3];
+	n.sp = g[4]; n.bp = g[5]; n.si = g[6]; n.di = g[7];
+	n.r8 = g[8]; n.r9 = g[9]; n.r10 = g[10]; n.r11 = g[11];
+	n.r12 = g[12]; n.r13 = g[13]; n.r14 = g[14]; n.r15 = g[15];
+	n.ip = g[16]; n.flags = g[17];
+	kdbt_oops_native_report(r->ip, &n);
+	*r = n;
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kdbt_die_nb = { .notifier_call = kdbt_die_cb };
+
+void kdbt_glue_oops_notifier(bool on)
+{
+	if (on)
+		register_die_notifier(&kdbt_die_nb);
+	else
+		unregister_die_notifier(&kdbt_die_nb);
 }
 
 size_t kdbt_glue_read_kernel(void *dst, u64 src, size_t n)

@@ -187,5 +187,13 @@ void kdbt_rs_dbt_quiesce_here(void);
  * cancels it and waits for one running (process context). */
 void kdbt_glue_reclaim_tick(bool on);
 unsigned int kdbt_rs_dbt_reclaim_tick(void);
+/* A die notifier while started: on an oops in kernel mode it gives the registers (rax,
+ * rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8..r15, rip, rflags) to kdbt_rs_dbt_oops_regs, and
+ * if that rewrote them (1: rip was in translated code) prints the native state and its
+ * call trace after the kernel's report (which the kernel prints before the notifiers
+ * run) and puts it into the oops' pt_regs. Process context (off waits for a notifier
+ * running elsewhere). */
+void kdbt_glue_oops_notifier(bool on);
+int kdbt_rs_dbt_oops_regs(u64 *regs);
 
 #endif

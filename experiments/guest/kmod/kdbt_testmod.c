@@ -27,6 +27,8 @@
 #include <linux/jiffies.h>
 #include <linux/jump_label.h>
 #include <linux/uaccess.h>
+#include <linux/kthread.h>
+#include <linux/sched/task.h>
 
 #define TM_N 24
 
@@ -164,7 +166,11 @@ static const struct proc_ops tm_key_ops = {
 
 /* A deliberate WARN in the module's own code (writing to /proc/kdbt_testmod_warn): while
  * started its ud2 runs translated, and the kernel's report must still name the module's
- * functions and go on. */
+ * functions and go on. Writing "oops" instead starts a kernel thread of the module that
+ * reads an unmapped address: an oops that ends that thread, whose report must name the
+ * module's functions too (while started the faulting load runs from the code cache); the
+ * write waits for the thread's end. A thread holds nothing: an oops in the writer itself
+ * would leave the proc entry in use, and rmmod would wait for it forever. */
 static noinline int tm_warn(int n)
 {
 	WARN(1, "kdbt_testmod: deliberate warning %d\n", n);
@@ -173,9 +179,52 @@ static noinline int tm_warn(int n)
 
 static atomic_t tm_warns = ATOMIC_INIT(0);
 
+/* 0: a page that is never mapped, seen through a variable the compiler cannot fold. */
+static volatile unsigned long tm_nowhere;
+
+static noinline u64 tm_oops(int n)
+{
+	return *(volatile u64 *)(tm_nowhere + 0x40 + 8 * (n & 7));
+}
+
+static int tm_oops_thread(void *arg)
+{
+	u64 v = tm_oops((int)(long)arg);
+
+	/* Not a tail call: this function stays in the trace. */
+	pr_info("kdbt_testmod: the oops thread read %llu\n", v);
+	return 0;
+}
+
+/* Starts the oopsing thread and waits (up to 10 s) for its end. */
+static int tm_oops_run(int k)
+{
+	struct task_struct *t = kthread_create(tm_oops_thread, (void *)(long)k, "kdbt_tm_oops");
+	int i, dead;
+
+	if (IS_ERR(t))
+		return PTR_ERR(t);
+	get_task_struct(t);
+	wake_up_process(t);
+	for (i = 0; i < 10 * HZ && !READ_ONCE(t->exit_state); i++)
+		schedule_timeout_uninterruptible(1);
+	dead = READ_ONCE(t->exit_state) != 0;
+	put_task_struct(t);
+	return dead ? 0 : -ETIMEDOUT;
+}
+
 static ssize_t tm_warn_write(struct file *file, const char __user *buf, size_t n, loff_t *pos)
 {
 	int k = atomic_inc_return(&tm_warns);
+	char c = 0;
+
+	if (n > 0 && copy_from_user(&c, buf, 1))
+		return -EFAULT;
+	if (c == 'o') {
+		int e = tm_oops_run(k);
+
+		return e ? e : (ssize_t)n;
+	}
 
 	if (tm_warn(k) != k + 1)
 		return -EIO;

@@ -37,7 +37,7 @@ if [ "$EXPECT_VMX" != 1 ] || [ "$KDBT_PAGING" = shadow ]; then
     exit 0
 fi
 
-plan 24
+plan 26
 
 # Figures of `kdbt stats` for cpu $1: "steered dispatches instructions".
 cpu_figs() { kdbt stats | sed -n "s/^  cpu$1: steered \([0-9]*\) (#VE), dispatches \([0-9]*\)\(, instructions \([0-9]*\)\)\{0,1\}.*/\1 \2 \4/p"; }
@@ -286,6 +286,33 @@ warn_run() {
     return $r
 }
 check_figs dbt_warn_names_native_functions /tmp/warn.stop 's/.*, \([0-9]*\) exceptions delivered.*/delivered=\1/p' warn_run
+
+# An oops in translated code (writing "oops" to /proc/kdbt_testmod_warn: a kernel thread
+# of the module loads from an unmapped address, run from the code cache): the oops ends
+# that thread, and after the kernel's report (whose RIP is in the cache: the kernel prints it before
+# the die notifiers run) kdbt's die notifier must print the native state — RIP naming the
+# module's function, a call trace unwound from it naming the caller, no address inside
+# kdbt.ko (`[kdbt]`); the module goes on. With --test-no-oops-map there is no native
+# state and the check must fail. Bracketed for dmesg_clean.
+oops_run() {
+    kdbt start --module kdbt_testmod $1 >/dev/null || return 1
+    r=0
+    printf '<5>KDBT-EXPECTED-BEGIN\n' > /dev/kmsg
+    echo oops > /proc/kdbt_testmod_warn || { echo "the write failed (the thread did not end)"; r=1; }
+    printf '<5>KDBT-EXPECTED-END\n' > /dev/kmsg
+    # This run's bracket only (the log has the earlier ones too).
+    dmesg | awk '/KDBT-EXPECTED-BEGIN/ { b = ""; on = 1 } on { b = b $0 "\n" } /KDBT-EXPECTED-END/ { on = 0 } END { printf "%s", b }' > /tmp/oops.txt
+    sed -n '/kdbt: the oops above is in translated code/,/kdbt: end of the native state/p' /tmp/oops.txt > /tmp/oops.native
+    grep -E 'Oops|RIP:' /tmp/oops.txt | head -3; cat /tmp/oops.native
+    grep -q 'kdbt: RIP: 0010:tm_oops+0x' /tmp/oops.native || { echo "no native RIP naming tm_oops"; r=1; }
+    grep -q 'kdbt:  tm_oops_thread+0x' /tmp/oops.native || { echo "the native trace does not name the caller tm_oops_thread"; r=1; }
+    if grep -q '\[kdbt\]' /tmp/oops.native; then echo "the native state shows an address inside kdbt.ko"; r=1; fi
+    tm | cmp -s - /tmp/tm.native || { echo "module output differs after the oops"; r=1; }
+    kdbt stop >/dev/null || r=1
+    return $r
+}
+check dbt_oops_reports_native_state oops_run
+caught dbt_oops_catches_cache_pc 'no native RIP naming tm_oops' oops_run --test-no-oops-map
 
 # 20 start/stop cycles with the module's code run between.
 cycles() {

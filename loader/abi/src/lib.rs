@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -324,6 +324,10 @@ pub const DBT_START_TEST_NO_REDIRECT: u32 = 1 << 3;
 /// resets its cache again and again (each reset invalidates everything while other CPUs
 /// run translated code, whose space comes back at their quiescent points).
 pub const DBT_START_TEST_SMALL_CACHE: u32 = 1 << 4;
+/// [`DbtStart::flags`], for tests only: an oops in translated code is reported with the
+/// code cache's registers, not the native state (the check that an oops report names
+/// the native function must then fail).
+pub const DBT_START_TEST_NO_OOPS_MAP: u32 = 1 << 5;
 
 /// Argument of [`IOC_DBT_STATS`]: the running translation's figures, and per CPU (like
 /// [`CapsQuery`]: a buffer of `capacity` [`DbtCpuStats`]).

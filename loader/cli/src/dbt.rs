@@ -45,6 +45,7 @@ pub struct TestHooks {
     pub no_fault_slots: bool,
     pub no_redirect: bool,
     pub small_cache: bool,
+    pub no_oops_map: bool,
 }
 
 pub fn start(module: &str, client: ClientKind, tests: TestHooks) -> Result<()> {
@@ -122,6 +123,7 @@ impl TestHooks {
             (self.no_fault_slots, kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS),
             (self.no_redirect, kdbt_abi::DBT_START_TEST_NO_REDIRECT),
             (self.small_cache, kdbt_abi::DBT_START_TEST_SMALL_CACHE),
+            (self.no_oops_map, kdbt_abi::DBT_START_TEST_NO_OOPS_MAP),
         ] {
             if on {
                 flags |= bit;

@@ -171,6 +171,11 @@ enum Cmd {
         /// CPUs run translated code.
         #[arg(long, hide = true)]
         test_small_cache: bool,
+        /// Test hook: an oops in translated code is reported with the code cache's
+        /// registers, not the native ones (the check that the report names the native
+        /// function must fail).
+        #[arg(long, hide = true)]
+        test_no_oops_map: bool,
     },
     /// Stop translating: every CPU runs the module natively again.
     Stop,
@@ -263,6 +268,7 @@ fn run(cli: Cli) -> Result<()> {
             test_no_fault_slots,
             test_no_redirect,
             test_small_cache,
+            test_no_oops_map,
         } => {
             let tests = dbt::TestHooks {
                 no_steer: test_no_steer,
@@ -270,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
                 no_fault_slots: test_no_fault_slots,
                 no_redirect: test_no_redirect,
                 small_cache: test_small_cache,
+                no_oops_map: test_no_oops_map,
             };
             match module {
                 Some(m) if !kernel => dbt::start(&m, client, tests),

@@ -59,6 +59,7 @@ extern "C" {
     pub fn kdbt_glue_in_task() -> bool;
     pub fn kdbt_glue_dbt_quiesce_cpus();
     pub fn kdbt_glue_reclaim_tick(on: bool);
+    pub fn kdbt_glue_oops_notifier(on: bool);
     pub fn kdbt_glue_read_kernel(dst: *mut c_void, src: u64, n: usize) -> usize;
     pub fn kdbt_glue_percpu_block(size: *mut usize) -> u64;
     pub fn kdbt_glue_per_cpu_ptr(pcp: u64, cpu: c_uint) -> u64;

@@ -152,6 +152,32 @@ pub extern "C" fn kdbt_rs_dbt_reclaim_tick() -> core::ffi::c_uint {
     kernel_dbt::wprotect::reclaim_tick()
 }
 
+/// The glue's die notifier, on an oops in kernel mode (interrupts off, any context):
+/// `regs` are its registers in `dbt::GuestCtx` order (rax, rcx, rdx, rbx, rsp, rbp, rsi,
+/// rdi, r8..r15, rip, rflags). Returns 1 if they were rewritten to the native state of
+/// translated code, 0 if rip is in the code cache but no live translation covers it, -1
+/// otherwise.
+///
+/// # Safety
+/// `regs` points at 18 writable words.
+#[no_mangle]
+pub unsafe extern "C" fn kdbt_rs_dbt_oops_regs(regs: *mut u64) -> core::ffi::c_int {
+    // SAFETY: the caller's contract.
+    let w = unsafe { core::slice::from_raw_parts_mut(regs, 18) };
+    let mut ctx = dbt::GuestCtx { gpr: [0; 16], rip: w[16], rflags: w[17] };
+    ctx.gpr.copy_from_slice(&w[..16]);
+    match kernel_dbt::oops::native_regs(&mut ctx) {
+        kernel_dbt::oops::Oops::NotTranslated => -1,
+        kernel_dbt::oops::Oops::Unmapped => 0,
+        kernel_dbt::oops::Oops::Native => {
+            w[..16].copy_from_slice(&ctx.gpr);
+            w[16] = ctx.rip;
+            w[17] = ctx.rflags;
+            1
+        }
+    }
+}
+
 /// ioctl on `/dev/kdbt`, serialized by the glue's mutex, process context. `arg` is a user
 /// pointer. Returns >= 0 or -errno.
 #[no_mangle]

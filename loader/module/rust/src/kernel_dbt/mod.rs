@@ -5,9 +5,11 @@
 //! its one-CPU EPT steering check, [`steer`]), and `kdbt start --module`: a module's code
 //! from the cache on every CPU, steered there by EPT and #VE ([`session`]), and
 //! (experimental) `kdbt start --kernel`, the kernel's own text, whose entry text reaches
-//! the cache through redirected calls ([`redirect`]) and #VE.
+//! the cache through redirected calls ([`redirect`]) and #VE. An oops in translated code
+//! is reported with its native state ([`oops`]).
 pub mod env;
 pub mod faults;
+pub mod oops;
 pub mod percpu;
 pub mod pool;
 pub mod redirect;

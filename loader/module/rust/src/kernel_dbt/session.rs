@@ -61,6 +61,7 @@ use spin::Mutex;
 
 use super::env::{self, Handlers, KernelEnv};
 use super::faults::FaultSites;
+use super::oops;
 use super::percpu::Blocks;
 use super::pool;
 use super::redirect::Redirect;
@@ -212,7 +213,8 @@ pub fn start(c: &kdbt_abi::DbtStart) -> Result<(), String> {
         | kdbt_abi::DBT_START_TEST_NO_INVALIDATE
         | kdbt_abi::DBT_START_TEST_NO_FAULT_SLOTS
         | kdbt_abi::DBT_START_TEST_NO_REDIRECT
-        | kdbt_abi::DBT_START_TEST_SMALL_CACHE;
+        | kdbt_abi::DBT_START_TEST_SMALL_CACHE
+        | kdbt_abi::DBT_START_TEST_NO_OOPS_MAP;
     if flags & !known != 0 {
         return Err(format!("unknown start flags {flags:#x}"));
     }
@@ -255,6 +257,9 @@ pub fn start(c: &kdbt_abi::DbtStart) -> Result<(), String> {
                 s.text.1 - s.text.0,
                 s.pages.len()
             );
+            if flags & kdbt_abi::DBT_START_TEST_NO_OOPS_MAP == 0 {
+                oops::publish(s.engine.pc_index());
+            }
             *SESSION.lock() = Some(s);
             Ok(())
         }
@@ -537,6 +542,8 @@ impl Drop for Session {
     /// Stop (see the module comment); each step runs even if an earlier one failed, and
     /// failures are logged.
     fn drop(&mut self) {
+        // Before anything the notifier reads goes away.
+        oops::retract();
         if let Some(g) = &self.guard {
             // No re-protection after this (the text's rights are restored next).
             g.retire();
