@@ -11,17 +11,15 @@
 //! its CPU passes no quiescent point and the fragment metadata the index points at stays
 //! valid while it reads.
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, Ordering};
 
 use dbt::pcmap::PcIndex;
 use dbt::scratch::GuestCtx;
 
 use crate::ffi;
 
-/// The started engine's pc index (null: not started, or the notifier is off).
+/// The started engine's pc index; non-null exactly while the die notifier is registered.
 static INDEX: AtomicPtr<PcIndex> = AtomicPtr::new(core::ptr::null_mut());
-/// The die notifier is registered.
-static REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// What [`native_regs`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,17 +38,16 @@ pub fn publish(index: *const PcIndex) {
     INDEX.store(index.cast_mut(), Ordering::Release);
     // SAFETY: process context.
     unsafe { ffi::kdbt_glue_oops_notifier(true) };
-    REGISTERED.store(true, Ordering::Relaxed);
 }
 
 /// Stop answering (process context, before the engine is freed): the notifier is
 /// unregistered, which waits for one running on another CPU (an RCU grace period).
 pub fn retract() {
-    if REGISTERED.swap(false, Ordering::Relaxed) {
+    // The unregistration waits for a notifier that read the index before it went.
+    if !INDEX.swap(core::ptr::null_mut(), Ordering::AcqRel).is_null() {
         // SAFETY: process context.
         unsafe { ffi::kdbt_glue_oops_notifier(false) };
     }
-    INDEX.store(core::ptr::null_mut(), Ordering::Release);
 }
 
 /// The die notifier's question: rewrite `regs` (an oops' registers) to the native state
