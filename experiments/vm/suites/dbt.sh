@@ -348,6 +348,10 @@ kernel_run() {
         n=$(sed -n "s/^  cpu$c: steered \([0-9]*\) (#VE).*/\1/p" /tmp/kstats)
         [ "${n:-0}" -gt 0 ] || { echo "cpu$c: steered 0: the kernel ran natively"; r=1; }
     done
+    # The native regions, with their symbols: one starts at the entry text's first page.
+    es=$(sed -n 's/^\([0-9a-f]*\) . __entry_text_start$/\1/p' /proc/kallsyms | head -1)
+    grep -q "^    0x${es%???}000\.\.0x[0-9a-f]* ([0-9]* KB) from .*([0-9]* symbols)$" /tmp/kstats \
+        || { echo "kdbt stats does not list the entry text (${es:-not in kallsyms}) among the native regions, with its symbols"; r=1; }
     echo "$(wc -l < /tmp/kcov) functions in kdbt cov"; head -8 /tmp/kcov
     # The scheduler as `__schedule`, or `schedule` where `__schedule` is inlined.
     for f in do_syscall_64 exc_page_fault '_*schedule' sysvec_apic_timer_interrupt; do

@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 /// Bumped on every incompatible change of an ioctl structure or number.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 /// Name of the misc device (under /dev).
 pub const DEVICE_NAME: &str = "kdbt";
@@ -388,7 +388,15 @@ pub struct DbtStatsQuery {
     pub quiesce_passes: u64,
     /// Translations of a fault site that got the slot it was given before (same bytes).
     pub fault_slots_again: u64,
+    /// Kernel scope: the native regions, address ranges whose pages keep their execute
+    /// right (the entry text's pages, the pages of the thunks), `[start, end)`: how many
+    /// there are, and the first [`DBT_NATIVE_REGIONS`].
+    pub native_count: u64,
+    pub native: [[u64; 2]; DBT_NATIVE_REGIONS],
 }
+
+/// Native regions [`DbtStatsQuery`] carries.
+pub const DBT_NATIVE_REGIONS: usize = 8;
 
 impl Default for DbtStatsQuery {
     fn default() -> Self {
@@ -427,6 +435,8 @@ impl Default for DbtStatsQuery {
             resets: 0,
             quiesce_passes: 0,
             fault_slots_again: 0,
+            native_count: 0,
+            native: [[0; 2]; DBT_NATIVE_REGIONS],
         }
     }
 }
@@ -537,7 +547,7 @@ mod tests {
         assert_eq!(IOC_LOAD, 0xc000_6b02 | (488 << 16));
         assert_ne!(IOC_LOAD, IOC_UNLOAD);
         assert_eq!(core::mem::size_of::<DbtStart>(), 16 + 64 + 48 + 480);
-        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 26 * 8);
+        assert_eq!(core::mem::size_of::<DbtStatsQuery>(), 32 + 64 + 27 * 8 + DBT_NATIVE_REGIONS * 16);
         assert_eq!(core::mem::size_of::<DbtCpuStats>(), 48);
         assert_eq!(core::mem::size_of::<DbtCovQuery>(), 24);
         assert_eq!(core::mem::size_of::<DbtCovEntry>(), 24);

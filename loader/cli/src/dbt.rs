@@ -167,6 +167,7 @@ pub fn stats(json: bool) -> Result<()> {
             "entry_sites": q.entry_sites, "entry_targets": q.entry_targets, "entry_reverted": q.entry_reverted,
             "invalidated_blocks": q.invalidated_blocks, "pending_blocks": q.pending_blocks, "resets": q.resets,
             "quiesce_passes": q.quiesce_passes,
+            "native_regions": native_shown(&q), "native_region_count": q.native_count,
             "cpus": per_cpu,
         });
         println!("{v}");
@@ -211,7 +212,7 @@ pub fn stats(json: bool) -> Result<()> {
         q.fault_table, q.fault_slots, q.fault_unplaced, q.fault_slots_again
     );
     if module == kdbt_abi::KERNEL_SCOPE {
-        println!("  native regions: the entry text, the pages of the retpoline and return thunks, every module");
+        print!("{}", native_regions(&q, kallsyms_text().as_deref()));
         if q.entry_sites > 0 {
             println!(
                 "  entry text: {} direct calls/jumps into the text enter the cache through {} trampolines (no #VE); pages mapped back by writes {}",
@@ -237,6 +238,50 @@ pub fn stats(json: bool) -> Result<()> {
 }
 
 /// `dbt::StopKind` by number.
+/// The text of `/proc/kallsyms`, if readable.
+fn kallsyms_text() -> Option<String> {
+    std::fs::read_to_string("/proc/kallsyms").ok()
+}
+
+/// The regions reported, at most [`kdbt_abi::DBT_NATIVE_REGIONS`].
+fn native_shown(q: &kdbt_abi::DbtStatsQuery) -> &[[u64; 2]] {
+    &q.native[..(q.native_count as usize).min(kdbt_abi::DBT_NATIVE_REGIONS)]
+}
+
+/// `kdbt stats`' lines on the kernel scope's native regions: each range, its size and the
+/// text symbols in it (from `kallsyms`, the text of /proc/kallsyms, when it has addresses).
+fn native_regions(q: &kdbt_abi::DbtStatsQuery, kallsyms: Option<&str>) -> String {
+    use std::fmt::Write as _;
+    const NAMES: usize = 6;
+    let ks = kallsyms.map(Kallsyms::parse).filter(|k| !k.is_empty());
+    let shown = native_shown(q);
+    let bytes: u64 = shown.iter().map(|r| r[1].saturating_sub(r[0])).sum();
+    let mut s = format!(
+        "  native regions (their pages keep their execute right; every module runs natively too): {}, {} KB\n",
+        q.native_count,
+        bytes >> 10
+    );
+    for r in shown {
+        let _ = write!(s, "    {:#x}..{:#x} ({} KB)", r[0], r[1], r[1].saturating_sub(r[0]) >> 10);
+        match &ks {
+            Some(ks) => {
+                let names = ks.names_in(r[0], r[1]);
+                let _ = write!(s, " from {}: {}", ks.name(r[0]), names[..names.len().min(NAMES)].join(", "));
+                if names.len() > NAMES {
+                    let _ = write!(s, ", ...");
+                }
+                let _ = write!(s, " ({} symbol{})", names.len(), if names.len() == 1 { "" } else { "s" });
+            }
+            None => s.push_str(": no symbols (/proc/kallsyms shows no addresses: run as root)"),
+        }
+        s.push('\n');
+    }
+    if q.native_count as usize > shown.len() {
+        let _ = writeln!(s, "    and {} more", q.native_count as usize - shown.len());
+    }
+    s
+}
+
 fn stop_name(k: u64) -> &'static str {
     match k {
         1 => "sentinel",
@@ -326,6 +371,29 @@ mod tests {
         let blocks = cov_rows(&ks, &hits, false);
         assert_eq!(blocks.iter().map(|r| r.1).collect::<Vec<_>>(), [30, 7, 5]);
         assert_eq!(blocks[1].0, "kdbt_testmod_work+0x20 [kdbt_testmod]");
+    }
+
+    #[test]
+    fn native_regions_name_their_symbols_and_sizes() {
+        let mut native = [[0; 2]; kdbt_abi::DBT_NATIVE_REGIONS];
+        native[0] = [0xffffffff81000000, 0xffffffff81002000];
+        native[1] = [0xffffffff81001000, 0xffffffff81001800];
+        let mut q = kdbt_abi::DbtStatsQuery { native_count: 2, native, ..Default::default() };
+        let s = native_regions(&q, Some(KALLSYMS));
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 3, "{s}");
+        assert!(lines[0].ends_with(": 2, 10 KB"), "{s}");
+        assert_eq!(
+            lines[1],
+            "    0xffffffff81000000..0xffffffff81002000 (8 KB) from _stext+0x0: _stext, do_one (2 symbols)"
+        );
+        assert_eq!(lines[2], "    0xffffffff81001000..0xffffffff81001800 (2 KB) from do_one+0x0: do_one (1 symbol)");
+        // Without readable addresses the ranges are still listed; more than the ABI carries
+        // are counted.
+        q.native_count = 10;
+        let s = native_regions(&q, Some("0000000000000000 T _stext\n"));
+        assert!(s.contains("(8 KB): no symbols (/proc/kallsyms shows no addresses: run as root)"), "{s}");
+        assert!(s.ends_with("    and 2 more\n"), "{s}");
     }
 }
 

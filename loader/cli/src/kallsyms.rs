@@ -64,6 +64,11 @@ impl Kallsyms {
         self.syms.range(..=pc).next_back().map(|(_, (_, m, _))| m.as_deref())
     }
 
+    /// Names of the text symbols in `[lo, hi)`, in address order (one per address).
+    pub fn names_in(&self, lo: u64, hi: u64) -> Vec<&str> {
+        self.syms.range(lo..hi).map(|(_, (n, _, _))| n.as_str()).collect()
+    }
+
     /// The function (with its module) holding `pc`.
     pub fn function(&self, pc: u64) -> String {
         match self.syms.range(..=pc).next_back() {
@@ -107,6 +112,14 @@ ffffffffc0000100 T kdbt_testmod_cmp\t[kdbt_testmod]
         assert_eq!(ks.function(0xffffffff8105088b), "__x64_sys_getppid");
         let ks = Kallsyms::parse("ffffffff81000000 t a\nffffffff81000000 t b\n");
         assert_eq!(ks.function(0xffffffff81000000), "a");
+    }
+
+    #[test]
+    fn kallsyms_lists_the_names_in_a_range() {
+        let ks = Kallsyms::parse(KALLSYMS);
+        assert_eq!(ks.names_in(0xffffffff81000000, 0xffffffff81002000), ["_stext", "do_one"]);
+        assert_eq!(ks.names_in(0xffffffff81000001, 0xffffffff81001000), Vec::<&str>::new());
+        assert_eq!(ks.names_in(0xffffffffc0000000, 0xffffffffc0000100), ["kdbt_testmod_work"]);
     }
 
     #[test]

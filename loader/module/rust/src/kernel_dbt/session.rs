@@ -102,6 +102,8 @@ struct Session {
     steered: bool,
     /// Write protection of the text (published while started).
     guard: Option<Box<WriteGuard>>,
+    /// Kernel scope: the ranges whose pages keep their execute right (`kdbt stats`).
+    native: Vec<(u64, u64)>,
     /// The kernel's entry text running a copy whose calls enter the cache (kernel scope).
     redirect: Option<Box<Redirect>>,
     /// (cpu, information page) of every possible CPU.
@@ -417,6 +419,7 @@ fn build(
         pages: Vec::new(),
         steered: false,
         guard: None,
+        native: Vec::new(),
         redirect: None,
         info: Vec::new(),
         idt_alias: 0,
@@ -535,6 +538,7 @@ fn build(
             r.map().map_err(|e| format!("entry text: running its copy: {e}"))?;
         }
     }
+    s.native = native;
     Ok(s)
 }
 
@@ -677,6 +681,10 @@ pub fn stats(q: &mut DbtStatsQuery, out: &mut Vec<DbtCpuStats>) -> Result<(), &'
     let wc = s.guard.as_ref().map(|g| g.counts()).unwrap_or_default();
     (q.write_faults, q.reprotects, q.writable_pages) = (wc.writes, wc.reprotects, wc.writable);
     q.quiesce_passes = wc.quiesce_passes;
+    q.native_count = s.native.len() as u64;
+    for (slot, r) in q.native.iter_mut().zip(&s.native) {
+        *slot = [r.0, r.1];
+    }
     if let Some(r) = &s.redirect {
         (q.entry_sites, q.entry_targets) = (r.sites, r.targets);
         q.entry_reverted = r.writes.load(core::sync::atomic::Ordering::Relaxed);
