@@ -289,11 +289,12 @@ check_figs dbt_warn_names_native_functions /tmp/warn.stop 's/.*, \([0-9]*\) exce
 
 # An oops in translated code (writing "oops" to /proc/kdbt_testmod_warn: a kernel thread
 # of the module loads from an unmapped address, run from the code cache): the oops ends
-# that thread, and after the kernel's report (whose RIP is in the cache: the kernel prints it before
-# the die notifiers run) kdbt's die notifier must print the native state — RIP naming the
-# module's function, a call trace unwound from it naming the caller, no address inside
-# kdbt.ko (`[kdbt]`); the module goes on. With --test-no-oops-map there is no native
-# state and the check must fail. Bracketed for dmesg_clean.
+# that thread, and after the kernel's report (whose RIP is in the cache: the kernel
+# prints it before the die notifiers run) kdbt's die notifier must print the native
+# state — RIP naming the module's function, a call trace unwound from it naming the
+# caller, no address inside kdbt.ko (`[kdbt]`); the module goes on. With
+# --test-no-oops-map there is no native state and the check must fail. Bracketed for
+# dmesg_clean.
 oops_run() {
     kdbt start --module kdbt_testmod $1 >/dev/null || return 1
     r=0
