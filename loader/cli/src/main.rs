@@ -205,6 +205,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // A reader that closes the pipe early (`kdbt stats | grep -q …`, `| head`) ends kdbt
+    // quietly, as it ends cat or ls, instead of a panic in println! on EPIPE (the Rust
+    // runtime ignores SIGPIPE). Every change kdbt makes is done before it prints.
+    // SAFETY: sets a signal disposition to the default before any thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
