@@ -19,7 +19,7 @@ kwork_tree
 kwork > /tmp/kwork.native 2>&1
 reprotected() {
     n=0
-    until kdbt stats | grep -q 'writable now 0$'; do
+    until kdbt stats --no-symbols | grep -q 'writable now 0$'; do
         n=$((n + 1)); [ $n -lt 300 ] || { echo "the written page was never re-protected"; return 1; }
     done
 }
@@ -27,7 +27,7 @@ reprotected() {
 # since: the re-protection work's quiescence pass makes sure of that).
 reclaimed() {
     n=0
-    until kdbt stats | grep -q 'of which 0 wait'; do
+    until kdbt stats --no-symbols | grep -q 'of which 0 wait'; do
         n=$((n + 1)); [ $n -lt 300 ] || return 1
     done
 }
@@ -52,9 +52,9 @@ check dbt_kernel_load kdbt load
 # counts the translated kernel instructions on cpu0 per call: those of the system call
 # (do_syscall_64 on; the native entry text and kdbt's trampolines and dispatcher are not
 # counted) and the timer interrupts' share; beside it, the RDTSC ticks of one getppid
-# natively and while started. The calls must add (almost) no #VE: at most 20 for the
-# 400,000 (the reclaim tick's work costs a few #VEs a second; measured: 0 and 20 on the
-# small kernel, 1 on Debian 6.12):
+# natively and while started. The calls must add (almost) no #VE: at most 100 for the
+# 400,000 (the reclaim tick's work costs a few #VEs a second; measured: 0, 6, 20 and 20
+# on the small kernel, 1 on Debian 6.12; steered, 10,000 calls add 10,062):
 # the entry text's `call do_syscall_64` enters the cache through its trampoline
 # (redirected entry text), so the system calls themselves are never steered. With the
 # redirect off (--test-no-redirect) each call is, and the check must say so.
@@ -73,15 +73,15 @@ key_part() {
     schedstats 0 || { echo "schedstats off: the counters advance"; return 1; }
     schedstats 1 || { echo "schedstats on: a stale translation ran (the counters stand still)"; return 1; }
     schedstats 0 || { echo "schedstats off again: a stale translation ran (the counters advance)"; return 1; }
-    reclaimed || { kdbt stats | grep 'blocks invalidated'; echo "invalidated blocks never became reusable"; return 1; }
-    kdbt stats | grep 'text writes\|blocks invalidated' | tee /tmp/wp.txt
+    reclaimed || { kdbt stats --no-symbols | grep 'blocks invalidated'; echo "invalidated blocks never became reusable"; return 1; }
+    kdbt stats --no-symbols | grep 'text writes\|blocks invalidated' | tee /tmp/wp.txt
     set -- $(sed -n 's/.*text writes caught \([0-9]*\).*re-protected \([0-9]*\).*/\1 \2/p' /tmp/wp.txt)
     [ "${1:-0}" -gt 0 ] && [ "${2:-0}" -gt 0 ] || { echo "no text write caught and re-protected"; return 1; }
     grep -q 'blocks invalidated [1-9]' /tmp/wp.txt || { echo "no block invalidated"; return 1; }
 }
 STATS_CPU=$((NCPUS - 1))
 # cpu0's "instructions steered" (the latter: #VEs).
-kfigs() { taskset -c $STATS_CPU kdbt stats | sed -n "s/^  cpu0: steered \([0-9]*\) (#VE), .*, instructions \([0-9]*\).*/\2 \1/p"; }
+kfigs() { taskset -c $STATS_CPU kdbt stats --no-symbols | sed -n "s/^  cpu0: steered \([0-9]*\) (#VE), .*, instructions \([0-9]*\).*/\2 \1/p"; }
 # kins_run ITERS: the fewest cpu0 instructions, and the fewest #VEs, of $KREPS runs of
 # ubench --iters ITERS (10 x ITERS getppid calls): the fewest filters out what else ran
 # on cpu0 meanwhile. KITERS and 2 x KITERS are the two ITERS of the check. (With 5,000
@@ -118,7 +118,7 @@ ins_part() {
     echo "inscount per getppid: k=$k1 ($n1 calls) k=$k2 ($n2 calls) diff=$(hundredths $d) ticks_native=$GETPPID_NATIVE ticks_started=$t"
     r=0
     [ "$c1" -gt 0 ] && [ $(( d * 100 )) -le "$c1" ] || { echo "k is not linear"; r=1; }
-    [ $((s2 - s0)) -le 20 ] || { echo "the system-call loop was steered by #VE"; r=1; }
+    [ $((s2 - s0)) -le 100 ] || { echo "the system-call loop was steered by #VE"; r=1; }
     return $r
 }
 # kernel_key_ins FLAGS: both parts in one session; "key: ok" / "inscount: ok" for each
@@ -170,7 +170,7 @@ resets_part() {
     kwork > /tmp/kwork.resets 2>&1
     cmp /tmp/kwork.native /tmp/kwork.resets || echo "output differs while started"
     reclaimed || echo "invalidated blocks never became reusable"
-    kdbt stats | grep 'blocks invalidated\|exception-table'
+    kdbt stats --no-symbols | grep 'blocks invalidated\|exception-table'
     kdbt stop > /dev/null || echo "stop failed"
 }
 resets_part > /tmp/kres.out 2>&1

@@ -138,7 +138,7 @@ pub fn stop() -> Result<()> {
     Ok(())
 }
 
-pub fn stats(json: bool) -> Result<()> {
+pub fn stats(json: bool, symbols: bool) -> Result<()> {
     let (q, cpus) = Device::open()?.dbt_stats()?;
     let module = kdbt_abi::fixed_str_read(&q.module).to_string();
     if json {
@@ -212,7 +212,9 @@ pub fn stats(json: bool) -> Result<()> {
         q.fault_table, q.fault_slots, q.fault_unplaced, q.fault_slots_again
     );
     if module == kdbt_abi::KERNEL_SCOPE {
-        print!("{}", native_regions(&q, kallsyms_text().as_deref()));
+        let text =
+            if symbols { kallsyms_text().map(Symbols::Text).unwrap_or(Symbols::Unreadable) } else { Symbols::Skipped };
+        print!("{}", native_regions(&q, &text));
         if q.entry_sites > 0 {
             println!(
                 "  entry text: {} direct calls/jumps into the text enter the cache through {} trampolines (no #VE); pages mapped back by writes {}",
@@ -248,12 +250,25 @@ fn native_shown(q: &kdbt_abi::DbtStatsQuery) -> &[[u64; 2]] {
     &q.native[..(q.native_count as usize).min(kdbt_abi::DBT_NATIVE_REGIONS)]
 }
 
+/// Where `kdbt stats` names the native regions' symbols from.
+enum Symbols {
+    /// The text of /proc/kallsyms.
+    Text(String),
+    /// /proc/kallsyms could not be read.
+    Unreadable,
+    /// Not read (`--no-symbols`).
+    Skipped,
+}
+
 /// `kdbt stats`' lines on the kernel scope's native regions: each range, its size and the
-/// text symbols in it (from `kallsyms`, the text of /proc/kallsyms, when it has addresses).
-fn native_regions(q: &kdbt_abi::DbtStatsQuery, kallsyms: Option<&str>) -> String {
+/// text symbols in it (from /proc/kallsyms' text, when it has addresses).
+fn native_regions(q: &kdbt_abi::DbtStatsQuery, symbols: &Symbols) -> String {
     use std::fmt::Write as _;
     const NAMES: usize = 6;
-    let ks = kallsyms.map(Kallsyms::parse).filter(|k| !k.is_empty());
+    let ks = match symbols {
+        Symbols::Text(t) => Some(Kallsyms::parse(t)).filter(|k| !k.is_empty()),
+        _ => None,
+    };
     let shown = native_shown(q);
     let bytes: u64 = shown.iter().map(|r| r[1].saturating_sub(r[0])).sum();
     let mut s = format!(
@@ -272,6 +287,7 @@ fn native_regions(q: &kdbt_abi::DbtStatsQuery, kallsyms: Option<&str>) -> String
                 }
                 let _ = write!(s, " ({} symbol{})", names.len(), if names.len() == 1 { "" } else { "s" });
             }
+            None if matches!(symbols, Symbols::Skipped) => s.push_str(": symbols not read (--no-symbols)"),
             None => s.push_str(": no symbols (/proc/kallsyms shows no addresses: run as root)"),
         }
         s.push('\n');
@@ -379,7 +395,7 @@ mod tests {
         native[0] = [0xffffffff81000000, 0xffffffff81002000];
         native[1] = [0xffffffff81001000, 0xffffffff81001800];
         let mut q = kdbt_abi::DbtStatsQuery { native_count: 2, native, ..Default::default() };
-        let s = native_regions(&q, Some(KALLSYMS));
+        let s = native_regions(&q, &Symbols::Text(KALLSYMS.to_string()));
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 3, "{s}");
         assert!(lines[0].ends_with(": 2, 10 KB"), "{s}");
@@ -391,9 +407,12 @@ mod tests {
         // Without readable addresses the ranges are still listed; more than the ABI carries
         // are counted.
         q.native_count = 10;
-        let s = native_regions(&q, Some("0000000000000000 T _stext\n"));
+        let s = native_regions(&q, &Symbols::Text("0000000000000000 T _stext\n".to_string()));
         assert!(s.contains("(8 KB): no symbols (/proc/kallsyms shows no addresses: run as root)"), "{s}");
         assert!(s.ends_with("    and 2 more\n"), "{s}");
+        // --no-symbols: the ranges and sizes without reading /proc/kallsyms.
+        let s = native_regions(&q, &Symbols::Skipped);
+        assert!(s.contains("(8 KB): symbols not read (--no-symbols)"), "{s}");
     }
 }
 

@@ -185,6 +185,11 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Do not name the symbols in the native regions (skips reading /proc/kallsyms:
+        /// for scripts that poll the figures; reading it through the translated kernel
+        /// costs seconds of emulator time in Bochs).
+        #[arg(long)]
+        no_symbols: bool,
     },
     /// bbcov: the executed blocks with their hit counts, named through /proc/kallsyms,
     /// hottest first.
@@ -289,7 +294,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Stop => dbt::stop(),
-        Cmd::Stats { json } => dbt::stats(json),
+        Cmd::Stats { json, no_symbols } => dbt::stats(json, !no_symbols),
         Cmd::Cov { functions, top, drcov } => dbt::cov(functions, top, drcov.as_deref()),
         Cmd::NmiCheck => {
             println!("kdbt: NMI check passed: {}", Device::open()?.nmi_check()?);
