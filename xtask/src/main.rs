@@ -8,6 +8,7 @@ mod glue_abi;
 mod image;
 mod kernel;
 mod kernel_dbt_bench;
+mod lane;
 mod paging;
 mod results;
 mod toolchain;
@@ -74,6 +75,53 @@ struct VmArgs {
     /// program and its shared libraries, for a suite of your own to run).
     #[arg(long)]
     extra_root: Option<PathBuf>,
+    /// Also write the results table to this file (`cargo xtask test`'s second lane reads it).
+    #[arg(long, hide = true)]
+    table_out: Option<PathBuf>,
+}
+
+impl VmArgs {
+    /// The `cargo xtask vm` arguments that give this run (`table_out` aside).
+    fn cli_args(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--suite".into(),
+            self.suite.clone(),
+            "--kernel".into(),
+            self.kernel.clone(),
+            "--cpu-model".into(),
+            self.cpu_model.clone(),
+            "--cpus".into(),
+            self.cpus.to_string(),
+            "--mem".into(),
+            self.mem.to_string(),
+            "--emulator".into(),
+            self.emulator.name().into(),
+            "--paging".into(),
+            self.paging.name().into(),
+        ];
+        if let Some(k) = &self.kdir {
+            v.extend(["--kdir".into(), k.display().to_string()]);
+        }
+        if let Some(t) = self.timeout {
+            v.extend(["--timeout".into(), t.to_string()]);
+        }
+        if self.inject_fail {
+            v.push("--inject-fail".into());
+        }
+        if !self.append.is_empty() {
+            // `=`: the value may start with a dash.
+            v.push(format!("--append={}", self.append));
+        }
+        if let Some(r) = &self.extra_root {
+            v.extend(["--extra-root".into(), r.display().to_string()]);
+        }
+        v
+    }
+
+    /// How `cargo xtask test` names the run in its summary.
+    fn label(&self) -> String {
+        format!("{} {} {} {}cpu {}", self.suite, self.kernel, self.emulator.name(), self.cpus, self.paging.name())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +166,10 @@ enum Cmd {
         /// Wall-clock limit for `cargo test --workspace`, in seconds.
         #[arg(long, default_value_t = 1200)]
         unit_timeout: u64,
+        /// Every emulator run one after another (by default, on two or more cores, the
+        /// Debian 6.12 Bochs runs go on beside the others).
+        #[arg(long)]
+        one_lane: bool,
     },
     /// Translate every function of a real kernel offline with the DBT engine
     /// (its vmlinux and System.map; for Debian images the vmlinux is extracted
@@ -194,10 +246,13 @@ fn real_main(cli: Cli) -> Result<bool> {
             let mut ctx = Ctx::default();
             let r = vm_run(&mut ctx, &a, false)?;
             println!("\n{}", r.table);
+            if let Some(p) = &a.table_out {
+                std::fs::write(p, &r.table).with_context(|| format!("cannot write {}", p.display()))?;
+            }
             Ok(r.passed)
         }
-        Cmd::Test { no_unit, with_61, full, inject_fail, unit_timeout } => {
-            test(no_unit, with_61 || full, full, inject_fail, Duration::from_secs(unit_timeout))
+        Cmd::Test { no_unit, with_61, full, inject_fail, unit_timeout, one_lane } => {
+            test(no_unit, with_61 || full, full, inject_fail, Duration::from_secs(unit_timeout), one_lane)
         }
         Cmd::Demo { kernel, emulator, cpus } => {
             let a = VmArgs {
@@ -213,6 +268,7 @@ fn real_main(cli: Cli) -> Result<bool> {
                 append: String::new(),
                 paging: Paging::Ept,
                 extra_root: None,
+                table_out: None,
             };
             let mut ctx = Ctx::default();
             let r = vm_run(&mut ctx, &a, true)?;
@@ -304,6 +360,7 @@ fn bench_run(suite: &str, kernel: String, cpus: u32, timeout: Option<u64>) -> Re
         append: String::new(),
         paging: Paging::Ept,
         extra_root: None,
+        table_out: None,
     };
     let r = vm_run(&mut Ctx::default(), &a, false)?;
     if !r.passed {
@@ -608,46 +665,19 @@ fn print_tails(dir: &Path, emulator: Emulator) {
     }
 }
 
-fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeout: Duration) -> Result<bool> {
+fn test(
+    no_unit: bool,
+    with_61: bool,
+    full: bool,
+    inject_fail: bool,
+    unit_timeout: Duration,
+    one_lane: bool,
+) -> Result<bool> {
     let t = Timer::start();
     let mut summary: Vec<(String, bool)> = Vec::new();
     let mut tables = Vec::new();
     // The vmlinux corpus (and xtask's own unit test of it) decompresses kernel images.
     deps::ensure(deps::VMLINUZ)?;
-    if !no_unit {
-        step(format!("host unit tests: cargo test --workspace (limit {} s)", unit_timeout.as_secs()));
-        let ut = Timer::start();
-        let mut cmd = Command::new(cargo());
-        cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
-        let label = "cargo test --workspace".to_string();
-        match emu::run_with_timeout(&mut cmd, unit_timeout)? {
-            Some(st) => {
-                note(format!("unit tests: {st} after {:.0} s", ut.secs()));
-                tables.push(format!("{label}: {} ({:.0} s)\n", if st.success() { "PASS" } else { "FAIL" }, ut.secs()));
-                summary.push((label, st.success()));
-            }
-            None => {
-                tables.push(format!("{label}: FAIL (timed out after {} s; killed)\n", unit_timeout.as_secs()));
-                summary.push((label, false));
-            }
-        }
-        if emu::interrupted() {
-            bail!("interrupted");
-        }
-    }
-    // Real kernels as the DBT's corpus (offline, seconds): the small kernel
-    // (Debian's 6.12 source), whose build tree has vmlinux and System.map, and
-    // Debian's stock 6.12 and 6.1 (no symbols: function starts from their code,
-    // endbr64s on 6.12, calls of __fentry__ on 6.1, which has no IBT).
-    for k in ["small", "debian-6.12", "debian-6.1"] {
-        let label = format!("vmlinux-corpus {k}");
-        let ok = vmlinux::corpus(k).unwrap_or_else(|e| {
-            eprintln!("error in {label}: {e:#}");
-            false
-        });
-        tables.push(format!("{label}: {}\n", if ok { "PASS" } else { "FAIL" }));
-        summary.push((label, ok));
-    }
     // The three suites in one boot per kernel: Debian kernels take minutes to boot in Bochs.
     let base = VmArgs {
         suite: "smoke,hypervisor,dbt".into(),
@@ -662,6 +692,7 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
         append: String::new(),
         paging: Paging::Ept,
         extra_root: None,
+        table_out: None,
     };
     let mut runs = vec![
         // The small kernel's boot also runs the kernel-scope DBT checks (~5 minutes
@@ -712,9 +743,63 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
             ..base.clone()
         });
     }
+    // Lane 2: the Debian 6.12 Bochs runs (the longest, ~27 minutes together) go on beside
+    // the rest, each Bochs on a core of its own (`--one-lane`: one after another).
+    let lane = if !one_lane && util::nproc() >= 2 {
+        let (two, one): (Vec<VmArgs>, Vec<VmArgs>) =
+            runs.into_iter().partition(|a| a.emulator == Emulator::Bochs && a.kernel == "debian-6.12");
+        runs = one;
+        // Both lanes would otherwise install packages or fetch the same kernel at once.
+        let mut pkgs: Vec<&str> = deps::BASE.to_vec();
+        pkgs.extend(deps::BOCHS.iter().chain(deps::QEMU).chain(deps::SMALL_KERNEL));
+        deps::ensure(&pkgs)?;
+        let mut kernels: Vec<&str> = two.iter().map(|a| a.kernel.as_str()).collect();
+        kernels.sort_unstable();
+        kernels.dedup();
+        for k in kernels {
+            kernel::resolve(&kernel::parse_spec(k)?, k, None)?;
+        }
+        Some(lane::start(two.iter().map(|a| lane::LaneJob { label: a.label(), args: a.cli_args() }).collect())?)
+    } else {
+        None
+    };
+    if !no_unit {
+        step(format!("host unit tests: cargo test --workspace (limit {} s)", unit_timeout.as_secs()));
+        let ut = Timer::start();
+        let mut cmd = Command::new(cargo());
+        cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
+        let label = "cargo test --workspace".to_string();
+        match emu::run_with_timeout(&mut cmd, unit_timeout)? {
+            Some(st) => {
+                note(format!("unit tests: {st} after {:.0} s", ut.secs()));
+                tables.push(format!("{label}: {} ({:.0} s)\n", if st.success() { "PASS" } else { "FAIL" }, ut.secs()));
+                summary.push((label, st.success()));
+            }
+            None => {
+                tables.push(format!("{label}: FAIL (timed out after {} s; killed)\n", unit_timeout.as_secs()));
+                summary.push((label, false));
+            }
+        }
+        if emu::interrupted() {
+            bail!("interrupted");
+        }
+    }
+    // Real kernels as the DBT's corpus (offline, seconds): the small kernel
+    // (Debian's 6.12 source), whose build tree has vmlinux and System.map, and
+    // Debian's stock 6.12 and 6.1 (no symbols: function starts from their code,
+    // endbr64s on 6.12, calls of __fentry__ on 6.1, which has no IBT).
+    for k in ["small", "debian-6.12", "debian-6.1"] {
+        let label = format!("vmlinux-corpus {k}");
+        let ok = vmlinux::corpus(k).unwrap_or_else(|e| {
+            eprintln!("error in {label}: {e:#}");
+            false
+        });
+        tables.push(format!("{label}: {}\n", if ok { "PASS" } else { "FAIL" }));
+        summary.push((label, ok));
+    }
     let mut ctx = Ctx::default();
     for a in &runs {
-        let label = format!("{} {} {} {}cpu {}", a.suite, a.kernel, a.emulator.name(), a.cpus, a.paging.name());
+        let label = a.label();
         if emu::interrupted() {
             bail!("interrupted");
         }
@@ -728,6 +813,12 @@ fn test(no_unit: bool, with_61: bool, full: bool, inject_fail: bool, unit_timeou
                 tables.push(format!("{label}: ERROR {e:#}\n"));
                 summary.push((label, false));
             }
+        }
+    }
+    if let Some(l) = lane {
+        for r in l.finish() {
+            tables.push(r.table);
+            summary.push((r.label, r.passed));
         }
     }
     println!("\n===== summary =====");
@@ -755,6 +846,46 @@ mod tests {
         let q = cmdline(Emulator::Qemu, 1, "smoke", true, "x=1", Paging::Shadow);
         assert!(q.contains("kdbt.expect_vmx=0") && q.contains("kdbt.inject_fail=1"));
         assert!(c.contains("kdbt.paging=ept") && q.contains("kdbt.paging=shadow"));
+    }
+
+    #[test]
+    fn a_lane_run_is_the_run_it_stands_for() {
+        // Every field off its default, an --append value that starts with a dash.
+        let a = VmArgs {
+            suite: "smoke,dbt".into(),
+            kernel: "debian-6.12".into(),
+            kdir: Some(PathBuf::from("/k dir")),
+            cpu_model: "corei3_cnl".into(),
+            cpus: 1,
+            mem: 1024,
+            emulator: Emulator::Qemu,
+            timeout: Some(2400),
+            inject_fail: true,
+            append: "-x retbleed=stuff".into(),
+            paging: Paging::Shadow,
+            extra_root: Some(PathBuf::from("/r")),
+            table_out: None,
+        };
+        let argv = ["xtask".to_string(), "vm".to_string()].into_iter().chain(a.cli_args());
+        let Cmd::Vm(b) = Cli::try_parse_from(argv).unwrap().cmd else { panic!("not vm") };
+        assert_eq!(b.cli_args(), a.cli_args());
+        assert_eq!(
+            (b.suite.as_str(), b.kernel.as_str(), b.cpu_model.as_str()),
+            ("smoke,dbt", "debian-6.12", "corei3_cnl")
+        );
+        assert_eq!((b.cpus, b.mem, b.timeout, b.inject_fail), (1, 1024, Some(2400), true));
+        assert_eq!((b.emulator, b.paging, b.append.as_str()), (Emulator::Qemu, Paging::Shadow, "-x retbleed=stuff"));
+        assert_eq!((b.kdir, b.extra_root), (Some(PathBuf::from("/k dir")), Some(PathBuf::from("/r"))));
+        assert_eq!(a.label(), "smoke,dbt debian-6.12 qemu 1cpu shadow");
+        // The defaults come back as defaults.
+        let argv = ["xtask".to_string(), "vm".to_string()];
+        let Cmd::Vm(d) = Cli::try_parse_from(argv).unwrap().cmd else { panic!("not vm") };
+        let Cmd::Vm(e) =
+            Cli::try_parse_from(["xtask".to_string(), "vm".to_string()].into_iter().chain(d.cli_args())).unwrap().cmd
+        else {
+            panic!("not vm")
+        };
+        assert_eq!((e.timeout, e.kdir, e.append.as_str(), e.inject_fail), (None, None, "", false));
     }
 
     #[test]
