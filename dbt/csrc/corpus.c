@@ -150,3 +150,29 @@ uint64_t c_tailcall(uint64_t n) {
     for (uint64_t i = 0; i < n; i++) s += c_tail(tail_target, i);
     return s;
 }
+
+/* Callees that pop their stack arguments (`ret imm16`, as stdcall or Pascal code does;
+   neither Linux nor SysV code has it): retimm_K sums the K qwords above its return
+   address and returns with `ret $8K`. c_retimm(n) calls each n times with K pushed
+   arguments; a return that popped the wrong number of bytes would leave rsp off and
+   the final `ret` elsewhere. K = 1, 2, 3, 15, 17, 18, 25: on the host (128-byte red
+   zone) each of the translator's frame placements (below rsp, the return slot itself,
+   above it). */
+#define RETIMM_CALLEE(K)                                                                   \
+    ".globl retimm_" #K "\n.type retimm_" #K ",@function\nretimm_" #K ":\n"                \
+    "xor %eax,%eax\nlea 8(%rsp),%rdx\nmov $" #K ",%ecx\n"                                   \
+    "1: add (%rdx),%rax\nadd $8,%rdx\ndec %ecx\njnz 1b\n"                                  \
+    "ret $8*" #K "\n"
+#define RETIMM_CALL(K)                                                                     \
+    "mov $" #K ",%ecx\n1: lea (%rcx,%r9),%rax\npush %rax\ndec %ecx\njnz 1b\n"              \
+    "call retimm_" #K "\nadd %rax,%rbx\n"
+__asm__(".text\n"
+        RETIMM_CALLEE(1) RETIMM_CALLEE(2) RETIMM_CALLEE(3) RETIMM_CALLEE(15)
+        RETIMM_CALLEE(17) RETIMM_CALLEE(18) RETIMM_CALLEE(25)
+        ".globl c_retimm\n.type c_retimm,@function\nc_retimm:\n"
+        "push %rbx\nxor %ebx,%ebx\nmov %rdi,%r9\ntest %r9,%r9\njz 2f\n"
+        "3:\n"
+        RETIMM_CALL(1) RETIMM_CALL(2) RETIMM_CALL(3) RETIMM_CALL(15)
+        RETIMM_CALL(17) RETIMM_CALL(18) RETIMM_CALL(25)
+        "dec %r9\njnz 3b\n"
+        "2: mov %rbx,%rax\npop %rbx\nret\n");

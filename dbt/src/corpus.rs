@@ -31,6 +31,7 @@ extern "C" {
     fn c_getpc() -> u64;
     fn c_loop(n: u64) -> u64;
     fn c_tailcall(n: u64) -> u64;
+    fn c_retimm(n: u64) -> u64;
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -276,6 +277,12 @@ extern "C" fn k_tailcall(_b: *mut u8, n: u64) -> u64 {
     unsafe { c_tailcall(n) }
 }
 
+#[inline(never)]
+extern "C" fn k_retimm(_b: *mut u8, n: u64) -> u64 {
+    // SAFETY: an assembly function of the C corpus with the C calling convention.
+    unsafe { c_retimm(n) }
+}
+
 impl Case {
     /// Entry address of the case's function.
     pub fn addr(&self) -> u64 {
@@ -301,6 +308,7 @@ pub fn cases() -> Vec<Case> {
         Case { name: "c_getpc", f: k_getpc, test_n: 1, bench_n: 1 },
         Case { name: "c_loop", f: k_loop, test_n: 100, bench_n: 100_000_000 },
         Case { name: "c_tailcall", f: k_tailcall, test_n: 100, bench_n: 20_000_000 },
+        Case { name: "c_retimm", f: k_retimm, test_n: 4, bench_n: 2_000_000 },
     ];
     if std::is_x86_feature_detected!("avx2") {
         v.push(Case { name: "c_simd_avx2", f: k_simd, test_n: 200, bench_n: 1024 * 50_000 });

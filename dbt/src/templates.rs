@@ -49,6 +49,21 @@ fn rsp_at(d: i64) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RSP, d)
 }
 
+/// Offset from the native rsp of the lookup frame's low slot for a `ret n`
+/// (the frame sits just below where the return leaves rsp, `rz` lower still).
+fn ret_imm_frame(rz: i64, n: u16) -> i64 {
+    i64::from(n) - rz - 8
+}
+
+/// Whether [`Emit::ret_imm_lookup`] translates `ret n` under red zone `rz`:
+/// its frame must lie at or above `rsp - rz` and must either be the return
+/// slot exactly (swapped with `xchg`) or miss it. The rest (kernel: n < 8 and
+/// 8 < n < 16; host: n < 8 and 120 < n < 144 but 136) is a stop.
+pub(crate) fn ret_imm_translatable(rz: i64, n: u16) -> bool {
+    let f = ret_imm_frame(rz, n);
+    n > 0 && f >= -rz && (f == 0 || f + 16 <= 0 || f >= 8) && f + 8 <= i64::from(i16::MAX)
+}
+
 /// Code emitter for one area (a fragment's hot code, its stubs).
 pub(crate) struct Emit {
     pub base: u64,
@@ -194,6 +209,36 @@ impl Emit {
             self.ins(Instruction::with1(Code::Push_r64, Register::RCX));
             self.st(Npc::At(pc), abi.rz + 8, FRAME_SAVED, 8);
             self.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, rsp_at(abi.rz + 8)));
+        }
+        self.lookup_jump(abi);
+    }
+
+    /// `ret n` (n > 0, callee-popped stack arguments) at guest `pc`: the
+    /// frame `ret_lookup` builds, n bytes higher, where the native `ret n`
+    /// leaves rsp. Its two slots are written first, with rsp where it was, at
+    /// or above the lowest byte the guest keeps (`rsp - rz`) and apart from
+    /// the return slot (they land in the popped arguments or, on the host, the
+    /// red zone, both dead after the return); rsp then moves onto them in one
+    /// instruction, which is the transfer. So an interrupt never finds the
+    /// return address below rsp before the transfer. Flags-neutral. Only for
+    /// the `n` that [`ret_imm_translatable`] accepts.
+    pub fn ret_imm_lookup(&mut self, abi: &Abi, pc: u64, n: u16) {
+        let f = ret_imm_frame(abi.rz, n);
+        self.guest(pc);
+        if f == 0 {
+            // The frame's rcx slot is the return slot: swap them in one step.
+            // mov [rsp+8],rdx; xchg [rsp],rcx
+            self.ins(Instruction::with2(Code::Mov_rm64_r64, rsp_at(8), Register::RDX));
+            self.st(Npc::At(pc), 0, 1 << 2, 8);
+            self.ins(Instruction::with2(Code::Xchg_rm64_r64, rsp_at(0), Register::RCX));
+        } else {
+            // mov [rsp+F],rcx; mov rcx,[rsp]; mov [rsp+F+8],rdx; lea rsp,[rsp+F]
+            self.ins(Instruction::with2(Code::Mov_rm64_r64, rsp_at(f), Register::RCX));
+            self.st(Npc::At(pc), 0, 1 << 1, f);
+            self.ins(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, rsp_at(0)));
+            self.ins(Instruction::with2(Code::Mov_rm64_r64, rsp_at(f + 8), Register::RDX));
+            self.st(Npc::At(pc), 0, FRAME_SAVED, f + 8);
+            self.lea_rsp(f);
         }
         self.lookup_jump(abi);
     }
@@ -516,6 +561,130 @@ mod tests {
 
     const KERNEL: Abi = Abi { rz: 0, ibl: Some(-0x100_0000), count_hits: false, gs_base: 0 };
     const HOST: Abi = Abi { rz: 128, ibl: Some(0x10_0000), count_hits: false, gs_base: 0 };
+
+    /// Runs a `ret n` translation's inserted code (up to the table jump) on a
+    /// model machine, and at every instruction boundary first destroys what
+    /// an interrupt may (every byte below `rsp - rz`), then recovers the
+    /// native state with the pc map: before the transfer it must be the
+    /// native state at the `ret` (rsp, rcx, rdx and the return slot intact),
+    /// after it the state after the return (target in rcx, rsp past the
+    /// popped arguments, rcx and rdx restorable).
+    fn run_ret_imm(abi: &Abi, n: u16) {
+        use std::collections::BTreeMap;
+        const S: u64 = 0x1_0000;
+        const RET: u64 = 0x4141_4242_4343_4444;
+        const RCX: u64 = 0x1111;
+        const RDX: u64 = 0x2222;
+        let pc = 0xffff_ffff_8100_0000;
+        let mut e = Emit::new(0);
+        e.ret_imm_lookup(abi, pc, n);
+        let mut mem: BTreeMap<u64, u8> = BTreeMap::new();
+        let put = |m: &mut BTreeMap<u64, u8>, a: u64, v: u64| {
+            for (k, b) in v.to_le_bytes().into_iter().enumerate() {
+                m.insert(a + k as u64, b);
+            }
+        };
+        let get = |m: &BTreeMap<u64, u8>, a: u64| {
+            u64::from_le_bytes(core::array::from_fn(|k| m.get(&(a + k as u64)).copied().unwrap_or(0xEE)))
+        };
+        put(&mut mem, S, RET);
+        for k in 0..64 {
+            put(&mut mem, S + 8 + 8 * k, 0x5000 + k);
+        }
+        // rsp apart; the sequence touches no other register than rcx and rdx.
+        let mut rsp = S;
+        let mut gpr = [0u64; 16];
+        gpr[Register::RCX.number()] = RCX;
+        gpr[Register::RDX.number()] = RDX;
+        let insns: Vec<Instruction> = Decoder::with_ip(64, &e.buf, 0, DecoderOptions::NONE).into_iter().collect();
+        let mut transferred = false;
+        for i in &insns {
+            // An interrupt here: everything below the guest's floor is gone.
+            let floor = rsp - abi.rz as u64;
+            mem.retain(|&a, _| a >= floor);
+            let ent = *e.map.iter().rev().find(|m| u64::from(m.off) <= i.ip()).expect("mapped");
+            let nrsp = rsp.wrapping_add(ent.sp as i64 as u64);
+            let mut native = gpr;
+            let mut slot = rsp.wrapping_add(ent.top as i64 as u64);
+            for r in (0..16).rev() {
+                if ent.saved & (1 << r) != 0 {
+                    native[r] = get(&mem, slot);
+                    slot = slot.wrapping_sub(8);
+                }
+            }
+            let at = std::format!("n={n} rz={} at `{i}`", abi.rz);
+            let (c, d) = (Register::RCX.number(), Register::RDX.number());
+            assert_eq!((native[c], native[d]), (RCX, RDX), "{at}: rcx, rdx");
+            match ent.npc {
+                Npc::At(p) => {
+                    assert!(!transferred, "{at}: back before the transfer");
+                    assert_eq!((p, nrsp, get(&mem, S)), (pc, S, RET), "{at}: the native state at the ret");
+                }
+                Npc::Rcx => {
+                    transferred = true;
+                    assert_eq!((gpr[c], nrsp), (RET, S + 8 + u64::from(n)), "{at}: the state after the return");
+                }
+                Npc::RcxPlus(_) => panic!("{at}: no target check here"),
+            }
+            let addr = |i: &Instruction| {
+                assert_eq!(i.memory_base(), Register::RSP, "only rsp-relative accesses");
+                rsp.wrapping_add(i.memory_displacement64())
+            };
+            match i.code() {
+                Code::Mov_rm64_r64 => put(&mut mem, addr(i), gpr[i.op1_register().number()]),
+                Code::Mov_r64_rm64 => gpr[i.op0_register().number()] = get(&mem, addr(i)),
+                Code::Xchg_rm64_r64 => {
+                    let (a, r) = (addr(i), i.op1_register().number());
+                    let v = get(&mem, a);
+                    put(&mut mem, a, gpr[r]);
+                    gpr[r] = v;
+                }
+                Code::Lea_r64_m if i.op0_register() == Register::RSP => rsp = addr(i),
+                // The lookup itself (`movzx edx,cx; jmp [table]`): the frame is built.
+                Code::Movzx_r32_rm16 => break,
+                c => panic!("unexpected {c:?} in the ret n sequence"),
+            }
+        }
+        assert!(transferred, "n={n} rz={}: never reached the lookup", abi.rz);
+    }
+
+    #[test]
+    fn ret_imm_keeps_a_native_state_at_every_instruction() {
+        for n in [8, 16, 24, 32, 20, 200, 4096] {
+            assert!(ret_imm_translatable(KERNEL.rz, n), "kernel n={n}");
+            run_ret_imm(&KERNEL, n);
+        }
+        for n in [8, 16, 112, 120, 136, 144, 152, 200, 4096] {
+            assert!(ret_imm_translatable(HOST.rz, n), "host n={n}");
+            run_ret_imm(&HOST, n);
+        }
+        // Frames that would overlap the return slot, and no room below rsp: stops.
+        for n in [0, 1, 4, 7, 9, 12, 15, 0xffff] {
+            assert!(!ret_imm_translatable(KERNEL.rz, n), "kernel n={n}");
+        }
+        for n in [0, 4, 121, 128, 135, 137, 143] {
+            assert!(!ret_imm_translatable(HOST.rz, n), "host n={n}");
+        }
+        let mut e = Emit::new(0);
+        e.ret_imm_lookup(&KERNEL, 0xffff_ffff_8100_0000, 8);
+        assert_eq!(
+            text(&e.buf),
+            ["mov [rsp+8],rdx", "xchg [rsp],rcx", "movzx edx,cx", "jmp qword ptr [rdx*8-1000000h]"]
+        );
+        let mut e = Emit::new(0);
+        e.ret_imm_lookup(&KERNEL, 0xffff_ffff_8100_0000, 16);
+        assert_eq!(
+            text(&e.buf),
+            [
+                "mov [rsp+8],rcx",
+                "mov rcx,[rsp]",
+                "mov [rsp+10h],rdx",
+                "lea rsp,[rsp+8]",
+                "movzx edx,cx",
+                "jmp qword ptr [rdx*8-1000000h]"
+            ]
+        );
+    }
 
     #[test]
     fn kernel_ret_never_writes_below_rsp() {

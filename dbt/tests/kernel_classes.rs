@@ -272,3 +272,13 @@ fn the_environment_delivers_stops_it_cannot_leave_to_the_cpu() {
     assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Native, handler, 7));
     assert_eq!(h.engine.stats.delivered, 1);
 }
+
+#[test]
+fn a_ret_imm_whose_frame_would_overlap_its_return_slot_stops_before_it() {
+    // mov eax, 1; ret 128: on the host the lookup frame would straddle the return slot.
+    let f = page_with(&[0xB8, 1, 0, 0, 0, 0xC2, 0x80, 0x00]);
+    let mut h = Harness::new(Some(Box::new(NullClient)));
+    let r = h.run(f, &[]);
+    assert_eq!((r.stop, r.stop_pc, r.rax), (StopKind::Unsupported, f + 5, 1));
+    // `ret 8` and the other frame placements: the corpus's c_retimm.
+}

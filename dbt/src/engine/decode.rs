@@ -198,6 +198,15 @@ impl Engine {
             if let Some(k) = classify_stop(&i) {
                 return done(insns, code, inline_jcc, Term::Stop(k, cur), i.next_ip(), classes);
             }
+            // `ret n` whose lookup frame would overlap its return slot (copied
+            // as is with cached returns: the stack holds a pad).
+            if i.code() == Code::Retnq_imm16
+                && !self.cfg.cached_returns
+                && i.immediate16() != 0
+                && !crate::templates::ret_imm_translatable(self.abi.rz, i.immediate16())
+            {
+                return done(insns, code, inline_jcc, Term::Stop(StopKind::Unsupported, cur), i.next_ip(), classes);
+            }
             let cti = is_cti(&i);
             cur = i.next_ip();
             code.extend_from_slice(&buf[..i.len()]);

@@ -399,6 +399,9 @@ impl Engine {
                         e.guest(i.ip());
                         Self::copy_insn(&mut e, blk, i)
                     }
+                    FlowControl::Return if i.code() == Code::Retnq_imm16 && i.immediate16() != 0 => {
+                        e.ret_imm_lookup(&self.abi, i.ip(), i.immediate16())
+                    }
                     FlowControl::Return => e.ret_lookup(&self.abi, i.ip()),
                     _ => return Err(StopKind::Unsupported),
                 }
