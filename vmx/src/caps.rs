@@ -873,27 +873,42 @@ static CR4_NAMES: &[(u32, &str)] = &[
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cr4Bits(pub u64);
 
+/// CR0 bits, shown as [`Cr4Bits`] shows CR4's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cr0Bits(pub u64);
+
 impl fmt::Display for Cr4Bits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for bit in 0..64u32 {
-            if self.0 & (1u64 << bit) == 0 {
-                continue;
-            }
-            if !first {
-                f.write_str(" ")?;
-            }
-            first = false;
-            match CR4_NAMES.iter().find(|(b, _)| *b == bit) {
-                Some((_, n)) => f.write_str(n)?,
-                None => write!(f, "bit{bit}")?,
-            }
-        }
-        if first {
-            f.write_str("(none)")?;
-        }
-        Ok(())
+        named_bits(f, self.0, CR4_NAMES)
     }
+}
+
+impl fmt::Display for Cr0Bits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        named_bits(f, self.0, CR0_NAMES)
+    }
+}
+
+/// The set bits of `v` by name, space-separated; `(none)` for none.
+fn named_bits(f: &mut fmt::Formatter<'_>, v: u64, names: &[(u32, &str)]) -> fmt::Result {
+    let mut first = true;
+    for bit in 0..64u32 {
+        if v & (1u64 << bit) == 0 {
+            continue;
+        }
+        if !first {
+            f.write_str(" ")?;
+        }
+        first = false;
+        match names.iter().find(|(b, _)| *b == bit) {
+            Some((_, n)) => f.write_str(n)?,
+            None => write!(f, "bit{bit}")?,
+        }
+    }
+    if first {
+        f.write_str("(none)")?;
+    }
+    Ok(())
 }
 
 fn write_bits(f: &mut fmt::Formatter<'_>, v: u64, names: &[(u32, &str)]) -> fmt::Result {

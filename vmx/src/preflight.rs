@@ -5,7 +5,7 @@ use core::fmt;
 use bitflags::bitflags;
 use x86::vmx::vmcs::control::{EntryControls, ExitControls, PrimaryControls, SecondaryControls};
 
-use crate::caps::{Cr4Bits, VendorStr, VmxCaps, CR4_FRED, CR4_VMXE};
+use crate::caps::{Cr0Bits, Cr4Bits, VendorStr, VmxCaps, CR4_FRED, CR4_VMXE};
 
 bitflags! {
     /// Named VMX features a caller can require. [`VmxCaps::features`] reports the
@@ -174,7 +174,11 @@ pub enum Refusal {
     /// The kernel's CR4 has bits VMX operation on this CPU does not allow (IA32_VMX_CR4_FIXED0
     /// and FIXED1): launching would have to change them under the kernel. See
     /// [`cr4_disallowed`].
-    Cr4Fixed(Cr4Conflict),
+    Cr4Fixed(CrConflict),
+    /// The kernel's CR0 has bits VMX operation does not allow (IA32_VMX_CR0_FIXED0 and
+    /// FIXED1; PE and PG may be clear with unrestricted guest): launching would have to
+    /// change them under the kernel. See [`cr0_disallowed`].
+    Cr0Fixed(CrConflict),
 }
 
 impl fmt::Display for Refusal {
@@ -199,25 +203,14 @@ impl fmt::Display for Refusal {
                 "CR4.FRED is set (FRED event delivery, Linux >= 6.9 on FRED hardware): events in root mode \
                  would bypass kdbt's host IDT (boot with fred=off)",
             ),
-            Refusal::Cr4Fixed(c) => {
-                f.write_str("CR4 bits the CPU's VMX does not allow:")?;
-                if c.set_but_must_be_0 != 0 {
-                    write!(f, " set but must be 0 in VMX operation: {}", Cr4Bits(c.set_but_must_be_0))?;
-                }
-                if c.set_but_must_be_0 != 0 && c.clear_but_must_be_1 != 0 {
-                    f.write_str(";")?;
-                }
-                if c.clear_but_must_be_1 != 0 {
-                    write!(f, " clear but must be 1 in VMX operation: {}", Cr4Bits(c.clear_but_must_be_1))?;
-                }
-                Ok(())
-            }
+            Refusal::Cr4Fixed(c) => c.describe(f, "CR4", |f, v| write!(f, "{}", Cr4Bits(v))),
+            Refusal::Cr0Fixed(c) => c.describe(f, "CR0", |f, v| write!(f, "{}", Cr0Bits(v))),
         }
     }
 }
 
 /// At most this many refusals are reported (one per [`Refusal`] variant).
-pub const MAX_REFUSALS: usize = 9;
+pub const MAX_REFUSALS: usize = 10;
 
 impl Refusal {
     /// The variant's place in [`Refusals`] (the order in which [`preflight`] checks).
@@ -232,6 +225,7 @@ impl Refusal {
             Refusal::CapabilityMsrsUnreadable => 6,
             Refusal::VmcsMemTypeNotWb => 7,
             Refusal::Missing(_) => 8,
+            Refusal::Cr0Fixed(_) => 9,
         }
     }
 }
@@ -244,7 +238,8 @@ pub struct Refusals {
     kinds: u16,
     vendor: [u8; 12],
     missing: u64,
-    cr4: Cr4Conflict,
+    cr4: CrConflict,
+    cr0: CrConflict,
 }
 
 impl Refusals {
@@ -255,6 +250,7 @@ impl Refusals {
             Refusal::NoVmx { vendor } => self.vendor = vendor,
             Refusal::Missing(m) => self.missing = m.bits(),
             Refusal::Cr4Fixed(c) => self.cr4 = c,
+            Refusal::Cr0Fixed(c) => self.cr0 = c,
             _ => {}
         }
     }
@@ -271,6 +267,7 @@ impl Refusals {
             5 => Refusal::FeatureControlUnreadable,
             6 => Refusal::CapabilityMsrsUnreadable,
             7 => Refusal::VmcsMemTypeNotWb,
+            9 => Refusal::Cr0Fixed(self.cr0),
             _ => Refusal::Missing(Features::from_bits_retain(self.missing)),
         })
     }
@@ -329,19 +326,44 @@ pub fn feature_control_lock_value(current: u64) -> u64 {
     current | 0b101
 }
 
-/// CR4 bits that VMX operation does not allow as the kernel has them.
+/// Bits of a control register (CR0 or CR4) that VMX operation does not allow as the
+/// kernel has them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Cr4Conflict {
-    /// Set in CR4, but IA32_VMX_CR4_FIXED1 has them clear (must be 0 in VMX operation).
+pub struct CrConflict {
+    /// Set in the register, but its IA32_VMX_CRn_FIXED1 has them clear (must be 0 in VMX
+    /// operation).
     pub set_but_must_be_0: u64,
-    /// Clear in CR4, but IA32_VMX_CR4_FIXED0 has them set (must be 1), VMXE aside: kdbt
-    /// sets VMXE itself and hides it from the kernel.
+    /// Clear in the register, but its IA32_VMX_CRn_FIXED0 has them set (must be 1); for
+    /// CR4, VMXE aside (kdbt sets it itself and hides it from the kernel).
     pub clear_but_must_be_1: u64,
 }
 
-impl Cr4Conflict {
+impl CrConflict {
     pub fn is_empty(&self) -> bool {
         self.set_but_must_be_0 == 0 && self.clear_but_must_be_1 == 0
+    }
+
+    /// "`reg` bits the CPU's VMX does not allow: set but must be 0 ...; clear but must be
+    /// 1 ...", the bits named by `names`.
+    fn describe(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        reg: &str,
+        names: impl Fn(&mut fmt::Formatter<'_>, u64) -> fmt::Result,
+    ) -> fmt::Result {
+        write!(f, "{reg} bits the CPU's VMX does not allow:")?;
+        if self.set_but_must_be_0 != 0 {
+            f.write_str(" set but must be 0 in VMX operation: ")?;
+            names(f, self.set_but_must_be_0)?;
+        }
+        if self.set_but_must_be_0 != 0 && self.clear_but_must_be_1 != 0 {
+            f.write_str(";")?;
+        }
+        if self.clear_but_must_be_1 != 0 {
+            f.write_str(" clear but must be 1 in VMX operation: ")?;
+            names(f, self.clear_but_must_be_1)?;
+        }
+        Ok(())
     }
 }
 
@@ -349,8 +371,16 @@ impl Cr4Conflict {
 /// (`fixed0`: bits that must be 1, `fixed1`: bits that may be 1) does not allow. Launching
 /// with a non-empty result would have to change CR4 under the kernel (clear a feature it
 /// enabled, or set one it did not), so kdbt refuses instead.
-pub fn cr4_disallowed(cr4: u64, fixed0: u64, fixed1: u64) -> Cr4Conflict {
-    Cr4Conflict { set_but_must_be_0: cr4 & !fixed1, clear_but_must_be_1: fixed0 & !cr4 & !CR4_VMXE }
+pub fn cr4_disallowed(cr4: u64, fixed0: u64, fixed1: u64) -> CrConflict {
+    CrConflict { set_but_must_be_0: cr4 & !fixed1, clear_but_must_be_1: fixed0 & !cr4 & !CR4_VMXE }
+}
+
+/// The bits of `cr0` (the kernel's CR0) that VMX operation with these fixed-bit MSRs does
+/// not allow, as [`cr4_disallowed`] for CR4; `unrestricted_free` are the FIXED0 bits the
+/// guest may have clear anyway (PE and PG with unrestricted guest). The launch used to
+/// apply the fixed bits to the kernel's CR0 silently; it refuses instead.
+pub fn cr0_disallowed(cr0: u64, fixed0: u64, fixed1: u64, unrestricted_free: u64) -> CrConflict {
+    CrConflict { set_but_must_be_0: cr0 & !fixed1, clear_but_must_be_1: fixed0 & !unrestricted_free & !cr0 }
 }
 
 /// Checks whether this CPU can be launched. `cr4` is CR4 read on that CPU now (not the

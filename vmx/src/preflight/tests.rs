@@ -229,7 +229,7 @@ fn cr4_bits_vmx_does_not_allow() {
         let c = cr4_disallowed(cr4, fixed0, fixed1);
         assert_eq!(
             c,
-            Cr4Conflict { set_but_must_be_0: must0, clear_but_must_be_1: must1 },
+            CrConflict { set_but_must_be_0: must0, clear_but_must_be_1: must1 },
             "cr4={cr4:#x} fixed0={fixed0:#x} fixed1={fixed1:#x}"
         );
         assert_eq!(c.is_empty(), must0 == 0 && must1 == 0);
@@ -243,7 +243,7 @@ fn cr4_bits_vmx_does_not_allow_are_refused_by_name() {
     assert!(preflight(&c, LINUX_CR4, &req(KDBT)).is_ok());
     let pke_la57 = (1 << 22) | (1 << 12);
     let e = preflight(&c, LINUX_CR4 | pke_la57 | (1 << 26), &req(KDBT)).unwrap_err();
-    let want = Cr4Conflict { set_but_must_be_0: pke_la57 | (1 << 26), clear_but_must_be_1: 0 };
+    let want = CrConflict { set_but_must_be_0: pke_la57 | (1 << 26), clear_but_must_be_1: 0 };
     assert_eq!(e.iter().collect::<std::vec::Vec<_>>(), [Refusal::Cr4Fixed(want)]);
     assert_eq!(
         e.to_string(),
@@ -284,12 +284,13 @@ fn refusals_keep_every_variant_and_its_payload() {
         Refusal::NoVmx { vendor: *b"AuthenticAMD" },
         Refusal::VmxAlreadyInUse,
         Refusal::Fred,
-        Refusal::Cr4Fixed(Cr4Conflict { set_but_must_be_0: 1 << 22, clear_but_must_be_1: 0x20 }),
+        Refusal::Cr4Fixed(CrConflict { set_but_must_be_0: 1 << 22, clear_but_must_be_1: 0x20 }),
         Refusal::FeatureControlLockedOff,
         Refusal::FeatureControlUnreadable,
         Refusal::CapabilityMsrsUnreadable,
         Refusal::VmcsMemTypeNotWb,
         Refusal::Missing(Features::EPT | Features::VPID),
+        Refusal::Cr0Fixed(CrConflict { set_but_must_be_0: 1 << 30, clear_but_must_be_1: 1 << 5 }),
     ];
     assert_eq!(all.len(), MAX_REFUSALS);
     let mut r = Refusals::default();
@@ -302,4 +303,41 @@ fn refusals_keep_every_variant_and_its_payload() {
     assert!(all.iter().all(|x| r.contains(x)));
     assert!(!r.contains(&Refusal::Missing(Features::EPT)));
     assert_eq!(format!("{r}").lines().count(), MAX_REFUSALS);
+}
+
+#[test]
+fn cr0_bits_vmx_does_not_allow_are_named() {
+    // Bochs' and common hardware's CR0 fixed bits: PE, NE, PG must be 1; all may be 1.
+    let (f0, f1) = (0x8000_0021u64, 0xffff_ffffu64);
+    const LINUX_CR0: u64 = 0x8005_0033; // PE MP ET NE WP AM PG
+    let pe_pg = 0x8000_0001;
+    let cases: &[(u64, u64, u64, u64, u64, u64)] = &[
+        (LINUX_CR0, f0, f1, 0, 0, 0),
+        // NE clear: VMX operation needs it (the launch used to set it under the kernel).
+        (LINUX_CR0 & !0x20, f0, f1, 0, 0, 0x20),
+        // PE/PG clear are allowed with unrestricted guest, NE still is not.
+        (0x10, f0, f1, pe_pg, 0, 0x20),
+        (0x10, f0, f1, 0, 0, 0x8000_0021),
+        // A bit FIXED1 does not allow (here CD).
+        (LINUX_CR0 | 1 << 30, f0, f1 & !(1 << 30), 0, 1 << 30, 0),
+        // Bits 32-63 of CR0 are reserved: FIXED1 has them clear.
+        (LINUX_CR0 | 1 << 40, f0, f1, 0, 1 << 40, 0),
+    ];
+    for &(cr0, fixed0, fixed1, free, must0, must1) in cases {
+        let c = cr0_disallowed(cr0, fixed0, fixed1, free);
+        assert_eq!(
+            c,
+            CrConflict { set_but_must_be_0: must0, clear_but_must_be_1: must1 },
+            "cr0={cr0:#x} fixed0={fixed0:#x} fixed1={fixed1:#x} free={free:#x}"
+        );
+        assert_eq!(c.is_empty(), must0 == 0 && must1 == 0);
+    }
+    let r = Refusal::Cr0Fixed(cr0_disallowed((LINUX_CR0 & !0x20) | 1 << 30, f0, f1 & !(1 << 30), 0));
+    assert_eq!(
+        std::format!("{r}"),
+        "CR0 bits the CPU's VMX does not allow: set but must be 0 in VMX operation: CD; \
+         clear but must be 1 in VMX operation: NE"
+    );
+    let r = Refusal::Cr4Fixed(cr4_disallowed(0x20 | 1 << 22, 0x2020, !(1u64 << 22)));
+    assert_eq!(std::format!("{r}"), "CR4 bits the CPU's VMX does not allow: set but must be 0 in VMX operation: PKE");
 }

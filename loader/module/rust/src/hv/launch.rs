@@ -184,6 +184,12 @@ pub fn launch(
     if !conflict.is_empty() {
         return Err(LaunchError::Refused(vmx::preflight::Refusal::Cr4Fixed(conflict)));
     }
+    // The same for CR0 (the fixed bits were once applied to it silently).
+    let native_cr0 = read_cr0();
+    let conflict = vmx::preflight::cr0_disallowed(native_cr0, c.cr0_fixed0, c.cr0_fixed1, c.cr0_unrestricted_free);
+    if !conflict.is_empty() {
+        return Err(LaunchError::Refused(vmx::preflight::Refusal::Cr0Fixed(conflict)));
+    }
     let fc = rdmsr(MSR_FEATURE_CONTROL);
     if fc & FC_LOCKED == 0 {
         // Firmware left it unlocked: enable VMXON outside SMX and lock, as firmware should.
@@ -194,7 +200,8 @@ pub fn launch(
     }
 
     let t0 = tsc();
-    let cr0 = c.vmx_cr0(read_cr0());
+    // Unchanged but for FIXED0 bits unrestricted guest frees (set in any running kernel).
+    let cr0 = c.vmx_cr0(native_cr0);
     // The fixed bits hold for `cr4` apart from VMXE (checked above).
     let cr4v = cr4 | CR4_VMXE;
     write_cr4(cr4v);
