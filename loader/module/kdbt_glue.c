@@ -317,9 +317,15 @@ static int kdbt_cpu_offline(unsigned int cpu)
 	return kdbt_rs_cpu_offline(cpu);
 }
 
+static int test_no_reset_hooks;
+module_param(test_no_reset_hooks, int, 0444);
+MODULE_PARM_DESC(test_no_reset_hooks,
+		 "testing: 1 makes the reboot notifier, the emergency callback and the panic notifier do nothing, so that the reboot suites show the machine not coming back without them (default 0)");
+
 static int kdbt_reboot(struct notifier_block *nb, unsigned long action, void *data)
 {
-	kdbt_rs_shutdown();
+	if (!test_no_reset_hooks)
+		kdbt_rs_shutdown();
 	return NOTIFY_DONE;
 }
 
@@ -384,7 +390,8 @@ static struct notifier_block kdbt_pm_nb = {
  */
 static void kdbt_emergency_virt_off(void)
 {
-	kdbt_rs_emergency_devirtualize();
+	if (!test_no_reset_hooks)
+		kdbt_rs_emergency_devirtualize();
 }
 
 static bool kdbt_emergency_armed;
@@ -419,7 +426,8 @@ bool kdbt_glue_has_emergency_callback(void)
  */
 static int kdbt_panic_notify(struct notifier_block *nb, unsigned long action, void *data)
 {
-	kdbt_rs_emergency_devirtualize();
+	if (!test_no_reset_hooks)
+		kdbt_rs_emergency_devirtualize();
 	return NOTIFY_DONE;
 }
 
