@@ -19,17 +19,19 @@ use crate::vmcs::{program, Dtr, HostIn, LaunchState, Segment, CR4_VMXE};
 /// CPUs have 39 to 52).
 const PHYS_BITS: u8 = 36;
 
-/// The capability profiles: Bochs 2.7's model, derived from its source
-/// ([`PROFILES`]), and the hand-built "modern CPU" of the capability tests (no citable
-/// silicon dump is in the tree).
-fn profiles() -> Vec<(&'static str, RawCaps)> {
-    let mut v: Vec<_> = PROFILES.iter().map(|p| (p.name, tests::profile_raw(p))).collect();
-    v.push(("hand-built modern Intel CPU (caps tests)", tests::modern()));
+/// The capability profiles: Bochs 2.7's model, derived from its source ([`PROFILES`]),
+/// and the hand-built "modern CPU" of the capability tests (no citable silicon dump is in
+/// the tree). Each with the features a Linux kernel's native instructions need there
+/// ([`native_needs`] of that CPU's CPUID).
+fn profiles() -> Vec<(&'static str, RawCaps, Features)> {
+    let mut v: Vec<_> =
+        PROFILES.iter().map(|p| (p.name, tests::profile_raw(p), native_needs(|l, s| p.cpuid_leaf(l, s)))).collect();
+    v.push(("hand-built modern Intel CPU (caps tests)", tests::modern(), native_needs(linux_cpuid)));
     v
 }
 
-/// CPUID of a Linux guest on such a CPU: RDTSCP (80000001H:EDX[27]), INVPCID (7:EBX[10]),
-/// XSAVES (0DH.1:EAX[3]) are in use, so kdbt must pass them through.
+/// CPUID of a Linux guest on the hand-built CPU: RDTSCP (80000001H:EDX[27]), INVPCID
+/// (7:EBX[10]), XSAVES (0DH.1:EAX[3]) are in use, so kdbt must pass them through.
 fn linux_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     match (leaf, sub) {
         (0, _) => [0xd, 0, 0, 0],
@@ -43,9 +45,9 @@ fn linux_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
 
 /// What the kernel's load path chooses on this CPU (`preflight_cpu`, then EPT enabled with
 /// the map's pointer or shadow paging) and the host CR3 it builds.
-fn controls(raw: &RawCaps, shadow: bool) -> (VmxCaps, Controls) {
+fn controls(raw: &RawCaps, native: Features, shadow: bool) -> (VmxCaps, Controls) {
     let caps = VmxCaps::decode(raw);
-    let req = Request { required: required(shadow) | native_needs(linux_cpuid), mask: Features::empty() };
+    let req = Request { required: required(shadow) | native, mask: Features::empty() };
     let cleared = preflight(&caps, raw.cr4, &req).expect("preflight");
     let mut c = choose_controls(&caps, cleared.available, shadow).expect("controls");
     if !shadow {
@@ -121,9 +123,9 @@ fn check_on(caps: &VmxCaps, f: &Fields) -> Violations {
 
 #[test]
 fn kdbts_vmcs_enters_on_every_profile_in_both_modes() {
-    for (name, raw) in profiles() {
+    for (name, raw, native) in profiles() {
         for shadow in [false, true] {
-            let (caps, c) = controls(&raw, shadow);
+            let (caps, c) = controls(&raw, native, shadow);
             for cpu in [0, 1, 7] {
                 let s = launch_state(&raw, &c, cpu);
                 let f = vmcs(&s);
@@ -137,13 +139,13 @@ fn kdbts_vmcs_enters_on_every_profile_in_both_modes() {
 #[test]
 fn without_nmi_virtualization_and_vpid_too() {
     // A CPU offering neither virtual NMIs nor VPID: kdbt's other choice of controls.
-    for (name, raw) in profiles() {
+    for (name, raw, native) in profiles() {
         let mut raw = raw;
         let pin = raw.get(crate::caps::idx::TRUE_PINBASED).unwrap();
         raw.set(crate::caps::idx::TRUE_PINBASED, pin & !((Pin::VIRTUAL_NMIS.bits() as u64) << 32));
         let p2 = raw.get(crate::caps::idx::PROCBASED2).unwrap();
         raw.set(crate::caps::idx::PROCBASED2, p2 & !((S::ENABLE_VPID.bits() as u64) << 32));
-        let (caps, c) = controls(&raw, false);
+        let (caps, c) = controls(&raw, native, false);
         assert!(!c.vnmi && c.vpid == 0, "{name}");
         let v = check_on(&caps, &vmcs(&launch_state(&raw, &c, 0)));
         assert!(v.is_empty(), "{name}: {v}");
@@ -153,8 +155,8 @@ fn without_nmi_virtualization_and_vpid_too() {
 #[test]
 fn program_alone_leaves_guest_rip_unwritten() {
     // Without the launcher's own VMWRITEs of guest RSP/RIP the VMCS would not enter.
-    let (_, raw) = &profiles()[0];
-    let (caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     f.remove(guest::RIP);
     let v = check_on(&caps, &f);
@@ -696,8 +698,8 @@ const CASES: &[Case] = &[
 
 #[test]
 fn each_corruption_violates_exactly_its_checks() {
-    let (_, raw) = &profiles()[0];
-    let (caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (caps, c) = controls(raw, *native, false);
     let good = vmcs(&launch_state(raw, &c, 0));
     assert!(check_on(&caps, &good).is_empty());
     let mut seen = Violations::default();
@@ -717,8 +719,8 @@ fn each_corruption_violates_exactly_its_checks() {
 
 #[test]
 fn rtm_pending_debug_with_bit_12_is_accepted() {
-    let (_, raw) = &profiles()[0];
-    let (caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     f.set(guest::PENDING_DBG_EXCEPTIONS, (1 << 16) | (1 << 12));
     assert!(check_on(&caps, &f).is_empty());
@@ -729,8 +731,8 @@ fn rtm_pending_debug_with_bit_12_is_accepted() {
 #[test]
 fn eptp_ad_bit_needs_the_capability() {
     // Bochs has A/D: the bit is accepted; without the capability it is refused.
-    let (_, raw) = &profiles()[0];
-    let (mut caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (mut caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     or(&mut f, control::EPTP_FULL, 1 << 6);
     assert!(check_on(&caps, &f).is_empty());
@@ -741,8 +743,8 @@ fn eptp_ad_bit_needs_the_capability() {
 #[test]
 fn shadow_mode_corruptions() {
     // Shadow paging: no EPTP is written or consulted; VPID is required and checked.
-    for (name, raw) in profiles() {
-        let (caps, c) = controls(&raw, true);
+    for (name, raw, native) in profiles() {
+        let (caps, c) = controls(&raw, native, true);
         let good = vmcs(&launch_state(&raw, &c, 0));
         assert!(good.get(control::EPTP_FULL).is_none(), "{name}");
         let mut f = good.clone();
@@ -760,8 +762,8 @@ fn shadow_mode_corruptions() {
 
 #[test]
 fn a_32bit_address_limit_in_vmx_basic_applies_to_the_msr_bitmap() {
-    let (_, raw) = &profiles()[0];
-    let (mut caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (mut caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     f.set(control::MSR_BITMAPS_ADDR_FULL, 0x1_0000_0000);
     assert!(check_on(&caps, &f).is_empty());
