@@ -1,6 +1,10 @@
 //! Capability MSR sets of known CPU models, used by the tests: each with where its values
 //! come from and what decoding them must give. To add a model (e.g. the values actually
 //! read inside Bochs with `kdbt caps --json`), append a [`Profile`] to [`PROFILES`].
+//! Bochs' model is here; real CPUs' values, each with the public source it is copied
+//! from, are in [`real_cpus`].
+
+pub mod real_cpus;
 
 /// One CPU model's raw values and the decoded facts expected from them.
 pub struct Profile {
@@ -136,5 +140,7 @@ impl Profile {
     }
 }
 
-/// All profiles the tests check.
-pub const PROFILES: &[Profile] = &[BOCHS_27_SKYLAKE_X];
+/// All profiles the tests check: Bochs' model first (tests that need one profile use it),
+/// then the real CPUs.
+pub const PROFILES: &[Profile] =
+    &[BOCHS_27_SKYLAKE_X, real_cpus::CORE_I7_6700K, real_cpus::CORE_I7_5600U, real_cpus::CORE_I7_3960X];

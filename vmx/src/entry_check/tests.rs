@@ -19,10 +19,10 @@ use crate::vmcs::{program, Dtr, HostIn, LaunchState, Segment, CR4_VMXE};
 /// CPUs have 39 to 52).
 const PHYS_BITS: u8 = 36;
 
-/// The capability profiles: Bochs 2.7's model, derived from its source ([`PROFILES`]),
-/// and the hand-built "modern CPU" of the capability tests (no citable silicon dump is in
-/// the tree). Each with the features a Linux kernel's native instructions need there
-/// ([`native_needs`] of that CPU's CPUID).
+/// The capability profiles: Bochs 2.7's model, derived from its source, and real CPUs'
+/// values with their citations ([`PROFILES`]), and the hand-built "modern CPU" of the
+/// capability tests. Each with the features a Linux kernel's native instructions need
+/// there ([`native_needs`] of that CPU's CPUID).
 fn profiles() -> Vec<(&'static str, RawCaps, Features)> {
     let mut v: Vec<_> =
         PROFILES.iter().map(|p| (p.name, tests::profile_raw(p), native_needs(|l, s| p.cpuid_leaf(l, s)))).collect();
@@ -803,4 +803,28 @@ fn fields_records_like_a_vmcs() {
     f.remove(guest::CR0);
     assert_eq!(f.get(guest::CR0), None);
     assert_eq!(f.len(), Fields::CAPACITY - 1);
+}
+
+#[test]
+fn real_cpus_take_kdbts_different_paths() {
+    // The positive test above covers these: what kdbt passes through and switches on
+    // differs between the real CPUs (their CPUID and secondary controls differ).
+    let p2 = |name: &str, shadow: bool| {
+        let (_, raw, native) = profiles().into_iter().find(|p| p.0.starts_with(name)).expect(name);
+        controls(&raw, native, shadow).1
+    };
+    let (rdtscp, invpcid, xsaves) =
+        (S::ENABLE_RDTSCP.bits(), S::ENABLE_INVPCID.bits(), S::ENABLE_XSAVES_XRSTORS.bits());
+    let all = rdtscp | invpcid | xsaves;
+    let skl = p2("Intel Core i7-6700K", false);
+    assert_eq!((skl.proc2 & all, skl.ve), (all, true));
+    let bdw = p2("Intel Core i7-5600U", false);
+    assert_eq!((bdw.proc2 & all, bdw.ve), (rdtscp | invpcid, true));
+    let snb = p2("Intel Core i7-3960X", false);
+    assert_eq!((snb.proc2 & all, snb.ve), (rdtscp, false));
+    assert!(!snb.ept.ad_bits && skl.ept.ad_bits);
+    for name in ["Intel Core i7-6700K", "Intel Core i7-5600U", "Intel Core i7-3960X"] {
+        let c = p2(name, true);
+        assert!(c.vpid != 0 && c.vnmi && c.flush.individual_addr && c.flush.retaining_globals, "{name}");
+    }
 }
