@@ -1,6 +1,10 @@
 //! Capability MSR sets of known CPU models, used by the tests: each with where its values
 //! come from and what decoding them must give. To add a model (e.g. the values actually
 //! read inside Bochs with `kdbt caps --json`), append a [`Profile`] to [`PROFILES`].
+//! Bochs' model is here; real CPUs' values, each with the public source it is copied
+//! from, are in [`real_cpus`].
+
+pub mod real_cpus;
 
 /// One CPU model's raw values and the decoded facts expected from them.
 pub struct Profile {
@@ -12,6 +16,10 @@ pub struct Profile {
     pub cr4: u64,
     /// `(MSR, value)`; an MSR not listed faults (#GP) when read.
     pub msrs: &'static [(u32, u64)],
+    /// `(leaf, subleaf, [EAX, EBX, ECX, EDX])`: the CPUID leaves a Linux kernel on this CPU
+    /// sees that [`crate::preflight::native_needs`] reads (0, 7.0, 0DH.1, 80000000H,
+    /// 80000001H); a leaf not listed reads 0.
+    pub cpuid: &'static [(u32, u32, [u32; 4])],
     /// The exact summary line expected (for CPU 0).
     pub summary: &'static str,
     /// Expected feature facts beyond the summary line.
@@ -108,6 +116,15 @@ pub const BOCHS_27_SKYLAKE_X: Profile = Profile {
         (0x491, 0x1),
         (0x492, 0x0),
     ],
+    // Only the bits native_needs reads, from the model's ISA extensions above: RDTSCP
+    // (80000001H:EDX[27]), INVPCID (7:EBX[10]), XSAVES (0DH.1:EAX[3]); all else 0.
+    cpuid: &[
+        (0, 0, [0xd, 0, 0, 0]),
+        (7, 0, [0, 1 << 10, 0, 0]),
+        (0xd, 1, [1 << 3, 0, 0, 0]),
+        (0x8000_0000, 0, [0x8000_0008, 0, 0, 0]),
+        (0x8000_0001, 0, [0, 0, 0, 1 << 27]),
+    ],
     summary: "cpu=0 vmx=1 ept=1 ept_xo=1 vpid=1 ug=1 mtf=0 vmfunc_eptp=1 ve=1 fc_locked=1 fc_outside_smx=1",
     pages_1g: true,
     ept_ad: true,
@@ -116,5 +133,14 @@ pub const BOCHS_27_SKYLAKE_X: Profile = Profile {
     revision_id: 0x2b,
 };
 
-/// All profiles the tests check.
-pub const PROFILES: &[Profile] = &[BOCHS_27_SKYLAKE_X];
+impl Profile {
+    /// CPUID as [`Profile::cpuid`] lists it (0 for a leaf not listed).
+    pub fn cpuid_leaf(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.cpuid.iter().find(|&&(l, s, _)| l == leaf && s == subleaf).map_or([0; 4], |&(_, _, v)| v)
+    }
+}
+
+/// All profiles the tests check: Bochs' model first (tests that need one profile use it),
+/// then the real CPUs.
+pub const PROFILES: &[Profile] =
+    &[BOCHS_27_SKYLAKE_X, real_cpus::CORE_I7_6700K, real_cpus::CORE_I7_5600U, real_cpus::CORE_I7_3960X];

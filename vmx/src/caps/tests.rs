@@ -350,3 +350,64 @@ fn bochs_27_skylake_x_details() {
     r.msr_valid &= !(1 << idx::PROCBASED3);
     assert_eq!(VmxCaps::decode(&r), c);
 }
+
+#[test]
+fn real_cpus_details() {
+    use super::profiles::real_cpus::{CORE_I7_3960X, CORE_I7_5600U, CORE_I7_6700K};
+    for p in [&CORE_I7_6700K, &CORE_I7_5600U, &CORE_I7_3960X] {
+        let r = profile_raw(p);
+        let c = VmxCaps::decode(&r);
+        let b = c.basic.unwrap();
+        assert_eq!(
+            (b.vmcs_size, b.mem_type, b.ins_outs_info, b.no_err_code_required, b.phys_addr_32bit),
+            (0x400, BasicMemType::Wb, true, false, false),
+            "{}",
+            p.name
+        );
+        // None of them has tertiary controls: IA32_VMX_PROCBASED_CTLS3 faults.
+        assert_eq!(r.get(idx::PROCBASED3), None, "{}", p.name);
+        assert!(!c.proc3.present, "{}", p.name);
+        // TRUE controls: CR3 exiting may be off; posted interrupts are not offered.
+        assert_eq!(c.proc.state(PrimaryControls::CR3_LOAD_EXITING.bits() as u64), CtlState::Either, "{}", p.name);
+        assert_eq!(c.pin.state(PinbasedControls::POSTED_INTERRUPTS.bits() as u64), CtlState::MustBe0, "{}", p.name);
+        let e = c.ept_vpid;
+        assert!(e.execute_only && e.pwl4 && !e.pwl5 && e.memtype_wb && e.pages_2m, "{}", p.name);
+        assert!(e.invept_single_context && e.invept_all_context, "{}", p.name);
+        assert!(e.invvpid_individual_addr && e.invvpid_all_context && e.invvpid_single_context_retaining_globals);
+        // The CR4 Linux sets there is allowed in VMX operation once VMXE is set.
+        assert!(c.cr4_fixed.accepts(p.cr4 | CR4_VMXE) && !c.cr4_fixed.accepts(p.cr4), "{}", p.name);
+        assert_eq!(c.cr4_fixed.fixed1 & (1 << 22), 0, "{}: no PKE", p.name);
+    }
+    let misc = |p| VmxCaps::decode(&profile_raw(p)).misc.unwrap();
+    let (skl, bdw, snb) = (misc(&CORE_I7_6700K), misc(&CORE_I7_5600U), misc(&CORE_I7_3960X));
+    assert_eq!((skl.preemption_timer_rate, bdw.preemption_timer_rate, snb.preemption_timer_rate), (7, 5, 5));
+    assert!(skl.vmwrite_any_field && bdw.vmwrite_any_field && !snb.vmwrite_any_field);
+    assert!(skl.inject_zero_len && !bdw.inject_zero_len && !snb.inject_zero_len);
+    // Skylake: PML and XSAVES; no APIC-register virtualization on this client part.
+    let c = VmxCaps::decode(&profile_raw(&CORE_I7_6700K));
+    assert_eq!(c.vmcs_max_index, Some(0x17));
+    for (f, st) in [
+        (SecondaryControls::ENABLE_PML, CtlState::Either),
+        (SecondaryControls::ENABLE_XSAVES_XRSTORS, CtlState::Either),
+        (SecondaryControls::VIRTUALIZE_APIC_REGISTER, CtlState::MustBe0),
+        (SecondaryControls::USE_TSC_SCALING, CtlState::MustBe0),
+    ] {
+        assert_eq!(c.proc2.state(f.bits() as u64), st, "{f:?}");
+    }
+    // Broadwell: neither PML nor XSAVES, but #VE and EPTP switching.
+    let c = VmxCaps::decode(&profile_raw(&CORE_I7_5600U));
+    assert_eq!(c.vmcs_max_index, Some(0x15));
+    assert_eq!(c.proc2.state(SecondaryControls::ENABLE_PML.bits() as u64), CtlState::MustBe0);
+    assert_eq!(c.proc2.state(SecondaryControls::ENABLE_XSAVES_XRSTORS.bits() as u64), CtlState::MustBe0);
+    assert!(c.ve() && c.vmfunc_eptp());
+    // Sandy Bridge-E: no VM functions at all (IA32_VMX_VMFUNC faults), no INVPCID, no EPT
+    // A/D bits, no FSGSBASE/SMEP/SMAP in CR4_FIXED1.
+    let r = profile_raw(&CORE_I7_3960X);
+    let c = VmxCaps::decode(&r);
+    assert_eq!((r.get(idx::VMFUNC), c.vmfunc), (None, 0));
+    assert_eq!(c.proc2.state(SecondaryControls::ENABLE_VM_FUNCTIONS.bits() as u64), CtlState::MustBe0);
+    assert_eq!(c.proc2.state(SecondaryControls::ENABLE_INVPCID.bits() as u64), CtlState::MustBe0);
+    assert_eq!(c.proc2.state(SecondaryControls::ENABLE_RDTSCP.bits() as u64), CtlState::Either);
+    assert_eq!(c.cr4_fixed.fixed1 & ((1 << 16) | (1 << 20) | (1 << 21)), 0);
+    assert_eq!(c.vmcs_max_index, Some(0x15));
+}

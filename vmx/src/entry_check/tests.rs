@@ -19,17 +19,19 @@ use crate::vmcs::{program, Dtr, HostIn, LaunchState, Segment, CR4_VMXE};
 /// CPUs have 39 to 52).
 const PHYS_BITS: u8 = 36;
 
-/// The capability profiles: Bochs 2.7's model, derived from its source
-/// ([`PROFILES`]), and the hand-built "modern CPU" of the capability tests (no citable
-/// silicon dump is in the tree).
-fn profiles() -> Vec<(&'static str, RawCaps)> {
-    let mut v: Vec<_> = PROFILES.iter().map(|p| (p.name, tests::profile_raw(p))).collect();
-    v.push(("hand-built modern Intel CPU (caps tests)", tests::modern()));
+/// The capability profiles: Bochs 2.7's model, derived from its source, and real CPUs'
+/// values with their citations ([`PROFILES`]), and the hand-built "modern CPU" of the
+/// capability tests. Each with the features a Linux kernel's native instructions need
+/// there ([`native_needs`] of that CPU's CPUID).
+fn profiles() -> Vec<(&'static str, RawCaps, Features)> {
+    let mut v: Vec<_> =
+        PROFILES.iter().map(|p| (p.name, tests::profile_raw(p), native_needs(|l, s| p.cpuid_leaf(l, s)))).collect();
+    v.push(("hand-built modern Intel CPU (caps tests)", tests::modern(), native_needs(linux_cpuid)));
     v
 }
 
-/// CPUID of a Linux guest on such a CPU: RDTSCP (80000001H:EDX[27]), INVPCID (7:EBX[10]),
-/// XSAVES (0DH.1:EAX[3]) are in use, so kdbt must pass them through.
+/// CPUID of a Linux guest on the hand-built CPU: RDTSCP (80000001H:EDX[27]), INVPCID
+/// (7:EBX[10]), XSAVES (0DH.1:EAX[3]) are in use, so kdbt must pass them through.
 fn linux_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     match (leaf, sub) {
         (0, _) => [0xd, 0, 0, 0],
@@ -43,9 +45,9 @@ fn linux_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
 
 /// What the kernel's load path chooses on this CPU (`preflight_cpu`, then EPT enabled with
 /// the map's pointer or shadow paging) and the host CR3 it builds.
-fn controls(raw: &RawCaps, shadow: bool) -> (VmxCaps, Controls) {
+fn controls(raw: &RawCaps, native: Features, shadow: bool) -> (VmxCaps, Controls) {
     let caps = VmxCaps::decode(raw);
-    let req = Request { required: required(shadow) | native_needs(linux_cpuid), mask: Features::empty() };
+    let req = Request { required: required(shadow) | native, mask: Features::empty() };
     let cleared = preflight(&caps, raw.cr4, &req).expect("preflight");
     let mut c = choose_controls(&caps, cleared.available, shadow).expect("controls");
     if !shadow {
@@ -121,9 +123,9 @@ fn check_on(caps: &VmxCaps, f: &Fields) -> Violations {
 
 #[test]
 fn kdbts_vmcs_enters_on_every_profile_in_both_modes() {
-    for (name, raw) in profiles() {
+    for (name, raw, native) in profiles() {
         for shadow in [false, true] {
-            let (caps, c) = controls(&raw, shadow);
+            let (caps, c) = controls(&raw, native, shadow);
             for cpu in [0, 1, 7] {
                 let s = launch_state(&raw, &c, cpu);
                 let f = vmcs(&s);
@@ -137,13 +139,13 @@ fn kdbts_vmcs_enters_on_every_profile_in_both_modes() {
 #[test]
 fn without_nmi_virtualization_and_vpid_too() {
     // A CPU offering neither virtual NMIs nor VPID: kdbt's other choice of controls.
-    for (name, raw) in profiles() {
+    for (name, raw, native) in profiles() {
         let mut raw = raw;
         let pin = raw.get(crate::caps::idx::TRUE_PINBASED).unwrap();
         raw.set(crate::caps::idx::TRUE_PINBASED, pin & !((Pin::VIRTUAL_NMIS.bits() as u64) << 32));
         let p2 = raw.get(crate::caps::idx::PROCBASED2).unwrap();
         raw.set(crate::caps::idx::PROCBASED2, p2 & !((S::ENABLE_VPID.bits() as u64) << 32));
-        let (caps, c) = controls(&raw, false);
+        let (caps, c) = controls(&raw, native, false);
         assert!(!c.vnmi && c.vpid == 0, "{name}");
         let v = check_on(&caps, &vmcs(&launch_state(&raw, &c, 0)));
         assert!(v.is_empty(), "{name}: {v}");
@@ -153,8 +155,8 @@ fn without_nmi_virtualization_and_vpid_too() {
 #[test]
 fn program_alone_leaves_guest_rip_unwritten() {
     // Without the launcher's own VMWRITEs of guest RSP/RIP the VMCS would not enter.
-    let (_, raw) = &profiles()[0];
-    let (caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     f.remove(guest::RIP);
     let v = check_on(&caps, &f);
@@ -696,8 +698,8 @@ const CASES: &[Case] = &[
 
 #[test]
 fn each_corruption_violates_exactly_its_checks() {
-    let (_, raw) = &profiles()[0];
-    let (caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (caps, c) = controls(raw, *native, false);
     let good = vmcs(&launch_state(raw, &c, 0));
     assert!(check_on(&caps, &good).is_empty());
     let mut seen = Violations::default();
@@ -717,8 +719,8 @@ fn each_corruption_violates_exactly_its_checks() {
 
 #[test]
 fn rtm_pending_debug_with_bit_12_is_accepted() {
-    let (_, raw) = &profiles()[0];
-    let (caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     f.set(guest::PENDING_DBG_EXCEPTIONS, (1 << 16) | (1 << 12));
     assert!(check_on(&caps, &f).is_empty());
@@ -729,8 +731,8 @@ fn rtm_pending_debug_with_bit_12_is_accepted() {
 #[test]
 fn eptp_ad_bit_needs_the_capability() {
     // Bochs has A/D: the bit is accepted; without the capability it is refused.
-    let (_, raw) = &profiles()[0];
-    let (mut caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (mut caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     or(&mut f, control::EPTP_FULL, 1 << 6);
     assert!(check_on(&caps, &f).is_empty());
@@ -741,8 +743,8 @@ fn eptp_ad_bit_needs_the_capability() {
 #[test]
 fn shadow_mode_corruptions() {
     // Shadow paging: no EPTP is written or consulted; VPID is required and checked.
-    for (name, raw) in profiles() {
-        let (caps, c) = controls(&raw, true);
+    for (name, raw, native) in profiles() {
+        let (caps, c) = controls(&raw, native, true);
         let good = vmcs(&launch_state(&raw, &c, 0));
         assert!(good.get(control::EPTP_FULL).is_none(), "{name}");
         let mut f = good.clone();
@@ -760,8 +762,8 @@ fn shadow_mode_corruptions() {
 
 #[test]
 fn a_32bit_address_limit_in_vmx_basic_applies_to_the_msr_bitmap() {
-    let (_, raw) = &profiles()[0];
-    let (mut caps, c) = controls(raw, false);
+    let (_, raw, native) = &profiles()[0];
+    let (mut caps, c) = controls(raw, *native, false);
     let mut f = vmcs(&launch_state(raw, &c, 0));
     f.set(control::MSR_BITMAPS_ADDR_FULL, 0x1_0000_0000);
     assert!(check_on(&caps, &f).is_empty());
@@ -801,4 +803,28 @@ fn fields_records_like_a_vmcs() {
     f.remove(guest::CR0);
     assert_eq!(f.get(guest::CR0), None);
     assert_eq!(f.len(), Fields::CAPACITY - 1);
+}
+
+#[test]
+fn real_cpus_take_kdbts_different_paths() {
+    // The positive test above covers these: what kdbt passes through and switches on
+    // differs between the real CPUs (their CPUID and secondary controls differ).
+    let p2 = |name: &str, shadow: bool| {
+        let (_, raw, native) = profiles().into_iter().find(|p| p.0.starts_with(name)).expect(name);
+        controls(&raw, native, shadow).1
+    };
+    let (rdtscp, invpcid, xsaves) =
+        (S::ENABLE_RDTSCP.bits(), S::ENABLE_INVPCID.bits(), S::ENABLE_XSAVES_XRSTORS.bits());
+    let all = rdtscp | invpcid | xsaves;
+    let skl = p2("Intel Core i7-6700K", false);
+    assert_eq!((skl.proc2 & all, skl.ve), (all, true));
+    let bdw = p2("Intel Core i7-5600U", false);
+    assert_eq!((bdw.proc2 & all, bdw.ve), (rdtscp | invpcid, true));
+    let snb = p2("Intel Core i7-3960X", false);
+    assert_eq!((snb.proc2 & all, snb.ve), (rdtscp, false));
+    assert!(!snb.ept.ad_bits && skl.ept.ad_bits);
+    for name in ["Intel Core i7-6700K", "Intel Core i7-5600U", "Intel Core i7-3960X"] {
+        let c = p2(name, true);
+        assert!(c.vpid != 0 && c.vnmi && c.flush.individual_addr && c.flush.retaining_globals, "{name}");
+    }
 }
