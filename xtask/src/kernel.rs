@@ -213,7 +213,13 @@ fn small(label: &str) -> Result<Kernel> {
     let gcc = output(Command::new("gcc").arg("-dumpfullversion")).unwrap_or_default();
     let key =
         fnv1a64(&[SMALL_RECIPE.as_bytes(), fragment.as_bytes(), src_ver.trim().as_bytes(), gcc.trim().as_bytes()]);
-    let dir = cache_root()?.join("kernels").join(format!("small-{key:016x}"));
+    let kernels = cache_root()?.join("kernels");
+    std::fs::create_dir_all(&kernels).with_context(|| format!("cannot create {}", kernels.display()))?;
+    let dir = kernels.join(format!("small-{key:016x}"));
+    // Held until the tree is complete (or known to be): another xtask building it now
+    // would otherwise look like an incomplete earlier build and be removed under it.
+    let _lock =
+        crate::util::lock_waiting(&kernels.join(format!("small-{key:016x}.lock")), "building the small kernel")?;
     let tree = dir.join("linux");
     let marker = dir.join(".complete");
     let bz = tree.join("arch/x86/boot/bzImage");

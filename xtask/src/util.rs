@@ -153,23 +153,58 @@ pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
 /// `<name>-2`, `<name>-3`, ... that no other process holds. The lock lasts as long as
 /// the returned file is open.
 pub fn locked_dir(parent: &Path, name: &str) -> Result<(PathBuf, std::fs::File)> {
-    use std::os::fd::AsRawFd;
     for i in 1..=16 {
         let dir = if i == 1 { parent.join(name) } else { parent.join(format!("{name}-{i}")) };
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(".lock"))
-            .with_context(|| format!("cannot open {}/.lock", dir.display()))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
+        if let Some(f) = try_lock(&dir.join(".lock"))? {
             return Ok((dir, f));
         }
     }
     bail!("all run directories {}/{name}[-N] are busy", parent.display())
+}
+
+/// An exclusive lock on `path` (created if need be) if nobody holds it, else None.
+pub fn try_lock(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(Some(f));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(e).with_context(|| format!("cannot lock {}", path.display()))
+    }
+}
+
+/// An exclusive lock on `path`, waiting (and saying so) while another xtask holds it:
+/// for work in a shared cache that two xtask commands must not do at once (one would
+/// take the other's half-built tree for an incomplete earlier build and remove it).
+pub fn lock_waiting(path: &Path, what: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    if let Some(f) = try_lock(path)? {
+        return Ok(f);
+    }
+    note(format!("waiting for another xtask, which is {what} (lock {})", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: as in try_lock; this one blocks until the holder closes its descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot lock {}", path.display()));
+    }
+    Ok(f)
 }
 
 /// A stopwatch that reports seconds.
@@ -192,6 +227,22 @@ pub fn nproc() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_lock_is_not_taken_twice_and_is_free_once_dropped() {
+        let dir = std::env::temp_dir().join(format!("kdbt-lock-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("k.lock");
+        let held = try_lock(&p).unwrap().expect("a free lock");
+        // Another open file description (as another xtask would have) cannot take it.
+        assert!(try_lock(&p).unwrap().is_none());
+        drop(held);
+        let again = lock_waiting(&p, "testing").unwrap();
+        assert!(try_lock(&p).unwrap().is_none());
+        drop(again);
+        assert!(try_lock(&p).unwrap().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn terminal_codes_are_stripped() {
