@@ -2,8 +2,8 @@
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
-use vmx::exit::{self, Action, ExitHw, GuestRegs};
-use vmx::vmcs::VmFail;
+use vmx::exit::{self, Action, Diag, ExitHw, Fatal, GuestRegs};
+use vmx::vmcs::{Op, VmFail, Vmcs, VmcsError};
 use x86::vmx::vmcs::guest;
 
 use super::entry;
@@ -15,12 +15,6 @@ use super::percpu::{self, PerCpu};
 pub fn vmread(field: u32) -> u64 {
     // SAFETY: root mode with a current VMCS (we are in its exit handler or launching it).
     unsafe { x86::bits64::vmx::vmread(field) }.unwrap_or(0)
-}
-
-pub fn vmwrite(field: u32, value: u64) {
-    // SAFETY: as for vmread; kdbt writes only fields that exist on every VMX CPU or that it
-    // checked the capability for.
-    let _ = unsafe { x86::bits64::vmx::vmwrite(field, value) };
 }
 
 /// Checked VMWRITE to the current VMCS: the CPU's VMfailInvalid/VMfailValid (with the
@@ -70,16 +64,20 @@ fn vmx_status(cf: u8, zf: u8) -> Result<(), VmFail> {
     }
 }
 
-/// The hardware of the exit handler in root mode.
+/// The hardware of the exit handler in root mode: the current VMCS through checked
+/// VMREAD/VMWRITE, whose failures the handler reports.
 pub struct RootHw;
 
+impl Vmcs for RootHw {
+    fn read(&self, field: u32) -> Result<u64, VmcsError> {
+        vmread_checked(field).map_err(|fail| VmcsError { op: Op::Read, field, fail })
+    }
+    fn write(&mut self, field: u32, value: u64) -> Result<(), VmcsError> {
+        vmwrite_checked(field, value).map_err(|fail| VmcsError { op: Op::Write, field, fail })
+    }
+}
+
 impl ExitHw for RootHw {
-    fn vmread(&self, field: u32) -> u64 {
-        vmread(field)
-    }
-    fn vmwrite(&mut self, field: u32, value: u64) {
-        vmwrite(field, value)
-    }
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
         [r.eax, r.ebx, r.ecx, r.edx]
@@ -195,7 +193,11 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 if pc.ctl.nmi_pending.swap(0, Ordering::Relaxed) != 0 {
                     pc.ctl.exits.nmi_pending = true;
                 }
-                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats);
+                if let Err(e) = exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats) {
+                    // Not resumed with an event lost or a control half set: fatal.
+                    let reason = pc.ctl.exits.last_reason;
+                    return fatal(pc, regs, launching, Fatal::Vmcs(e), exit::diag(&RootHw, reason));
+                }
                 if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
                     break;
                 }
@@ -206,38 +208,48 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
             devirtualize(pc);
             1
         }
-        Action::Fatal(kind, diag) if launching => {
-            // The first entry failed (e.g. invalid guest state): return to the launcher,
-            // which reports the reason and cleans up.
-            let _ = kind;
-            regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
-            devirtualize(pc);
-            1
-        }
-        Action::Fatal(kind, diag) => {
-            let cpu = pc.ctl.cpu;
-            let (now, hidden) = if kind == exit::Fatal::EptViolation {
-                super::ept::root_describe(diag.guest_physical)
-            } else {
-                (::ept::diag::Now::Unknown, None)
-            };
-            super::serial::line(format_args!("kdbt: {}", super::fatal::Describe { cpu, kind, diag, now, hidden }));
-            // Make the guest panic with this diagnostic: record it and deliver an NMI, whose
-            // kdbt handler panics (at any CPL, from the faulting context, and without root
-            // mode writing guest memory). The CPU halts instead where that cannot work: the
-            // guest triple-faulted or the entry itself failed, this CPU is still on its way
-            // to that NMI (a second fatal exit), or another CPU already holds the record.
-            let resumable = !matches!(kind, exit::Fatal::TripleFault | exit::Fatal::EntryFailed);
-            if !(resumable && super::fatal::record(cpu, super::fatal::Entry { kind, diag, now, hidden })) {
-                super::serial::fatal(format_args!(
-                    "kdbt: cpu{cpu}: cannot hand the fatal exit to the guest; halting this CPU"
-                ));
-            }
-            pc.ctl.exits.nmi_pending = true;
-            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats);
-            0
-        }
+        Action::Fatal(kind, diag) => fatal(pc, regs, launching, kind, diag),
     }
+}
+
+/// A fatal exit (`kind`, `diag`): the exit handler's return value.
+fn fatal(pc: &mut PerCpu, regs: &mut GuestRegs, launching: bool, kind: Fatal, diag: Diag) -> u64 {
+    let cpu = pc.ctl.cpu;
+    if launching {
+        // The first entry failed (e.g. invalid guest state) or its exit cannot be handled:
+        // return to the launcher, which reports the reason and cleans up. A failed VMCS
+        // access is named here first (the launcher only sees the exit reason).
+        if let Fatal::Vmcs(e) = kind {
+            super::serial::line(format_args!("kdbt: cpu{cpu}: the launch's first VM exit: {e}"));
+        }
+        regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
+        devirtualize(pc);
+        return 1;
+    }
+    // SAFETY: the shared page lives as long as the block.
+    let shared = unsafe { &*pc.ctl.shared };
+    let (now, hidden) = if kind == Fatal::EptViolation && diag.readable(Diag::PHYSICAL) {
+        super::ept::root_describe(diag.guest_physical)
+    } else {
+        (::ept::diag::Now::Unknown, None)
+    };
+    super::serial::line(format_args!("kdbt: {}", super::fatal::Describe { cpu, kind, diag, now, hidden }));
+    // Make the guest panic with this diagnostic: record it and deliver an NMI, whose kdbt
+    // handler panics (at any CPL, from the faulting context, and without root mode writing
+    // guest memory). The CPU halts instead where that cannot work: the guest triple-faulted,
+    // the entry itself failed or there is no current VMCS (`Fatal::resumable`), this CPU is
+    // still on its way to that NMI (a second fatal exit), or another CPU already holds the
+    // record.
+    if !(kind.resumable() && super::fatal::record(cpu, super::fatal::Entry { kind, diag, now, hidden })) {
+        super::serial::fatal(format_args!("kdbt: cpu{cpu}: cannot hand the fatal exit to the guest; halting this CPU"));
+    }
+    pc.ctl.exits.nmi_pending = true;
+    if let Err(e) = exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats) {
+        super::serial::fatal(format_args!(
+            "kdbt: cpu{cpu}: cannot hand the fatal exit to the guest: {e}; halting this CPU"
+        ));
+    }
+    0
 }
 
 /// After a VM exit caused by an NMI the CPU blocks NMIs until the next IRET (Bochs: an
