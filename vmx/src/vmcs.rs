@@ -40,8 +40,13 @@ impl fmt::Display for VmcsError {
             Op::Read => "VMREAD",
             Op::Write => "VMWRITE",
         };
-        write!(f, "{op} {} ({:#x}) failed: ", field_name(self.field), self.field)?;
-        match self.fail {
+        write!(f, "{op} {} ({:#x}) failed: {}", field_name(self.field), self.field, self.fail)
+    }
+}
+
+impl fmt::Display for VmFail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
             VmFail::Invalid => write!(f, "no current VMCS (VMfailInvalid)"),
             VmFail::Valid(e) => write!(f, "VM-instruction error {e} ({})", vm_instruction_error(e)),
         }
@@ -53,8 +58,10 @@ pub fn vm_instruction_error(e: u32) -> &'static str {
     match e {
         1 => "VMCALL executed in VMX root operation",
         2 => "VMCLEAR with invalid physical address",
+        3 => "VMCLEAR with VMXON pointer",
         4 => "VMLAUNCH with non-clear VMCS",
         5 => "VMRESUME with non-launched VMCS",
+        6 => "VMRESUME after VMXOFF",
         7 => "VM entry with invalid control fields",
         8 => "VM entry with invalid host-state fields",
         9 => "VMPTRLD with invalid physical address",
@@ -62,6 +69,7 @@ pub fn vm_instruction_error(e: u32) -> &'static str {
         12 => "VMREAD/VMWRITE from/to unsupported VMCS component",
         13 => "VMWRITE to read-only VMCS component",
         15 => "VMXON executed in VMX root operation",
+        23 => "VMXOFF under dual-monitor treatment of SMIs and SMM",
         26 => "VM entry with events blocked by MOV SS",
         28 => "invalid operand to INVEPT/INVVPID",
         _ => "see SDM Vol. 3C, 31.4",
