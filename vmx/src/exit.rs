@@ -5,11 +5,18 @@
 //! [`GuestRegs`] on the host stack and calls its handler, which calls [`handle`] and acts on
 //! the returned [`Action`]. Nothing here may fault, allocate or call the kernel: it runs in
 //! VMX root mode with interrupts off.
+//!
+//! Every VMREAD and VMWRITE is checked ([`Vmcs`]: each returns a `Result`): the first one
+//! that fails ends the exit's handling right there, with `?`, before anything acts on the
+//! value, and [`handle`] turns it into [`Fatal::Vmcs`] naming the field and the
+//! VM-instruction error; nothing is ever read as 0. On the hot path this costs one branch
+//! per access on the flags VMREAD/VMWRITE set anyway.
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use x86::vmx::vmcs::{control, guest, ro};
 
 use crate::hypercall::{self, Call, Decoded};
+use crate::vmcs::{VmFail, Vmcs, VmcsError};
 
 /// Guest general-purpose registers in the order the exit stub pushes them (RSP is in the
 /// VMCS). `#[repr(C)]`: the assembly depends on this layout.
@@ -58,10 +65,9 @@ impl GuestRegs {
     }
 }
 
-/// What the exit handler needs from the hardware (VMX root mode).
-pub trait ExitHw {
-    fn vmread(&self, field: u32) -> u64;
-    fn vmwrite(&mut self, field: u32, value: u64);
+/// What the exit handler needs from the hardware (VMX root mode): the current VMCS, with
+/// checked accesses ([`Vmcs`]), and the instructions root mode executes for the guest.
+pub trait ExitHw: Vmcs {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
     /// XSETBV of a value [`crate::xsave::check_xsetbv`] accepted; false if it faulted
     /// anyway (#GP).
@@ -112,6 +118,9 @@ pub mod reason {
     pub const XSETBV: u32 = 55;
     pub const INVPCID: u32 = 58;
     pub const VMFUNC: u32 = 59;
+    /// Not an exit reason: the exit's reason field could not be read (counted in the last
+    /// slot of the counters).
+    pub const UNREADABLE: u32 = u32::MAX;
     /// Size of per-reason counter arrays.
     pub const COUNT: usize = 80;
 }
@@ -174,6 +183,7 @@ pub fn reason_name(r: u32) -> &'static str {
         61 => "RDSEED",
         63 => "XSAVES",
         64 => "XRSTORS",
+        reason::UNREADABLE => "unreadable",
         _ => "other",
     }
 }
@@ -193,6 +203,18 @@ pub enum Fatal {
     /// The shadow MMU could not handle an exit (shadow paging; the error is reported
     /// beside the diagnostic).
     ShadowMmu,
+    /// A VMREAD or VMWRITE failed while handling the exit (or settling the next entry, or
+    /// reading the state to devirtualize): the handler stopped there.
+    Vmcs(VmcsError),
+}
+
+impl Fatal {
+    /// Whether the guest can still be entered, to hand it the diagnostic (an NMI that
+    /// makes it panic): not after a triple fault or a failed entry, nor without a current
+    /// VMCS (VMfailInvalid). A field that failed with VMfailValid leaves the VMCS usable.
+    pub fn resumable(self) -> bool {
+        !matches!(self, Fatal::TripleFault | Fatal::EntryFailed | Fatal::Vmcs(VmcsError { fail: VmFail::Invalid, .. }))
+    }
 }
 
 /// A diagnostic snapshot of a fatal exit, formatted later outside root mode.
@@ -205,6 +227,23 @@ pub struct Diag {
     pub guest_cr3: u64,
     pub guest_physical: u64,
     pub guest_linear: u64,
+    /// The fields above whose VMREAD failed ([`Diag::QUALIFICATION`] ...): 0 here, and
+    /// shown as unreadable, never as a value.
+    pub unreadable: u8,
+}
+
+impl Diag {
+    pub const QUALIFICATION: u8 = 1 << 0;
+    pub const RIP: u8 = 1 << 1;
+    pub const RSP: u8 = 1 << 2;
+    pub const CR3: u8 = 1 << 3;
+    pub const PHYSICAL: u8 = 1 << 4;
+    pub const LINEAR: u8 = 1 << 5;
+
+    /// Whether the field of `bit` was read.
+    pub fn readable(&self, bit: u8) -> bool {
+        self.unreadable & bit == 0
+    }
 }
 
 /// What the exit stub does after [`handle`].
@@ -338,13 +377,13 @@ pub const VECTOR_GP: u8 = 13;
 
 /// Queues a hardware exception for delivery at the next VM entry. The instruction that
 /// caused the exit is not skipped (faults report the faulting instruction).
-pub fn inject_exception(hw: &mut impl ExitHw, vector: u8, error_code: Option<u32>) {
+pub fn inject_exception(hw: &mut impl ExitHw, vector: u8, error_code: Option<u32>) -> Result<(), VmcsError> {
     let mut info = INTR_VALID | INTR_TYPE_HW_EXCEPTION | vector as u32;
     if let Some(code) = error_code {
         info |= INTR_DELIVER_ERROR_CODE;
-        hw.vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
+        hw.write(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64)?;
     }
-    hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, info as u64);
+    hw.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info as u64)
 }
 
 const RFLAGS_TF: u64 = 1 << 8;
@@ -366,58 +405,87 @@ pub fn owes_single_step(rflags: u64, debugctl: u64) -> bool {
 /// and STI/MOV-SS blocking, and with RFLAGS.TF set leaves the guest its single-step #DB
 /// (BS in the pending debug exceptions: the CPU delivers the #DB right after VM entry, with
 /// DR6.BS, as it would natively after the instruction).
-pub fn advance_rip(hw: &mut impl ExitHw) {
-    let len = hw.vmread(ro::VMEXIT_INSTRUCTION_LEN);
-    let rip = hw.vmread(guest::RIP);
-    hw.vmwrite(guest::RIP, rip.wrapping_add(len));
-    let rflags = hw.vmread(guest::RFLAGS);
-    if rflags & RFLAGS_RF != 0 {
-        hw.vmwrite(guest::RFLAGS, rflags & !RFLAGS_RF);
-    }
-    let intr = hw.vmread(guest::INTERRUPTIBILITY_STATE);
-    if intr & 0x3 != 0 {
-        hw.vmwrite(guest::INTERRUPTIBILITY_STATE, intr & !0x3);
-    }
+pub fn advance_rip(hw: &mut impl ExitHw) -> Result<(), VmcsError> {
+    let len = hw.read(ro::VMEXIT_INSTRUCTION_LEN)?;
+    let rip = hw.read(guest::RIP)?;
+    let rflags = hw.read(guest::RFLAGS)?;
+    let intr = hw.read(guest::INTERRUPTIBILITY_STATE)?;
     // The VM exit saved the guest's IA32_DEBUGCTL ("save debug controls", required).
-    if owes_single_step(rflags, hw.vmread(guest::IA32_DEBUGCTL_FULL)) {
-        let pending = hw.vmread(guest::PENDING_DBG_EXCEPTIONS);
-        hw.vmwrite(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_DBG_BS);
+    let debugctl = hw.read(guest::IA32_DEBUGCTL_FULL)?;
+    hw.write(guest::RIP, rip.wrapping_add(len))?;
+    if rflags & RFLAGS_RF != 0 {
+        hw.write(guest::RFLAGS, rflags & !RFLAGS_RF)?;
     }
+    if intr & 0x3 != 0 {
+        hw.write(guest::INTERRUPTIBILITY_STATE, intr & !0x3)?;
+    }
+    if owes_single_step(rflags, debugctl) {
+        let pending = hw.read(guest::PENDING_DBG_EXCEPTIONS)?;
+        hw.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_DBG_BS)?;
+    }
+    Ok(())
 }
 
 /// Current privilege level of the guest: SS.DPL (SDM 5.5; equals CS.RPL in 64-bit mode).
-pub fn guest_cpl(hw: &impl ExitHw) -> u8 {
-    ((hw.vmread(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
+pub fn guest_cpl(hw: &impl ExitHw) -> Result<u8, VmcsError> {
+    Ok(((hw.read(guest::SS_ACCESS_RIGHTS)? >> 5) & 3) as u8)
 }
 
-pub(crate) fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
-    Diag {
+/// The diagnostic of a fatal exit of basic reason `reason`, read as far as the VMCS lets
+/// it be read: a field that cannot be read is marked [`Diag::unreadable`].
+pub fn diag(hw: &impl ExitHw, reason: u32) -> Diag {
+    let mut unreadable = 0;
+    let mut get = |field, bit| {
+        hw.read(field).unwrap_or_else(|_| {
+            unreadable |= bit;
+            0
+        })
+    };
+    let mut d = Diag {
         reason,
-        qualification: hw.vmread(ro::EXIT_QUALIFICATION),
-        guest_rip: hw.vmread(guest::RIP),
-        guest_rsp: hw.vmread(guest::RSP),
-        guest_cr3: hw.vmread(guest::CR3),
-        guest_physical: hw.vmread(ro::GUEST_PHYSICAL_ADDR_FULL),
-        guest_linear: hw.vmread(ro::GUEST_LINEAR_ADDR),
-    }
+        qualification: get(ro::EXIT_QUALIFICATION, Diag::QUALIFICATION),
+        guest_rip: get(guest::RIP, Diag::RIP),
+        guest_rsp: get(guest::RSP, Diag::RSP),
+        guest_cr3: get(guest::CR3, Diag::CR3),
+        guest_physical: get(ro::GUEST_PHYSICAL_ADDR_FULL, Diag::PHYSICAL),
+        guest_linear: get(ro::GUEST_LINEAR_ADDR, Diag::LINEAR),
+        unreadable: 0,
+    };
+    d.unreadable = unreadable;
+    d
 }
 
-/// Handles one VM exit.
+/// The fatal outcome of a failed VMCS access `e` during an exit of basic reason `reason`.
+pub fn vmcs_fatal(hw: &impl ExitHw, reason: u32, e: VmcsError) -> Action {
+    Action::Fatal(Fatal::Vmcs(e), diag(hw, reason))
+}
+
+/// Handles one VM exit. A failed VMREAD or VMWRITE ends it as [`Fatal::Vmcs`].
 pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx, stats: &ExitCounters) -> Action {
-    let full = hw.vmread(ro::EXIT_REASON) as u32;
-    let basic = full & 0xffff;
+    let full = hw.read(ro::EXIT_REASON).map(|f| f as u32);
+    let basic = full.map_or(reason::UNREADABLE, |f| f & 0xffff);
     ctx.last_reason = basic;
     stats.count_exit(basic);
+    full.and_then(|full| dispatch(hw, regs, ctx, stats, full)).unwrap_or_else(|e| vmcs_fatal(hw, basic, e))
+}
 
+fn dispatch(
+    hw: &mut impl ExitHw,
+    regs: &mut GuestRegs,
+    ctx: &mut ExitCtx,
+    stats: &ExitCounters,
+    full: u32,
+) -> Result<Action, VmcsError> {
+    let basic = full & 0xffff;
     // Bit 31: VM-entry failure (the guest never ran).
     if full & (1 << 31) != 0 {
-        return Action::Fatal(Fatal::EntryFailed, diag(hw, basic));
+        return Ok(Action::Fatal(Fatal::EntryFailed, diag(hw, basic)));
     }
-    match basic {
+    Ok(match basic {
         reason::EXCEPTION_NMI => {
             // With an empty exception bitmap only NMIs exit here: queue it for the guest
             // (`prepare_entry` delivers it when the guest can take it).
-            let info = hw.vmread(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+            let info = hw.read(ro::VMEXIT_INTERRUPTION_INFO)? as u32;
             if info & INTR_VALID != 0 && info & INTR_TYPE_MASK == INTR_TYPE_NMI {
                 ctx.nmi_pending = true;
                 Action::Resume
@@ -428,65 +496,65 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx, sta
         // The guest can take an NMI now: `prepare_entry` injects the pending one.
         reason::NMI_WINDOW => Action::Resume,
         reason::CPUID => {
+            advance_rip(hw)?;
             cpuid(hw, regs, ctx);
-            advance_rip(hw);
             Action::Resume
         }
-        reason::VMCALL => vmcall(hw, regs, stats),
-        reason::CR_ACCESS => cr_access(hw, regs),
+        reason::VMCALL => vmcall(hw, regs, stats)?,
+        reason::CR_ACCESS => cr_access(hw, regs)?,
         reason::XSETBV => {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
             // Executed in root mode only if hardware would accept it for the guest: an
             // invalid value gives the guest the #GP(0) it would get natively.
             let ecx = regs.rcx as u32;
             let supported = crate::xsave::supported_xcr0(hw.cpuid(0xd, 0));
-            if guest_cpl(hw) != 0
+            if guest_cpl(hw)? != 0
                 || crate::xsave::check_xsetbv(ecx, value, supported).is_err()
                 || !hw.xsetbv(ecx, value)
             {
-                inject_exception(hw, VECTOR_GP, Some(0));
+                inject_exception(hw, VECTOR_GP, Some(0))?;
             } else {
-                advance_rip(hw);
+                advance_rip(hw)?;
             }
             Action::Resume
         }
         reason::INVD => {
             // INVD would drop dirty lines of the hypervisor too; WBINVD is the safe superset.
             hw.wbinvd();
-            advance_rip(hw);
+            advance_rip(hw)?;
             Action::Resume
         }
         reason::RDMSR => {
             match hw.rdmsr_safe(regs.rcx as u32) {
                 Some(v) => {
+                    advance_rip(hw)?;
                     regs.rax = v & 0xffff_ffff;
                     regs.rdx = v >> 32;
-                    advance_rip(hw);
                 }
-                None => inject_exception(hw, VECTOR_GP, Some(0)),
+                None => inject_exception(hw, VECTOR_GP, Some(0))?,
             }
             Action::Resume
         }
         reason::WRMSR => {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
             if hw.wrmsr_safe(regs.rcx as u32, value) {
-                advance_rip(hw);
+                advance_rip(hw)?;
             } else {
-                inject_exception(hw, VECTOR_GP, Some(0));
+                inject_exception(hw, VECTOR_GP, Some(0))?;
             }
             Action::Resume
         }
         // VMX instructions in the guest: kdbt offers no nested VMX; #UD as on a CPU without
         // VMX (the guest sees CR4.VMXE clear).
         reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID | reason::VMFUNC => {
-            inject_exception(hw, VECTOR_UD, None);
+            inject_exception(hw, VECTOR_UD, None)?;
             Action::Resume
         }
         reason::TRIPLE_FAULT => Action::Fatal(Fatal::TripleFault, diag(hw, basic)),
-        reason::EPT_VIOLATION => ept_violation(hw, basic),
+        reason::EPT_VIOLATION => ept_violation(hw, basic)?,
         reason::EPT_MISCONFIG => Action::Fatal(Fatal::EptMisconfig, diag(hw, basic)),
         _ => Action::Fatal(Fatal::Unexpected, diag(hw, basic)),
-    }
+    })
 }
 
 /// Everything to settle before VMRESUME (after [`handle`] returned [`Action::Resume`]):
@@ -497,37 +565,41 @@ pub fn handle(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &mut ExitCtx, sta
 ///    NMI, no other event queued); otherwise, with NMI virtualization, NMI-window exiting
 ///    is armed so that the CPU exits as soon as it can, and disarmed once nothing waits.
 ///    (Without it the NMI waits for a later exit.)
-pub fn prepare_entry(hw: &mut impl ExitHw, ctx: &mut ExitCtx, stats: &ExitCounters) {
-    let vectoring = hw.vmread(ro::IDT_VECTORING_INFO) as u32;
-    if vectoring & INTR_VALID != 0 && hw.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & INTR_VALID == 0 {
+///
+/// A failed VMREAD or VMWRITE stops it: the guest must not be resumed then (an event
+/// could be lost, e.g. with the vectoring information unread), the caller makes it fatal.
+pub fn prepare_entry(hw: &mut impl ExitHw, ctx: &mut ExitCtx, stats: &ExitCounters) -> Result<(), VmcsError> {
+    let vectoring = hw.read(ro::IDT_VECTORING_INFO)? as u32;
+    if vectoring & INTR_VALID != 0 && hw.read(control::VMENTRY_INTERRUPTION_INFO_FIELD)? as u32 & INTR_VALID == 0 {
         // Bit 12 is undefined in the vectoring field and reserved in the entry field.
-        hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (vectoring & !(1 << 12)) as u64);
+        hw.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, (vectoring & !(1 << 12)) as u64)?;
         if vectoring & INTR_DELIVER_ERROR_CODE != 0 {
-            let code = hw.vmread(ro::IDT_VECTORING_ERR_CODE);
-            hw.vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, code);
+            let code = hw.read(ro::IDT_VECTORING_ERR_CODE)?;
+            hw.write(control::VMENTRY_EXCEPTION_ERR_CODE, code)?;
         }
         // Software interrupts and exceptions (types 4, 5, 6) need their instruction length.
         if matches!((vectoring & INTR_TYPE_MASK) >> 8, 4..=6) {
-            let len = hw.vmread(ro::VMEXIT_INSTRUCTION_LEN);
-            hw.vmwrite(control::VMENTRY_INSTRUCTION_LEN, len);
+            let len = hw.read(ro::VMEXIT_INSTRUCTION_LEN)?;
+            hw.write(control::VMENTRY_INSTRUCTION_LEN, len)?;
         }
     }
     if ctx.nmi_pending {
-        let blocked = hw.vmread(guest::INTERRUPTIBILITY_STATE) & BLOCKS_NMI != 0
-            || hw.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & INTR_VALID != 0;
+        let blocked = hw.read(guest::INTERRUPTIBILITY_STATE)? & BLOCKS_NMI != 0
+            || hw.read(control::VMENTRY_INTERRUPTION_INFO_FIELD)? as u32 & INTR_VALID != 0;
         if !blocked {
-            hw.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, (INTR_VALID | INTR_TYPE_NMI | 2) as u64);
+            hw.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, (INTR_VALID | INTR_TYPE_NMI | 2) as u64)?;
             ctx.nmi_pending = false;
             stats.count_nmi_injected();
         }
     }
     if ctx.vnmi {
-        let proc = hw.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+        let proc = hw.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?;
         let want = if ctx.nmi_pending { proc | NMI_WINDOW_EXITING } else { proc & !NMI_WINDOW_EXITING };
         if want != proc {
-            hw.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, want);
+            hw.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, want)?;
         }
     }
+    Ok(())
 }
 
 fn cpuid(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) {
@@ -549,25 +621,25 @@ fn cpuid(hw: &mut impl ExitHw, regs: &mut GuestRegs, ctx: &ExitCtx) {
     regs.rdx = r[3] as u64;
 }
 
-fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> Action {
-    if guest_cpl(hw) != 0 {
-        inject_exception(hw, VECTOR_UD, None);
-        return Action::Resume;
+fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> Result<Action, VmcsError> {
+    if guest_cpl(hw)? != 0 {
+        inject_exception(hw, VECTOR_UD, None)?;
+        return Ok(Action::Resume);
     }
     let call = match hypercall::decode(regs.rax) {
         Decoded::Foreign => {
-            inject_exception(hw, VECTOR_UD, None);
-            return Action::Resume;
+            inject_exception(hw, VECTOR_UD, None)?;
+            return Ok(Action::Resume);
         }
         Decoded::Unknown(_) => {
+            advance_rip(hw)?;
             regs.rax = hypercall::ERR_UNKNOWN_CALL;
-            advance_rip(hw);
-            return Action::Resume;
+            return Ok(Action::Resume);
         }
         Decoded::Call(c) => c,
     };
-    advance_rip(hw);
-    match call {
+    advance_rip(hw)?;
+    Ok(match call {
         Call::Ping => {
             regs.rax = hypercall::MAGIC | hypercall::VERSION as u64;
             regs.rbx = !regs.rbx;
@@ -599,10 +671,10 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
             Action::Resume
         }
         Call::VeControl => {
-            regs.rax = ve_control(hw, regs.rbx);
+            regs.rax = ve_control(hw, regs.rbx)?;
             Action::Resume
         }
-    }
+    })
 }
 
 /// An EPT violation. After kdbt raises a page's rights, a CPU may still use a translation
@@ -614,9 +686,9 @@ fn vmcall(hw: &mut impl ExitHw, regs: &mut GuestRegs, stats: &ExitCounters) -> A
 /// guest resumes (its count is the exit count of reason 48: every other EPT violation is
 /// fatal). The same retry when the tables are busy (another CPU is changing them): a real
 /// violation comes back. Otherwise fatal, with kdbt's diagnostic.
-fn ept_violation(hw: &mut impl ExitHw, basic: u32) -> Action {
-    let q = hw.vmread(ro::EXIT_QUALIFICATION);
-    let gpa = hw.vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
+fn ept_violation(hw: &mut impl ExitHw, basic: u32) -> Result<Action, VmcsError> {
+    let q = hw.read(ro::EXIT_QUALIFICATION)?;
+    let gpa = hw.read(ro::GUEST_PHYSICAL_ADDR_FULL)?;
     let access = q & 7;
     let now = hw.ept_call(Call::EptQuery, gpa, 0);
     let stale = now & (1 << 63) == 0 && access != 0 && now & access == access;
@@ -625,13 +697,13 @@ fn ept_violation(hw: &mut impl ExitHw, basic: u32) -> Action {
         // An IRET that unblocked NMIs faulted (qualification bit 12, no event being
         // delivered): the retried IRET unblocks them again, so they must be blocked until
         // then (SDM Vol. 3C 28.2.3).
-        if q & (1 << 12) != 0 && hw.vmread(ro::IDT_VECTORING_INFO) & (1 << 31) == 0 {
-            let intr = hw.vmread(guest::INTERRUPTIBILITY_STATE);
-            hw.vmwrite(guest::INTERRUPTIBILITY_STATE, intr | 1 << 3); // blocking by NMI
+        if q & (1 << 12) != 0 && hw.read(ro::IDT_VECTORING_INFO)? & (1 << 31) == 0 {
+            let intr = hw.read(guest::INTERRUPTIBILITY_STATE)?;
+            hw.write(guest::INTERRUPTIBILITY_STATE, intr | 1 << 3)?; // blocking by NMI
         }
-        return Action::Resume;
+        return Ok(Action::Resume);
     }
-    Action::Fatal(Fatal::EptViolation, diag(hw, basic))
+    Ok(Action::Fatal(Fatal::EptViolation, diag(hw, basic)))
 }
 
 /// [`Call::VeControl`] on this CPU's VMCS: with a page-aligned physical address, the
@@ -640,77 +712,86 @@ fn ept_violation(hw: &mut impl ExitHw, basic: u32) -> Action {
 /// page whose entry has "suppress #VE" clear is delivered to the guest as vector 20
 /// instead of exiting (SDM Vol. 3C 26.5.7); 0 switches it off. Refused unless EPT is on
 /// and the CPU allows the control.
-fn ve_control(hw: &mut impl ExitHw, info_pa: u64) -> u64 {
+fn ve_control(hw: &mut impl ExitHw, info_pa: u64) -> Result<u64, VmcsError> {
     const EPT_VIOLATION_VE: u64 = 1 << 18;
     const ENABLE_EPT: u64 = 1 << 1;
     const ACTIVATE_SECONDARY: u64 = 1 << 31;
     const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
     let allowed1 = hw.rdmsr_safe(IA32_VMX_PROCBASED_CTLS2).map_or(0, |v| v >> 32);
-    let proc = hw.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
-    let proc2 = hw.vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS);
+    let proc = hw.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?;
+    let proc2 = hw.read(control::SECONDARY_PROCBASED_EXEC_CONTROLS)?;
     if allowed1 & EPT_VIOLATION_VE == 0 || proc & ACTIVATE_SECONDARY == 0 || proc2 & ENABLE_EPT == 0 {
-        return hypercall::ERR_UNSUPPORTED;
+        return Ok(hypercall::ERR_UNSUPPORTED);
     }
     if info_pa & 0xfff != 0 {
-        return hypercall::ERR_BAD_ARGUMENT;
+        return Ok(hypercall::ERR_BAD_ARGUMENT);
     }
     // The CPU writes the area by physical address, past the guest's EPT view: only a page
     // the guest may write itself (never hidden hypervisor memory).
     let rw = hypercall::EPT_QUERY_R | hypercall::EPT_QUERY_W;
     if info_pa != 0 && hw.ept_call(Call::EptQuery, info_pa, 0) & (1 << 63 | rw) != rw {
-        return hypercall::ERR_BAD_ARGUMENT;
+        return Ok(hypercall::ERR_BAD_ARGUMENT);
     }
     if info_pa == 0 {
-        hw.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 & !EPT_VIOLATION_VE);
+        hw.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 & !EPT_VIOLATION_VE)?;
     } else {
-        hw.vmwrite(control::VIRT_EXCEPTION_INFO_ADDR_FULL, info_pa);
-        hw.vmwrite(control::EPTP_INDEX, 0);
-        hw.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 | EPT_VIOLATION_VE);
+        hw.write(control::VIRT_EXCEPTION_INFO_ADDR_FULL, info_pa)?;
+        hw.write(control::EPTP_INDEX, 0)?;
+        hw.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2 | EPT_VIOLATION_VE)?;
     }
-    hypercall::OK
+    Ok(hypercall::OK)
 }
 
 /// MOV to CR0/CR4 that touched a host-owned bit (the guest/host masks). The guest's view
 /// (read shadow) takes the written value; the real register keeps the bits VMX operation
 /// requires (CR4.VMXE, the CR0 fixed bits). MOV from CR, CLTS and LMSW never exit with
 /// kdbt's masks; if one does, it is emulated the same way.
-fn cr_access(hw: &mut impl ExitHw, regs: &mut GuestRegs) -> Action {
-    let q = hw.vmread(ro::EXIT_QUALIFICATION);
+fn cr_access(hw: &mut impl ExitHw, regs: &mut GuestRegs) -> Result<Action, VmcsError> {
+    let q = hw.read(ro::EXIT_QUALIFICATION)?;
     let cr = (q & 0xf) as u8;
     let access = (q >> 4) & 3;
     let reg = ((q >> 8) & 0xf) as u8;
     if access != 0 || (cr != 0 && cr != 4) {
-        return Action::Fatal(Fatal::Unexpected, diag(hw, reason::CR_ACCESS));
+        return Ok(Action::Fatal(Fatal::Unexpected, diag(hw, reason::CR_ACCESS)));
     }
-    let value = if reg == 4 { hw.vmread(guest::RSP) } else { regs.gpr(reg).map_or(0, |r| *r) };
+    let value = if reg == 4 { hw.read(guest::RSP)? } else { regs.gpr(reg).map_or(0, |r| *r) };
     let (real, shadow, mask) = if cr == 4 {
         (guest::CR4, control::CR4_READ_SHADOW, control::CR4_GUEST_HOST_MASK)
     } else {
         (guest::CR0, control::CR0_READ_SHADOW, control::CR0_GUEST_HOST_MASK)
     };
-    let mask_v = hw.vmread(mask);
-    let old_real = hw.vmread(real);
-    hw.vmwrite(shadow, value & mask_v);
+    let mask_v = hw.read(mask)?;
+    let old_real = hw.read(real)?;
+    hw.write(shadow, value & mask_v)?;
     // Host-owned bits keep their real values; the rest is the guest's.
     let new_real = (value & !mask_v) | (old_real & mask_v);
     debug_assert!(cr != 4 || new_real & CR4_VMXE != 0 || old_real & CR4_VMXE == 0);
-    hw.vmwrite(real, new_real);
-    advance_rip(hw);
-    Action::Resume
+    hw.write(real, new_real)?;
+    advance_rip(hw)?;
+    Ok(Action::Resume)
 }
 
 #[cfg(test)]
 mod tests {
     extern crate std;
+    use core::cell::RefCell;
     use std::collections::BTreeMap;
     use std::vec::Vec;
 
     use super::*;
 
-    /// A fake VMCS and CPU: fields in a map, CPUID from a fixed table.
-    #[derive(Default)]
+    use crate::vmcs::{field_name, Op};
+
+    /// A fake VMCS and CPU: fields in a map (an unwritten one reads as 0, as in a VMCS
+    /// the launch zeroed), CPUID from a fixed table.
+    #[derive(Clone, Default)]
     struct Fake {
         f: BTreeMap<u32, u64>,
+        /// The one access that fails, as hardware fails an unsupported field (VMfailValid,
+        /// error 12).
+        fail: Option<(Op, u32)>,
+        /// Every access through [`Vmcs`], in order.
+        log: RefCell<Vec<(Op, u32)>>,
         xcr0: u64,
         /// XCR0 bits CPUID.(0DH,0) reports.
         xcr0_supported: u64,
@@ -727,13 +808,35 @@ mod tests {
         ept_answer: Option<u64>,
     }
 
-    impl ExitHw for Fake {
+    impl Fake {
+        /// The test's own view of a field, never failing.
         fn vmread(&self, field: u32) -> u64 {
             self.f.get(&field).copied().unwrap_or(0)
         }
         fn vmwrite(&mut self, field: u32, value: u64) {
             self.f.insert(field, value);
         }
+    }
+
+    impl Vmcs for Fake {
+        fn read(&self, field: u32) -> Result<u64, VmcsError> {
+            self.log.borrow_mut().push((Op::Read, field));
+            if self.fail == Some((Op::Read, field)) {
+                return Err(VmcsError { op: Op::Read, field, fail: VmFail::Valid(12) });
+            }
+            Ok(self.vmread(field))
+        }
+        fn write(&mut self, field: u32, value: u64) -> Result<(), VmcsError> {
+            self.log.borrow_mut().push((Op::Write, field));
+            if self.fail == Some((Op::Write, field)) {
+                return Err(VmcsError { op: Op::Write, field, fail: VmFail::Valid(12) });
+            }
+            self.vmwrite(field, value);
+            Ok(())
+        }
+    }
+
+    impl ExitHw for Fake {
         fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
             if (leaf, sub) == (0xd, 0) {
                 return [self.xcr0_supported as u32, 0x340, 0x340, (self.xcr0_supported >> 32) as u32];
@@ -1153,7 +1256,7 @@ mod tests {
         let stats = ExitCounters::new();
         let mut f = nmi_exit();
         assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert!(injected_nmi(&f));
         assert!(!ctx.nmi_pending && !window_armed(&f));
         assert_eq!(stats.snapshot().nmis_injected, 1);
@@ -1168,14 +1271,14 @@ mod tests {
         let mut f = nmi_exit();
         f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1 << 3);
         handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert!(!injected_nmi(&f) && ctx.nmi_pending && window_armed(&f));
         // It executes IRET; the CPU exits at the NMI window (the control stays as it was).
         let proc = f.vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
         let mut f = exit(reason::NMI_WINDOW, 0, 0);
         f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc);
         assert_eq!(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats), Action::Resume);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert!(injected_nmi(&f) && !ctx.nmi_pending && !window_armed(&f));
         assert_eq!(stats.snapshot().counts[reason::NMI_WINDOW as usize], 1);
         // STI and MOV SS blocking hold an NMI back too.
@@ -1183,7 +1286,7 @@ mod tests {
             let mut f = exit(reason::CPUID, 2, 0);
             f.vmwrite(guest::INTERRUPTIBILITY_STATE, blocking);
             ctx.nmi_pending = true;
-            prepare_entry(&mut f, &mut ctx, &stats);
+            prepare_entry(&mut f, &mut ctx, &stats).unwrap();
             assert!(!injected_nmi(&f) && window_armed(&f), "blocking {blocking}");
         }
     }
@@ -1195,10 +1298,10 @@ mod tests {
         ctx.nmi_pending = true;
         let mut f = exit(reason::CPUID, 2, 0);
         f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1 << 3);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert!(ctx.nmi_pending && !window_armed(&f) && !injected_nmi(&f));
         f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert!(injected_nmi(&f) && !ctx.nmi_pending);
     }
 
@@ -1210,14 +1313,14 @@ mod tests {
         let mut f = exit(reason::CPUID, 0, 0);
         f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | INTR_DELIVER_ERROR_CODE | 14) as u64);
         f.vmwrite(ro::IDT_VECTORING_ERR_CODE, 2);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert_eq!(injected(&f), Some((14, Some(2))));
         // A software interrupt (int 0x80: type 4) needs its instruction length; a pending
         // NMI waits behind it for the window.
         let mut f = exit(reason::CPUID, 2, 0);
         f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | (4 << 8) | 0x80 | (1 << 12)) as u64);
         ctx.nmi_pending = true;
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert_eq!(f.vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32, INTR_VALID | (4 << 8) | 0x80);
         assert_eq!(f.vmread(control::VMENTRY_INSTRUCTION_LEN), 2);
         assert!(ctx.nmi_pending && window_armed(&f));
@@ -1226,7 +1329,7 @@ mod tests {
         f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | 14) as u64);
         ctx.nmi_pending = false;
         handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats);
-        prepare_entry(&mut f, &mut ctx, &stats);
+        prepare_entry(&mut f, &mut ctx, &stats).unwrap();
         assert_eq!(injected(&f), Some((VECTOR_UD, None)));
     }
 
@@ -1319,5 +1422,218 @@ mod tests {
                 assert_eq!(f.vmread(guest::RIP), 0xffff_ffff_8100_0000, "{what}");
             }
         }
+    }
+
+    fn failed(op: Op, field: u32) -> VmcsError {
+        VmcsError { op, field, fail: VmFail::Valid(12) }
+    }
+
+    /// The fatal outcome of a failed VMCS access, with its diagnostic.
+    fn vmcs_failure(a: Action) -> Option<(VmcsError, Diag)> {
+        match a {
+            Action::Fatal(Fatal::Vmcs(e), d) => Some((e, d)),
+            _ => None,
+        }
+    }
+
+    /// [`vmcs_failure`], which must be one.
+    fn must_fail(a: Action) -> (VmcsError, Diag) {
+        vmcs_failure(a).unwrap_or_else(|| panic!("{a:?}, not a fatal VMCS access"))
+    }
+
+    #[test]
+    fn an_unreadable_cpl_is_fatal_never_cpl_0() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        // User space executes VMCALL Devirtualize; SS's access rights (its CPL) cannot be
+        // read. Read as 0 it would be a kernel call: the CPU would leave VMX operation.
+        let mut f = exit(reason::VMCALL, 3, 3);
+        f.fail = Some((Op::Read, guest::SS_ACCESS_RIGHTS));
+        let mut r = GuestRegs { rax: Call::Devirtualize.rax(), ..Default::default() };
+        let (e, d) = must_fail(handle(&mut f, &mut r, &mut ctx, &stats));
+        assert_eq!(e, failed(Op::Read, guest::SS_ACCESS_RIGHTS));
+        assert_eq!((d.reason, d.guest_rip), (reason::VMCALL, 0xffff_ffff_8100_0000));
+        assert_eq!(field_name(e.field), "GUEST_SS_AR_BYTES");
+        assert_eq!(
+            (r.rax, f.vmread(guest::RIP), injected(&f)),
+            (Call::Devirtualize.rax(), 0xffff_ffff_8100_0000, None)
+        );
+        // The guest gets the diagnostic (the VMCS still works: VMfailValid).
+        assert!(Fatal::Vmcs(e).resumable());
+        // The same for XSETBV: not executed in root mode, no #GP either.
+        let mut f = exit(reason::XSETBV, 3, 3);
+        f.fail = Some((Op::Read, guest::SS_ACCESS_RIGHTS));
+        let mut r = GuestRegs { rax: 7, ..Default::default() };
+        let (e, _) = must_fail(handle(&mut f, &mut r, &mut ctx, &stats));
+        assert_eq!(e, failed(Op::Read, guest::SS_ACCESS_RIGHTS));
+        assert_eq!((f.xsetbvs, injected(&f)), (0, None));
+    }
+
+    #[test]
+    fn an_unreadable_instruction_length_is_fatal_not_a_cpuid_storm() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        // Read as 0, RIP would stay on the CPUID: the guest would exit on it forever.
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.fail = Some((Op::Read, ro::VMEXIT_INSTRUCTION_LEN));
+        let mut r = GuestRegs { rax: 1, ..Default::default() };
+        let (e, d) = must_fail(handle(&mut f, &mut r, &mut ctx, &stats));
+        assert_eq!(e, failed(Op::Read, ro::VMEXIT_INSTRUCTION_LEN));
+        assert_eq!(d.reason, reason::CPUID);
+        assert_eq!((f.vmread(guest::RIP), r.rax), (0xffff_ffff_8100_0000, 1), "nothing done");
+        assert_eq!(
+            std::format!("{e}"),
+            "VMREAD VM_EXIT_INSTRUCTION_LEN (0x440c) failed: VM-instruction error 12 \
+             (VMREAD/VMWRITE from/to unsupported VMCS component)"
+        );
+        // A failed VMWRITE of the new RIP likewise.
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.fail = Some((Op::Write, guest::RIP));
+        let (e, _) = must_fail(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats));
+        assert_eq!(e, failed(Op::Write, guest::RIP));
+    }
+
+    #[test]
+    fn an_unreadable_vectoring_field_stops_the_entry() {
+        let mut ctx = ExitCtx { vnmi: true, ..ExitCtx::new(0, 0) };
+        let stats = ExitCounters::new();
+        // A #PF was being delivered; read as 0 it would be dropped.
+        let mut f = exit(reason::CPUID, 0, 0);
+        f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | INTR_TYPE_HW_EXCEPTION | INTR_DELIVER_ERROR_CODE | 14) as u64);
+        f.fail = Some((Op::Read, ro::IDT_VECTORING_INFO));
+        assert_eq!(prepare_entry(&mut f, &mut ctx, &stats), Err(failed(Op::Read, ro::IDT_VECTORING_INFO)));
+        // Its error code.
+        f.fail = Some((Op::Read, ro::IDT_VECTORING_ERR_CODE));
+        assert_eq!(prepare_entry(&mut f, &mut ctx, &stats), Err(failed(Op::Read, ro::IDT_VECTORING_ERR_CODE)));
+    }
+
+    #[test]
+    fn the_diagnostic_marks_what_it_could_not_read() {
+        let mut ctx = ExitCtx::new(0, 0);
+        let stats = ExitCounters::new();
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.vmwrite(guest::RSP, 0x1000);
+        f.fail = Some((Op::Read, guest::RIP));
+        let (e, d) = must_fail(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats));
+        assert_eq!(e, failed(Op::Read, guest::RIP));
+        assert_eq!(d.unreadable, Diag::RIP);
+        assert!(!d.readable(Diag::RIP) && d.readable(Diag::RSP) && d.guest_rsp == 0x1000);
+        // No reason at all: fatal, counted apart.
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.fail = Some((Op::Read, ro::EXIT_REASON));
+        let (e, d) = must_fail(handle(&mut f, &mut GuestRegs::default(), &mut ctx, &stats));
+        assert_eq!(
+            (e, d.reason, reason_name(d.reason)),
+            (failed(Op::Read, ro::EXIT_REASON), reason::UNREADABLE, "unreadable")
+        );
+        assert_eq!(stats.snapshot().counts[reason::COUNT - 1], 1);
+        // Without a current VMCS the guest cannot be entered again.
+        assert!(!Fatal::Vmcs(VmcsError { op: Op::Read, field: guest::RIP, fail: VmFail::Invalid }).resumable());
+        assert!(!Fatal::TripleFault.resumable() && !Fatal::EntryFailed.resumable() && Fatal::Unexpected.resumable());
+    }
+
+    /// Exits that each end in a resumed guest, between them reaching every VMCS access of
+    /// `handle` and `prepare_entry`.
+    fn resumed_exits() -> Vec<(&'static str, Fake, GuestRegs, ExitCtx)> {
+        let ctx = ExitCtx::new(0, 0);
+        let vnmi = ExitCtx { vnmi: true, nmi_pending: true, ..ctx.clone() };
+        let mut v = Vec::new();
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.vmwrite(guest::RFLAGS, 0x202 | RFLAGS_TF | RFLAGS_RF);
+        f.vmwrite(guest::INTERRUPTIBILITY_STATE, 1);
+        v.push(("cpuid, single-stepped", f, GuestRegs { rax: 1, ..Default::default() }, vnmi.clone()));
+        v.push((
+            "vmcall ping",
+            exit(reason::VMCALL, 3, 0),
+            GuestRegs { rax: Call::Ping.rax(), ..Default::default() },
+            ctx.clone(),
+        ));
+        v.push(("vmcall from user", exit(reason::VMCALL, 3, 3), GuestRegs::default(), ctx.clone()));
+        let mut f = exit(reason::VMCALL, 3, 0);
+        f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, 1 << 31);
+        f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, 1 << 1);
+        f.msrs.insert(0x48B, (1 << 18 | 1 << 1) << 32);
+        f.ept_query = Some(0b111);
+        v.push((
+            "vmcall ve control",
+            f,
+            GuestRegs { rax: Call::VeControl.rax(), rbx: 0x5000, ..Default::default() },
+            ctx.clone(),
+        ));
+        v.push(("xsetbv", exit(reason::XSETBV, 3, 0), GuestRegs { rax: 7, ..Default::default() }, ctx.clone()));
+        v.push(("xsetbv #GP", exit(reason::XSETBV, 3, 0), GuestRegs { rax: 6, ..Default::default() }, ctx.clone()));
+        v.push(("invd", exit(reason::INVD, 2, 0), GuestRegs::default(), ctx.clone()));
+        let mut f = exit(reason::RDMSR, 2, 0);
+        f.msrs.insert(0x10, 5);
+        v.push(("rdmsr", f, GuestRegs { rcx: 0x10, ..Default::default() }, ctx.clone()));
+        v.push(("wrmsr #GP", exit(reason::WRMSR, 2, 0), GuestRegs { rcx: 0x10, ..Default::default() }, ctx.clone()));
+        v.push(("vmxon #UD", exit(reason::VMXON, 4, 0), GuestRegs::default(), ctx.clone()));
+        let mut f = exit(reason::CR_ACCESS, 3, 0);
+        f.vmwrite(ro::EXIT_QUALIFICATION, 4 | (4 << 8));
+        f.vmwrite(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+        v.push(("mov cr4, rsp", f, GuestRegs::default(), ctx.clone()));
+        let mut f = exit(reason::EPT_VIOLATION, 0, 0);
+        f.vmwrite(ro::EXIT_QUALIFICATION, 0x1181);
+        f.ept_query = Some(0b001);
+        v.push(("stale ept violation", f, GuestRegs::default(), ctx.clone()));
+        let mut f = exit(reason::EXCEPTION_NMI, 0, 0);
+        f.vmwrite(ro::VMEXIT_INTERRUPTION_INFO, (INTR_VALID | INTR_TYPE_NMI | 2) as u64);
+        v.push(("nmi", f, GuestRegs::default(), vnmi.clone()));
+        let mut f = exit(reason::CPUID, 2, 0);
+        f.vmwrite(ro::IDT_VECTORING_INFO, (INTR_VALID | (6 << 8) | INTR_DELIVER_ERROR_CODE | 3) as u64);
+        v.push(("cpuid during int3 delivery", f, GuestRegs::default(), vnmi));
+        v
+    }
+
+    /// `handle`, then for a resumed guest `prepare_entry`.
+    fn exit_and_entry(f: &mut Fake, regs: &mut GuestRegs, ctx: &mut ExitCtx) -> Result<Action, VmcsError> {
+        let a = handle(f, regs, ctx, &ExitCounters::new());
+        if a == Action::Resume {
+            prepare_entry(f, ctx, &ExitCounters::new())?;
+        }
+        Ok(a)
+    }
+
+    #[test]
+    fn every_vmcs_access_of_an_exit_that_fails_ends_it_naming_the_field() {
+        let mut reached = Vec::new();
+        for (what, f, regs, ctx) in resumed_exits() {
+            let (mut f0, mut r0, mut c0) = (Fake { log: RefCell::default(), ..f.clone() }, regs, ctx.clone());
+            assert_eq!(exit_and_entry(&mut f0, &mut r0, &mut c0), Ok(Action::Resume), "{what}");
+            let accesses = f0.log.take();
+            for &(op, field) in &accesses {
+                if !reached.contains(&(op, field)) {
+                    reached.push((op, field));
+                }
+                assert_ne!(field_name(field), "field", "{what}: {field:#x} has no name");
+                let (mut f1, mut r1, mut c1) =
+                    (Fake { fail: Some((op, field)), log: RefCell::default(), ..f.clone() }, regs, ctx.clone());
+                let what = std::format!("{what}: {op:?} {}", field_name(field));
+                match exit_and_entry(&mut f1, &mut r1, &mut c1) {
+                    // Failed in `handle`: fatal, never a resumed guest.
+                    Ok(a) => assert_eq!(vmcs_failure(a).map(|(e, _)| e), Some(failed(op, field)), "{what}"),
+                    // Failed in `prepare_entry`: reported to the caller.
+                    Err(e) => assert_eq!(e, failed(op, field), "{what}"),
+                }
+            }
+        }
+        // Between them the exits reach the accesses that matter most.
+        for access in [
+            (Op::Read, guest::SS_ACCESS_RIGHTS),
+            (Op::Read, ro::VMEXIT_INSTRUCTION_LEN),
+            (Op::Read, ro::IDT_VECTORING_INFO),
+            (Op::Read, ro::IDT_VECTORING_ERR_CODE),
+            (Op::Write, guest::RIP),
+            (Op::Write, control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            (Op::Write, control::VMENTRY_INSTRUCTION_LEN),
+            (Op::Write, control::PRIMARY_PROCBASED_EXEC_CONTROLS),
+            (Op::Write, guest::PENDING_DBG_EXCEPTIONS),
+            (Op::Write, control::VIRT_EXCEPTION_INFO_ADDR_FULL),
+            (Op::Write, guest::INTERRUPTIBILITY_STATE),
+            (Op::Write, control::CR4_READ_SHADOW),
+        ] {
+            assert!(reached.contains(&access), "{access:?} not reached");
+        }
+        assert!(reached.len() >= 30, "{} accesses", reached.len());
     }
 }

@@ -40,8 +40,13 @@ impl fmt::Display for VmcsError {
             Op::Read => "VMREAD",
             Op::Write => "VMWRITE",
         };
-        write!(f, "{op} {} ({:#x}) failed: ", field_name(self.field), self.field)?;
-        match self.fail {
+        write!(f, "{op} {} ({:#x}) failed: {}", field_name(self.field), self.field, self.fail)
+    }
+}
+
+impl fmt::Display for VmFail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
             VmFail::Invalid => write!(f, "no current VMCS (VMfailInvalid)"),
             VmFail::Valid(e) => write!(f, "VM-instruction error {e} ({})", vm_instruction_error(e)),
         }
@@ -53,8 +58,10 @@ pub fn vm_instruction_error(e: u32) -> &'static str {
     match e {
         1 => "VMCALL executed in VMX root operation",
         2 => "VMCLEAR with invalid physical address",
+        3 => "VMCLEAR with VMXON pointer",
         4 => "VMLAUNCH with non-clear VMCS",
         5 => "VMRESUME with non-launched VMCS",
+        6 => "VMRESUME after VMXOFF",
         7 => "VM entry with invalid control fields",
         8 => "VM entry with invalid host-state fields",
         9 => "VMPTRLD with invalid physical address",
@@ -62,6 +69,7 @@ pub fn vm_instruction_error(e: u32) -> &'static str {
         12 => "VMREAD/VMWRITE from/to unsupported VMCS component",
         13 => "VMWRITE to read-only VMCS component",
         15 => "VMXON executed in VMX root operation",
+        23 => "VMXOFF under dual-monitor treatment of SMIs and SMM",
         26 => "VM entry with events blocked by MOV SS",
         28 => "invalid operand to INVEPT/INVVPID",
         _ => "see SDM Vol. 3C, 31.4",
@@ -91,7 +99,9 @@ pub struct Dtr {
     pub limit: u16,
 }
 
-/// The controls kdbt chose for the machine (the same on every CPU).
+/// The controls of one CPU's VMCS ([`crate::policy::Controls::launch_controls`]): the
+/// execution, exit and entry controls, the CR bits and the EPT pointer are the machine's,
+/// the same on every CPU; the VPID and the MSR bitmap's address are this CPU's own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ControlsIn {
     pub pin: u32,
@@ -275,6 +285,79 @@ pub fn program(w: &mut impl Vmcs, s: &LaunchState) -> Result<(), VmcsError> {
     Ok(())
 }
 
+/// The guest's state as the VM exit saved it in the VMCS: everything leaving VMX
+/// operation loads back into the CPU so that the guest continues natively (the kernel
+/// side's `devirtualize`). Read in full, with every VMREAD checked, before anything
+/// changes: a field that cannot be read stops it with the field named, while the CPU
+/// is still in VMX operation with its VMCS current, instead of loading a 0 into CR3, the
+/// IDT or the GS base.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevirtState {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    /// The VMCS's guest CR3 (under shadow paging the shadow root: the caller takes the
+    /// guest's own from its MMU).
+    pub cr3: u64,
+    /// Guest CR4 with VMXE clear, as it must be once VMX operation is off.
+    pub cr4: u64,
+    pub cs: u16,
+    pub ss: u16,
+    pub ds: u16,
+    pub es: u16,
+    pub fs: u16,
+    pub gs: u16,
+    pub tr: u16,
+    pub ldtr: u16,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub gdtr: Dtr,
+    pub idtr: Dtr,
+    pub debugctl: u64,
+    /// IA32_SYSENTER_CS, _ESP, _EIP.
+    pub sysenter: [u64; 3],
+    pub pat: u64,
+    pub efer: u64,
+    pub dr7: u64,
+}
+
+impl DevirtState {
+    /// Reads the state from the current VMCS; the first VMREAD that fails ends it.
+    pub fn read(v: &impl Vmcs) -> Result<Self, VmcsError> {
+        let sel = |f| v.read(f).map(|x| x as u16);
+        Ok(DevirtState {
+            rip: v.read(guest::RIP)?,
+            rsp: v.read(guest::RSP)?,
+            rflags: v.read(guest::RFLAGS)?,
+            cr0: v.read(guest::CR0)?,
+            cr3: v.read(guest::CR3)?,
+            cr4: v.read(guest::CR4)? & !CR4_VMXE,
+            cs: sel(guest::CS_SELECTOR)?,
+            ss: sel(guest::SS_SELECTOR)?,
+            ds: sel(guest::DS_SELECTOR)?,
+            es: sel(guest::ES_SELECTOR)?,
+            fs: sel(guest::FS_SELECTOR)?,
+            gs: sel(guest::GS_SELECTOR)?,
+            tr: sel(guest::TR_SELECTOR)?,
+            ldtr: sel(guest::LDTR_SELECTOR)?,
+            fs_base: v.read(guest::FS_BASE)?,
+            gs_base: v.read(guest::GS_BASE)?,
+            gdtr: Dtr { base: v.read(guest::GDTR_BASE)?, limit: v.read(guest::GDTR_LIMIT)? as u16 },
+            idtr: Dtr { base: v.read(guest::IDTR_BASE)?, limit: v.read(guest::IDTR_LIMIT)? as u16 },
+            debugctl: v.read(guest::IA32_DEBUGCTL_FULL)?,
+            sysenter: [
+                v.read(guest::IA32_SYSENTER_CS)?,
+                v.read(guest::IA32_SYSENTER_ESP)?,
+                v.read(guest::IA32_SYSENTER_EIP)?,
+            ],
+            pat: v.read(guest::IA32_PAT_FULL)?,
+            efer: v.read(guest::IA32_EFER_FULL)?,
+            dr7: v.read(guest::DR7)?,
+        })
+    }
+}
+
 /// SDM name of a VMCS field encoding (the fields kdbt writes or reads), `"field"` else.
 pub fn field_name(field: u32) -> &'static str {
     match field {
@@ -380,6 +463,15 @@ pub fn field_name(field: u32) -> &'static str {
         ro::EXIT_REASON => "VM_EXIT_REASON",
         ro::EXIT_QUALIFICATION => "EXIT_QUALIFICATION",
         ro::VMEXIT_INSTRUCTION_LEN => "VM_EXIT_INSTRUCTION_LEN",
+        ro::VMEXIT_INTERRUPTION_INFO => "VM_EXIT_INTR_INFO",
+        ro::VMEXIT_INTERRUPTION_ERR_CODE => "VM_EXIT_INTR_ERROR_CODE",
+        ro::IDT_VECTORING_INFO => "IDT_VECTORING_INFO_FIELD",
+        ro::IDT_VECTORING_ERR_CODE => "IDT_VECTORING_ERROR_CODE",
+        ro::VMEXIT_INSTRUCTION_INFO => "VMX_INSTRUCTION_INFO",
+        ro::GUEST_LINEAR_ADDR => "GUEST_LINEAR_ADDRESS",
+        ro::GUEST_PHYSICAL_ADDR_FULL => "GUEST_PHYSICAL_ADDRESS",
+        control::VIRT_EXCEPTION_INFO_ADDR_FULL => "VE_INFORMATION_ADDRESS",
+        control::EPTP_INDEX => "EPTP_INDEX",
         _ => "field",
     }
 }
@@ -387,6 +479,7 @@ pub fn field_name(field: u32) -> &'static str {
 #[cfg(test)]
 mod tests {
     extern crate std;
+    use core::cell::RefCell;
     use std::collections::BTreeMap;
     use std::string::ToString;
     use std::vec::Vec;
@@ -557,6 +650,58 @@ mod tests {
         );
         let e = VmcsError { op: Op::Read, field: ro::VM_INSTRUCTION_ERROR, fail: VmFail::Invalid };
         assert_eq!(e.to_string(), "VMREAD VM_INSTRUCTION_ERROR (0x4400) failed: no current VMCS (VMfailInvalid)");
+    }
+
+    /// Logs every VMREAD it passes on to a recorder.
+    struct Logging<'a>(&'a Recorder, RefCell<Vec<u32>>);
+
+    impl Vmcs for Logging<'_> {
+        fn write(&mut self, field: u32, _: u64) -> Result<(), VmcsError> {
+            panic!("VMWRITE {} while reading", field_name(field))
+        }
+        fn read(&self, field: u32) -> Result<u64, VmcsError> {
+            self.1.borrow_mut().push(field);
+            self.0.read(field)
+        }
+    }
+
+    #[test]
+    fn devirtualize_state_is_read_in_full_or_fails_naming_the_field() {
+        // The VMCS of the guest of `state()` at a VMCALL exit: as programmed, with the RSP
+        // and RIP the launch writes itself.
+        let s = state();
+        let mut r = Recorder::default();
+        program(&mut r, &s).unwrap();
+        r.write(guest::RSP, 0xffff_c900_0001_3e80).unwrap();
+        r.write(guest::RIP, 0xffff_ffff_c000_2003).unwrap();
+        let log = Logging(&r, RefCell::new(Vec::new()));
+        let d = DevirtState::read(&log).unwrap();
+        assert_eq!((d.rip, d.rsp, d.rflags), (0xffff_ffff_c000_2003, 0xffff_c900_0001_3e80, s.rflags));
+        assert_eq!((d.cr0, d.cr3), (s.cr0, s.cr3));
+        // Native again, CR4.VMXE must be clear.
+        assert_eq!(d.cr4, s.cr4 & !CR4_VMXE);
+        assert_ne!(s.cr4 & CR4_VMXE, 0);
+        let sels = [d.es, d.cs, d.ss, d.ds, d.fs, d.gs, d.ldtr, d.tr];
+        assert_eq!(sels, core::array::from_fn(|i| s.segments[i].selector));
+        assert_eq!((d.fs_base, d.gs_base), (s.segments[4].base, s.segments[SEG_GS].base));
+        assert_eq!((d.gdtr, d.idtr), (s.gdtr, s.idtr));
+        assert_eq!(d.sysenter, [s.sysenter_cs, s.sysenter_esp, s.sysenter_eip]);
+        assert_eq!((d.debugctl, d.pat, d.efer, d.dr7), (s.debugctl, s.pat, s.efer, s.dr7));
+        // Each field it reads, unreadable in turn: the whole read fails, naming it, and
+        // nothing of the state comes out as 0.
+        let fields = log.1.take();
+        assert_eq!(fields.len(), 27, "{fields:x?}");
+        for &field in &fields {
+            let broken =
+                Recorder { writes: r.writes.iter().filter(|w| w.0 != field).copied().collect(), ..Default::default() };
+            assert_ne!(field_name(field), "field", "{field:#x} has no name");
+            assert_eq!(
+                DevirtState::read(&broken),
+                Err(VmcsError { op: Op::Read, field, fail: VmFail::Valid(12) }),
+                "{}",
+                field_name(field)
+            );
+        }
     }
 
     #[test]

@@ -11,11 +11,15 @@
 //! accessors, and turns any other exception into a diagnostic on the serial port followed
 //! by a halt (an exception in root mode is a kdbt bug; there is nothing safe to return to).
 use core::arch::{asm, global_asm};
+use core::fmt;
 use core::mem::offset_of;
 
 use vmx::exit::GuestRegs;
+use vmx::vmcs::{vm_instruction_error, VmFail};
+use x86::vmx::vmcs::{guest, ro};
 
 use super::percpu::{self, Control, PerCpu};
+use super::root::vmread_checked;
 
 /// Byte offsets in the per-CPU block used by the NMI stub.
 const NMI_PENDING_OFF: usize = offset_of!(PerCpu, ctl) + offset_of!(Control, nmi_pending);
@@ -81,7 +85,8 @@ kdbt_vmexit_entry:
 // processor-based controls, field 0x4002, bit 22) so the guest gets the NMI as soon as it
 // can even if the exit handler already made its last check; then it returns. (The
 // handler's own read-modify-write of that field may undo ours, but then it sees the flag
-// and settles again.)
+// and settles again.) A VMREAD that fails (CF or ZF) skips the VMWRITE: RAX would still
+// hold the interrupted code's value; the flag alone then reaches the handler.
 global_asm!(
     r#"
     .pushsection .text.kdbt_idt, "ax", @progbits
@@ -115,6 +120,7 @@ kdbt_idt_common:
     je 3f
     mov $0x4002, %ecx
     vmread %rcx, %rax
+    jbe 3f
     or $0x400000, %eax
     vmwrite %rax, %rcx
 3:
@@ -224,15 +230,41 @@ extern "C" fn kdbt_host_exception(frame: &mut ExceptionFrame) {
     ));
 }
 
+/// A VMCS field for a diagnostic: its value, or "unreadable" with the reason.
+struct Readable(Result<u64, VmFail>);
+
+impl fmt::Display for Readable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Ok(v) => write!(f, "{v:#x}"),
+            Err(fail) => write!(f, "unreadable ({fail})"),
+        }
+    }
+}
+
+/// The VM-instruction error field for a diagnostic: its number and name, or "unreadable".
+struct InstructionError(Result<u64, VmFail>);
+
+impl fmt::Display for InstructionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Ok(e) => write!(f, "{e} ({})", vm_instruction_error(e as u32)),
+            Err(fail) => write!(f, "unreadable ({fail})"),
+        }
+    }
+}
+
 /// VMRESUME failed (VMfail): a kdbt bug in the VMCS; report and halt.
 #[no_mangle]
 extern "C" fn kdbt_vmresume_failed(rsp: u64) -> ! {
     let pc = percpu::from_rsp(rsp);
     // SAFETY: rsp is this CPU's host stack pointer inside its per-CPU block.
-    let cpu = unsafe { (*pc).ctl.cpu };
-    let err = super::root::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR);
+    let (cpu, reason) = unsafe { ((*pc).ctl.cpu, (*pc).ctl.exits.last_reason) };
+    let err = InstructionError(vmread_checked(ro::VM_INSTRUCTION_ERROR));
+    let rip = Readable(vmread_checked(guest::RIP));
     super::serial::fatal(format_args!(
-        "kdbt: cpu{}: VMRESUME failed, VM-instruction error {}; halting this CPU",
-        cpu, err
+        "kdbt: cpu{cpu}: VMRESUME failed after a {} exit, VM-instruction error {err}, guest rip {rip}; \
+         halting this CPU",
+        vmx::exit::reason_name(reason)
     ));
 }

@@ -65,21 +65,49 @@ pub struct Describe {
     pub hidden: Option<::ept::hide::Hidden>,
 }
 
+/// A field of a [`Diag`]: its value, or "unreadable" when its VMREAD failed.
+struct Field(u64, bool);
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            write!(f, "{:#x}", self.0)
+        } else {
+            f.write_str("unreadable")
+        }
+    }
+}
+
 impl fmt::Display for Describe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.diag;
+        let field = |value, bit| Field(value, d.readable(bit));
+        let decodable = d.readable(Diag::PHYSICAL | Diag::LINEAR | Diag::QUALIFICATION);
         write!(f, "fatal VM exit on cpu{}: ", self.cpu)?;
-        if self.kind == Fatal::EptViolation {
-            ::ept::diag::format_violation(f, d.guest_physical, d.guest_linear, d.qualification, self.now)?;
-            if let Some(h) = self.hidden {
-                write!(f, "; {h}")?;
+        let qualification = field(d.qualification, Diag::QUALIFICATION);
+        match self.kind {
+            Fatal::EptViolation if decodable => {
+                ::ept::diag::format_violation(f, d.guest_physical, d.guest_linear, d.qualification, self.now)?;
+                if let Some(h) = self.hidden {
+                    write!(f, "; {h}")?;
+                }
             }
-        } else {
-            write!(f, "{:?} ({}) qualification {:#x}", self.kind, vmx::exit::reason_name(d.reason), d.qualification)?;
-            if self.kind == Fatal::EptMisconfig {
-                write!(f, " gpa={:#x}", d.guest_physical)?;
+            Fatal::Vmcs(e) => {
+                write!(f, "{e} handling a {} exit, qualification {qualification}", vmx::exit::reason_name(d.reason))?;
+            }
+            kind => {
+                write!(f, "{kind:?} ({}) qualification {qualification}", vmx::exit::reason_name(d.reason))?;
+                if matches!(kind, Fatal::EptMisconfig | Fatal::EptViolation) {
+                    write!(f, " gpa={}", field(d.guest_physical, Diag::PHYSICAL))?;
+                }
             }
         }
-        write!(f, " at rip={:#x} rsp={:#x} cr3={:#x}", d.guest_rip, d.guest_rsp, d.guest_cr3)
+        write!(
+            f,
+            " at rip={} rsp={} cr3={}",
+            field(d.guest_rip, Diag::RIP),
+            field(d.guest_rsp, Diag::RSP),
+            field(d.guest_cr3, Diag::CR3)
+        )
     }
 }

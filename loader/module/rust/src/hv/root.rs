@@ -2,26 +2,12 @@
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
-use vmx::exit::{self, Action, ExitHw, GuestRegs};
-use vmx::vmcs::VmFail;
-use x86::vmx::vmcs::guest;
+use vmx::exit::{self, Action, Diag, ExitHw, Fatal, GuestRegs};
+use vmx::vmcs::{DevirtState, Op, VmFail, Vmcs, VmcsError};
 
 use super::entry;
 use super::launch::RawDtr;
 use super::percpu::{self, PerCpu};
-
-/// VMREAD of the current VMCS; 0 if the field does not exist (never for the fields kdbt
-/// reads, which the launch path wrote).
-pub fn vmread(field: u32) -> u64 {
-    // SAFETY: root mode with a current VMCS (we are in its exit handler or launching it).
-    unsafe { x86::bits64::vmx::vmread(field) }.unwrap_or(0)
-}
-
-pub fn vmwrite(field: u32, value: u64) {
-    // SAFETY: as for vmread; kdbt writes only fields that exist on every VMX CPU or that it
-    // checked the capability for.
-    let _ = unsafe { x86::bits64::vmx::vmwrite(field, value) };
-}
 
 /// Checked VMWRITE to the current VMCS: the CPU's VMfailInvalid/VMfailValid (with the
 /// VM-instruction error) instead of ignoring failure.
@@ -48,6 +34,26 @@ pub fn vmread_checked(field: u32) -> Result<u64, VmFail> {
     vmx_status(cf, zf).map(|()| value)
 }
 
+/// Checked VMCLEAR of the VMCS at physical address `pa`.
+fn vmclear_checked(pa: u64) -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: VMX root operation; VMCLEAR reads the 8-byte operand (`pa`, on our stack) and
+    // flushes that VMCS, which is this CPU's own; flags read in the same block.
+    unsafe {
+        asm!("vmclear [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &pa, cf = out(reg_byte) cf,
+             zf = out(reg_byte) zf, options(nostack));
+    }
+    vmx_status(cf, zf)
+}
+
+/// Checked VMXOFF.
+fn vmxoff_checked() -> Result<(), VmFail> {
+    let (cf, zf): (u8, u8);
+    // SAFETY: VMX root operation, about to leave it; flags read in the same block.
+    unsafe { asm!("vmxoff", "setc {cf}", "setz {zf}", cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack)) };
+    vmx_status(cf, zf)
+}
+
 fn vmx_status(cf: u8, zf: u8) -> Result<(), VmFail> {
     if cf != 0 {
         Err(VmFail::Invalid)
@@ -70,16 +76,20 @@ fn vmx_status(cf: u8, zf: u8) -> Result<(), VmFail> {
     }
 }
 
-/// The hardware of the exit handler in root mode.
+/// The hardware of the exit handler in root mode: the current VMCS through checked
+/// VMREAD/VMWRITE, whose failures the handler reports.
 pub struct RootHw;
 
+impl Vmcs for RootHw {
+    fn read(&self, field: u32) -> Result<u64, VmcsError> {
+        vmread_checked(field).map_err(|fail| VmcsError { op: Op::Read, field, fail })
+    }
+    fn write(&mut self, field: u32, value: u64) -> Result<(), VmcsError> {
+        vmwrite_checked(field, value).map_err(|fail| VmcsError { op: Op::Write, field, fail })
+    }
+}
+
 impl ExitHw for RootHw {
-    fn vmread(&self, field: u32) -> u64 {
-        vmread(field)
-    }
-    fn vmwrite(&mut self, field: u32, value: u64) {
-        vmwrite(field, value)
-    }
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
         [r.eax, r.ebx, r.ecx, r.edx]
@@ -195,49 +205,71 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
                 if pc.ctl.nmi_pending.swap(0, Ordering::Relaxed) != 0 {
                     pc.ctl.exits.nmi_pending = true;
                 }
-                exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats);
+                if let Err(e) = exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats) {
+                    // Not resumed with an event lost or a control half set: fatal.
+                    let reason = pc.ctl.exits.last_reason;
+                    return fatal(pc, regs, launching, Fatal::Vmcs(e), exit::diag(&RootHw, reason));
+                }
                 if pc.ctl.nmi_pending.load(Ordering::Relaxed) == 0 {
                     break;
                 }
             }
             0
         }
-        Action::Devirtualize => {
-            devirtualize(pc);
-            1
-        }
-        Action::Fatal(kind, diag) if launching => {
-            // The first entry failed (e.g. invalid guest state): return to the launcher,
-            // which reports the reason and cleans up.
-            let _ = kind;
-            regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
-            devirtualize(pc);
-            1
-        }
-        Action::Fatal(kind, diag) => {
-            let cpu = pc.ctl.cpu;
-            let (now, hidden) = if kind == exit::Fatal::EptViolation {
-                super::ept::root_describe(diag.guest_physical)
-            } else {
-                (::ept::diag::Now::Unknown, None)
-            };
-            super::serial::line(format_args!("kdbt: {}", super::fatal::Describe { cpu, kind, diag, now, hidden }));
-            // Make the guest panic with this diagnostic: record it and deliver an NMI, whose
-            // kdbt handler panics (at any CPL, from the faulting context, and without root
-            // mode writing guest memory). The CPU halts instead where that cannot work: the
-            // guest triple-faulted or the entry itself failed, this CPU is still on its way
-            // to that NMI (a second fatal exit), or another CPU already holds the record.
-            let resumable = !matches!(kind, exit::Fatal::TripleFault | exit::Fatal::EntryFailed);
-            if !(resumable && super::fatal::record(cpu, super::fatal::Entry { kind, diag, now, hidden })) {
-                super::serial::fatal(format_args!(
-                    "kdbt: cpu{cpu}: cannot hand the fatal exit to the guest; halting this CPU"
-                ));
-            }
-            pc.ctl.exits.nmi_pending = true;
-            exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats);
-            0
-        }
+        Action::Devirtualize => match devirtualize(pc) {
+            Ok(()) => 1,
+            // Still virtualized, nothing changed: the guest gets the diagnostic.
+            Err(e) => fatal(pc, regs, launching, Fatal::Vmcs(e), exit::diag(&RootHw, pc.ctl.exits.last_reason)),
+        },
+        Action::Fatal(kind, diag) => fatal(pc, regs, launching, kind, diag),
     }
+}
+
+/// A fatal exit (`kind`, `diag`): the exit handler's return value.
+fn fatal(pc: &mut PerCpu, regs: &mut GuestRegs, launching: bool, kind: Fatal, diag: Diag) -> u64 {
+    let cpu = pc.ctl.cpu;
+    if launching {
+        // The first entry failed (e.g. invalid guest state) or its exit cannot be handled:
+        // return to the launcher, which reports the reason and cleans up. A failed VMCS
+        // access is named here first (the launcher only sees the exit reason).
+        if let Fatal::Vmcs(e) = kind {
+            super::serial::line(format_args!("kdbt: cpu{cpu}: the launch's first VM exit: {e}"));
+        }
+        regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
+        if let Err(e) = devirtualize(pc) {
+            // Neither the launcher (VMX operation cannot be left with this state) nor the
+            // guest (the entry may have failed) can be returned to.
+            super::serial::fatal(format_args!(
+                "kdbt: cpu{cpu}: the launch's first VM exit was fatal and devirtualize cannot read \
+                 the state to restore: {e}; halting this CPU"
+            ));
+        }
+        return 1;
+    }
+    // SAFETY: the shared page lives as long as the block.
+    let shared = unsafe { &*pc.ctl.shared };
+    let (now, hidden) = if kind == Fatal::EptViolation && diag.readable(Diag::PHYSICAL) {
+        super::ept::root_describe(diag.guest_physical)
+    } else {
+        (::ept::diag::Now::Unknown, None)
+    };
+    super::serial::line(format_args!("kdbt: {}", super::fatal::Describe { cpu, kind, diag, now, hidden }));
+    // Make the guest panic with this diagnostic: record it and deliver an NMI, whose kdbt
+    // handler panics (at any CPL, from the faulting context, and without root mode writing
+    // guest memory). The CPU halts instead where that cannot work: the guest triple-faulted,
+    // the entry itself failed or there is no current VMCS (`Fatal::resumable`), this CPU is
+    // still on its way to that NMI (a second fatal exit), or another CPU already holds the
+    // record.
+    if !(kind.resumable() && super::fatal::record(cpu, super::fatal::Entry { kind, diag, now, hidden })) {
+        super::serial::fatal(format_args!("kdbt: cpu{cpu}: cannot hand the fatal exit to the guest; halting this CPU"));
+    }
+    pc.ctl.exits.nmi_pending = true;
+    if let Err(e) = exit::prepare_entry(&mut RootHw, &mut pc.ctl.exits, &shared.stats) {
+        super::serial::fatal(format_args!(
+            "kdbt: cpu{cpu}: cannot hand the fatal exit to the guest: {e}; halting this CPU"
+        ));
+    }
+    0
 }
 
 /// After a VM exit caused by an NMI the CPU blocks NMIs until the next IRET (Bochs: an
@@ -286,35 +318,19 @@ fn unblock_nmis() {
 /// kernel's GDT, and RSP stays on the host stack, where the handler finds this block);
 /// the caller re-raises a recorded one once native. After LIDT the kernel's own handler
 /// runs, with its GS base already back.
-fn devirtualize(pc: &mut PerCpu) {
-    let g = |f| vmread(f);
-    let rip = g(guest::RIP);
-    let rsp = g(guest::RSP);
-    let rflags = g(guest::RFLAGS);
-    let cr0 = g(guest::CR0);
+///
+/// Failures: the whole state is read first, every VMREAD checked; a field that cannot be
+/// read returns its error with nothing changed (still in VMX operation, the VMCS current),
+/// and the caller makes it a fatal exit instead of loading a 0 into CR3, the IDT or the GS
+/// base. A failed VMCLEAR or VMXOFF halts this CPU with the error: neither VMX operation
+/// nor the guest can be continued then.
+fn devirtualize(pc: &mut PerCpu) -> Result<(), VmcsError> {
+    let s = DevirtState::read(&RootHw)?;
     // Shadow paging: the VMCS holds the shadow root; the guest's own CR3 is the MMU's.
     // SAFETY: the shadow block lives as long as the per-CPU block.
-    let cr3 = unsafe { pc.ctl.shadow.as_ref() }.and_then(|s| s.guest_cr3()).unwrap_or_else(|| g(guest::CR3));
-    let cr4 = g(guest::CR4) & !(1 << 13);
-    let cs = g(guest::CS_SELECTOR);
-    let ss = g(guest::SS_SELECTOR);
-    let ds = g(guest::DS_SELECTOR) as u16;
-    let es = g(guest::ES_SELECTOR) as u16;
-    let fs = g(guest::FS_SELECTOR) as u16;
-    let gs = g(guest::GS_SELECTOR) as u16;
-    let tr = g(guest::TR_SELECTOR) as u16;
-    let ldtr = g(guest::LDTR_SELECTOR) as u16;
-    let fs_base = g(guest::FS_BASE);
-    let gs_base = g(guest::GS_BASE);
-    let gdt_base = g(guest::GDTR_BASE);
-    let gdt_limit = g(guest::GDTR_LIMIT) as u16;
-    let idt_base = g(guest::IDTR_BASE);
-    let idt_limit = g(guest::IDTR_LIMIT) as u16;
-    let debugctl = g(guest::IA32_DEBUGCTL_FULL);
-    let sysenter = [g(guest::IA32_SYSENTER_CS), g(guest::IA32_SYSENTER_ESP), g(guest::IA32_SYSENTER_EIP)];
-    let pat = g(guest::IA32_PAT_FULL);
-    let efer = g(guest::IA32_EFER_FULL);
-    let dr7 = g(guest::DR7);
+    let cr3 = unsafe { pc.ctl.shadow.as_ref() }.and_then(|sc| sc.guest_cr3()).unwrap_or(s.cr3);
+    let cr4 = s.cr4;
+    let cpu = pc.ctl.cpu;
     let gdt_rw = pc.ctl.tables.gdt_rw;
     let vmcs_pa = pc.phys_of(pc.vmcs.as_ptr());
     const CR4_PGE: u64 = 1 << 7;
@@ -326,20 +342,26 @@ fn devirtualize(pc: &mut PerCpu) {
         pc.ctl.nmi_pending.store(1, Ordering::Relaxed);
     }
 
-    let rw_gdt = RawDtr { limit: gdt_limit, base: gdt_rw };
-    let ro_gdt = RawDtr { limit: gdt_limit, base: gdt_base };
-    let idt = RawDtr { limit: idt_limit, base: idt_base };
+    let rw_gdt = RawDtr { limit: s.gdtr.limit, base: gdt_rw };
+    let ro_gdt = RawDtr { limit: s.gdtr.limit, base: s.gdtr.base };
+    let idt = RawDtr { limit: s.idtr.limit, base: s.idtr.base };
+    let tr = s.tr;
 
+    // The CPU may cache VMCS data, and the page is freed afterwards.
+    if let Err(fail) = vmclear_checked(vmcs_pa) {
+        super::serial::fatal(format_args!("kdbt: cpu{cpu}: devirtualize: VMCLEAR failed: {fail}; halting this CPU"));
+    }
+    if let Err(fail) = vmxoff_checked() {
+        super::serial::fatal(format_args!("kdbt: cpu{cpu}: devirtualize: VMXOFF failed: {fail}; halting this CPU"));
+    }
     // SAFETY: this is the architectural sequence for leaving VMX operation on this CPU
-    // with the guest's (the kernel's) own state, every value read from the VMCS the CPU
-    // saved at this exit; the TSS descriptor write goes through the kernel's writable
-    // alias of its own GDT (`gdt_page`), recorded at launch.
+    // (VMXOFF just succeeded) with the guest's (the kernel's) own state, every value read
+    // from the VMCS the CPU saved at this exit; the TSS descriptor write goes through the
+    // kernel's writable alias of its own GDT (`gdt_page`), recorded at launch.
     unsafe {
-        let _ = x86::bits64::vmx::vmclear(vmcs_pa);
-        let _ = x86::bits64::vmx::vmxoff();
         pc.ctl.shared().virtualized.store(false, Ordering::Release);
         asm!("mov cr4, {}", in(reg) cr4, options(nostack));
-        asm!("mov cr0, {}", in(reg) cr0, options(nostack));
+        asm!("mov cr0, {}", in(reg) s.cr0, options(nostack));
         asm!("mov cr4, {}", "mov cr4, {}", in(reg) cr4 ^ CR4_PGE, in(reg) cr4, options(nostack));
         // TSS descriptor: mark available so LTR accepts it (LTR marks it busy again).
         let desc = (gdt_rw + (tr & !7) as u64) as *mut u64;
@@ -347,23 +369,24 @@ fn devirtualize(pc: &mut PerCpu) {
         asm!("lgdt [{}]", in(reg) &rw_gdt, options(nostack));
         asm!("ltr {0:x}", in(reg) tr, options(nostack));
         asm!("lgdt [{}]", in(reg) &ro_gdt, options(nostack));
-        asm!("lldt {0:x}", in(reg) ldtr, options(nostack));
-        asm!("mov ds, {0:x}", "mov es, {1:x}", in(reg) ds, in(reg) es, options(nostack));
+        asm!("lldt {0:x}", in(reg) s.ldtr, options(nostack));
+        asm!("mov ds, {0:x}", "mov es, {1:x}", in(reg) s.ds, in(reg) s.es, options(nostack));
         // Loading FS/GS selectors clobbers the bases: selectors first, then the MSRs.
-        asm!("mov fs, {0:x}", "mov gs, {1:x}", in(reg) fs, in(reg) gs, options(nostack));
-        wrmsr(x86::msr::IA32_FS_BASE, fs_base);
-        wrmsr(x86::msr::IA32_GS_BASE, gs_base);
-        wrmsr(x86::msr::IA32_SYSENTER_CS, sysenter[0]);
-        wrmsr(x86::msr::IA32_SYSENTER_ESP, sysenter[1]);
-        wrmsr(x86::msr::IA32_SYSENTER_EIP, sysenter[2]);
-        wrmsr(x86::msr::IA32_DEBUGCTL, debugctl);
-        wrmsr(x86::msr::IA32_PAT, pat);
-        wrmsr(x86::msr::IA32_EFER, efer);
-        asm!("mov dr7, {}", in(reg) dr7, options(nostack));
+        asm!("mov fs, {0:x}", "mov gs, {1:x}", in(reg) s.fs, in(reg) s.gs, options(nostack));
+        wrmsr(x86::msr::IA32_FS_BASE, s.fs_base);
+        wrmsr(x86::msr::IA32_GS_BASE, s.gs_base);
+        wrmsr(x86::msr::IA32_SYSENTER_CS, s.sysenter[0]);
+        wrmsr(x86::msr::IA32_SYSENTER_ESP, s.sysenter[1]);
+        wrmsr(x86::msr::IA32_SYSENTER_EIP, s.sysenter[2]);
+        wrmsr(x86::msr::IA32_DEBUGCTL, s.debugctl);
+        wrmsr(x86::msr::IA32_PAT, s.pat);
+        wrmsr(x86::msr::IA32_EFER, s.efer);
+        asm!("mov dr7, {}", in(reg) s.dr7, options(nostack));
         asm!("lidt [{}]", in(reg) &idt, options(nostack));
         asm!("mov cr3, {}", in(reg) cr3, options(nostack));
     }
-    *pc.iret_frame() = [rip, cs, rflags, rsp, ss];
+    *pc.iret_frame() = [s.rip, s.cs as u64, s.rflags, s.rsp, s.ss as u64];
+    Ok(())
 }
 
 fn wrmsr(msr: u32, v: u64) {
