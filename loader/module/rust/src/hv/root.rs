@@ -228,13 +228,9 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
 /// A fatal exit (`kind`, `diag`): the exit handler's return value.
 fn fatal(pc: &mut PerCpu, regs: &mut GuestRegs, launching: bool, kind: Fatal, diag: Diag) -> u64 {
     let cpu = pc.ctl.cpu;
-    if launching {
-        // The first entry failed (e.g. invalid guest state) or its exit cannot be handled:
-        // return to the launcher, which reports the reason and cleans up. A failed VMCS
-        // access is named here first (the launcher only sees the exit reason).
-        if let Fatal::Vmcs(e) = kind {
-            super::serial::line(format_args!("kdbt: cpu{cpu}: the launch's first VM exit: {e}"));
-        }
+    if launching && kind.ends_a_failed_launch() {
+        // The first entry failed (e.g. invalid guest state): return to the launcher, which
+        // reports the reason and cleans up. (Any other first exit is a running guest's.)
         regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
         if let Err(e) = devirtualize(pc) {
             // Neither the launcher (VMX operation cannot be left with this state) nor the
