@@ -403,17 +403,11 @@ mod tests {
 
     impl Vmcs for Fake {
         fn read(&self, field: u32) -> Result<u64, VmcsError> {
-            self.log.borrow_mut().push((Op::Read, field));
-            if self.fail == Some((Op::Read, field)) {
-                return Err(VmcsError { op: Op::Read, field, fail: VmFail::Valid(12) });
-            }
+            crate::vmcs::testing::fake_access(&self.log, self.fail, Op::Read, field)?;
             Ok(self.vmread(field))
         }
         fn write(&mut self, field: u32, value: u64) -> Result<(), VmcsError> {
-            self.log.borrow_mut().push((Op::Write, field));
-            if self.fail == Some((Op::Write, field)) {
-                return Err(VmcsError { op: Op::Write, field, fail: VmFail::Valid(12) });
-            }
+            crate::vmcs::testing::fake_access(&self.log, self.fail, Op::Write, field)?;
             self.vmwrite(field, value);
             Ok(())
         }

@@ -26,6 +26,28 @@ pub enum Op {
     Write,
 }
 
+/// What the tests' fake VMCSs share.
+#[cfg(test)]
+pub(crate) mod testing {
+    extern crate std;
+    use super::{Op, VmFail, VmcsError};
+
+    /// Logs the access to `field` and fails it (VMfailValid, error 12) if it is the one
+    /// `fail` names.
+    pub(crate) fn fake_access(
+        log: &core::cell::RefCell<std::vec::Vec<(Op, u32)>>,
+        fail: Option<(Op, u32)>,
+        op: Op,
+        field: u32,
+    ) -> Result<(), VmcsError> {
+        log.borrow_mut().push((op, field));
+        if fail == Some((op, field)) {
+            return Err(VmcsError { op, field, fail: VmFail::Valid(12) });
+        }
+        Ok(())
+    }
+}
+
 /// A failed VMREAD or VMWRITE, with its field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmcsError {

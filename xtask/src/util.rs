@@ -163,15 +163,20 @@ pub fn locked_dir(parent: &Path, name: &str) -> Result<(PathBuf, std::fs::File)>
     bail!("all run directories {}/{name}[-N] are busy", parent.display())
 }
 
-/// An exclusive lock on `path` (created if need be) if nobody holds it, else None.
-pub fn try_lock(path: &Path) -> Result<Option<std::fs::File>> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
+/// The lock file at `path`, created if need be.
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// An exclusive lock on `path` (created if need be) if nobody holds it, else None.
+pub fn try_lock(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let f = lock_file(path)?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r == 0 {
@@ -194,12 +199,7 @@ pub fn lock_waiting(path: &Path, what: &str) -> Result<std::fs::File> {
         return Ok(f);
     }
     note(format!("waiting for another xtask, which is {what} (lock {})", path.display()));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let f = lock_file(path)?;
     // SAFETY: as in try_lock; this one blocks until the holder closes its descriptor.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot lock {}", path.display()));
