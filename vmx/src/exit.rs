@@ -215,16 +215,6 @@ impl Fatal {
     pub fn resumable(self) -> bool {
         !matches!(self, Fatal::TripleFault | Fatal::EntryFailed | Fatal::Vmcs(VmcsError { fail: VmFail::Invalid, .. }))
     }
-
-    /// Whether this fatal exit, as the first exit after VMLAUNCH, means the launch failed
-    /// (root mode then leaves VMX operation and returns to the launcher): only a failed
-    /// entry does. Any other first exit comes from a guest that ran, maybe long after the
-    /// load (a CPU that made no exit until the kernel's emergency restart triple-faulted
-    /// it): treating it as a failed launch devirtualized that CPU behind the kernel's back
-    /// and wrote the launcher's code into the guest's rax.
-    pub fn ends_a_failed_launch(self) -> bool {
-        matches!(self, Fatal::EntryFailed)
-    }
 }
 
 /// A diagnostic snapshot of a fatal exit, formatted later outside root mode.
@@ -1534,11 +1524,6 @@ mod tests {
         // Without a current VMCS the guest cannot be entered again.
         assert!(!Fatal::Vmcs(VmcsError { op: Op::Read, field: guest::RIP, fail: VmFail::Invalid }).resumable());
         assert!(!Fatal::TripleFault.resumable() && !Fatal::EntryFailed.resumable() && Fatal::Unexpected.resumable());
-        // Only a failed entry ends a launch; a fatal first exit of a guest that ran is fatal.
-        assert!(Fatal::EntryFailed.ends_a_failed_launch());
-        for k in [Fatal::TripleFault, Fatal::EptViolation, Fatal::Unexpected, Fatal::ShadowMmu] {
-            assert!(!k.ends_a_failed_launch(), "{k:?}");
-        }
     }
 
     /// Exits that each end in a resumed guest, between them reaching every VMCS access of

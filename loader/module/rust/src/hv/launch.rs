@@ -262,12 +262,14 @@ pub fn launch(
     // SAFETY: allocated with the block, freed only with it.
     let shared = unsafe { &*pc.ctl.shared };
     shared.virtualized.store(true, Ordering::Release);
+    shared.left_launcher.store(false, Ordering::Release);
     pc.ctl.nmi_vmcs_live.store(c.vnmi as u8, Ordering::Relaxed);
     let rc = vmlaunch_here();
     // In the guest now (rc 0): the block is hidden, only `Shared` may be touched; root mode
     // cleared `launching` at the first exit. Otherwise native again.
     match rc {
         0 => {
+            shared.left_launcher.store(true, Ordering::Release);
             shared.launch_cycles.store(tsc() - t0, Ordering::Relaxed);
             Ok(())
         }

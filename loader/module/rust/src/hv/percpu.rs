@@ -13,7 +13,6 @@
 //! apart, in a [`Shared`] page the guest may read.
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
-
 use vmx::exit::{ExitCounters, ExitCtx};
 
 pub const PERCPU_ORDER: u32 = 4;
@@ -84,6 +83,10 @@ pub struct Shared {
     pub virtualized: AtomicBool,
     /// TSC cycles the launch took (VMXON to first guest instruction).
     pub launch_cycles: AtomicU64,
+    /// Set by the launcher, as a guest, once VMLAUNCH returned into it: until then a
+    /// fatal first exit is the launch's (root mode returns to the launcher, which fails
+    /// the load); afterwards it is a running guest's, however late it comes.
+    pub left_launcher: AtomicBool,
     /// Exit statistics: written by this CPU's root mode, read by any CPU (`kdbt status`).
     pub stats: ExitCounters,
 }

@@ -188,8 +188,12 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
     let pc = unsafe { &mut *percpu::from_rsp(regs as *mut GuestRegs as u64) };
     // SAFETY: the shared page lives as long as the block.
     let shared = unsafe { &*pc.ctl.shared };
-    // The first exit after VMLAUNCH ends the launch (the guest cannot write this block).
-    let launching = core::mem::replace(&mut pc.ctl.launching, false);
+    // The first exit after VMLAUNCH ends the launch (the guest cannot write this block);
+    // a fatal one returns to the launcher only while the guest is still in it (a CPU may
+    // make its first exit long after the load: a triple fault in the kernel's emergency
+    // restart was once taken for a failed launch, devirtualized and given the launcher's
+    // rax). A failed entry never left it.
+    let launching = core::mem::replace(&mut pc.ctl.launching, false) && !shared.left_launcher.load(Ordering::Acquire);
     let action = match shadow_exit(pc, regs) {
         Some(a) => a,
         None => exit::handle(&mut RootHw, regs, &mut pc.ctl.exits, &shared.stats),
@@ -228,9 +232,10 @@ extern "C" fn kdbt_vmexit_handler(regs: &mut GuestRegs) -> u64 {
 /// A fatal exit (`kind`, `diag`): the exit handler's return value.
 fn fatal(pc: &mut PerCpu, regs: &mut GuestRegs, launching: bool, kind: Fatal, diag: Diag) -> u64 {
     let cpu = pc.ctl.cpu;
-    if launching && kind.ends_a_failed_launch() {
-        // The first entry failed (e.g. invalid guest state): return to the launcher, which
-        // reports the reason and cleans up. (Any other first exit is a running guest's.)
+    if launching {
+        // The first entry failed (e.g. invalid guest state) or the launcher's own code
+        // could not run as a guest: return to the launcher, which reports the reason and
+        // cleans up.
         regs.rax = LAUNCH_ENTRY_FAILED | diag.reason as u64;
         if let Err(e) = devirtualize(pc) {
             // Neither the launcher (VMX operation cannot be left with this state) nor the
