@@ -132,6 +132,11 @@ fn release_of(kdir: &Path) -> Result<String> {
 fn debian(label: &str, pkg: &str) -> Result<Kernel> {
     let suffix = pkg.strip_prefix("linux-image-").with_context(|| format!("{pkg} is not a linux-image-* package"))?;
     let headers = format!("linux-headers-{suffix}");
+    let debs = cache_root()?.join("debs");
+    std::fs::create_dir_all(&debs).with_context(|| format!("cannot create {}", debs.display()))?;
+    // As for the small kernel: another xtask fetching the same package (its headers with
+    // apt, the image into the cache) must not have its tree removed under it.
+    let _lock = crate::util::lock_waiting(&debs.join(format!("{pkg}.lock")), &format!("fetching {pkg}"))?;
     if !deps::installed(&headers) && !deps::apt_knows(&headers) {
         deps::apt_update();
     }
@@ -141,7 +146,7 @@ fn debian(label: &str, pkg: &str) -> Result<Kernel> {
         bail!("{headers} is installed but {} has no Makefile", kdir.display());
     }
 
-    let dir = cache_root()?.join("debs").join(pkg);
+    let dir = debs.join(pkg);
     let root = dir.join("root");
     let find_vmlinuz = |root: &Path| -> Option<PathBuf> {
         let boot = root.join("boot");

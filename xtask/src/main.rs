@@ -748,18 +748,31 @@ fn test(
     let lane = if !one_lane && util::nproc() >= 2 {
         let (two, one): (Vec<VmArgs>, Vec<VmArgs>) =
             runs.into_iter().partition(|a| a.emulator == Emulator::Bochs && a.kernel == "debian-6.12");
-        runs = one;
         // Both lanes would otherwise install packages or fetch the same kernel at once.
-        let mut pkgs: Vec<&str> = deps::BASE.to_vec();
-        pkgs.extend(deps::BOCHS.iter().chain(deps::QEMU).chain(deps::SMALL_KERNEL));
-        deps::ensure(&pkgs)?;
-        let mut kernels: Vec<&str> = two.iter().map(|a| a.kernel.as_str()).collect();
-        kernels.sort_unstable();
-        kernels.dedup();
-        for k in kernels {
-            kernel::resolve(&kernel::parse_spec(k)?, k, None)?;
+        let prefetch = || -> Result<lane::Lane> {
+            let mut pkgs: Vec<&str> = deps::BASE.to_vec();
+            pkgs.extend(deps::BOCHS.iter().chain(deps::QEMU).chain(deps::SMALL_KERNEL));
+            deps::ensure(&pkgs)?;
+            let mut kernels: Vec<&str> = two.iter().map(|a| a.kernel.as_str()).collect();
+            kernels.sort_unstable();
+            kernels.dedup();
+            for k in kernels {
+                kernel::resolve(&kernel::parse_spec(k)?, k, None)?;
+            }
+            lane::start(two.iter().map(|a| lane::LaneJob { label: a.label(), args: a.cli_args() }).collect())
+        };
+        match prefetch() {
+            Ok(l) => {
+                runs = one;
+                Some(l)
+            }
+            Err(e) => {
+                // Each run then reports its own error, as in one lane.
+                note(format!("lane 2 not started ({e:#}): its runs go one after another with the rest"));
+                runs = one.into_iter().chain(two).collect();
+                None
+            }
         }
-        Some(lane::start(two.iter().map(|a| lane::LaneJob { label: a.label(), args: a.cli_args() }).collect())?)
     } else {
         None
     };

@@ -194,17 +194,22 @@ pub fn try_lock(path: &Path) -> Result<Option<std::fs::File>> {
 /// for work in a shared cache that two xtask commands must not do at once (one would
 /// take the other's half-built tree for an incomplete earlier build and remove it).
 pub fn lock_waiting(path: &Path, what: &str) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    if let Some(f) = try_lock(path)? {
-        return Ok(f);
+    let mut said = false;
+    loop {
+        if let Some(f) = try_lock(path)? {
+            return Ok(f);
+        }
+        if !said {
+            note(format!("waiting for another xtask, which is {what} (lock {})", path.display()));
+            said = true;
+        }
+        // Polled, so that Ctrl-C and SIGTERM still end the wait (a blocking flock would be
+        // restarted after the signal handler).
+        if crate::emu::interrupted() {
+            bail!("interrupted while waiting for {}", path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    note(format!("waiting for another xtask, which is {what} (lock {})", path.display()));
-    let f = lock_file(path)?;
-    // SAFETY: as in try_lock; this one blocks until the holder closes its descriptor.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot lock {}", path.display()));
-    }
-    Ok(f)
 }
 
 /// A stopwatch that reports seconds.

@@ -27,7 +27,7 @@ modcycle() {
         insmod "$TESTMOD" && cat /proc/kdbt_testmod && rmmod kdbt_testmod || { echo "module load or unload failed"; return 1; }
     done
 }
-modcycle > /tmp/mod.native 2>&1
+modcycle > /tmp/mod.native 2>&1 || echo "native module cycles failed" >> /tmp/mod.native
 reprotected() {
     n=0
     until kdbt stats --no-symbols | grep -q 'writable now 0$'; do
@@ -152,8 +152,12 @@ kernel_key_ins() {
     # session, under a 1 MB cache, the two cycles cost ~1 s of guest time and 200 s of
     # wall time: 6 resets instead of 2-4.)
     if [ "$MODCHECK" = 1 ]; then
-        modcycle > /tmp/mod.started 2>&1
-        cmp /tmp/mod.native /tmp/mod.started && echo "module cycles: ok" || { echo "module cycles differ"; cat /tmp/mod.started; }
+        # Both runs must have worked (the same failure twice would compare equal).
+        if modcycle > /tmp/mod.started 2>&1 && ! grep -q 'failed' /tmp/mod.native && grep -q '^timer_mismatches 0$' /tmp/mod.native && cmp /tmp/mod.native /tmp/mod.started; then
+            echo "module cycles: ok"
+        else
+            echo "module cycles differ or failed"; cat /tmp/mod.native /tmp/mod.started
+        fi
     fi
     kdbt stop > /dev/null || echo "stop failed"
     echo 0 > /proc/sys/kernel/sched_schedstats
