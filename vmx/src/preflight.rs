@@ -213,7 +213,8 @@ impl fmt::Display for Refusal {
 pub const MAX_REFUSALS: usize = 10;
 
 impl Refusal {
-    /// The variant's place in [`Refusals`] (the order in which [`preflight`] checks).
+    /// The variant's place in [`Refusals`] (the order in which [`preflight`] checks;
+    /// `Cr0Fixed`, last, only the launch checks).
     fn kind(&self) -> u32 {
         match self {
             Refusal::NoVmx { .. } => 0,
